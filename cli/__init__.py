@@ -1,0 +1,1 @@
+"""The `sectors` command-line interface."""

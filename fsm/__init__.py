@@ -1,0 +1,58 @@
+"""A generic, persisted finite-state-machine engine in the style of go-statemachine.
+
+Quick tour::
+
+    store = LmdbStore("repo")
+    group = StateGroup(store, "orders", planner, OrderState, events=[Paid, Shipped])
+    await group.start()
+    await group.begin(1, OrderState())
+    await group.send(1, Paid(amount=10))     # returns once the event is durable
+    await group.idle()
+    await group.stop()
+
+See `StateGroup` for the exact semantics.
+"""
+
+from .clock import Clock, RealClock, VirtualClock
+from .codec import RecordCodec
+from .errors import (
+    FsmError,
+    GroupStoppedError,
+    MachineExistsError,
+    RecordError,
+    StoreError,
+    StoreFullError,
+    StoreLockedError,
+    Terminated,
+    UnknownMachineError,
+)
+from .events import Restart, StepFailed
+from .group import Planner, StateGroup
+from .keys import MachineId
+from .machine import Context, MachineInfo, Step
+from .store import LmdbStore
+
+__all__ = [
+    "Clock",
+    "Context",
+    "FsmError",
+    "GroupStoppedError",
+    "LmdbStore",
+    "MachineExistsError",
+    "MachineId",
+    "MachineInfo",
+    "Planner",
+    "RealClock",
+    "RecordCodec",
+    "RecordError",
+    "Restart",
+    "StateGroup",
+    "Step",
+    "StepFailed",
+    "StoreError",
+    "StoreFullError",
+    "StoreLockedError",
+    "Terminated",
+    "UnknownMachineError",
+    "VirtualClock",
+]

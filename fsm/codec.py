@@ -1,0 +1,286 @@
+"""Dataclass <-> msgpack codec for machine states and events.
+
+Records are msgpack arrays that start with a schema version, so a store written by a newer or
+older schema is recognised instead of being silently misread. Each dataclass type gets a
+compiled encoder/decoder pair (built once from its type hints), which keeps the per-transition
+cost to a few dictionary operations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from collections.abc import Callable, Iterable
+from typing import Any, Generic, TypeVar
+
+import msgpack
+
+from .errors import RecordError
+
+T = TypeVar("T")
+Encoder = Callable[[Any], Any]
+Decoder = Callable[[Any], Any]
+
+_PRIMITIVES: tuple[type, ...] = (int, float, str, bytes, bool, type(None))
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+class _TypeCodecs:
+    """Compiles and caches per-type encoders/decoders."""
+
+    def __init__(self) -> None:
+        self._enc: dict[Any, Encoder] = {}
+        self._dec: dict[Any, Decoder] = {}
+
+    def encoder(self, tp: Any) -> Encoder:
+        """Return the encoder for type `tp` (compiled once)."""
+        try:
+            return self._enc[tp]
+        except (KeyError, TypeError):
+            pass
+        fn = self._compile_enc(tp)
+        try:
+            self._enc[tp] = fn
+        except TypeError:
+            pass
+        return fn
+
+    def decoder(self, tp: Any) -> Decoder:
+        """Return the decoder for type `tp` (compiled once)."""
+        try:
+            return self._dec[tp]
+        except (KeyError, TypeError):
+            pass
+        fn = self._compile_dec(tp)
+        try:
+            self._dec[tp] = fn
+        except TypeError:
+            pass
+        return fn
+
+    # -- compilation -------------------------------------------------------------------------
+
+    def _compile_enc(self, tp: Any) -> Encoder:
+        if tp is Any or tp in _PRIMITIVES:
+            return _identity
+        if isinstance(tp, type) and issubclass(tp, enum.Enum):
+            return _enum_value
+        if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+            return self._dataclass_enc(tp)
+        origin = typing.get_origin(tp)
+        args = typing.get_args(tp)
+        if origin in (list, set, frozenset):
+            item = self.encoder(args[0]) if args else _identity
+            if item is _identity:
+                return list
+            return lambda v: [item(x) for x in v]
+        if origin is tuple:
+            if len(args) == 2 and args[1] is Ellipsis:
+                item = self.encoder(args[0])
+                return list if item is _identity else (lambda v: [item(x) for x in v])
+            encs = [self.encoder(a) for a in args]
+            return lambda v: [e(x) for e, x in zip(encs, v, strict=True)]
+        if origin is dict:
+            kenc = self.encoder(args[0]) if args else _identity
+            venc = self.encoder(args[1]) if args else _identity
+            if kenc is _identity and venc is _identity:
+                return _identity
+            return lambda v: {kenc(k): venc(x) for k, x in v.items()}
+        if origin in (typing.Union, types.UnionType):
+            members = [a for a in args if a is not type(None)]
+            if len(members) == 1:
+                inner = self.encoder(members[0])
+                if inner is _identity:
+                    return _identity
+                return lambda v: None if v is None else inner(v)
+            if all(m in _PRIMITIVES for m in members):
+                return _identity
+            raise TypeError(f"unions of non-primitive types are not encodable: {tp!r}")
+        if origin is typing.Literal:
+            return _identity
+        raise TypeError(f"type {tp!r} is not supported by the msgpack record codec")
+
+    def _compile_dec(self, tp: Any) -> Decoder:
+        if tp is Any or tp in _PRIMITIVES:
+            if tp is float:
+                return float
+            return _identity
+        if isinstance(tp, type) and issubclass(tp, enum.Enum):
+            return tp
+        if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+            return self._dataclass_dec(tp)
+        origin = typing.get_origin(tp)
+        args = typing.get_args(tp)
+        if origin in (list, set, frozenset):
+            item = self.decoder(args[0]) if args else _identity
+            ctor: Callable[[Any], Any] = origin
+            if item is _identity:
+                return ctor
+            return lambda v: ctor(item(x) for x in v)
+        if origin is tuple:
+            if len(args) == 2 and args[1] is Ellipsis:
+                item = self.decoder(args[0])
+                return tuple if item is _identity else (lambda v: tuple(item(x) for x in v))
+            decs = [self.decoder(a) for a in args]
+            return lambda v: tuple(d(x) for d, x in zip(decs, v, strict=True))
+        if origin is dict:
+            kdec = self.decoder(args[0]) if args else _identity
+            vdec = self.decoder(args[1]) if args else _identity
+            if kdec is _identity and vdec is _identity:
+                return dict
+            return lambda v: {kdec(k): vdec(x) for k, x in v.items()}
+        if origin in (typing.Union, types.UnionType):
+            members = [a for a in args if a is not type(None)]
+            if len(members) == 1:
+                inner = self.decoder(members[0])
+                if inner is _identity:
+                    return _identity
+                return lambda v: None if v is None else inner(v)
+            return _identity
+        if origin is typing.Literal:
+            return _identity
+        raise TypeError(f"type {tp!r} is not supported by the msgpack record codec")
+
+    def _dataclass_enc(self, cls: type) -> Encoder:
+        hints = typing.get_type_hints(cls)
+        fields = [f.name for f in dataclasses.fields(cls)]
+        plain = [n for n in fields if self.encoder(hints[n]) is _identity]
+        converted = [(n, self.encoder(hints[n])) for n in fields if n not in plain]
+
+        def enc(obj: Any) -> dict[str, Any]:
+            out = {n: getattr(obj, n) for n in plain}
+            for n, e in converted:
+                out[n] = e(getattr(obj, n))
+            return out
+
+        return enc
+
+    def _dataclass_dec(self, cls: type) -> Decoder:
+        hints = typing.get_type_hints(cls)
+        init_fields = {f.name for f in dataclasses.fields(cls) if f.init}
+        decs = {n: self.decoder(hints[n]) for n in init_fields}
+        converted = {n: d for n, d in decs.items() if d is not _identity}
+
+        def dec(data: Any) -> Any:
+            if not isinstance(data, dict):
+                raise RecordError(f"expected a mapping for {cls.__name__}, got {type(data).__name__}")
+            unknown = data.keys() - init_fields
+            if unknown:
+                raise RecordError(f"unknown field(s) {sorted(unknown)} for {cls.__name__}")
+            if converted:
+                data = {k: (converted[k](v) if k in converted else v) for k, v in data.items()}
+            return cls(**data)
+
+        return dec
+
+
+def _enum_value(value: enum.Enum) -> Any:
+    return value.value
+
+
+_CODECS = _TypeCodecs()
+_packb = msgpack.Packer(use_bin_type=True).pack
+
+
+def packb(obj: Any) -> bytes:
+    """msgpack-encode `obj` (bin type for bytes, str for text)."""
+    return _packb(obj)
+
+
+def unpackb(data: bytes) -> Any:
+    """msgpack-decode `data`, strictly (no trailing bytes, raw strings decoded as UTF-8)."""
+    return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+
+
+S = TypeVar("S")
+
+
+class RecordCodec(Generic[S]):
+    """Encodes one group's state type and event types under a schema version."""
+
+    def __init__(
+        self,
+        state_type: type[S],
+        event_types: Iterable[type],
+        schema_version: int = 1,
+    ) -> None:
+        if not (dataclasses.is_dataclass(state_type) and isinstance(state_type, type)):
+            raise TypeError(f"state type {state_type!r} must be a dataclass")
+        self.state_type = state_type
+        self.schema_version = schema_version
+        self._state_enc = _CODECS.encoder(state_type)
+        self._state_dec = _CODECS.decoder(state_type)
+        self._event_enc: dict[type, tuple[str, Encoder]] = {}
+        self._event_dec: dict[str, Decoder] = {}
+        for et in event_types:
+            self.register_event(et)
+
+    def register_event(self, event_type: type, tag: str | None = None) -> None:
+        """Make `event_type` encodable; its tag defaults to the class name."""
+        if not (dataclasses.is_dataclass(event_type) and isinstance(event_type, type)):
+            raise TypeError(f"event type {event_type!r} must be a dataclass")
+        tag = tag or event_type.__name__
+        known = self._event_dec.get(tag)
+        if known is not None and self._event_enc.get(event_type, ("",))[0] != tag:
+            raise ValueError(f"two event types share the tag {tag!r}")
+        self._event_enc[event_type] = (tag, _CODECS.encoder(event_type))
+        self._event_dec[tag] = _CODECS.decoder(event_type)
+
+    def knows_event(self, event_type: type) -> bool:
+        """True if events of this class can be encoded."""
+        return event_type in self._event_enc
+
+    def event_tag(self, event: object) -> str:
+        """The tag under which `event` is stored."""
+        try:
+            return self._event_enc[type(event)][0]
+        except KeyError:
+            raise TypeError(
+                f"{type(event).__name__} is not a registered event type of this group"
+            ) from None
+
+    def encode_state_fields(self, state: S) -> Any:
+        """The msgpack-ready payload of a state (used inside machine records)."""
+        return self._state_enc(state)
+
+    def decode_state_fields(self, payload: Any) -> S:
+        """Rebuild a state from its payload."""
+        result: S = self._state_dec(payload)
+        return result
+
+    def encode_event(self, event: object) -> bytes:
+        """Encode an event as `[schema, tag, fields]`."""
+        try:
+            tag, enc = self._event_enc[type(event)]
+        except KeyError:
+            raise TypeError(
+                f"{type(event).__name__} is not a registered event type of this group"
+            ) from None
+        return _packb([self.schema_version, tag, enc(event)])
+
+    def decode_event(self, data: bytes, what: str) -> object:
+        """Decode an event record; `what` names the record in errors."""
+        try:
+            version, tag, payload = unpackb(data)
+        except RecordError:
+            raise
+        except Exception as exc:
+            raise RecordError(f"{what}: corrupt event record ({exc})") from exc
+        if version != self.schema_version:
+            raise RecordError(
+                f"{what}: event schema version {version!r}, this code reads {self.schema_version}"
+            )
+        dec = self._event_dec.get(tag) if isinstance(tag, str) else None
+        if dec is None:
+            raise RecordError(f"{what}: unknown event type {tag!r}")
+        try:
+            return dec(payload)
+        except RecordError as exc:
+            raise RecordError(f"{what}: {exc}") from exc
+        except Exception as exc:
+            raise RecordError(f"{what}: cannot rebuild event {tag}: {exc}") from exc

@@ -1,0 +1,273 @@
+"""Group commit: every write staged during one event-loop tick lands in one transaction.
+
+Writes are staged as *units* (one `send`, one planner round). In `group` and `nosync` mode all
+units pending at a flush are merged into one LMDB transaction; a key that is put and deleted
+within the same transaction (an event consumed in the tick it arrived) is never written at
+all. In `sync` mode each unit is its own fsynced transaction. Commits run on one writer thread,
+so the loop keeps planning the next batch while the previous one is being fsynced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .clock import Clock
+    from .store import LmdbStore
+
+log = logging.getLogger("sectorfsm.fsm.commit")
+
+CommitCallback = Callable[[BaseException | None], None]
+_BACKOFF_MIN = 0.05
+_BACKOFF_MAX = 5.0
+
+
+class _Unit:
+    __slots__ = ("callbacks", "fresh", "future", "ops")
+
+    def __init__(self) -> None:
+        self.ops: dict[tuple[str, bytes], bytes | None] = {}
+        self.fresh: set[tuple[str, bytes]] = set()
+        self.callbacks: list[CommitCallback] = []
+        self.future: asyncio.Future[None] | None = None
+
+    def empty(self) -> bool:
+        return not (self.ops or self.callbacks or self.future)
+
+
+class Committer:
+    """Stages writes and commits them in batches; one per store, bound to one event loop."""
+
+    def __init__(self, store: LmdbStore) -> None:
+        self.store = store
+        self.merge = store.durability != "sync"
+        self._units: list[_Unit] = [_Unit()]
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._scheduled = False
+        self._inflight = False
+        self._hooks: list[Callable[[], None]] = []
+        self._listeners: list[Callable[[], None]] = []
+        self._clocks: list[Clock] = []
+        self._backoff = 0.0
+        self._wanted = False
+        self._idle_waiters: list[asyncio.Future[None]] = []
+        #: Number of batches taken for commit so far; lets callers tell which batch staged what.
+        self.batch_no = 0
+        #: Figures for benchmarks: batches committed and units in them.
+        self.batches_committed = 0
+        self.units_committed = 0
+
+    # -- staging --------------------------------------------------------------------------
+
+    def put(self, db: str, key: bytes, value: bytes, *, fresh: bool = False) -> None:
+        """Stage a put; `fresh` promises the key is not in the store yet (enables elision)."""
+        unit = self._units[-1]
+        k = (db, key)
+        unit.ops[k] = value
+        if fresh:
+            unit.fresh.add(k)
+        self._request()
+
+    def delete(self, db: str, key: bytes) -> None:
+        """Stage a delete; a fresh put of the same key in this unit cancels out."""
+        unit = self._units[-1]
+        k = (db, key)
+        if k in unit.fresh:
+            unit.fresh.discard(k)
+            del unit.ops[k]
+        else:
+            unit.ops[k] = None
+        self._request()
+
+    def on_commit(self, callback: CommitCallback) -> None:
+        """Call `callback(error_or_None)` once the current unit is committed (or failed)."""
+        self._units[-1].callbacks.append(callback)
+        self._request()
+
+    def waiter(self) -> asyncio.Future[None]:
+        """A future resolved when the current unit is durable (or failed with the error)."""
+        unit = self._units[-1]
+        if unit.future is None:
+            unit.future = self._get_loop().create_future()
+        self._request()
+        return unit.future
+
+    def end_unit(self) -> None:
+        """Close the current unit; in `sync` mode the next staged write starts a new commit."""
+        if not self.merge and not self._units[-1].empty():
+            self._units.append(_Unit())
+
+    # -- hooks ----------------------------------------------------------------------------
+
+    def add_hook(self, hook: Callable[[], None]) -> None:
+        """Run `hook()` right before each batch is taken (groups plan their machines there)."""
+        self._hooks.append(hook)
+
+    def remove_hook(self, hook: Callable[[], None]) -> None:
+        """Undo `add_hook`."""
+        if hook in self._hooks:
+            self._hooks.remove(hook)
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` after every batch completes."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[], None]) -> None:
+        """Undo `add_listener`."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def add_clock(self, clock: Clock) -> None:
+        """Hold `clock` busy while a commit is in flight, so virtual time waits for the disk."""
+        if clock not in self._clocks:
+            self._clocks.append(clock)
+
+    def remove_clock(self, clock: Clock) -> None:
+        """Undo `add_clock`."""
+        if clock in self._clocks:
+            self._clocks.remove(clock)
+
+    # -- flushing -------------------------------------------------------------------------
+
+    def request_flush(self) -> None:
+        """Make sure a flush runs soon (hooks may have work even if nothing is staged)."""
+        self._request()
+
+    @property
+    def idle(self) -> bool:
+        """True if nothing is staged and no commit is in flight."""
+        return not self._inflight and not self._scheduled and all(u.empty() for u in self._units)
+
+    async def flush(self) -> None:
+        """Wait until everything staged so far (and what hooks add) is committed."""
+        while not self.idle:
+            fut = self._get_loop().create_future()
+            self._idle_waiters.append(fut)
+            self._request()
+            await fut
+
+    def shutdown(self) -> None:
+        """Stop the writer thread; staged writes that were never flushed are dropped."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def _get_loop(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if self._loop is None or self._loop.is_closed():
+            self._loop = loop
+        elif self._loop is not loop:
+            raise RuntimeError("a store's engine is bound to one event loop at a time")
+        return loop
+
+    def _request(self) -> None:
+        if self._inflight:
+            self._wanted = True
+            return
+        if self._scheduled:
+            return
+        try:
+            loop = self._get_loop()
+        except RuntimeError:
+            return  # no loop running: staged ops wait for the next flush()
+        self._scheduled = True
+        if self._backoff:
+            loop.call_later(self._backoff, self._flush)
+        else:
+            loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        if self._inflight or self.store.closed:
+            return
+        for hook in list(self._hooks):
+            try:
+                hook()
+            except Exception:  # a hook bug must not stop commits of every other group
+                log.exception("pre-commit hook failed")
+        units = [u for u in self._units if not u.empty()]
+        self._units = [_Unit()]
+        if not units:
+            self._wake_idle()
+            return
+        self._inflight = True
+        self.batch_no += 1
+        for clock in self._clocks:
+            clock.hold()
+        loop = self._get_loop()
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="sectorfsm-commit"
+            )
+        fut = loop.run_in_executor(self._executor, self._commit, units)
+        fut.add_done_callback(lambda f: self._done(units, f))
+
+    def _commit(self, units: list[_Unit]) -> list[BaseException | None]:
+        # In merge mode there is only ever one unit per batch, so one unit is one transaction.
+        dbs = self.store._dbs
+        results: list[BaseException | None] = []
+        for ops in (u.ops for u in units):
+
+            def apply(txn: Any, ops: dict[tuple[str, bytes], bytes | None] = ops) -> None:
+                for (db, key), value in ops.items():
+                    if value is None:
+                        txn.delete(key, db=dbs[db])
+                    else:
+                        txn.put(key, value, db=dbs[db])
+
+            try:
+                if ops:
+                    self.store.write(apply)
+                results.append(None)
+            except BaseException as exc:  # handed to the callers, never swallowed
+                results.append(exc)
+        return results
+
+    def _done(self, units: list[_Unit], fut: asyncio.Future[list[BaseException | None]]) -> None:
+        self._inflight = False
+        for clock in self._clocks:
+            clock.release()
+        try:
+            results = fut.result()
+        except BaseException as exc:  # executor shut down under us
+            results = [exc] * len(units)
+        failed = False
+        for unit, err in zip(units, results, strict=True):
+            if err is not None:
+                failed = True
+            if unit.future is not None and not unit.future.done():
+                if err is None:
+                    unit.future.set_result(None)
+                else:
+                    unit.future.set_exception(err)
+            for cb in unit.callbacks:
+                try:
+                    cb(err)
+                except Exception:
+                    log.exception("commit callback failed")
+        self.batches_committed += 1
+        self.units_committed += len(units)
+        if failed:
+            self._backoff = min(max(self._backoff * 2, _BACKOFF_MIN), _BACKOFF_MAX)
+            log.error("commit failed; retrying staged work in %.2fs: %s", self._backoff,
+                      next(e for e in results if e is not None))
+        else:
+            self._backoff = 0.0
+        for listener in list(self._listeners):
+            listener()
+        if self._wanted or any(not u.empty() for u in self._units):
+            self._wanted = False
+            self._request()
+        if self.idle:
+            self._wake_idle()
+
+    def _wake_idle(self) -> None:
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)

@@ -1,0 +1,662 @@
+"""StateGroup: many persisted machines of one kind, driven by one planner.
+
+Semantics follow go-statemachine, with its defects fixed (see DESIGN §2):
+
+* `send()` returns once the event is durable (it sits in the inbox, or is already applied).
+  A planner round deletes the events it processed and writes the new state in one
+  transaction, so after a crash no sent event is lost and none is applied twice.
+* One step at a time per machine; events that arrive meanwhile are planned as one batch
+  when it returns. A step starts only after the state that planned it is committed.
+* A step that raises records its error and delivers `StepFailed`; the machine stays usable.
+* A planner that raises on an event leaves the state as it was, records the error and
+  consumes that one event; it neither kills the machine nor loops.
+* On `start()`, machines in non-final states are re-planned with their pending events and
+  then `Restart`. Final machines stay on disk, costing no memory, until an event arrives.
+
+A group that is not started is a *client*: `send`/`begin` write to the store's mailbox, and
+whichever process runs the engine picks them up within `poll_interval` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import traceback
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Generic, TypeVar
+
+from .clock import Clock, RealClock
+from .codec import RecordCodec, packb, unpackb
+from .errors import (
+    GroupStoppedError,
+    MachineExistsError,
+    RecordError,
+    StoreError,
+    Terminated,
+    UnknownMachineError,
+)
+from .events import BUILTIN_EVENTS, Restart, StepFailed
+from .keys import MachineId, id_key, seq_key, split_id
+from .machine import Context, Machine, MachineInfo, Step
+from .store import LmdbStore
+
+log = logging.getLogger("sectorfsm.fsm")
+
+S = TypeVar("S")
+Planner = Callable[[list[Any], S], "tuple[Step | None, int]"]
+_PAGE = 1000
+_MAX_ERROR = 4000
+
+
+class StateGroup(Generic[S]):
+    """A named set of machines sharing a planner, a state type and a store."""
+
+    def __init__(
+        self,
+        store: LmdbStore,
+        name: str,
+        planner: Planner[S],
+        state_type: type[S],
+        events: Iterable[type] = (),
+        *,
+        final: Callable[[S], bool] | None = None,
+        creating: Iterable[type] = (),
+        cancelling: Iterable[type] = (),
+        clock: Clock | None = None,
+        schema_version: int = 1,
+        poll_interval: float = 0.2,
+    ) -> None:
+        if not name or "\x00" in name or len(name) > 64:
+            raise ValueError("group names are 1-64 characters without NUL")
+        self.store = store
+        self.name = name
+        self.planner = planner
+        self.state_type = state_type
+        self.clock: Clock = clock or RealClock()
+        self.poll_interval = poll_interval
+        self._final = final
+        self._codec: RecordCodec[S] = RecordCodec(state_type, (*BUILTIN_EVENTS, *events),
+                                                  schema_version)
+        self._creating = frozenset(creating)
+        self._cancelling = frozenset(cancelling)
+        for cls in (*self._creating, *self._cancelling):
+            if not self._codec.knows_event(cls):
+                raise ValueError(f"{cls.__name__} is not among the group's events")
+        self._prefix = name.encode() + b"\x00"
+        self._machines: dict[MachineId, Machine] = {}
+        self._dirty: dict[MachineId, Machine] = {}
+        self._seq = 0
+        self._running = False
+        self._stopping = False
+        self._steps = 0
+        self._rounds = 0
+        self._waiters: list[asyncio.Future[None]] = []
+        self._poller: asyncio.Task[None] | None = None
+        self._ingesting: set[bytes] = set()
+        #: Ids whose stored record could not be read at start (they are left untouched).
+        self.unreadable: dict[MachineId, str] = {}
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    @property
+    def started(self) -> bool:
+        """True between `start()` and `stop()`."""
+        return self._running
+
+    async def start(self) -> None:
+        """Claim the repo for this process's engine and resume every live machine."""
+        if self._running:
+            raise RuntimeError(f"group {self.name!r} is already started")
+        self.store.lock_engine()
+        try:
+            self._resume()
+        except BaseException:
+            self.store.unlock_engine()
+            raise
+        committer = self.store.committer
+        committer.add_hook(self._plan_dirty)
+        committer.add_listener(self._notify)
+        committer.add_clock(self.clock)
+        self._running = True
+        self._stopping = False
+        self._ingest_mailbox()
+        self._poller = asyncio.get_running_loop().create_task(
+            self._poll_mailbox(), name=f"sectorfsm-mailbox-{self.name}"
+        )
+        committer.request_flush()
+
+    def _resume(self) -> None:
+        pending: dict[MachineId, list[tuple[bytes, bytes]]] = {}
+        live: list[MachineId] = []
+        plen = len(self._prefix)
+        with self.store.read() as txn:
+            cur = txn.cursor(db=self.store.db("inbox"))
+            if cur.set_range(self._prefix):
+                for key, value in cur:
+                    if not key.startswith(self._prefix):
+                        break
+                    mid, end = split_id(key, plen)
+                    self._seq = max(self._seq, int.from_bytes(key[end:], "big"))
+                    pending.setdefault(mid, []).append((key, value))
+            cur = txn.cursor(db=self.store.db("live"))
+            if cur.set_range(self._prefix):
+                for key in cur.iternext(keys=True, values=False):
+                    if not key.startswith(self._prefix):
+                        break
+                    live.append(split_id(key, plen)[0])
+        for mid in dict.fromkeys([*live, *pending]):
+            try:
+                m = self._load(mid)
+            except RecordError as exc:
+                log.error("group %s: not resuming machine %r: %s", self.name, mid, exc)
+                self.unreadable[mid] = str(exc)
+                continue
+            if m is None:
+                continue
+            for key, raw in pending.get(mid, ()):
+                try:
+                    event = self._codec.decode_event(raw, self._what(mid, "inbox event"))
+                except RecordError as exc:
+                    self._quarantine("inbox", key, raw, str(exc))
+                    continue
+                m.pending.append((key, event, 0))
+            if not m.final:
+                m.pending.append((None, Restart(), 0))
+            if m.pending:
+                self._dirty[mid] = m
+
+    async def stop(self) -> None:
+        """Cancel running steps, commit what is staged and release the repo."""
+        if not self._running:
+            return
+        self._stopping = True
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
+            self._poller = None
+        tasks = [m.task for m in self._machines.values() if m.task is not None]
+        for m in self._machines.values():
+            if m.task is not None:
+                m.cancel_requested = True
+                m.task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._running = False
+        committer = self.store.committer
+        committer.remove_hook(self._plan_dirty)
+        try:
+            await committer.flush()
+        finally:
+            committer.remove_listener(self._notify)
+            committer.remove_clock(self.clock)
+            self._machines.clear()
+            self._dirty.clear()
+            self._rounds = 0
+            self.store.unlock_engine()
+            self._notify()
+
+    async def idle(self) -> None:
+        """Wait until no event is pending, no step runs and every write is committed."""
+        while not self._is_idle():
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            await fut
+
+    def _is_idle(self) -> bool:
+        if not self._running:
+            return True
+        return (not self._dirty and self._steps == 0 and self._rounds == 0
+                and self.store.committer.idle)
+
+    def _notify(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    # -- public operations ----------------------------------------------------------------
+
+    async def begin(self, machine_id: MachineId, initial_state: S) -> None:
+        """Create machine `machine_id` in `initial_state`; it waits for its first event."""
+        key = self._key(machine_id)
+        if not isinstance(initial_state, self.state_type):
+            raise TypeError(f"initial state must be a {self.state_type.__name__}")
+        final = bool(self._final and self._final(initial_state))
+        record = self._encode(initial_state, final, None)
+        if not self._running:
+            self._check_stoppable()
+            await asyncio.to_thread(self.store.write,
+                                    lambda txn: self._client_begin(txn, machine_id, key, record,
+                                                                   final))
+            return
+        if machine_id in self._machines or self._stored(key):
+            raise MachineExistsError(f"{self.name} machine {machine_id!r} already exists")
+        m = Machine(machine_id, key, initial_state, record)
+        m.final = final
+        m.committed = b""
+        self._machines[machine_id] = m
+        committer = self.store.committer
+        committer.put("states", key, record, fresh=True)
+        if not final:
+            committer.put("live", key, b"", fresh=True)
+        committer.on_commit(lambda err: self._begun(m, err))
+        waiter = committer.waiter()
+        committer.end_unit()
+        await waiter
+
+    async def send(self, machine_id: MachineId, event: object) -> None:
+        """Deliver `event` to a machine; returns once the event is durable."""
+        self._key(machine_id)
+        if not self._running:
+            self._check_stoppable()
+            raw = self._codec.encode_event(event)
+            await asyncio.to_thread(self.store.write,
+                                    lambda txn: self._client_send(txn, machine_id, event, raw))
+            return
+        committer = self.store.committer
+        self._send_local(machine_id, event)
+        waiter = committer.waiter()
+        committer.end_unit()
+        await waiter
+
+    def get(self, machine_id: MachineId) -> S | None:
+        """The persisted state of a machine, or None if it does not exist."""
+        info = self.info(machine_id)
+        return None if info is None else info.state
+
+    def has(self, machine_id: MachineId) -> bool:
+        """True if the machine exists in the store."""
+        return self._stored(self._key(machine_id))
+
+    def info(self, machine_id: MachineId) -> MachineInfo[S] | None:
+        """The persisted state plus engine bookkeeping (final flag, last error, pending)."""
+        key = self._key(machine_id)
+        with self.store.read() as txn:
+            raw = txn.get(key, db=self.store.db("states"))
+            if raw is None:
+                return None
+            pending = 0
+            cur = txn.cursor(db=self.store.db("inbox"))
+            if cur.set_range(key):
+                for k in cur.iternext(keys=True, values=False):
+                    if not k.startswith(key):
+                        break
+                    pending += 1
+        state, final, last_error = self._decode(raw, machine_id)
+        return MachineInfo(machine_id, state, final, last_error, pending)
+
+    def list(
+        self,
+        filter: Callable[[S], bool] | None = None,  # noqa: A002 - the documented name
+        *,
+        start_after: MachineId | None = None,
+        page_size: int = _PAGE,
+    ) -> Iterator[tuple[MachineId, S]]:
+        """Yield `(id, state)` in id order, reading the store page by page."""
+        lower = self._prefix if start_after is None else self._key(start_after) + b"\x00"
+        plen = len(self._prefix)
+        while True:
+            page: list[tuple[bytes, bytes]] = []
+            with self.store.read() as txn:
+                cur = txn.cursor(db=self.store.db("states"))
+                if cur.set_range(lower):
+                    for key, value in cur:
+                        if not key.startswith(self._prefix):
+                            break
+                        page.append((key, value))
+                        if len(page) >= page_size:
+                            break
+            for key, value in page:
+                mid = split_id(key, plen)[0]
+                state = self._decode(value, mid)[0]
+                if filter is None or filter(state):
+                    yield mid, state
+            if len(page) < page_size:
+                return
+            lower = page[-1][0] + b"\x00"
+
+    def count_by(self, field: str) -> dict[Any, int]:
+        """Count machines by the value of one state field (a full scan, page by page)."""
+        counts: dict[Any, int] = {}
+        for _, state in self.list():
+            value = getattr(state, field)
+            counts[value] = counts.get(value, 0) + 1
+        return counts
+
+    def stats(self) -> dict[str, int]:
+        """In-memory figures: loaded machines, running steps, queued events."""
+        return {
+            "loaded": len(self._machines),
+            "steps": self._steps,
+            "dirty": len(self._dirty),
+            "pending_events": sum(len(m.pending) for m in self._machines.values()),
+        }
+
+    # -- engine internals -----------------------------------------------------------------
+
+    def _send_local(self, machine_id: MachineId, event: object) -> None:
+        if not self._running or self._stopping:
+            raise GroupStoppedError(f"group {self.name!r} is not running")
+        raw = self._codec.encode_event(event)
+        m = self._machines.get(machine_id)
+        if m is None:
+            m = self._load(machine_id)
+            if m is None:
+                if type(event) not in self._creating:
+                    raise UnknownMachineError(f"{self.name} has no machine {machine_id!r}")
+                m = self._create(machine_id)
+        self._enqueue(m, event, raw)
+
+    def _enqueue(self, m: Machine, event: object, raw: bytes) -> None:
+        self._seq += 1
+        key = m.key + seq_key(self._seq)
+        committer = self.store.committer
+        committer.put("inbox", key, raw, fresh=True)
+        m.pending.append((key, event, committer.batch_no))
+        if type(event) in self._cancelling and m.task is not None:
+            m.cancel_requested = True
+            m.task.cancel()
+        if not m.busy:
+            self._dirty[m.id] = m
+
+    def _create(self, machine_id: MachineId) -> Machine:
+        state = self.state_type()
+        key = self._key(machine_id)
+        final = bool(self._final and self._final(state))
+        record = self._encode(state, final, None)
+        m = Machine(machine_id, key, state, record)
+        m.final = final
+        m.committed = b""
+        self._machines[machine_id] = m
+        committer = self.store.committer
+        committer.put("states", key, record, fresh=True)
+        if not final:
+            committer.put("live", key, b"", fresh=True)
+        committer.on_commit(lambda err: self._begun(m, err))
+        return m
+
+    def _begun(self, m: Machine, err: BaseException | None) -> None:
+        if err is None:
+            if m.committed == b"":
+                m.committed = m.record
+            return
+        if m.committed == b"" and self._machines.get(m.id) is m:
+            # The record never reached the disk: the machine does not exist.
+            del self._machines[m.id]
+            self._dirty.pop(m.id, None)
+
+    def _load(self, machine_id: MachineId) -> Machine | None:
+        key = self._key(machine_id)
+        with self.store.read() as txn:
+            raw = txn.get(key, db=self.store.db("states"))
+        if raw is None:
+            return None
+        state, final, last_error = self._decode(raw, machine_id)
+        m = Machine(machine_id, key, state, raw)
+        m.final = final
+        m.last_error = last_error
+        self._machines[machine_id] = m
+        return m
+
+    def _plan_dirty(self) -> None:
+        if not self._running:
+            return
+        dirty, self._dirty = self._dirty, {}
+        for m in dirty.values():
+            if not m.busy and m.pending and self._machines.get(m.id) is m:
+                self._plan(m)
+
+    def _plan(self, m: Machine, limit: int | None = None) -> None:
+        events = [e for _, e, _ in m.pending[:limit]]
+        terminated = False
+        try:
+            step, processed = self.planner(events, m.state)
+        except Terminated:
+            step, processed, terminated = None, len(events), True
+            if len(events) > 1:
+                log.warning("%s: machine %r terminated with %d events unplanned", self.name,
+                            m.id, len(events) - 1)
+        except Exception as exc:
+            self._plan_failed(m, events, exc)
+            return
+        if not isinstance(processed, int) or not 0 <= processed <= len(events):
+            self._plan_failed(m, events, ValueError(
+                f"planner returned processed={processed!r} for {len(events)} events"))
+            return
+        if processed == 0 and step is None:
+            # Nothing consumed and nothing to wait for: go-statemachine would spin here.
+            processed = 1
+            self._record_error(m, f"planner did not consume event {_describe(events[0])}")
+        self._finish_round(m, step, processed, terminated)
+
+    def _plan_failed(self, m: Machine, events: list[object], exc: Exception) -> None:
+        # Undo whatever the planner mutated before raising.
+        m.state = self._decode(m.record, m.id)[0]
+        if len(events) > 1:
+            # One event of the batch is bad: plan the first alone, so only the culprit is dropped.
+            self._plan(m, limit=1)
+            return
+        log.warning("%s: machine %r: planner rejected %s: %s", self.name, m.id,
+                    _describe(events[0]), exc)
+        self._record_error(m, f"planner rejected {_describe(events[0])}: "
+                              f"{type(exc).__name__}: {exc}")
+        self._finish_round(m, None, 1, False)
+
+    def _record_error(self, m: Machine, message: str) -> None:
+        m.last_error = message[:_MAX_ERROR]
+
+    def _finish_round(self, m: Machine, step: Step | None, processed: int,
+                      terminated: bool) -> None:
+        committer = self.store.committer
+        for key, _, _ in m.pending[:processed]:
+            if key is not None:
+                committer.delete("inbox", key)
+        del m.pending[:processed]
+        was_final = m.final
+        m.final = terminated or bool(self._final and self._final(m.state))
+        record = self._encode(m.state, m.final, m.last_error)
+        if record != m.record:
+            committer.put("states", m.key, record)
+            m.record = record
+        if m.final != was_final:
+            if m.final:
+                committer.delete("live", m.key)
+            else:
+                committer.put("live", m.key, b"")
+        m.planning = True
+        self._rounds += 1
+        committer.on_commit(lambda err: self._round_committed(m, step, err))
+        committer.end_unit()
+
+    def _round_committed(self, m: Machine, step: Step | None, err: BaseException | None) -> None:
+        m.planning = False
+        self._rounds -= 1
+        if self._machines.get(m.id) is not m:
+            return
+        if err is not None:
+            self._recover(m)
+            return
+        m.committed = m.record
+        if step is not None and self._running and not self._stopping:
+            copy = self._decode(m.record, m.id)[0]
+            if m.ctx is None:
+                m.ctx = Context(self, m)
+            m.cancel_requested = False
+            self._steps += 1
+            m.task = asyncio.get_running_loop().create_task(self._run_step(m, step, copy))
+        else:
+            self._settle(m)
+
+    def _settle(self, m: Machine) -> None:
+        if m.pending:
+            self._dirty[m.id] = m
+            self.store.committer.request_flush()
+        elif m.final and not m.busy:
+            del self._machines[m.id]  # dormant: lives on disk only
+
+    def _recover(self, m: Machine) -> None:
+        """A commit failed: rebuild the machine from disk, as after a crash, keeping newer events."""
+        failed_batch = self.store.committer.batch_no
+        # Entries staged after the failed batch was taken are still on their way to the disk.
+        newer = [p for p in m.pending if p[2] >= failed_batch]
+        del self._machines[m.id]
+        self._dirty.pop(m.id, None)
+        try:
+            fresh = self._load(m.id)
+        except (RecordError, StoreError) as exc:
+            log.error("%s: cannot reload machine %r after a failed commit: %s", self.name, m.id,
+                      exc)
+            return
+        if fresh is None:
+            return
+        with self.store.read() as txn:
+            cur = txn.cursor(db=self.store.db("inbox"))
+            if cur.set_range(fresh.key):
+                for key, raw in cur:
+                    if not key.startswith(fresh.key):
+                        break
+                    event = self._codec.decode_event(raw, self._what(m.id, "inbox event"))
+                    fresh.pending.append((key, event, 0))
+        known = {p[0] for p in fresh.pending}
+        fresh.pending.extend(p for p in newer if p[0] not in known)
+        if not fresh.final:
+            fresh.pending.append((None, Restart(), 0))
+        self._dirty[m.id] = fresh
+        self.store.committer.request_flush()
+
+    async def _run_step(self, m: Machine, step: Step, state_copy: S) -> None:
+        assert m.ctx is not None
+        try:
+            await step(m.ctx, state_copy)
+        except asyncio.CancelledError:
+            if not m.cancel_requested:
+                raise
+        except Exception as exc:
+            trace = "".join(traceback.format_exception(exc))
+            message = f"{type(exc).__name__}: {exc}"
+            log.warning("%s: machine %r: step failed: %s", self.name, m.id, message)
+            self._record_error(m, f"step failed: {message}")
+            if self._running and not self._stopping:
+                self._enqueue(m, StepFailed(message[:_MAX_ERROR], trace[-_MAX_ERROR:]),
+                              self._codec.encode_event(StepFailed(message[:_MAX_ERROR],
+                                                                  trace[-_MAX_ERROR:])))
+        finally:
+            m.task = None
+            m.cancel_requested = False
+            self._steps -= 1
+            if self._running and self._machines.get(m.id) is m:
+                self._settle(m)
+            self._notify()
+
+    # -- mailbox (writes from clients) ----------------------------------------------------
+
+    def _check_stoppable(self) -> None:
+        if self.store.closed:
+            raise StoreError(f"store {self.store.path} is closed")
+
+    def _client_begin(self, txn: Any, machine_id: MachineId, key: bytes, record: bytes,
+                      final: bool) -> None:
+        if txn.get(key, db=self.store.db("states")) is not None:
+            raise MachineExistsError(f"{self.name} machine {machine_id!r} already exists")
+        txn.put(key, record, db=self.store.db("states"))
+        if not final:
+            txn.put(key, b"", db=self.store.db("live"))
+
+    def _client_send(self, txn: Any, machine_id: MachineId, event: object, raw: bytes) -> None:
+        key = self._key(machine_id)
+        if txn.get(key, db=self.store.db("states")) is None:
+            if type(event) not in self._creating:
+                raise UnknownMachineError(f"{self.name} has no machine {machine_id!r}")
+            state = self.state_type()
+            final = bool(self._final and self._final(state))
+            self._client_begin(txn, machine_id, key, self._encode(state, final, None), final)
+        counters = self.store.db("counters")
+        last = txn.get(b"mailbox_seq", db=counters)
+        seq = (int.from_bytes(last, "big") if last else 0) + 1
+        txn.put(b"mailbox_seq", seq_key(seq), db=counters)
+        txn.put(seq_key(seq), packb([self.name, key, raw]), db=self.store.db("mailbox"))
+
+    async def _poll_mailbox(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            try:
+                self._ingest_mailbox()
+            except StoreError as exc:
+                log.error("%s: reading the mailbox failed: %s", self.name, exc)
+
+    def _ingest_mailbox(self) -> None:
+        entries: list[tuple[bytes, bytes]] = []
+        with self.store.read() as txn:
+            mailbox = self.store.db("mailbox")
+            if txn.stat(mailbox)["entries"] == 0:
+                return
+            for mkey, value in txn.cursor(db=mailbox):
+                if mkey not in self._ingesting:
+                    entries.append((mkey, value))
+        committer = self.store.committer
+        taken: list[bytes] = []
+        for mkey, value in entries:
+            try:
+                group, key, raw = unpackb(value)
+            except Exception as exc:
+                self._quarantine("mailbox", mkey, value, f"corrupt mailbox entry: {exc}")
+                continue
+            if group != self.name:
+                continue
+            try:
+                mid = split_id(key)[0]
+                event = self._codec.decode_event(raw, self._what(mid, "mailbox event"))
+                m = self._machines.get(mid) or self._load(mid)
+                if m is None:
+                    raise RecordError(f"{self._what(mid, 'mailbox event')}: no such machine")
+            except (RecordError, ValueError) as exc:
+                self._quarantine("mailbox", mkey, value, str(exc))
+                continue
+            committer.delete("mailbox", mkey)
+            self._enqueue(m, event, raw)
+            taken.append(mkey)
+        if taken:
+            self._ingesting.update(taken)
+            committer.on_commit(lambda err: self._ingesting.difference_update(taken))
+            committer.end_unit()
+
+    def _quarantine(self, db: str, key: bytes, raw: bytes, why: str) -> None:
+        log.error("%s: moving unreadable %s record %r to quarantine: %s", self.name, db, key, why)
+        committer = self.store.committer
+        committer.put("quarantine", db.encode() + b"/" + key, packb([why, raw]))
+        committer.delete(db, key)
+        committer.end_unit()
+
+    # -- encoding -------------------------------------------------------------------------
+
+    def _key(self, machine_id: MachineId) -> bytes:
+        return self._prefix + id_key(machine_id)
+
+    def _stored(self, key: bytes) -> bool:
+        with self.store.read() as txn:
+            return txn.get(key, db=self.store.db("states")) is not None
+
+    def _what(self, machine_id: MachineId, kind: str) -> str:
+        return f"{kind} of {self.name} machine {machine_id!r}"
+
+    def _encode(self, state: S, final: bool, last_error: str | None) -> bytes:
+        return packb([self._codec.schema_version, final, last_error,
+                      self._codec.encode_state_fields(state)])
+
+    def _decode(self, raw: bytes, machine_id: MachineId) -> tuple[S, bool, str | None]:
+        what = self._what(machine_id, "state record")
+        try:
+            version, final, last_error, payload = unpackb(raw)
+        except Exception as exc:
+            raise RecordError(f"{what} is corrupt ({exc})") from exc
+        if version != self._codec.schema_version:
+            raise RecordError(f"{what} has schema version {version!r}, this code reads "
+                              f"{self._codec.schema_version}")
+        try:
+            state = self._codec.decode_state_fields(payload)
+        except Exception as exc:
+            raise RecordError(f"{what} cannot be read: {exc}") from exc
+        return state, bool(final), last_error
+
+
+def _describe(event: object) -> str:
+    return type(event).__name__

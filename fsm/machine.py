@@ -1,0 +1,103 @@
+"""One machine's in-memory runtime, the context its steps see, and the public info record."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from .keys import MachineId
+
+if TYPE_CHECKING:
+    from .clock import Clock
+    from .group import StateGroup
+
+S = TypeVar("S")
+
+
+class Context:
+    """Handed to every step: the way a step talks back to its machine."""
+
+    __slots__ = ("_group", "_machine")
+
+    def __init__(self, group: StateGroup[Any], machine: Machine) -> None:
+        self._group = group
+        self._machine = machine
+
+    @property
+    def id(self) -> MachineId:
+        """The id of the machine this step belongs to."""
+        return self._machine.id
+
+    @property
+    def clock(self) -> Clock:
+        """The group's clock; steps wait through it so virtual time works."""
+        return self._group.clock
+
+    @property
+    def cancelled(self) -> bool:
+        """True once a cancelling event arrived (or the group is stopping) while the step ran."""
+        return self._machine.cancel_requested
+
+    def send(self, event: object) -> None:
+        """Queue `event` for this machine; it is planned after the current step returns.
+
+        Valid also after the step returned (from callbacks the step registered).
+        """
+        self._group._send_local(self._machine.id, event)
+
+
+Step = Callable[[Context, Any], Awaitable[None]]
+
+
+class Machine:
+    """Runtime of a loaded machine (live, or dormant but touched by an event)."""
+
+    __slots__ = (
+        "cancel_requested",
+        "committed",
+        "ctx",
+        "final",
+        "id",
+        "key",
+        "last_error",
+        "pending",
+        "planning",
+        "record",
+        "state",
+        "task",
+    )
+
+    def __init__(self, machine_id: MachineId, key: bytes, state: Any, record: bytes) -> None:
+        self.id = machine_id
+        self.key = key
+        self.state = state
+        #: Encoded record as last staged, and as last known to be committed.
+        self.record = record
+        self.committed = record
+        #: Queued events: (inbox key or None for non-persisted signals, event, batch staged in).
+        self.pending: list[tuple[bytes | None, object, int]] = []
+        #: A planner round is waiting for its commit (the step starts after it).
+        self.planning = False
+        self.task: asyncio.Task[None] | None = None
+        self.final = False
+        self.last_error: str | None = None
+        self.cancel_requested = False
+        self.ctx: Context | None = None
+
+    @property
+    def busy(self) -> bool:
+        """True while a round awaits its commit or a step runs: no planning meanwhile."""
+        return self.planning or self.task is not None
+
+
+@dataclass(frozen=True, slots=True)
+class MachineInfo(Generic[S]):
+    """A machine as persisted: its state plus what the engine records about it."""
+
+    id: MachineId
+    state: S
+    final: bool
+    last_error: str | None
+    pending_events: int

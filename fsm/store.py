@@ -1,0 +1,375 @@
+"""LMDB-backed store: one environment per repo directory, named sub-databases, msgpack values.
+
+Writers from several processes are serialised by LMDB itself. Only one process may run an
+*engine* on a repo (an exclusive `flock` on `engine.lock`); any process may read, and may
+append to the mailbox, at any time.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+import lmdb
+
+from .errors import StoreError, StoreFullError, StoreLockedError
+
+if TYPE_CHECKING:
+    from .commit import Committer
+
+log = logging.getLogger("sectorfsm.fsm.store")
+
+Durability = Literal["sync", "group", "nosync"]
+DURABILITIES: tuple[str, ...] = ("sync", "group", "nosync")
+
+#: Sub-databases every store has. Domains may open more with `LmdbStore.db(name)`.
+CORE_DBS = ("states", "live", "inbox", "mailbox", "quarantine", "counters", "meta")
+STORE_FORMAT = 1
+_MAX_DBS = 64
+_DEFAULT_MAP = 64 << 20
+R = TypeVar("R")
+
+
+class _ResizeGate:
+    """Lets many transactions run at once, but a map resize only when none is open.
+
+    LMDB requires that no transaction of this process is active while `mdb_env_set_mapsize`
+    runs, and reads happen on the event-loop thread while the committer writes on its own.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._active = 0
+        self._resizing = False
+
+    @contextmanager
+    def txn(self) -> Iterator[None]:
+        with self._cond:
+            while self._resizing:
+                self._cond.wait()
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                if self._active == 0:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            while self._resizing:
+                self._cond.wait()
+            self._resizing = True
+            while self._active:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._resizing = False
+                self._cond.notify_all()
+
+
+class LmdbStore:
+    """A persisted repo of machines, inboxes and domain records.
+
+    `durability` chooses how commits reach the disk: `"sync"` fsyncs every logical write on its
+    own, `"group"` (the default) coalesces all writes of an event-loop tick into one fsynced
+    commit, and `"nosync"` never fsyncs (tests and simulations; a crash of the machine, not of
+    the process, may lose recent commits).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        durability: Durability = "group",
+        *,
+        map_size: int = _DEFAULT_MAP,
+        max_map_size: int | None = None,
+    ) -> None:
+        if durability not in DURABILITIES:
+            raise ValueError(f"durability must be one of {DURABILITIES}, not {durability!r}")
+        self.path = Path(path)
+        self.durability: Durability = durability
+        self.max_map_size = max_map_size
+        self._gate = _ResizeGate()
+        self._lock_fd: int | None = None
+        self._lock_users = 0
+        self._closed = False
+        self._committer: Committer | None = None
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create store directory {self.path}: {exc.strerror}") from exc
+        if not os.access(self.path, os.W_OK | os.X_OK):
+            raise StoreError(f"store directory {self.path} is not writable by this user")
+        initial = map_size if max_map_size is None else min(map_size, max_map_size)
+        sync = durability != "nosync"
+        try:
+            self.env = lmdb.open(
+                str(self.path),
+                map_size=initial,
+                max_dbs=_MAX_DBS,
+                sync=sync,
+                metasync=sync,
+                readahead=False,
+                writemap=False,
+                max_readers=256,
+                lock=True,
+            )
+        except lmdb.Error as exc:
+            raise StoreError(f"cannot open store at {self.path}: {exc}") from exc
+        self._dbs: dict[str, Any] = {}
+        self._db_lock = threading.Lock()
+        for name in CORE_DBS:
+            self.db(name)
+        self._check_format()
+
+    # -- sub-databases --------------------------------------------------------------------
+
+    def db(self, name: str) -> Any:
+        """Return the handle of sub-database `name`, creating it on first use."""
+        handle = self._dbs.get(name)
+        if handle is not None:
+            return handle
+        with self._db_lock:
+            handle = self._dbs.get(name)
+            if handle is None:
+                if len(self._dbs) >= _MAX_DBS - 1:
+                    raise StoreError(f"too many sub-databases (limit {_MAX_DBS - 1})")
+                handle = self._call(lambda: self.env.open_db(name.encode(), create=True))
+                self._dbs[name] = handle
+        return handle
+
+    def _check_format(self) -> None:
+        from .codec import packb, unpackb
+
+        def check(txn: lmdb.Transaction) -> None:
+            meta = self._dbs["meta"]
+            raw = txn.get(b"store_format", db=meta)
+            if raw is None:
+                txn.put(b"store_format", packb(STORE_FORMAT), db=meta)
+                return
+            try:
+                found = unpackb(raw)
+            except Exception as exc:
+                raise StoreError(f"{self.path}: corrupt store_format record") from exc
+            if found != STORE_FORMAT:
+                raise StoreError(
+                    f"{self.path}: store format {found!r}, this version reads {STORE_FORMAT}"
+                )
+
+        self.write(check)
+
+    # -- transactions ---------------------------------------------------------------------
+
+    @contextmanager
+    def read(self) -> Iterator[lmdb.Transaction]:
+        """A short read-only transaction; never blocks on writers."""
+        self._ensure_open()
+        with self._gate.txn():
+            try:
+                txn = self.env.begin(write=False, buffers=False)
+            except lmdb.MapResizedError:
+                txn = None
+            if txn is None:
+                # Another process grew the map: adopt its size, then retry.
+                self._adopt_map_size()
+                txn = self.env.begin(write=False, buffers=False)
+            try:
+                yield txn
+            finally:
+                txn.abort()
+
+    def write(self, fn: Callable[[lmdb.Transaction], R]) -> R:
+        """Run `fn` in one write transaction and commit it; grows the map when full.
+
+        `fn` may run more than once (after a map resize), so it must only touch the
+        transaction. Errors leave the store exactly as it was.
+        """
+        self._ensure_open()
+        while True:
+            try:
+                with self._gate.txn():
+                    txn = self.env.begin(write=True)
+                    try:
+                        result = fn(txn)
+                    except BaseException:
+                        txn.abort()
+                        raise
+                    txn.commit()
+                return result
+            except lmdb.MapFullError:
+                self._grow()
+            except lmdb.MapResizedError:
+                self._adopt_map_size()
+            except lmdb.Error as exc:
+                raise self._classify(exc) from exc
+
+    def sync(self) -> None:
+        """Force everything committed so far onto the disk."""
+        self._ensure_open()
+        self.env.sync(True)
+
+    @property
+    def map_size(self) -> int:
+        """The current map size in bytes."""
+        return int(self.env.info()["map_size"])
+
+    def _grow(self) -> None:
+        current = self.map_size
+        target = current * 2
+        if self.max_map_size is not None:
+            if current >= self.max_map_size:
+                raise StoreFullError(
+                    f"store {self.path} is full: map size reached its ceiling of "
+                    f"{self.max_map_size} bytes (max_map_size); nothing from this write was applied"
+                )
+            target = min(target, self.max_map_size)
+        free = shutil.disk_usage(self.path).free
+        log.info("growing store map %s: %d -> %d bytes (%d free on disk)", self.path, current,
+                 target, free)
+        with self._gate.exclusive():
+            self.env.set_mapsize(target)
+
+    def _adopt_map_size(self) -> None:
+        with self._gate.exclusive():
+            self.env.set_mapsize(0)
+
+    def _classify(self, exc: lmdb.Error) -> StoreError:
+        text = str(exc)
+        code = getattr(exc, "errno", None)
+        full_codes = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+        # LMDB reports a short write (ENOSPC, EFBIG) at commit as EIO.
+        if code in full_codes or any(
+            s in text for s in ("No space left", "File too large", "Input/output error",
+                                "Disk quota")
+        ):
+            try:
+                free = shutil.disk_usage(self.path).free
+            except OSError:
+                free = -1
+            return StoreFullError(
+                f"cannot write to store {self.path}: the disk is full or failing ({text}; "
+                f"{free} bytes free); nothing from this write was applied"
+            )
+        return StoreError(f"store {self.path}: {text}")
+
+    def _call(self, fn: Callable[[], R]) -> R:
+        try:
+            return fn()
+        except lmdb.Error as exc:
+            raise self._classify(exc) from exc
+
+    def _ensure_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"store {self.path} is closed")
+
+    # -- engine lock ----------------------------------------------------------------------
+
+    def lock_engine(self) -> None:
+        """Claim this repo for the engine of this process (re-entrant within the process)."""
+        self._ensure_open()
+        if self._lock_fd is not None:
+            self._lock_users += 1
+            return
+        lock_path = self.path / "engine.lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StoreLockedError(
+                f"another engine (pid {holder}) is already running on {self.path}; "
+                "stop it first, or use the CLI, which works alongside it"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd
+        self._lock_users = 1
+
+    def unlock_engine(self) -> None:
+        """Release one claim taken with `lock_engine`."""
+        if self._lock_fd is None:
+            return
+        self._lock_users -= 1
+        if self._lock_users <= 0:
+            os.ftruncate(self._lock_fd, 0)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def engine_locked_elsewhere(self) -> bool:
+        """True if some other process holds the engine lock of this repo."""
+        if self._lock_fd is not None:
+            return False
+        try:
+            fd = os.open(self.path / "engine.lock", os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    @property
+    def committer(self) -> Committer:
+        """The group committer of this store (created on first use, bound to the running loop)."""
+        if self._committer is None:
+            from .commit import Committer
+
+            self._committer = Committer(self)
+        return self._committer
+
+    @property
+    def closed(self) -> bool:
+        """True once `close()` ran."""
+        return self._closed
+
+    def close(self) -> None:
+        """Close the environment and release the engine lock; pending group commits are lost."""
+        if self._closed:
+            return
+        if self._committer is not None:
+            self._committer.shutdown()
+        while self._lock_fd is not None:
+            self.unlock_engine()
+        self._closed = True
+        self.env.close()
+
+    async def aclose(self) -> None:
+        """Flush pending group commits, then close."""
+        if self._committer is not None and not self._closed:
+            await self._committer.flush()
+        self.close()
+
+    async def __aenter__(self) -> LmdbStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __enter__(self) -> LmdbStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"LmdbStore({str(self.path)!r}, durability={self.durability!r})"
