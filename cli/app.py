@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-import sectorfsm
+from .. import __version__
 
 app = typer.Typer(
     name="sectors",
@@ -16,14 +16,15 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        typer.echo(f"sectorfsm {sectorfsm.__version__}")
+        typer.echo(f"sectorfsm {__version__}")
         raise typer.Exit()
 
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                 help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     """Run and inspect Filecoin sector lifecycles (sectorfsm)."""
 

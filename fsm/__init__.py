@@ -31,6 +31,7 @@ from .group import Planner, StateGroup
 from .keys import MachineId
 from .machine import Context, MachineInfo, Step
 from .store import LmdbStore
+from .sync import SyncEngine, SyncGroup
 
 __all__ = [
     "Clock",
@@ -52,6 +53,8 @@ __all__ = [
     "StoreError",
     "StoreFullError",
     "StoreLockedError",
+    "SyncEngine",
+    "SyncGroup",
     "Terminated",
     "UnknownMachineError",
     "VirtualClock",

@@ -8,6 +8,7 @@ cost to a few dictionary operations.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import types
@@ -44,10 +45,8 @@ class _TypeCodecs:
         except (KeyError, TypeError):
             pass
         fn = self._compile_enc(tp)
-        try:
+        with contextlib.suppress(TypeError):  # unhashable type forms are compiled each time
             self._enc[tp] = fn
-        except TypeError:
-            pass
         return fn
 
     def decoder(self, tp: Any) -> Decoder:
@@ -57,10 +56,8 @@ class _TypeCodecs:
         except (KeyError, TypeError):
             pass
         fn = self._compile_dec(tp)
-        try:
+        with contextlib.suppress(TypeError):
             self._dec[tp] = fn
-        except TypeError:
-            pass
         return fn
 
     # -- compilation -------------------------------------------------------------------------
@@ -168,7 +165,9 @@ class _TypeCodecs:
 
         def dec(data: Any) -> Any:
             if not isinstance(data, dict):
-                raise RecordError(f"expected a mapping for {cls.__name__}, got {type(data).__name__}")
+                raise RecordError(
+                    f"expected a mapping for {cls.__name__}, got {type(data).__name__}"
+                )
             unknown = data.keys() - init_fields
             if unknown:
                 raise RecordError(f"unknown field(s) {sorted(unknown)} for {cls.__name__}")
@@ -189,7 +188,8 @@ _packb = msgpack.Packer(use_bin_type=True).pack
 
 def packb(obj: Any) -> bytes:
     """msgpack-encode `obj` (bin type for bytes, str for text)."""
-    return _packb(obj)
+    data: bytes = _packb(obj)
+    return data
 
 
 def unpackb(data: bytes) -> Any:
@@ -261,7 +261,8 @@ class RecordCodec(Generic[S]):
             raise TypeError(
                 f"{type(event).__name__} is not a registered event type of this group"
             ) from None
-        return _packb([self.schema_version, tag, enc(event)])
+        data: bytes = _packb([self.schema_version, tag, enc(event)])
+        return data
 
     def decode_event(self, data: bytes, what: str) -> object:
         """Decode an event record; `what` names the record in errors."""

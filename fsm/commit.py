@@ -61,6 +61,8 @@ class Committer:
         #: Figures for benchmarks: batches committed and units in them.
         self.batches_committed = 0
         self.units_committed = 0
+        #: LMDB transactions committed (one per batch in group mode, one per unit in sync mode).
+        self.transactions = 0
 
     # -- staging --------------------------------------------------------------------------
 
@@ -223,6 +225,7 @@ class Committer:
             try:
                 if ops:
                     self.store.write(apply)
+                    self.transactions += 1
                 results.append(None)
             except BaseException as exc:  # handed to the callers, never swallowed
                 results.append(exc)
@@ -254,8 +257,11 @@ class Committer:
         self.units_committed += len(units)
         if failed:
             self._backoff = min(max(self._backoff * 2, _BACKOFF_MIN), _BACKOFF_MAX)
-            log.error("commit failed; retrying staged work in %.2fs: %s", self._backoff,
-                      next(e for e in results if e is not None))
+            log.error(
+                "commit failed; retrying staged work in %.2fs: %s",
+                self._backoff,
+                next(e for e in results if e is not None),
+            )
         else:
             self._backoff = 0.0
         for listener in list(self._listeners):

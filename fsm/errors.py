@@ -7,7 +7,7 @@ class FsmError(Exception):
     """Base class of every error raised by `sectorfsm.fsm`."""
 
 
-class Terminated(Exception):  # noqa: N818 - mirrors go-statemachine's ErrTerminated
+class Terminated(Exception):
     """Raised by a planner to stop a machine for good; the state is persisted as final."""
 
 

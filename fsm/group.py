@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import traceback
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
 from .clock import Clock, RealClock
@@ -75,8 +75,9 @@ class StateGroup(Generic[S]):
         self.clock: Clock = clock or RealClock()
         self.poll_interval = poll_interval
         self._final = final
-        self._codec: RecordCodec[S] = RecordCodec(state_type, (*BUILTIN_EVENTS, *events),
-                                                  schema_version)
+        self._codec: RecordCodec[S] = RecordCodec(
+            state_type, (*BUILTIN_EVENTS, *events), schema_version
+        )
         self._creating = frozenset(creating)
         self._cancelling = frozenset(cancelling)
         for cls in (*self._creating, *self._cancelling):
@@ -204,8 +205,9 @@ class StateGroup(Generic[S]):
     def _is_idle(self) -> bool:
         if not self._running:
             return True
-        return (not self._dirty and self._steps == 0 and self._rounds == 0
-                and self.store.committer.idle)
+        return (
+            not self._dirty and self._steps == 0 and self._rounds == 0 and self.store.committer.idle
+        )
 
     def _notify(self) -> None:
         waiters, self._waiters = self._waiters, []
@@ -224,9 +226,10 @@ class StateGroup(Generic[S]):
         record = self._encode(initial_state, final, None)
         if not self._running:
             self._check_stoppable()
-            await asyncio.to_thread(self.store.write,
-                                    lambda txn: self._client_begin(txn, machine_id, key, record,
-                                                                   final))
+            await asyncio.to_thread(
+                self.store.write,
+                lambda txn: self._client_begin(txn, machine_id, key, record, final),
+            )
             return
         if machine_id in self._machines or self._stored(key):
             raise MachineExistsError(f"{self.name} machine {machine_id!r} already exists")
@@ -249,8 +252,9 @@ class StateGroup(Generic[S]):
         if not self._running:
             self._check_stoppable()
             raw = self._codec.encode_event(event)
-            await asyncio.to_thread(self.store.write,
-                                    lambda txn: self._client_send(txn, machine_id, event, raw))
+            await asyncio.to_thread(
+                self.store.write, lambda txn: self._client_send(txn, machine_id, event, raw)
+            )
             return
         committer = self.store.committer
         self._send_local(machine_id, event)
@@ -286,7 +290,7 @@ class StateGroup(Generic[S]):
 
     def list(
         self,
-        filter: Callable[[S], bool] | None = None,  # noqa: A002 - the documented name
+        filter: Callable[[S], bool] | None = None,
         *,
         start_after: MachineId | None = None,
         page_size: int = _PAGE,
@@ -413,14 +417,21 @@ class StateGroup(Generic[S]):
         except Terminated:
             step, processed, terminated = None, len(events), True
             if len(events) > 1:
-                log.warning("%s: machine %r terminated with %d events unplanned", self.name,
-                            m.id, len(events) - 1)
+                log.warning(
+                    "%s: machine %r terminated with %d events unplanned",
+                    self.name,
+                    m.id,
+                    len(events) - 1,
+                )
         except Exception as exc:
             self._plan_failed(m, events, exc)
             return
         if not isinstance(processed, int) or not 0 <= processed <= len(events):
-            self._plan_failed(m, events, ValueError(
-                f"planner returned processed={processed!r} for {len(events)} events"))
+            self._plan_failed(
+                m,
+                events,
+                ValueError(f"planner returned processed={processed!r} for {len(events)} events"),
+            )
             return
         if processed == 0 and step is None:
             # Nothing consumed and nothing to wait for: go-statemachine would spin here.
@@ -428,24 +439,27 @@ class StateGroup(Generic[S]):
             self._record_error(m, f"planner did not consume event {_describe(events[0])}")
         self._finish_round(m, step, processed, terminated)
 
-    def _plan_failed(self, m: Machine, events: list[object], exc: Exception) -> None:
+    def _plan_failed(self, m: Machine, events: Sequence[object], exc: Exception) -> None:
         # Undo whatever the planner mutated before raising.
         m.state = self._decode(m.record, m.id)[0]
         if len(events) > 1:
             # One event of the batch is bad: plan the first alone, so only the culprit is dropped.
             self._plan(m, limit=1)
             return
-        log.warning("%s: machine %r: planner rejected %s: %s", self.name, m.id,
-                    _describe(events[0]), exc)
-        self._record_error(m, f"planner rejected {_describe(events[0])}: "
-                              f"{type(exc).__name__}: {exc}")
+        log.warning(
+            "%s: machine %r: planner rejected %s: %s", self.name, m.id, _describe(events[0]), exc
+        )
+        self._record_error(
+            m, f"planner rejected {_describe(events[0])}: {type(exc).__name__}: {exc}"
+        )
         self._finish_round(m, None, 1, False)
 
     def _record_error(self, m: Machine, message: str) -> None:
         m.last_error = message[:_MAX_ERROR]
 
-    def _finish_round(self, m: Machine, step: Step | None, processed: int,
-                      terminated: bool) -> None:
+    def _finish_round(
+        self, m: Machine, step: Step | None, processed: int, terminated: bool
+    ) -> None:
         committer = self.store.committer
         for key, _, _ in m.pending[:processed]:
             if key is not None:
@@ -494,7 +508,7 @@ class StateGroup(Generic[S]):
             del self._machines[m.id]  # dormant: lives on disk only
 
     def _recover(self, m: Machine) -> None:
-        """A commit failed: rebuild the machine from disk, as after a crash, keeping newer events."""
+        """A commit failed: reload the machine from disk as after a crash, keeping newer events."""
         failed_batch = self.store.committer.batch_no
         # Entries staged after the failed batch was taken are still on their way to the disk.
         newer = [p for p in m.pending if p[2] >= failed_batch]
@@ -503,8 +517,9 @@ class StateGroup(Generic[S]):
         try:
             fresh = self._load(m.id)
         except (RecordError, StoreError) as exc:
-            log.error("%s: cannot reload machine %r after a failed commit: %s", self.name, m.id,
-                      exc)
+            log.error(
+                "%s: cannot reload machine %r after a failed commit: %s", self.name, m.id, exc
+            )
             return
         if fresh is None:
             return
@@ -536,9 +551,8 @@ class StateGroup(Generic[S]):
             log.warning("%s: machine %r: step failed: %s", self.name, m.id, message)
             self._record_error(m, f"step failed: {message}")
             if self._running and not self._stopping:
-                self._enqueue(m, StepFailed(message[:_MAX_ERROR], trace[-_MAX_ERROR:]),
-                              self._codec.encode_event(StepFailed(message[:_MAX_ERROR],
-                                                                  trace[-_MAX_ERROR:])))
+                failed = StepFailed(message[:_MAX_ERROR], trace[-_MAX_ERROR:])
+                self._enqueue(m, failed, self._codec.encode_event(failed))
         finally:
             m.task = None
             m.cancel_requested = False
@@ -553,8 +567,9 @@ class StateGroup(Generic[S]):
         if self.store.closed:
             raise StoreError(f"store {self.store.path} is closed")
 
-    def _client_begin(self, txn: Any, machine_id: MachineId, key: bytes, record: bytes,
-                      final: bool) -> None:
+    def _client_begin(
+        self, txn: Any, machine_id: MachineId, key: bytes, record: bytes, final: bool
+    ) -> None:
         if txn.get(key, db=self.store.db("states")) is not None:
             raise MachineExistsError(f"{self.name} machine {machine_id!r} already exists")
         txn.put(key, record, db=self.store.db("states"))
@@ -639,8 +654,9 @@ class StateGroup(Generic[S]):
         return f"{kind} of {self.name} machine {machine_id!r}"
 
     def _encode(self, state: S, final: bool, last_error: str | None) -> bytes:
-        return packb([self._codec.schema_version, final, last_error,
-                      self._codec.encode_state_fields(state)])
+        return packb(
+            [self._codec.schema_version, final, last_error, self._codec.encode_state_fields(state)]
+        )
 
     def _decode(self, raw: bytes, machine_id: MachineId) -> tuple[S, bool, str | None]:
         what = self._what(machine_id, "state record")
@@ -649,8 +665,10 @@ class StateGroup(Generic[S]):
         except Exception as exc:
             raise RecordError(f"{what} is corrupt ({exc})") from exc
         if version != self._codec.schema_version:
-            raise RecordError(f"{what} has schema version {version!r}, this code reads "
-                              f"{self._codec.schema_version}")
+            raise RecordError(
+                f"{what} has schema version {version!r}, this code reads "
+                f"{self._codec.schema_version}"
+            )
         try:
             state = self._codec.decode_state_fields(payload)
         except Exception as exc:

@@ -37,6 +37,10 @@ _MAX_DBS = 64
 _DEFAULT_MAP = 64 << 20
 R = TypeVar("R")
 
+# LMDB forbids opening one environment twice in a process (its locks would break).
+_OPEN_PATHS: set[str] = set()
+_OPEN_LOCK = threading.Lock()
+
 
 class _ResizeGate:
     """Lets many transactions run at once, but a map resize only when none is open.
@@ -113,8 +117,27 @@ class LmdbStore:
             raise StoreError(f"cannot create store directory {self.path}: {exc.strerror}") from exc
         if not os.access(self.path, os.W_OK | os.X_OK):
             raise StoreError(f"store directory {self.path} is not writable by this user")
+        self._real = os.path.realpath(self.path)
+        with _OPEN_LOCK:
+            if self._real in _OPEN_PATHS:
+                raise StoreError(
+                    f"store {self.path} is already open in this process; share that LmdbStore"
+                )
+            _OPEN_PATHS.add(self._real)
+        try:
+            self._open(map_size, max_map_size)
+        except BaseException:
+            env = getattr(self, "env", None)
+            if env is not None:
+                env.close()
+            self._closed = True
+            with _OPEN_LOCK:
+                _OPEN_PATHS.discard(self._real)
+            raise
+
+    def _open(self, map_size: int, max_map_size: int | None) -> None:
         initial = map_size if max_map_size is None else min(map_size, max_map_size)
-        sync = durability != "nosync"
+        sync = self.durability != "nosync"
         try:
             self.env = lmdb.open(
                 str(self.path),
@@ -129,8 +152,11 @@ class LmdbStore:
             )
         except lmdb.Error as exc:
             raise StoreError(f"cannot open store at {self.path}: {exc}") from exc
+        except OSError as exc:
+            raise StoreError(f"cannot open store at {self.path}: {exc.strerror}") from exc
         self._dbs: dict[str, Any] = {}
         self._db_lock = threading.Lock()
+        self._writing = threading.local()
         for name in CORE_DBS:
             self.db(name)
         self._check_format()
@@ -145,6 +171,12 @@ class LmdbStore:
         with self._db_lock:
             handle = self._dbs.get(name)
             if handle is None:
+                if getattr(self._writing, "active", False):
+                    # Opening a database needs its own write transaction: it would deadlock.
+                    raise StoreError(
+                        f"sub-database {name!r} must be opened (store.db) before the write "
+                        "transaction that uses it"
+                    )
                 if len(self._dbs) >= _MAX_DBS - 1:
                     raise StoreError(f"too many sub-databases (limit {_MAX_DBS - 1})")
                 handle = self._call(lambda: self.env.open_db(name.encode(), create=True))
@@ -154,7 +186,7 @@ class LmdbStore:
     def _check_format(self) -> None:
         from .codec import packb, unpackb
 
-        def check(txn: lmdb.Transaction) -> None:
+        def check(txn: Any) -> None:
             meta = self._dbs["meta"]
             raw = txn.get(b"store_format", db=meta)
             if raw is None:
@@ -174,8 +206,8 @@ class LmdbStore:
     # -- transactions ---------------------------------------------------------------------
 
     @contextmanager
-    def read(self) -> Iterator[lmdb.Transaction]:
-        """A short read-only transaction; never blocks on writers."""
+    def read(self) -> Iterator[Any]:
+        """A short read-only transaction (values as `bytes`); never blocks on writers."""
         self._ensure_open()
         with self._gate.txn():
             try:
@@ -191,7 +223,7 @@ class LmdbStore:
             finally:
                 txn.abort()
 
-    def write(self, fn: Callable[[lmdb.Transaction], R]) -> R:
+    def write(self, fn: Callable[[Any], R]) -> R:
         """Run `fn` in one write transaction and commit it; grows the map when full.
 
         `fn` may run more than once (after a map resize), so it must only touch the
@@ -202,11 +234,14 @@ class LmdbStore:
             try:
                 with self._gate.txn():
                     txn = self.env.begin(write=True)
+                    self._writing.active = True
                     try:
                         result = fn(txn)
                     except BaseException:
                         txn.abort()
                         raise
+                    finally:
+                        self._writing.active = False
                     txn.commit()
                 return result
             except lmdb.MapFullError:
@@ -237,8 +272,13 @@ class LmdbStore:
                 )
             target = min(target, self.max_map_size)
         free = shutil.disk_usage(self.path).free
-        log.info("growing store map %s: %d -> %d bytes (%d free on disk)", self.path, current,
-                 target, free)
+        log.info(
+            "growing store map %s: %d -> %d bytes (%d free on disk)",
+            self.path,
+            current,
+            target,
+            free,
+        )
         with self._gate.exclusive():
             self.env.set_mapsize(target)
 
@@ -252,8 +292,8 @@ class LmdbStore:
         full_codes = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
         # LMDB reports a short write (ENOSPC, EFBIG) at commit as EIO.
         if code in full_codes or any(
-            s in text for s in ("No space left", "File too large", "Input/output error",
-                                "Disk quota")
+            s in text
+            for s in ("No space left", "File too large", "Input/output error", "Disk quota")
         ):
             try:
                 free = shutil.disk_usage(self.path).free
@@ -352,6 +392,8 @@ class LmdbStore:
             self.unlock_engine()
         self._closed = True
         self.env.close()
+        with _OPEN_LOCK:
+            _OPEN_PATHS.discard(self._real)
 
     async def aclose(self) -> None:
         """Flush pending group commits, then close."""
