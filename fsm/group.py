@@ -618,7 +618,9 @@ class StateGroup(Generic[S]):
             if group != self.name:
                 continue
             try:
-                mid = split_id(key)[0]
+                if not isinstance(key, bytes) or not key.startswith(self._prefix):
+                    raise RecordError(f"mailbox entry {mkey!r} names a bad machine key")
+                mid = split_id(key, len(self._prefix))[0]
                 event = self._codec.decode_event(raw, self._what(mid, "mailbox event"))
                 m = self._machines.get(mid) or self._load(mid)
                 if m is None:

@@ -1,0 +1,240 @@
+"""Client writes through the mailbox, the clocks, and the record codec."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from fsmtoy import Add, Counter, Open, make_group
+
+from sectorfsm.fsm import (
+    LmdbStore,
+    MachineExistsError,
+    RealClock,
+    RecordCodec,
+    RecordError,
+    UnknownMachineError,
+    VirtualClock,
+)
+
+# -- mailbox: a not-started group is a client ----------------------------------------------
+
+
+def test_client_writes_wait_durably_for_the_next_engine(tmp_path: Path) -> None:
+    async def client() -> None:
+        async with LmdbStore(tmp_path) as store:
+            c = make_group(store)
+            await c.begin(1, Counter())
+            await c.send(1, Add(uid=1))
+            await c.send(2, Open())  # creating event: makes machine 2
+            with pytest.raises(UnknownMachineError):
+                await c.send(3, Add(uid=3))
+            with pytest.raises(MachineExistsError):
+                await c.begin(1, Counter())
+            info = c.info(1)
+            assert info is not None and info.state.applied == []  # not applied: no engine yet
+
+    async def engine() -> None:
+        async with LmdbStore(tmp_path) as store:
+            g = make_group(store)
+            await g.start()
+            await g.idle()
+            st1, st2 = g.get(1), g.get(2)
+            assert st1 is not None and st1.applied == [1]
+            assert st2 is not None and st2.state == "Idle"
+            assert not g.has(3)
+            with store.read() as txn:
+                assert txn.stat(store.db("mailbox"))["entries"] == 0
+            await g.stop()
+
+    asyncio.run(client())
+    asyncio.run(engine())
+
+
+def test_running_engine_picks_up_client_writes_within_a_second(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with LmdbStore(tmp_path) as store:
+            engine = make_group(store, poll_interval=0.1)
+            client = make_group(store)  # same name, never started: writes to the mailbox
+            await engine.start()
+            await engine.begin(1, Counter())
+            t0 = time.monotonic()
+            for uid in range(10):
+                await client.send(1, Add(uid=uid))
+            while True:
+                st = engine.get(1)
+                assert st is not None
+                if len(st.applied) == 10:
+                    break
+                assert time.monotonic() - t0 < 1.0, "engine did not pick the events up in 1 s"
+                await asyncio.sleep(0.02)
+            assert st.applied == list(range(10)), "mailbox order must be kept"
+            await engine.stop()
+
+    asyncio.run(main())
+
+
+# -- clocks ----------------------------------------------------------------------------------
+
+
+def test_virtual_clock_jumps_only_when_everything_waits() -> None:
+    clock = VirtualClock(start=0.0)
+    order: list[tuple[str, float]] = []
+
+    async def sleeper(name: str, seconds: float) -> None:
+        await clock.sleep(seconds)
+        order.append((name, clock.now()))
+
+    async def busy() -> None:
+        # Real work on the loop (many yields) must finish before time moves.
+        for _ in range(200):
+            await asyncio.sleep(0)
+        order.append(("busy", clock.now()))
+
+    async def main() -> None:
+        await asyncio.gather(sleeper("b", 7200), sleeper("a", 3600), busy(), sleeper("c", 3600))
+
+    t0 = time.monotonic()
+    asyncio.run(main())
+    assert time.monotonic() - t0 < 1.0
+    assert order == [("busy", 0.0), ("a", 3600.0), ("c", 3600.0), ("b", 7200.0)]
+
+
+def test_virtual_clock_waits_for_holds() -> None:
+    clock = VirtualClock(start=0.0)
+    seen: list[float] = []
+
+    async def main() -> None:
+        clock.hold()
+
+        async def later() -> None:
+            await clock.sleep(10)
+            seen.append(clock.now())
+
+        task = asyncio.create_task(later())
+        await asyncio.sleep(0.05)
+        assert seen == [] and clock.now() == 0.0, "time moved while the clock was held"
+        clock.release()
+        await task
+
+    asyncio.run(main())
+    assert seen == [10.0]
+
+
+def test_virtual_clock_manual_advance_and_cancelled_sleepers() -> None:
+    clock = VirtualClock(start=100.0, auto_advance=False)
+
+    async def main() -> None:
+        fired: list[str] = []
+
+        async def sleeper(name: str, s: float) -> None:
+            await clock.sleep(s)
+            fired.append(name)
+
+        a = asyncio.create_task(sleeper("a", 5))
+        b = asyncio.create_task(sleeper("b", 50))
+        await asyncio.sleep(0)
+        b.cancel()
+        clock.advance(10)
+        await asyncio.sleep(0)
+        await a
+        assert fired == ["a"] and clock.now() == 110.0
+        assert clock.pending_timers == 0
+
+    asyncio.run(main())
+
+
+def test_real_clock() -> None:
+    clock = RealClock()
+    assert abs(clock.now() - time.time()) < 1
+
+    async def main() -> float:
+        t0 = time.monotonic()
+        await clock.sleep(0.05)
+        return time.monotonic() - t0
+
+    assert asyncio.run(main()) >= 0.04
+
+
+# -- codec -----------------------------------------------------------------------------------
+
+
+class Color(enum.StrEnum):
+    RED = "Red"
+    BLUE = "Blue"
+
+
+@dataclass(slots=True)
+class Piece:
+    size: int
+    cid: str | None = None
+
+
+@dataclass(slots=True)
+class Rich:
+    color: Color = Color.RED
+    pieces: list[Piece] = field(default_factory=list)
+    by_name: dict[str, Piece] = field(default_factory=dict)
+    pair: tuple[int, str] = (0, "")
+    blob: bytes = b""
+    maybe: Piece | None = None
+    ratio: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Moved:
+    to: Color
+    piece: Piece
+
+
+def test_codec_round_trips_nested_types() -> None:
+    codec: RecordCodec[Rich] = RecordCodec(Rich, [Moved])
+    state = Rich(
+        Color.BLUE,
+        [Piece(2048, "baga"), Piece(4096)],
+        {"x": Piece(1)},
+        (3, "t"),
+        b"\x00\xff",
+        Piece(9),
+        1.0,
+    )
+    back = codec.decode_state_fields(codec.encode_state_fields(state))
+    assert back == state and isinstance(back.color, Color) and isinstance(back.pieces[0], Piece)
+    assert isinstance(back.ratio, float)
+    ev = Moved(Color.RED, Piece(5, "c"))
+    assert codec.decode_event(codec.encode_event(ev), "test") == ev
+
+
+def test_codec_errors_name_the_record() -> None:
+    codec: RecordCodec[Rich] = RecordCodec(Rich, [Moved])
+    with pytest.raises(RecordError, match="rec 1: corrupt event record"):
+        codec.decode_event(b"\xc1\xc1", "rec 1")
+    with pytest.raises(RecordError, match="rec 2: unknown event type 'Nope'"):
+        from sectorfsm.fsm.codec import packb
+
+        codec.decode_event(packb([1, "Nope", {}]), "rec 2")
+    with pytest.raises(RecordError, match="rec 3: event schema version 9"):
+        codec.decode_event(packb([9, "Moved", {}]), "rec 3")
+    with pytest.raises(RecordError, match="rec 4: cannot rebuild event Moved"):
+        codec.decode_event(packb([1, "Moved", {"to": "Green", "piece": {"size": 1}}]), "rec 4")
+    with pytest.raises(TypeError, match="not a registered event type"):
+        codec.encode_event(Piece(1))
+
+
+def test_codec_rejects_unsupported_types() -> None:
+    @dataclass
+    class Opaque:
+        when: object = None
+
+    @dataclass
+    class Ambiguous:
+        either: int | Piece = 0
+
+    with pytest.raises(TypeError, match="not supported by the msgpack record codec"):
+        RecordCodec(Opaque, [])
+    with pytest.raises(TypeError, match="unions of non-primitive types are not encodable"):
+        RecordCodec(Ambiguous, [])
