@@ -92,11 +92,16 @@ def apply_advance(state: SectorState, event: Advance) -> None:
 class ChainWorkload:
     """Planner + step: each machine sends itself `Advance` until it made `k` transitions."""
 
-    def __init__(self, k: int) -> None:
+    def __init__(self, k: int, plain_steps: bool = False) -> None:
         self.k = k
         self.applied = 0
+        self.next: Step = self.plain_step if plain_steps else self.step
 
     async def step(self, ctx: Context, state: SectorState) -> None:
+        ctx.send(Advance(state.n + 1))
+
+    def plain_step(self, ctx: Context, state: SectorState) -> None:
+        """The same step as a plain function: the engine runs it inline, without a Task."""
         ctx.send(Advance(state.n + 1))
 
     def planner(self, events: list[Any], state: SectorState) -> tuple[Step | None, int]:
@@ -104,7 +109,7 @@ class ChainWorkload:
             if isinstance(event, Advance):
                 apply_advance(state, event)
                 self.applied += 1
-        return (self.step if state.n < self.k else None), len(events)
+        return (self.next if state.n < self.k else None), len(events)
 
 
 class RestartWorkload:
@@ -212,9 +217,16 @@ class EngineRun:
         return self.transitions / max(1, self.batches)
 
 
-async def _engine_run(path: Path, durability: Durability, machines: int, k: int) -> EngineRun:
+async def _engine_run(
+    path: Path,
+    durability: Durability,
+    machines: int,
+    k: int,
+    plain_steps: bool = False,
+    gc_freeze: bool = False,
+) -> EngineRun:
     store = LmdbStore(path, durability)
-    workload = ChainWorkload(k)
+    workload = ChainWorkload(k, plain_steps)
     group = StateGroup(store, GROUP, workload.planner, SectorState, events=[Advance])
     await group.start()
     try:
@@ -225,6 +237,8 @@ async def _engine_run(path: Path, durability: Durability, machines: int, k: int)
         begin_s = time.perf_counter() - t
         committer = store.committer
         gc.collect()
+        if gc_freeze:
+            gc.freeze()  # what a long-running host does after start-up
         batches0 = committer.batches_committed
         txns0 = int(getattr(committer, "transactions", committer.units_committed))
         t0 = time.perf_counter()
@@ -242,13 +256,22 @@ async def _engine_run(path: Path, durability: Durability, machines: int, k: int)
             if got is None or got.n != k:
                 raise RuntimeError(f"machine {i} persisted {got!r}, expected n={k}")
     finally:
+        if gc_freeze:
+            gc.unfreeze()
         await group.stop()
         await store.aclose()
     return EngineRun(durability, machines, k, expected, elapsed, begin_s, batches, txns)
 
 
-def engine_run(path: Path, durability: Durability, machines: int, k: int) -> EngineRun:
-    return asyncio.run(_engine_run(path, durability, machines, k))
+def engine_run(
+    path: Path,
+    durability: Durability,
+    machines: int,
+    k: int,
+    plain_steps: bool = False,
+    gc_freeze: bool = False,
+) -> EngineRun:
+    return asyncio.run(_engine_run(path, durability, machines, k, plain_steps, gc_freeze))
 
 
 # -- 2. raw LMDB baseline -----------------------------------------------------------------------
@@ -311,7 +334,7 @@ def raw_lmdb_run(path: Path, machines: int, transitions: int, batch: int) -> flo
     return transitions / elapsed
 
 
-# -- 5./6. restart and memory -------------------------------------------------------------------
+# -- 4./5. restart and memory --------------------------------------------------------------------
 
 
 def build_store(path: Path, sectors: int, live: int) -> float:
@@ -446,7 +469,7 @@ FULL = Config(
     quick=False,
     machines=10_000,
     k=30,
-    reps=3,
+    reps=5,
     sync_machines=200,
     sync_k=20,
     sync_reps=3,
@@ -458,11 +481,11 @@ FULL = Config(
 QUICK = Config(
     quick=True,
     machines=10_000,
-    k=6,
-    reps=2,
+    k=10,
+    reps=3,
     sync_machines=100,
     sync_k=10,
-    sync_reps=1,
+    sync_reps=2,
     restart_sectors=1_000_000,
     small_sectors=100_000,
     live=1_000,
@@ -486,11 +509,32 @@ def throughput_phase(
         raw = raw_lmdb_run(base / f"raw-{durability}-{rep}", machines, run.transitions, batch)
         log(
             f"{durability} rep {rep + 1}/{reps}: engine {run.tps:,.0f} tps "
-            f"({run.transitions:,} transitions in {run.elapsed_s:.2f}s, {run.batches} commits, "
-            f"{run.per_commit:,.0f}/commit; begin {run.begin_s:.2f}s), raw {raw:,.0f} tps "
+            f"({run.transitions:,} transitions in {run.elapsed_s:.2f}s, {run.batches} batches, "
+            f"{run.transactions} txns; begin {run.begin_s:.2f}s), raw {raw:,.0f} tps "
             f"at {batch:,}/commit, ratio {run.tps / raw:.3f}"
         )
         out.append((run, raw))
+    return out
+
+
+def variant_phase(base: Path, cfg: Config) -> dict[str, Any]:
+    """Where the time goes: plain-function steps (no Task) and `gc.freeze()` after start-up.
+
+    Each variant is one engine run paired with a raw run of its own batch size.
+    """
+    out: dict[str, Any] = {}
+    for name, plain, frozen in (
+        ("plain_steps", True, False),
+        ("async_gc_frozen", False, True),
+        ("plain_gc_frozen", True, True),
+    ):
+        run = engine_run(base / f"engine-{name}", "group", cfg.machines, cfg.k, plain, frozen)
+        raw = raw_lmdb_run(
+            base / f"raw-{name}", cfg.machines, run.transitions, max(1, round(run.per_commit))
+        )
+        log(f"variant {name}: engine {run.tps:,.0f} tps, raw {raw:,.0f}, ratio {run.tps / raw:.3f}")
+        out[f"ratio_{name}"] = round(run.tps / raw, 4)
+        out[f"engine_tps_{name}"] = round(run.tps)
     return out
 
 
@@ -504,6 +548,7 @@ def bench(cfg: Config) -> dict[str, Any]:
         sync_runs = throughput_phase(
             base, "sync", cfg.sync_machines, cfg.sync_k, cfg.sync_reps, lambda r: 1
         )
+        variants = variant_phase(base, cfg)
         small = restart_phase(base, cfg.small_sectors, cfg.live, cfg.warm_runs)
         big = restart_phase(base, cfg.restart_sectors, cfg.live, cfg.warm_runs)
     finally:
@@ -530,6 +575,7 @@ def bench(cfg: Config) -> dict[str, Any]:
         "engine_group_k": cfg.k,
         "engine_group_transitions": last.transitions,
         "engine_begin_s": round(median([r.begin_s for r, _ in group_runs]), 3),
+        **variants,
         "engine_sync_tps": round(sync_tps),
         "raw_lmdb_sync_tps": round(raw_sync_tps),
         "ratio_sync_vs_raw_lmdb": round(sync_tps / raw_sync_tps, 4),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import operator
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -145,34 +146,43 @@ class _TypeCodecs:
 
     def _dataclass_enc(self, cls: type) -> Encoder:
         hints = typing.get_type_hints(cls)
-        fields = [f.name for f in dataclasses.fields(cls)]
-        plain = [n for n in fields if self.encoder(hints[n]) is _identity]
-        converted = [(n, self.encoder(hints[n])) for n in fields if n not in plain]
+        fields = tuple(f.name for f in dataclasses.fields(cls))
+        convs = [(i, self.encoder(hints[n])) for i, n in enumerate(fields)]
+        converted = [(fields[i], e) for i, e in convs if e is not _identity]
+        if not fields:
+            return lambda obj: {}
+        getter = operator.attrgetter(*fields)
+        if len(fields) == 1:
+            name = fields[0]
+            only = self.encoder(hints[name])
+            return lambda obj: {name: only(getattr(obj, name))}
 
         def enc(obj: Any) -> dict[str, Any]:
-            out = {n: getattr(obj, n) for n in plain}
+            out = dict(zip(fields, getter(obj), strict=True))
             for n, e in converted:
-                out[n] = e(getattr(obj, n))
+                out[n] = e(out[n])
             return out
 
         return enc
 
     def _dataclass_dec(self, cls: type) -> Decoder:
         hints = typing.get_type_hints(cls)
-        init_fields = {f.name for f in dataclasses.fields(cls) if f.init}
+        init_fields = frozenset(f.name for f in dataclasses.fields(cls) if f.init)
         decs = {n: self.decoder(hints[n]) for n in init_fields}
-        converted = {n: d for n, d in decs.items() if d is not _identity}
+        converted_items = tuple((n, d) for n, d in decs.items() if d is not _identity)
 
         def dec(data: Any) -> Any:
             if not isinstance(data, dict):
                 raise RecordError(
                     f"expected a mapping for {cls.__name__}, got {type(data).__name__}"
                 )
-            unknown = data.keys() - init_fields
-            if unknown:
-                raise RecordError(f"unknown field(s) {sorted(unknown)} for {cls.__name__}")
-            if converted:
-                data = {k: (converted[k](v) if k in converted else v) for k, v in data.items()}
+            if not init_fields.issuperset(data):
+                unknown = sorted(data.keys() - init_fields)
+                raise RecordError(f"unknown field(s) {unknown} for {cls.__name__}")
+            # `data` comes fresh from msgpack, so converting in place is safe.
+            for name, conv in converted_items:
+                if name in data:
+                    data[name] = conv(data[name])
             return cls(**data)
 
         return dec

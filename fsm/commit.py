@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sectorfsm.fsm.commit")
 
-CommitCallback = Callable[[BaseException | None], None]
+CommitCallback = Callable[..., None]
+#: A staged value: bytes, or `(encode, obj)` encoded only if the write survives elision.
+Value = bytes | tuple[Callable[[Any], bytes], Any]
 _BACKOFF_MIN = 0.05
 _BACKOFF_MAX = 5.0
 
@@ -30,9 +32,9 @@ class _Unit:
     __slots__ = ("callbacks", "fresh", "future", "ops")
 
     def __init__(self) -> None:
-        self.ops: dict[tuple[str, bytes], bytes | None] = {}
+        self.ops: dict[tuple[str, bytes], Value | None] = {}
         self.fresh: set[tuple[str, bytes]] = set()
-        self.callbacks: list[CommitCallback] = []
+        self.callbacks: list[tuple[CommitCallback, tuple[Any, ...]]] = []
         self.future: asyncio.Future[None] | None = None
 
     def empty(self) -> bool:
@@ -66,14 +68,19 @@ class Committer:
 
     # -- staging --------------------------------------------------------------------------
 
-    def put(self, db: str, key: bytes, value: bytes, *, fresh: bool = False) -> None:
-        """Stage a put; `fresh` promises the key is not in the store yet (enables elision)."""
+    def put(self, db: str, key: bytes, value: Value, *, fresh: bool = False) -> None:
+        """Stage a put; `fresh` promises the key is not in the store yet (enables elision).
+
+        `value` may be `(encode, obj)`: it is encoded at commit time, and never if a delete of
+        the same key in the same transaction cancels the put.
+        """
         unit = self._units[-1]
         k = (db, key)
         unit.ops[k] = value
         if fresh:
             unit.fresh.add(k)
-        self._request()
+        if not self._scheduled:
+            self._request()
 
     def delete(self, db: str, key: bytes) -> None:
         """Stage a delete; a fresh put of the same key in this unit cancels out."""
@@ -84,12 +91,14 @@ class Committer:
             del unit.ops[k]
         else:
             unit.ops[k] = None
-        self._request()
+        if not self._scheduled:
+            self._request()
 
-    def on_commit(self, callback: CommitCallback) -> None:
-        """Call `callback(error_or_None)` once the current unit is committed (or failed)."""
-        self._units[-1].callbacks.append(callback)
-        self._request()
+    def on_commit(self, callback: CommitCallback, *args: Any) -> None:
+        """Call `callback(*args, error_or_None)` once the current unit is committed (or failed)."""
+        self._units[-1].callbacks.append((callback, args))
+        if not self._scheduled:
+            self._request()
 
     def waiter(self) -> asyncio.Future[None]:
         """A future resolved when the current unit is durable (or failed with the error)."""
@@ -215,10 +224,12 @@ class Committer:
         results: list[BaseException | None] = []
         for ops in (u.ops for u in units):
 
-            def apply(txn: Any, ops: dict[tuple[str, bytes], bytes | None] = ops) -> None:
+            def apply(txn: Any, ops: dict[tuple[str, bytes], Value | None] = ops) -> None:
                 for (db, key), value in ops.items():
                     if value is None:
                         txn.delete(key, db=dbs[db])
+                    elif type(value) is tuple:
+                        txn.put(key, value[0](value[1]), db=dbs[db])
                     else:
                         txn.put(key, value, db=dbs[db])
 
@@ -248,9 +259,9 @@ class Committer:
                     unit.future.set_result(None)
                 else:
                     unit.future.set_exception(err)
-            for cb in unit.callbacks:
+            for cb, args in unit.callbacks:
                 try:
-                    cb(err)
+                    cb(*args, err)
                 except Exception:
                     log.exception("commit callback failed")
         self.batches_committed += 1

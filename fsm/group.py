@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
 from .clock import Clock, RealClock
 from .codec import RecordCodec, packb, unpackb
+from .commit import Committer
 from .errors import (
     GroupStoppedError,
     MachineExistsError,
@@ -69,6 +71,7 @@ class StateGroup(Generic[S]):
         if not name or "\x00" in name or len(name) > 64:
             raise ValueError("group names are 1-64 characters without NUL")
         self.store = store
+        self._committer: Committer = store.committer
         self.name = name
         self.planner = planner
         self.state_type = state_type
@@ -78,6 +81,7 @@ class StateGroup(Generic[S]):
         self._codec: RecordCodec[S] = RecordCodec(
             state_type, (*BUILTIN_EVENTS, *events), schema_version
         )
+        self._event_types = frozenset((*BUILTIN_EVENTS, *events))
         self._creating = frozenset(creating)
         self._cancelling = frozenset(cancelling)
         for cls in (*self._creating, *self._cancelling):
@@ -114,7 +118,7 @@ class StateGroup(Generic[S]):
         except BaseException:
             self.store.unlock_engine()
             raise
-        committer = self.store.committer
+        committer = self._committer
         committer.add_hook(self._plan_dirty)
         committer.add_listener(self._notify)
         committer.add_clock(self.clock)
@@ -182,7 +186,7 @@ class StateGroup(Generic[S]):
                 m.task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._running = False
-        committer = self.store.committer
+        committer = self._committer
         committer.remove_hook(self._plan_dirty)
         try:
             await committer.flush()
@@ -205,9 +209,7 @@ class StateGroup(Generic[S]):
     def _is_idle(self) -> bool:
         if not self._running:
             return True
-        return (
-            not self._dirty and self._steps == 0 and self._rounds == 0 and self.store.committer.idle
-        )
+        return not self._dirty and self._steps == 0 and self._rounds == 0 and self._committer.idle
 
     def _notify(self) -> None:
         waiters, self._waiters = self._waiters, []
@@ -237,11 +239,11 @@ class StateGroup(Generic[S]):
         m.final = final
         m.committed = b""
         self._machines[machine_id] = m
-        committer = self.store.committer
+        committer = self._committer
         committer.put("states", key, record, fresh=True)
         if not final:
             committer.put("live", key, b"", fresh=True)
-        committer.on_commit(lambda err: self._begun(m, err))
+        committer.on_commit(self._begun, m)
         waiter = committer.waiter()
         committer.end_unit()
         await waiter
@@ -256,7 +258,7 @@ class StateGroup(Generic[S]):
                 self.store.write, lambda txn: self._client_send(txn, machine_id, event, raw)
             )
             return
-        committer = self.store.committer
+        committer = self._committer
         self._send_local(machine_id, event)
         waiter = committer.waiter()
         committer.end_unit()
@@ -340,7 +342,8 @@ class StateGroup(Generic[S]):
     def _send_local(self, machine_id: MachineId, event: object) -> None:
         if not self._running or self._stopping:
             raise GroupStoppedError(f"group {self.name!r} is not running")
-        raw = self._codec.encode_event(event)
+        if type(event) not in self._event_types:
+            self._codec.event_tag(event)  # raises a TypeError naming the foreign event type
         m = self._machines.get(machine_id)
         if m is None:
             m = self._load(machine_id)
@@ -348,13 +351,15 @@ class StateGroup(Generic[S]):
                 if type(event) not in self._creating:
                     raise UnknownMachineError(f"{self.name} has no machine {machine_id!r}")
                 m = self._create(machine_id)
-        self._enqueue(m, event, raw)
+        self._enqueue(m, event)
 
-    def _enqueue(self, m: Machine, event: object, raw: bytes) -> None:
+    def _enqueue(self, m: Machine, event: object, raw: bytes | None = None) -> None:
         self._seq += 1
-        key = m.key + seq_key(self._seq)
-        committer = self.store.committer
-        committer.put("inbox", key, raw, fresh=True)
+        key = m.key + self._seq.to_bytes(8, "big")
+        committer = self._committer
+        # Encoded at commit time, and only if the event is not consumed in the same commit.
+        value = raw if raw is not None else (self._codec.encode_event, event)
+        committer.put("inbox", key, value, fresh=True)
         m.pending.append((key, event, committer.batch_no))
         if type(event) in self._cancelling and m.task is not None:
             m.cancel_requested = True
@@ -371,11 +376,11 @@ class StateGroup(Generic[S]):
         m.final = final
         m.committed = b""
         self._machines[machine_id] = m
-        committer = self.store.committer
+        committer = self._committer
         committer.put("states", key, record, fresh=True)
         if not final:
             committer.put("live", key, b"", fresh=True)
-        committer.on_commit(lambda err: self._begun(m, err))
+        committer.on_commit(self._begun, m)
         return m
 
     def _begun(self, m: Machine, err: BaseException | None) -> None:
@@ -460,7 +465,7 @@ class StateGroup(Generic[S]):
     def _finish_round(
         self, m: Machine, step: Step | None, processed: int, terminated: bool
     ) -> None:
-        committer = self.store.committer
+        committer = self._committer
         for key, _, _ in m.pending[:processed]:
             if key is not None:
                 committer.delete("inbox", key)
@@ -478,7 +483,7 @@ class StateGroup(Generic[S]):
                 committer.put("live", m.key, b"")
         m.planning = True
         self._rounds += 1
-        committer.on_commit(lambda err: self._round_committed(m, step, err))
+        committer.on_commit(self._round_committed, m, step)
         committer.end_unit()
 
     def _round_committed(self, m: Machine, step: Step | None, err: BaseException | None) -> None:
@@ -491,25 +496,39 @@ class StateGroup(Generic[S]):
             return
         m.committed = m.record
         if step is not None and self._running and not self._stopping:
-            copy = self._decode(m.record, m.id)[0]
-            if m.ctx is None:
-                m.ctx = Context(self, m)
-            m.cancel_requested = False
-            self._steps += 1
-            m.task = asyncio.get_running_loop().create_task(self._run_step(m, step, copy))
+            self._start_step(m, step)
         else:
             self._settle(m)
+
+    def _start_step(self, m: Machine, step: Step) -> None:
+        # A deep copy, so nothing the step does to it can leak into the persisted state.
+        copy = self._decode(m.record, m.id)[0]
+        if m.ctx is None:
+            m.ctx = Context(self, m)
+        m.cancel_requested = False
+        try:
+            pending = step(m.ctx, copy)
+        except Exception as exc:  # a plain-function step failed inline
+            self._step_failed(m, exc)
+            self._settle(m)
+            return
+        if pending is None:
+            # A plain-function step finished inline: no Task needed.
+            self._settle(m)
+            return
+        self._steps += 1
+        m.task = _new_task(self._run_step(m, pending))
 
     def _settle(self, m: Machine) -> None:
         if m.pending:
             self._dirty[m.id] = m
-            self.store.committer.request_flush()
+            self._committer.request_flush()
         elif m.final and not m.busy:
             del self._machines[m.id]  # dormant: lives on disk only
 
     def _recover(self, m: Machine) -> None:
         """A commit failed: reload the machine from disk as after a crash, keeping newer events."""
-        failed_batch = self.store.committer.batch_no
+        failed_batch = self._committer.batch_no
         # Entries staged after the failed batch was taken are still on their way to the disk.
         newer = [p for p in m.pending if p[2] >= failed_batch]
         del self._machines[m.id]
@@ -536,23 +555,24 @@ class StateGroup(Generic[S]):
         if not fresh.final:
             fresh.pending.append((None, Restart(), 0))
         self._dirty[m.id] = fresh
-        self.store.committer.request_flush()
+        self._committer.request_flush()
 
-    async def _run_step(self, m: Machine, step: Step, state_copy: S) -> None:
-        assert m.ctx is not None
+    def _step_failed(self, m: Machine, exc: BaseException) -> None:
+        trace = "".join(traceback.format_exception(exc))
+        message = f"{type(exc).__name__}: {exc}"
+        log.warning("%s: machine %r: step failed: %s", self.name, m.id, message)
+        self._record_error(m, f"step failed: {message}")
+        if self._running and not self._stopping:
+            self._enqueue(m, StepFailed(message[:_MAX_ERROR], trace[-_MAX_ERROR:]))
+
+    async def _run_step(self, m: Machine, pending: Awaitable[None]) -> None:
         try:
-            await step(m.ctx, state_copy)
+            await pending
         except asyncio.CancelledError:
             if not m.cancel_requested:
                 raise
         except Exception as exc:
-            trace = "".join(traceback.format_exception(exc))
-            message = f"{type(exc).__name__}: {exc}"
-            log.warning("%s: machine %r: step failed: %s", self.name, m.id, message)
-            self._record_error(m, f"step failed: {message}")
-            if self._running and not self._stopping:
-                failed = StepFailed(message[:_MAX_ERROR], trace[-_MAX_ERROR:])
-                self._enqueue(m, failed, self._codec.encode_event(failed))
+            self._step_failed(m, exc)
         finally:
             m.task = None
             m.cancel_requested = False
@@ -607,7 +627,7 @@ class StateGroup(Generic[S]):
             for mkey, value in txn.cursor(db=mailbox):
                 if mkey not in self._ingesting:
                     entries.append((mkey, value))
-        committer = self.store.committer
+        committer = self._committer
         taken: list[bytes] = []
         for mkey, value in entries:
             try:
@@ -638,7 +658,7 @@ class StateGroup(Generic[S]):
 
     def _quarantine(self, db: str, key: bytes, raw: bytes, why: str) -> None:
         log.error("%s: moving unreadable %s record %r to quarantine: %s", self.name, db, key, why)
-        committer = self.store.committer
+        committer = self._committer
         committer.put("quarantine", db.encode() + b"/" + key, packb([why, raw]))
         committer.delete(db, key)
         committer.end_unit()
@@ -661,21 +681,34 @@ class StateGroup(Generic[S]):
         )
 
     def _decode(self, raw: bytes, machine_id: MachineId) -> tuple[S, bool, str | None]:
-        what = self._what(machine_id, "state record")
         try:
             version, final, last_error, payload = unpackb(raw)
         except Exception as exc:
+            what = self._what(machine_id, "state record")
             raise RecordError(f"{what} is corrupt ({exc})") from exc
         if version != self._codec.schema_version:
             raise RecordError(
-                f"{what} has schema version {version!r}, this code reads "
-                f"{self._codec.schema_version}"
+                f"{self._what(machine_id, 'state record')} has schema version {version!r}, "
+                f"this code reads {self._codec.schema_version}"
             )
         try:
             state = self._codec.decode_state_fields(payload)
         except Exception as exc:
+            what = self._what(machine_id, "state record")
             raise RecordError(f"{what} cannot be read: {exc}") from exc
         return state, bool(final), last_error
+
+
+if sys.version_info >= (3, 12):
+
+    def _new_task(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        # Eager start: a step that finishes without waiting never goes through the loop.
+        return asyncio.Task(coro, loop=asyncio.get_running_loop(), eager_start=True)
+
+else:
+
+    def _new_task(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        return asyncio.get_running_loop().create_task(coro)
 
 
 def _describe(event: object) -> str:

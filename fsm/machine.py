@@ -48,7 +48,9 @@ class Context:
         self._group._send_local(self._machine.id, event)
 
 
-Step = Callable[[Context, Any], Awaitable[None]]
+#: A step: `async def step(ctx, state_copy)`, or a plain function for work that never waits
+#: (the engine then runs it inline, without creating a Task).
+Step = Callable[[Context, Any], Awaitable[None] | None]
 
 
 class Machine:

@@ -16,14 +16,12 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import lmdb
 
+from .commit import Committer
 from .errors import StoreError, StoreFullError, StoreLockedError
-
-if TYPE_CHECKING:
-    from .commit import Committer
 
 log = logging.getLogger("sectorfsm.fsm.store")
 
@@ -110,7 +108,8 @@ class LmdbStore:
         self._lock_fd: int | None = None
         self._lock_users = 0
         self._closed = False
-        self._committer: Committer | None = None
+        #: Stages and group-commits writes for the engine (binds to an event loop on first use).
+        self.committer = Committer(self)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -369,15 +368,6 @@ class LmdbStore:
     # -- lifecycle ------------------------------------------------------------------------
 
     @property
-    def committer(self) -> Committer:
-        """The group committer of this store (created on first use, bound to the running loop)."""
-        if self._committer is None:
-            from .commit import Committer
-
-            self._committer = Committer(self)
-        return self._committer
-
-    @property
     def closed(self) -> bool:
         """True once `close()` ran."""
         return self._closed
@@ -386,8 +376,7 @@ class LmdbStore:
         """Close the environment and release the engine lock; pending group commits are lost."""
         if self._closed:
             return
-        if self._committer is not None:
-            self._committer.shutdown()
+        self.committer.shutdown()
         while self._lock_fd is not None:
             self.unlock_engine()
         self._closed = True
@@ -397,8 +386,8 @@ class LmdbStore:
 
     async def aclose(self) -> None:
         """Flush pending group commits, then close."""
-        if self._committer is not None and not self._closed:
-            await self._committer.flush()
+        if not self._closed:
+            await self.committer.flush()
         self.close()
 
     async def __aenter__(self) -> LmdbStore:

@@ -29,6 +29,7 @@ from sectorfsm.fsm import (
     LmdbStore,
     MachineExistsError,
     StateGroup,
+    StepFailed,
     UnknownMachineError,
     VirtualClock,
 )
@@ -470,3 +471,44 @@ def test_ten_thousand_concurrent_machines(tmp_path: Path) -> None:
 def test_done_is_a_plain_event() -> None:
     # Guards the toy domain itself: Done carries no fields, so it encodes to an empty map.
     assert Done() == Done()
+
+
+def test_plain_function_steps_run_inline(tmp_path: Path) -> None:
+    """A step may be a plain function: it runs inline after the commit, without a Task."""
+    seen: list[int] = []
+
+    def step(ctx: Any, st: Counter) -> None:
+        seen.append(st.total)
+        if st.total < 3:
+            ctx.send(Add(uid=st.total + 1))
+        elif st.total == 3:
+            raise RuntimeError("plain step broke")
+
+    def planner(events: list[Any], st: Counter) -> tuple[Any, int]:
+        for ev in events:
+            if isinstance(ev, Add):
+                st.total += 1
+                st.applied.append(ev.uid)
+            elif isinstance(ev, StepFailed):
+                st.failures.append(ev.error)
+                return None, len(events)
+        return step, len(events)
+
+    async def main() -> None:
+        async with LmdbStore(tmp_path) as store:
+            g = StateGroup(store, "plain", planner, Counter, events=[Add])
+            await g.start()
+            await g.begin(1, Counter())
+            tasks_before = len(asyncio.all_tasks())
+            await g.send(1, Add(uid=1))
+            await g.idle()
+            assert len(asyncio.all_tasks()) == tasks_before
+            info = g.info(1)
+            assert info is not None
+            assert info.state.applied == [1, 2, 3]
+            assert info.state.failures == ["RuntimeError: plain step broke"]
+            assert info.last_error == "step failed: RuntimeError: plain step broke"
+            await g.stop()
+
+    run(main)
+    assert seen == [1, 2, 3]
