@@ -20,6 +20,7 @@ whichever process runs the engine picks them up within `poll_interval` seconds.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import sys
 import traceback
@@ -246,7 +247,9 @@ class StateGroup(Generic[S]):
         committer.on_commit(self._begun, m)
         waiter = committer.waiter()
         committer.end_unit()
-        await waiter
+        # Shielded: the future is shared by every write of the batch, so one caller's
+        # cancellation must not cancel it for the others.
+        await asyncio.shield(waiter)
 
     async def send(self, machine_id: MachineId, event: object) -> None:
         """Deliver `event` to a machine; returns once the event is durable."""
@@ -262,7 +265,9 @@ class StateGroup(Generic[S]):
         self._send_local(machine_id, event)
         waiter = committer.waiter()
         committer.end_unit()
-        await waiter
+        # Shielded: the future is shared by every write of the batch, so one caller's
+        # cancellation must not cancel it for the others.
+        await asyncio.shield(waiter)
 
     def get(self, machine_id: MachineId) -> S | None:
         """The persisted state of a machine, or None if it does not exist."""
@@ -407,8 +412,8 @@ class StateGroup(Generic[S]):
         return m
 
     def _plan_dirty(self) -> None:
-        if not self._running:
-            return
+        if not self._running or self._stopping:
+            return  # what is pending stays in the inbox for the next start
         dirty, self._dirty = self._dirty, {}
         for m in dirty.values():
             if not m.busy and m.pending and self._machines.get(m.id) is m:
@@ -517,7 +522,11 @@ class StateGroup(Generic[S]):
             self._settle(m)
             return
         self._steps += 1
-        m.task = _new_task(self._run_step(m, pending))
+        task = _new_task(self._run_step(m, pending))
+        m.task = task
+        # Clean up in a done-callback: a task cancelled before it first ran never executes
+        # its coroutine, so a `finally` inside it would never run.
+        task.add_done_callback(lambda t: self._step_done(m, t, pending))
 
     def _settle(self, m: Machine) -> None:
         if m.pending:
@@ -573,13 +582,17 @@ class StateGroup(Generic[S]):
                 raise
         except Exception as exc:
             self._step_failed(m, exc)
-        finally:
+
+    def _step_done(self, m: Machine, task: asyncio.Task[None], pending: Awaitable[None]) -> None:
+        if inspect.iscoroutine(pending):
+            pending.close()  # no-op if it ran; silences "never awaited" if it was cancelled first
+        if m.task is task:
             m.task = None
             m.cancel_requested = False
-            self._steps -= 1
-            if self._running and self._machines.get(m.id) is m:
-                self._settle(m)
-            self._notify()
+        self._steps -= 1
+        if self._running and self._machines.get(m.id) is m:
+            self._settle(m)
+        self._notify()
 
     # -- mailbox (writes from clients) ----------------------------------------------------
 
@@ -661,6 +674,9 @@ class StateGroup(Generic[S]):
         committer = self._committer
         committer.put("quarantine", db.encode() + b"/" + key, packb([why, raw]))
         committer.delete(db, key)
+        if db == "mailbox":  # the next poll must not see it again before this commits
+            self._ingesting.add(key)
+            committer.on_commit(lambda err: self._ingesting.discard(key))
         committer.end_unit()
 
     # -- encoding -------------------------------------------------------------------------

@@ -350,6 +350,17 @@ def test_async_context_manager_flushes(tmp_path: Path) -> None:
             await g.stop()
 
     asyncio.run(main())
-    with LmdbStore(tmp_path) as store:
-        st = make_group(store).get(1)
-        assert st is not None and st.applied == [1]
+
+    async def resume() -> None:
+        async with LmdbStore(tmp_path) as store:
+            g = make_group(store)
+            info = g.info(1)
+            # Flushed by stop(): durable in the inbox, not yet applied.
+            assert info is not None and info.pending_events == 1 and info.state.applied == []
+            await g.start()
+            await g.idle()
+            st = g.get(1)
+            assert st is not None and st.applied == [1]
+            await g.stop()
+
+    asyncio.run(resume())
