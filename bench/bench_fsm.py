@@ -345,8 +345,8 @@ def build_store(path: Path, sectors: int, live: int) -> float:
     try:
         workload = RestartWorkload()
         group = StateGroup(store, GROUP, workload.planner, SectorState, final=is_final)
-        dormant = group._encode(SectorState(30, FINAL_STATUS, [7, 8, 9]), True, None)
-        running = group._encode(SectorState(3, STATUSES[3], [7, 8]), False, None)
+        dormant = group.records.encode(SectorState(30, FINAL_STATUS, [7, 8, 9]), True, None)
+        running = group.records.encode(SectorState(3, STATUSES[3], [7, 8]), False, None)
         stride = max(1, sectors // live)
         live_ids = [i * stride for i in range(live)]
         live_set = set(live_ids)
@@ -356,12 +356,12 @@ def build_store(path: Path, sectors: int, live: int) -> float:
         def fill(txn: Any) -> None:
             cur = txn.cursor(db=states_db)
             for ids in chunks(sectors, 100_000):
-                items = [(group._key(i), running if i in live_set else dormant) for i in ids]
+                items = [(group.records.key(i), running if i in live_set else dormant) for i in ids]
                 _, added = cur.putmulti(items, append=True)
                 if added != len(items):
                     raise RuntimeError(f"built only {added} of {len(items)} records")
             cur = txn.cursor(db=live_db)
-            cur.putmulti([(group._key(i), b"") for i in live_ids], append=True)
+            cur.putmulti([(group.records.key(i), b"") for i in live_ids], append=True)
 
         store.write(fill)
         store.sync()

@@ -30,6 +30,7 @@ from .events import Restart, StepFailed
 from .group import Planner, StateGroup
 from .keys import MachineId
 from .machine import Context, MachineInfo, Step
+from .records import GroupRecords
 from .store import LmdbStore
 from .sync import SyncEngine, SyncGroup
 
@@ -37,6 +38,7 @@ __all__ = [
     "Clock",
     "Context",
     "FsmError",
+    "GroupRecords",
     "GroupStoppedError",
     "LmdbStore",
     "MachineExistsError",

@@ -39,15 +39,15 @@ from .errors import (
     UnknownMachineError,
 )
 from .events import BUILTIN_EVENTS, Restart, StepFailed
-from .keys import MachineId, id_key, seq_key, split_id
+from .keys import MachineId
 from .machine import Context, Machine, MachineInfo, Step
+from .records import GroupRecords, scan
 from .store import LmdbStore
 
 log = logging.getLogger("sectorfsm.fsm")
 
 S = TypeVar("S")
 Planner = Callable[[list[Any], S], "tuple[Step | None, int]"]
-_PAGE = 1000
 _MAX_ERROR = 4000
 
 
@@ -78,7 +78,6 @@ class StateGroup(Generic[S]):
         self.state_type = state_type
         self.clock: Clock = clock or RealClock()
         self.poll_interval = poll_interval
-        self._final = final
         self._codec: RecordCodec[S] = RecordCodec(
             state_type, (*BUILTIN_EVENTS, *events), schema_version
         )
@@ -88,7 +87,9 @@ class StateGroup(Generic[S]):
         for cls in (*self._creating, *self._cancelling):
             if not self._codec.knows_event(cls):
                 raise ValueError(f"{cls.__name__} is not among the group's events")
-        self._prefix = name.encode() + b"\x00"
+        #: The persisted view of this group (reads work whether or not the group runs).
+        self.records: GroupRecords[S] = GroupRecords(store, name, self._codec, final)
+        self._prefix = self.records.prefix
         self._machines: dict[MachineId, Machine] = {}
         self._dirty: dict[MachineId, Machine] = {}
         self._seq = 0
@@ -134,22 +135,14 @@ class StateGroup(Generic[S]):
     def _resume(self) -> None:
         pending: dict[MachineId, list[tuple[bytes, bytes]]] = {}
         live: list[MachineId] = []
-        plen = len(self._prefix)
+        records = self.records
         with self.store.read() as txn:
-            cur = txn.cursor(db=self.store.db("inbox"))
-            if cur.set_range(self._prefix):
-                for key, value in cur:
-                    if not key.startswith(self._prefix):
-                        break
-                    mid, end = split_id(key, plen)
-                    self._seq = max(self._seq, int.from_bytes(key[end:], "big"))
-                    pending.setdefault(mid, []).append((key, value))
-            cur = txn.cursor(db=self.store.db("live"))
-            if cur.set_range(self._prefix):
-                for key in cur.iternext(keys=True, values=False):
-                    if not key.startswith(self._prefix):
-                        break
-                    live.append(split_id(key, plen)[0])
+            for key, value in scan(txn, self.store.db("inbox"), self._prefix):
+                mid, end = records.machine_id(key)
+                self._seq = max(self._seq, int.from_bytes(key[end:], "big"))
+                pending.setdefault(mid, []).append((key, value))
+            for key in scan(txn, self.store.db("live"), self._prefix, values=False):
+                live.append(records.machine_id(key)[0])
         for mid in dict.fromkeys([*live, *pending]):
             try:
                 m = self._load(mid)
@@ -161,7 +154,7 @@ class StateGroup(Generic[S]):
                 continue
             for key, raw in pending.get(mid, ()):
                 try:
-                    event = self._codec.decode_event(raw, self._what(mid, "inbox event"))
+                    event = self._codec.decode_event(raw, self.records.what(mid, "inbox event"))
                 except RecordError as exc:
                     self._quarantine("inbox", key, raw, str(exc))
                     continue
@@ -222,29 +215,22 @@ class StateGroup(Generic[S]):
 
     async def begin(self, machine_id: MachineId, initial_state: S) -> None:
         """Create machine `machine_id` in `initial_state`; it waits for its first event."""
-        key = self._key(machine_id)
+        key = self.records.key(machine_id)
         if not isinstance(initial_state, self.state_type):
             raise TypeError(f"initial state must be a {self.state_type.__name__}")
-        final = bool(self._final and self._final(initial_state))
-        record = self._encode(initial_state, final, None)
         if not self._running:
             self._check_stoppable()
+            final = self.records.is_final(initial_state)
+            record = self.records.encode(initial_state, final, None)
             await asyncio.to_thread(
                 self.store.write,
-                lambda txn: self._client_begin(txn, machine_id, key, record, final),
+                lambda txn: self.records.client_begin(txn, machine_id, key, record, final),
             )
             return
-        if machine_id in self._machines or self._stored(key):
+        if machine_id in self._machines or self.records.raw(key) is not None:
             raise MachineExistsError(f"{self.name} machine {machine_id!r} already exists")
-        m = Machine(machine_id, key, initial_state, record)
-        m.final = final
-        m.committed = b""
-        self._machines[machine_id] = m
+        self._create(machine_id, initial_state)
         committer = self._committer
-        committer.put("states", key, record, fresh=True)
-        if not final:
-            committer.put("live", key, b"", fresh=True)
-        committer.on_commit(self._begun, m)
         waiter = committer.waiter()
         committer.end_unit()
         # Shielded: the future is shared by every write of the batch, so one caller's
@@ -253,12 +239,14 @@ class StateGroup(Generic[S]):
 
     async def send(self, machine_id: MachineId, event: object) -> None:
         """Deliver `event` to a machine; returns once the event is durable."""
-        self._key(machine_id)
+        self.records.key(machine_id)
         if not self._running:
             self._check_stoppable()
             raw = self._codec.encode_event(event)
+            create = self.state_type if type(event) in self._creating else None
             await asyncio.to_thread(
-                self.store.write, lambda txn: self._client_send(txn, machine_id, event, raw)
+                self.store.write,
+                lambda txn: self.records.client_send(txn, machine_id, raw, create),
             )
             return
         committer = self._committer
@@ -271,59 +259,26 @@ class StateGroup(Generic[S]):
 
     def get(self, machine_id: MachineId) -> S | None:
         """The persisted state of a machine, or None if it does not exist."""
-        info = self.info(machine_id)
+        info = self.records.info(machine_id)
         return None if info is None else info.state
 
     def has(self, machine_id: MachineId) -> bool:
         """True if the machine exists in the store."""
-        return self._stored(self._key(machine_id))
+        return self.records.raw(self.records.key(machine_id)) is not None
 
     def info(self, machine_id: MachineId) -> MachineInfo[S] | None:
         """The persisted state plus engine bookkeeping (final flag, last error, pending)."""
-        key = self._key(machine_id)
-        with self.store.read() as txn:
-            raw = txn.get(key, db=self.store.db("states"))
-            if raw is None:
-                return None
-            pending = 0
-            cur = txn.cursor(db=self.store.db("inbox"))
-            if cur.set_range(key):
-                for k in cur.iternext(keys=True, values=False):
-                    if not k.startswith(key):
-                        break
-                    pending += 1
-        state, final, last_error = self._decode(raw, machine_id)
-        return MachineInfo(machine_id, state, final, last_error, pending)
+        return self.records.info(machine_id)
 
     def list(
         self,
         filter: Callable[[S], bool] | None = None,
         *,
         start_after: MachineId | None = None,
-        page_size: int = _PAGE,
+        page_size: int = 1000,
     ) -> Iterator[tuple[MachineId, S]]:
         """Yield `(id, state)` in id order, reading the store page by page."""
-        lower = self._prefix if start_after is None else self._key(start_after) + b"\x00"
-        plen = len(self._prefix)
-        while True:
-            page: list[tuple[bytes, bytes]] = []
-            with self.store.read() as txn:
-                cur = txn.cursor(db=self.store.db("states"))
-                if cur.set_range(lower):
-                    for key, value in cur:
-                        if not key.startswith(self._prefix):
-                            break
-                        page.append((key, value))
-                        if len(page) >= page_size:
-                            break
-            for key, value in page:
-                mid = split_id(key, plen)[0]
-                state = self._decode(value, mid)[0]
-                if filter is None or filter(state):
-                    yield mid, state
-            if len(page) < page_size:
-                return
-            lower = page[-1][0] + b"\x00"
+        return self.records.list(filter, start_after=start_after, page_size=page_size)
 
     def count_by(self, field: str) -> dict[Any, int]:
         """Count machines by the value of one state field (a full scan, page by page)."""
@@ -372,11 +327,13 @@ class StateGroup(Generic[S]):
         if not m.busy:
             self._dirty[m.id] = m
 
-    def _create(self, machine_id: MachineId) -> Machine:
-        state = self.state_type()
-        key = self._key(machine_id)
-        final = bool(self._final and self._final(state))
-        record = self._encode(state, final, None)
+    def _create(self, machine_id: MachineId, state: S | None = None) -> Machine:
+        """Stage a new machine's record; it exists once that commit lands (see `_begun`)."""
+        if state is None:
+            state = self.state_type()
+        key = self.records.key(machine_id)
+        final = self.records.is_final(state)
+        record = self.records.encode(state, final, None)
         m = Machine(machine_id, key, state, record)
         m.final = final
         m.committed = b""
@@ -399,12 +356,11 @@ class StateGroup(Generic[S]):
             self._dirty.pop(m.id, None)
 
     def _load(self, machine_id: MachineId) -> Machine | None:
-        key = self._key(machine_id)
-        with self.store.read() as txn:
-            raw = txn.get(key, db=self.store.db("states"))
+        key = self.records.key(machine_id)
+        raw = self.records.raw(key)
         if raw is None:
             return None
-        state, final, last_error = self._decode(raw, machine_id)
+        state, final, last_error = self.records.decode(raw, machine_id)
         m = Machine(machine_id, key, state, raw)
         m.final = final
         m.last_error = last_error
@@ -451,7 +407,7 @@ class StateGroup(Generic[S]):
 
     def _plan_failed(self, m: Machine, events: Sequence[object], exc: Exception) -> None:
         # Undo whatever the planner mutated before raising.
-        m.state = self._decode(m.record, m.id)[0]
+        m.state = self.records.decode(m.record, m.id)[0]
         if len(events) > 1:
             # One event of the batch is bad: plan the first alone, so only the culprit is dropped.
             self._plan(m, limit=1)
@@ -476,8 +432,8 @@ class StateGroup(Generic[S]):
                 committer.delete("inbox", key)
         del m.pending[:processed]
         was_final = m.final
-        m.final = terminated or bool(self._final and self._final(m.state))
-        record = self._encode(m.state, m.final, m.last_error)
+        m.final = terminated or self.records.is_final(m.state)
+        record = self.records.encode(m.state, m.final, m.last_error)
         if record != m.record:
             committer.put("states", m.key, record)
             m.record = record
@@ -507,7 +463,7 @@ class StateGroup(Generic[S]):
 
     def _start_step(self, m: Machine, step: Step) -> None:
         # A deep copy, so nothing the step does to it can leak into the persisted state.
-        copy = self._decode(m.record, m.id)[0]
+        copy = self.records.decode(m.record, m.id)[0]
         if m.ctx is None:
             m.ctx = Context(self, m)
         m.cancel_requested = False
@@ -551,14 +507,9 @@ class StateGroup(Generic[S]):
             return
         if fresh is None:
             return
-        with self.store.read() as txn:
-            cur = txn.cursor(db=self.store.db("inbox"))
-            if cur.set_range(fresh.key):
-                for key, raw in cur:
-                    if not key.startswith(fresh.key):
-                        break
-                    event = self._codec.decode_event(raw, self._what(m.id, "inbox event"))
-                    fresh.pending.append((key, event, 0))
+        for key, raw in self.records.pending(fresh.key):
+            event = self._codec.decode_event(raw, self.records.what(m.id, "inbox event"))
+            fresh.pending.append((key, event, 0))
         known = {p[0] for p in fresh.pending}
         fresh.pending.extend(p for p in newer if p[0] not in known)
         if not fresh.final:
@@ -600,29 +551,6 @@ class StateGroup(Generic[S]):
         if self.store.closed:
             raise StoreError(f"store {self.store.path} is closed")
 
-    def _client_begin(
-        self, txn: Any, machine_id: MachineId, key: bytes, record: bytes, final: bool
-    ) -> None:
-        if txn.get(key, db=self.store.db("states")) is not None:
-            raise MachineExistsError(f"{self.name} machine {machine_id!r} already exists")
-        txn.put(key, record, db=self.store.db("states"))
-        if not final:
-            txn.put(key, b"", db=self.store.db("live"))
-
-    def _client_send(self, txn: Any, machine_id: MachineId, event: object, raw: bytes) -> None:
-        key = self._key(machine_id)
-        if txn.get(key, db=self.store.db("states")) is None:
-            if type(event) not in self._creating:
-                raise UnknownMachineError(f"{self.name} has no machine {machine_id!r}")
-            state = self.state_type()
-            final = bool(self._final and self._final(state))
-            self._client_begin(txn, machine_id, key, self._encode(state, final, None), final)
-        counters = self.store.db("counters")
-        last = txn.get(b"mailbox_seq", db=counters)
-        seq = (int.from_bytes(last, "big") if last else 0) + 1
-        txn.put(b"mailbox_seq", seq_key(seq), db=counters)
-        txn.put(seq_key(seq), packb([self.name, key, raw]), db=self.store.db("mailbox"))
-
     async def _poll_mailbox(self) -> None:
         while True:
             await asyncio.sleep(self.poll_interval)
@@ -653,11 +581,11 @@ class StateGroup(Generic[S]):
             try:
                 if not isinstance(key, bytes) or not key.startswith(self._prefix):
                     raise RecordError(f"mailbox entry {mkey!r} names a bad machine key")
-                mid = split_id(key, len(self._prefix))[0]
-                event = self._codec.decode_event(raw, self._what(mid, "mailbox event"))
+                mid = self.records.machine_id(key)[0]
+                event = self._codec.decode_event(raw, self.records.what(mid, "mailbox event"))
                 m = self._machines.get(mid) or self._load(mid)
                 if m is None:
-                    raise RecordError(f"{self._what(mid, 'mailbox event')}: no such machine")
+                    raise RecordError(f"{self.records.what(mid, 'mailbox event')}: no such machine")
             except (RecordError, ValueError) as exc:
                 self._quarantine("mailbox", mkey, value, str(exc))
                 continue
@@ -678,41 +606,6 @@ class StateGroup(Generic[S]):
             self._ingesting.add(key)
             committer.on_commit(lambda err: self._ingesting.discard(key))
         committer.end_unit()
-
-    # -- encoding -------------------------------------------------------------------------
-
-    def _key(self, machine_id: MachineId) -> bytes:
-        return self._prefix + id_key(machine_id)
-
-    def _stored(self, key: bytes) -> bool:
-        with self.store.read() as txn:
-            return txn.get(key, db=self.store.db("states")) is not None
-
-    def _what(self, machine_id: MachineId, kind: str) -> str:
-        return f"{kind} of {self.name} machine {machine_id!r}"
-
-    def _encode(self, state: S, final: bool, last_error: str | None) -> bytes:
-        return packb(
-            [self._codec.schema_version, final, last_error, self._codec.encode_state_fields(state)]
-        )
-
-    def _decode(self, raw: bytes, machine_id: MachineId) -> tuple[S, bool, str | None]:
-        try:
-            version, final, last_error, payload = unpackb(raw)
-        except Exception as exc:
-            what = self._what(machine_id, "state record")
-            raise RecordError(f"{what} is corrupt ({exc})") from exc
-        if version != self._codec.schema_version:
-            raise RecordError(
-                f"{self._what(machine_id, 'state record')} has schema version {version!r}, "
-                f"this code reads {self._codec.schema_version}"
-            )
-        try:
-            state = self._codec.decode_state_fields(payload)
-        except Exception as exc:
-            what = self._what(machine_id, "state record")
-            raise RecordError(f"{what} cannot be read: {exc}") from exc
-        return state, bool(final), last_error
 
 
 if sys.version_info >= (3, 12):

@@ -184,7 +184,7 @@ def test_corrupt_state_record_names_the_record(tmp_path: Path) -> None:
                 await g.begin(i, Counter())
                 await g.send(i, Add(uid=i))
             await g.stop()
-            key = g._key(1)
+            key = g.records.key(1)
             store.write(lambda txn: txn.put(key, b"\xc1garbage", db=store.db("states")))
 
     asyncio.run(setup())
@@ -216,12 +216,16 @@ def test_wrong_schema_and_unknown_fields_are_clear(tmp_path: Path) -> None:
             await g.stop()
             store.write(
                 lambda txn: txn.put(
-                    g._key(1), packb([2, False, None, {"state": "Idle"}]), db=store.db("states")
+                    g.records.key(1),
+                    packb([2, False, None, {"state": "Idle"}]),
+                    db=store.db("states"),
                 )
             )
             store.write(
                 lambda txn: txn.put(
-                    g._key(2), packb([1, False, None, {"color": "red"}]), db=store.db("states")
+                    g.records.key(2),
+                    packb([1, False, None, {"color": "red"}]),
+                    db=store.db("states"),
                 )
             )
             with pytest.raises(RecordError, match="schema version 2, this code reads 1"):
@@ -239,10 +243,10 @@ def test_corrupt_inbox_event_is_quarantined_on_start(tmp_path: Path) -> None:
         await g.start()
         await g.begin(1, Counter())
         await g.stop()
-        key = g._key(1) + (5).to_bytes(8, "big")
+        key = g.records.key(1) + (5).to_bytes(8, "big")
         store.write(lambda txn: txn.put(key, packb([1, "NoSuchEvent", {}]), db=store.db("inbox")))
-        good = g._key(1) + (6).to_bytes(8, "big")
-        raw = g._codec.encode_event(Add(uid=6))
+        good = g.records.key(1) + (6).to_bytes(8, "big")
+        raw = g.records.codec.encode_event(Add(uid=6))
         store.write(lambda txn: txn.put(good, raw, db=store.db("inbox")))
         store.close()
 

@@ -1,0 +1,179 @@
+"""The persisted form of one group's machines: keys, records, reads and client-side writes.
+
+Layout (all sub-databases are shared by every group of a store; keys start with the group name
+and a NUL):
+
+* `states`  ``<group>\\0<id>`` -> msgpack ``[schema, final, last_error, state_fields]``
+* `live`    ``<group>\\0<id>`` -> empty; present while the machine is not final
+* `inbox`   ``<group>\\0<id><seq:8>`` -> an encoded event, pending for that machine
+* `mailbox` ``<seq:8>`` -> msgpack ``[group, state_key, encoded_event]``, written by clients
+
+Everything here is synchronous and safe to call from any thread or process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Generic, TypeVar
+
+from .codec import RecordCodec, packb, unpackb
+from .errors import MachineExistsError, RecordError, UnknownMachineError
+from .keys import MachineId, id_key, seq_key, split_id
+from .machine import MachineInfo
+from .store import LmdbStore
+
+S = TypeVar("S")
+_PAGE = 1000
+
+
+class GroupRecords(Generic[S]):
+    """Reads and writes one group's records in a store."""
+
+    def __init__(
+        self,
+        store: LmdbStore,
+        name: str,
+        codec: RecordCodec[S],
+        final: Callable[[S], bool] | None,
+    ) -> None:
+        self.store = store
+        self.name = name
+        self.codec = codec
+        self.final = final
+        self.prefix = name.encode() + b"\x00"
+
+    # -- keys and records -------------------------------------------------------------------
+
+    def key(self, machine_id: MachineId) -> bytes:
+        """The `states` key of a machine (validates the id)."""
+        return self.prefix + id_key(machine_id)
+
+    def machine_id(self, key: bytes) -> tuple[MachineId, int]:
+        """The machine id in a key of this group, and the offset after it."""
+        return split_id(key, len(self.prefix))
+
+    def what(self, machine_id: MachineId, kind: str) -> str:
+        """How errors name a record."""
+        return f"{kind} of {self.name} machine {machine_id!r}"
+
+    def is_final(self, state: S) -> bool:
+        """The group's finality predicate."""
+        return bool(self.final and self.final(state))
+
+    def encode(self, state: S, final: bool, last_error: str | None) -> bytes:
+        """A machine record."""
+        return packb(
+            [self.codec.schema_version, final, last_error, self.codec.encode_state_fields(state)]
+        )
+
+    def decode(self, raw: bytes, machine_id: MachineId) -> tuple[S, bool, str | None]:
+        """`(state, final, last_error)` from a record; `RecordError` names a bad one."""
+        try:
+            version, final, last_error, payload = unpackb(raw)
+        except Exception as exc:
+            raise RecordError(
+                f"{self.what(machine_id, 'state record')} is corrupt ({exc})"
+            ) from exc
+        if version != self.codec.schema_version:
+            raise RecordError(
+                f"{self.what(machine_id, 'state record')} has schema version {version!r}, "
+                f"this code reads {self.codec.schema_version}"
+            )
+        try:
+            state = self.codec.decode_state_fields(payload)
+        except Exception as exc:
+            what = self.what(machine_id, "state record")
+            raise RecordError(f"{what} cannot be read: {exc}") from exc
+        return state, bool(final), last_error
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def raw(self, key: bytes) -> bytes | None:
+        """The stored record under `key`, if any."""
+        with self.store.read() as txn:
+            value: bytes | None = txn.get(key, db=self.store.db("states"))
+            return value
+
+    def info(self, machine_id: MachineId) -> MachineInfo[S] | None:
+        """The persisted state plus engine bookkeeping, or None."""
+        key = self.key(machine_id)
+        with self.store.read() as txn:
+            raw = txn.get(key, db=self.store.db("states"))
+            if raw is None:
+                return None
+            pending = sum(1 for _ in scan(txn, self.store.db("inbox"), key, values=False))
+        state, final, last_error = self.decode(raw, machine_id)
+        return MachineInfo(machine_id, state, final, last_error, pending)
+
+    def list(
+        self,
+        filter: Callable[[S], bool] | None = None,
+        *,
+        start_after: MachineId | None = None,
+        page_size: int = _PAGE,
+    ) -> Iterator[tuple[MachineId, S]]:
+        """Yield `(id, state)` in id order, one short read transaction per page."""
+        lower = self.prefix if start_after is None else self.key(start_after) + b"\x00"
+        while True:
+            with self.store.read() as txn:
+                page = []
+                for item in scan(txn, self.store.db("states"), self.prefix, start=lower):
+                    page.append(item)
+                    if len(page) >= page_size:
+                        break
+            for key, value in page:
+                mid = self.machine_id(key)[0]
+                state = self.decode(value, mid)[0]
+                if filter is None or filter(state):
+                    yield mid, state
+            if len(page) < page_size:
+                return
+            lower = page[-1][0] + b"\x00"
+
+    def pending(self, key: bytes) -> Sequence[tuple[bytes, bytes]]:
+        """The inbox entries `(inbox_key, encoded_event)` of one machine, in order."""
+        with self.store.read() as txn:
+            return list(scan(txn, self.store.db("inbox"), key))
+
+    # -- client writes (any process; the engine ingests the mailbox) ------------------------
+
+    def client_begin(
+        self, txn: Any, machine_id: MachineId, key: bytes, record: bytes, final: bool
+    ) -> None:
+        """Create a machine record in `txn`; `MachineExistsError` if the id is taken."""
+        if txn.get(key, db=self.store.db("states")) is not None:
+            raise MachineExistsError(f"{self.name} machine {machine_id!r} already exists")
+        txn.put(key, record, db=self.store.db("states"))
+        if not final:
+            txn.put(key, b"", db=self.store.db("live"))
+
+    def client_send(
+        self, txn: Any, machine_id: MachineId, raw: bytes, create: Callable[[], S] | None
+    ) -> None:
+        """Append an encoded event to the mailbox in `txn` (creating the machine if allowed)."""
+        key = self.key(machine_id)
+        if txn.get(key, db=self.store.db("states")) is None:
+            if create is None:
+                raise UnknownMachineError(f"{self.name} has no machine {machine_id!r}")
+            state = create()
+            final = self.is_final(state)
+            self.client_begin(txn, machine_id, key, self.encode(state, final, None), final)
+        counters = self.store.db("counters")
+        last = txn.get(b"mailbox_seq", db=counters)
+        seq = (int.from_bytes(last, "big") if last else 0) + 1
+        txn.put(b"mailbox_seq", seq_key(seq), db=counters)
+        txn.put(seq_key(seq), packb([self.name, key, raw]), db=self.store.db("mailbox"))
+
+
+def scan(
+    txn: Any, db: Any, prefix: bytes, *, start: bytes | None = None, values: bool = True
+) -> Iterator[Any]:
+    """Iterate the keys (and values) of `db` that start with `prefix`, in key order."""
+    cur = txn.cursor(db=db)
+    if not cur.set_range(start if start is not None else prefix):
+        return
+    for item in cur.iternext(keys=True, values=values):
+        key = item[0] if values else item
+        if not key.startswith(prefix):
+            return
+        yield item
