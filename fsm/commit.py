@@ -29,16 +29,16 @@ _BACKOFF_MAX = 5.0
 
 
 class _Unit:
-    __slots__ = ("callbacks", "fresh", "future", "ops")
+    __slots__ = ("callbacks", "fresh", "futures", "ops")
 
     def __init__(self) -> None:
         self.ops: dict[tuple[str, bytes], Value | None] = {}
         self.fresh: set[tuple[str, bytes]] = set()
         self.callbacks: list[tuple[CommitCallback, tuple[Any, ...]]] = []
-        self.future: asyncio.Future[None] | None = None
+        self.futures: list[asyncio.Future[None]] = []
 
     def empty(self) -> bool:
-        return not (self.ops or self.callbacks or self.future)
+        return not (self.ops or self.callbacks or self.futures)
 
 
 class Committer:
@@ -101,12 +101,14 @@ class Committer:
             self._request()
 
     def waiter(self) -> asyncio.Future[None]:
-        """A future resolved when the current unit is durable (or failed with the error)."""
-        unit = self._units[-1]
-        if unit.future is None:
-            unit.future = self._get_loop().create_future()
+        """A future of the caller's own, resolved when the current unit is durable (or failed).
+
+        Each caller gets its own future, so cancelling one waiter never cancels another.
+        """
+        fut = self._get_loop().create_future()
+        self._units[-1].futures.append(fut)
         self._request()
-        return unit.future
+        return fut
 
     def end_unit(self) -> None:
         """Close the current unit; in `sync` mode the next staged write starts a new commit."""
@@ -254,11 +256,13 @@ class Committer:
         for unit, err in zip(units, results, strict=True):
             if err is not None:
                 failed = True
-            if unit.future is not None and not unit.future.done():
+            for fut in unit.futures:
+                if fut.done():
+                    continue  # its caller was cancelled
                 if err is None:
-                    unit.future.set_result(None)
+                    fut.set_result(None)
                 else:
-                    unit.future.set_exception(err)
+                    fut.set_exception(err)
             for cb, args in unit.callbacks:
                 try:
                     cb(*args, err)

@@ -179,6 +179,10 @@ class StateGroup(Generic[S]):
                 m.cancel_requested = True
                 m.task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for m in self._machines.values():
+            if m.step_coro is not None:
+                _close(m.step_coro)  # steps whose task was cancelled before it ever ran
+        self._steps = 0
         self._running = False
         committer = self._committer
         committer.remove_hook(self._plan_dirty)
@@ -233,9 +237,7 @@ class StateGroup(Generic[S]):
         committer = self._committer
         waiter = committer.waiter()
         committer.end_unit()
-        # Shielded: the future is shared by every write of the batch, so one caller's
-        # cancellation must not cancel it for the others.
-        await asyncio.shield(waiter)
+        await waiter
 
     async def send(self, machine_id: MachineId, event: object) -> None:
         """Deliver `event` to a machine; returns once the event is durable."""
@@ -253,9 +255,7 @@ class StateGroup(Generic[S]):
         self._send_local(machine_id, event)
         waiter = committer.waiter()
         committer.end_unit()
-        # Shielded: the future is shared by every write of the batch, so one caller's
-        # cancellation must not cancel it for the others.
-        await asyncio.shield(waiter)
+        await waiter
 
     def get(self, machine_id: MachineId) -> S | None:
         """The persisted state of a machine, or None if it does not exist."""
@@ -323,7 +323,10 @@ class StateGroup(Generic[S]):
         m.pending.append((key, event, committer.batch_no))
         if type(event) in self._cancelling and m.task is not None:
             m.cancel_requested = True
-            m.task.cancel()
+            if m.started:
+                m.task.cancel()
+            # else: the task has not run yet; cancelling it now would skip its clean-up, so
+            # `_run_step` sees the flag and skips the step instead.
         if not m.busy:
             self._dirty[m.id] = m
 
@@ -478,11 +481,9 @@ class StateGroup(Generic[S]):
             self._settle(m)
             return
         self._steps += 1
-        task = _new_task(self._run_step(m, pending))
-        m.task = task
-        # Clean up in a done-callback: a task cancelled before it first ran never executes
-        # its coroutine, so a `finally` inside it would never run.
-        task.add_done_callback(lambda t: self._step_done(m, t, pending))
+        m.started = False
+        m.step_coro = pending
+        m.task = _new_task(self._run_step(m, pending))
 
     def _settle(self, m: Machine) -> None:
         if m.pending:
@@ -526,6 +527,12 @@ class StateGroup(Generic[S]):
             self._enqueue(m, StepFailed(message[:_MAX_ERROR], trace[-_MAX_ERROR:]))
 
     async def _run_step(self, m: Machine, pending: Awaitable[None]) -> None:
+        m.started = True
+        if m.cancel_requested:
+            # Cancelled before it ever ran (see `_enqueue`): skip the step altogether.
+            _close(pending)
+            self._release_step(m, asyncio.current_task())
+            return
         try:
             await pending
         except asyncio.CancelledError:
@@ -533,13 +540,16 @@ class StateGroup(Generic[S]):
                 raise
         except Exception as exc:
             self._step_failed(m, exc)
+        finally:
+            # Release right away, so what the step sent joins the batch being planned now.
+            self._release_step(m, asyncio.current_task())
 
-    def _step_done(self, m: Machine, task: asyncio.Task[None], pending: Awaitable[None]) -> None:
-        if inspect.iscoroutine(pending):
-            pending.close()  # no-op if it ran; silences "never awaited" if it was cancelled first
-        if m.task is task:
-            m.task = None
-            m.cancel_requested = False
+    def _release_step(self, m: Machine, task: asyncio.Task[Any] | None) -> None:
+        if task is None or m.task is not task:
+            return  # already released
+        m.task = None
+        m.step_coro = None
+        m.cancel_requested = False
         self._steps -= 1
         if self._running and self._machines.get(m.id) is m:
             self._settle(m)
@@ -618,6 +628,11 @@ else:
 
     def _new_task(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         return asyncio.get_running_loop().create_task(coro)
+
+
+def _close(awaitable: Awaitable[None]) -> None:
+    if inspect.iscoroutine(awaitable):
+        awaitable.close()
 
 
 def _describe(event: object) -> str:

@@ -67,7 +67,9 @@ class Machine:
         "pending",
         "planning",
         "record",
+        "started",
         "state",
+        "step_coro",
         "task",
     )
 
@@ -83,6 +85,9 @@ class Machine:
         #: A planner round is waiting for its commit (the step starts after it).
         self.planning = False
         self.task: asyncio.Task[None] | None = None
+        #: The running step's awaitable, and whether its task began executing it.
+        self.step_coro: Awaitable[None] | None = None
+        self.started = False
         self.final = False
         self.last_error: str | None = None
         self.cancel_requested = False
