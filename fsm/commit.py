@@ -256,13 +256,13 @@ class Committer:
         for unit, err in zip(units, results, strict=True):
             if err is not None:
                 failed = True
-            for fut in unit.futures:
-                if fut.done():
+            for waiter in unit.futures:
+                if waiter.done():
                     continue  # its caller was cancelled
                 if err is None:
-                    fut.set_result(None)
+                    waiter.set_result(None)
                 else:
-                    fut.set_exception(err)
+                    waiter.set_exception(err)
             for cb, args in unit.callbacks:
                 try:
                     cb(*args, err)
