@@ -1,0 +1,110 @@
+"""Assigners: among the workers that can take a task now, which one gets it.
+
+`balanced` (the default) keeps every worker busy: it prefers the worker that already holds the
+sector's files (transfer cost first), then the one whose share of this stage is lowest
+relative to how many it can run, then the least used; remaining ties rotate round-robin per
+task type, so the choice is deterministic and stable across cycles (Lotus shuffles, then sorts
+by a utilization read once per cycle, which sends bursts to one worker: lotus#7607, #7868).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .resources import Resources
+from .selectors import Placement
+from .tasks import TaskType
+from .workers import Worker
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A worker that passed every check, with its placement and the task's needs there."""
+
+    worker: Worker
+    placement: Placement
+    need: Resources
+    #: How many tasks of this type the worker could hold at once (policy, caps, resources).
+    slots: int
+
+
+class Assigner(Protocol):
+    """Picks one candidate for a task."""
+
+    name: str
+
+    def choose(self, task_type: TaskType, candidates: Sequence[Candidate]) -> Candidate:
+        """The candidate that gets the task (`candidates` is never empty)."""
+        ...
+
+
+@dataclass(slots=True)
+class BalancedAssigner:
+    """Locality first, then the lowest stage load relative to capacity, then round-robin."""
+
+    name: str = "balanced"
+    _turn: dict[TaskType, int] = field(default_factory=dict)
+    _order: dict[str, int] = field(default_factory=dict)
+
+    def choose(self, task_type: TaskType, candidates: Sequence[Candidate]) -> Candidate:
+        """The best candidate under the balanced score."""
+        turn = self._turn.get(task_type, 0)
+        best: Candidate | None = None
+        best_score: tuple[float, float, float, int] | None = None
+        for c in candidates:
+            rank = self._rank(c.worker.name)
+            load = c.worker.ledger.counts[task_type] / max(1, c.slots)
+            score = (
+                round(c.placement.cost_s, 3),
+                round(load, 6),
+                round(c.worker.ledger.utilization(), 6),
+                (rank - turn) % (1 << 30),
+            )
+            if best_score is None or score < best_score:
+                best, best_score = c, score
+        assert best is not None
+        self._turn[task_type] = self._rank(best.worker.name) + 1
+        return best
+
+    def _rank(self, name: str) -> int:
+        # A stable number per worker, in order of first sight: the round-robin order.
+        rank = self._order.get(name)
+        if rank is None:
+            rank = self._order[name] = len(self._order)
+        return rank
+
+
+def slots_for(worker: Worker, need: Resources, cap: int | None) -> int:
+    """How many tasks needing `need` fit on an idle `worker`, within `cap` and MaxConcurrent."""
+    res = worker.spec.resources
+    limits: list[int] = []
+    if cap is not None:
+        limits.append(cap)
+    if need.max_concurrent > 0:
+        limits.append(need.max_concurrent)
+    if not res.ignore_resources:
+        if need.min_memory + need.base_min_memory > 0:
+            limits.append(
+                max(1, (res.mem_physical - need.base_min_memory) // max(1, need.min_memory))
+            )
+        threads = need.threads(res.cpus, len(res.gpus))
+        if threads > 0:
+            limits.append(max(1, res.cpus // threads))
+        if res.gpus and need.gpu_utilization > 0:
+            limits.append(max(1, int(len(res.gpus) / need.gpu_utilization)))
+    return max(1, min(limits)) if limits else 1 << 20
+
+
+ASSIGNERS = {"balanced": BalancedAssigner}
+
+
+def make_assigner(name: str) -> Assigner:
+    """An assigner by name (`balanced`); a clear error for anything else."""
+    try:
+        return ASSIGNERS[name]()
+    except KeyError:
+        raise ValueError(
+            f"unknown assigner {name!r} (available: {', '.join(sorted(ASSIGNERS))})"
+        ) from None

@@ -1,0 +1,657 @@
+"""Per-worker operator policy (myScheduler's `myscheduler.json`), hot-reloaded, and its rules.
+
+An operator caps each stage per worker, binds stages to the worker that holds the sector's
+files, limits the disk a worker may fill and drains a worker before maintenance. The knobs and
+the rules are myScheduler's (`reference/lotus-sched.md` §5.1, `canHandleRequestMine`); this
+module only decides, it never counts: the scheduler supplies the counts through `WorkerView`.
+
+Two sets of defaults, on purpose:
+
+- `WorkerPolicy()` is "no policy file": no caps, no bindings, no disk limits.
+- A file is read the way myScheduler reads it: every field the file leaves out takes
+  myScheduler's default (`MYSCHEDULER_DEFAULTS`), so an omitted `PreCommit1Max` is 0 and PC1 is
+  *disabled*, and ForceP1FromLocalAP / ForceP2FromLocalP1 are on. `null` for a stage cap means
+  "no cap" (myScheduler has no way to say that).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import re
+import tempfile
+import time
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+from sectorfsm.sched.filetypes import FileType
+from sectorfsm.sched.tasks import TaskType
+
+__all__ = [
+    "CACHE_UNITS",
+    "MYSCHEDULER_DEFAULTS",
+    "SDR_LAYER_FILE",
+    "PolicyError",
+    "PolicyWatcher",
+    "WorkerPolicy",
+    "WorkerView",
+    "disk_units",
+    "load_policy",
+    "parse_policy",
+    "policy_refusal",
+    "write_default",
+]
+
+#: Disk units of one sector's cache directory once SDR has started (about 14 x 32 GiB).
+CACHE_UNITS = 14
+#: The file whose presence makes a cache directory count (myScheduler's `localDiskUsed`).
+SDR_LAYER_FILE = "sc-02-data-layer-1.dat"
+
+
+class PolicyError(ValueError):
+    """A policy file or mapping is malformed; says where (source, line, column) and which key."""
+
+    def __init__(
+        self,
+        source: str,
+        detail: str,
+        *,
+        key: str | None = None,
+        line: int | None = None,
+        column: int | None = None,
+    ) -> None:
+        self.source = source
+        self.detail = detail
+        self.key = key
+        self.line = line
+        self.column = column
+        where = source
+        if line is not None:
+            where += f":{line}" + (f":{column}" if column is not None else "")
+        super().__init__(f"{where}: {detail}")
+
+
+_Kind = Literal["str", "cap", "units", "bool"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Field:
+    camel: str
+    snake: str
+    kind: _Kind
+
+
+_FIELDS = (
+    _Field("WorkerName", "worker_name", "str"),
+    _Field("AddPieceMax", "add_piece_max", "cap"),
+    _Field("PreCommit1Max", "pre_commit1_max", "cap"),
+    _Field("PreCommit2Max", "pre_commit2_max", "cap"),
+    _Field("Commit2Max", "commit2_max", "cap"),
+    _Field("DiskHoldMax", "disk_hold_max", "units"),
+    _Field("APDiskHoldMax", "ap_disk_hold_max", "units"),
+    _Field("ForceP1FromLocalAP", "force_p1_from_local_ap", "bool"),
+    _Field("ForceP2FromLocalP1", "force_p2_from_local_p1", "bool"),
+    _Field("ForceC2FromLocalP2", "force_c2_from_local_p2", "bool"),
+    _Field("IsPlanOffline", "is_plan_offline", "bool"),
+    _Field("AllowP2C2Parallel", "allow_p2c2_parallel", "bool"),
+    _Field("IgnoreOutOfSpace", "ignore_out_of_space", "bool"),
+)
+_BY_KEY = {k: f for f in _FIELDS for k in (f.camel, f.snake)}
+# myScheduler's own file has these; they steer its auto-pledge, which this package leaves to
+# the operator, so a file copied from a myScheduler worker must still load.
+_IGNORED = frozenset({"AutoPledgeDiff", "auto_pledge_diff", "AllowDelay", "allow_delay"})
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerPolicy:
+    """One worker's operator policy; the defaults mean "no policy file: no restrictions".
+
+    Stage caps: None = no cap, 0 = stage disabled on this worker. Disk holds are in
+    myScheduler's units (`disk_units`); 0 = unlimited.
+    """
+
+    worker_name: str = ""
+    add_piece_max: int | None = None
+    pre_commit1_max: int | None = None
+    pre_commit2_max: int | None = None
+    commit2_max: int | None = None
+    disk_hold_max: int = 0
+    ap_disk_hold_max: int = 0
+    force_p1_from_local_ap: bool = False
+    force_p2_from_local_p1: bool = False
+    force_c2_from_local_p2: bool = False
+    is_plan_offline: bool = False
+    allow_p2c2_parallel: bool = True
+    ignore_out_of_space: bool = False
+
+    def __post_init__(self) -> None:
+        for f in _FIELDS:
+            value = getattr(self, f.snake)
+            if f.kind != "bool" and isinstance(value, int) and value < 0:
+                raise ValueError(f"{f.snake} must be >= 0, not {value}")
+
+    def as_myscheduler(self) -> dict[str, object]:
+        """This policy under myScheduler's key names, in its file's order (None caps as null)."""
+        return {f.camel: getattr(self, f.snake) for f in _FIELDS}
+
+
+#: What myScheduler assumes for a key its file leaves out (and writes on first start).
+MYSCHEDULER_DEFAULTS = WorkerPolicy(
+    worker_name="",
+    add_piece_max=0,
+    pre_commit1_max=0,
+    pre_commit2_max=0,
+    commit2_max=0,
+    disk_hold_max=0,
+    ap_disk_hold_max=0,
+    force_p1_from_local_ap=True,
+    force_p2_from_local_p1=True,
+    force_c2_from_local_p2=False,
+    is_plan_offline=False,
+    allow_p2c2_parallel=False,
+    ignore_out_of_space=False,
+)
+
+
+# --- parsing ---------------------------------------------------------------------------------
+
+_EXPECTED: dict[_Kind, str] = {
+    "str": "expected a string",
+    "cap": "expected a whole number >= 0 (0 disables the stage) or null (no cap)",
+    "units": "expected a whole number of disk units >= 0 (0 = unlimited)",
+    "bool": "expected true or false",
+}
+
+
+def _show(value: object) -> str:
+    # JSON spelling, because that is what the operator typed (`"4"`, `true`, `null`).
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _valid(kind: _Kind, value: object) -> bool:
+    # bool is an int subclass: `1` must not pass for true, nor `true` for 1.
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "cap" and value is None:
+        return True
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def parse_policy(data: Mapping[str, object], *, source: str = "<policy>") -> WorkerPolicy:
+    """A policy from myScheduler or snake_case keys; omitted keys take `MYSCHEDULER_DEFAULTS`."""
+    values: dict[str, object] = {}
+    given: dict[str, str] = {}
+    for key, value in data.items():
+        if key in _IGNORED:
+            continue
+        field = _BY_KEY.get(key)
+        if field is None:
+            known = [*_BY_KEY, *_IGNORED]
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise PolicyError(source, f"unknown key {key} = {_show(value)}{hint}", key=key)
+        if field.snake in given:
+            raise PolicyError(
+                source,
+                f"{key} = {_show(value)}: {given[field.snake]} is already given; use one",
+                key=key,
+            )
+        if not _valid(field.kind, value):
+            raise PolicyError(source, f"{key} = {_show(value)}: {_EXPECTED[field.kind]}", key=key)
+        given[field.snake] = key
+        values[field.snake] = value
+    return dataclasses.replace(MYSCHEDULER_DEFAULTS, **values)  # type: ignore[arg-type]
+
+
+_TOML_POS = re.compile(r"^(?P<msg>.*) \(at line (?P<line>\d+), column (?P<col>\d+)\)$", re.S)
+_TOML_END = " (at end of document)"
+
+
+def _toml_error(path: str, text: str, err: tomllib.TOMLDecodeError) -> PolicyError:
+    # Python 3.11's TOMLDecodeError carries the position only inside its message.
+    message = str(err)
+    m = _TOML_POS.match(message)
+    if m:
+        line, col = int(m["line"]), int(m["col"])
+        return PolicyError(path, f"invalid TOML: {m['msg']}", line=line, column=col)
+    if message.endswith(_TOML_END):
+        lines = text.split("\n")
+        detail = f"invalid TOML: {message.removesuffix(_TOML_END)} (at end of file)"
+        return PolicyError(path, detail, line=len(lines), column=len(lines[-1]) + 1)
+    return PolicyError(path, f"invalid TOML: {message}")
+
+
+def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    # json.loads silently keeps the last of two equal keys; an operator editing by hand
+    # would then see one of their two values ignored with no hint why.
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key}")
+        out[key] = value
+    return out
+
+
+def _key_line(text: str, key: str, *, toml: bool) -> int | None:
+    # Where the offending key is, so the error points at the line to fix.
+    k = re.escape(key)
+    pattern = re.compile(rf'^\s*(?:{k}|"{k}")\s*=' if toml else rf'"{k}"\s*:')
+    for number, line in enumerate(text.split("\n"), start=1):
+        if pattern.search(line):
+            return number
+    return None
+
+
+def _parse_text(path: str, text: str, *, toml: bool) -> WorkerPolicy:
+    data: object
+    if toml:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise _toml_error(path, text, err) from None
+    else:
+        try:
+            data = json.loads(text, object_pairs_hook=_reject_duplicates)
+        except json.JSONDecodeError as err:
+            raise PolicyError(
+                path, f"invalid JSON: {err.msg}", line=err.lineno, column=err.colno
+            ) from None
+        except ValueError as err:
+            raise PolicyError(path, f"invalid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise PolicyError(path, f"expected a JSON object {{...}} at the top, not {_show(data)}")
+    try:
+        return parse_policy(data, source=path)
+    except PolicyError as err:
+        if err.key is None:
+            raise
+        line = _key_line(text, err.key, toml=toml)
+        raise PolicyError(path, err.detail, key=err.key, line=line) from None
+
+
+def _is_toml(path: Path) -> bool:
+    suffix = path.suffix.lower()
+    if suffix not in (".json", ".toml"):
+        raise PolicyError(
+            str(path), f"unsupported policy file type {suffix!r} (use .json or .toml)"
+        )
+    return suffix == ".toml"
+
+
+def _decode(path: str, raw: bytes) -> str:
+    # utf-8-sig: editors on Windows like to prepend a BOM, which json.loads rejects.
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise PolicyError(path, f"not UTF-8 text (byte {err.start})") from None
+
+
+def load_policy(path: str | os.PathLike[str]) -> WorkerPolicy:
+    """The policy in a `.json` or `.toml` file; PolicyError if malformed, OSError if unreadable."""
+    p = Path(path)
+    toml = _is_toml(p)
+    return _parse_text(str(p), _decode(str(p), p.read_bytes()), toml=toml)
+
+
+def _render_defaults(*, toml: bool) -> str:
+    # AutoPledgeDiff is ignored here but written, so the file is the one myScheduler writes.
+    fields = {**MYSCHEDULER_DEFAULTS.as_myscheduler(), "AutoPledgeDiff": 0}
+    if not toml:
+        return json.dumps(fields, indent=2) + "\n"
+    # JSON's spellings of these strings, numbers and booleans are also valid TOML.
+    return "".join(f"{key} = {json.dumps(value)}\n" for key, value in fields.items())
+
+
+def write_default(path: str | os.PathLike[str], *, overwrite: bool = False) -> bool:
+    """Write myScheduler's default policy file; False (untouched) if it exists and not overwrite."""
+    p = Path(path)
+    text = _render_defaults(toml=_is_toml(p))
+    # Write a temporary file and link/rename it into place, so a watcher polling meanwhile
+    # never reads a half-written file.
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        # mkstemp makes it 0600; an operator's config file is normally readable by others.
+        os.chmod(tmp, 0o644)
+        if overwrite:
+            os.replace(tmp, p)
+            return True
+        try:
+            os.link(tmp, p)
+        except FileExistsError:
+            return False
+        except OSError:
+            # A file system without hard links: fall back to an exclusive create.
+            try:
+                with open(p, "x", encoding="utf-8") as f:
+                    f.write(text)
+            except FileExistsError:
+                return False
+        return True
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
+# --- hot reload ------------------------------------------------------------------------------
+
+# Within this much of a file's mtime, a second same-size write may keep the mtime (coarse
+# timestamps: 2 s on FAT, 1 s on ext3/HFS+, a jiffy on ext4), so the signature cannot be
+# trusted and the content is compared instead.
+_RACY_NS = 2_000_000_000
+
+_Signature = tuple[int, int, int]
+
+
+def _signature(st: os.stat_result) -> _Signature:
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+class PolicyWatcher:
+    """A worker's policy file, re-read when it changes; bad edits keep the last good policy.
+
+    A missing file means `WorkerPolicy()` (no restrictions). A file that is invalid from the
+    start gives `MYSCHEDULER_DEFAULTS` (every stage disabled) until fixed: the file shows the
+    operator meant to restrict this worker, so failing open could overfill it.
+    """
+
+    __slots__ = (
+        "_checked_at",
+        "_clock",
+        "_error",
+        "_had_good",
+        "_loaded_at",
+        "_min_interval",
+        "_policy",
+        "_present",
+        "_racy",
+        "_raw",
+        "_sig",
+        "_toml",
+        "path",
+    )
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        min_interval: float = 0.0,
+    ) -> None:
+        self.path = Path(path)
+        self._toml = _is_toml(self.path)
+        self._clock = clock
+        self._min_interval = min_interval
+        self._policy = WorkerPolicy()
+        self._error: str | None = None
+        self._loaded_at: float | None = None
+        self._checked_at: float | None = None
+        self._sig: _Signature | None = None
+        self._raw: bytes | None = None
+        self._racy = False
+        self._present = False
+        self._had_good = False
+        self.poll()
+
+    @property
+    def policy(self) -> WorkerPolicy:
+        """The last good policy (`WorkerPolicy()` while no file has existed)."""
+        return self._policy
+
+    @property
+    def error(self) -> str | None:
+        """Why the file's current content is not in effect, or None if it is."""
+        return self._error
+
+    @property
+    def loaded_at(self) -> float | None:
+        """`clock()` when `policy` last changed from a file, or None if never."""
+        return self._loaded_at
+
+    def poll(self) -> bool:
+        """Re-read the file if its (mtime, size, inode) changed; True if `policy` changed."""
+        now = self._clock()
+        if (
+            self._min_interval > 0
+            and self._checked_at is not None
+            and now - self._checked_at < self._min_interval
+        ):
+            return False
+        self._checked_at = now
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            if self._present:
+                self._error = f"{self.path}: file was deleted; keeping the last good policy"
+            self._present = False
+            self._sig = None
+            self._raw = None
+            return False
+        except OSError as err:
+            self._error = f"{self.path}: cannot read: {err.strerror or err}"
+            return False
+        if _signature(st) == self._sig and not self._racy:
+            return False
+        return self._read(now)
+
+    def _read(self, now: float) -> bool:
+        path = str(self.path)
+        try:
+            with open(self.path, "rb") as f:
+                before = os.fstat(f.fileno())
+                raw = f.read()
+                after = os.fstat(f.fileno())
+        except OSError as err:
+            self._error = f"{path}: cannot read: {err.strerror or err}"
+            return False
+        self._present = True
+        sig = _signature(after)
+        # A write in progress: leave the signature unrecorded so the next poll reads again.
+        self._sig = sig if _signature(before) == sig else None
+        self._racy = after.st_mtime_ns >= time.time_ns() - _RACY_NS
+        if raw == self._raw:
+            return False
+        self._raw = raw
+        try:
+            policy = _parse_text(path, _decode(path, raw), toml=self._toml)
+        except PolicyError as err:
+            if self._had_good:
+                self._error = f"{err}; keeping the last good policy"
+                return False
+            # Never valid: fail closed rather than run unrestricted (see the class docstring).
+            self._error = f"{err}; every stage is disabled until the file is fixed"
+            if self._policy == MYSCHEDULER_DEFAULTS:
+                return False
+            self._policy = MYSCHEDULER_DEFAULTS
+            self._loaded_at = now
+            return True
+        self._error = None
+        self._had_good = True
+        if policy == self._policy:
+            return False
+        self._policy = policy
+        self._loaded_at = now
+        return True
+
+
+# --- rules -----------------------------------------------------------------------------------
+
+
+class WorkerView(Protocol):
+    """What the rules need to know about one worker right now (supplied by the scheduler)."""
+
+    def stage_count(self, stage: str) -> int:
+        """Running + prepared + assigned tasks of stage "AP"/"PC1"/"PC2"/"C2" on this worker."""
+        ...
+
+    @property
+    def disk_used(self) -> int:
+        """Units held on the worker's local paths (`disk_units`)."""
+        ...
+
+    @property
+    def ap_disk_used(self) -> int:
+        """Unsealed-file units held on the worker's local paths (`disk_units`)."""
+        ...
+
+    @property
+    def out_of_space(self) -> bool:
+        """The worker's storage reported that it cannot allocate a new sector."""
+        ...
+
+    def holds(self, sector: object, files: FileType) -> bool:
+        """These files of that sector are on this worker's local paths."""
+        ...
+
+
+_CAPS: dict[TaskType, tuple[str, str]] = {
+    TaskType.ADD_PIECE: ("add_piece_max", "AddPieceMax"),
+    TaskType.PRE_COMMIT1: ("pre_commit1_max", "PreCommit1Max"),
+    TaskType.PRE_COMMIT2: ("pre_commit2_max", "PreCommit2Max"),
+    TaskType.COMMIT2: ("commit2_max", "Commit2Max"),
+}
+_DRAINED = frozenset(
+    {
+        TaskType.ADD_PIECE,
+        TaskType.PRE_COMMIT1,
+        TaskType.PRE_COMMIT2,
+        TaskType.COMMIT1,
+        TaskType.COMMIT2,
+    }
+)
+
+
+def _cap_refusal(policy: WorkerPolicy, task: TaskType, view: WorkerView) -> str | None:
+    attr, knob = _CAPS[task]
+    cap: int | None = getattr(policy, attr)
+    if cap is not None and view.stage_count(task.short) >= cap:
+        return f"{task.short} cap {cap} reached ({knob})"
+    return None
+
+
+def _constrained(policy: WorkerPolicy, view: WorkerView) -> str | None:
+    """Why the worker is in myScheduler's disk-constrained mode, or None if it is not."""
+    if policy.disk_hold_max > 0 and view.disk_used > policy.disk_hold_max:
+        return (
+            f"disk-constrained: {view.disk_used} units held > {policy.disk_hold_max} (DiskHoldMax)"
+        )
+    if view.out_of_space:
+        if policy.ignore_out_of_space:
+            return "out of space, disk-constrained (IgnoreOutOfSpace)"
+        return "out of space (IgnoreOutOfSpace is off)"
+    return None
+
+
+# myScheduler's `canHandleRequestMine`, in its order of checks, but following its manual where
+# the code differs from it: the drain also refuses C1; the disk-constrained mode also keeps
+# C1/C2 to sectors whose cache is local; a PC1 whose cache is already local (a restarted PC1)
+# is not charged 14 more units, else a constrained worker could never finish it; and
+# `out_of_space` without IgnoreOutOfSpace refuses AP/PC1 outright and constrains the rest, so
+# that turning IgnoreOutOfSpace on only ever loosens the rules.
+def policy_refusal(
+    policy: WorkerPolicy, task: TaskType, sector: object, view: WorkerView
+) -> str | None:
+    """Why `policy` refuses a new `task` for `sector` on the worker in `view`; None = allowed."""
+    if task not in _DRAINED:
+        return None
+    if policy.is_plan_offline:
+        return "draining (IsPlanOffline)"
+    if task in _CAPS:
+        attr, knob = _CAPS[task]
+        if getattr(policy, attr) == 0:
+            return f"{task.short} disabled on this worker ({knob} = 0)"
+    if (
+        task in (TaskType.ADD_PIECE, TaskType.PRE_COMMIT1)
+        and view.out_of_space
+        and not policy.ignore_out_of_space
+    ):
+        return "out of space (IgnoreOutOfSpace is off)"
+    constrained = _constrained(policy, view)
+    # `holds` may be an index lookup, so it is asked at most once and only when a rule needs it.
+    cache_local: bool | None = None
+
+    def has_cache() -> bool:
+        nonlocal cache_local
+        if cache_local is None:
+            cache_local = view.holds(sector, FileType.CACHE)
+        return cache_local
+
+    if task is TaskType.ADD_PIECE:
+        if constrained:
+            return constrained
+        if (refusal := _cap_refusal(policy, task, view)) is not None:
+            return refusal
+        hold = policy.disk_hold_max
+        if hold > 0 and view.disk_used + 1 > hold:
+            return f"disk hold {view.disk_used}+1 > {hold} units (DiskHoldMax)"
+        ap_hold = policy.ap_disk_hold_max
+        if ap_hold > 0 and view.ap_disk_used + 1 > ap_hold:
+            return f"AP disk hold {view.ap_disk_used}+1 > {ap_hold} units (APDiskHoldMax)"
+        return None
+
+    if task is TaskType.PRE_COMMIT1:
+        if constrained and not has_cache():
+            return f"{constrained}, and the sector cache is not on this worker"
+        hold = policy.disk_hold_max
+        # A PC1 whose cache is already here (a restart) holds its 14 units already.
+        if hold > 0 and view.disk_used + CACHE_UNITS > hold and not has_cache():
+            return f"disk hold {view.disk_used}+{CACHE_UNITS} > {hold} units (DiskHoldMax)"
+        if (refusal := _cap_refusal(policy, task, view)) is not None:
+            return refusal
+        if policy.force_p1_from_local_ap and not view.holds(sector, FileType.UNSEALED):
+            return "sector unsealed file is not on this worker (ForceP1FromLocalAP)"
+        return None
+
+    # PC2, C1 and C2 only read the cache, so the disk-constrained mode takes them only if the
+    # cache is already here (no fetch that would fill the disk further).
+    if constrained and not has_cache():
+        return f"{constrained}, and the sector cache is not on this worker"
+    if task is TaskType.PRE_COMMIT2:
+        if (refusal := _cap_refusal(policy, task, view)) is not None:
+            return refusal
+        if policy.force_p2_from_local_p1 and not has_cache():
+            return "sector cache is not on this worker (ForceP2FromLocalP1)"
+        if not policy.allow_p2c2_parallel and view.stage_count("C2") >= 1:
+            return "a C2 is running and AllowP2C2Parallel is off"
+        return None
+
+    if task is TaskType.COMMIT2 and (refusal := _cap_refusal(policy, task, view)) is not None:
+        return refusal
+    if policy.force_c2_from_local_p2 and not has_cache():
+        return "sector cache is not on this worker (ForceC2FromLocalP2)"
+    if task is TaskType.COMMIT2 and not policy.allow_p2c2_parallel and view.stage_count("PC2") >= 1:
+        return "a PC2 is running and AllowP2C2Parallel is off"
+    return None
+
+
+# myScheduler's `localDiskUsed`. Each entry is one sector's file or directory on a path that
+# is not long-term storage (myScheduler skips CanStore paths), with whether it holds
+# `SDR_LAYER_FILE`; only a cache cares. A cache without the layer counts 0 because SDR has not
+# started filling it yet. Other file types (update, piece) count 0, as in myScheduler, which
+# only looks at the three sealing directories.
+def disk_units(files: Iterable[tuple[FileType, bool]]) -> tuple[int, int]:
+    """`(disk_used, ap_disk_used)`: a cache with its layer 14, unsealed 1 (+1 AP), sealed 1."""
+    used = ap_used = 0
+    for files_of_sector, has_layer in files:
+        for ft in files_of_sector.each():
+            if ft is FileType.CACHE:
+                used += CACHE_UNITS if has_layer else 0
+            elif ft is FileType.UNSEALED:
+                used += 1
+                ap_used += 1
+            elif ft is FileType.SEALED:
+                used += 1
+    return used, ap_used

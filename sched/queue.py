@@ -1,0 +1,126 @@
+"""The request queue: an indexed priority queue, grouped by the shape of the requests.
+
+Lotus re-sorts its whole queue on every push and remove, and tests every queued task against
+every worker window on every event. Here requests whose verdicts are necessarily identical
+(same task type, sector size and file locations: their *shape*) share one heap, so a cycle only
+ever tests the head of each shape, and removal is O(1) (lazy deletion).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from collections.abc import Awaitable, Callable, Hashable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .selectors import Placement, Selector
+from .storage import SectorRef
+from .tasks import TaskType, queue_key
+
+Action = Callable[[Any], Awaitable[Any]]
+
+
+@dataclass(eq=False, slots=True)
+class Request:
+    """One task waiting for (or holding) a worker."""
+
+    sched_id: int
+    sector: SectorRef
+    task_type: TaskType
+    priority: int
+    selector: Selector
+    prepare: Action | None
+    work: Action
+    key: tuple[int, int, int, int, int]
+    enqueued_at: float
+    #: Resolved by the scheduler with the chosen worker's name and placement.
+    assigned: asyncio.Future[tuple[str, Placement]]
+    shape: Hashable = None
+    worker: str | None = None
+
+
+@dataclass(slots=True)
+class _Shape:
+    heap: list[tuple[tuple[int, int, int, int, int], int]] = field(default_factory=list)
+    live: int = 0
+
+
+class RequestQueue:
+    """Queued requests in Lotus's order (`tasks.queue_key`), grouped by shape."""
+
+    def __init__(self) -> None:
+        self._requests: dict[int, Request] = {}
+        self._shapes: dict[Hashable, _Shape] = {}
+        self._ids = itertools.count(1)
+
+    def next_id(self) -> int:
+        """A fresh scheduling id."""
+        return next(self._ids)
+
+    def make_key(
+        self, task_type: TaskType, priority: int, sector: SectorRef, sched_id: int
+    ) -> tuple[int, int, int, int, int]:
+        """The request's sort key."""
+        return queue_key(task_type, priority, sector.number, sched_id)
+
+    def push(self, req: Request, shape: Hashable) -> None:
+        """Queue `req` under `shape`."""
+        req.shape = shape
+        self._requests[req.sched_id] = req
+        group = self._shapes.get(shape)
+        if group is None:
+            group = self._shapes[shape] = _Shape()
+        heapq.heappush(group.heap, (req.key, req.sched_id))
+        group.live += 1
+
+    def remove(self, sched_id: int) -> Request | None:
+        """Take a request out of the queue (O(1)); None if it is not queued."""
+        req = self._requests.pop(sched_id, None)
+        if req is None:
+            return None
+        group = self._shapes[req.shape]
+        group.live -= 1
+        if group.live == 0:
+            del self._shapes[req.shape]
+        return req
+
+    def head(self, shape: Hashable) -> Request | None:
+        """The first live request of `shape`."""
+        group = self._shapes.get(shape)
+        if group is None:
+            return None
+        heap = group.heap
+        while heap:
+            req = self._requests.get(heap[0][1])
+            if req is not None and req.shape == shape:
+                return req
+            heapq.heappop(heap)  # removed earlier, or re-shaped
+        return None
+
+    def heads(self) -> list[Request]:
+        """The head of every shape, most urgent first."""
+        out = [h for s in list(self._shapes) if (h := self.head(s)) is not None]
+        out.sort(key=lambda r: r.key)
+        return out
+
+    def get(self, sched_id: int) -> Request | None:
+        """A queued request by id."""
+        return self._requests.get(sched_id)
+
+    def shape_size(self, shape: Hashable) -> int:
+        """How many requests share `shape`."""
+        group = self._shapes.get(shape)
+        return 0 if group is None else group.live
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+    def __iter__(self) -> Iterator[Request]:
+        """Every queued request, most urgent first (O(n log n); for views, not cycles)."""
+        return iter(sorted(self._requests.values(), key=lambda r: r.key))
+
+    def for_sector(self, sector: SectorRef) -> list[Request]:
+        """Queued requests of one sector."""
+        return [r for r in self._requests.values() if r.sector == sector]

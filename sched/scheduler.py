@@ -1,0 +1,484 @@
+"""The scheduler: queue, workers, storage index and assigner, driven incrementally.
+
+Invariant after every cycle: no queued request can be placed on any enabled worker. A cycle
+therefore only has to test what changed: requests of a new shape against every worker, and
+the head of every shape against the workers whose ledger, policy or state changed
+(`dirty`). That keeps one decision near-linear in queue + workers, where Lotus tests every
+queued task against every window on every event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import time
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ..fsm.clock import Clock, RealClock
+from .assigners import Assigner, Candidate, make_assigner, slots_for
+from .filetypes import FileType, space_needed
+from .ledger import Ledger, Phase, WorkerResources
+from .policy import PolicyWatcher, disk_units, policy_refusal
+from .queue import Request, RequestQueue
+from .resources import Resources, resource_spec
+from .selectors import Placement, Selector
+from .storage import SectorRef, StorageIndex
+from .tasks import TaskType
+from .views import JobSnapshot, TaskDiag, WorkerSnapshot, job_snapshot, worker_snapshot
+from .workers import InProcessBackend, Worker, WorkerBackend, WorkerSpec
+
+log = logging.getLogger("sectorfsm.sched")
+R = TypeVar("R")
+
+_STAGES = {
+    TaskType.ADD_PIECE: "AP",
+    TaskType.PRE_COMMIT1: "PC1",
+    TaskType.PRE_COMMIT2: "PC2",
+    TaskType.COMMIT2: "C2",
+}
+_CAPS = {
+    "AP": "add_piece_max",
+    "PC1": "pre_commit1_max",
+    "PC2": "pre_commit2_max",
+    "C2": "commit2_max",
+}
+
+
+class SchedulerError(Exception):
+    """Bad use of the scheduler (unknown worker, duplicate name, stopped scheduler)."""
+
+
+@dataclass(slots=True)
+class Job:
+    """A task that holds a worker: what `prepare` and `work` receive."""
+
+    sched_id: int
+    sector: SectorRef
+    task_type: TaskType
+    worker: Worker
+    placement: Placement
+    phase: Phase
+    started_at: float
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn(*args)` on the job's worker backend (cancelling the job kills it there)."""
+        return await self.worker.run(self.sched_id, fn, *args)
+
+
+class _PolicyView:
+    """What the policy rules see of one worker (`policy.WorkerView`)."""
+
+    __slots__ = ("_index", "_sector_size", "_units", "_worker")
+
+    def __init__(
+        self, worker: Worker, index: StorageIndex, units: tuple[int, int], sector_size: int
+    ) -> None:
+        self._worker = worker
+        self._index = index
+        self._units = units
+        self._sector_size = sector_size
+
+    def stage_count(self, stage: str) -> int:
+        counts = self._worker.ledger.counts
+        return sum(n for t, n in counts.items() if _STAGES.get(t) == stage)
+
+    @property
+    def disk_used(self) -> int:
+        return self._units[0]
+
+    @property
+    def ap_disk_used(self) -> int:
+        return self._units[1]
+
+    @property
+    def out_of_space(self) -> bool:
+        # Out of space means: it has sealing paths, and none has room for a PC1's files.
+        if not any(p.can_seal for p in self._index.worker_paths(self._worker.name)):
+            return False
+        need = space_needed(FileType.CACHE | FileType.SEALED, self._sector_size)
+        return self._index.free_space(self._worker.name) < need
+
+    def holds(self, sector: object, files: FileType) -> bool:
+        assert isinstance(sector, SectorRef)
+        return self._index.worker_holds(self._worker.name, sector, files)
+
+
+class Scheduler:
+    """Places sealing tasks on workers; see the module docstring for the cycle."""
+
+    def __init__(
+        self,
+        *,
+        clock: Clock | None = None,
+        assigner: str = "balanced",
+        index: StorageIndex | None = None,
+        policy_poll_interval: float = 1.0,
+    ) -> None:
+        self.clock: Clock = clock or RealClock()
+        self.assigner: Assigner = make_assigner(assigner)
+        self.index = index or StorageIndex()
+        self.policy_poll_interval = policy_poll_interval
+        self.queue = RequestQueue()
+        self._workers: dict[str, Worker] = {}
+        self._by_type: dict[TaskType, list[Worker]] = {}
+        self._jobs: dict[int, Job] = {}
+        #: The worker whose ledger holds each assigned task.
+        self._held: dict[int, Worker] = {}
+        self._policy_errors: dict[str, str | None] = {}
+        self._dirty: set[str] = set()
+        self._unchecked: set[Hashable] = set()
+        self._kicked = False
+        self._units: dict[str, tuple[int, int]] = {}
+        self._monitor: asyncio.Task[None] | None = None
+        #: Figures for benchmarks and tests.
+        self.cycles = 0
+        self.checks = 0
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the heartbeat and policy monitor."""
+        if self._monitor is None:
+            self._monitor = asyncio.get_running_loop().create_task(self._watch())
+
+    async def stop(self) -> None:
+        """Stop the monitor; queued requests stay queued."""
+        if self._monitor is not None:
+            self._monitor.cancel()
+            await asyncio.gather(self._monitor, return_exceptions=True)
+            self._monitor = None
+
+    # -- workers ----------------------------------------------------------------------------
+
+    def add_worker(self, spec: WorkerSpec, backend: WorkerBackend | None = None) -> Worker:
+        """Register a worker (its paths join the storage index); re-adding replaces it."""
+        if spec.name in self._workers:
+            self.remove_worker(spec.name)
+        watcher = PolicyWatcher(spec.policy_file) if spec.policy_file is not None else None
+        if watcher is not None:
+            watcher.poll()
+            if watcher.error:
+                log.error("worker %s: %s", spec.name, watcher.error)
+        w = Worker(
+            spec,
+            backend or InProcessBackend(),
+            Ledger(spec.resources),
+            self.clock.now(),
+            watcher=watcher,
+        )
+        self._workers[spec.name] = w
+        for t in spec.task_types:
+            self._by_type.setdefault(t, []).append(w)
+        for p in spec.paths:
+            self.index.declare(p)
+        self._touch(w.name)
+        return w
+
+    def remove_worker(self, name: str) -> None:
+        """Forget a worker; its running jobs keep running until they return."""
+        w = self._workers.pop(name, None)
+        if w is None:
+            raise SchedulerError(f"no worker named {name!r}")
+        w.enabled = False
+        w.disabled_reason = "removed"
+        for t in w.spec.task_types:
+            self._by_type[t].remove(w)
+        self._units.pop(name, None)
+
+    def heartbeat(self, name: str, resources: WorkerResources | None = None) -> None:
+        """A sign of life from a worker, optionally with fresh resource figures."""
+        w = self._worker(name)
+        w.last_heartbeat = self.clock.now()
+        if resources is not None:
+            w.ledger.resources = resources
+            w.spec.resources = resources
+        if not w.enabled and w.disabled_reason.startswith("missed heartbeats"):
+            log.info("worker %s is back", name)
+            w.enabled = True
+            w.disabled_reason = ""
+        self._touch(name)
+
+    def disable(self, name: str, reason: str) -> None:
+        """Take no new work on `name` (its assigned, unstarted tasks go back to the queue)."""
+        w = self._worker(name)
+        w.enabled = False
+        w.disabled_reason = reason
+
+    def enable(self, name: str) -> None:
+        """Undo `disable`."""
+        w = self._worker(name)
+        w.enabled, w.disabled_reason = True, ""
+        self._touch(name)
+
+    def files_changed(self, sector: SectorRef) -> None:
+        """Sector files moved (the index changed): re-evaluate that sector's queued tasks."""
+        for req in self.queue.for_sector(sector):
+            self.queue.remove(req.sched_id)
+            self._enqueue(req)
+        for w in self._workers.values():
+            self._units.pop(w.name, None)
+        self._kick()
+
+    # -- scheduling -------------------------------------------------------------------------
+
+    async def schedule(
+        self,
+        sector: SectorRef,
+        task_type: TaskType,
+        selector: Selector,
+        prepare: Callable[[Job], Awaitable[Any]] | None,
+        work: Callable[[Job], Awaitable[R]],
+        *,
+        priority: int = 0,
+    ) -> R:
+        """Queue a task, wait for a worker, run `prepare` then `work`; return work's result.
+
+        Cancelling the caller removes a queued task, or cancels a running one (its backend
+        job is killed). Errors of `prepare`/`work` go back to the caller unchanged.
+        """
+        loop = asyncio.get_running_loop()
+        sched_id = self.queue.next_id()
+        req = Request(
+            sched_id,
+            sector,
+            task_type,
+            priority,
+            selector,
+            prepare,
+            work,
+            self.queue.make_key(task_type, priority, sector, sched_id),
+            self.clock.now(),
+            loop.create_future(),
+        )
+        while True:
+            self._enqueue(req)
+            self._kick()
+            try:
+                worker_name, placement = await req.assigned
+            except asyncio.CancelledError:
+                if self.queue.remove(sched_id) is None and req.assigned.done():
+                    self._release(sched_id)
+                raise
+            w = self._workers.get(worker_name)
+            if w is not None and w.enabled:
+                break
+            # The worker went away between assignment and start: queue the task again.
+            self._release(sched_id)
+            req.assigned = loop.create_future()
+        job = Job(sched_id, sector, task_type, w, placement, Phase.PREPARING, self.clock.now())
+        self._jobs[sched_id] = job
+        try:
+            if prepare is not None:
+                w.ledger.set_phase(sched_id, Phase.PREPARING)
+                await prepare(job)
+            job.phase = Phase.RUNNING
+            w.ledger.set_phase(sched_id, Phase.RUNNING)
+            return await work(job)
+        finally:
+            self._release(sched_id)
+
+    def cancel(self, sched_id: int) -> bool:
+        """Cancel a queued task by id (its `schedule` call raises CancelledError)."""
+        req = self.queue.get(sched_id)
+        if req is None:
+            return False
+        req.assigned.cancel()
+        self.queue.remove(sched_id)
+        return True
+
+    def _enqueue(self, req: Request) -> None:
+        shape: Hashable = (req.task_type, req.sector.size, req.selector.shape(req.sector))
+        if shape[2] is None:  # type: ignore[index]
+            # Verdicts depend on where this sector's files are, not on which sector it is.
+            shape = (req.task_type, req.sector.size, req.selector, self.index.locations(req.sector))
+        if self.queue.shape_size(shape) == 0:
+            self._unchecked.add(shape)
+        self.queue.push(req, shape)
+
+    def _release(self, sched_id: int) -> None:
+        self._jobs.pop(sched_id, None)
+        w = self._held.pop(sched_id, None)
+        if w is not None:
+            w.jobs.discard(sched_id)
+            w.ledger.free(sched_id)
+            self._units.pop(w.name, None)
+            self._touch(w.name)
+        self.index.release(sched_id)
+        self._kick()
+
+    def _touch(self, name: str) -> None:
+        self._dirty.add(name)
+        self._kick()
+
+    def _kick(self) -> None:
+        if not self._kicked:
+            try:
+                asyncio.get_running_loop().call_soon(self._cycle)
+            except RuntimeError:
+                return  # no loop yet: the first schedule() kicks
+            self._kicked = True
+
+    def _cycle(self) -> None:
+        self._kicked = False
+        self.cycles += 1
+        dirty = [w for n in self._dirty if (w := self._workers.get(n)) is not None and w.enabled]
+        unchecked, self._unchecked = self._unchecked, set()
+        self._dirty.clear()
+        if not len(self.queue):
+            return
+        heap = [(h.key, i, h.shape) for i, h in enumerate(self.queue.heads())]
+        heapq.heapify(heap)
+        seq = len(heap)
+        while heap:
+            _, _, shape = heapq.heappop(heap)
+            req = self.queue.head(shape)
+            if req is None:
+                continue
+            pool = self._by_type.get(req.task_type, ()) if shape in unchecked else dirty
+            chosen = self._choose(req, pool)
+            if chosen is None:
+                continue  # this shape is blocked everywhere it was tested
+            self._assign(req, chosen)
+            nxt = self.queue.head(shape)
+            if nxt is not None:
+                seq += 1
+                heapq.heappush(heap, (nxt.key, seq, shape))
+
+    def _choose(self, req: Request, pool: Sequence[Worker]) -> Candidate | None:
+        candidates = []
+        for w in pool:
+            verdict = self._verdict(req, w)
+            if isinstance(verdict, Candidate):
+                candidates.append(verdict)
+        return self.assigner.choose(req.task_type, candidates) if candidates else None
+
+    def _verdict(self, req: Request, w: Worker) -> Candidate | str:
+        self.checks += 1
+        if not w.enabled:
+            return w.disabled_reason or "disabled"
+        if not w.supports(req.task_type):
+            return f"does not do {req.task_type.short}"
+        policy = w.policy
+        if w.watcher is not None:  # no policy file: no operator restrictions
+            units = self._units.get(w.name)
+            if units is None:
+                units = self._units[w.name] = self._disk_units(w)
+            view = _PolicyView(w, self.index, units, req.sector.size)
+            refusal = policy_refusal(policy, req.task_type, req.sector, view)
+            if refusal is not None:
+                return refusal
+        need = resource_spec(req.task_type, req.sector.size, w.spec.overrides)
+        refusal = w.ledger.refusal(req.task_type, need)
+        if refusal is not None:
+            return refusal
+        placement = req.selector.check(req.sector, w, self.index)
+        if isinstance(placement, str):
+            return placement
+        stage = _STAGES.get(req.task_type)
+        cap = getattr(policy, _CAPS[stage]) if stage and w.watcher is not None else None
+        return Candidate(w, placement, need, slots_for(w, need, cap))
+
+    def _assign(self, req: Request, c: Candidate) -> None:
+        self.queue.remove(req.sched_id)
+        w = c.worker
+        w.ledger.add(req.sched_id, req.task_type, c.need)
+        w.jobs.add(req.sched_id)
+        self._held[req.sched_id] = w
+        if c.placement.path is not None and c.placement.reserve:
+            self.index.reserve(req.sched_id, c.placement.path, c.placement.reserve)
+        self._units.pop(w.name, None)
+        req.worker = w.name
+        if not req.assigned.done():
+            req.assigned.set_result((w.name, c.placement))
+
+    def _disk_units(self, w: Worker) -> tuple[int, int]:
+        # The index records a cache once PC1 wrote it, so its SDR layers exist: 14 units.
+        return disk_units((f, True) for _, f in self.index.local_files(w.name))
+
+    # -- monitoring -------------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.policy_poll_interval)
+            self.check_workers()
+
+    def check_workers(self) -> None:
+        """Disable workers past their heartbeat grace and pick up policy edits."""
+        now = self.clock.now()
+        for w in list(self._workers.values()):
+            if w.watcher is not None:
+                if w.watcher.poll():
+                    log.info("worker %s: policy reloaded from %s", w.name, w.watcher.path)
+                    self._touch(w.name)
+                error = w.watcher.error
+                if error != self._policy_errors.get(w.name):
+                    self._policy_errors[w.name] = error
+                    if error:
+                        log.error(
+                            "worker %s: policy edit rejected, keeping the last good policy: %s",
+                            w.name,
+                            error,
+                        )
+            late = now - w.last_heartbeat
+            if w.spec.needs_heartbeats and w.enabled and late > w.spec.heartbeat_grace:
+                log.warning("worker %s missed heartbeats for %.0f s: disabled", w.name, late)
+                self.disable(w.name, f"missed heartbeats for {late:.0f} s")
+
+    # -- views ------------------------------------------------------------------------------
+
+    def workers(self) -> list[WorkerSnapshot]:
+        """Every worker with its load, state and policy status."""
+        now = self.clock.now()
+        return [worker_snapshot(w, self.index, now) for w in self._workers.values()]
+
+    def jobs(self) -> list[JobSnapshot]:
+        """Every task holding a worker, and every queued one."""
+        now = self.clock.now()
+        held = [
+            job_snapshot(
+                j.sched_id, j.sector, j.task_type, j.worker.name, j.phase.value, now - j.started_at
+            )
+            for j in self._jobs.values()
+        ]
+        queued = [
+            job_snapshot(r.sched_id, r.sector, r.task_type, None, "queued", now - r.enqueued_at)
+            for r in self.queue
+        ]
+        return held + queued
+
+    def diag(self, limit: int | None = None) -> list[TaskDiag]:
+        """For each queued task (most urgent first), why each worker did not take it."""
+        out: list[TaskDiag] = []
+        for n, req in enumerate(self.queue):
+            if limit is not None and n >= limit:
+                break
+            reasons: dict[str, str] = {}
+            for w in self._workers.values():
+                v = self._verdict(req, w)
+                reasons[w.name] = "could take it now" if isinstance(v, Candidate) else v
+            out.append(
+                TaskDiag(req.sched_id, str(req.sector), req.task_type.short, req.priority, reasons)
+            )
+        return out
+
+    def snapshot(self) -> dict[str, Any]:
+        """Workers, jobs and diagnosis as plain data, for the CLI to read from the store."""
+        return {
+            "at": time.time(),
+            "workers": [v.to_dict() for v in self.workers()],
+            "jobs": [j.to_dict() for j in self.jobs()],
+            "diag": [d.to_dict() for d in self.diag(limit=200)],
+        }
+
+    def _worker(self, name: str) -> Worker:
+        try:
+            return self._workers[name]
+        except KeyError:
+            raise SchedulerError(f"no worker named {name!r}") from None
+
+    def need(self, task_type: TaskType, sector_size: int, worker: str) -> Resources:
+        """The resources a task of this type needs on `worker` (its overrides applied)."""
+        return resource_spec(task_type, sector_size, self._worker(worker).spec.overrides)

@@ -1,0 +1,151 @@
+"""Selectors: which workers may take a task, and what placing it there costs.
+
+Lotus's selectors answer yes/no (`Ok`) and compare two workers (`Cmp`). Here a selector
+answers, for one worker, either a refusal in an operator's words or a placement: the storage
+path to reserve and the cost in seconds of moving the sector's files there. The assigner
+weighs that cost, so keeping work where the sector's files are is a preference, not just a
+filter (`reference/lotus-sched.md` §3.5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from .filetypes import FileType, space_needed
+from .resources import describe_bytes
+from .storage import SectorRef, StorageIndex
+from .workers import Worker
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """A worker that can take the task: what to reserve there, and the transfer it implies."""
+
+    #: Storage path to reserve `reserve` bytes on (None: nothing to reserve).
+    path: str | None = None
+    reserve: int = 0
+    #: Bytes to fetch from other workers, and how long that takes on this worker's link.
+    fetch_bytes: int = 0
+    cost_s: float = 0.0
+
+
+Verdict = Placement | str
+
+
+class Selector(Protocol):
+    """Decides, worker by worker, where a task may run."""
+
+    def check(self, sector: SectorRef, worker: Worker, index: StorageIndex) -> Verdict:
+        """A `Placement` on `worker`, or the reason it cannot take the task."""
+        ...
+
+    def shape(self, sector: SectorRef) -> object | None:
+        """Tasks of one shape get the same verdicts; None when it depends on the sector."""
+        ...
+
+
+def _no_room(
+    what: str, files: FileType, sector: SectorRef, worker: Worker, index: StorageIndex
+) -> str:
+    need = space_needed(files, sector.size)
+    free = index.free_space(worker.name)
+    return f"no {what} path with {describe_bytes(need)} free ({describe_bytes(max(0, free))} free)"
+
+
+@dataclass(frozen=True, slots=True)
+class AllocSelector:
+    """New files (AP, PC1): the worker needs a local sealing path with room for them."""
+
+    alloc: FileType
+    sealing: bool = True
+
+    def check(self, sector: SectorRef, worker: Worker, index: StorageIndex) -> Verdict:
+        """Place on the worker's roomiest path, reserving the files' full size."""
+        path = index.best_alloc(worker.name, self.alloc, sector.size, sealing=self.sealing)
+        if path is None:
+            return _no_room(
+                "sealing" if self.sealing else "storage", self.alloc, sector, worker, index
+            )
+        return Placement(path.id, space_needed(self.alloc, sector.size))
+
+    def shape(self, sector: SectorRef) -> object | None:
+        """Depends only on the sector size."""
+        return ("alloc", self.alloc, self.sealing, sector.size)
+
+
+@dataclass(frozen=True, slots=True)
+class ExistingSelector:
+    """Work on existing files (PC2, C1, FIN): where they are, or anywhere they can be fetched."""
+
+    files: FileType
+    allow_fetch: bool = False
+
+    def check(self, sector: SectorRef, worker: Worker, index: StorageIndex) -> Verdict:
+        """Free on a holder; with `allow_fetch`, elsewhere at the cost of moving the files."""
+        holders = index.holders(sector, self.files)
+        if worker.name in holders:
+            return Placement()
+        if not holders and not index.find_sector(sector, self.files):
+            return f"sector {sector} has no {_names(self.files)} file anywhere"
+        if not self.allow_fetch:
+            where = ", ".join(sorted(holders)) or "long-term storage"
+            return f"sector {_names(self.files)} is on {where}"
+        path = index.best_alloc(worker.name, self.files, sector.size)
+        if path is None:
+            return _no_room("sealing", self.files, sector, worker, index)
+        size = space_needed(self.files, sector.size)
+        return Placement(path.id, size, size, size / worker.spec.bandwidth)
+
+    def shape(self, sector: SectorRef) -> object | None:
+        """Depends on where this sector's files are."""
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSelector:
+    """No files involved (C2): any worker of the type, specialised workers first."""
+
+    def check(self, sector: SectorRef, worker: Worker, index: StorageIndex) -> Verdict:
+        """Always placeable; a worker that does fewer kinds of work costs a little less."""
+        return Placement(cost_s=len(worker.spec.task_types) * 1e-6)
+
+    def shape(self, sector: SectorRef) -> object | None:
+        """Independent of the sector."""
+        return ("task",)
+
+
+@dataclass(frozen=True, slots=True)
+class MoveSelector:
+    """Move finalized files to long-term storage: a worker that reaches a storage path."""
+
+    files: FileType
+    allow_remote: bool = True
+
+    def check(self, sector: SectorRef, worker: Worker, index: StorageIndex) -> Verdict:
+        """Prefer the holder of the files; others only if `allow_remote`."""
+        holds = worker.name in index.holders(sector, self.files)
+        if not holds and not self.allow_remote:
+            return f"sector {_names(self.files)} is not on this worker (remote finalize is off)"
+        target = max(
+            (
+                p
+                for p in index.paths.values()
+                if p.can_store and (p.worker is None or p.worker == worker.name)
+            ),
+            key=lambda p: p.available * p.weight,
+            default=None,
+        )
+        need = space_needed(self.files, sector.size, finalized=True)
+        if target is None or target.available < need:
+            return f"no long-term storage path with {describe_bytes(need)} free"
+        cost = 0.0 if holds else need / worker.spec.bandwidth
+        return Placement(target.id, need, 0 if holds else need, cost)
+
+    def shape(self, sector: SectorRef) -> object | None:
+        """Depends on where this sector's files are."""
+        return None
+
+
+def _names(files: FileType) -> str:
+    return "+".join(f.dirname for f in files.each())

@@ -1,0 +1,194 @@
+"""The storage index: which worker and path hold which sector file, and space reservations.
+
+Lotus checks a path's free space from a heartbeat refreshed every 10 s and reserves nothing
+when it assigns work, so a burst of assignments lands on one path and later fails with
+"out of space". Here space is reserved when a task is assigned and released when it ends, so
+`available` always accounts for work already promised to the path.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from .filetypes import FileType, space_needed
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class SectorRef:
+    """A sector: its miner actor id, its number and its size in bytes."""
+
+    miner: int
+    number: int
+    size: int
+
+    def __str__(self) -> str:
+        return f"s-t0{self.miner}-{self.number}"
+
+
+@dataclass(slots=True)
+class StoragePath:
+    """One storage path: local to a worker (sealing scratch) or shared long-term storage."""
+
+    id: str
+    #: The worker that has this path locally; None for storage every worker can reach.
+    worker: str | None
+    capacity: int
+    can_seal: bool = True
+    can_store: bool = False
+    weight: int = 1
+    #: Bytes used on disk, as last reported.
+    used: int = 0
+    #: Bytes promised to assigned tasks that have not written them yet.
+    reserved: int = 0
+
+    @property
+    def available(self) -> int:
+        """Free bytes after what is on disk and what is reserved."""
+        return self.capacity - self.used - self.reserved
+
+
+@dataclass(slots=True)
+class _Reservation:
+    path: str
+    size: int
+
+
+@dataclass(slots=True)
+class StorageIndex:
+    """Sector files per path, and space reservations per task."""
+
+    paths: dict[str, StoragePath] = field(default_factory=dict)
+    _files: dict[tuple[SectorRef, FileType], set[str]] = field(
+        default_factory=lambda: defaultdict(set)
+    )
+    _by_path: dict[str, set[tuple[SectorRef, FileType]]] = field(
+        default_factory=lambda: defaultdict(set)
+    )
+    _reservations: dict[int, list[_Reservation]] = field(default_factory=dict)
+
+    # -- paths ------------------------------------------------------------------------------
+
+    def declare(self, path: StoragePath) -> None:
+        """Add or replace a path (keeps the files already recorded on it)."""
+        old = self.paths.get(path.id)
+        if old is not None:
+            path.reserved = old.reserved
+        self.paths[path.id] = path
+
+    def drop_path(self, path_id: str) -> None:
+        """Forget a path and the files recorded on it."""
+        self.paths.pop(path_id, None)
+        for key in self._by_path.pop(path_id, set()):
+            self._files[key].discard(path_id)
+
+    def worker_paths(self, worker: str) -> Iterator[StoragePath]:
+        """The paths local to `worker`."""
+        return (p for p in self.paths.values() if p.worker == worker)
+
+    # -- sector files -----------------------------------------------------------------------
+
+    def add_sector(self, sector: SectorRef, files: FileType, path_id: str) -> None:
+        """Record that `files` of `sector` are now on `path_id`."""
+        if path_id not in self.paths:
+            raise KeyError(f"unknown storage path {path_id!r}")
+        for f in files.each():
+            self._files[(sector, f)].add(path_id)
+            self._by_path[path_id].add((sector, f))
+
+    def remove_sector(self, sector: SectorRef, files: FileType, path_id: str | None = None) -> None:
+        """Forget `files` of `sector` on one path (or on every path)."""
+        for f in files.each():
+            holders = self._files.get((sector, f))
+            if not holders:
+                continue
+            for pid in [path_id] if path_id is not None else list(holders):
+                holders.discard(pid)
+                self._by_path[pid].discard((sector, f))
+            if not holders:
+                del self._files[(sector, f)]
+
+    def find_sector(self, sector: SectorRef, files: FileType) -> dict[str, FileType]:
+        """Which of `files` each path holds."""
+        found: dict[str, FileType] = {}
+        for f in files.each():
+            for pid in self._files.get((sector, f), ()):
+                found[pid] = found.get(pid, FileType.NONE) | f
+        return found
+
+    def holders(self, sector: SectorRef, files: FileType) -> set[str]:
+        """Workers that hold *all* of `files` of `sector` on their local paths."""
+        per_worker: dict[str, FileType] = {}
+        for pid, held in self.find_sector(sector, files).items():
+            worker = self.paths[pid].worker
+            if worker is not None:
+                per_worker[worker] = per_worker.get(worker, FileType.NONE) | held
+        return {w for w, held in per_worker.items() if held & files == files}
+
+    def locations(self, sector: SectorRef) -> frozenset[tuple[str | None, int]]:
+        """`(worker or None for shared storage, files held)` for every holder of the sector."""
+        per: dict[str | None, int] = {}
+        for (_, f), holders in self._sector_files(sector):
+            for pid in holders:
+                w = self.paths[pid].worker
+                per[w] = per.get(w, 0) | int(f)
+        return frozenset(per.items())
+
+    def _sector_files(
+        self, sector: SectorRef
+    ) -> Iterator[tuple[tuple[SectorRef, FileType], set[str]]]:
+        for f in FileType(0x3F).each():
+            holders = self._files.get((sector, f))
+            if holders:
+                yield (sector, f), holders
+
+    def worker_holds(self, worker: str, sector: SectorRef, files: FileType) -> bool:
+        """True if `worker` has all of `files` of `sector` locally."""
+        return worker in self.holders(sector, files)
+
+    def local_files(self, worker: str) -> Iterator[tuple[SectorRef, FileType]]:
+        """Every sector file on `worker`'s sealing (non-long-term) paths."""
+        for p in self.worker_paths(worker):
+            if not p.can_store:
+                yield from self._by_path.get(p.id, ())
+
+    # -- space ------------------------------------------------------------------------------
+
+    def best_alloc(
+        self, worker: str, files: FileType, sector_size: int, *, sealing: bool = True
+    ) -> StoragePath | None:
+        """`worker`'s local path with the most weighted free space that fits `files`."""
+        need = space_needed(files, sector_size)
+        best: StoragePath | None = None
+        for p in self.worker_paths(worker):
+            if not (p.can_seal if sealing else p.can_store) or p.available < need:
+                continue
+            if best is None or p.available * p.weight > best.available * best.weight:
+                best = p
+        return best
+
+    def free_space(self, worker: str, *, sealing: bool = True) -> int:
+        """The largest free space on any of `worker`'s sealing (or storage) paths."""
+        spaces = [
+            p.available
+            for p in self.worker_paths(worker)
+            if (p.can_seal if sealing else p.can_store)
+        ]
+        return max(spaces, default=0)
+
+    def reserve(self, owner: int, path_id: str, size: int) -> None:
+        """Promise `size` bytes of `path_id` to task `owner` until `release(owner)`."""
+        self.paths[path_id].reserved += size
+        self._reservations.setdefault(owner, []).append(_Reservation(path_id, size))
+
+    def release(self, owner: int) -> None:
+        """Return everything task `owner` had reserved."""
+        for r in self._reservations.pop(owner, ()):
+            path = self.paths.get(r.path)
+            if path is not None:
+                path.reserved -= r.size
+
+    def reserved_by(self, owner: int) -> Iterable[tuple[str, int]]:
+        """`(path, bytes)` reserved by one task."""
+        return [(r.path, r.size) for r in self._reservations.get(owner, ())]

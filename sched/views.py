@@ -1,0 +1,100 @@
+"""Plain snapshots of workers, jobs and diagnoses (for `sectors workers/jobs/sched-diag`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .storage import SectorRef, StorageIndex
+from .tasks import TaskType
+from .workers import Worker
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSnapshot:
+    """A worker as an operator sees it."""
+
+    name: str
+    enabled: bool
+    disabled_reason: str
+    tasks: dict[str, int]
+    phases: dict[str, int]
+    cpus_used: int
+    cpus: int
+    mem_used: int
+    mem_physical: int
+    gpus_used: float
+    gpus: int
+    utilization: float
+    free_space: int
+    heartbeat_age_s: float
+    policy_error: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class JobSnapshot:
+    """A task holding a worker (assigned/preparing/running) or waiting in the queue."""
+
+    sched_id: int
+    sector: str
+    task: str
+    worker: str | None
+    phase: str
+    age_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskDiag:
+    """Why each worker did not take one queued task."""
+
+    sched_id: int
+    sector: str
+    task: str
+    priority: int
+    reasons: dict[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+def worker_snapshot(w: Worker, index: StorageIndex, now: float) -> WorkerSnapshot:
+    """Snapshot one worker."""
+    led, res = w.ledger, w.ledger.resources
+    return WorkerSnapshot(
+        name=w.name,
+        enabled=w.enabled,
+        disabled_reason=w.disabled_reason,
+        tasks={t.short: n for t, n in sorted(led.counts.items()) if n},
+        phases={p.value: n for p, n in led.phase_counts().items()},
+        cpus_used=led.cpu_used,
+        cpus=res.cpus,
+        mem_used=led.mem_min_used,
+        mem_physical=res.mem_physical,
+        gpus_used=led.gpu_used,
+        gpus=len(res.gpus),
+        utilization=round(led.utilization(), 4),
+        free_space=index.free_space(w.name),
+        heartbeat_age_s=round(now - w.last_heartbeat, 3),
+        policy_error=w.watcher.error if w.watcher is not None else None,
+    )
+
+
+def job_snapshot(
+    sched_id: int,
+    sector: SectorRef,
+    task_type: TaskType,
+    worker: str | None,
+    phase: str,
+    age_s: float,
+) -> JobSnapshot:
+    """Snapshot one job."""
+    return JobSnapshot(sched_id, str(sector), task_type.short, worker, phase, round(age_s, 3))

@@ -1,0 +1,166 @@
+"""The per-worker ledger never overcommits memory, CPU, GPU or per-type caps."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sectorfsm.sched.ledger import Ledger, WorkerResources
+from sectorfsm.sched.resources import parse_overrides, resource_spec
+from sectorfsm.sched.scheduler import Scheduler
+from sectorfsm.sched.selectors import TaskSelector
+from sectorfsm.sched.storage import SectorRef
+from sectorfsm.sched.tasks import TaskType
+from sectorfsm.sched.workers import WorkerSpec
+
+GIB = 1 << 30
+TYPES = [
+    TaskType.ADD_PIECE,
+    TaskType.PRE_COMMIT1,
+    TaskType.PRE_COMMIT2,
+    TaskType.COMMIT1,
+    TaskType.COMMIT2,
+    TaskType.FINALIZE,
+]
+SIZES = [2 << 10, 512 << 20, 32 << 30, 64 << 30]
+
+workers_st = st.builds(
+    WorkerResources,
+    cpus=st.integers(1, 128),
+    mem_physical=st.integers(1, 1024).map(lambda g: g * GIB),
+    mem_swap=st.integers(0, 256).map(lambda g: g * GIB),
+    gpus=st.lists(st.just("gpu"), max_size=4).map(tuple),
+    mem_used=st.integers(0, 64).map(lambda g: g * GIB),
+)
+
+
+def check_invariants(led: Ledger) -> None:
+    res = led.resources
+    # Recompute from the entries: the running totals must match exactly.
+    per_type = Counter(e.task_type for e in led.entries.values())
+    assert per_type == +led.counts
+    bases = sum(led.bases.values())
+    assert led.mem_min_used == sum(e.need.min_memory for e in led.entries.values()) + bases
+    assert led.mem_max_used == sum(e.need.max_memory for e in led.entries.values()) + bases
+    assert led.cpu_used == sum(e.threads for e in led.entries.values())
+    # And never beyond the worker.
+    assert led.mem_min_used <= res.mem_physical
+    assert led.mem_max_used <= res.mem_physical + res.mem_swap
+    assert led.cpu_used <= res.cpus
+    if res.gpus:
+        assert led.gpu_used <= len(res.gpus) + 1e-9
+    for t, n in led.counts.items():
+        cap = led.entries[next(k for k, e in led.entries.items() if e.task_type == t)]
+        if cap.need.max_concurrent:
+            assert n <= cap.need.max_concurrent
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    res=workers_st,
+    caps=st.dictionaries(st.sampled_from(["PC1", "PC2", "C2", "AP"]), st.integers(1, 5)),
+    stream=st.lists(
+        st.tuples(st.booleans(), st.sampled_from(TYPES), st.sampled_from(SIZES), st.integers()),
+        max_size=120,
+    ),
+)
+def test_ledger_never_overcommits(
+    res: WorkerResources,
+    caps: dict[str, int],
+    stream: list[tuple[bool, TaskType, int, int]],
+) -> None:
+    overrides = parse_overrides({f"{k}_MAX_CONCURRENT": v for k, v in caps.items()})
+    led = Ledger(res)
+    held: list[int] = []
+    next_id = 0
+    for admit, task, size, pick in stream:
+        if admit or not held:
+            need = resource_spec(task, size, overrides)
+            if led.refusal(task, need) is None:
+                next_id += 1
+                led.add(next_id, task, need)
+                held.append(next_id)
+        else:
+            led.free(held.pop(pick % len(held)))
+        check_invariants(led)
+    for sid in held:
+        led.free(sid)
+    assert led.cpu_used == 0 and led.mem_min_used == 0 and led.mem_max_used == 0
+    assert not led.bases and not +led.counts
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    specs=st.lists(workers_st, min_size=1, max_size=5),
+    tasks=st.lists(st.tuples(st.sampled_from(TYPES), st.sampled_from(SIZES)), max_size=60),
+    seed=st.integers(0, 1000),
+)
+def test_scheduler_never_overcommits_any_worker(
+    specs: list[WorkerResources], tasks: list[tuple[TaskType, int]], seed: int
+) -> None:
+    """Random workers and task streams through the whole scheduler, finishing at random."""
+    rng = random.Random(seed)
+
+    async def main() -> None:
+        sched = Scheduler()
+        for i, res in enumerate(specs):
+            sched.add_worker(WorkerSpec(f"w{i}", res, task_types=frozenset(TYPES)))
+
+        async def work(job: object) -> None:
+            for w in sched._workers.values():
+                check_invariants(w.ledger)
+            for _ in range(rng.randint(0, 3)):
+                await asyncio.sleep(0)
+
+        def fits_somewhere(task: TaskType, size: int) -> bool:
+            need = resource_spec(task, size)
+            return any(Ledger(res).refusal(task, need) is None for res in specs)
+
+        # A task no worker could ever hold would wait forever, correctly; leave those out.
+        calls = [
+            asyncio.wait_for(
+                sched.schedule(SectorRef(1000, n, size), task, TaskSelector(), None, work),
+                timeout=30,
+            )
+            for n, (task, size) in enumerate(tasks)
+            if fits_somewhere(task, size)
+        ]
+        results = await asyncio.gather(*calls)
+        assert results == [None] * len(calls)
+        for w in sched._workers.values():
+            assert not w.ledger.entries
+
+    asyncio.run(main())
+
+
+def test_base_memory_is_charged_once_per_type() -> None:
+    res = WorkerResources(cpus=64, mem_physical=512 * GIB)
+    led = Ledger(res)
+    c2 = resource_spec(TaskType.COMMIT2, 32 << 30)
+    led.add(1, TaskType.COMMIT2, c2)
+    led.add(2, TaskType.COMMIT2, c2)
+    # 2 x 30 GiB + one 32 GiB base, not two.
+    assert led.mem_min_used == 2 * 30 * GIB + 32 * GIB
+    led.free(1)
+    assert led.mem_min_used == 30 * GIB + 32 * GIB
+    led.free(2)
+    assert led.mem_min_used == 0
+
+
+def test_refusal_reasons_read_like_an_operator_would_say_them() -> None:
+    res = WorkerResources(cpus=4, mem_physical=100 * GIB, gpus=("g0",))
+    led = Ledger(res)
+    pc1 = resource_spec(TaskType.PRE_COMMIT1, 32 << 30)
+    led.add(1, TaskType.PRE_COMMIT1, pc1)
+    # 100 GiB - 56 GiB - the 10 MiB of PC1 base memory.
+    assert led.refusal(TaskType.PRE_COMMIT1, pc1) == "needs 56 GiB RAM, 43.99 GiB free"
+    c2 = resource_spec(TaskType.COMMIT2, 2 << 10)
+    led.add(2, TaskType.COMMIT2, c2)
+    assert led.refusal(TaskType.COMMIT2, c2) == "needs 1 GPU, 0 free"
+    capped = resource_spec(TaskType.ADD_PIECE, 2 << 10, parse_overrides({"AP_MAX_CONCURRENT": 1}))
+    led.add(3, TaskType.ADD_PIECE, capped)
+    assert led.refusal(TaskType.ADD_PIECE, capped) == "AP MAX_CONCURRENT 1 reached"

@@ -1,0 +1,448 @@
+"""The scheduler end to end: placement, balance, locality, policy, heartbeats, cancel, diag."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sectorfsm.fsm import VirtualClock
+from sectorfsm.sched.filetypes import FileType, space_needed
+from sectorfsm.sched.ledger import WorkerResources
+from sectorfsm.sched.queue import Request
+from sectorfsm.sched.scheduler import Job, Scheduler, SchedulerError
+from sectorfsm.sched.selectors import AllocSelector, ExistingSelector, TaskSelector
+from sectorfsm.sched.storage import SectorRef, StoragePath
+from sectorfsm.sched.tasks import TaskType
+from sectorfsm.sched.workers import WorkerSpec
+
+GIB = 1 << 30
+TIB = 1 << 40
+S32 = 32 << 30
+BIG = WorkerResources(cpus=64, mem_physical=1024 * GIB, mem_swap=0, gpus=("g0",))
+
+
+def run(fn: Callable[[], Awaitable[Any]]) -> Any:
+    return asyncio.run(fn())  # type: ignore[arg-type]
+
+
+def spec(name: str, res: WorkerResources = BIG, **kw: Any) -> WorkerSpec:
+    kw.setdefault("paths", (StoragePath(f"{name}-ssd", name, 20 * TIB),))
+    return WorkerSpec(name, res, **kw)
+
+
+def sector(n: int) -> SectorRef:
+    return SectorRef(1000, n, S32)
+
+
+def hold(release: asyncio.Event, seen: list[str]) -> Callable[[Job], Awaitable[str]]:
+    async def work(job: Job) -> str:
+        seen.append(job.worker.name)
+        await release.wait()
+        return job.worker.name
+
+    return work
+
+
+def test_tasks_spread_evenly_and_never_exceed_capacity() -> None:
+    async def main() -> None:
+        sched = Scheduler()
+        # PC1 32G peaks at 64 GiB (+10 MiB base): 1024 GiB RAM+swap holds 15, CPU would allow 64.
+        for name in ("a", "b", "c"):
+            sched.add_worker(spec(name))
+        release, seen = asyncio.Event(), []
+        calls = [
+            asyncio.create_task(
+                sched.schedule(
+                    sector(n),
+                    TaskType.PRE_COMMIT1,
+                    AllocSelector(FileType.CACHE | FileType.SEALED),
+                    None,
+                    hold(release, seen),
+                )
+            )
+            for n in range(60)
+        ]
+        await asyncio.sleep(0.05)
+        counts = Counter(seen)
+        assert counts == {"a": 15, "b": 15, "c": 15}, counts
+        assert len(sched.queue) == 15
+        assert all(
+            w.ledger.mem_min_used <= w.ledger.resources.mem_physical
+            for w in sched._workers.values()
+        )
+        release.set()
+        results = await asyncio.gather(*calls)
+        assert Counter(results) == {"a": 20, "b": 20, "c": 20}
+        assert not sched.queue and not sched._jobs
+
+    run(main)
+
+
+def test_round_robin_tie_break_is_deterministic() -> None:
+    async def main() -> list[str]:
+        sched = Scheduler()
+        for name in ("a", "b", "c"):
+            sched.add_worker(spec(name))
+        order: list[str] = []
+
+        async def work(job: Job) -> None:
+            order.append(job.worker.name)
+
+        for n in range(6):  # one at a time: each finds every worker idle
+            await sched.schedule(sector(n), TaskType.COMMIT2, TaskSelector(), None, work)
+        return order
+
+    assert run(main) == ["a", "b", "c", "a", "b", "c"]
+
+
+def test_locality_wins_and_fetch_is_costed() -> None:
+    async def main() -> None:
+        sched = Scheduler()
+        for name in ("a", "b"):
+            sched.add_worker(spec(name))
+        s = sector(7)
+        sched.index.add_sector(s, FileType.CACHE | FileType.SEALED, "b-ssd")
+        got: list[tuple[str, int]] = []
+
+        async def work(job: Job) -> None:
+            got.append((job.worker.name, job.placement.fetch_bytes))
+
+        sel = ExistingSelector(FileType.CACHE | FileType.SEALED, allow_fetch=True)
+        for _ in range(3):
+            await sched.schedule(s, TaskType.PRE_COMMIT2, sel, None, work)
+        assert got == [("b", 0)] * 3
+        # Without fetch, a sector whose files are on b can only go to b.
+        strict = ExistingSelector(FileType.CACHE, allow_fetch=False)
+        sched.disable("b", "maintenance")
+        task = asyncio.create_task(sched.schedule(s, TaskType.PRE_COMMIT2, strict, None, work))
+        await asyncio.sleep(0.02)
+        diag = sched.diag()
+        assert diag[0].reasons == {"a": "sector cache is on b", "b": "maintenance"}
+        sched.enable("b")
+        await asyncio.wait_for(task, 2)
+        # With fetch allowed and b busy, a takes it and pays the transfer.
+        sched.disable("b", "maintenance")
+        await sched.schedule(s, TaskType.PRE_COMMIT2, sel, None, work)
+        assert got[-1] == ("a", space_needed(FileType.CACHE | FileType.SEALED, S32))
+
+    run(main)
+
+
+def test_space_is_reserved_at_assignment() -> None:
+    async def main() -> None:
+        sched = Scheduler()
+        need = space_needed(FileType.CACHE | FileType.SEALED, S32)
+        sched.add_worker(spec("a", paths=(StoragePath("a-ssd", "a", 2 * need + need // 2),)))
+        release, seen = asyncio.Event(), []
+        sel = AllocSelector(FileType.CACHE | FileType.SEALED)
+        calls = [
+            asyncio.create_task(
+                sched.schedule(sector(n), TaskType.PRE_COMMIT1, sel, None, hold(release, seen))
+            )
+            for n in range(3)
+        ]
+        await asyncio.sleep(0.02)
+        assert len(seen) == 2, "a third PC1 would overfill the path"
+        assert sched.index.paths["a-ssd"].reserved == 2 * need
+        assert sched.diag()[0].reasons["a"] == (
+            "no sealing path with 483.2 GiB free (241.6 GiB free)"
+        )
+        release.set()
+        await asyncio.gather(*calls)
+        assert sched.index.paths["a-ssd"].reserved == 0
+
+    run(main)
+
+
+def test_policy_caps_drain_and_hot_reload(tmp_path: Path) -> None:
+    policy = tmp_path / "myscheduler.json"
+    policy.write_text(
+        json.dumps(
+            {
+                "PreCommit1Max": 2,
+                "ForceP1FromLocalAP": False,
+                "AddPieceMax": 1,
+                "PreCommit2Max": 1,
+                "Commit2Max": 1,
+            }
+        )
+    )
+
+    async def main() -> None:
+        sched = Scheduler()
+        sched.add_worker(spec("a", policy_file=policy))
+        release, seen = asyncio.Event(), []
+        sel = AllocSelector(FileType.CACHE | FileType.SEALED)
+        calls = [
+            asyncio.create_task(
+                sched.schedule(sector(n), TaskType.PRE_COMMIT1, sel, None, hold(release, seen))
+            )
+            for n in range(4)
+        ]
+        await asyncio.sleep(0.02)
+        assert len(seen) == 2
+        assert sched.diag()[0].reasons["a"].startswith("PC1 cap 2 reached")
+        # Raise the cap in the file: the scheduler picks it up without a restart.
+        policy.write_text(json.dumps({"PreCommit1Max": 3, "ForceP1FromLocalAP": False}))
+        sched.check_workers()
+        await asyncio.sleep(0.02)
+        assert len(seen) == 3
+        # A broken edit keeps the last good policy and says why.
+        policy.write_text("{ not json")
+        sched.check_workers()
+        assert sched.workers()[0].policy_error is not None
+        assert sched._workers["a"].policy.pre_commit1_max == 3
+        # Drain: running work finishes, nothing new starts.
+        policy.write_text(json.dumps({"PreCommit1Max": 9, "IsPlanOffline": True}))
+        sched.check_workers()
+        await asyncio.sleep(0.02)
+        assert len(seen) == 3
+        assert "draining" in sched.diag()[0].reasons["a"]
+        release.set()
+        await asyncio.sleep(0.02)
+        assert len(seen) == 3 and len(sched.queue) == 1
+        for c in calls:
+            if not c.done():
+                c.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
+
+    run(main)
+
+
+def test_heartbeat_grace_disables_then_reenables() -> None:
+    clock = VirtualClock(start=0.0, auto_advance=False)
+
+    async def main() -> None:
+        sched = Scheduler(clock=clock)
+        sched.add_worker(spec("a", heartbeat_grace=30))
+        clock.advance(29)
+        sched.check_workers()
+        assert sched.workers()[0].enabled
+        clock.advance(2)
+        sched.check_workers()
+        snap = sched.workers()[0]
+        assert not snap.enabled and snap.disabled_reason == "missed heartbeats for 31 s"
+
+        async def work(job: Job) -> str:
+            return job.worker.name
+
+        task = asyncio.create_task(
+            sched.schedule(sector(1), TaskType.COMMIT2, TaskSelector(), None, work)
+        )
+        await asyncio.sleep(0.01)
+        assert not task.done()
+        assert sched.diag()[0].reasons["a"] == "missed heartbeats for 31 s"
+        sched.heartbeat("a")
+        assert await asyncio.wait_for(task, 1) == "a"
+
+    run(main)
+
+
+def test_assigned_but_unstarted_task_is_requeued_when_its_worker_goes() -> None:
+    async def main() -> None:
+        sched = Scheduler()
+        sched.add_worker(spec("a"))
+        sched.add_worker(spec("b"))
+        sched.disable("b", "off")
+
+        async def work(job: Job) -> str:
+            return job.worker.name
+
+        task = asyncio.create_task(
+            sched.schedule(sector(1), TaskType.COMMIT2, TaskSelector(), None, work)
+        )
+        # Let the cycle assign it to a, then take a away before the task starts.
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        sched.disable("a", "lost")
+        sched.enable("b")
+        assert await asyncio.wait_for(task, 1) == "b"
+        assert not sched._workers["a"].ledger.entries
+
+    run(main)
+
+
+def test_cancel_queued_and_running_tasks_frees_everything() -> None:
+    async def main() -> None:
+        sched = Scheduler()
+        # Room for exactly one PC1 (56 GiB, peaking at 64 GiB).
+        sched.add_worker(spec("a", WorkerResources(cpus=64, mem_physical=100 * GIB)))
+        started = asyncio.Event()
+        cancelled: list[int] = []
+
+        async def work(job: Job) -> None:
+            started.set()
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                cancelled.append(job.sched_id)
+                raise
+
+        sel = AllocSelector(FileType.CACHE | FileType.SEALED)
+        running = asyncio.create_task(
+            sched.schedule(sector(1), TaskType.PRE_COMMIT1, sel, None, work)
+        )
+        await started.wait()
+        queued = asyncio.create_task(
+            sched.schedule(sector(2), TaskType.PRE_COMMIT1, sel, None, work)
+        )
+        await asyncio.sleep(0.01)
+        assert len(sched.queue) == 1
+        queued.cancel()
+        await asyncio.gather(queued, return_exceptions=True)
+        assert len(sched.queue) == 0
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        assert cancelled == [1]
+        w = sched._workers["a"]
+        assert not w.ledger.entries and w.ledger.mem_min_used == 0
+        assert sched.index.paths["a-ssd"].reserved == 0
+        # And by id, through the API: the hog runs, the second one waits and is cancelled.
+        hog = asyncio.create_task(sched.schedule(sector(4), TaskType.PRE_COMMIT1, sel, None, work))
+        await asyncio.sleep(0.01)
+        queued2 = asyncio.create_task(
+            sched.schedule(sector(3), TaskType.PRE_COMMIT1, sel, None, work)
+        )
+        await asyncio.sleep(0.01)
+        (waiting,) = sched.queue
+        assert waiting.sector == sector(3)
+        assert sched.cancel(waiting.sched_id) and not sched.cancel(waiting.sched_id)
+        with pytest.raises(asyncio.CancelledError):
+            await queued2
+        hog.cancel()
+        await asyncio.gather(hog, return_exceptions=True)
+        assert not w.ledger.entries and len(sched.queue) == 0
+
+    run(main)
+
+
+def test_work_errors_go_back_to_the_caller_and_free_the_worker() -> None:
+    async def main() -> None:
+        sched = Scheduler()
+        sched.add_worker(spec("a"))
+
+        async def boom(job: Job) -> None:
+            raise RuntimeError("PC2 blew up")
+
+        with pytest.raises(RuntimeError, match="PC2 blew up"):
+            await sched.schedule(sector(1), TaskType.PRE_COMMIT2, TaskSelector(), None, boom)
+        assert not sched._workers["a"].ledger.entries
+
+        async def prepare(job: Job) -> None:
+            raise OSError("fetch failed")
+
+        async def never(job: Job) -> None:
+            raise AssertionError("work must not run after a failed prepare")
+
+        with pytest.raises(OSError, match="fetch failed"):
+            await sched.schedule(sector(2), TaskType.PRE_COMMIT2, TaskSelector(), prepare, never)
+        assert not sched._workers["a"].ledger.entries
+
+    run(main)
+
+
+def test_job_runs_on_the_worker_backend_and_phases_are_visible() -> None:
+    async def main() -> None:
+        sched = Scheduler()
+        sched.add_worker(spec("a"))
+        phases: list[str] = []
+
+        def compute(x: int) -> int:  # a plain function: runs in a thread on this backend
+            return x * 2
+
+        async def prepare(job: Job) -> None:
+            phases.append(sched.jobs()[0].phase)
+
+        async def work(job: Job) -> int:
+            phases.append(sched.jobs()[0].phase)
+            return int(await job.run(compute, 21))
+
+        assert (
+            await sched.schedule(sector(1), TaskType.COMMIT2, TaskSelector(), prepare, work) == 42
+        )
+        assert phases == ["preparing", "running"]
+
+    run(main)
+
+
+def test_diag_explains_every_worker() -> None:
+    async def main() -> None:
+        sched = Scheduler()
+        sched.add_worker(spec("small", WorkerResources(cpus=8, mem_physical=30 * GIB)))
+        sched.add_worker(spec("c2only", task_types=frozenset({TaskType.COMMIT2})))
+        task = asyncio.create_task(
+            sched.schedule(
+                sector(1),
+                TaskType.PRE_COMMIT1,
+                AllocSelector(FileType.CACHE | FileType.SEALED),
+                None,
+                hold(asyncio.Event(), []),
+            )
+        )
+        await asyncio.sleep(0.01)
+        (d,) = sched.diag()
+        assert d.task == "PC1" and d.sector == "s-t01000-1"
+        assert d.reasons == {
+            "small": "needs 56.01 GiB RAM, 30 GiB free",
+            "c2only": "does not do PC1",
+        }
+        snap = sched.snapshot()
+        json.dumps(snap)  # publishable as-is
+        assert snap["jobs"][0]["phase"] == "queued"
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    run(main)
+
+
+def test_worker_management_errors() -> None:
+    sched = Scheduler()
+    with pytest.raises(SchedulerError, match="no worker named 'x'"):
+        sched.remove_worker("x")
+    with pytest.raises(SchedulerError, match="no worker named 'x'"):
+        sched.heartbeat("x")
+    with pytest.raises(ValueError, match="unknown assigner 'fifo'"):
+        Scheduler(assigner="fifo")
+
+
+def test_a_decision_touches_only_what_changed() -> None:
+    """With a deep queue, freeing one slot costs O(shapes + workers), not queue x workers."""
+
+    async def main() -> None:
+        sched = Scheduler()
+        for i in range(50):
+            sched.add_worker(spec(f"w{i}", WorkerResources(cpus=64, mem_physical=100 * GIB)))
+        release: dict[int, asyncio.Event] = {}
+
+        async def work(job: Job) -> None:
+            ev = release[job.sched_id] = asyncio.Event()
+            await ev.wait()
+
+        sel = AllocSelector(FileType.CACHE | FileType.SEALED)
+        calls = [
+            asyncio.create_task(sched.schedule(sector(n), TaskType.PRE_COMMIT1, sel, None, work))
+            for n in range(2000)
+        ]
+        await asyncio.sleep(0.05)
+        assert len(release) == 50 and len(sched.queue) == 1950
+        before = sched.checks
+        next(iter(release.values())).set()
+        await asyncio.sleep(0.02)
+        assert len(release) == 51
+        assert sched.checks - before <= 3, "one freed slot re-tested more than its worker"
+        for c in calls:
+            c.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
+        assert not any(w.ledger.entries for w in sched._workers.values())
+
+    run(main)
+
+
+def test_request_type_is_exported() -> None:
+    assert Request.__slots__  # the queue record stays a slotted record
