@@ -101,10 +101,9 @@ ASSIGNERS = {"balanced": BalancedAssigner}
 
 
 def make_assigner(name: str) -> Assigner:
-    """An assigner by name (`balanced`); a clear error for anything else."""
+    """An assigner by name (`balanced`; `lotus` is a scheduler mode); a clear error otherwise."""
     try:
         return ASSIGNERS[name]()
     except KeyError:
-        raise ValueError(
-            f"unknown assigner {name!r} (available: {', '.join(sorted(ASSIGNERS))})"
-        ) from None
+        known = ", ".join(sorted([*ASSIGNERS, "lotus"]))
+        raise ValueError(f"unknown assigner {name!r} (available: {known})") from None

@@ -21,6 +21,7 @@ from ..fsm.clock import Clock, RealClock
 from .assigners import Assigner, Candidate, make_assigner, slots_for
 from .filetypes import FileType, space_needed
 from .ledger import Ledger, Phase, WorkerResources
+from .lotus import LotusMode
 from .policy import PolicyWatcher, disk_units, policy_refusal
 from .queue import Request, RequestQueue
 from .resources import Resources, resource_spec
@@ -118,7 +119,9 @@ class Scheduler:
         policy_poll_interval: float = 1.0,
     ) -> None:
         self.clock: Clock = clock or RealClock()
-        self.assigner: Assigner = make_assigner(assigner)
+        #: The `lotus` baseline replaces the whole cycle, not just the choice of worker.
+        self._lotus: LotusMode | None = LotusMode(self) if assigner == "lotus" else None
+        self.assigner: Assigner = make_assigner("balanced" if self._lotus else assigner)
         self.index = index or StorageIndex()
         self.policy_poll_interval = policy_poll_interval
         self.queue = RequestQueue()
@@ -272,10 +275,14 @@ class Scheduler:
         self._jobs[sched_id] = job
         try:
             if prepare is not None:
-                w.ledger.set_phase(sched_id, Phase.PREPARING)
+                if sched_id in w.ledger.entries:
+                    w.ledger.set_phase(sched_id, Phase.PREPARING)
                 await prepare(job)
+            if self._lotus is not None:
+                await self._lotus.before_work(job)
             job.phase = Phase.RUNNING
-            w.ledger.set_phase(sched_id, Phase.RUNNING)
+            if sched_id in w.ledger.entries:
+                w.ledger.set_phase(sched_id, Phase.RUNNING)
             return await work(job)
         finally:
             self._release(sched_id)
@@ -300,6 +307,8 @@ class Scheduler:
 
     def _release(self, sched_id: int) -> None:
         self._jobs.pop(sched_id, None)
+        if self._lotus is not None:
+            self._lotus.release(sched_id)
         w = self._held.pop(sched_id, None)
         if w is not None:
             w.jobs.discard(sched_id)
@@ -324,6 +333,11 @@ class Scheduler:
     def _cycle(self) -> None:
         self._kicked = False
         self.cycles += 1
+        if self._lotus is not None:
+            self._dirty.clear()
+            self._unchecked.clear()
+            self._lotus.cycle()
+            return
         dirty = [w for n in self._dirty if (w := self._workers.get(n)) is not None and w.enabled]
         unchecked, self._unchecked = self._unchecked, set()
         self._dirty.clear()
