@@ -22,9 +22,10 @@ from .assigners import Assigner, Candidate, make_assigner, slots_for
 from .filetypes import FileType, space_needed
 from .ledger import Ledger, Phase, WorkerResources
 from .lotus import LotusMode
-from .policy import PolicyWatcher, disk_units, policy_refusal
+from .policy import PolicyWatcher
 from .queue import Request, RequestQueue
 from .resources import Resources, resource_spec
+from .rules import disk_units, policy_refusal
 from .selectors import Placement, Selector
 from .storage import SectorRef, StorageIndex
 from .tasks import TaskType

@@ -17,13 +17,11 @@ from sectorfsm.sched.policy import (
     PolicyError,
     PolicyWatcher,
     WorkerPolicy,
-    WorkerView,
-    disk_units,
     load_policy,
     parse_policy,
-    policy_refusal,
     write_default,
 )
+from sectorfsm.sched.rules import WorkerView, disk_units, policy_refusal
 from sectorfsm.sched.tasks import TaskType
 
 AP = TaskType.ADD_PIECE
