@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ..fsm.clock import Clock, RealClock
+from ..fsm.store import LmdbStore
 from .assigners import Assigner, Candidate, make_assigner, slots_for
 from .filetypes import FileType, space_needed
 from .ledger import Ledger, Phase, WorkerResources
@@ -29,7 +30,14 @@ from .rules import disk_units, policy_refusal
 from .selectors import Placement, Selector
 from .storage import SectorRef, StorageIndex
 from .tasks import TaskType
-from .views import JobSnapshot, TaskDiag, WorkerSnapshot, job_snapshot, worker_snapshot
+from .views import (
+    JobSnapshot,
+    TaskDiag,
+    WorkerSnapshot,
+    job_snapshot,
+    publish_snapshot,
+    worker_snapshot,
+)
 from .workers import InProcessBackend, Worker, WorkerBackend, WorkerSpec
 
 log = logging.getLogger("sectorfsm.sched")
@@ -132,6 +140,7 @@ class Scheduler:
         #: The worker whose ledger holds each assigned task.
         self._held: dict[int, Worker] = {}
         self._policy_errors: dict[str, str | None] = {}
+        self._fetch_slots: dict[str, asyncio.Semaphore] = {}
         self._dirty: set[str] = set()
         self._unchecked: set[Hashable] = set()
         self._kicked = False
@@ -487,6 +496,14 @@ class Scheduler:
             "jobs": [j.to_dict() for j in self.jobs()],
             "diag": [d.to_dict() for d in self.diag(limit=200)],
         }
+
+    def worker(self, name: str) -> Worker:
+        """A registered worker by name."""
+        return self._worker(name)
+
+    def publish(self, store: LmdbStore) -> None:
+        """Write `snapshot()` into the store, for `sectors workers/jobs/sched-diag`."""
+        publish_snapshot(store, self.snapshot())
 
     def _worker(self, name: str) -> Worker:
         try:

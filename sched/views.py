@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..fsm.codec import packb, unpackb
+from ..fsm.store import LmdbStore
 from .storage import SectorRef, StorageIndex
 from .tasks import TaskType
 from .workers import Worker
@@ -98,3 +100,22 @@ def job_snapshot(
 ) -> JobSnapshot:
     """Snapshot one job."""
     return JobSnapshot(sched_id, str(sector), task_type.short, worker, phase, round(age_s, 3))
+
+
+SNAPSHOT_KEY = b"sched/snapshot"
+
+
+def publish_snapshot(store: LmdbStore, snapshot: dict[str, Any]) -> None:
+    """Store the scheduler's latest snapshot (one record, replaced each time)."""
+    raw = packb(snapshot)
+    store.write(lambda txn: txn.put(SNAPSHOT_KEY, raw, db=store.db("meta")))
+
+
+def load_snapshot(store: LmdbStore) -> dict[str, Any] | None:
+    """The last published snapshot (its `at` field is when it was taken), or None."""
+    with store.read() as txn:
+        raw = txn.get(SNAPSHOT_KEY, db=store.db("meta"))
+    if raw is None:
+        return None
+    data = unpackb(raw)
+    return data if isinstance(data, dict) else None

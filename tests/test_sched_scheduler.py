@@ -446,3 +446,50 @@ def test_a_decision_touches_only_what_changed() -> None:
 
 def test_request_type_is_exported() -> None:
     assert Request.__slots__  # the queue record stays a slotted record
+
+
+def test_fetch_moves_files_at_link_speed_and_updates_the_index() -> None:
+    from sectorfsm.sched.fetch import fetch_prepare
+
+    clock = VirtualClock(start=0.0)
+
+    async def main() -> None:
+        sched = Scheduler(clock=clock)
+        slow = 125_000_000  # 1 Gbit/s
+        sched.add_worker(spec("a", bandwidth=slow))
+        sched.add_worker(spec("b", bandwidth=10 * slow))
+        s = sector(9)
+        files = FileType.CACHE | FileType.SEALED
+        sched.index.add_sector(s, files, "a-ssd")
+        sched.disable("a", "busy")
+        seen: list[tuple[str, float]] = []
+
+        async def work(job: Job) -> None:
+            seen.append((job.worker.name, clock.now()))
+
+        sel = ExistingSelector(files, allow_fetch=True)
+        await sched.schedule(s, TaskType.PRE_COMMIT2, sel, fetch_prepare(sched, files), work)
+        nbytes = space_needed(files, S32)
+        # Moved over the slower of the two links (a's 1 Gbit/s), then the work ran on b.
+        assert seen == [("b", pytest.approx(nbytes / slow))]
+        assert sched.index.holders(s, files) == {"b"}
+        assert sched.index.paths["b-ssd"].reserved == 0
+
+    run(main)
+
+
+def test_snapshots_are_published_to_the_store(tmp_path: Path) -> None:
+    from sectorfsm.fsm import LmdbStore
+    from sectorfsm.sched.views import load_snapshot
+
+    async def main() -> None:
+        sched = Scheduler()
+        sched.add_worker(spec("a"))
+        with LmdbStore(tmp_path / "repo") as store:
+            assert load_snapshot(store) is None
+            sched.publish(store)
+            snap = load_snapshot(store)
+            assert snap is not None and snap["workers"][0]["name"] == "a"
+            assert snap["jobs"] == [] and isinstance(snap["at"], float)
+
+    run(main)

@@ -1,0 +1,65 @@
+"""Fetching a sector's files to the worker a task was placed on (Lotus's GET / `schedFetch`).
+
+`fetch_prepare(...)` gives a `prepare` action: when the placement says files must move, it
+copies them from a holder to the path reserved on the task's worker, then records the move
+in the storage index. The transfer itself is pluggable; `simulated_transfer` models it on the
+scheduler's clock as bytes / the slower of the two links, so placement cost and simulated
+time agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from .filetypes import FileType
+
+if TYPE_CHECKING:
+    from .scheduler import Job, Scheduler
+
+#: `(job, source worker or None for shared storage, bytes)`; must leave the files in place.
+Transfer = Callable[["Job", str | None, int], Awaitable[None]]
+
+#: Lotus's `lotus-worker run --parallel-fetch-limit` default.
+PARALLEL_FETCH_LIMIT = 5
+
+
+def simulated_transfer(sched: Scheduler) -> Transfer:
+    """A transfer that only takes time: bytes / the slower link, on the scheduler's clock."""
+
+    async def transfer(job: Job, source: str | None, nbytes: int) -> None:
+        bandwidth = job.worker.spec.bandwidth
+        src = sched.worker(source) if source is not None else None
+        if src is not None:
+            bandwidth = min(bandwidth, src.spec.bandwidth)
+        await sched.clock.sleep(nbytes / bandwidth)
+
+    return transfer
+
+
+def fetch_prepare(
+    sched: Scheduler, files: FileType, transfer: Transfer | None = None
+) -> Callable[[Job], Awaitable[None]]:
+    """A `prepare` action that brings `files` of the job's sector to the job's worker."""
+    move = transfer or simulated_transfer(sched)
+
+    async def prepare(job: Job) -> None:
+        if not job.placement.fetch_bytes or job.placement.path is None:
+            return  # already local
+        holders = sorted(sched.index.holders(job.sector, files))
+        source = holders[0] if holders else None
+        async with _fetch_slots(sched, job.worker.name):
+            await move(job, source, job.placement.fetch_bytes)
+        sched.index.remove_sector(job.sector, files)
+        sched.index.add_sector(job.sector, files, job.placement.path)
+        sched.files_changed(job.sector)
+
+    return prepare
+
+
+def _fetch_slots(sched: Scheduler, worker: str) -> asyncio.Semaphore:
+    slots = sched._fetch_slots.get(worker)
+    if slots is None:
+        slots = sched._fetch_slots[worker] = asyncio.Semaphore(PARALLEL_FETCH_LIMIT)
+    return slots
