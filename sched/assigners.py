@@ -31,12 +31,26 @@ class Candidate:
 
 
 class Assigner(Protocol):
-    """Picks one candidate for a task."""
+    """Scores candidates for a task; the lowest score gets it."""
 
     name: str
 
+    def turn(self, task_type: TaskType) -> int:
+        """The round-robin position for this task type (fixed for one cycle)."""
+        ...
+
+    def score(
+        self, task_type: TaskType, c: Candidate, turn: int
+    ) -> tuple[float, float, float, int]:
+        """How good a placement is: lower is better."""
+        ...
+
+    def chose(self, task_type: TaskType, c: Candidate) -> None:
+        """Record the choice (advances the round-robin)."""
+        ...
+
     def choose(self, task_type: TaskType, candidates: Sequence[Candidate]) -> Candidate:
-        """The candidate that gets the task (`candidates` is never empty)."""
+        """The best of `candidates` (never empty), recorded as chosen."""
         ...
 
 
@@ -48,24 +62,31 @@ class BalancedAssigner:
     _turn: dict[TaskType, int] = field(default_factory=dict)
     _order: dict[str, int] = field(default_factory=dict)
 
+    def turn(self, task_type: TaskType) -> int:
+        """Where the round-robin of this task type stands."""
+        return self._turn.get(task_type, 0)
+
+    def score(
+        self, task_type: TaskType, c: Candidate, turn: int
+    ) -> tuple[float, float, float, int]:
+        """(transfer seconds, stage load / capacity, utilization, round-robin distance)."""
+        load = c.worker.ledger.counts[task_type] / max(1, c.slots)
+        return (
+            round(c.placement.cost_s, 3),
+            round(load, 6),
+            round(c.worker.ledger.utilization(), 6),
+            (self._rank(c.worker.name) - turn) % (1 << 30),
+        )
+
+    def chose(self, task_type: TaskType, c: Candidate) -> None:
+        """The next tie goes to the worker after this one."""
+        self._turn[task_type] = self._rank(c.worker.name) + 1
+
     def choose(self, task_type: TaskType, candidates: Sequence[Candidate]) -> Candidate:
         """The best candidate under the balanced score."""
-        turn = self._turn.get(task_type, 0)
-        best: Candidate | None = None
-        best_score: tuple[float, float, float, int] | None = None
-        for c in candidates:
-            rank = self._rank(c.worker.name)
-            load = c.worker.ledger.counts[task_type] / max(1, c.slots)
-            score = (
-                round(c.placement.cost_s, 3),
-                round(load, 6),
-                round(c.worker.ledger.utilization(), 6),
-                (rank - turn) % (1 << 30),
-            )
-            if best_score is None or score < best_score:
-                best, best_score = c, score
-        assert best is not None
-        self._turn[task_type] = self._rank(best.worker.name) + 1
+        turn = self.turn(task_type)
+        best = min(candidates, key=lambda c: self.score(task_type, c, turn))
+        self.chose(task_type, best)
         return best
 
     def _rank(self, name: str) -> int:

@@ -65,6 +65,8 @@ class Ledger:
     counts: Counter[TaskType] = field(default_factory=Counter)
     #: Base memory charged for each task type present (charged once per type).
     bases: dict[TaskType, int] = field(default_factory=dict)
+    #: Bumped on every change, so cached verdicts about this worker can be recognised as stale.
+    version: int = 0
 
     def refusal(self, task_type: TaskType, need: Resources) -> str | None:
         """Why this task cannot be admitted now, in an operator's words; None if it fits."""
@@ -104,6 +106,7 @@ class Ledger:
         if base:
             self.bases[task_type] = base
         self.entries[sched_id] = _Entry(task_type, need, threads, Phase.ASSIGNED)
+        self.version += 1
         self.counts[task_type] += 1
         self.cpu_used += threads
         if self.resources.gpus:
@@ -114,6 +117,7 @@ class Ledger:
     def free(self, sched_id: int) -> None:
         """Release a finished (or cancelled) task's resources."""
         entry = self.entries.pop(sched_id)
+        self.version += 1
         self.counts[entry.task_type] -= 1
         base = 0
         if self.counts[entry.task_type] == 0:

@@ -14,7 +14,7 @@ import heapq
 import logging
 import time
 from collections.abc import Awaitable, Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from ..fsm.clock import Clock, RealClock
@@ -114,6 +114,17 @@ class _PolicyView:
     def holds(self, sector: object, files: FileType) -> bool:
         assert isinstance(sector, SectorRef)
         return self._index.worker_holds(self._worker.name, sector, files)
+
+
+@dataclass(slots=True)
+class _Burst:
+    """Scored candidates of one shape during one cycle."""
+
+    turn: int
+    heap: list[tuple[tuple[float, float, float, int], int, int, Candidate]] = field(
+        default_factory=list
+    )
+    seq: int = 0
 
 
 class Scheduler:
@@ -356,28 +367,50 @@ class Scheduler:
         heap = [(h.key, i, h.shape) for i, h in enumerate(self.queue.heads())]
         heapq.heapify(heap)
         seq = len(heap)
+        bursts: dict[Hashable, _Burst] = {}
         while heap:
             _, _, shape = heapq.heappop(heap)
             req = self.queue.head(shape)
             if req is None:
                 continue
-            pool = self._by_type.get(req.task_type, ()) if shape in unchecked else dirty
-            chosen = self._choose(req, pool)
+            burst = bursts.get(shape)
+            if burst is None:
+                pool = self._by_type.get(req.task_type, ()) if shape in unchecked else dirty
+                burst = bursts[shape] = self._burst(req, pool)
+            chosen = self._pick(req, burst)
             if chosen is None:
                 continue  # this shape is blocked everywhere it was tested
             self._assign(req, chosen)
             nxt = self.queue.head(shape)
             if nxt is not None:
+                self._offer(nxt, chosen.worker, burst)  # it may well take another
                 seq += 1
                 heapq.heappush(heap, (nxt.key, seq, shape))
 
-    def _choose(self, req: Request, pool: Sequence[Worker]) -> Candidate | None:
-        candidates = []
+    def _burst(self, req: Request, pool: Sequence[Worker]) -> _Burst:
+        """Score every worker of the pool once for this shape (reused while the cycle lasts)."""
+        burst = _Burst(self.assigner.turn(req.task_type))
         for w in pool:
-            verdict = self._verdict(req, w)
-            if isinstance(verdict, Candidate):
-                candidates.append(verdict)
-        return self.assigner.choose(req.task_type, candidates) if candidates else None
+            self._offer(req, w, burst)
+        return burst
+
+    def _offer(self, req: Request, w: Worker, burst: _Burst) -> None:
+        verdict = self._verdict(req, w)
+        if isinstance(verdict, Candidate):
+            score = self.assigner.score(req.task_type, verdict, burst.turn)
+            burst.seq += 1
+            heapq.heappush(burst.heap, (score, burst.seq, w.ledger.version, verdict))
+
+    def _pick(self, req: Request, burst: _Burst) -> Candidate | None:
+        # Within a cycle only the workers that got a task change: re-score just those.
+        while burst.heap:
+            _, _, version, cand = heapq.heappop(burst.heap)
+            w = cand.worker
+            if version == w.ledger.version:
+                self.assigner.chose(req.task_type, cand)
+                return cand
+            self._offer(req, w, burst)
+        return None
 
     def _verdict(self, req: Request, w: Worker) -> Candidate | str:
         self.checks += 1

@@ -67,6 +67,8 @@ class StorageIndex:
         default_factory=lambda: defaultdict(set)
     )
     _reservations: dict[int, list[_Reservation]] = field(default_factory=dict)
+    #: Path ids per worker, so per-worker lookups do not scan every path.
+    _of_worker: dict[str | None, list[str]] = field(default_factory=lambda: defaultdict(list))
 
     # -- paths ------------------------------------------------------------------------------
 
@@ -75,17 +77,21 @@ class StorageIndex:
         old = self.paths.get(path.id)
         if old is not None:
             path.reserved = old.reserved
+            self._of_worker[old.worker].remove(old.id)
         self.paths[path.id] = path
+        self._of_worker[path.worker].append(path.id)
 
     def drop_path(self, path_id: str) -> None:
         """Forget a path and the files recorded on it."""
-        self.paths.pop(path_id, None)
+        old = self.paths.pop(path_id, None)
+        if old is not None:
+            self._of_worker[old.worker].remove(path_id)
         for key in self._by_path.pop(path_id, set()):
             self._files[key].discard(path_id)
 
     def worker_paths(self, worker: str) -> Iterator[StoragePath]:
         """The paths local to `worker`."""
-        return (p for p in self.paths.values() if p.worker == worker)
+        return (self.paths[pid] for pid in self._of_worker.get(worker, ()))
 
     # -- sector files -----------------------------------------------------------------------
 
