@@ -13,7 +13,14 @@ from .workers import Worker
 
 
 @dataclass(frozen=True, slots=True)
-class WorkerSnapshot:
+class _Snapshot:
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSnapshot(_Snapshot):
     """A worker as an operator sees it."""
 
     name: str
@@ -32,13 +39,9 @@ class WorkerSnapshot:
     heartbeat_age_s: float
     policy_error: str | None
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return asdict(self)
-
 
 @dataclass(frozen=True, slots=True)
-class JobSnapshot:
+class JobSnapshot(_Snapshot):
     """A task holding a worker (assigned/preparing/running) or waiting in the queue."""
 
     sched_id: int
@@ -48,13 +51,9 @@ class JobSnapshot:
     phase: str
     age_s: float
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return asdict(self)
-
 
 @dataclass(frozen=True, slots=True)
-class TaskDiag:
+class TaskDiag(_Snapshot):
     """Why each worker did not take one queued task."""
 
     sched_id: int
@@ -62,10 +61,6 @@ class TaskDiag:
     task: str
     priority: int
     reasons: dict[str, str]
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return asdict(self)
 
 
 def worker_snapshot(w: Worker, index: StorageIndex, now: float) -> WorkerSnapshot:
