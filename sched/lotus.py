@@ -151,8 +151,12 @@ class LotusMode:
         queue = list(sched.queue)
         if open_windows and queue:
             self._try_sched(queue, open_windows)
+        requested = sum(self._st(w.name).requested for w in workers)
         for w in workers:
             self._process(w)
+        if len(sched.queue) and sum(self._st(w.name).requested for w in workers) < requested:
+            # A drained window makes Lotus's worker request a new one, which runs trySched.
+            sched._kick()
 
     def _try_sched(self, queue: list[Request], open_windows: list[Worker]) -> None:
         sched = self.sched
