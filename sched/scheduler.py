@@ -72,6 +72,8 @@ class Job:
     placement: Placement
     phase: Phase
     started_at: float
+    #: When `work` began (None while preparing), for the run-time estimates.
+    work_started: float | None = None
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run `fn(*args)` on the job's worker backend (cancelling the job kills it there)."""
@@ -152,6 +154,8 @@ class Scheduler:
         self._held: dict[int, Worker] = {}
         self._policy_errors: dict[str, str | None] = {}
         self._fetch_slots: dict[str, asyncio.Semaphore] = {}
+        #: Learned run time of each task type's work, in clock seconds.
+        self._durations: dict[TaskType, float] = {}
         self._dirty: set[str] = set()
         self._unchecked: set[Hashable] = set()
         self._kicked = False
@@ -302,9 +306,12 @@ class Scheduler:
             if self._lotus is not None:
                 await self._lotus.before_work(job)
             job.phase = Phase.RUNNING
+            job.work_started = self.clock.now()
             if sched_id in w.ledger.entries:
                 w.ledger.set_phase(sched_id, Phase.RUNNING)
-            return await work(job)
+            result = await work(job)
+            self._observe(task_type, self.clock.now() - job.work_started)
+            return result
         finally:
             self._release(sched_id)
 
@@ -434,9 +441,47 @@ class Scheduler:
         placement = req.selector.check(req.sector, w, self.index)
         if isinstance(placement, str):
             return placement
+        if placement.fetch_bytes:
+            files = getattr(req.selector, "files", None)
+            wait = self._local_wait(req, files) if isinstance(files, FileType) else None
+            if wait is not None and wait[0] < placement.cost_s:
+                return (
+                    f"waiting for {wait[1]}, which holds the sector's files and should free "
+                    f"up in ~{_minutes(wait[0])} (fetching here would take "
+                    f"{_minutes(placement.cost_s)})"
+                )
         stage = _STAGES.get(req.task_type)
         cap = getattr(policy, _CAPS[stage]) if stage and w.watcher is not None else None
         return Candidate(w, placement, need, slots_for(w, need, cap))
+
+    def _observe(self, task_type: TaskType, seconds: float) -> None:
+        """Learn how long a task type's work takes (exponential moving average)."""
+        old = self._durations.get(task_type)
+        self._durations[task_type] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+    def _local_wait(self, req: Request, files: FileType) -> tuple[float, str] | None:
+        """How soon a worker holding the files could take the task itself, if one will.
+
+        Only holders already running this task type count (their estimated remaining time is
+        known); the wait ends with one of their jobs, which re-runs the cycle on that worker.
+        """
+        duration = self._durations.get(req.task_type)
+        if duration is None:
+            return None
+        now = self.clock.now()
+        best: tuple[float, str] | None = None
+        for name in self.index.holders(req.sector, files):
+            h = self._workers.get(name)
+            if h is None or not h.enabled or not h.supports(req.task_type):
+                continue
+            for sid in h.jobs:
+                job = self._jobs.get(sid)
+                if job is None or job.task_type != req.task_type or job.work_started is None:
+                    continue
+                left = max(0.0, duration - (now - job.work_started))
+                if best is None or left < best[0]:
+                    best = (left, name)
+        return best
 
     def _assign(self, req: Request, c: Candidate) -> None:
         self.queue.remove(req.sched_id)
@@ -547,3 +592,7 @@ class Scheduler:
     def need(self, task_type: TaskType, sector_size: int, worker: str) -> Resources:
         """The resources a task of this type needs on `worker` (its overrides applied)."""
         return resource_spec(task_type, sector_size, self._worker(worker).spec.overrides)
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
