@@ -493,3 +493,40 @@ def test_snapshots_are_published_to_the_store(tmp_path: Path) -> None:
             assert snap["jobs"] == [] and isinstance(snap["at"], float)
 
     run(main)
+
+
+@pytest.mark.parametrize(("link", "expect"), [(125_000_000, "a"), (100_000_000_000, "b")])
+def test_waiting_for_the_holder_beats_a_slow_fetch(link: float, expect: str) -> None:
+    """PC2 waits ~25 min for the box that holds its 483 GiB rather than fetch them for 69 min;
+    with a fast enough link, fetching to an idle box wins."""
+    from sectorfsm.sched.resources import parse_overrides
+
+    clock = VirtualClock(start=0.0)
+    one_pc2 = parse_overrides({"PC2_MAX_CONCURRENT": 1})
+    files = FileType.CACHE | FileType.SEALED
+
+    async def main() -> list[tuple[int, str]]:
+        sched = Scheduler(clock=clock)
+        sched.add_worker(spec("a", bandwidth=link, overrides=one_pc2))
+        sched.add_worker(spec("b", bandwidth=link, overrides=one_pc2))
+        placed: list[tuple[int, str]] = []
+
+        async def pc2(job: Job) -> None:
+            placed.append((job.sector.number, job.worker.name))
+            await clock.sleep(25 * 60)
+
+        sel = ExistingSelector(files, allow_fetch=True)
+        for n in (1, 2, 3):
+            sched.index.add_sector(sector(n), files, "a-ssd")
+        await sched.schedule(sector(1), TaskType.PRE_COMMIT2, sel, None, pc2)  # learn: 25 min
+        running = asyncio.create_task(
+            sched.schedule(sector(2), TaskType.PRE_COMMIT2, sel, None, pc2)
+        )
+        await clock.sleep(60)  # sector 2 runs on a for a minute
+        await sched.schedule(sector(3), TaskType.PRE_COMMIT2, sel, None, pc2)
+        await running
+        return placed
+
+    placed = asyncio.run(main())
+    assert placed[:2] == [(1, "a"), (2, "a")]
+    assert placed[2] == (3, expect)
