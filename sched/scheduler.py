@@ -154,6 +154,7 @@ class Scheduler:
         self._held: dict[int, Worker] = {}
         self._policy_errors: dict[str, str | None] = {}
         self._fetch_slots: dict[str, asyncio.Semaphore] = {}
+        self._fit_memo: dict[tuple[str, int, TaskType, int], bool] = {}
         #: Learned run time of each task type's work, in clock seconds.
         self._durations: dict[TaskType, float] = {}
         self._dirty: set[str] = set()
@@ -369,6 +370,8 @@ class Scheduler:
         dirty = [w for n in self._dirty if (w := self._workers.get(n)) is not None and w.enabled]
         unchecked, self._unchecked = self._unchecked, set()
         self._dirty.clear()
+        # Valid for one cycle: resources refreshed by heartbeats do not bump ledger versions.
+        self._fit_memo.clear()
         if not len(self.queue):
             return
         heap = [(h.key, i, h.shape) for i, h in enumerate(self.queue.heads())]
@@ -402,6 +405,9 @@ class Scheduler:
         return burst
 
     def _offer(self, req: Request, w: Worker, burst: _Burst) -> None:
+        if not self._may_fit(req, w):
+            self.checks += 1
+            return  # the usual answer in a deep queue: no need to say why in words
         verdict = self._verdict(req, w)
         if isinstance(verdict, Candidate):
             score = self.assigner.score(req.task_type, verdict, burst.turn)
@@ -418,6 +424,19 @@ class Scheduler:
                 return cand
             self._offer(req, w, burst)
         return None
+
+    def _may_fit(self, req: Request, w: Worker) -> bool:
+        """A cheap, memoized yes/no on the worker and its ledger alone (no messages)."""
+        key = (w.name, w.ledger.version, req.task_type, req.sector.size)
+        fits = self._fit_memo.get(key)
+        if fits is None:
+            if not (w.enabled and w.supports(req.task_type)):
+                fits = False
+            else:
+                need = resource_spec(req.task_type, req.sector.size, w.spec.overrides)
+                fits = w.ledger.refusal(req.task_type, need) is None
+            self._fit_memo[key] = fits
+        return fits
 
     def _verdict(self, req: Request, w: Worker) -> Candidate | str:
         self.checks += 1
