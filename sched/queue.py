@@ -101,9 +101,18 @@ class RequestQueue:
 
     def heads(self) -> list[Request]:
         """The head of every shape, most urgent first."""
-        out = [h for s in list(self._shapes) if (h := self.head(s)) is not None]
-        out.sort(key=lambda r: r.key)
-        return out
+        return sorted(self.iter_heads(), key=lambda r: r.key)
+
+    def shapes(self) -> list[Hashable]:
+        """Every shape with queued requests."""
+        return list(self._shapes)
+
+    def iter_heads(self) -> Iterator[Request]:
+        """The head of every shape, in no particular order."""
+        for s in list(self._shapes):
+            h = self.head(s)
+            if h is not None:
+                yield h
 
     def get(self, sched_id: int) -> Request | None:
         """A queued request by id."""

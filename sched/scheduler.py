@@ -374,12 +374,21 @@ class Scheduler:
         self._fit_memo.clear()
         if not len(self.queue):
             return
-        heap = [(h.key, i, h.shape) for i, h in enumerate(self.queue.heads())]
+        # Only heads that something could take now: new shapes, or shapes whose task a changed
+        # worker could hold. In a deep queue most shapes drop out here, by a memo lookup each.
+        heap = []
+        for i, shape in enumerate(self.queue.shapes()):
+            if shape in unchecked or self._any_fit(shape, dirty):
+                head = self.queue.head(shape)
+                if head is not None:
+                    heap.append((head.key, i, shape))
         heapq.heapify(heap)
         seq = len(heap)
         bursts: dict[Hashable, _Burst] = {}
         while heap:
             _, _, shape = heapq.heappop(heap)
+            if shape not in unchecked and not self._any_fit(shape, dirty):
+                continue  # the changed workers filled up meanwhile
             req = self.queue.head(shape)
             if req is None:
                 continue
@@ -405,7 +414,7 @@ class Scheduler:
         return burst
 
     def _offer(self, req: Request, w: Worker, burst: _Burst) -> None:
-        if not self._may_fit(req, w):
+        if not self._may_fit(w, req.task_type, req.sector.size):
             self.checks += 1
             return  # the usual answer in a deep queue: no need to say why in words
         verdict = self._verdict(req, w)
@@ -425,18 +434,23 @@ class Scheduler:
             self._offer(req, w, burst)
         return None
 
-    def _may_fit(self, req: Request, w: Worker) -> bool:
+    def _may_fit(self, w: Worker, task_type: TaskType, size: int) -> bool:
         """A cheap, memoized yes/no on the worker and its ledger alone (no messages)."""
-        key = (w.name, w.ledger.version, req.task_type, req.sector.size)
+        key = (w.name, w.ledger.version, task_type, size)
         fits = self._fit_memo.get(key)
         if fits is None:
-            if not (w.enabled and w.supports(req.task_type)):
+            if not (w.enabled and w.supports(task_type)):
                 fits = False
             else:
-                need = resource_spec(req.task_type, req.sector.size, w.spec.overrides)
-                fits = w.ledger.refusal(req.task_type, need) is None
+                need = resource_spec(task_type, size, w.spec.overrides)
+                fits = w.ledger.refusal(task_type, need) is None
             self._fit_memo[key] = fits
         return fits
+
+    def _any_fit(self, shape: Hashable, workers: Sequence[Worker]) -> bool:
+        # Every shape key starts with (task type, sector size); see `_enqueue`.
+        task_type, size = shape[0], shape[1]  # type: ignore[index]
+        return any(self._may_fit(w, task_type, size) for w in workers)
 
     def _verdict(self, req: Request, w: Worker) -> Candidate | str:
         self.checks += 1
