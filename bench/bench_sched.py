@@ -630,7 +630,7 @@ def analytic_bound(shape: Shape) -> dict[str, Any]:
     # Each box must be able to run its max of PC1, PC2 and C2 at once, plus an AP and a C1, or
     # the per-stage bound double-counts shared resources (the shapes are built so it does not).
     for k in shape.kinds:
-        combo = [
+        combo: list[tuple[TaskType, int]] = [
             (t, max_concurrent(k.resources(), t))
             for t in (T.PRE_COMMIT1, T.PRE_COMMIT2, T.COMMIT2)
             if t in k.tasks
@@ -700,6 +700,9 @@ class Sim:
             4, math.ceil(0.1 * self.b_slots)
         )
         self.pre_count = 0
+        #: Sectors whose bottleneck task has finished but which have not finished FIN.
+        self.post_count = 0
+        self.post_at_warmup: int | None = None
         self.pledged = 0
         self.numbers = iter(range(1, 1 << 40))
         self.sector_tasks: set[asyncio.Task[None]] = set()
@@ -774,6 +777,8 @@ class Sim:
             await self.sched.schedule(s, st.task, selector, prepare, work)
         finally:
             stats.done += 1
+        if st is self.b_stage:
+            self.post_count += 1
 
     async def sector(self, s: SectorRef) -> None:
         await self.stage(s, BY_NAME["AP"], AllocSelector(FileType.UNSEALED), FileType.NONE,
@@ -791,6 +796,7 @@ class Sim:
         self._drop(s, ALL_FILES)  # moved to long-term storage
         self.sched.files_changed(s)
         self.finished.append(self.clock.now())
+        self.post_count -= 1
 
     # -- the pledge stream and the sampler ----------------------------------------------------
 
@@ -815,6 +821,7 @@ class Sim:
 
     async def sampler(self, start: float) -> None:
         await self.clock.sleep_until(start)
+        self.post_at_warmup = self.post_count
         while True:
             for name, st in self.stats.items():
                 queued = st.requested - st.assigned
@@ -840,7 +847,11 @@ class Sim:
         await asyncio.gather(*helpers, return_exceptions=True)
         window_days = (end - warm) / 86400
         done = sum(1 for t in self.finished if warm <= t < end)
-        per_day = done / window_days
+        # Sectors already past the bottleneck when the window opened (a backlog built during
+        # start-up) may drain inside it; a net drain is not credited, so a transient cannot
+        # push the figure above what the bottleneck produced in the window.
+        drained = max(0, (self.post_at_warmup or 0) - self.post_count)
+        per_day = (done - drained) / window_days
         bound = self.bound["bound_per_day"]
         stages: dict[str, Any] = {}
         for name, st in self.stats.items():
@@ -862,6 +873,8 @@ class Sim:
             "sectors_per_day": round(per_day, 1),
             "quality": round(per_day / bound, 4),
             "finished_in_window": done,
+            "backlog_drained": drained,
+            "raw_sectors_per_day": round(done / window_days, 1),
             "pledged": self.pledged,
             "disk_peak": round(max(self.disk_peak.values(), default=0.0), 3),
             "stages": stages,
