@@ -37,7 +37,7 @@ class Request:
     enqueued_at: float
     #: Resolved by the scheduler with the chosen worker's name and placement.
     assigned: asyncio.Future[tuple[str, Placement]]
-    shape: Hashable = None
+    shape: int = 0
     worker: str | None = None
 
 
@@ -52,8 +52,14 @@ class RequestQueue:
 
     def __init__(self) -> None:
         self._requests: dict[int, Request] = {}
-        self._shapes: dict[Hashable, _Shape] = {}
+        self._shapes: dict[int, _Shape] = {}
         self._ids = itertools.count(1)
+        # Shape keys are interned to small ints: a key (a tuple with a frozenset and a selector)
+        # is hashed once per push instead of at every lookup of every cycle.
+        self._shape_ids: dict[Hashable, int] = {}
+        self._shape_keys: dict[int, Hashable] = {}
+        self._shape_kinds: dict[int, tuple[TaskType, int]] = {}
+        self._next_shape = itertools.count(1)
 
     def next_id(self) -> int:
         """A fresh scheduling id."""
@@ -65,8 +71,28 @@ class RequestQueue:
         """The request's sort key."""
         return queue_key(task_type, priority, sector.number, sched_id)
 
-    def push(self, req: Request, shape: Hashable) -> None:
-        """Queue `req` under `shape`."""
+    def intern(self, key: Hashable, kind: tuple[TaskType, int]) -> int:
+        """The small-int id of a shape key (the same id while the shape has requests).
+
+        `kind` is the (task type, sector size) every request of the shape shares.
+        """
+        sid = self._shape_ids.get(key)
+        if sid is None:
+            sid = self._shape_ids[key] = next(self._next_shape)
+            self._shape_keys[sid] = key
+            self._shape_kinds[sid] = kind
+        return sid
+
+    def kind(self, shape: int) -> tuple[TaskType, int]:
+        """(task type, sector size) of a shape."""
+        return self._shape_kinds[shape]
+
+    def shape_key(self, shape: int) -> Hashable:
+        """The key a shape id stands for."""
+        return self._shape_keys[shape]
+
+    def push(self, req: Request, shape: int) -> None:
+        """Queue `req` under `shape` (an id from `intern`)."""
         req.shape = shape
         self._requests[req.sched_id] = req
         group = self._shapes.get(shape)
@@ -84,9 +110,11 @@ class RequestQueue:
         group.live -= 1
         if group.live == 0:
             del self._shapes[req.shape]
+            del self._shape_ids[self._shape_keys.pop(req.shape)]
+            del self._shape_kinds[req.shape]
         return req
 
-    def head(self, shape: Hashable) -> Request | None:
+    def head(self, shape: int) -> Request | None:
         """The first live request of `shape`."""
         group = self._shapes.get(shape)
         if group is None:
@@ -103,7 +131,7 @@ class RequestQueue:
         """The head of every shape, most urgent first."""
         return sorted(self.iter_heads(), key=lambda r: r.key)
 
-    def shapes(self) -> list[Hashable]:
+    def shapes(self) -> list[int]:
         """Every shape with queued requests."""
         return list(self._shapes)
 
@@ -118,7 +146,7 @@ class RequestQueue:
         """A queued request by id."""
         return self._requests.get(sched_id)
 
-    def shape_size(self, shape: Hashable) -> int:
+    def shape_size(self, shape: int) -> int:
         """How many requests share `shape`."""
         group = self._shapes.get(shape)
         return 0 if group is None else group.live

@@ -158,7 +158,7 @@ class Scheduler:
         #: Learned run time of each task type's work, in clock seconds.
         self._durations: dict[TaskType, float] = {}
         self._dirty: set[str] = set()
-        self._unchecked: set[Hashable] = set()
+        self._unchecked: set[int] = set()
         self._kicked = False
         self._units: dict[str, tuple[int, int]] = {}
         self._monitor: asyncio.Task[None] | None = None
@@ -326,10 +326,11 @@ class Scheduler:
         return True
 
     def _enqueue(self, req: Request) -> None:
-        shape: Hashable = (req.task_type, req.sector.size, req.selector.shape(req.sector))
-        if shape[2] is None:  # type: ignore[index]
+        key: Hashable = (req.task_type, req.sector.size, req.selector.shape(req.sector))
+        if key[2] is None:  # type: ignore[index]
             # Verdicts depend on where this sector's files are, not on which sector it is.
-            shape = (req.task_type, req.sector.size, req.selector, self.index.locations(req.sector))
+            key = (req.task_type, req.sector.size, req.selector, self.index.locations(req.sector))
+        shape = self.queue.intern(key, (req.task_type, req.sector.size))
         if self.queue.shape_size(shape) == 0:
             self._unchecked.add(shape)
         self.queue.push(req, shape)
@@ -375,16 +376,25 @@ class Scheduler:
         if not len(self.queue):
             return
         # Only heads that something could take now: new shapes, or shapes whose task a changed
-        # worker could hold. In a deep queue most shapes drop out here, by a memo lookup each.
+        # worker could hold. In a deep queue most shapes drop out here; whether a changed worker
+        # can hold a task is decided once per (task type, size), not once per shape.
         heap = []
-        for i, shape in enumerate(self.queue.shapes()):
-            if shape in unchecked or self._any_fit(shape, dirty):
-                head = self.queue.head(shape)
-                if head is not None:
-                    heap.append((head.key, i, shape))
+        queue = self.queue
+        fits: dict[tuple[TaskType, int], bool] = {}
+        for i, shape in enumerate(queue.shapes()):
+            if shape not in unchecked:
+                kind = queue.kind(shape)
+                ok = fits.get(kind)
+                if ok is None:
+                    ok = fits[kind] = any(self._may_fit(w, *kind) for w in dirty)
+                if not ok:
+                    continue
+            head = queue.head(shape)
+            if head is not None:
+                heap.append((head.key, i, shape))
         heapq.heapify(heap)
         seq = len(heap)
-        bursts: dict[Hashable, _Burst] = {}
+        bursts: dict[int, _Burst] = {}
         while heap:
             _, _, shape = heapq.heappop(heap)
             if shape not in unchecked and not self._any_fit(shape, dirty):
@@ -447,9 +457,8 @@ class Scheduler:
             self._fit_memo[key] = fits
         return fits
 
-    def _any_fit(self, shape: Hashable, workers: Sequence[Worker]) -> bool:
-        # Every shape key starts with (task type, sector size); see `_enqueue`.
-        task_type, size = shape[0], shape[1]  # type: ignore[index]
+    def _any_fit(self, shape: int, workers: Sequence[Worker]) -> bool:
+        task_type, size = self.queue.kind(shape)
         return any(self._may_fit(w, task_type, size) for w in workers)
 
     def _verdict(self, req: Request, w: Worker) -> Candidate | str:
