@@ -20,6 +20,7 @@ from .storage import SectorRef
 from .tasks import TaskType, queue_key
 
 Action = Callable[[Any], Awaitable[Any]]
+Key = tuple[int, int, int, int, int]
 
 
 @dataclass(eq=False, slots=True)
@@ -59,6 +60,9 @@ class RequestQueue:
         self._shape_ids: dict[Hashable, int] = {}
         self._shape_keys: dict[int, Hashable] = {}
         self._shape_kinds: dict[int, tuple[TaskType, int]] = {}
+        #: Per (task type, size): a heap of (head key, shape) covering every live shape of that
+        #: kind (stale entries are skipped lazily), so a cycle can try shapes in order and stop.
+        self._kind_heaps: dict[tuple[TaskType, int], list[tuple[Key, int]]] = {}
         self._next_shape = itertools.count(1)
 
     def next_id(self) -> int:
@@ -94,12 +98,16 @@ class RequestQueue:
     def push(self, req: Request, shape: int) -> None:
         """Queue `req` under `shape` (an id from `intern`)."""
         req.shape = shape
+        current = self.head(shape)
         self._requests[req.sched_id] = req
         group = self._shapes.get(shape)
         if group is None:
             group = self._shapes[shape] = _Shape()
         heapq.heappush(group.heap, (req.key, req.sched_id))
         group.live += 1
+        if current is None or req.key < current.key:  # a new head for this shape
+            kind = self._shape_kinds[shape]
+            heapq.heappush(self._kind_heaps.setdefault(kind, []), (req.key, shape))
 
     def remove(self, sched_id: int) -> Request | None:
         """Take a request out of the queue (O(1)); None if it is not queued."""
@@ -112,7 +120,32 @@ class RequestQueue:
             del self._shapes[req.shape]
             del self._shape_ids[self._shape_keys.pop(req.shape)]
             del self._shape_kinds[req.shape]
+            return req
+        nxt = self.head(req.shape)
+        if nxt is not None and req.key < nxt.key:  # it was the head: index the new one
+            kind = self._shape_kinds[req.shape]
+            heapq.heappush(self._kind_heaps.setdefault(kind, []), (nxt.key, req.shape))
         return req
+
+    def kinds(self) -> list[tuple[TaskType, int]]:
+        """The (task type, size) kinds that have queued requests."""
+        return [k for k, h in self._kind_heaps.items() if h]
+
+    def take_head_entry(self, kind: tuple[TaskType, int]) -> tuple[Key, int] | None:
+        """Pop the most urgent valid (head key, shape) of a kind; `give_back` it after use."""
+        heap = self._kind_heaps.get(kind)
+        while heap:
+            key, shape = heapq.heappop(heap)
+            h = self.head(shape)
+            if h is not None and h.key == key:
+                return key, shape
+        return None
+
+    def give_back(self, kind: tuple[TaskType, int], key: Key, shape: int) -> None:
+        """Return an entry taken with `take_head_entry` (dropped if it went stale)."""
+        h = self.head(shape)
+        if h is not None and h.key == key:
+            heapq.heappush(self._kind_heaps.setdefault(kind, []), (key, shape))
 
     def head(self, shape: int) -> Request | None:
         """The first live request of `shape`."""

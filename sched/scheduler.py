@@ -24,7 +24,7 @@ from .filetypes import FileType, space_needed
 from .ledger import Ledger, Phase, WorkerResources
 from .lotus import LotusMode
 from .policy import PolicyWatcher
-from .queue import Request, RequestQueue
+from .queue import Key, Request, RequestQueue
 from .resources import Resources, resource_spec
 from .rules import disk_units, policy_refusal
 from .selectors import Placement, Selector
@@ -375,31 +375,45 @@ class Scheduler:
         self._fit_memo.clear()
         if not len(self.queue):
             return
-        # Only heads that something could take now: new shapes, or shapes whose task a changed
-        # worker could hold. In a deep queue most shapes drop out here; whether a changed worker
-        # can hold a task is decided once per (task type, size), not once per shape.
-        heap = []
+        # Only heads that something could take now: every new shape, and, per (task type,
+        # size) that a changed worker could hold, that kind's shapes in priority order from the
+        # queue's index, for as long as some changed worker can still hold that kind.
         queue = self.queue
-        fits: dict[tuple[TaskType, int], bool] = {}
-        for i, shape in enumerate(queue.shapes()):
-            if shape not in unchecked:
-                kind = queue.kind(shape)
-                ok = fits.get(kind)
-                if ok is None:
-                    ok = fits[kind] = any(self._may_fit(w, *kind) for w in dirty)
-                if not ok:
-                    continue
+        heap: list[tuple[Key, int, int, tuple[TaskType, int] | None]] = []
+        seq = 0
+        for shape in unchecked:
             head = queue.head(shape)
             if head is not None:
-                heap.append((head.key, i, shape))
+                seq += 1
+                heap.append((head.key, seq, shape, None))
+        borrowed: list[tuple[tuple[TaskType, int], Key, int]] = []
+
+        def advance(kind: tuple[TaskType, int]) -> None:
+            nonlocal seq
+            if not any(self._may_fit(w, *kind) for w in dirty):
+                return  # nothing of this kind fits the changed workers any more
+            entry = queue.take_head_entry(kind)
+            if entry is not None:
+                borrowed.append((kind, *entry))
+                seq += 1
+                heapq.heappush(heap, (entry[0], seq, entry[1], kind))
+
+        if dirty:
+            for k in queue.kinds():
+                advance(k)
         heapq.heapify(heap)
-        seq = len(heap)
+        from_index: set[int] = set()
         bursts: dict[int, _Burst] = {}
         while heap:
-            _, _, shape = heapq.heappop(heap)
+            _, _, shape, kind = heapq.heappop(heap)
+            if kind is not None:
+                advance(kind)  # line up the kind's next shape before this one changes anything
+                if shape in from_index or shape in unchecked:
+                    continue  # a duplicate index entry, or handled as a new shape
+                from_index.add(shape)
             if shape not in unchecked and not self._any_fit(shape, dirty):
                 continue  # the changed workers filled up meanwhile
-            req = self.queue.head(shape)
+            req = queue.head(shape)
             if req is None:
                 continue
             burst = bursts.get(shape)
@@ -410,11 +424,13 @@ class Scheduler:
             if chosen is None:
                 continue  # this shape is blocked everywhere it was tested
             self._assign(req, chosen)
-            nxt = self.queue.head(shape)
+            nxt = queue.head(shape)
             if nxt is not None:
                 self._offer(nxt, chosen.worker, burst)  # it may well take another
                 seq += 1
-                heapq.heappush(heap, (nxt.key, seq, shape))
+                heapq.heappush(heap, (nxt.key, seq, shape, None))
+        for kind, key, shape in borrowed:
+            queue.give_back(kind, key, shape)
 
     def _burst(self, req: Request, pool: Sequence[Worker]) -> _Burst:
         """Score every worker of the pool once for this shape (reused while the cycle lasts)."""
