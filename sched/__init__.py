@@ -24,7 +24,6 @@ from .tasks import DEAL_SECTOR_PRIORITY, TaskType
 from .views import JobSnapshot, TaskDiag, WorkerSnapshot, load_snapshot
 from .workers import (
     InProcessBackend,
-    SimulatedBackend,
     WorkerBackend,
     WorkerSpec,
     detect_resources,
@@ -50,7 +49,6 @@ __all__ = [
     "Scheduler",
     "SchedulerError",
     "SectorRef",
-    "SimulatedBackend",
     "StorageIndex",
     "StoragePath",
     "TaskDiag",

@@ -9,7 +9,6 @@ by a utilization read once per cycle, which sends bursts to one worker: lotus#76
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -49,10 +48,6 @@ class Assigner(Protocol):
         """Record the choice (advances the round-robin)."""
         ...
 
-    def choose(self, task_type: TaskType, candidates: Sequence[Candidate]) -> Candidate:
-        """The best of `candidates` (never empty), recorded as chosen."""
-        ...
-
 
 @dataclass(slots=True)
 class BalancedAssigner:
@@ -81,13 +76,6 @@ class BalancedAssigner:
     def chose(self, task_type: TaskType, c: Candidate) -> None:
         """The next tie goes to the worker after this one."""
         self._turn[task_type] = self._rank(c.worker.name) + 1
-
-    def choose(self, task_type: TaskType, candidates: Sequence[Candidate]) -> Candidate:
-        """The best candidate under the balanced score."""
-        turn = self.turn(task_type)
-        best = min(candidates, key=lambda c: self.score(task_type, c, turn))
-        self.chose(task_type, best)
-        return best
 
     def _rank(self, name: str) -> int:
         # A stable number per worker, in order of first sight: the round-robin order.

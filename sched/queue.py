@@ -91,10 +91,6 @@ class RequestQueue:
         """(task type, sector size) of a shape."""
         return self._shape_kinds[shape]
 
-    def shape_key(self, shape: int) -> Hashable:
-        """The key a shape id stands for."""
-        return self._shape_keys[shape]
-
     def push(self, req: Request, shape: int) -> None:
         """Queue `req` under `shape` (an id from `intern`)."""
         req.shape = shape
@@ -160,20 +156,9 @@ class RequestQueue:
             heapq.heappop(heap)  # removed earlier, or re-shaped
         return None
 
-    def heads(self) -> list[Request]:
-        """The head of every shape, most urgent first."""
-        return sorted(self.iter_heads(), key=lambda r: r.key)
-
     def shapes(self) -> list[int]:
         """Every shape with queued requests."""
         return list(self._shapes)
-
-    def iter_heads(self) -> Iterator[Request]:
-        """The head of every shape, in no particular order."""
-        for s in list(self._shapes):
-            h = self.head(s)
-            if h is not None:
-                yield h
 
     def get(self, sched_id: int) -> Request | None:
         """A queued request by id."""

@@ -25,7 +25,7 @@ from .ledger import Ledger, Phase, WorkerResources
 from .lotus import LotusMode
 from .policy import PolicyWatcher
 from .queue import Key, Request, RequestQueue
-from .resources import Resources, resource_spec
+from .resources import resource_spec
 from .rules import disk_units, policy_refusal
 from .selectors import Placement, Selector
 from .storage import SectorRef, StorageIndex
@@ -646,10 +646,6 @@ class Scheduler:
             return self._workers[name]
         except KeyError:
             raise SchedulerError(f"no worker named {name!r}") from None
-
-    def need(self, task_type: TaskType, sector_size: int, worker: str) -> Resources:
-        """The resources a task of this type needs on `worker` (its overrides applied)."""
-        return resource_spec(task_type, sector_size, self._worker(worker).spec.overrides)
 
 
 def _minutes(seconds: float) -> str:

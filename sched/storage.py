@@ -9,7 +9,7 @@ when it assigns work, so a burst of assignments lands on one path and later fail
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .filetypes import FileType, space_needed
@@ -194,7 +194,3 @@ class StorageIndex:
             path = self.paths.get(r.path)
             if path is not None:
                 path.reserved -= r.size
-
-    def reserved_by(self, owner: int) -> Iterable[tuple[str, int]]:
-        """`(path, bytes)` reserved by one task."""
-        return [(r.path, r.size) for r in self._reservations.get(owner, ())]

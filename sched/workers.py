@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from ..fsm.clock import Clock
 from .ledger import Ledger, WorkerResources
 from .policy import PolicyWatcher, WorkerPolicy
 from .resources import ResourceOverrides
@@ -183,22 +182,6 @@ class Worker:
         except asyncio.CancelledError:
             await asyncio.shield(self.backend.kill(job_id))
             raise
-
-
-class SimulatedBackend:
-    """Jobs for declared workers in simulation: `fn` usually sleeps on the virtual clock."""
-
-    def __init__(self, clock: Clock) -> None:
-        self.clock = clock
-        self._inner = InProcessBackend()
-
-    async def submit(self, job_id: int, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run the job in-process (a simulated job awaits `self.clock`)."""
-        return await self._inner.submit(job_id, fn, *args)
-
-    async def kill(self, job_id: int) -> None:
-        """Cancel the simulated job."""
-        await self._inner.kill(job_id)
 
 
 _NO_POLICY = WorkerPolicy()
