@@ -259,8 +259,8 @@ class StateGroup(Generic[S]):
 
     def get(self, machine_id: MachineId) -> S | None:
         """The persisted state of a machine, or None if it does not exist."""
-        info = self.records.info(machine_id)
-        return None if info is None else info.state
+        raw = self.records.raw(self.records.key(machine_id))
+        return None if raw is None else self.records.decode(raw, machine_id)[0]
 
     def has(self, machine_id: MachineId) -> bool:
         """True if the machine exists in the store."""
