@@ -9,9 +9,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Protocol
 
-from .filetypes import FileType
+from .filetypes import FileType, space_needed
 from .policy import WorkerPolicy
+from .storage import SectorRef, StorageIndex
 from .tasks import TaskType
+from .workers import Worker
 
 #: Disk units of one sector's cache directory once SDR has started (about 14 x 32 GiB).
 CACHE_UNITS = 14
@@ -53,6 +55,14 @@ _CAPS: dict[TaskType, tuple[str, str]] = {
     TaskType.PRE_COMMIT2: ("pre_commit2_max", "PreCommit2Max"),
     TaskType.COMMIT2: ("commit2_max", "Commit2Max"),
 }
+
+
+def stage_cap(policy: WorkerPolicy, task: TaskType) -> int | None:
+    """The policy's cap for this task's stage (None: no cap, or a stage without caps)."""
+    knob = _CAPS.get(task)
+    return None if knob is None else getattr(policy, knob[0])
+
+
 _DRAINED = frozenset(
     {
         TaskType.ADD_PIECE,
@@ -185,3 +195,41 @@ def disk_units(files: Iterable[tuple[FileType, bool]]) -> tuple[int, int]:
             elif ft is FileType.SEALED:
                 used += 1
     return used, ap_used
+
+
+class PolicyView:
+    """`WorkerView` over the scheduler's state: a worker's ledger and the storage index."""
+
+    __slots__ = ("_index", "_sector_size", "_units", "_worker")
+
+    def __init__(
+        self, worker: Worker, index: StorageIndex, units: tuple[int, int], sector_size: int
+    ) -> None:
+        self._worker = worker
+        self._index = index
+        self._units = units
+        self._sector_size = sector_size
+
+    def stage_count(self, stage: str) -> int:
+        counts = self._worker.ledger.counts
+        return sum(n for t, n in counts.items() if t in _CAPS and t.short == stage)
+
+    @property
+    def disk_used(self) -> int:
+        return self._units[0]
+
+    @property
+    def ap_disk_used(self) -> int:
+        return self._units[1]
+
+    @property
+    def out_of_space(self) -> bool:
+        # Out of space means: it has sealing paths, and none has room for a PC1's files.
+        if not any(p.can_seal for p in self._index.worker_paths(self._worker.name)):
+            return False
+        need = space_needed(FileType.CACHE | FileType.SEALED, self._sector_size)
+        return self._index.free_space(self._worker.name) < need
+
+    def holds(self, sector: object, files: FileType) -> bool:
+        assert isinstance(sector, SectorRef)
+        return self._index.worker_holds(self._worker.name, sector, files)

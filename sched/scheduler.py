@@ -20,13 +20,13 @@ from typing import Any, TypeVar
 from ..fsm.clock import Clock, RealClock
 from ..fsm.store import LmdbStore
 from .assigners import Assigner, Candidate, make_assigner, slots_for
-from .filetypes import FileType, space_needed
+from .filetypes import FileType
 from .ledger import Ledger, Phase, WorkerResources
 from .lotus import LotusMode
 from .policy import PolicyWatcher
 from .queue import Key, Request, RequestQueue
 from .resources import resource_spec
-from .rules import disk_units, policy_refusal
+from .rules import PolicyView, disk_units, policy_refusal, stage_cap
 from .selectors import Placement, Selector
 from .storage import SectorRef, StorageIndex
 from .tasks import TaskType
@@ -42,19 +42,6 @@ from .workers import InProcessBackend, Worker, WorkerBackend, WorkerSpec
 
 log = logging.getLogger("sectorfsm.sched")
 R = TypeVar("R")
-
-_STAGES = {
-    TaskType.ADD_PIECE: "AP",
-    TaskType.PRE_COMMIT1: "PC1",
-    TaskType.PRE_COMMIT2: "PC2",
-    TaskType.COMMIT2: "C2",
-}
-_CAPS = {
-    "AP": "add_piece_max",
-    "PC1": "pre_commit1_max",
-    "PC2": "pre_commit2_max",
-    "C2": "commit2_max",
-}
 
 
 class SchedulerError(Exception):
@@ -78,44 +65,6 @@ class Job:
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run `fn(*args)` on the job's worker backend (cancelling the job kills it there)."""
         return await self.worker.run(self.sched_id, fn, *args)
-
-
-class _PolicyView:
-    """What the policy rules see of one worker (`policy.WorkerView`)."""
-
-    __slots__ = ("_index", "_sector_size", "_units", "_worker")
-
-    def __init__(
-        self, worker: Worker, index: StorageIndex, units: tuple[int, int], sector_size: int
-    ) -> None:
-        self._worker = worker
-        self._index = index
-        self._units = units
-        self._sector_size = sector_size
-
-    def stage_count(self, stage: str) -> int:
-        counts = self._worker.ledger.counts
-        return sum(n for t, n in counts.items() if _STAGES.get(t) == stage)
-
-    @property
-    def disk_used(self) -> int:
-        return self._units[0]
-
-    @property
-    def ap_disk_used(self) -> int:
-        return self._units[1]
-
-    @property
-    def out_of_space(self) -> bool:
-        # Out of space means: it has sealing paths, and none has room for a PC1's files.
-        if not any(p.can_seal for p in self._index.worker_paths(self._worker.name)):
-            return False
-        need = space_needed(FileType.CACHE | FileType.SEALED, self._sector_size)
-        return self._index.free_space(self._worker.name) < need
-
-    def holds(self, sector: object, files: FileType) -> bool:
-        assert isinstance(sector, SectorRef)
-        return self._index.worker_holds(self._worker.name, sector, files)
 
 
 @dataclass(slots=True)
@@ -488,7 +437,7 @@ class Scheduler:
             units = self._units.get(w.name)
             if units is None:
                 units = self._units[w.name] = self._disk_units(w)
-            view = _PolicyView(w, self.index, units, req.sector.size)
+            view = PolicyView(w, self.index, units, req.sector.size)
             refusal = policy_refusal(policy, req.task_type, req.sector, view)
             if refusal is not None:
                 return refusal
@@ -508,8 +457,7 @@ class Scheduler:
                     f"up in ~{_minutes(wait[0])} (fetching here would take "
                     f"{_minutes(placement.cost_s)})"
                 )
-        stage = _STAGES.get(req.task_type)
-        cap = getattr(policy, _CAPS[stage]) if stage and w.watcher is not None else None
+        cap = stage_cap(policy, req.task_type) if w.watcher is not None else None
         return Candidate(w, placement, need, slots_for(w, need, cap))
 
     def _observe(self, task_type: TaskType, seconds: float) -> None:
