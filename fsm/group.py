@@ -257,6 +257,15 @@ class StateGroup(Generic[S]):
         committer.end_unit()
         await waiter
 
+    def post(self, machine_id: MachineId, event: object) -> asyncio.Future[None]:
+        """Stage `event` now, without yielding; the future resolves once it is durable.
+
+        For engine-side code that must stage several writes in one commit (the group must be
+        running). Everything staged before the next `await` lands in the same transaction.
+        """
+        self._send_local(machine_id, event)
+        return self._committer.waiter()
+
     def get(self, machine_id: MachineId) -> S | None:
         """The persisted state of a machine, or None if it does not exist."""
         raw = self.records.raw(self.records.key(machine_id))

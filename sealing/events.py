@@ -1,0 +1,634 @@
+"""Every sector event of Lotus v1.11.3 (reference §2.7), with its `apply()` effects.
+
+Events are frozen dataclasses. `apply(info, now)` mutates the SectorInfo the way Lotus's
+`apply` does; global events implement `apply_global(info) -> bool` instead (True: stop the
+batch). Events that carry an error have an `error` field; the log keeps it as the trace.
+
+Differences from Lotus (each also listed in `graph.DEVIATIONS`):
+
+* `SectorAddPiece` carries the pieces it assigns, so an assignment survives a crash.
+* `SectorRetryWaitDeals` (Lotus HEAD) lets AddPieceFailed retry through WaitDeals.
+* `SectorRetryNow` is the operator's `retry`; `SectorRetriesExhausted` gives a sector up to
+  FailedUnrecoverable when its retry budget is spent. A handler that raises reaches the
+  planner as the engine's `StepFailed` and is retried with backoff.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .config import sector_size_of
+from .info import PendingPiece, Piece, SectorInfo
+from .states import SectorState
+
+
+@dataclass(frozen=True, slots=True)
+class SectorEvent:
+    """Base of sector events: `apply` does nothing unless an event overrides it."""
+
+    #: Lotus's `Ignorable`: skipped silently by a state with no edge for it.
+    ignorable: ClassVar[bool] = False
+    #: Global events are accepted in every state (reference §2.2).
+    is_global: ClassVar[bool] = False
+
+    def apply(self, info: SectorInfo, now: float) -> None:
+        """Mutate `info` as Lotus's `apply()` does (default: nothing)."""
+
+    def apply_global(self, info: SectorInfo) -> bool:
+        """Global events only: mutate `info`; True stops the batch."""
+        raise TypeError(f"{type(self).__name__} is not a global event")
+
+    @property
+    def name(self) -> str:
+        """The event's Lotus name, e.g. `SectorPacked`."""
+        return type(self).__name__
+
+    def describe(self) -> tuple[str, str]:
+        """`(message, trace)` for the sector log: JSON of the fields, the error as trace."""
+        fields: dict[str, Any] = {}
+        trace = ""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "error":
+                trace = str(value)
+                continue
+            fields[f.name] = _jsonable(value)
+        return json.dumps({"User": fields}, separators=(",", ":"), sort_keys=True), trace
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.hex()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(value).items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
+
+
+# -- global events (§2.2) -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SectorFatalError(SectorEvent):
+    """Logged only; nothing sends it (as in Lotus)."""
+
+    is_global: ClassVar[bool] = True
+    error: str = ""
+
+    def apply_global(self, info: SectorInfo) -> bool:
+        """Leave the state unchanged and stop the batch."""
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class SectorForceState(SectorEvent):
+    """`update-state`: move the sector to any state."""
+
+    is_global: ClassVar[bool] = True
+    state: SectorState = SectorState.UndefinedSectorState
+
+    def apply_global(self, info: SectorInfo) -> bool:
+        """Set the state."""
+        info.state = self.state
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class SectorTerminate(SectorEvent):
+    """Terminate the sector on chain (API `SectorTerminate`)."""
+
+    is_global: ClassVar[bool] = True
+
+    def apply_global(self, info: SectorInfo) -> bool:
+        """Go to Terminating."""
+        info.state = SectorState.Terminating
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class SectorRemove(SectorEvent):
+    """Remove the sector and its data (API `SectorRemove`, and handlers that give up)."""
+
+    is_global: ClassVar[bool] = True
+
+    def apply_global(self, info: SectorInfo) -> bool:
+        """Go to Removing."""
+        info.state = SectorState.Removing
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class SectorRetriesExhausted(SectorEvent):
+    """Ours: the retry budget is spent; park the sector, keeping its data, until `retry`."""
+
+    is_global: ClassVar[bool] = True
+    error: str = ""
+
+    def apply_global(self, info: SectorInfo) -> bool:
+        """Remember where the sector failed, then go to FailedUnrecoverable."""
+        if info.state is not SectorState.FailedUnrecoverable:
+            info.unrecoverable_from = info.state.value
+        info.state = SectorState.FailedUnrecoverable
+        info.last_err = self.error
+        return True
+
+
+# -- creation and input --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SectorStart(SectorEvent):
+    """A new deal sector (-> WaitDeals)."""
+
+    id: int = 0
+    sector_type: int = 0
+
+    def apply(self, info: SectorInfo, now: float) -> None:
+        """Set number and proof type."""
+        info.number = self.id
+        info.sector_type = self.sector_type
+        info.sector_size = sector_size_of(self.sector_type)
+
+
+@dataclass(frozen=True, slots=True)
+class SectorStartCC(SectorEvent):
+    """A new committed-capacity sector (-> Packing)."""
+
+    id: int = 0
+    sector_type: int = 0
+
+    def apply(self, info: SectorInfo, now: float) -> None:
+        """Set number and proof type."""
+        info.number = self.id
+        info.sector_type = self.sector_type
+        info.sector_size = sector_size_of(self.sector_type)
+
+
+@dataclass(frozen=True, slots=True)
+class SectorAddPiece(SectorEvent):
+    """Pieces were assigned to the sector (they travel in the event: see module docstring)."""
+
+    pieces: list[PendingPiece] = field(default_factory=list)
+
+    def apply(self, info: SectorInfo, now: float) -> None:
+        """Stamp the creation time once; queue the pieces for AddPiece."""
+        if info.creation_time == 0:
+            info.creation_time = int(now)
+        info.pending_pieces.extend(self.pieces)
+
+
+@dataclass(frozen=True, slots=True)
+class SectorPieceAdded(SectorEvent):
+    """AddPiece wrote pieces into the unsealed file."""
+
+    new_pieces: list[Piece] = field(default_factory=list)
+
+    def apply(self, info: SectorInfo, now: float) -> None:
+        """Append the pieces; drop the pending entries they fulfil."""
+        info.pieces.extend(self.new_pieces)
+        done = {(p.piece_cid, p.deal.deal_id) for p in self.new_pieces if p.deal is not None}
+        info.pending_pieces = [
+            p for p in info.pending_pieces if (p.piece_cid, p.deal.deal_id) not in done
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class SectorAddPieceFailed(SectorEvent):
+    """AddPiece failed."""
+
+    error: str = ""
+
+    def apply(self, info: SectorInfo, now: float) -> None:
+        """Pieces that could not be written are dropped (their deals are reported failed)."""
+        info.pending_pieces = []
+
+
+@dataclass(frozen=True, slots=True)
+class SectorRetryWaitDeals(SectorEvent):
+    """Lotus HEAD: AddPieceFailed goes back to WaitDeals."""
+
+
+@dataclass(frozen=True, slots=True)
+class SectorStartPacking(SectorEvent):
+    """Seal now with what the sector holds (Ignorable)."""
+
+    ignorable: ClassVar[bool] = True
+
+
+@dataclass(frozen=True, slots=True)
+class SectorPacked(SectorEvent):
+    """Filler pieces were added."""
+
+    filler_pieces: list[Piece] = field(default_factory=list)
+
+    def apply(self, info: SectorInfo, now: float) -> None:
+        """Append the fillers as deal-less pieces."""
+        info.pieces.extend(Piece(p.piece_cid, p.size, None) for p in self.filler_pieces)
+
+
+# -- precommit --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SectorTicket(SectorEvent):
+    """A sealing ticket was drawn."""
+
+    ticket_value: bytes = b""
+    ticket_epoch: int = 0
+
+    def apply(self, info: SectorInfo, now: float) -> None:
+        """Set the ticket."""
+        info.ticket_epoch = self.ticket_epoch
+        info.ticket_value = self.ticket_value
+
+
+@dataclass(frozen=True, slots=True)
+class SectorOldTicket(SectorEvent):
+    """The ticket is too old: draw a new one."""
+
+
+@dataclass(frozen=True, slots=True)
+class SectorPreCommit1(SectorEvent):
+    """PreCommit1 finished."""
+
+    precommit1_out: bytes = b""
+
+    def apply(self, info: SectorInfo, now: float) -> None:
+        """Keep the output; PC2 failures start counting afresh."""
+        info.precommit1_out = self.precommit1_out
+        info.precommit2_fails = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SectorPreCommit2(SectorEvent):
+    """PreCommit2 finished: CommR (sealed) and CommD (unsealed)."""
+
+    sealed: str = ""
+    unsealed: str = ""
+
+    def apply(self, info: SectorInfo, now: float) -> None:
+        """Set CommD and CommR."""
+        info.comm_d = self.unsealed
+        info.comm_r = self.sealed
+
+
+@dataclass(frozen=True, slots=True)
+class SectorPreCommitBatch(SectorEvent):
+    """Precommit through the batcher."""
+
+
+@dataclass(frozen=True, slots=True)
+class SectorPreCommitBatchSent(SectorEvent):
+    """The precommit batch message went out."""
+
+    message: str = ""
+
+    def apply(self, info: SectorInfo, now: float) -> None:
+        """Remember the message."""
+        info.precommit_message = self.message
+
+
+@dataclass(frozen=True, slots=True)
+class SectorPreCommitLanded(SectorEvent):
+    """The precommit is on chain."""
+
+    tipset: int = 0
+
+    def apply(self, info: SectorInfo, now: float) -> None:
+        """Remember where it landed."""
+        info.precommit_tipset = self.tipset
+
+
+@dataclass(frozen=True, slots=True)
+class SectorSealPreCommit1Failed(SectorEvent):
+    """PreCommit1 failed (or a later check sends the sector back to PC1)."""
+
+    error: str = ""
+
+    def apply(self, info: SectorInfo, now: float) -> None:
+        """Reset the proof counters; count PC1 failures (a lifetime count, as in Lotus HEAD)."""
+        info.invalid_proofs = 0
+        info.precommit2_fails = 0
+        info.precommit1_fails += 1
+
+
+@dataclass(frozen=True, slots=True)
+class SectorSealPreCommit2Failed(SectorEvent):
+    """PreCommit2 failed."""
+
+    error: str = ""
+
+    def apply(self, info: SectorInfo, now: float) -> None:
+        """Count it."""
+        info.invalid_proofs = 0
+        info.precommit2_fails += 1
+
+
+@dataclass(frozen=True, slots=True)
+class SectorChainPreCommitFailed(SectorEvent):
+    """The precommit message failed or could not be sent."""
+
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SectorPreCommitted(SectorEvent):
+    """A single precommit message was sent."""
+
+    message: str = ""
+    precommit_deposit: int = 0
+
+    def apply(self, info: SectorInfo, now: float) -> None:
+        """Remember the message and deposit."""
+        info.precommit_message = self.message
+        info.precommit_deposit = self.precommit_deposit
+
+
+# -- seed and commit --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SectorSeedReady(SectorEvent):
+    """The interactive seed is final enough."""
+
+    seed_value: bytes = b""
+    seed_epoch: int = 0
+
+    def apply(self, info: SectorInfo, now: float) -> None:
+        """Set the seed."""
+        info.seed_epoch = self.seed_epoch
+        info.seed_value = self.seed_value
+
+
+@dataclass(frozen=True, slots=True)
+class SectorComputeProofFailed(SectorEvent):
+    """Commit1/Commit2 failed."""
+
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SectorCommitFailed(SectorEvent):
+    """Committing failed at the chain or in the checks."""
+
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SectorRetrySubmitCommit(SectorEvent):
+    """Send the commit again."""
+
+
+@dataclass(frozen=True, slots=True)
+class SectorDealsExpired(SectorEvent):
+    """A deal's start epoch passed before the sector was sealed."""
+
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SectorTicketExpired(SectorEvent):
+    """The ticket expired (nothing sends it, as in Lotus)."""
+
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SectorCommitted(SectorEvent):
+    """The PoRep proof is ready."""
+
+    proof: bytes = b""
+
+    def apply(self, info: SectorInfo, now: float) -> None:
+        """Keep the proof."""
+        info.proof = self.proof
+
+
+@dataclass(frozen=True, slots=True)
+class SectorProofReady(SectorEvent):
+    """The proof is ready, finalize first (FinalizeEarly)."""
+
+    proof: bytes = b""
+
+    def apply(self, info: SectorInfo, now: float) -> None:
+        """Keep the proof."""
+        info.proof = self.proof
+
+
+@dataclass(frozen=True, slots=True)
+class SectorSubmitCommitAggregate(SectorEvent):
+    """Commit through the aggregator."""
+
+
+@dataclass(frozen=True, slots=True)
+class SectorCommitSubmitted(SectorEvent):
+    """A single ProveCommit message went out."""
+
+    message: str = ""
+
+    def apply(self, info: SectorInfo, now: float) -> None:
+        """Remember the message."""
+        info.commit_message = self.message
+
+
+@dataclass(frozen=True, slots=True)
+class SectorCommitAggregateSent(SectorEvent):
+    """The aggregate ProveCommit message went out."""
+
+    message: str = ""
+
+    def apply(self, info: SectorInfo, now: float) -> None:
+        """Remember the message."""
+        info.commit_message = self.message
+
+
+@dataclass(frozen=True, slots=True)
+class SectorProving(SectorEvent):
+    """The commit landed: the sector is active on chain."""
+
+
+@dataclass(frozen=True, slots=True)
+class SectorFinalized(SectorEvent):
+    """Finalize finished."""
+
+
+@dataclass(frozen=True, slots=True)
+class SectorRetryFinalize(SectorEvent):
+    """Finalize again."""
+
+
+@dataclass(frozen=True, slots=True)
+class SectorFinalizeFailed(SectorEvent):
+    """Finalize failed."""
+
+    error: str = ""
+
+
+# -- retries ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SectorRetrySealPreCommit1(SectorEvent):
+    """Run PreCommit1 again."""
+
+
+@dataclass(frozen=True, slots=True)
+class SectorRetrySealPreCommit2(SectorEvent):
+    """Run PreCommit2 again."""
+
+
+@dataclass(frozen=True, slots=True)
+class SectorRetryPreCommit(SectorEvent):
+    """Precommit again."""
+
+
+@dataclass(frozen=True, slots=True)
+class SectorRetryWaitSeed(SectorEvent):
+    """Wait for the seed again."""
+
+
+@dataclass(frozen=True, slots=True)
+class SectorRetryPreCommitWait(SectorEvent):
+    """Wait for the precommit message again."""
+
+
+@dataclass(frozen=True, slots=True)
+class SectorRetryCommitWait(SectorEvent):
+    """Wait for the commit message again."""
+
+
+@dataclass(frozen=True, slots=True)
+class SectorRetryComputeProof(SectorEvent):
+    """Compute the proof again."""
+
+    def apply(self, info: SectorInfo, now: float) -> None:
+        """Count an invalid proof."""
+        info.invalid_proofs += 1
+
+
+@dataclass(frozen=True, slots=True)
+class SectorRetryInvalidProof(SectorEvent):
+    """The chain rejected the proof: compute it again."""
+
+    def apply(self, info: SectorInfo, now: float) -> None:
+        """Count an invalid proof."""
+        info.invalid_proofs += 1
+
+
+@dataclass(frozen=True, slots=True)
+class SectorRetryNow(SectorEvent):
+    """Ours: the operator's `retry` (skip the backoff; resume a FailedUnrecoverable sector)."""
+
+    def apply(self, info: SectorInfo, now: float) -> None:
+        """Reset the backoff and the retry budget."""
+        info.retry_at = 0.0
+        info.retries = 0
+
+
+# -- deals ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SectorInvalidDealIDs(SectorEvent):
+    """A deal id no longer matches its piece: recover the ids, then return."""
+
+    return_state: str = ""
+
+    def apply(self, info: SectorInfo, now: float) -> None:
+        """Remember where to return."""
+        info.return_state = self.return_state
+
+
+@dataclass(frozen=True, slots=True)
+class SectorUpdateDealIDs(SectorEvent):
+    """Recovered deal ids, by piece index."""
+
+    updates: dict[int, int] = field(default_factory=dict)
+
+    def apply(self, info: SectorInfo, now: float) -> None:
+        """Rewrite the deal ids."""
+        for index, deal_id in self.updates.items():
+            deal = info.pieces[index].deal
+            if deal is not None:
+                deal.deal_id = deal_id
+
+
+# -- faults, termination, removal ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SectorFaulty(SectorEvent):
+    """The sector's data is corrupted or gone."""
+
+
+@dataclass(frozen=True, slots=True)
+class SectorFaultReported(SectorEvent):
+    """A fault was declared on chain."""
+
+    report_msg: str = ""
+
+    def apply(self, info: SectorInfo, now: float) -> None:
+        """Remember the message."""
+        info.fault_report_msg = self.report_msg
+
+
+@dataclass(frozen=True, slots=True)
+class SectorFaultedFinal(SectorEvent):
+    """The fault declaration landed (no apply, as in Lotus)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SectorTerminating(SectorEvent):
+    """The termination message went out (None: already terminated)."""
+
+    message: str | None = None
+
+    def apply(self, info: SectorInfo, now: float) -> None:
+        """Remember the message."""
+        info.terminate_message = self.message
+
+
+@dataclass(frozen=True, slots=True)
+class SectorTerminated(SectorEvent):
+    """The termination landed."""
+
+    terminated_at: int = 0
+
+    def apply(self, info: SectorInfo, now: float) -> None:
+        """Remember the epoch."""
+        info.terminated_at = self.terminated_at
+
+
+@dataclass(frozen=True, slots=True)
+class SectorTerminateFailed(SectorEvent):
+    """Termination failed."""
+
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SectorRemoveFailed(SectorEvent):
+    """Removing the sector's data failed."""
+
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SectorRemoved(SectorEvent):
+    """The sector's data is gone."""
+
+
+#: Every sector event type, for the engine's codec. Order is irrelevant (tags are names).
+ALL_EVENTS: tuple[type[SectorEvent], ...] = tuple(
+    cls
+    for cls in list(globals().values())
+    if isinstance(cls, type) and issubclass(cls, SectorEvent) and cls is not SectorEvent
+)
+EVENTS_BY_NAME: dict[str, type[SectorEvent]] = {cls.__name__: cls for cls in ALL_EVENTS}
+GLOBAL_EVENTS: tuple[type[SectorEvent], ...] = tuple(c for c in ALL_EVENTS if c.is_global)
