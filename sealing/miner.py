@@ -1,0 +1,445 @@
+"""`Miner`: the Python facade over the engine, the scheduler, the sealer and the chain.
+
+    async with Miner.open("repo", sealer="sim", clock="virtual") as miner:
+        n = await miner.pledge()
+        info = await miner.wait(n, "Proving")
+
+Every mutating call returns once its event is durable. Sector numbers come from a counter that
+is committed together with the sector's first event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from ..fsm import Clock, LmdbStore, RealClock, StateGroup, VirtualClock
+from ..fsm.codec import packb, unpackb
+from ..sched import Scheduler, StoragePath, WorkerResources, WorkerSpec, parse_sector_size
+from .chain import ChainParams
+from .config import SealingConfig, seal_proof_for
+from .devnet import DevnetChain
+from .events import (
+    ALL_EVENTS,
+    SectorAddPiece,
+    SectorForceState,
+    SectorRemove,
+    SectorRetryNow,
+    SectorStart,
+    SectorStartCC,
+    SectorTerminate,
+)
+from .graph import DORMANT_STATES
+from .info import DealInfo, PendingPiece, SectorInfo
+from .pipeline import Sealing
+from .sealer import ScheduledSealer
+from .sim import SimBackend
+from .states import FAILED_STATES, SectorState, parse_state
+
+log = logging.getLogger("sectorfsm.sealing")
+
+GROUP = "sectors"
+_META_MINER = b"sealing/miner"
+_META_NEXT = b"sealing/next_sector"
+#: States a sector will not leave on its own: `wait` stops there.
+STUCK_STATES = frozenset({SectorState.FailedUnrecoverable, SectorState.Removed})
+
+
+class SealingError(Exception):
+    """Base of the facade's errors."""
+
+
+class UnknownSectorError(SealingError, LookupError):
+    """No sector has this number."""
+
+
+class NotFailedError(SealingError):
+    """`retry` on a sector that is not in a failed state."""
+
+
+class SectorStuckError(SealingError):
+    """`wait` saw the sector settle in a state it will not leave on its own."""
+
+
+def sim_worker(name: str = "sim-worker", capacity: int = 1 << 50) -> WorkerSpec:
+    """A simulated worker: big enough for any sector size, with one sealing+storage path."""
+    return WorkerSpec(
+        name=name,
+        resources=WorkerResources(cpus=128, mem_physical=2 << 40, mem_swap=0, gpus=("sim-gpu",)),
+        paths=(StoragePath(f"{name}-path", name, capacity, can_seal=True, can_store=True),),
+        needs_heartbeats=False,
+    )
+
+
+class Miner:
+    """One storage miner: its sectors, sealing pipeline, scheduler, sealer and chain."""
+
+    def __init__(
+        self,
+        store: LmdbStore,
+        *,
+        clock: Clock,
+        sector_size: int,
+        miner: int,
+        chain: DevnetChain,
+        sched: Scheduler,
+        sealer: ScheduledSealer,
+        config: SealingConfig,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.sector_size = sector_size
+        self.miner_id = miner
+        self.chain = chain
+        self.sched = sched
+        self.sealer = sealer
+        self.config = config
+        self.sealing = Sealing(
+            miner=miner,
+            sector_size=sector_size,
+            clock=clock,
+            chain=chain,
+            sealer=sealer,
+            config=config,
+        )
+        self.group: StateGroup[SectorInfo] = StateGroup(
+            store,
+            GROUP,
+            self._plan,
+            SectorInfo,
+            events=ALL_EVENTS,
+            final=lambda info: info.state in DORMANT_STATES,
+            creating=(SectorStart, SectorStartCC),
+            cancelling=(SectorRemove, SectorTerminate, SectorForceState, SectorRetryNow),
+            clock=clock,
+        )
+        self.sealing.group = self.group
+        self._next = 0
+        self._changed = asyncio.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(
+        cls,
+        repo: str | os.PathLike[str],
+        *,
+        sealer: str = "sim",
+        clock: str | Clock = "real",
+        sector_size: str | int = "2KiB",
+        chain: str | ChainParams = "devnet",
+        config: SealingConfig | dict[str, Any] | None = None,
+        workers: Iterable[WorkerSpec] | None = None,
+        miner: int = 1000,
+        durability: str = "group",
+        sim_time_scale: float = 1.0,
+    ) -> AsyncIterator[Miner]:
+        """Open (or create) a miner repo and run its engine until the block exits."""
+        if sealer != "sim":
+            raise ValueError(f"unknown sealer backend {sealer!r} (available: sim)")
+        the_clock = _make_clock(clock)
+        size = parse_sector_size(sector_size)
+        seal_proof_for(size)  # validates the size
+        params = _chain_params(chain)
+        cfg = _sealing_config(config, params)
+        store = _open_store(Path(repo), durability)
+        try:
+            _check_identity(store, miner, size)
+            devnet = DevnetChain(store, the_clock, params, miner=miner)
+            sched = Scheduler(clock=the_clock)
+            for spec in workers if workers is not None else [sim_worker()]:
+                sched.add_worker(spec)
+            backend = SimBackend(the_clock, miner, time_scale=sim_time_scale)
+            scheduled = ScheduledSealer(sched, backend, store)
+            m = cls(
+                store,
+                clock=the_clock,
+                sector_size=size,
+                miner=miner,
+                chain=devnet,
+                sched=sched,
+                sealer=scheduled,
+                config=cfg,
+            )
+            await m._start()
+            try:
+                yield m
+            finally:
+                await m._stop()
+        finally:
+            store.close()
+
+    async def _start(self) -> None:
+        with self.store.read() as txn:
+            raw = txn.get(_META_NEXT, db=self.store.db("meta"))
+        self._next = unpackb(raw) if raw is not None else 1
+        refs = {}
+        for number, info in self.group.records.list():
+            if info.state is not SectorState.Removed:
+                refs[int(number)] = self.sealing.ref(info)
+            if info.state in (SectorState.WaitDeals, SectorState.AddPiece):
+                self.sealing.open_sectors[int(number)] = info.used_space()
+        self.sealer.load(refs)
+        self.store.committer.add_listener(self._changed.set)
+        await self.group.start()
+
+    async def _stop(self) -> None:
+        self.sealing.close()
+        await self.group.stop()
+        self.store.committer.remove_listener(self._changed.set)
+
+    def _plan(self, events: list[Any], info: SectorInfo) -> Any:
+        # Pieces sent to a sector that stopped taking them go to another sector, in this commit.
+        if info.state not in (SectorState.WaitDeals, SectorState.AddPiece, SectorState.Empty):
+            stray = [e for e in events if isinstance(e, SectorAddPiece) and e.pieces]
+            if stray and info.state is not SectorState.AddPieceFailed:
+                self.sealing.open_sectors.pop(info.number, None)
+                for e in stray:
+                    self._assign(e.pieces)
+                events = [e if e not in stray else SectorAddPiece([]) for e in events]
+        return self.sealing.plan(events, info)
+
+    # -- sectors ------------------------------------------------------------------------------
+
+    def _allocate(self) -> int:
+        n = self._next
+        self._next += 1
+        # Staged with the sector's first event: the counter and the sector commit together.
+        self.store.committer.put("meta", _META_NEXT, packb(self._next))
+        return n
+
+    async def pledge(self) -> int:
+        """Create a committed-capacity sector; returns its number once it is durable."""
+        limit = self.config.max_sealing_sectors
+        if limit > 0:
+            sealing = sum(1 for _, i in self.group.list() if i.state not in DORMANT_STATES)
+            if sealing >= limit:
+                raise SealingError(
+                    f"too many sectors sealing (curSealing: {sealing}, max: {limit})"
+                )
+        n = self._allocate()
+        await self.group.post(n, SectorStartCC(n, seal_proof_for(self.sector_size)))
+        return n
+
+    def _assign(self, pieces: list[PendingPiece]) -> list[int]:
+        """Put each piece into an open deal sector with room, or a new one (no awaiting)."""
+        numbers = []
+        for piece in pieces:
+            target = None
+            for n, used in self.sealing.open_sectors.items():
+                if used + piece.size + (-used % piece.size) <= self.sector_size:
+                    target = n
+                    break
+            if target is None:
+                target = self._allocate()
+                self.group.post(target, SectorStart(target, seal_proof_for(self.sector_size)))
+                self.sealing.open_sectors[target] = 0
+            used = self.sealing.open_sectors[target]
+            self.sealing.open_sectors[target] = used + (-used % piece.size) + piece.size
+            self.group.post(target, SectorAddPiece([piece]))
+            numbers.append(target)
+        return numbers
+
+    async def add_piece(
+        self,
+        piece_cid: str,
+        size: int,
+        *,
+        deal: DealInfo | None = None,
+        data_path: str | None = None,
+        start_in: int = 10_000,
+        duration: int = 518_400,
+    ) -> int:
+        """Add a deal piece (padded `size`); returns the sector it went into once durable.
+
+        Without `deal`, a deal for the piece is published on the devnet, starting `start_in`
+        epochs from now and lasting `duration` epochs.
+        """
+        from . import commp
+
+        commp.unpadded_size(size)  # validates the padded size
+        commp.parse_piece_cid(piece_cid)  # validates the CID
+        if size > self.sector_size:
+            raise ValueError(
+                f"a piece of {size} bytes does not fit a {self.sector_size}-byte sector"
+            )
+        if deal is None:
+            head = self.chain.head()
+            proposal = self.chain.publish_deal(
+                piece_cid, size, head + start_in, head + start_in + duration
+            )
+            deal = DealInfo(
+                proposal.deal_id,
+                proposal.publish_cid,
+                proposal.start_epoch,
+                proposal.end_epoch,
+            )
+        [n] = self._assign([PendingPiece(piece_cid, size, deal, data_path)])
+        await self.store.committer.waiter()
+        return n
+
+    def _get(self, number: int) -> SectorInfo:
+        if not isinstance(number, int) or isinstance(number, bool) or number < 0:
+            raise UnknownSectorError(f"{number!r} is not a sector number")
+        info = self.group.get(number)
+        if info is None:
+            raise UnknownSectorError(f"sector {number} not found")
+        return info
+
+    def status(self, number: int) -> SectorInfo:
+        """The sector's persisted info; `UnknownSectorError` if there is no such sector."""
+        return self._get(number)
+
+    def list(self, states: Iterable[str | SectorState] | None = None) -> Iterator[SectorInfo]:
+        """Sectors in number order, optionally only those in `states`."""
+        wanted = None if states is None else {parse_state(str(s)) for s in states}
+        for _, info in self.group.list():
+            if wanted is None or info.state in wanted:
+                yield info
+
+    async def wait(
+        self,
+        number: int,
+        state: str | SectorState,
+        timeout: float | None = None,  # noqa: ASYNC109 - engine-clock seconds (may be virtual)
+    ) -> SectorInfo:
+        """Wait until the sector is in `state`; returns its info.
+
+        `timeout` is in seconds of the engine clock. Raises `SectorStuckError` if the sector
+        settles in FailedUnrecoverable or Removed instead, and `TimeoutError` on timeout.
+        """
+        target = parse_state(str(state))
+        deadline = None if timeout is None else self.clock.now() + timeout
+        while True:
+            info = self._get(number)
+            if info.state is target:
+                return info
+            if info.state in STUCK_STATES:
+                raise SectorStuckError(
+                    f"sector {number} is in {info.state.name}, not {target.name}"
+                    + (f": {info.last_err}" if info.last_err else "")
+                )
+            if deadline is not None and self.clock.now() >= deadline:
+                raise TimeoutError(f"sector {number} is still in {info.state.name}")
+            self._changed.clear()
+            waiter = asyncio.ensure_future(self._changed.wait())
+            timer = (
+                asyncio.ensure_future(self.clock.sleep_until(deadline))
+                if deadline is not None
+                else None
+            )
+            try:
+                await asyncio.wait(
+                    [t for t in (waiter, timer) if t is not None],
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                waiter.cancel()
+                if timer is not None:
+                    timer.cancel()
+
+    async def retry(self, number: int) -> None:
+        """Retry a failed sector now (skipping the backoff); resume a FailedUnrecoverable one."""
+        info = self._get(number)
+        if info.state not in FAILED_STATES:
+            raise NotFailedError(
+                f"sector {number} is in {info.state.name}, which is not a failed state; "
+                "retry only applies to failed sectors"
+            )
+        await self.group.send(number, SectorRetryNow())
+
+    async def remove(self, number: int) -> None:
+        """Remove the sector and its data (cancels a running compute step)."""
+        self._get(number)
+        await self.group.send(number, SectorRemove())
+
+    async def terminate(self, number: int) -> None:
+        """Terminate the sector on chain, then remove it."""
+        self._get(number)
+        await self.group.send(number, SectorTerminate())
+
+    async def update_state(self, number: int, state: str | SectorState) -> None:
+        """Force the sector into `state` (validated against the graph's states)."""
+        target = parse_state(str(state))
+        self._get(number)
+        await self.group.send(number, SectorForceState(target))
+
+    async def idle(self) -> None:
+        """Wait until nothing is pending or running."""
+        await self.group.idle()
+
+
+def _make_clock(clock: str | Clock) -> Clock:
+    if clock == "real":
+        return RealClock()
+    if clock == "virtual":
+        return VirtualClock()
+    if isinstance(clock, str):
+        raise ValueError(f"unknown clock {clock!r} (use 'real' or 'virtual')")
+    return clock
+
+
+def _chain_params(chain: str | ChainParams) -> ChainParams:
+    if isinstance(chain, ChainParams):
+        return chain
+    if chain == "devnet":
+        return ChainParams.devnet()
+    if chain == "mainnet":
+        return ChainParams.mainnet()
+    raise ValueError(f"unknown chain {chain!r} (use 'devnet' or 'mainnet')")
+
+
+def _sealing_config(
+    config: SealingConfig | dict[str, Any] | None, params: ChainParams
+) -> SealingConfig:
+    if isinstance(config, SealingConfig):
+        return config
+    base = devnet_config(params) if params.name == "devnet" else SealingConfig()
+    if config is None:
+        return base
+    merged = {**_as_dict(base), **config}
+    return SealingConfig.from_dict(merged)
+
+
+def _as_dict(cfg: SealingConfig) -> dict[str, Any]:
+    import dataclasses
+
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def devnet_config(params: ChainParams) -> SealingConfig:
+    """Lotus defaults with batch waits scaled to devnet blocks, so batches still form."""
+    return SealingConfig(
+        pre_commit_batch_wait=5 * params.block_time,
+        pre_commit_batch_slack=0.0,
+        commit_batch_wait=5 * params.block_time,
+        commit_batch_slack=0.0,
+        min_commit_batch=2,
+        wait_deals_delay=60 * params.block_time,
+    )
+
+
+def _open_store(root: Path, durability: str) -> LmdbStore:
+    root.mkdir(parents=True, exist_ok=True)
+    return LmdbStore(root / "store", durability=durability)  # type: ignore[arg-type]
+
+
+def _check_identity(store: LmdbStore, miner: int, size: int) -> None:
+    meta = store.db("meta")
+    with store.read() as txn:
+        raw = txn.get(_META_MINER, db=meta)
+    if raw is None:
+        store.write(lambda txn: txn.put(_META_MINER, packb([miner, size]), db=meta))
+        return
+    stored_miner, stored_size = unpackb(raw)
+    if (stored_miner, stored_size) != (miner, size):
+        raise SealingError(
+            f"{store.path} belongs to miner f0{stored_miner} with {stored_size}-byte sectors; "
+            f"asked for f0{miner} with {size}-byte sectors"
+        )

@@ -1,0 +1,225 @@
+"""The sector planner: folds a batch of events into SectorInfo and picks the next handler.
+
+It follows Lotus v1.11.3's `plan()` (reference §2.1-2.4) on the table in `graph.py`, with the
+deviations listed there: an unexpected event is logged and consumed (the sector keeps going),
+a handler that raised is retried with backoff, and a spent retry budget parks the sector in
+FailedUnrecoverable.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from ..fsm import Context, Restart, StepFailed
+from . import graph
+from .events import SectorEvent, SectorRetriesExhausted
+from .info import MESSAGE_LIMIT, LogEntry, SectorInfo, log_append
+from .states import FAILED_STATES, SectorState
+
+if TYPE_CHECKING:
+    from .pipeline import Sealing
+
+log = logging.getLogger("sectorfsm.sealing")
+
+S = SectorState
+Handler = Callable[["Sealing", Context, SectorInfo], Awaitable[None]]
+
+
+class PlanError(Exception):
+    """A batch the planner refuses (logged in the sector log; the event is consumed)."""
+
+
+def plan(
+    sealing: Sealing, events: list[Any], info: SectorInfo
+) -> tuple[Callable[[Context, SectorInfo], Awaitable[None]] | None, int]:
+    """Plan one batch: `(step or None, number of events consumed)`."""
+    now = sealing.clock.now()
+    before = info.state
+    retries_before = info.retries
+    try:
+        processed = _plan_state(events, info, now)
+        error = None
+    except PlanError as exc:
+        processed, error = exc.args[1], str(exc.args[0])
+    for ev in events[:processed]:
+        _log_event(info, ev, now)
+    if error is not None:
+        log.warning("sector %d: %s", info.number, error)
+        log_append(info, LogEntry(int(now), "error;PlanError", f"state machine error: {error}"))
+    _bookkeep(sealing, events[:processed], info, before, retries_before, now)
+    if info.state is S.PackingFailed:
+        info.state = S.DealsExpired  # as Lotus's plan() does (PackingFailed is deprecated)
+    return sealing.step_for(info), processed
+
+
+def _plan_state(events: list[Any], info: SectorInfo, now: float) -> int:
+    kind = graph.PLANNERS[info.state]
+    if kind == "final":
+        return _plan_final(events, info)
+    if kind == "committing":
+        return _plan_committing(events, info, now)
+    return _plan_one(events, info, now)
+
+
+def _global(ev: Any, info: SectorInfo) -> bool | None:
+    """Apply a global event; None if `ev` is not one. Returns whether it stops the batch."""
+    if isinstance(ev, Restart):
+        return False
+    if isinstance(ev, StepFailed):
+        info.last_err = ev.error
+        return True
+    if isinstance(ev, SectorEvent) and ev.is_global:
+        return ev.apply_global(info)
+    return None
+
+
+def _unexpected(info: SectorInfo, ev: Any, i: int) -> PlanError:
+    return PlanError(
+        f"planner for state {info.state.name} received unexpected event {_name(ev)}", i + 1
+    )
+
+
+def _plan_one(events: list[Any], info: SectorInfo, now: float) -> int:
+    for i, ev in enumerate(events):
+        if _global(ev, info) is not None:
+            return i + 1
+        e = graph.edge(info.state, _name(ev))
+        if e is None:
+            if getattr(ev, "ignorable", False):
+                continue
+            raise _unexpected(info, ev, i)
+        if e.kind == "apply":
+            ev.apply(info, now)
+            continue
+        if e.kind == "return":
+            ev.apply(info, now)
+            if not info.return_state:
+                raise PlanError("return state not set", i + 1)
+            info.state, info.return_state = S(info.return_state), ""
+            return i + 1
+        if e.kind == "resume":
+            ev.apply(info, now)
+            target = info.unrecoverable_from
+            info.state = S(target) if target else S.SealPreCommit1Failed
+            info.unrecoverable_from = ""
+            return i + 1
+        ev.apply(info, now)
+        assert e.dest is not None
+        info.state = e.dest
+        return i + 1
+    return len(events)
+
+
+def _plan_final(events: list[Any], info: SectorInfo) -> int:
+    ev = events[0]
+    if _global(ev, info) is not None:
+        return 1
+    e = graph.edge(info.state, _name(ev))
+    if e is not None and e.kind == "resume":
+        return _plan_one(events[:1], info, 0.0)
+    raise PlanError(f"didn't expect any events in state {info.state.name}, got {_name(ev)}", 1)
+
+
+def _plan_committing(events: list[Any], info: SectorInfo, now: float) -> int:
+    # Lotus planCommitting: a changed seed re-runs Committing; proof events keep the batch going.
+    for i, ev in enumerate(events):
+        stop = _global(ev, info)
+        if stop is not None:
+            if stop:
+                return i + 1
+            continue
+        e = graph.edge(info.state, _name(ev))
+        if e is None:
+            raise PlanError(f"planCommitting got event of unknown type {_name(ev)}", i + 1)
+        if e.kind == "seed":
+            if ev.seed_epoch == info.seed_epoch and ev.seed_value == info.seed_value:
+                continue  # the same seed again: nothing changed
+            ev.apply(info, now)
+            info.state = S.Committing
+            return i + 1
+        if e.kind == "continue":
+            ev.apply(info, now)
+        assert e.dest is not None
+        info.state = e.dest
+        if e.kind == "no_apply":
+            return i + 1
+    return len(events)
+
+
+def _bookkeep(
+    sealing: Sealing,
+    events: list[Any],
+    info: SectorInfo,
+    before: SectorState,
+    retries_before: int,
+    now: float,
+) -> None:
+    """Retry accounting: the backoff clock, the budget, and resets on progress."""
+    policy = sealing.config.retry
+    step_failed = any(isinstance(e, StepFailed) for e in events)
+    if info.state is S.Proving and before is not S.Proving:
+        info.retries = 0
+        info.retry_at = 0.0
+        return
+    if info.retries == 0 and retries_before == 0 and info.retry_at == 0 and not step_failed:
+        # Fast path for the happy path: no retry pending, nothing to account.
+        if info.state in FAILED_STATES and info.state is not before:
+            info.retry_at = now + policy.delay(0)
+        return
+    if info.state is not before:
+        back_to_work = info.state not in FAILED_STATES and not _forced(events)
+        if before in FAILED_STATES and before is not S.FailedUnrecoverable and back_to_work:
+            info.retries += 1  # a failed state sent the sector back to work: one retry
+        info.retry_at = 0.0
+    if step_failed:
+        info.retries += 1
+        info.retry_at = now + policy.delay(info.retries - 1)
+    elif info.state in FAILED_STATES and info.state is not before:
+        info.retry_at = now + policy.delay(info.retries)
+
+
+def _forced(events: list[Any]) -> bool:
+    return any(isinstance(e, SectorEvent) and e.is_global for e in events)
+
+
+def exhausted(sealing: Sealing, info: SectorInfo) -> bool:
+    """True when a pending retry would go over the sector's retry budget."""
+    return info.retries >= sealing.config.retry.budget and (
+        info.retry_at > 0 or info.state in FAILED_STATES
+    )
+
+
+async def run_handler(sealing: Sealing, handler: Handler, ctx: Context, info: SectorInfo) -> None:
+    """The step: wait out a pending retry's backoff (or give up), then run the handler."""
+    if info.retry_at > 0 or info.state in FAILED_STATES:
+        if exhausted(sealing, info):
+            ctx.send(
+                SectorRetriesExhausted(
+                    f"retry budget of {sealing.config.retry.budget} spent in {info.state.name}"
+                    + (f": {info.last_err}" if info.last_err else "")
+                )
+            )
+            return
+        if info.retry_at > sealing.clock.now():
+            await sealing.clock.sleep_until(info.retry_at)
+    await handler(sealing, ctx, info)
+
+
+def _name(ev: Any) -> str:
+    if isinstance(ev, Restart):
+        return graph.RESTART
+    return type(ev).__name__
+
+
+def _log_event(info: SectorInfo, ev: Any, now: float) -> None:
+    if isinstance(ev, Restart):
+        return  # Lotus never logs SectorRestart
+    if isinstance(ev, StepFailed):
+        log_append(info, LogEntry(int(now), "error;StepFailed", ev.error, ev.trace))
+        return
+    message, trace = ev.describe() if isinstance(ev, SectorEvent) else (repr(ev), "")
+    if len(message) > MESSAGE_LIMIT:
+        message = message[:MESSAGE_LIMIT] + "... truncated"
+    log_append(info, LogEntry(int(now), f"event;{_name(ev)}", message, trace))

@@ -1,0 +1,135 @@
+"""The `sim` sealer backend: realistic durations, deterministic outputs, no files.
+
+Durations are per task for a 32 GiB sector (PreCommit1 hours, PreCommit2 and Commit2 tens of
+minutes), doubled for 64 GiB and scaled linearly below, with a small floor so tiny sectors
+still take a visible moment. Time passes on the scheduler's clock, so on a virtual clock a
+day of sealing takes milliseconds.
+
+Outputs are deterministic: CommD is the real unsealed CID of the pieces (computed from their
+commitments, no data hashed), CommR and the proof come from `proofs.py`, so `DevnetChain`
+verifies them and a wrong ticket or seed is caught.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+from ..fsm import Clock
+from ..fsm.codec import packb, unpackb
+from ..sched import Job, SectorRef, TaskType
+from . import commp
+from .info import PendingPiece, Piece
+from .proofs import porep_proof, sealed_cid
+from .sealer import PreCommit2Out
+
+_32G = 32 << 30
+
+#: Seconds per task for a 32 GiB sector (roughly a 2021 AMD EPYC + RTX 3090 host).
+DURATIONS_32G: dict[TaskType, float] = {
+    TaskType.ADD_PIECE: 5 * 60,
+    TaskType.PRE_COMMIT1: 3.5 * 3600,
+    TaskType.PRE_COMMIT2: 25 * 60,
+    TaskType.COMMIT1: 60,
+    TaskType.COMMIT2: 30 * 60,
+    TaskType.FINALIZE: 5 * 60,
+}
+
+
+class SimTaskError(RuntimeError):
+    """A simulated task failure (fault injection)."""
+
+
+@dataclass(slots=True)
+class SimFaults:
+    """Knobs the tests turn: fail the next N tasks of a type; corrupt some sectors' proofs."""
+
+    fail_tasks: dict[TaskType, int] = field(default_factory=dict)
+    corrupt_proofs: set[int] = field(default_factory=set)
+    #: Use a wrong ticket when computing these sectors' CommR (caught at commit).
+    wrong_ticket: set[int] = field(default_factory=set)
+
+
+class SimBackend:
+    """A backend that only takes time and returns deterministic commitments."""
+
+    name = "sim"
+
+    def __init__(self, clock: Clock, miner: int, *, time_scale: float = 1.0, floor: float = 0.01):
+        self.clock = clock
+        self.miner = miner
+        self.time_scale = time_scale
+        self.floor = floor
+        self.faults = SimFaults()
+        #: Tasks run, by type (for tests and the demo).
+        self.runs: dict[TaskType, int] = {}
+
+    def duration(self, task: TaskType, sector_size: int) -> float:
+        """Simulated seconds for `task` on a sector of `sector_size` bytes."""
+        base = DURATIONS_32G.get(task, 60.0) * sector_size / _32G
+        return max(self.floor, base * self.time_scale)
+
+    async def _work(self, job: Job) -> None:
+        task = job.task_type
+        self.runs[task] = self.runs.get(task, 0) + 1
+        await self.clock.sleep(self.duration(task, job.sector.size))
+        left = self.faults.fail_tasks.get(task, 0)
+        if left > 0:
+            self.faults.fail_tasks[task] = left - 1
+            raise SimTaskError(f"simulated {task.short} failure for sector {job.sector}")
+
+    async def add_piece(
+        self, job: Job, existing: list[int], size: int, piece: PendingPiece | None
+    ) -> Piece:
+        """A filler gets the zero commitment; a deal piece keeps its declared CommP."""
+        await self._work(job)
+        if piece is None:
+            return Piece(commp.zero_piece_cid(size), size, None)
+        return Piece(piece.piece_cid, piece.size, piece.deal)
+
+    async def pre_commit1(self, job: Job, ticket: bytes, pieces: list[Piece]) -> bytes:
+        """Compute CommD from the pieces; carry it and the ticket to PC2."""
+        await self._work(job)
+        comm_d = commp.unsealed_cid(job.sector.size, [(p.piece_cid, p.size) for p in pieces])
+        if job.sector.number in self.faults.wrong_ticket:
+            ticket = hashlib.sha256(b"wrong" + ticket).digest()
+        return packb({"comm_d": comm_d, "ticket": ticket})
+
+    async def pre_commit2(self, job: Job, pc1out: bytes) -> PreCommit2Out:
+        """CommR from CommD, the ticket and the sector id."""
+        await self._work(job)
+        out = unpackb(pc1out)
+        sector: SectorRef = job.sector
+        return PreCommit2Out(
+            sealed_cid(self.miner, sector.number, out["comm_d"], out["ticket"]), out["comm_d"]
+        )
+
+    async def commit1(
+        self, job: Job, ticket: bytes, seed: bytes, pieces: list[Piece], cids: PreCommit2Out
+    ) -> bytes:
+        """Carry what the proof binds to."""
+        await self._work(job)
+        return packb(
+            {"ticket": ticket, "seed": seed, "sealed": cids.sealed, "unsealed": cids.unsealed}
+        )
+
+    async def commit2(self, job: Job, c1out: bytes) -> bytes:
+        """The deterministic proof (corrupted on request)."""
+        await self._work(job)
+        c1 = unpackb(c1out)
+        proof = porep_proof(
+            self.miner, job.sector.number, c1["sealed"], c1["unsealed"], c1["ticket"], c1["seed"]
+        )
+        if job.sector.number in self.faults.corrupt_proofs:
+            proof = bytes([proof[0] ^ 0xFF]) + proof[1:]
+        return proof
+
+    async def finalize(self, job: Job, keep_unsealed: bool) -> None:
+        """Only takes time."""
+        await self._work(job)
+
+    async def release_unsealed(self, sector: SectorRef) -> None:
+        """Nothing to delete."""
+
+    async def remove(self, sector: SectorRef) -> None:
+        """Nothing to delete."""
