@@ -330,12 +330,12 @@ class StateGroup(Generic[S]):
         value = raw if raw is not None else (self._codec.encode_event, event)
         committer.put("inbox", key, value, fresh=True)
         m.pending.append((key, event, committer.batch_no))
-        if type(event) in self._cancelling and m.task is not None:
+        if type(event) in self._cancelling and (m.task is not None or m.planning):
             m.cancel_requested = True
-            if m.started:
+            if m.task is not None and m.started:
                 m.task.cancel()
-            # else: the task has not run yet; cancelling it now would skip its clean-up, so
-            # `_run_step` sees the flag and skips the step instead.
+            # else: the step has not run yet (its task is not running, or its round is still
+            # being committed); `_start_step`/`_run_step` see the flag and skip the step.
         if not m.busy:
             self._dirty[m.id] = m
 
@@ -478,7 +478,11 @@ class StateGroup(Generic[S]):
         copy = self.records.decode(m.record, m.id)[0]
         if m.ctx is None:
             m.ctx = Context(self, m)
-        m.cancel_requested = False
+        if m.cancel_requested:
+            # A cancelling event arrived while this round was being committed: skip the step.
+            m.cancel_requested = False
+            self._settle(m)
+            return
         try:
             pending = step(m.ctx, copy)
         except Exception as exc:  # a plain-function step failed inline
