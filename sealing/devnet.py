@@ -225,6 +225,14 @@ class DevnetChain:
         self._put_deal(deal)
         return deal
 
+    def republish_deal(self, deal_id: int) -> DealProposal:
+        """Fault injection: the deal is re-published under a new id (the old id disappears)."""
+        old = self._deals.pop(deal_id)
+        self.store.committer.delete(DB, b"deal/%012d" % deal_id)
+        new = dataclasses.replace(old, deal_id=max(max(self._deals, default=0), deal_id) + 1)
+        self._put_deal(new)
+        return new
+
     def deal(self, deal_id: int) -> DealProposal | None:
         """A published deal, or None."""
         self._api()

@@ -66,6 +66,10 @@ DEVIATIONS: dict[str, str] = {
         "SectorAddPiece carries the assigned pieces, so an assignment survives a crash."
     ),
     "log-marker": "Log truncation keeps a visible 'truncate' marker.",
+    "commit-retry": (
+        "Committing re-waits on a commit message only if it succeeded or is still pending; "
+        "Lotus re-waits on a failed one too and loops through CommitFailed."
+    ),
     "cancel": (
         "SectorRemove, SectorTerminate, SectorForceState and SectorRetryNow cancel a running "
         "step (and so its scheduled task) instead of waiting hours for it."

@@ -40,12 +40,23 @@ from .pipeline import Sealing
 from .sealer import ScheduledSealer
 from .sim import SimBackend
 from .states import FAILED_STATES, SectorState, parse_state
+from .store_view import GROUP
 
 log = logging.getLogger("sectorfsm.sealing")
 
-GROUP = "sectors"
+
 _META_MINER = b"sealing/miner"
 _META_NEXT = b"sealing/next_sector"
+#: States in which a SectorAddPiece is (or will be, once SectorStart applies) accepted.
+_TAKES_PIECES = frozenset(
+    {
+        SectorState.UndefinedSectorState,
+        SectorState.Empty,
+        SectorState.WaitDeals,
+        SectorState.AddPiece,
+        SectorState.AddPieceFailed,
+    }
+)
 #: States a sector will not leave on its own: `wait` stops there.
 STUCK_STATES = frozenset({SectorState.FailedUnrecoverable, SectorState.Removed})
 
@@ -196,13 +207,13 @@ class Miner:
 
     def _plan(self, events: list[Any], info: SectorInfo) -> Any:
         # Pieces sent to a sector that stopped taking them go to another sector, in this commit.
-        if info.state not in (SectorState.WaitDeals, SectorState.AddPiece, SectorState.Empty):
+        if info.state not in _TAKES_PIECES:
             stray = [e for e in events if isinstance(e, SectorAddPiece) and e.pieces]
-            if stray and info.state is not SectorState.AddPieceFailed:
+            if stray:
                 self.sealing.open_sectors.pop(info.number, None)
                 for e in stray:
                     self._assign(e.pieces)
-                events = [e if e not in stray else SectorAddPiece([]) for e in events]
+                events = [SectorAddPiece([]) if any(e is x for x in stray) else e for e in events]
         return self.sealing.plan(events, info)
 
     # -- sectors ------------------------------------------------------------------------------

@@ -92,7 +92,9 @@ class Sealing:
 
     def open_sector(self, info: SectorInfo) -> None:
         """The sector takes deal pieces until it starts packing."""
-        self.open_sectors[info.number] = info.used_space()
+        # Pieces assigned but not yet applied are only known here: never count down.
+        used = max(self.open_sectors.get(info.number, 0), info.used_space())
+        self.open_sectors[info.number] = used
 
     def close_sector(self, number: int) -> None:
         """The sector stopped taking pieces."""

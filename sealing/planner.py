@@ -130,7 +130,8 @@ def _plan_committing(events: list[Any], info: SectorInfo, now: float) -> int:
             if stop:
                 return i + 1
             continue
-        e = graph.edge(info.state, _name(ev))
+        # Lotus switches on the event type alone, even after an event moved the state on.
+        e = graph.edge(S.Committing, _name(ev))
         if e is None:
             raise PlanError(f"planCommitting got event of unknown type {_name(ev)}", i + 1)
         if e.kind == "seed":

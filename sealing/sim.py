@@ -48,6 +48,8 @@ class SimFaults:
     corrupt_proofs: set[int] = field(default_factory=set)
     #: Use a wrong ticket when computing these sectors' CommR (caught at commit).
     wrong_ticket: set[int] = field(default_factory=set)
+    #: Fail the next N removals.
+    fail_remove: int = 0
 
 
 class SimBackend:
@@ -132,4 +134,7 @@ class SimBackend:
         """Nothing to delete."""
 
     async def remove(self, sector: SectorRef) -> None:
-        """Nothing to delete."""
+        """Nothing to delete (fails on request)."""
+        if self.faults.fail_remove > 0:
+            self.faults.fail_remove -= 1
+            raise SimTaskError(f"simulated removal failure for sector {sector}")

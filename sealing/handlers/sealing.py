@@ -27,6 +27,7 @@ from ..checks import (
     check_precommit,
 )
 from ..events import (
+    SectorAddPiece,
     SectorAddPieceFailed,
     SectorChainPreCommitFailed,
     SectorCommitAggregateSent,
@@ -74,6 +75,9 @@ RETRYABLE_EXITS = (ExitCode.SysErrInsufficientFunds, ExitCode.SysErrOutOfGas)
 
 async def handle_wait_deals(s: Sealing, ctx: Context, info: SectorInfo) -> None:
     """Start packing when full or when the seal delay passes; otherwise arm a timer."""
+    if info.pending_pieces:
+        ctx.send(SectorAddPiece())  # pieces assigned while AddPiece ran: write them first
+        return
     deals = sum(1 for p in info.pieces if p.deal is not None)
     if deals >= s.deal_limit:
         ctx.send(SectorStartPacking())
@@ -387,9 +391,14 @@ async def handle_wait_seed(s: Sealing, ctx: Context, info: SectorInfo) -> None:
 
 async def handle_committing(s: Sealing, ctx: Context, info: SectorInfo) -> None:
     """Compute the proof (C1 then C2) and check it against the chain."""
-    if info.commit_message is not None and s.chain.search_msg(info.commit_message) is not None:
-        ctx.send(SectorRetryCommitWait())
-        return
+    if info.commit_message is not None:
+        # Lotus goes back to CommitWait whenever the message is found, even a failed one,
+        # which loops CommitFailed -> Committing -> CommitWait forever; only a message that
+        # succeeded (or has not executed yet) is worth waiting for.
+        receipt = s.chain.search_msg(info.commit_message)
+        if receipt is None or receipt.exit_code is ExitCode.Ok:
+            ctx.send(SectorRetryCommitWait())
+            return
     if info.comm_d is None or info.comm_r is None:
         ctx.send(SectorCommitFailed("sector had nil commR or commD"))
         return
