@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
+from . import statechart
 
 app = typer.Typer(
     name="sectors",
@@ -83,6 +84,9 @@ def demo(
     if set(summary["states"]) != {"Proving"}:
         console.print("[red]not every machine reached Proving[/red]")
         raise typer.Exit(1)
+
+
+statechart.register(app)
 
 
 def main() -> None:

@@ -1,0 +1,42 @@
+"""Read sectors straight from a repo's store, with or without an engine running.
+
+The CLI uses this for `status`, `list` and `statechart --sector`: no engine, no chain, no
+scheduler, just the persisted records (LMDB readers never block the engine's writer).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..fsm import GroupRecords, LmdbStore, RecordCodec
+from ..fsm.events import BUILTIN_EVENTS
+from .events import ALL_EVENTS
+from .graph import DORMANT_STATES
+from .info import SectorInfo
+
+#: The engine group that holds the sectors.
+GROUP = "sectors"
+#: Version of the SectorInfo record layout.
+SCHEMA_VERSION = 1
+
+
+def store_path(repo: Path) -> Path:
+    """Where a repo keeps its LMDB store."""
+    return Path(repo) / "store"
+
+
+def sector_records(store: LmdbStore) -> GroupRecords[SectorInfo]:
+    """The sectors' records in `store`, decoded exactly as the engine writes them."""
+    codec = RecordCodec(SectorInfo, (*BUILTIN_EVENTS, *ALL_EVENTS), SCHEMA_VERSION)
+    return GroupRecords(store, GROUP, codec, lambda info: info.state in DORMANT_STATES)
+
+
+def read_sector(repo: Path, number: int) -> SectorInfo | None:
+    """Sector `number` as persisted in `repo`, or None if the repo or the sector does not exist."""
+    path = store_path(repo)
+    if not (path / "data.mdb").exists():
+        return None
+    with LmdbStore(path) as store:
+        records = sector_records(store)
+        raw = records.raw(records.key(number))
+        return None if raw is None else records.decode(raw, number)[0]
