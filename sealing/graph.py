@@ -80,10 +80,6 @@ DEVIATIONS: dict[str, str] = {
 FINAL_PLANNER_STATES = frozenset(
     {S.FaultReported, S.FaultedFinal, S.Removed, S.FailedUnrecoverable}
 )
-#: States whose machines stay dormant on disk across restarts (nothing to resume).
-DORMANT_STATES = frozenset(
-    {S.Proving, S.Removed, S.FailedUnrecoverable, S.FaultedFinal, S.FaultReported}
-)
 #: Where RecoverDealIDs may return (Lotus `ReturnState`), for the export.
 RETURN_STATES = (S.PreCommit1, S.PreCommitting, S.PreCommitFailed, S.CommitFailed)
 

@@ -34,12 +34,11 @@ from .events import (
     SectorStartCC,
     SectorTerminate,
 )
-from .graph import DORMANT_STATES
 from .info import DealInfo, PendingPiece, SectorInfo
 from .pipeline import Sealing
 from .sealer import ScheduledSealer
 from .sim import SimBackend
-from .states import FAILED_STATES, SectorState, parse_state
+from .states import DORMANT_STATES, FAILED_STATES, SectorState, parse_state
 from .store_view import GROUP
 
 log = logging.getLogger("sectorfsm.sealing")

@@ -119,6 +119,11 @@ FAILED_STATES: frozenset[SectorState] = frozenset(GROUPS["error_modes"]) | {
     S.RemoveFailed,
 }
 
+#: States whose machines stay dormant on disk across restarts (nothing to resume).
+DORMANT_STATES: frozenset[SectorState] = frozenset(
+    {S.Proving, S.Removed, S.FailedUnrecoverable, S.FaultedFinal, S.FaultReported}
+)
+
 #: Lotus's toStatState buckets (v1.11.3), used for MaxSealingSectors throttling.
 STAGING_STATES: frozenset[SectorState] = frozenset(
     {S.UndefinedSectorState, S.Empty, S.WaitDeals, S.AddPiece}

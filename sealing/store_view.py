@@ -11,8 +11,8 @@ from pathlib import Path
 from ..fsm import GroupRecords, LmdbStore, RecordCodec
 from ..fsm.events import BUILTIN_EVENTS
 from .events import ALL_EVENTS
-from .graph import DORMANT_STATES
 from .info import SectorInfo
+from .states import DORMANT_STATES
 
 #: The engine group that holds the sectors.
 GROUP = "sectors"

@@ -1,0 +1,35 @@
+"""Helpers for the sealing tests: a virtual-clock Miner in a temp dir, and log inspection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from sectorfsm.sealing.info import SectorInfo
+from sectorfsm.sealing.miner import Miner
+
+
+def run(fn: Callable[[], Awaitable[Any]]) -> Any:
+    """Run an async test body."""
+    return asyncio.run(fn())  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def miner(tmp_path: Path, **kw: Any) -> AsyncIterator[Miner]:
+    """A Miner on a virtual clock (unless told otherwise) in `tmp_path/repo`."""
+    kw.setdefault("clock", "virtual")
+    async with Miner.open(tmp_path / "repo", **kw) as m:
+        yield m
+
+
+def kinds(info: SectorInfo) -> list[str]:
+    """The event names in a sector's log, in order (errors keep their full kind)."""
+    return [e.kind.removeprefix("event;") for e in info.log]
+
+
+def count(info: SectorInfo, name: str) -> int:
+    """How often `name` appears in the sector's log."""
+    return kinds(info).count(name)

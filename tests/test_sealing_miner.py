@@ -1,0 +1,159 @@
+"""The `sectorfsm.Miner` facade: its API as named, bad input, operator commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sealtools import kinds, miner, run
+
+import sectorfsm
+from sectorfsm.sealing import (
+    NotFailedError,
+    SealingError,
+    SectorState,
+    SectorStuckError,
+    UnknownSectorError,
+    commp,
+)
+from sectorfsm.sealing.states import EXISTING_STATES
+
+DAY = 86400.0
+
+
+def test_public_names() -> None:
+    assert sectorfsm.Miner.__name__ == "Miner"
+    assert len(EXISTING_STATES) == 42
+    assert all(s.value == s.name for s in EXISTING_STATES)
+
+
+def test_sector_info_exposes_state_number_and_log(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with miner(tmp_path) as m:
+            n = await m.pledge()
+            info = await m.wait(n, SectorState.Proving, timeout=DAY)
+            assert (info.state, info.number) == (SectorState.Proving, n)
+            entry = info.log[0]
+            assert entry.kind == "event;SectorStartCC"
+            assert isinstance(entry.timestamp, int) and entry.message.startswith('{"User"')
+            assert entry.trace == ""
+
+    run(body)
+
+
+def test_bad_input_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with miner(tmp_path) as m:
+            n = await m.pledge()
+            await m.wait(n, "Proving", timeout=DAY)
+            before = m.status(n)
+            with pytest.raises(UnknownSectorError, match="sector 99 not found"):
+                m.status(99)
+            with pytest.raises(UnknownSectorError):
+                m.status(-1)
+            with pytest.raises(UnknownSectorError):
+                await m.remove(99)
+            with pytest.raises(UnknownSectorError):
+                await m.wait(99, "Proving")
+            with pytest.raises(ValueError, match=r"not a valid sector state.*WaitDeals"):
+                await m.update_state(n, "Sealing")
+            with pytest.raises(ValueError, match="not a valid sector state"):
+                await m.wait(n, "Nope")
+            with pytest.raises(NotFailedError, match="Proving, which is not a failed state"):
+                await m.retry(n)
+            with pytest.raises(ValueError, match="invalid padded piece size 100"):
+                await m.add_piece(commp.piece_cid(b"x"), 100)
+            with pytest.raises(ValueError):
+                await m.add_piece("bafy-not-a-piece-cid", 128)
+            with pytest.raises(ValueError, match="does not fit"):
+                await m.add_piece(commp.piece_cid(b"x"), 4096)
+            await m.idle()
+            assert m.status(n) == before
+            assert [i.number for i in m.list()] == [n]
+            with pytest.raises(ValueError, match="not a valid sector state"):
+                list(m.list(states=["Bogus"]))
+
+    run(body)
+
+
+def test_open_refuses_bad_config(tmp_path: Path) -> None:
+    async def body() -> None:
+        with pytest.raises(ValueError, match="sealer"):
+            async with miner(tmp_path, sealer="nope"):
+                pass
+        with pytest.raises(ValueError, match="sector size"):
+            async with miner(tmp_path, sector_size="3KiB"):
+                pass
+        with pytest.raises(ValueError, match="unknown sealing option"):
+            async with miner(tmp_path, config={"wait_deal_delay": 1}):
+                pass
+        async with miner(tmp_path) as m:
+            await m.pledge()
+        with pytest.raises(SealingError, match="2048-byte sectors"):
+            async with miner(tmp_path, sector_size="8MiB"):
+                pass
+
+    run(body)
+
+
+def test_update_state_moves_a_sector_and_the_handler_runs(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with miner(tmp_path) as m:
+            n = await m.pledge()
+            await m.wait(n, "Proving", timeout=DAY)
+            await m.update_state(n, "Removing")
+            info = await m.wait(n, "Removed", timeout=DAY)
+            assert "SectorForceState" in kinds(info)
+
+    run(body)
+
+
+def test_packing_failed_is_handled_as_deals_expired(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with miner(tmp_path) as m:
+            n = await m.pledge()
+            await m.wait(n, "Proving", timeout=DAY)
+            await m.update_state(n, "PackingFailed")
+            # Committed on chain: DealsExpired refuses to remove it, as Lotus does. Lotus then
+            # stalls silently; here it is retried and finally parked, with the reason.
+            with pytest.raises(SectorStuckError, match="committed on-chain"):
+                await m.wait(n, "Removed", timeout=30 * DAY)
+            info = m.status(n)
+            assert info.unrecoverable_from == "DealsExpired"
+            assert "event;SectorForceState" in [e.kind for e in info.log]
+
+    run(body)
+
+
+def test_retry_skips_the_backoff(tmp_path: Path) -> None:
+    async def body() -> None:
+        from sectorfsm.sched import TaskType
+
+        cfg = {"retry": {"base": 7200.0, "budget": 5}}
+        async with miner(tmp_path, config=cfg) as m:
+            m.sealer.backend.faults.fail_tasks[TaskType.PRE_COMMIT1] = 1  # type: ignore[attr-defined]
+            n = await m.pledge()
+            await m.wait(n, "SealPreCommit1Failed", timeout=DAY)
+            failed = m.clock.now()
+            await m.retry(n)
+            await m.wait(n, "Proving", timeout=DAY)
+            assert m.clock.now() - failed < 3600  # did not wait out the 2 h backoff
+
+    run(body)
+
+
+def test_wait_reports_a_sector_that_gave_up(tmp_path: Path) -> None:
+    async def body() -> None:
+        # 32 GiB on 1-second devnet blocks: PC1 outlives the ticket every time.
+        cfg = {"retry": {"base": 10.0, "budget": 3}}
+        async with miner(tmp_path, sector_size="32GiB", config=cfg) as m:
+            n = await m.pledge()
+            with pytest.raises(SectorStuckError, match="FailedUnrecoverable"):
+                await m.wait(n, "Proving", timeout=30 * DAY)
+            names = kinds(m.status(n))
+            assert "SectorOldTicket" in names  # PreCommit1 saw the expired ticket
+            with pytest.raises(TimeoutError):
+                k = await m.pledge()
+                await m.wait(k, "Proving", timeout=60)
+
+    run(body)
