@@ -21,6 +21,7 @@ from typing import Any
 from ..fsm import Clock, LmdbStore, RealClock, StateGroup, VirtualClock
 from ..fsm.codec import packb, unpackb
 from ..sched import Scheduler, StoragePath, WorkerResources, WorkerSpec, parse_sector_size
+from . import requests
 from .chain import ChainParams
 from .config import SealingConfig, seal_proof_for
 from .devnet import DevnetChain
@@ -44,8 +45,10 @@ from .store_view import GROUP
 log = logging.getLogger("sectorfsm.sealing")
 
 
-_META_MINER = b"sealing/miner"
-_META_NEXT = b"sealing/next_sector"
+_META_MINER = requests.META_MINER
+_META_NEXT = requests.META_NEXT
+#: Seconds between looks at the request queue (the CLI's pledge and add-piece).
+REQUEST_POLL = 0.2
 #: States in which a SectorAddPiece is (or will be, once SectorStart applies) accepted.
 _TAKES_PIECES = frozenset(
     {
@@ -131,6 +134,8 @@ class Miner:
         self.sealing.group = self.group
         self._next = 0
         self._changed = asyncio.Event()
+        self._server: asyncio.Task[None] | None = None
+        self._serving: set[bytes] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -198,8 +203,14 @@ class Miner:
         self.sealer.load(refs)
         self.store.committer.add_listener(self._changed.set)
         await self.group.start()
+        self.serve_requests()
+        self._server = asyncio.get_running_loop().create_task(self._serve())
 
     async def _stop(self) -> None:
+        if self._server is not None:
+            self._server.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._server
         self.sealing.close()
         await self.group.stop()
         self.store.committer.remove_listener(self._changed.set)
@@ -214,6 +225,50 @@ class Miner:
                     self._assign(e.pieces)
                 events = [SectorAddPiece([]) if any(e is x for x in stray) else e for e in events]
         return self.sealing.plan(events, info)
+
+    # -- requests from other processes ---------------------------------------------------------
+
+    async def _serve(self) -> None:
+        while True:
+            await asyncio.sleep(REQUEST_POLL)
+            try:
+                self.serve_requests()
+            except Exception:
+                log.exception("serving queued requests")
+
+    def serve_requests(self) -> int:
+        """Execute queued pledge/add-piece requests; each commits with its sector events."""
+        done = 0
+        for rid, request in requests.pending(self.store):
+            if rid in self._serving:
+                continue  # executed, its commit is on the way
+            self._serving.add(rid)
+            try:
+                result = self._execute(request)
+            except (ValueError, SealingError) as exc:
+                result = {"error": str(exc)}
+            requests.stage_done(self.store, rid, result)
+            self.store.committer.on_commit(lambda rid, err: self._serving.discard(rid), rid)
+            done += 1
+        return done
+
+    def _execute(self, request: dict[str, Any]) -> dict[str, Any]:
+        op = request.get("op")
+        if op == "pledge":
+            count = int(request.get("count", 1))
+            numbers = []
+            for _ in range(count):
+                n = self._allocate()
+                self.group.post(n, SectorStartCC(n, seal_proof_for(self.sector_size)))
+                numbers.append(n)
+            return {"sectors": numbers}
+        if op == "add_piece":
+            piece = self._pending_piece(
+                request["piece_cid"], int(request["size"]), request.get("data_path")
+            )
+            [n] = self._assign([piece])
+            return {"sector": n, "deal": piece.deal.deal_id}
+        raise ValueError(f"unknown request {op!r}")
 
     # -- sectors ------------------------------------------------------------------------------
 
@@ -271,6 +326,20 @@ class Miner:
         Without `deal`, a deal for the piece is published on the devnet, starting `start_in`
         epochs from now and lasting `duration` epochs.
         """
+        piece = self._pending_piece(piece_cid, size, data_path, deal, start_in, duration)
+        [n] = self._assign([piece])
+        await self.store.committer.waiter()
+        return n
+
+    def _pending_piece(
+        self,
+        piece_cid: str,
+        size: int,
+        data_path: str | None,
+        deal: DealInfo | None = None,
+        start_in: int = 10_000,
+        duration: int = 518_400,
+    ) -> PendingPiece:
         from . import commp
 
         commp.unpadded_size(size)  # validates the padded size
@@ -290,9 +359,7 @@ class Miner:
                 proposal.start_epoch,
                 proposal.end_epoch,
             )
-        [n] = self._assign([PendingPiece(piece_cid, size, deal, data_path)])
-        await self.store.committer.waiter()
-        return n
+        return PendingPiece(piece_cid, size, deal, data_path)
 
     def _get(self, number: int) -> SectorInfo:
         if not isinstance(number, int) or isinstance(number, bool) or number < 0:

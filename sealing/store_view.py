@@ -25,10 +25,14 @@ def store_path(repo: Path) -> Path:
     return Path(repo) / "store"
 
 
+def sector_codec() -> RecordCodec[SectorInfo]:
+    """The codec of sector records and events, as the engine uses it."""
+    return RecordCodec(SectorInfo, (*BUILTIN_EVENTS, *ALL_EVENTS), SCHEMA_VERSION)
+
+
 def sector_records(store: LmdbStore) -> GroupRecords[SectorInfo]:
     """The sectors' records in `store`, decoded exactly as the engine writes them."""
-    codec = RecordCodec(SectorInfo, (*BUILTIN_EVENTS, *ALL_EVENTS), SCHEMA_VERSION)
-    return GroupRecords(store, GROUP, codec, lambda info: info.state in DORMANT_STATES)
+    return GroupRecords(store, GROUP, sector_codec(), lambda info: info.state in DORMANT_STATES)
 
 
 def read_sector(repo: Path, number: int) -> SectorInfo | None:
