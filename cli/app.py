@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from . import statechart
+from . import run, sectors, statechart, views
 
 app = typer.Typer(
     name="sectors",
@@ -86,6 +86,9 @@ def demo(
         raise typer.Exit(1)
 
 
+run.register(app)
+sectors.register(app)
+views.register(app)
 statechart.register(app)
 
 

@@ -13,6 +13,8 @@ Quick tour::
 See `StateGroup` for the exact semantics.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from .clock import Clock, RealClock, VirtualClock
 from .codec import RecordCodec
 from .errors import (
@@ -32,7 +34,19 @@ from .keys import MachineId
 from .machine import Context, MachineInfo, Step
 from .records import GroupRecords
 from .store import LmdbStore
-from .sync import SyncEngine, SyncGroup
+
+if TYPE_CHECKING:
+    from .sync import SyncEngine, SyncGroup
+
+
+def __getattr__(name: str) -> Any:
+    # The sync facade pulls in anyio's thread portal; only hosts that use it pay for it.
+    if name in ("SyncEngine", "SyncGroup"):
+        from . import sync
+
+        return getattr(sync, name)
+    raise AttributeError(f"module 'sectorfsm.fsm' has no attribute {name!r}")
+
 
 __all__ = [
     "Clock",

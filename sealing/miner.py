@@ -37,7 +37,7 @@ from .events import (
 )
 from .info import DealInfo, PendingPiece, SectorInfo
 from .pipeline import Sealing
-from .sealer import ScheduledSealer
+from .sealer import Backend, ScheduledSealer
 from .sim import SimBackend
 from .states import DORMANT_STATES, FAILED_STATES, SectorState, parse_state
 from .store_view import GROUP
@@ -47,6 +47,8 @@ log = logging.getLogger("sectorfsm.sealing")
 
 _META_MINER = requests.META_MINER
 _META_NEXT = requests.META_NEXT
+#: Sealer backends `Miner.open` knows (see DESIGN §3).
+SEALERS = ("sim", "reference", "command")
 #: Seconds between looks at the request queue (the CLI's pledge and add-piece).
 REQUEST_POLL = 0.2
 #: States in which a SectorAddPiece is (or will be, once SectorStart applies) accepted.
@@ -154,23 +156,37 @@ class Miner:
         miner: int = 1000,
         durability: str = "group",
         sim_time_scale: float = 1.0,
+        sealer_options: dict[str, Any] | None = None,
     ) -> AsyncIterator[Miner]:
         """Open (or create) a miner repo and run its engine until the block exits."""
-        if sealer != "sim":
-            raise ValueError(f"unknown sealer backend {sealer!r} (available: sim)")
+        if sealer not in SEALERS:
+            raise ValueError(f"unknown sealer backend {sealer!r} (available: {', '.join(SEALERS)})")
         the_clock = _make_clock(clock)
         size = parse_sector_size(sector_size)
         seal_proof_for(size)  # validates the size
         params = _chain_params(chain)
         cfg = _sealing_config(config, params)
-        store = _open_store(Path(repo), durability)
+        root = Path(repo)
+        store = _open_store(root, durability)
         try:
+            # Claim the repo first: a second engine is refused before it touches anything.
+            store.lock_engine()
             _check_identity(store, miner, size)
             devnet = DevnetChain(store, the_clock, params, miner=miner)
             sched = Scheduler(clock=the_clock)
-            for spec in workers if workers is not None else [sim_worker()]:
+            backend: Backend
+            if sealer == "sim":
+                backend = SimBackend(the_clock, miner, time_scale=sim_time_scale)
+                specs = list(workers) if workers is not None else [sim_worker()]
+            else:
+                from .backends import default_workers, make_backend
+
+                specs = list(workers) if workers is not None else default_workers(sealer, root)
+                backend = make_backend(
+                    sealer, clock=the_clock, miner=miner, repo=root, options=sealer_options or {}
+                )
+            for spec in specs:
                 sched.add_worker(spec)
-            backend = SimBackend(the_clock, miner, time_scale=sim_time_scale)
             scheduled = ScheduledSealer(sched, backend, store)
             m = cls(
                 store,
@@ -188,6 +204,7 @@ class Miner:
             finally:
                 await m._stop()
         finally:
+            store.unlock_engine()
             store.close()
 
     async def _start(self) -> None:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from ..fsm import GroupRecords, LmdbStore, RecordCodec
 from ..fsm.events import BUILTIN_EVENTS
-from .events import ALL_EVENTS
 from .info import SectorInfo
 from .states import DORMANT_STATES
 
@@ -25,14 +24,19 @@ def store_path(repo: Path) -> Path:
     return Path(repo) / "store"
 
 
-def sector_codec() -> RecordCodec[SectorInfo]:
-    """The codec of sector records and events, as the engine uses it."""
+def sector_codec(events: bool = True) -> RecordCodec[SectorInfo]:
+    """The codec of sector records (and events), as the engine uses it."""
+    if not events:
+        return RecordCodec(SectorInfo, (), SCHEMA_VERSION)
+    from .events import ALL_EVENTS  # 60 event classes: only writers need them
+
     return RecordCodec(SectorInfo, (*BUILTIN_EVENTS, *ALL_EVENTS), SCHEMA_VERSION)
 
 
-def sector_records(store: LmdbStore) -> GroupRecords[SectorInfo]:
-    """The sectors' records in `store`, decoded exactly as the engine writes them."""
-    return GroupRecords(store, GROUP, sector_codec(), lambda info: info.state in DORMANT_STATES)
+def sector_records(store: LmdbStore, *, events: bool = True) -> GroupRecords[SectorInfo]:
+    """The sectors' records in `store`; `events=False` for readers (imports less)."""
+    codec = sector_codec(events)
+    return GroupRecords(store, GROUP, codec, lambda info: info.state in DORMANT_STATES)
 
 
 def read_sector(repo: Path, number: int) -> SectorInfo | None:
@@ -41,6 +45,6 @@ def read_sector(repo: Path, number: int) -> SectorInfo | None:
     if not (path / "data.mdb").exists():
         return None
     with LmdbStore(path) as store:
-        records = sector_records(store)
+        records = sector_records(store, events=False)
         raw = records.raw(records.key(number))
         return None if raw is None else records.decode(raw, number)[0]

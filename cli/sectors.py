@@ -1,0 +1,418 @@
+"""Sector commands: status, list, pledge, add-piece, retry, remove, terminate, update-state.
+
+They read the store directly and write their commands into the engine's durable inbox, so
+they work whether or not `sectors run` is running (an engine picks them up within a second).
+Output follows `lotus-miner sectors` (reference §6).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from .common import (
+    DEFAULT_REPO,
+    JsonOption,
+    ReallyOption,
+    RepoOption,
+    engine_note,
+    fail,
+    open_repo,
+    out_console,
+    state_colour,
+)
+
+if TYPE_CHECKING:
+    from ..fsm import LmdbStore
+    from ..sealing.info import SectorInfo
+
+SectorArg = Annotated[
+    int, typer.Argument(min=0, metavar="SECTOR", help="The sector number.", show_default=False)
+]
+#: How long a command waits for a running engine to execute a queued pledge/add-piece.
+RESULT_WAIT = 5.0
+
+
+def _read(store: LmdbStore, number: int) -> SectorInfo:
+    from ..fsm import RecordError
+    from ..sealing.store_view import sector_records
+
+    records = sector_records(store, events=False)
+    try:
+        raw = records.raw(records.key(number))
+        info = None if raw is None else records.decode(raw, number)[0]
+    except RecordError as exc:
+        fail(str(exc))
+    if info is None:
+        fail(f"sector {number} not found in {store.path.parent}")
+    return info
+
+
+def _hex(value: bytes) -> str:
+    return value.hex()
+
+
+def _go_time(ts: int) -> str:
+    # Go's time.Time %s format, as Lotus prints log timestamps.
+    return time.strftime("%Y-%m-%d %H:%M:%S %z %Z", time.localtime(ts))
+
+
+def status_dict(info: SectorInfo) -> dict[str, Any]:
+    """The `--json` form: our names, Lotus's API fields, and the log."""
+    deals = info.deal_ids()
+    return {
+        "number": info.number,
+        "state": info.state.value or "UndefinedSectorState",
+        "SectorID": info.number,
+        "State": info.state.value,
+        "CommD": info.comm_d,
+        "CommR": info.comm_r,
+        "Proof": _hex(info.proof),
+        "Deals": deals,
+        "Pieces": [
+            {
+                "Piece": {"Size": p.size, "PieceCID": p.piece_cid},
+                "DealInfo": None
+                if p.deal is None
+                else {
+                    "DealID": p.deal.deal_id,
+                    "PublishCid": p.deal.publish_cid,
+                    "DealSchedule": {
+                        "StartEpoch": p.deal.start_epoch,
+                        "EndEpoch": p.deal.end_epoch,
+                    },
+                    "KeepUnsealed": p.deal.keep_unsealed,
+                },
+            }
+            for p in info.pieces
+        ],
+        "Ticket": {"Value": _hex(info.ticket_value), "Epoch": info.ticket_epoch},
+        "Seed": {"Value": _hex(info.seed_value), "Epoch": info.seed_epoch},
+        "PreCommitMsg": info.precommit_message,
+        "CommitMsg": info.commit_message,
+        "Retries": info.invalid_proofs,
+        "LastErr": info.last_err,
+        "retries_spent": info.retries,
+        "retry_at": info.retry_at or None,
+        "unrecoverable_from": info.unrecoverable_from or None,
+        "log": [
+            {"timestamp": e.timestamp, "kind": e.kind, "message": e.message, "trace": e.trace}
+            for e in info.log
+        ],
+    }
+
+
+def status(
+    sector: SectorArg,
+    log: Annotated[bool, typer.Option("--log", "-l", help="Show the event log.")] = False,
+    as_json: JsonOption = False,
+    repo: RepoOption = DEFAULT_REPO,
+) -> None:
+    """Show a sector's state and Lotus-style fields (and its event log with --log)."""
+    with open_repo(repo) as store:
+        info = _read(store, sector)
+    if as_json:
+        typer.echo(json.dumps(status_dict(info), indent=2))
+        return
+    nil = "<nil>"
+    lines = [
+        f"SectorID:\t{info.number}",
+        f"Status:\t\t{info.state.value}",
+        f"CIDcommD:\t{info.comm_d or nil}",
+        f"CIDcommR:\t{info.comm_r or nil}",
+        f"Ticket:\t\t{_hex(info.ticket_value)}",
+        f"TicketH:\t{info.ticket_epoch}",
+        f"Seed:\t\t{_hex(info.seed_value)}",
+        f"SeedH:\t\t{info.seed_epoch}",
+        f"Precommit:\t{info.precommit_message or nil}",
+        f"Commit:\t\t{info.commit_message or nil}",
+        f"Deals:\t\t[{' '.join(str(d) for d in info.deal_ids())}]",
+        f"Retries:\t{info.invalid_proofs}",
+    ]
+    if info.last_err:
+        lines.append(f"Last Error:\t\t{info.last_err}")
+    if info.retry_at:
+        lines.append(f"Next retry:\t{_go_time(int(info.retry_at))} (retry {info.retries + 1})")
+    if info.unrecoverable_from:
+        lines.append(f"Gave up in:\t{info.unrecoverable_from} (`sectors retry` resumes it)")
+    if log:
+        lines.append("--------\nEvent Log:")
+        for i, e in enumerate(info.log):
+            lines.append(f"{i}.\t{_go_time(e.timestamp)}:\t[{e.kind}]\t{e.message}")
+            if e.trace:
+                lines.append(f"\t{e.trace}")
+    typer.echo("\n".join(lines))
+
+
+def _events(info: SectorInfo) -> int:
+    return sum(1 for e in info.log if e.kind.startswith("event;"))
+
+
+def _seal_time(info: SectorInfo) -> float | None:
+    if not info.log:
+        return None
+    for e in info.log:
+        if e.kind == "event;SectorProving":
+            return float(e.timestamp - info.log[0].timestamp)
+    return None
+
+
+def list_(
+    states: Annotated[
+        str | None,
+        typer.Option("--states", help="Only these states, comma separated (shows Removed too)."),
+    ] = None,
+    show_removed: Annotated[
+        bool, typer.Option("--show-removed", help="Include Removed sectors.")
+    ] = False,
+    as_json: JsonOption = False,
+    repo: RepoOption = DEFAULT_REPO,
+) -> None:
+    """List sectors by number, with state, deals, events and seal time."""
+    from ..sealing.states import SectorState, parse_state
+    from ..sealing.store_view import sector_records
+
+    wanted: set[SectorState] | None = None
+    if states:
+        try:
+            wanted = {parse_state(s.strip()) for s in states.split(",") if s.strip()}
+        except ValueError as exc:
+            fail(str(exc))
+    with open_repo(repo) as store:
+        rows = []
+        for _, info in sector_records(store, events=False).list():
+            if info.state is SectorState.UndefinedSectorState:
+                continue  # as Lotus's SectorsList
+            if wanted is not None and info.state not in wanted:
+                continue
+            if wanted is None and not show_removed and info.state is SectorState.Removed:
+                continue
+            rows.append(info)
+    if as_json:
+        out = [
+            {
+                "number": i.number,
+                "state": i.state.value,
+                "deals": [d for d in i.deal_ids() if d],
+                "events": _events(i),
+                "seal_time_s": _seal_time(i),
+                "retries": i.retries,
+                "last_error": i.last_err or None,
+            }
+            for i in rows
+        ]
+        typer.echo(json.dumps(out, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table("ID", "State", "Deals", "Events", "SealTime", "Retries", "Error", box=None)
+    for i in rows:
+        deals = [d for d in i.deal_ids() if d]
+        seal = _seal_time(i)
+        table.add_row(
+            str(i.number),
+            f"[{state_colour(i.state.value)}]{i.state.value}[/]",
+            f"[green]{len(deals)}[/]" if deals else "[blue]CC[/]",
+            str(_events(i)),
+            "" if seal is None else f"{seal / 60:.1f}m",
+            str(i.retries) if i.retries else "",
+            (i.last_err[:60] + "…") if len(i.last_err) > 60 else i.last_err,
+        )
+    out_console().print(table)
+
+
+def _send(store: LmdbStore, number: int, event: object) -> None:
+    from ..sealing.store_view import sector_records
+
+    records = sector_records(store)
+    raw = records.codec.encode_event(event)
+    for name in ("states", "live", "mailbox", "counters"):
+        store.db(name)
+    store.write(lambda txn: records.client_send(txn, number, raw, None))
+
+
+def retry(sector: SectorArg, repo: RepoOption = DEFAULT_REPO) -> None:
+    """Retry a failed sector now (skips the backoff; resumes a FailedUnrecoverable one)."""
+    from ..sealing.events import SectorRetryNow
+    from ..sealing.states import FAILED_STATES
+
+    with open_repo(repo) as store:
+        info = _read(store, sector)
+        if info.state not in FAILED_STATES:
+            fail(
+                f"sector {sector} is in {info.state.value}, which is not a failed state; "
+                "retry only applies to failed sectors"
+            )
+        _send(store, sector, SectorRetryNow())
+        typer.echo(f"retry of sector {sector} ({info.state.value}) sent; {engine_note(store)}")
+
+
+def remove(
+    sector: SectorArg, really: ReallyOption = False, repo: RepoOption = DEFAULT_REPO
+) -> None:
+    """Forcefully remove a sector (WARNING: loses power and collateral; see `terminate`)."""
+    from ..sealing.events import SectorRemove
+
+    if not really:
+        fail(
+            "this is a command for advanced users, only use it if you are sure of what you "
+            "are doing: pass --really-do-it"
+        )
+    with open_repo(repo) as store:
+        _read(store, sector)
+        _send(store, sector, SectorRemove())
+        typer.echo(f"remove of sector {sector} sent; {engine_note(store)}")
+
+
+def terminate(
+    sector: SectorArg, really: ReallyOption = False, repo: RepoOption = DEFAULT_REPO
+) -> None:
+    """Terminate a sector on chain, then remove its data."""
+    from ..sealing.events import SectorTerminate
+
+    if not really:
+        fail("pass --really-do-it to confirm this action")
+    with open_repo(repo) as store:
+        _read(store, sector)
+        _send(store, sector, SectorTerminate())
+        typer.echo(f"terminate of sector {sector} sent; {engine_note(store)}")
+
+
+def update_state(
+    sector: SectorArg,
+    state: Annotated[str, typer.Argument(help="The state to force the sector into.")],
+    really: ReallyOption = False,
+    repo: RepoOption = DEFAULT_REPO,
+) -> None:
+    """Force a sector into a state (validated against the state graph)."""
+    from ..sealing.events import SectorForceState
+    from ..sealing.states import parse_state
+
+    if not really:
+        fail(
+            "this is a command for advanced users, only use it if you are sure of what you "
+            "are doing: pass --really-do-it"
+        )
+    try:
+        target = parse_state(state)
+    except ValueError as exc:
+        fail(str(exc))
+    with open_repo(repo) as store:
+        info = _read(store, sector)
+        _send(store, sector, SectorForceState(target))
+        typer.echo(
+            f"sector {sector}: {info.state.value} -> {target.value} sent; {engine_note(store)}"
+        )
+
+
+def _wait_result(store: LmdbStore, rid: bytes) -> dict[str, Any] | None:
+    from ..sealing import requests
+
+    deadline = time.monotonic() + RESULT_WAIT
+    while time.monotonic() < deadline:
+        result = requests.take_result(store, rid)
+        if result is not None:
+            return result
+        time.sleep(0.05)
+    return None
+
+
+def _create_store(repo: Path) -> LmdbStore:
+    from ..fsm import LmdbStore, StoreError
+    from ..sealing.store_view import store_path
+
+    try:
+        return LmdbStore(store_path(repo.expanduser()))
+    except StoreError as exc:
+        fail(str(exc))
+
+
+def pledge(
+    count: Annotated[int, typer.Option("--count", "-n", min=1, max=10_000)] = 1,
+    repo: RepoOption = DEFAULT_REPO,
+) -> None:
+    """Create committed-capacity sectors (durable even when no engine is running)."""
+    from ..sealing import requests
+
+    with _create_store(repo) as store:
+        numbers = requests.pledge_offline(store, count)
+        if numbers is not None:
+            for n in numbers:
+                typer.echo(f"Created CC sector: {n}")
+            typer.echo(f"({engine_note(store)})", err=True)
+            return
+        rid = requests.submit(store, {"op": "pledge", "count": count})
+        if not store.engine_locked_elsewhere():
+            typer.echo(
+                f"queued a pledge of {count} sector(s); {engine_note(store)} "
+                "(sector numbers are assigned then)"
+            )
+            return
+        result = _wait_result(store, rid)
+        if result is None:
+            typer.echo(f"queued a pledge of {count} sector(s); the engine has not answered yet")
+            return
+        if "error" in result:
+            fail(result["error"])
+        for n in result["sectors"]:
+            typer.echo(f"Created CC sector: {n}")
+
+
+def add_piece(
+    file: Annotated[Path, typer.Argument(help="The piece's data (raw bytes).")],
+    repo: RepoOption = DEFAULT_REPO,
+) -> None:
+    """Add a deal piece from FILE: its CommP is computed and a devnet deal is published."""
+    from ..sealing import commp, requests
+
+    path = file.expanduser()
+    if not path.is_file():
+        fail(f"piece file {file} does not exist (or is not a regular file)")
+    length = path.stat().st_size
+    if length == 0:
+        fail(f"piece file {file} is empty")
+    size = 128
+    while size * 127 // 128 < length:
+        size *= 2
+    with _create_store(repo) as store:
+        ident = requests.identity(store)
+        if ident is not None and size > ident[1]:
+            fail(f"{file} ({length} bytes) does not fit a {ident[1]}-byte sector")
+        try:
+            cid = commp.piece_cid(path)
+        except (OSError, ValueError) as exc:
+            fail(f"cannot read {file}: {exc}")
+        request = {
+            "op": "add_piece",
+            "piece_cid": cid,
+            "size": size,
+            "data_path": str(path.resolve()),
+        }
+        rid = requests.submit(store, request)
+        typer.echo(f"piece {cid} ({size} bytes padded)")
+        if not store.engine_locked_elsewhere():
+            typer.echo(f"queued; {engine_note(store)}")
+            return
+        result = _wait_result(store, rid)
+        if result is None:
+            typer.echo("queued; the engine has not answered yet")
+            return
+        if "error" in result:
+            fail(result["error"])
+        typer.echo(f"added to sector {result['sector']} (deal {result['deal']})")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the sector commands to `app`."""
+    app.command("status")(status)
+    app.command("list")(list_)
+    app.command("pledge")(pledge)
+    app.command("add-piece")(add_piece)
+    app.command("retry")(retry)
+    app.command("remove")(remove)
+    app.command("terminate")(terminate)
+    app.command("update-state")(update_state)

@@ -1,0 +1,118 @@
+"""Scheduler views: `sectors workers`, `jobs` and `sched-diag`, from the engine's snapshot.
+
+`sectors run` publishes a snapshot into the store every second; these commands read the
+latest one from another process and say how old it is (a stale one means no engine runs).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import typer
+
+from .common import DEFAULT_REPO, JsonOption, RepoOption, fail, open_repo, out_console
+
+#: Older than this, the snapshot is flagged: the engine that wrote it is probably gone.
+STALE_AFTER = 5.0
+
+
+def _snapshot(repo: Any) -> tuple[dict[str, Any], float]:
+    from ..sched.views import load_snapshot
+
+    with open_repo(repo) as store:
+        snap = load_snapshot(store)
+    if snap is None:
+        fail("no scheduler snapshot in this repo yet: start the engine with `sectors run`")
+    return snap, max(0.0, time.time() - float(snap.get("at", 0.0)))
+
+
+def _age_line(age: float) -> str:
+    note = " (stale: is `sectors run` running?)" if age > STALE_AFTER else ""
+    return f"snapshot taken {age:.1f}s ago{note}"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n:.1f}EiB"
+
+
+def workers(as_json: JsonOption = False, repo: RepoOption = DEFAULT_REPO) -> None:
+    """Workers with their tasks, resources in use, free space and state."""
+    snap, age = _snapshot(repo)
+    if as_json:
+        typer.echo(json.dumps({"age_s": round(age, 3), "workers": snap["workers"]}, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table("Worker", "State", "Tasks", "CPU", "Memory", "GPU", "Free", "Util", box=None)
+    for w in snap["workers"]:
+        state = "[green]enabled[/]" if w["enabled"] else f"[red]disabled[/] {w['disabled_reason']}"
+        if w.get("policy_error"):
+            state += f" [yellow](policy: {w['policy_error']})[/]"
+        tasks = " ".join(f"{k}:{v}" for k, v in w["tasks"].items()) or "-"
+        table.add_row(
+            w["name"],
+            state,
+            tasks,
+            f"{w['cpus_used']}/{w['cpus']}",
+            f"{_size(w['mem_used'])}/{_size(w['mem_physical'])}",
+            f"{w['gpus_used']:g}/{w['gpus']}",
+            _size(w["free_space"]),
+            f"{100 * w['utilization']:.0f}%",
+        )
+    console = out_console()
+    console.print(table)
+    console.print(_age_line(age), style="dim")
+
+
+def jobs(as_json: JsonOption = False, repo: RepoOption = DEFAULT_REPO) -> None:
+    """Tasks running on workers and tasks waiting in the queue."""
+    snap, age = _snapshot(repo)
+    if as_json:
+        typer.echo(json.dumps({"age_s": round(age, 3), "jobs": snap["jobs"]}, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table("ID", "Sector", "Task", "Worker", "State", "Time", box=None)
+    for j in snap["jobs"]:
+        table.add_row(
+            str(j["sched_id"]),
+            j["sector"],
+            j["task"],
+            j["worker"] or "-",
+            j["phase"],
+            f"{j['age_s']:.1f}s",
+        )
+    console = out_console()
+    console.print(table)
+    console.print(_age_line(age), style="dim")
+
+
+def sched_diag(as_json: JsonOption = False, repo: RepoOption = DEFAULT_REPO) -> None:
+    """Why each queued task is not placed, worker by worker."""
+    snap, age = _snapshot(repo)
+    if as_json:
+        typer.echo(json.dumps({"age_s": round(age, 3), "diag": snap["diag"]}, indent=2))
+        return
+    console = out_console()
+    if not snap["diag"]:
+        console.print("no task is waiting for a worker")
+    for d in snap["diag"]:
+        console.print(
+            f"[bold]{d['task']}[/] {d['sector']} (id {d['sched_id']}, prio {d['priority']})"
+        )
+        for worker, why in sorted(d["reasons"].items()):
+            console.print(f"  {worker}: {why}")
+    console.print(_age_line(age), style="dim")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the scheduler views to `app`."""
+    app.command("workers")(workers)
+    app.command("jobs")(jobs)
+    app.command("sched-diag")(sched_diag)
