@@ -22,7 +22,9 @@ DAY = 86400.0
 
 def invoke(repo: Path, *args: str) -> tuple[int, str]:
     """Run `sectors ARGS` on `repo`; returns (exit code, stdout+stderr)."""
-    result = CliRunner().invoke(app, list(args), env={"SECTORFSM_REPO": str(repo), "COLUMNS": "200"})
+    result = CliRunner().invoke(
+        app, list(args), env={"SECTORFSM_REPO": str(repo), "COLUMNS": "200"}
+    )
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception  # a traceback is a bug: bad input must exit cleanly
     return result.exit_code, result.output
