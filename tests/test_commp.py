@@ -514,7 +514,9 @@ def test_worker_processes_give_the_same_commitment(tmp_path: Path) -> None:
 
 
 def test_a_failing_worker_is_an_error_not_a_wrong_answer(tmp_path: Path) -> None:
-    pool = commp._Workers(1, 127 * 8)
+    from sectorfsm.sealing.commp_workers import Workers
+
+    pool = Workers(1, 127 * 8)
     try:
         pool.submit_file(str(tmp_path / "missing"), 0)
         with pytest.raises(RuntimeError, match="worker process exited with code 1"):
