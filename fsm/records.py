@@ -130,6 +130,16 @@ class GroupRecords(Generic[S]):
                 return
             lower = page[-1][0] + b"\x00"
 
+    def list_live(self) -> Iterator[tuple[MachineId, S]]:
+        """Yield `(id, state)` of the machines not in a final state (read from the live index)."""
+        with self.store.read() as txn:
+            keys = list(scan(txn, self.store.db("live"), self.prefix, values=False))
+        for key in keys:
+            mid = self.machine_id(key)[0]
+            raw = self.raw(key)
+            if raw is not None:
+                yield mid, self.decode(raw, mid)[0]
+
     def pending(self, key: bytes) -> Sequence[tuple[bytes, bytes]]:
         """The inbox entries `(inbox_key, encoded_event)` of one machine, in order."""
         with self.store.read() as txn:

@@ -20,7 +20,14 @@ from typing import Any
 
 from ..fsm import Clock, LmdbStore, RealClock, StateGroup, VirtualClock
 from ..fsm.codec import packb, unpackb
-from ..sched import Scheduler, StoragePath, WorkerResources, WorkerSpec, parse_sector_size
+from ..sched import (
+    Scheduler,
+    SectorRef,
+    StoragePath,
+    WorkerResources,
+    WorkerSpec,
+    parse_sector_size,
+)
 from . import requests
 from .chain import ChainParams
 from .config import SealingConfig, seal_proof_for
@@ -211,13 +218,11 @@ class Miner:
         with self.store.read() as txn:
             raw = txn.get(_META_NEXT, db=self.store.db("meta"))
         self._next = unpackb(raw) if raw is not None else 1
-        refs = {}
-        for number, info in self.group.records.list():
-            if info.state is not SectorState.Removed:
-                refs[int(number)] = self.sealing.ref(info)
+        # Only live sectors are read: a million Proving sectors cost nothing at start.
+        for number, info in self.group.records.list_live():
             if info.state in (SectorState.WaitDeals, SectorState.AddPiece):
                 self.sealing.open_sectors[int(number)] = info.used_space()
-        self.sealer.load(refs)
+        self.sealer.load(lambda n: SectorRef(self.miner_id, n, self.sector_size))
         self.store.committer.add_listener(self._changed.set)
         await self.group.start()
         self.serve_requests()

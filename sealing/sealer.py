@@ -148,16 +148,14 @@ class ScheduledSealer:
 
     # -- storage bookkeeping -------------------------------------------------------------
 
-    def load(self, sectors: dict[int, SectorRef]) -> None:
-        """Re-declare the files recorded for `sectors` (after a restart) in the index."""
+    def load(self, ref_of: Callable[[int], SectorRef]) -> None:
+        """Re-declare every recorded sector file (after a restart) in the storage index."""
         with self.store.read() as txn:
             rows = list(txn.cursor(db=self._db))
         index = self.sched.index
         for key, raw in rows:
             number = int(key)
-            ref = sectors.get(number)
-            if ref is None:
-                continue
+            ref = ref_of(number)
             record: dict[str, list[int]] = unpackb(raw)
             for path_id, (files, nbytes) in record.items():
                 if path_id not in index.paths:
