@@ -7,7 +7,8 @@ precommits, the prove-commit deadline or deal start for commits) minus `*_batch_
 reached. When it goes out, the batcher sends each sector's event in the same tick as the
 message, so the message and the events commit together. In-flight batches are not
 persisted (as in Lotus): after a restart the handlers re-add their sectors, and a sector
-whose message was already sent finds it on chain instead.
+whose message was already sent finds it on chain instead. The batch wait is timed from when
+the sector entered the batch state (its log), so restarts do not keep postponing a batch.
 """
 
 from __future__ import annotations
@@ -135,6 +136,14 @@ class _Batcher:
             self._timer = None
 
 
+def _entered(info: SectorInfo, kind: str, now: float) -> float:
+    """When the sector joined the batch: its stored log says, so a restart keeps the wait."""
+    for entry in reversed(info.log):
+        if entry.kind == kind:
+            return min(float(entry.timestamp), now)
+    return now
+
+
 def _chunks(entries: list[_Entry], size: int) -> list[list[_Entry]]:
     return [entries[i : i + size] for i in range(0, len(entries), size)]
 
@@ -165,7 +174,7 @@ class PreCommitBatcher(_Batcher):
         starts = [p.deal.start_epoch for p in info.pieces if p.deal is not None]
         if starts:
             cutoff_epoch = min(cutoff_epoch, min(starts))
-        now = self.s.clock.now()
+        now = _entered(info, "event;SectorPreCommitBatch", self.s.clock.now())
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         entry = _Entry(
             info.number, ctx, info, chain.epoch_time(cutoff_epoch), now, fut, params, deposit
@@ -204,7 +213,7 @@ class CommitBatcher(_Batcher):
         starts = [p.deal.start_epoch for p in info.pieces if p.deal is not None]
         if starts:
             cutoff_epoch = min(cutoff_epoch, min(starts))
-        now = self.s.clock.now()
+        now = _entered(info, "event;SectorSubmitCommitAggregate", self.s.clock.now())
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         await self._add(_Entry(info.number, ctx, info, chain.epoch_time(cutoff_epoch), now, fut))
 

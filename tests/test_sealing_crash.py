@@ -1,0 +1,550 @@
+"""Crash tests of the sealing pipeline: a real engine process SIGKILLed in every phase.
+
+`tests/sealing_proc.py` runs a miner on a real clock and a fast devnet (50-80 ms blocks),
+pledges CC sectors and adds a deal piece, and seals until everything is Proving. The parent
+kills it with SIGKILL (after a random delay, or just after a sector entered a chosen phase),
+reads the persisted sectors and chain messages of the dead process, and starts it again with
+`--resume` (no pledging), until every sector is Proving. The crash loop runs with `group`
+and with `sync` durability (one transaction per unit instead of merged commits).
+
+What must hold (no faults are injected, so the happy path is the only path):
+
+* every sector reaches Proving and is active on chain;
+* exactly one PreCommit* and one ProveCommit* message names each sector, and both executed
+  with exit Ok: a handler that resent a message after a restart fails this;
+* at every kill, a sector has a message of a family iff its persisted state is past the state
+  that sends it (message and event commit together);
+* each sector's log replays through the graph from UndefinedSectorState, every event valid in
+  the state it was applied in, each happy-path event exactly once: an event applied twice
+  (or re-sent by a re-run step after its first copy was applied) fails this.
+
+Set SEALING_CRASH_SEED=<n> to change the random kill delays.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sectorfsm.fsm import LmdbStore, RealClock, StateGroup
+from sectorfsm.sched import TaskType
+from sectorfsm.sealing import graph
+from sectorfsm.sealing.chain import ExitCode
+from sectorfsm.sealing.devnet import DevnetChain
+from sectorfsm.sealing.events import ALL_EVENTS, EVENTS_BY_NAME
+from sectorfsm.sealing.info import SectorInfo
+from sectorfsm.sealing.miner import GROUP
+from sectorfsm.sealing.sim import SimBackend
+from sectorfsm.sealing.states import SectorState
+
+S = SectorState
+PROC = Path(__file__).with_name("sealing_proc.py")
+SEED = int(os.environ.get("SEALING_CRASH_SEED", "20250611"))
+SECTOR_SIZE = 2048
+
+#: The phase each (happy-path) state belongs to, for the kill-coverage report.
+PHASES: dict[SectorState, str] = {
+    S.WaitDeals: "deals",
+    S.AddPiece: "deals",
+    S.Packing: "compute",
+    S.GetTicket: "compute",
+    S.PreCommit1: "compute",
+    S.PreCommit2: "compute",
+    S.PreCommitting: "precommit",
+    S.SubmitPreCommitBatch: "precommit",
+    S.PreCommitBatchWait: "precommit",
+    S.PreCommitWait: "precommit",
+    S.WaitSeed: "seed",
+    S.Committing: "committing",
+    S.SubmitCommit: "commit",
+    S.SubmitCommitAggregate: "commit",
+    S.CommitAggregateWait: "commit",
+    S.CommitWait: "commit",
+    S.FinalizeSector: "finalize",
+    S.Proving: "proving",
+}
+#: States in which the sector's PreCommit* message must exist (it is sent, with the event
+#: that leaves SubmitPreCommitBatch/PreCommitting, in one commit); before them, it must not.
+PRECOMMIT_SENT = frozenset(
+    {
+        S.PreCommitBatchWait,
+        S.PreCommitWait,
+        S.WaitSeed,
+        S.Committing,
+        S.SubmitCommit,
+        S.SubmitCommitAggregate,
+        S.CommitAggregateWait,
+        S.CommitWait,
+        S.FinalizeSector,
+        S.Proving,
+    }
+)
+PROVECOMMIT_SENT = frozenset({S.CommitAggregateWait, S.CommitWait, S.FinalizeSector, S.Proving})
+
+#: The happy path's events (devnet config: batched precommits, aggregated commits).
+SEALING_EVENTS = (
+    "SectorPacked",
+    "SectorTicket",
+    "SectorPreCommit1",
+    "SectorPreCommit2",
+    "SectorPreCommitBatch",
+    "SectorPreCommitBatchSent",
+    "SectorPreCommitLanded",
+    "SectorSeedReady",
+    "SectorCommitted",
+    "SectorSubmitCommitAggregate",
+    "SectorCommitAggregateSent",
+    "SectorProving",
+    "SectorFinalized",
+)
+CC_EVENTS = ("SectorStartCC", *SEALING_EVENTS)
+DEAL_EVENTS = (
+    "SectorStart",
+    "SectorAddPiece",
+    "SectorPieceAdded",
+    "SectorStartPacking",
+    *SEALING_EVENTS,
+)
+
+
+# -- the child process ---------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One child process and the lines it printed (stdout goes to a file)."""
+
+    proc: subprocess.Popen[bytes]
+    out: Path
+    err: Path
+
+    def lines(self) -> list[list[str]]:
+        text = self.out.read_text(errors="replace")
+        return [line.split() for line in text.split("\n")[:-1]]  # the last one may be torn
+
+    def first(self, word: str, *rest: str) -> list[str] | None:
+        for line in self.lines():
+            if line[: 1 + len(rest)] == [word, *rest]:
+                return line
+        return None
+
+    def stderr(self) -> str:
+        return self.err.read_text(errors="replace")[-3000:]
+
+    def wait_line(self, word: str, *rest: str, timeout: float = 30.0) -> list[str]:
+        """Wait until the child printed a line starting with `word rest...`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self.first(word, *rest)
+            if line is not None:
+                return line
+            rc = self.proc.poll()
+            if rc is not None:
+                line = self.first(word, *rest)  # printed just before exiting
+                if line is not None:
+                    return line
+                pytest.fail(
+                    f"child {self.proc.pid} exited ({rc}) before printing {word!r}: "
+                    f"{self.out.read_text()[-1500:]} {self.stderr()}"
+                )
+            if time.monotonic() > deadline:
+                pytest.fail(f"child {self.proc.pid} did not print {word!r}: {self.stderr()}")
+            time.sleep(0.005)
+
+    def state_times(self, number: int) -> list[tuple[float, str]]:
+        """`(monotonic time, state)` the child saw sector `number` enter, in order."""
+        return [
+            (float(line[1]), line[3])
+            for line in self.lines()
+            if line[0] == "state" and int(line[2]) == number
+        ]
+
+
+class Children:
+    """Spawns `sealing_proc.py` processes and makes sure none outlives the test."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.runs: list[Run] = []
+
+    def spawn(self, repo: Path, *args: str) -> Run:
+        n = len(self.runs)
+        out, err = self.tmp / f"proc-{n}.out", self.tmp / f"proc-{n}.err"
+        with open(out, "wb") as o, open(err, "wb") as e:
+            proc = subprocess.Popen(
+                [sys.executable, str(PROC), "--repo", str(repo), *args],
+                stdout=o,
+                stderr=e,
+                cwd=self.tmp,
+            )
+        run = Run(proc, out, err)
+        self.runs.append(run)
+        return run
+
+    def kill(self, run: Run) -> None:
+        os.kill(run.proc.pid, signal.SIGKILL)
+        assert run.proc.wait(timeout=30) == -signal.SIGKILL
+
+    def finish(self, run: Run, repo: Path, timeout: float = 20.0) -> None:
+        """Wait for a child that must seal to the end and exit cleanly.
+
+        If it does not, it is killed and the repo checked, so the failure names the broken
+        invariant (say, a message sent twice) rather than only the timeout.
+        """
+        try:
+            rc = run.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill(run)
+            snap = read_repo(repo)
+            check_final(snap, set(snap.sectors), f"[after the child timed out, repo {repo}]")
+            pytest.fail(f"child did not finish in {timeout}s: {run.out.read_text()[-2000:]}")
+        assert rc == 0 and run.first("done") is not None, (
+            f"child exited with {rc}: {run.out.read_text()[-2000:]} {run.stderr()}"
+        )
+
+    def close(self) -> None:
+        for run in self.runs:
+            if run.proc.poll() is None:
+                run.proc.kill()
+            run.proc.wait()
+
+
+@pytest.fixture
+def children(tmp_path: Path) -> Any:
+    kids = Children(tmp_path)
+    try:
+        yield kids
+    finally:
+        kids.close()
+
+
+def flags(**options: object) -> list[str]:
+    """flags(time_scale=3) -> ["--time-scale", "3"]."""
+    return [x for k, v in options.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+
+
+# -- reading a dead engine's repo ----------------------------------------------------------
+
+
+def _no_planner(events: list[Any], info: SectorInfo) -> tuple[None, int]:
+    raise AssertionError("a read-only group never plans")
+
+
+@dataclass
+class Snapshot:
+    """What a repo holds, read without starting an engine."""
+
+    sectors: dict[int, SectorInfo]
+    errors: dict[int, str]
+    #: `(cid, method, sectors, exit code or None if not executed yet)`, oldest first.
+    messages: list[tuple[str, str, list[int], ExitCode | None]]
+    active: list[int]
+    inbox: int
+    mailbox: int
+    quarantine: int
+
+    def named(self, prefix: str) -> collections.Counter[int]:
+        """How many messages of a method family (a prefix) name each sector."""
+        return collections.Counter(
+            n
+            for _, method, numbers, _ in self.messages
+            if method.startswith(prefix)
+            for n in numbers
+        )
+
+
+def read_repo(repo: Path) -> Snapshot:
+    store = LmdbStore(repo / "store")
+    try:
+        group: StateGroup[SectorInfo] = StateGroup(
+            store, GROUP, _no_planner, SectorInfo, events=ALL_EVENTS
+        )
+        sectors = {int(n): info for n, info in group.records.list()}
+        errors = {}
+        for n in sectors:
+            mi = group.records.info(n)
+            if mi is not None and mi.last_error:
+                errors[n] = mi.last_error
+        chain = DevnetChain(store, RealClock(), miner=1000)
+        messages = []
+        for cid, method, numbers in chain.messages():
+            receipt = chain.search_msg(cid)
+            messages.append((cid, method, numbers, None if receipt is None else receipt.exit_code))
+        active = chain.active_sectors()
+        with store.read() as txn:
+            inbox = txn.stat(store.db("inbox"))["entries"]
+            mailbox = txn.stat(store.db("mailbox"))["entries"]
+            quarantine = txn.stat(store.db("quarantine"))["entries"]
+    finally:
+        store.close()
+    return Snapshot(sectors, errors, messages, active, inbox, mailbox, quarantine)
+
+
+# -- checks --------------------------------------------------------------------------------
+
+
+def replay(info: SectorInfo) -> tuple[list[str], list[str]]:
+    """Replay the sector's log through the graph: `(event names, problems)`.
+
+    Every logged event must have an edge from the state it was applied in; no error entries
+    may appear (no faults were injected), and the replay must end in the sector's state.
+    """
+    state = S.UndefinedSectorState
+    names: list[str] = []
+    problems: list[str] = []
+    for i, entry in enumerate(info.log):
+        kind, _, name = entry.kind.partition(";")
+        if kind != "event":
+            problems.append(f"log[{i}] {entry.kind}: {entry.message[:300]}")
+            continue
+        names.append(name)
+        if name in graph.GLOBAL_EDGES:
+            problems.append(f"log[{i}] global event {name} in {state.name}")
+            continue
+        e = graph.edge(state, name)
+        if e is None:
+            how = "ignored" if getattr(EVENTS_BY_NAME[name], "ignorable", False) else "invalid"
+            problems.append(f"log[{i}] {name} is {how} in {state.name}")
+            continue
+        if e.kind in ("on", "continue", "no_apply"):
+            assert e.dest is not None
+            state = e.dest
+        elif e.kind not in ("apply", "seed"):
+            problems.append(f"log[{i}] {name}: unexpected edge kind {e.kind} in {state.name}")
+    if state is not info.state:
+        problems.append(f"the log replays to {state.name}, the sector is in {info.state.name}")
+    return names, problems
+
+
+def check_events_once(info: SectorInfo) -> None:
+    names, problems = replay(info)
+    assert not problems, f"sector {info.number}: {problems}; log: {names}"
+    twice = sorted(n for n, c in collections.Counter(names).items() if c > 1)
+    assert not twice, f"sector {info.number}: events applied more than once: {twice}; {names}"
+    expected = DEAL_EVENTS if info.has_deals else CC_EVENTS
+    assert sorted(names) == sorted(expected), (
+        f"sector {info.number}: logged events differ from the happy path: "
+        f"missing {sorted(set(expected) - set(names))}, extra {sorted(set(names) - set(expected))}"
+    )
+
+
+def check_messages_match_states(snap: Snapshot, note: str) -> None:
+    """Message and event commit together: a message exists iff the state is past sending it."""
+    pre, prove = snap.named("PreCommit"), snap.named("ProveCommit")
+    for n, info in snap.sectors.items():
+        want_pre = 1 if info.state in PRECOMMIT_SENT else 0
+        want_prove = 1 if info.state in PROVECOMMIT_SENT else 0
+        assert (pre[n], prove[n]) == (want_pre, want_prove), (
+            f"sector {n} in {info.state.name}: {pre[n]} PreCommit* and {prove[n]} ProveCommit* "
+            f"messages name it, expected {want_pre} and {want_prove} {note}"
+        )
+        if want_pre:
+            assert info.precommit_message in {c for c, m, ns, _ in snap.messages if n in ns}
+        if want_prove:
+            assert info.commit_message in {c for c, m, ns, _ in snap.messages if n in ns}
+    unknown = {n for _, _, ns, _ in snap.messages for n in ns} - set(snap.sectors)
+    assert not unknown, f"messages name sectors that do not exist: {unknown} {note}"
+
+
+def check_final(snap: Snapshot, numbers: set[int], note: str) -> None:
+    """Everything sealed, each sector's messages sent once and its events applied once."""
+    assert set(snap.sectors) == numbers, f"sectors {sorted(snap.sectors)} {note}"
+    pre, prove = snap.named("PreCommit"), snap.named("ProveCommit")
+    for n in sorted(numbers):
+        assert pre[n] <= 1, f"sector {n}: {pre[n]} PreCommit* messages name it {note}"
+        assert prove[n] <= 1, f"sector {n}: {prove[n]} ProveCommit* messages name it {note}"
+    methods = {m for _, m, _, _ in snap.messages}
+    assert methods <= {
+        "PreCommitSector",
+        "PreCommitSectorBatch",
+        "ProveCommitSector",
+        "ProveCommitAggregate",
+    }, f"{methods} {note}"
+    failed = [(c, x) for c, _, _, x in snap.messages if x is not ExitCode.Ok]
+    assert not failed, f"messages that did not execute with exit Ok: {failed} {note}"
+    for info in snap.sectors.values():
+        check_events_once(info)
+    states = {n: i.state.name for n, i in snap.sectors.items()}
+    assert all(i.state is S.Proving for i in snap.sectors.values()), f"{states} {note}"
+    for n in sorted(numbers):
+        assert (pre[n], prove[n]) == (1, 1), f"sector {n}: {pre[n]}, {prove[n]} messages {note}"
+    check_messages_match_states(snap, note)
+    assert snap.active == sorted(numbers), f"active on chain: {snap.active} {note}"
+    assert not snap.errors, f"machines recorded errors: {snap.errors} {note}"
+    assert (snap.inbox, snap.mailbox, snap.quarantine) == (0, 0, 0), note
+
+
+# -- tests ---------------------------------------------------------------------------------
+
+
+#: Phases a targeted kill aims at, in pipeline order (finalize lasts ~10 ms: left to chance).
+TARGETS = ("compute", "precommit", "seed", "committing", "commit")
+ORDER = {p: i for i, p in enumerate(("deals", *TARGETS, "finalize", "proving"))}
+
+
+def wait_for_phase(run: Run, target: str, timeout: float) -> bool:
+    """Wait until the child reports a sector entering a state of phase `target`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and run.proc.poll() is None:
+        for line in run.lines():
+            if line[0] == "state" and PHASES.get(S[line[3]]) == target:
+                return True
+        time.sleep(0.003)
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("durability", ["group", "sync"])
+def test_sigkill_in_every_phase_resumes_each_sector_exactly_once(
+    children: Children, tmp_path: Path, durability: str
+) -> None:
+    """Up to 12 SIGKILLs while 6 CC sectors and 1 deal sector seal, then a clean run.
+
+    Kills alternate between a random delay after the engine is up and a kill aimed at a phase
+    (a few ms after the child reports a sector entering it), so every phase gets hit whatever
+    the machine's speed, while the random rounds let the pipeline move on.
+    """
+    rng = random.Random(SEED)
+    repo = tmp_path / "repo"
+    # PreCommit1 ~0.375 s, PC2 ~45 ms, C1+C2 ~65 ms; batch waits 0.4 s; WaitSeed ~0.9 s.
+    common = flags(
+        time_scale=500, block_time=0.08, wait_deals=0.3, durability=durability, max_seconds=60
+    )
+    max_kills = 12
+    kills: list[tuple[str, dict[int, str]]] = []  # (how, persisted state per sector at kill)
+    pledged: set[int] = set()
+    phase_of: dict[int, str] = {}
+    targets = list(TARGETS)
+    t0 = time.monotonic()
+    finished: Run | None = None
+    while finished is None:
+        first = not kills
+        opts = flags(sectors=6, deals=1, stagger=0.1) if first else ["--resume"]
+        run = children.spawn(repo, *common, *opts)
+        run.wait_line("ready")
+        if first:
+            run.wait_line("allpledged")
+            pledged = {int(line[1]) for line in run.lines() if line[0] == "pledged"}
+        if len(kills) >= max_kills:
+            children.finish(run, repo)
+            finished = run
+            break
+        # A phase some sector can still enter, in turn; else a random delay.
+        reachable = [
+            t for t in targets if any(ORDER.get(p, 0) <= ORDER[t] for p in phase_of.values())
+        ]
+        if first or (len(kills) % 2 == 0 and reachable):
+            target = "compute" if first else reachable[0]
+            if target in targets:  # to the back of the line
+                targets.remove(target)
+                targets.append(target)
+            wait_for_phase(run, target, timeout=10.0)
+            delay = rng.uniform(0.0, 0.02)
+            how = f"aimed at {target} +{delay * 1000:.0f}ms"
+        else:
+            delay = rng.uniform(0.05, 0.5)
+            how = f"random {delay:.3f}s"
+        try:
+            run.proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            children.kill(run)
+        else:
+            children.finish(run, repo)  # it sealed everything before this round's kill
+            finished = run
+            break
+        snap = read_repo(repo)
+        note = f"[kill {len(kills) + 1} {how}, {durability}, seed {SEED}, repo {repo}]"
+        # Every pledge that returned is durable; none appears twice.
+        assert pledged <= set(snap.sectors), f"lost sectors {pledged - set(snap.sectors)} {note}"
+        check_messages_match_states(snap, note)
+        kills.append((how, {n: i.state.name for n, i in snap.sectors.items()}))
+        phase_of = {n: PHASES.get(i.state, "other") for n, i in snap.sectors.items()}
+
+    elapsed = time.monotonic() - t0
+    final = read_repo(repo)
+    note = f"[seed {SEED}, {durability}, {len(kills)} kills, repo {repo}]"
+    check_final(final, pledged, note)
+    assert any(i.has_deals for i in final.sectors.values()), "no deal sector was sealed"
+
+    hit = collections.Counter(
+        PHASES.get(S[state], state) for _, states in kills for state in states.values()
+    )
+    print(
+        f"\n{durability}: {len(kills)} kills in {elapsed:.1f}s (seed {SEED}); "
+        f"sector-phases at kill: {hit}"
+    )
+    for i, (how, states) in enumerate(kills, 1):
+        print(f"  kill {i} {how}: {states}")
+    methods = collections.Counter(m for _, m, _, _ in final.messages)
+    print(f"  messages: {dict(methods)}")
+    assert len(kills) >= 6, f"only {len(kills)} kills landed before the sectors were sealed"
+    phases = set(hit) - {"proving"}
+    assert len(phases) >= 4, f"kills landed in too few phases: {hit} {note}"
+
+
+@pytest.mark.timeout(90)
+def test_sigkill_during_a_long_precommit1_reruns_it(children: Children, tmp_path: Path) -> None:
+    """Killed ~halfway through a ~1 s PreCommit1: the restart runs PC1 again, once, in full."""
+    repo = tmp_path / "repo"
+    scale = 1333.0  # PreCommit1 of a 2 KiB sector: 1 s
+    pc1 = SimBackend(RealClock(), 1000, time_scale=scale).duration(
+        TaskType.PRE_COMMIT1, SECTOR_SIZE
+    )
+    assert 0.8 < pc1 < 1.5
+    common = flags(time_scale=scale, block_time=0.05, max_seconds=60)
+    first = children.spawn(repo, *common, *flags(sectors=1, deals=0))
+    first.wait_line("ready")
+    entered = None
+    deadline = time.monotonic() + 30
+    while entered is None:
+        for t, state in first.state_times(1):
+            if state == "PreCommit1":
+                entered = t
+        if entered is None:
+            assert first.proc.poll() is None, first.stderr()
+            assert time.monotonic() < deadline, "the sector never reached PreCommit1"
+            time.sleep(0.005)
+    time.sleep(max(0.0, entered + pc1 / 2 - time.monotonic()))
+    children.kill(first)
+    killed_at = time.monotonic()
+    assert killed_at - entered < pc1 * 0.9, "the kill came too late to interrupt PreCommit1"
+
+    snap = read_repo(repo)
+    [info] = snap.sectors.values()
+    kinds = [e.kind for e in info.log]
+    assert info.state is S.PreCommit1, f"killed in {info.state.name}: {kinds}"
+    assert "event;SectorPreCommit1" not in kinds
+    ticket = (info.ticket_value, info.ticket_epoch)
+    assert snap.messages == []
+
+    second = children.spawn(repo, *common, "--resume")
+    ready = float(second.wait_line("ready")[1])
+    children.finish(second, repo)
+    seen = second.state_times(1)
+    assert seen[0][1] == "PreCommit1", f"the restart did not resume in PreCommit1: {seen}"
+    pc2_at = next(t for t, state in seen if state == "PreCommit2")
+    # The whole PreCommit1 ran again in the new process (the sim sleeps its full duration).
+    assert pc2_at - ready >= pc1 * 0.95, (
+        f"PreCommit1 took only {pc2_at - ready:.3f}s after the restart; it lasts {pc1:.3f}s"
+    )
+    runs = json.loads(" ".join(second.wait_line("runs")[1:]))
+    assert runs.get("PRE_COMMIT1") == 1 and runs.get("ADD_PIECE", 0) == 0, runs
+
+    final = read_repo(repo)
+    check_final(final, {info.number}, f"[repo {repo}]")
+    [done] = final.sectors.values()
+    assert (done.ticket_value, done.ticket_epoch) == ticket, "the ticket changed on restart"
+    pre = [m for m in final.messages if m[1].startswith("PreCommit")]
+    assert len(pre) == 1 and pre[0][3] is ExitCode.Ok, final.messages
