@@ -53,6 +53,8 @@ class RequestQueue:
 
     def __init__(self) -> None:
         self._requests: dict[int, Request] = {}
+        #: Queued request ids per sector, so `files_changed` does not scan the whole queue.
+        self._by_sector: dict[SectorRef, set[int]] = {}
         self._shapes: dict[int, _Shape] = {}
         self._ids = itertools.count(1)
         # Shape keys are interned to small ints: a key (a tuple with a frozenset and a selector)
@@ -96,6 +98,7 @@ class RequestQueue:
         req.shape = shape
         current = self.head(shape)
         self._requests[req.sched_id] = req
+        self._by_sector.setdefault(req.sector, set()).add(req.sched_id)
         group = self._shapes.get(shape)
         if group is None:
             group = self._shapes[shape] = _Shape()
@@ -110,6 +113,11 @@ class RequestQueue:
         req = self._requests.pop(sched_id, None)
         if req is None:
             return None
+        ids = self._by_sector.get(req.sector)
+        if ids is not None:
+            ids.discard(sched_id)
+            if not ids:
+                del self._by_sector[req.sector]
         group = self._shapes[req.shape]
         group.live -= 1
         if group.live == 0:
@@ -177,5 +185,5 @@ class RequestQueue:
         return iter(sorted(self._requests.values(), key=lambda r: r.key))
 
     def for_sector(self, sector: SectorRef) -> list[Request]:
-        """Queued requests of one sector."""
-        return [r for r in self._requests.values() if r.sector == sector]
+        """Queued requests of one sector (indexed: cost independent of the queue length)."""
+        return [self._requests[i] for i in sorted(self._by_sector.get(sector, ()))]
