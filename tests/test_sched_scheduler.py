@@ -530,3 +530,32 @@ def test_waiting_for_the_holder_beats_a_slow_fetch(link: float, expect: str) -> 
     placed = asyncio.run(main())
     assert placed[:2] == [(1, "a"), (2, "a")]
     assert placed[2] == (3, expect)
+
+
+def test_queued_requests_are_indexed_by_sector() -> None:
+    async def main() -> None:
+        sched = Scheduler(clock=VirtualClock())  # no workers: everything stays queued
+
+        async def work(job: Job) -> None:
+            return None
+
+        sectors = [SectorRef(1000, n, 2048) for n in range(1, 4)]
+        tasks = [
+            asyncio.ensure_future(sched.schedule(s, t, TaskSelector(), None, work))
+            for s in sectors
+            for t in (TaskType.PRE_COMMIT1, TaskType.COMMIT2)
+        ]
+        await asyncio.sleep(0)
+        assert [r.task_type for r in sched.queue.for_sector(sectors[1])] == [
+            TaskType.PRE_COMMIT1,
+            TaskType.COMMIT2,
+        ]
+        tasks[2].cancel()  # sector 2's PC1 leaves the queue
+        await asyncio.sleep(0)
+        assert [r.task_type for r in sched.queue.for_sector(sectors[1])] == [TaskType.COMMIT2]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(sched.queue.for_sector(s) == [] for s in sectors)
+
+    run(main)
