@@ -55,22 +55,44 @@ def _no_room(
 
 @dataclass(frozen=True, slots=True)
 class AllocSelector:
-    """New files (AP, PC1): the worker needs a local sealing path with room for them."""
+    """New files (AP, PC1): the worker needs a local sealing path with room for them.
+
+    With `fetch` (PC1's unsealed file), a worker that does not hold those files must also
+    receive them: their size is reserved on the same path and their transfer is the cost,
+    as Lotus moves the unsealed file to the PC1 worker (`schedFetch(FTUnsealed, Move)`).
+    """
 
     alloc: FileType
     sealing: bool = True
+    fetch: FileType = FileType.NONE
 
     def check(self, sector: SectorRef, worker: Worker, index: StorageIndex) -> Verdict:
         """Place on the worker's roomiest path, reserving the files' full size."""
-        path = index.best_alloc(worker.name, self.alloc, sector.size, sealing=self.sealing)
+        need = space_needed(self.alloc, sector.size)
+        moved = 0
+        elsewhere = self.fetch and worker.name not in index.holders(sector, self.fetch)
+        if elsewhere and index.find_sector(sector, self.fetch):
+            moved = space_needed(self.fetch, sector.size)
+        path = index.best_alloc(
+            worker.name,
+            self.alloc | self.fetch if moved else self.alloc,
+            sector.size,
+            sealing=self.sealing,
+        )
         if path is None:
             return _no_room(
-                "sealing" if self.sealing else "storage", self.alloc, sector, worker, index
+                "sealing" if self.sealing else "storage",
+                self.alloc | self.fetch if moved else self.alloc,
+                sector,
+                worker,
+                index,
             )
-        return Placement(path.id, space_needed(self.alloc, sector.size))
+        return Placement(path.id, need + moved, moved, moved / worker.spec.bandwidth)
 
     def shape(self, sector: SectorRef) -> object | None:
-        """Depends only on the sector size."""
+        """Depends only on the sector size (and on where the files are, with `fetch`)."""
+        if self.fetch:
+            return None
         return ("alloc", self.alloc, self.sealing, sector.size)
 
 

@@ -199,6 +199,18 @@ class ScheduledSealer:
             self.store.committer.delete(FILES_DB, key)
         self.sched.files_changed(ref)
 
+    def _fetch(self, files: FileType) -> Callable[[Job], Awaitable[None]]:
+        """A `prepare` that moves `files` to the job's worker and records where they went."""
+        move = fetch_prepare(self.sched, files)
+
+        async def prepare(job: Job) -> None:
+            await move(job)
+            if job.placement.fetch_bytes and job.placement.path is not None:
+                self._drop_files(job.sector, files)
+                self._add_files(job.sector, files, job.placement.path)
+
+        return prepare
+
     def holds(self, ref: SectorRef, files: FileType) -> bool:
         """True if the index knows of `files` of this sector anywhere."""
         return bool(self.sched.index.find_sector(ref, files))
@@ -251,7 +263,7 @@ class ScheduledSealer:
             _pc1_selector(self, sector),
             work,
             deals,
-            fetch_prepare(self.sched, FileType.UNSEALED),
+            self._fetch(FileType.UNSEALED),
         )
 
     async def seal_pre_commit2(
@@ -269,7 +281,7 @@ class ScheduledSealer:
             ExistingSelector(files, allow_fetch=True),
             work,
             deals,
-            fetch_prepare(self.sched, files),
+            self._fetch(files),
         )
 
     async def seal_commit1(
@@ -326,4 +338,4 @@ def _pc1_selector(sealer: ScheduledSealer, sector: SectorRef) -> Any:
     # Re-running PC1 on a sector that already has its cache reuses it in place.
     if sealer.holds(sector, FileType.CACHE):
         return ExistingSelector(FileType.CACHE | FileType.SEALED)
-    return AllocSelector(FileType.CACHE | FileType.SEALED)
+    return AllocSelector(FileType.CACHE | FileType.SEALED, fetch=FileType.UNSEALED)

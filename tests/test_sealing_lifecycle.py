@@ -225,3 +225,36 @@ def test_retry_policy_backs_off_exponentially() -> None:
         RetryPolicy(factor=0.5)
     with pytest.raises(ValueError, match="unknown sealing option"):
         SealingConfig.from_dict({"nope": 1})
+
+
+def test_pc1_on_another_worker_fetches_the_unsealed_file(tmp_path: Path) -> None:
+    from sectorfsm.sched import FileType, StoragePath, WorkerResources, WorkerSpec
+
+    res = WorkerResources(cpus=8, mem_physical=1 << 40, mem_swap=0)
+    ap = frozenset({TaskType.ADD_PIECE})
+    workers = [
+        WorkerSpec("w1", res, ap, (StoragePath("p1", "w1", 1 << 40),), needs_heartbeats=False),
+        WorkerSpec(
+            "w2",
+            res,
+            frozenset(TaskType) - ap,
+            (StoragePath("p2", "w2", 1 << 40, can_store=True),),
+            needs_heartbeats=False,
+        ),
+    ]
+
+    async def body() -> None:
+        async with miner(tmp_path, workers=workers) as m:
+            n = await m.pledge()
+            info = await m.wait(n, "WaitSeed", timeout=86400)
+            ref = m.sealing.ref(info)
+            # AddPiece ran on w1; PC1 ran on w2 and moved the unsealed file there (as Lotus).
+            assert m.sched.index.find_sector(ref, FileType.UNSEALED) == {"p2": FileType.UNSEALED}
+            assert set(m.sched.index.find_sector(ref, FileType.CACHE)) == {"p2"}
+            assert m.sched.index.paths["p1"].used == 0
+        # The move is persisted: a restarted engine knows where the files are.
+        async with miner(tmp_path, workers=workers) as m:
+            assert m.sched.index.find_sector(ref, FileType.UNSEALED) == {"p2": FileType.UNSEALED}
+            await m.wait(n, "Proving", timeout=86400)
+
+    run(body)
