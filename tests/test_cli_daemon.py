@@ -96,6 +96,14 @@ def test_pledge_from_another_process_reaches_proving(
     assert workers["workers"][0]["name"] == "sim-worker" and workers["age_s"] < 5
     assert "snapshot taken" in sectors(repo, "jobs").stdout
     assert "json" not in sectors(repo, "sched-diag", "--json").stderr
+    wait_state(repo, 2, "Proving")
+    # Operator commands reach the running engine through its inbox.
+    sectors(repo, "update-state", "2", "Removing", "--really-do-it")
+    wait_state(repo, 2, "Removed")
+    sectors(repo, "terminate", "1", "--really-do-it")
+    wait_state(repo, 1, "Removed")
+    retry = sectors(repo, "retry", "1", check=False)
+    assert retry.returncode == 1 and "not a failed state" in retry.stderr
     # A second engine on the same repo is refused, clearly.
     second = sectors(repo, "run", check=False)
     assert second.returncode == 1 and "already running" in second.stderr

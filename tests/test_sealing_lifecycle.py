@@ -70,6 +70,19 @@ def test_pledge_reaches_proving_on_real_clock(tmp_path: Path) -> None:
     run(body)
 
 
+def test_deal_piece_reaches_proving_on_real_clock(tmp_path: Path) -> None:
+    async def body() -> None:
+        cfg = {"wait_deals_delay": 0.2}
+        async with miner(
+            tmp_path, clock="real", chain=ChainParams.devnet(block_time=0.02), config=cfg
+        ) as m:
+            n = await m.add_piece(commp.piece_cid(b"real time deal" * 5), 128)
+            info = await m.wait(n, "Proving", timeout=30)
+            assert info.pieces[0].deal is not None
+
+    run(body)
+
+
 def test_a_32gib_sector_takes_hours_of_simulated_time(tmp_path: Path) -> None:
     async def body() -> None:
         async with miner(tmp_path, sector_size="32GiB", chain="mainnet") as m:
