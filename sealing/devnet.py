@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..fsm import Clock, LmdbStore
+from ..fsm import Clock, LmdbStore, StoreError
 from ..fsm.codec import packb, unpackb
 from .chain import (
     ChainApiError,
@@ -118,21 +118,33 @@ class DevnetChain:
 
             self.store.write(init)
             return chosen, genesis
-        record = unpackb(raw)
-        stored = ChainParams(**record["params"])
+        try:
+            record = unpackb(raw)
+            stored = ChainParams(**record["params"])
+        except Exception as exc:
+            raise StoreError(
+                f"{self.store.path}: devnet record b'params' is corrupt: {exc}"
+            ) from exc
         if params is not None and params != stored:
             log.warning("devnet: keeping the stored chain parameters (%s)", stored.name)
         for key, value in items:
-            if key.startswith(b"msg/"):
-                m = _Message(**unpackb(value))
-                self._messages[m.cid] = m
-                self._order.append(m.cid)
-            elif key.startswith(b"deal/"):
-                d = unpackb(value)
-                self._deals[d["deal_id"]] = DealProposal(**d)
-            elif key.startswith(b"reorg/"):
-                r = unpackb(value)
-                self._reorgs.append((r[0], r[1]))
+            try:
+                if key.startswith(b"msg/"):
+                    m = _Message(**unpackb(value))
+                    self._messages[m.cid] = m
+                    self._order.append(m.cid)
+                elif key.startswith(b"deal/"):
+                    d = unpackb(value)
+                    self._deals[d["deal_id"]] = DealProposal(**d)
+                elif key.startswith(b"reorg/"):
+                    r = unpackb(value)
+                    self._reorgs.append((r[0], r[1]))
+            except Exception as exc:
+                # Refuse to start on a chain we cannot read: guessing would corrupt sectors.
+                raise StoreError(
+                    f"{self.store.path}: devnet record {key!r} is corrupt ({exc}); "
+                    "nothing was changed"
+                ) from exc
         self._order.sort(key=lambda c: int(c.rsplit("-", 1)[1]))
         return stored, float(record["genesis"])
 

@@ -157,3 +157,25 @@ def test_wait_reports_a_sector_that_gave_up(tmp_path: Path) -> None:
                 await m.wait(k, "Proving", timeout=60)
 
     run(body)
+
+
+def test_a_corrupt_chain_record_is_a_clear_error_and_loses_nothing(tmp_path: Path) -> None:
+    from sectorfsm.fsm import LmdbStore, StoreError
+
+    async def body() -> None:
+        async with miner(tmp_path) as m:
+            n = await m.pledge()
+            await m.wait(n, "Proving", timeout=DAY)
+        store = LmdbStore(tmp_path / "repo" / "store")
+        db = store.db("devnet")
+        store.write(lambda txn: txn.put(b"msg/000000000001", b"\xc1garbage", db=db))
+        store.close()
+        with pytest.raises(StoreError, match=r"devnet record b'msg/000000000001' is corrupt"):
+            async with miner(tmp_path):
+                pass
+        from sectorfsm.sealing.store_view import read_sector
+
+        info = read_sector(tmp_path / "repo", n)
+        assert info is not None and info.state is SectorState.Proving
+
+    run(body)
