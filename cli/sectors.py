@@ -33,6 +33,11 @@ if TYPE_CHECKING:
 SectorArg = Annotated[
     int, typer.Argument(min=0, metavar="SECTOR", help="The sector number.", show_default=False)
 ]
+#: Lotus's refusal without --really-do-it (remove, update-state).
+ADVANCED = (
+    "this is a command for advanced users, only use it if you are sure of what you are "
+    "doing: pass --really-do-it"
+)
 #: How long a command waits for a running engine to execute a queued pledge/add-piece.
 RESULT_WAIT = 5.0
 
@@ -258,10 +263,7 @@ def remove(
     from ..sealing.events import SectorRemove
 
     if not really:
-        fail(
-            "this is a command for advanced users, only use it if you are sure of what you "
-            "are doing: pass --really-do-it"
-        )
+        fail(ADVANCED)
     with open_repo(repo) as store:
         _read(store, sector)
         _send(store, sector, SectorRemove())
@@ -293,10 +295,7 @@ def update_state(
     from ..sealing.states import parse_state
 
     if not really:
-        fail(
-            "this is a command for advanced users, only use it if you are sure of what you "
-            "are doing: pass --really-do-it"
-        )
+        fail(ADVANCED)
     try:
         target = parse_state(state)
     except ValueError as exc:

@@ -136,6 +136,12 @@ class _Batcher:
             self._timer = None
 
 
+def _cutoff(info: SectorInfo, deadline: int) -> int:
+    """The epoch a batch must go out by: the chain's deadline, or a deal's start if earlier."""
+    starts = [p.deal.start_epoch for p in info.pieces if p.deal is not None]
+    return min([deadline, *starts])
+
+
 def _entered(info: SectorInfo, kind: str, now: float) -> float:
     """When the sector joined the batch: its stored log says, so a restart keeps the wait."""
     for entry in reversed(info.log):
@@ -170,10 +176,9 @@ class PreCommitBatcher(_Batcher):
     ) -> None:
         """Add a sector's precommit; returns once its batch was sent (or failed)."""
         chain = self.s.chain
-        cutoff_epoch = info.ticket_epoch + chain.params.max_pre_commit_randomness_lookback
-        starts = [p.deal.start_epoch for p in info.pieces if p.deal is not None]
-        if starts:
-            cutoff_epoch = min(cutoff_epoch, min(starts))
+        cutoff_epoch = _cutoff(
+            info, info.ticket_epoch + chain.params.max_pre_commit_randomness_lookback
+        )
         now = _entered(info, "event;SectorPreCommitBatch", self.s.clock.now())
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         entry = _Entry(
@@ -209,10 +214,7 @@ class CommitBatcher(_Batcher):
         if pci is None:
             ctx.send(SectorCommitFailed("precommit info not found on chain"))
             return
-        cutoff_epoch = pci.precommit_epoch + chain.params.max_prove_commit_duration
-        starts = [p.deal.start_epoch for p in info.pieces if p.deal is not None]
-        if starts:
-            cutoff_epoch = min(cutoff_epoch, min(starts))
+        cutoff_epoch = _cutoff(info, pci.precommit_epoch + chain.params.max_prove_commit_duration)
         now = _entered(info, "event;SectorSubmitCommitAggregate", self.s.clock.now())
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         await self._add(_Entry(info.number, ctx, info, chain.epoch_time(cutoff_epoch), now, fut))

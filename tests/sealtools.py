@@ -11,6 +11,25 @@ from typing import Any
 from sectorfsm.sealing.info import SectorInfo
 from sectorfsm.sealing.miner import Miner
 
+#: A CC sector's events from pledge to Proving (devnet config: batched precommits,
+#: aggregated commits).
+HAPPY = (
+    "SectorStartCC",
+    "SectorPacked",
+    "SectorTicket",
+    "SectorPreCommit1",
+    "SectorPreCommit2",
+    "SectorPreCommitBatch",
+    "SectorPreCommitBatchSent",
+    "SectorPreCommitLanded",
+    "SectorSeedReady",
+    "SectorCommitted",
+    "SectorSubmitCommitAggregate",
+    "SectorCommitAggregateSent",
+    "SectorProving",
+    "SectorFinalized",
+)
+
 
 def run(fn: Callable[[], Awaitable[Any]]) -> Any:
     """Run an async test body."""

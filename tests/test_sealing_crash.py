@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sealtools import HAPPY
 
 from sectorfsm.fsm import LmdbStore, RealClock, StateGroup
 from sectorfsm.sched import TaskType
@@ -92,22 +93,8 @@ PRECOMMIT_SENT = frozenset(
 )
 PROVECOMMIT_SENT = frozenset({S.CommitAggregateWait, S.CommitWait, S.FinalizeSector, S.Proving})
 
-#: The happy path's events (devnet config: batched precommits, aggregated commits).
-SEALING_EVENTS = (
-    "SectorPacked",
-    "SectorTicket",
-    "SectorPreCommit1",
-    "SectorPreCommit2",
-    "SectorPreCommitBatch",
-    "SectorPreCommitBatchSent",
-    "SectorPreCommitLanded",
-    "SectorSeedReady",
-    "SectorCommitted",
-    "SectorSubmitCommitAggregate",
-    "SectorCommitAggregateSent",
-    "SectorProving",
-    "SectorFinalized",
-)
+#: The happy path's events after the creating one.
+SEALING_EVENTS = HAPPY[1:]
 CC_EVENTS = ("SectorStartCC", *SEALING_EVENTS)
 DEAL_EVENTS = (
     "SectorStart",

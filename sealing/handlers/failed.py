@@ -31,6 +31,7 @@ from ..checks import (
 )
 from ..events import (
     SectorDealsExpired,
+    SectorEvent,
     SectorInvalidDealIDs,
     SectorPreCommitLanded,
     SectorRemove,
@@ -62,6 +63,27 @@ class Stall(Exception):
     """Lotus would leave the sector where it is; we retry it after the backoff."""
 
 
+def _message_verdict(
+    s: Sealing, message: str | None, rewait: SectorEvent, resend: SectorEvent
+) -> SectorEvent | None:
+    """What became of the sector's last message: wait on it again, resend it, or look further.
+
+    Lotus's first step in PreCommitFailed and CommitFailed: a message that succeeded or has
+    not executed yet is waited on again; one that ran out of gas is sent again.
+    """
+    if message is None:
+        return None
+    try:
+        receipt = s.chain.search_msg(message)
+    except ChainApiError:
+        return rewait
+    if receipt is None or receipt.exit_code is ExitCode.Ok:
+        return rewait
+    if receipt.exit_code is ExitCode.SysErrOutOfGas:
+        return resend
+    return None
+
+
 async def handle_add_piece_failed(s: Sealing, ctx: Context, info: SectorInfo) -> None:
     """Back to WaitDeals (Lotus HEAD; v1.11.3 leaves the sector stuck)."""
     ctx.send(SectorRetryWaitDeals())
@@ -84,18 +106,12 @@ async def handle_pre_commit_failed(s: Sealing, ctx: Context, info: SectorInfo) -
     """Find out what happened to the precommit, then retry from the right place."""
     chain = s.chain
     head = chain.head()
-    if info.precommit_message is not None:
-        try:
-            receipt = chain.search_msg(info.precommit_message)
-        except ChainApiError:
-            ctx.send(SectorRetryPreCommitWait())
-            return
-        if receipt is None or receipt.exit_code is ExitCode.Ok:
-            ctx.send(SectorRetryPreCommitWait())
-            return
-        if receipt.exit_code is ExitCode.SysErrOutOfGas:
-            ctx.send(SectorRetryPreCommit())
-            return
+    verdict = _message_verdict(
+        s, info.precommit_message, SectorRetryPreCommitWait(), SectorRetryPreCommit()
+    )
+    if verdict is not None:
+        ctx.send(verdict)
+        return
     try:
         check_precommit(s, info, head)
     except ErrApi:
@@ -143,19 +159,12 @@ async def handle_compute_proof_failed(s: Sealing, ctx: Context, info: SectorInfo
 
 async def handle_commit_failed(s: Sealing, ctx: Context, info: SectorInfo) -> None:
     """Find out why the commit failed, then retry from the right place."""
-    chain = s.chain
-    if info.commit_message is not None:
-        try:
-            receipt = chain.search_msg(info.commit_message)
-        except ChainApiError:
-            ctx.send(SectorRetryCommitWait())
-            return
-        if receipt is None or receipt.exit_code is ExitCode.Ok:
-            ctx.send(SectorRetryCommitWait())
-            return
-        if receipt.exit_code is ExitCode.SysErrOutOfGas:
-            ctx.send(SectorRetrySubmitCommit())
-            return
+    verdict = _message_verdict(
+        s, info.commit_message, SectorRetryCommitWait(), SectorRetrySubmitCommit()
+    )
+    if verdict is not None:
+        ctx.send(verdict)
+        return
     try:
         check_commit(s, info, info.proof)
     except ErrApi:
