@@ -305,7 +305,8 @@ class Miner:
         """Create a committed-capacity sector; returns its number once it is durable."""
         limit = self.config.max_sealing_sectors
         if limit > 0:
-            sealing = sum(1 for _, i in self.group.list() if i.state not in DORMANT_STATES)
+            # Only live sectors can be sealing: read the live index, not the whole store.
+            sealing = sum(1 for _ in self.group.records.list_live())
             if sealing >= limit:
                 raise SealingError(
                     f"too many sectors sealing (curSealing: {sealing}, max: {limit})"

@@ -179,3 +179,16 @@ def test_a_corrupt_chain_record_is_a_clear_error_and_loses_nothing(tmp_path: Pat
         assert info is not None and info.state is SectorState.Proving
 
     run(body)
+
+
+def test_max_sealing_sectors_limits_pledges(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with miner(tmp_path, config={"max_sealing_sectors": 2}) as m:
+            a, b = await m.pledge(), await m.pledge()
+            with pytest.raises(SealingError, match=r"too many sectors sealing \(curSealing: 2"):
+                await m.pledge()
+            await m.wait(a, "Proving", timeout=DAY)
+            await m.wait(b, "Proving", timeout=DAY)
+            assert await m.pledge() == 3
+
+    run(body)
