@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, 
 from typing import Any, Generic, TypeVar
 
 from .clock import Clock, RealClock
-from .codec import RecordCodec, packb, unpackb
+from .codec import RecordCodec
 from .commit import Committer
 from .errors import (
     GroupStoppedError,
@@ -41,6 +41,7 @@ from .errors import (
 from .events import BUILTIN_EVENTS, Restart, StepFailed
 from .keys import MachineId
 from .machine import Context, Machine, MachineInfo, Step
+from .mailbox import MailboxReader
 from .records import GroupRecords, scan
 from .store import LmdbStore
 
@@ -99,7 +100,7 @@ class StateGroup(Generic[S]):
         self._rounds = 0
         self._waiters: list[asyncio.Future[None]] = []
         self._poller: asyncio.Task[None] | None = None
-        self._ingesting: set[bytes] = set()
+        self._mailbox = MailboxReader(self)
         #: Ids whose stored record could not be read at start (they are left untouched).
         self.unreadable: dict[MachineId, str] = {}
 
@@ -126,9 +127,9 @@ class StateGroup(Generic[S]):
         committer.add_clock(self.clock)
         self._running = True
         self._stopping = False
-        self._ingest_mailbox()
+        self._mailbox.ingest()
         self._poller = asyncio.get_running_loop().create_task(
-            self._poll_mailbox(), name=f"sectorfsm-mailbox-{self.name}"
+            self._mailbox.poll(), name=f"sectorfsm-mailbox-{self.name}"
         )
         committer.request_flush()
 
@@ -156,7 +157,7 @@ class StateGroup(Generic[S]):
                 try:
                     event = self._codec.decode_event(raw, self.records.what(mid, "inbox event"))
                 except RecordError as exc:
-                    self._quarantine("inbox", key, raw, str(exc))
+                    self._mailbox.quarantine("inbox", key, raw, str(exc))
                     continue
                 m.pending.append((key, event, 0))
             if not m.final:
@@ -573,62 +574,6 @@ class StateGroup(Generic[S]):
     def _check_stoppable(self) -> None:
         if self.store.closed:
             raise StoreError(f"store {self.store.path} is closed")
-
-    async def _poll_mailbox(self) -> None:
-        while True:
-            await asyncio.sleep(self.poll_interval)
-            try:
-                self._ingest_mailbox()
-            except StoreError as exc:
-                log.error("%s: reading the mailbox failed: %s", self.name, exc)
-
-    def _ingest_mailbox(self) -> None:
-        entries: list[tuple[bytes, bytes]] = []
-        with self.store.read() as txn:
-            mailbox = self.store.db("mailbox")
-            if txn.stat(mailbox)["entries"] == 0:
-                return
-            for mkey, value in txn.cursor(db=mailbox):
-                if mkey not in self._ingesting:
-                    entries.append((mkey, value))
-        committer = self._committer
-        taken: list[bytes] = []
-        for mkey, value in entries:
-            try:
-                group, key, raw = unpackb(value)
-            except Exception as exc:
-                self._quarantine("mailbox", mkey, value, f"corrupt mailbox entry: {exc}")
-                continue
-            if group != self.name:
-                continue
-            try:
-                if not isinstance(key, bytes) or not key.startswith(self._prefix):
-                    raise RecordError(f"mailbox entry {mkey!r} names a bad machine key")
-                mid = self.records.machine_id(key)[0]
-                event = self._codec.decode_event(raw, self.records.what(mid, "mailbox event"))
-                m = self._machines.get(mid) or self._load(mid)
-                if m is None:
-                    raise RecordError(f"{self.records.what(mid, 'mailbox event')}: no such machine")
-            except (RecordError, ValueError) as exc:
-                self._quarantine("mailbox", mkey, value, str(exc))
-                continue
-            committer.delete("mailbox", mkey)
-            self._enqueue(m, event, raw)
-            taken.append(mkey)
-        if taken:
-            self._ingesting.update(taken)
-            committer.on_commit(lambda err: self._ingesting.difference_update(taken))
-            committer.end_unit()
-
-    def _quarantine(self, db: str, key: bytes, raw: bytes, why: str) -> None:
-        log.error("%s: moving unreadable %s record %r to quarantine: %s", self.name, db, key, why)
-        committer = self._committer
-        committer.put("quarantine", db.encode() + b"/" + key, packb([why, raw]))
-        committer.delete(db, key)
-        if db == "mailbox":  # the next poll must not see it again before this commits
-            self._ingesting.add(key)
-            committer.on_commit(lambda err: self._ingesting.discard(key))
-        committer.end_unit()
 
 
 if sys.version_info >= (3, 12):
