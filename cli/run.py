@@ -101,13 +101,19 @@ async def _supervise(miner: Miner, stop: asyncio.Event, until_proving: bool) -> 
 
     live = sys.stdout.isatty()
     view = _LiveView(miner) if live else _PlainLog(miner)
+    quiet = 0
     with view:
         while not stop.is_set():
+            settled = miner.settled()  # before this tick's snapshot is staged
             _publish(miner, SNAPSHOT_KEY)
             sectors = [info for _, info in miner.group.list()]
             view.update(sectors)
             if until_proving:
                 verdict = _verdict(sectors)
+                # Settled twice in a row (half a second apart): nothing will move any more.
+                quiet = quiet + 1 if verdict is None and sectors and settled else 0
+                if quiet >= 2:
+                    verdict = _settled_verdict(sectors)
                 if verdict is not None:
                     await miner.idle()
                     _publish(miner, SNAPSHOT_KEY)
@@ -134,6 +140,19 @@ def _verdict(sectors: list[SectorInfo]) -> tuple[int, str] | None:
     if live and all(s.state is SectorState.Proving for s in live):
         return 0, f"all {len(live)} sector(s) are Proving"
     return None
+
+
+def _settled_verdict(sectors: list[SectorInfo]) -> tuple[int, str]:
+    from ..sealing.states import SectorState
+
+    waiting = [s for s in sectors if s.state not in (SectorState.Proving, SectorState.Removed)]
+    if not waiting:
+        return 1, "every sector was removed: none is Proving"
+    shown = ", ".join(
+        f"{s.number} in {s.state.value}" + (f" ({s.last_err})" if s.last_err else "")
+        for s in waiting[:10]
+    )
+    return 1, f"nothing is running, but not every sector is Proving: {shown}"
 
 
 def _publish(miner: Miner, key: bytes) -> None:

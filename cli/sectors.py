@@ -338,7 +338,10 @@ def pledge(
     from ..sealing import requests
 
     with _create_store(repo) as store:
-        numbers = requests.pledge_offline(store, count)
+        try:
+            numbers = requests.pledge_offline(store, count)
+        except ValueError as exc:
+            fail(str(exc))
         if numbers is not None:
             for n in numbers:
                 typer.echo(f"Created CC sector: {n}")

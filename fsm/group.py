@@ -205,6 +205,10 @@ class StateGroup(Generic[S]):
             self._waiters.append(fut)
             await fut
 
+    def is_idle(self) -> bool:
+        """True if no event is pending, no step runs and every write is committed."""
+        return self._is_idle()
+
     def _is_idle(self) -> bool:
         if not self._running:
             return True

@@ -68,9 +68,8 @@ class SealingConfig:
 
     #: Seal a deal sector this long after its first piece arrived (Lotus `WaitDealsDelay`).
     wait_deals_delay: float = 6 * 3600.0
-    max_wait_deals_sectors: int = 2
+    #: Refuse pledges while this many sectors are sealing (0: no limit; Lotus MaxSealingSectors).
     max_sealing_sectors: int = 0
-    max_sealing_sectors_for_deals: int = 0
     always_keep_unsealed_copy: bool = True
     finalize_early: bool = False
 

@@ -101,9 +101,13 @@ class SectorForceState(SectorEvent):
 
 @dataclass(frozen=True, slots=True)
 class SectorTerminate(SectorEvent):
-    """Terminate the sector on chain (API `SectorTerminate`)."""
+    """Terminate the sector on chain (API `SectorTerminate`).
+
+    `retry` (ours) marks the one TerminateFailed sends, so it counts against the budget.
+    """
 
     is_global: ClassVar[bool] = True
+    retry: bool = False
 
     def apply_global(self, info: SectorInfo) -> bool:
         """Go to Terminating."""
@@ -113,9 +117,13 @@ class SectorTerminate(SectorEvent):
 
 @dataclass(frozen=True, slots=True)
 class SectorRemove(SectorEvent):
-    """Remove the sector and its data (API `SectorRemove`, and handlers that give up)."""
+    """Remove the sector and its data (API `SectorRemove`, and handlers that give up).
+
+    `retry` (ours) marks the one RemoveFailed sends, so it counts against the budget.
+    """
 
     is_global: ClassVar[bool] = True
+    retry: bool = False
 
     def apply_global(self, info: SectorInfo) -> bool:
         """Go to Removing."""
@@ -183,30 +191,46 @@ class SectorAddPiece(SectorEvent):
         info.pending_pieces.extend(self.pieces)
 
 
+def _settle_pending(info: SectorInfo, written: list[Piece], dropped: list[PendingPiece]) -> None:
+    """Record written pieces; remove them and the dropped ones from the pending list."""
+    info.pieces.extend(written)
+    gone = {(p.piece_cid, p.deal.deal_id) for p in written if p.deal is not None}
+    gone |= {(p.piece_cid, p.deal.deal_id) for p in dropped}
+    info.pending_pieces = [
+        p for p in info.pending_pieces if (p.piece_cid, p.deal.deal_id) not in gone
+    ]
+
+
 @dataclass(frozen=True, slots=True)
 class SectorPieceAdded(SectorEvent):
-    """AddPiece wrote pieces into the unsealed file."""
+    """AddPiece wrote pieces into the unsealed file.
+
+    `dropped` (ours): pending pieces that no longer fit and went to another sector.
+    """
 
     new_pieces: list[Piece] = field(default_factory=list)
+    dropped: list[PendingPiece] = field(default_factory=list)
 
     def apply(self, info: SectorInfo, now: float) -> None:
         """Append the pieces; drop the pending entries they fulfil."""
-        info.pieces.extend(self.new_pieces)
-        done = {(p.piece_cid, p.deal.deal_id) for p in self.new_pieces if p.deal is not None}
-        info.pending_pieces = [
-            p for p in info.pending_pieces if (p.piece_cid, p.deal.deal_id) not in done
-        ]
+        _settle_pending(info, self.new_pieces, self.dropped)
 
 
 @dataclass(frozen=True, slots=True)
 class SectorAddPieceFailed(SectorEvent):
-    """AddPiece failed."""
+    """AddPiece failed on one piece.
+
+    Ours: what was written before the failure is kept (`added`), only the failing piece (and
+    any moved elsewhere) is `dropped`, and untried pieces stay pending for the retry.
+    """
 
     error: str = ""
+    added: list[Piece] = field(default_factory=list)
+    dropped: list[PendingPiece] = field(default_factory=list)
 
     def apply(self, info: SectorInfo, now: float) -> None:
-        """Pieces that could not be written are dropped (their deals are reported failed)."""
-        info.pending_pieces = []
+        """Keep the written pieces; forget the failed one."""
+        _settle_pending(info, self.added, self.dropped)
 
 
 @dataclass(frozen=True, slots=True)

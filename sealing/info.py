@@ -136,8 +136,16 @@ class SectorInfo:
         return [p.deal.deal_id if p.deal is not None else 0 for p in self.pieces]
 
     def used_space(self) -> int:
-        """Padded bytes taken by pieces already added or assigned."""
-        return sum(p.size for p in self.pieces) + sum(p.size for p in self.pending_pieces)
+        """Padded bytes taken by pieces added or assigned, alignment fillers included."""
+        used = 0
+        for size in [p.size for p in self.pieces] + [p.size for p in self.pending_pieces]:
+            used = aligned_end(used, size)
+        return used
+
+
+def aligned_end(used: int, size: int) -> int:
+    """Where a piece of padded `size` ends when added after `used` bytes (pieces are aligned)."""
+    return used + (-used % size) + size
 
 
 def log_append(info: SectorInfo, entry: LogEntry) -> None:

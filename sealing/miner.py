@@ -42,7 +42,7 @@ from .events import (
     SectorStartCC,
     SectorTerminate,
 )
-from .info import DealInfo, PendingPiece, SectorInfo
+from .info import DealInfo, PendingPiece, SectorInfo, aligned_end
 from .pipeline import Sealing
 from .sealer import Backend, ScheduledSealer
 from .sim import SimBackend
@@ -141,6 +141,7 @@ class Miner:
             clock=clock,
         )
         self.sealing.group = self.group
+        self.sealing.reassign = self._assign
         self._next = 0
         self._changed = asyncio.Event()
         self._server: asyncio.Task[None] | None = None
@@ -218,10 +219,19 @@ class Miner:
         with self.store.read() as txn:
             raw = txn.get(_META_NEXT, db=self.store.db("meta"))
         self._next = unpackb(raw) if raw is not None else 1
+        # Offline `sectors pledge` honours the limit of the engine that runs this repo.
+        limit = packb(self.config.max_sealing_sectors)
+        meta = self.store.db("meta")
+        self.store.write(lambda txn: txn.put(requests.META_MAX_SEALING, limit, db=meta))
         # Only live sectors are read: a million Proving sectors cost nothing at start.
         for number, info in self.group.records.list_live():
-            if info.state in (SectorState.WaitDeals, SectorState.AddPiece):
-                self.sealing.open_sectors[int(number)] = info.used_space()
+            if info.state in _TAKES_PIECES:
+                # Pieces still in the inbox are assigned too: count them, or the sector
+                # would be offered more than it can hold.
+                used = info.used_space()
+                for piece in self._queued_pieces(int(number)):
+                    used = aligned_end(used, piece.size)
+                self.sealing.open_sectors[int(number)] = used
         self.sealer.load(lambda n: SectorRef(self.miner_id, n, self.sector_size))
         self.store.committer.add_listener(self._changed.set)
         await self.group.start()
@@ -237,16 +247,31 @@ class Miner:
         await self.group.stop()
         self.store.committer.remove_listener(self._changed.set)
 
+    def _queued_pieces(self, number: int) -> list[PendingPiece]:
+        records = self.group.records
+        out: list[PendingPiece] = []
+        for _, raw in records.pending(records.key(number)):
+            event = records.codec.decode_event(raw, records.what(number, "inbox event"))
+            if isinstance(event, SectorAddPiece):
+                out.extend(event.pieces)
+        return out
+
     def _plan(self, events: list[Any], info: SectorInfo) -> Any:
         # Pieces sent to a sector that stopped taking them go to another sector, in this commit.
-        if info.state not in _TAKES_PIECES:
-            stray = [e for e in events if isinstance(e, SectorAddPiece) and e.pieces]
-            if stray:
-                self.sealing.open_sectors.pop(info.number, None)
-                for e in stray:
-                    self._assign(e.pieces)
-                events = [SectorAddPiece([]) if any(e is x for x in stray) else e for e in events]
-        return self.sealing.plan(events, info)
+        if info.state in _TAKES_PIECES:
+            return self.sealing.plan(events, info)
+        stray = [i for i, e in enumerate(events) if isinstance(e, SectorAddPiece) and e.pieces]
+        if not stray:
+            return self.sealing.plan(events, info)
+        self.sealing.open_sectors.pop(info.number, None)
+        emptied = [SectorAddPiece([]) if i in stray else e for i, e in enumerate(events)]
+        step, processed = self.sealing.plan(emptied, info)
+        # Only once the round is planned (it may raise and be re-planned), and only for the
+        # events it consumed: the others come back in a later round.
+        for i in stray:
+            if i < processed:
+                self._assign(events[i].pieces)
+        return step, processed
 
     # -- requests from other processes ---------------------------------------------------------
 
@@ -268,6 +293,8 @@ class Miner:
             try:
                 result = self._execute(request)
             except (ValueError, SealingError) as exc:
+                # The CLI that queued it may be gone: the log is where the operator sees it.
+                log.error("queued request %s failed: %s", request, exc)
                 result = {"error": str(exc)}
             requests.stage_done(self.store, rid, result)
             self.store.committer.on_commit(lambda rid, err: self._serving.discard(rid), rid)
@@ -278,6 +305,7 @@ class Miner:
         op = request.get("op")
         if op == "pledge":
             count = int(request.get("count", 1))
+            self.check_sealing_limit(count)
             numbers = []
             for _ in range(count):
                 n = self._allocate()
@@ -301,16 +329,19 @@ class Miner:
         self.store.committer.put("meta", _META_NEXT, packb(self._next))
         return n
 
+    def check_sealing_limit(self, adding: int = 1) -> None:
+        """Lotus MaxSealingSectors: refuse to start `adding` more sectors over the limit."""
+        limit = self.config.max_sealing_sectors
+        if limit <= 0:
+            return
+        # Only live sectors can be sealing: read the live index, not the whole store.
+        sealing = sum(1 for _ in self.group.records.list_live())
+        if sealing + adding > limit:
+            raise SealingError(f"too many sectors sealing (curSealing: {sealing}, max: {limit})")
+
     async def pledge(self) -> int:
         """Create a committed-capacity sector; returns its number once it is durable."""
-        limit = self.config.max_sealing_sectors
-        if limit > 0:
-            # Only live sectors can be sealing: read the live index, not the whole store.
-            sealing = sum(1 for _ in self.group.records.list_live())
-            if sealing >= limit:
-                raise SealingError(
-                    f"too many sectors sealing (curSealing: {sealing}, max: {limit})"
-                )
+        self.check_sealing_limit()
         n = self._allocate()
         await self.group.post(n, SectorStartCC(n, seal_proof_for(self.sector_size)))
         return n
@@ -321,15 +352,16 @@ class Miner:
         for piece in pieces:
             target = None
             for n, used in self.sealing.open_sectors.items():
-                if used + piece.size + (-used % piece.size) <= self.sector_size:
+                if aligned_end(used, piece.size) <= self.sector_size:
                     target = n
                     break
             if target is None:
                 target = self._allocate()
                 self.group.post(target, SectorStart(target, seal_proof_for(self.sector_size)))
                 self.sealing.open_sectors[target] = 0
-            used = self.sealing.open_sectors[target]
-            self.sealing.open_sectors[target] = used + (-used % piece.size) + piece.size
+            self.sealing.open_sectors[target] = aligned_end(
+                self.sealing.open_sectors[target], piece.size
+            )
             self.group.post(target, SectorAddPiece([piece]))
             numbers.append(target)
         return numbers
@@ -469,6 +501,14 @@ class Miner:
         target = parse_state(str(state))
         self._get(number)
         await self.group.send(number, SectorForceState(target))
+
+    def settled(self) -> bool:
+        """True when nothing will happen without new input: no event, step, timer or request."""
+        return (
+            self.group.is_idle()
+            and not self.sealing.has_timers()
+            and not requests.pending(self.store)
+        )
 
     async def idle(self) -> None:
         """Wait until nothing is pending or running."""

@@ -21,7 +21,7 @@ from .chain import ChainAPI
 from .config import SealingConfig
 from .events import SectorEvent, SectorSeedReady
 from .handlers import HANDLERS
-from .info import SectorInfo
+from .info import PendingPiece, SectorInfo
 from .planner import plan, run_handler
 from .sealer import Sealer
 from .states import SectorState
@@ -32,6 +32,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("sectorfsm.sealing")
 
 S = SectorState
+
+
+def _nowhere(pieces: list[PendingPiece]) -> object:
+    if pieces:
+        raise RuntimeError("no piece assigner is attached to this Sealing")
+    return None
 
 
 class Sealing:
@@ -62,6 +68,8 @@ class Sealing:
         self._seeds: dict[int, tuple[int, Context]] = {}
         #: Deal sectors accepting pieces: number -> padded bytes used.
         self.open_sectors: dict[int, int] = {}
+        #: Puts pieces into other sectors without yielding (the Miner sets it).
+        self.reassign: Callable[[list[PendingPiece]], object] = _nowhere
         chain_reorg = getattr(chain, "on_reorg", None)
         if chain_reorg is not None:
             chain_reorg(self._reorged)
@@ -140,6 +148,10 @@ class Sealing:
                 continue
             with contextlib.suppress(GroupStoppedError):
                 ctx.send(SectorSeedReady(seed, seed_epoch))
+
+    def has_timers(self) -> bool:
+        """True while a WaitDeals timer is armed (something will still happen)."""
+        return any(not t.done() for t in self._timers.values())
 
     def forget(self, number: int) -> None:
         """Drop in-memory helpers of a sector that has nothing more to do."""

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..fsm import Context, Restart, StepFailed
 from . import graph
-from .events import SectorEvent, SectorRetriesExhausted
+from .events import SectorEvent, SectorRetriesExhausted, SectorRetryNow
 from .info import MESSAGE_LIMIT, LogEntry, SectorInfo, log_append
 from .states import FAILED_STATES, SectorState
 
@@ -43,6 +43,11 @@ def plan(
         error = None
     except PlanError as exc:
         processed, error = exc.args[1], str(exc.args[0])
+    # Every round starts the handler of the state it leaves the sector in, so a Restart that
+    # waits behind this batch is already served: left queued, it would start that handler a
+    # second time (after a crash: CommitWait sending SectorProving twice).
+    while processed < len(events) and isinstance(events[processed], Restart):
+        processed += 1
     for ev in events[:processed]:
         _log_event(info, ev, now)
     if error is not None:
@@ -157,11 +162,24 @@ def _bookkeep(
     retries_before: int,
     now: float,
 ) -> None:
-    """Retry accounting: the backoff clock, the budget, and resets on progress."""
+    """Retry accounting: the backoff clock, the budget, resets, and the last error."""
     policy = sealing.config.retry
-    step_failed = any(isinstance(e, StepFailed) for e in events)
+    step_failed = False
+    resumed = False
+    for e in events:
+        if isinstance(e, StepFailed):
+            step_failed = True
+        elif isinstance(e, SectorRetryNow):
+            resumed = True
+        elif getattr(e, "error", ""):
+            info.last_err = e.error  # the latest failure, for `status` and the give-up message
     if info.state is S.Proving and before is not S.Proving:
         info.retries = 0
+        info.retry_at = 0.0
+        info.last_err = ""
+        return
+    if info.state is S.FailedUnrecoverable or resumed:
+        # Parked: nothing is pending until an operator acts; resumed: retry right away.
         info.retry_at = 0.0
         return
     if info.retries == 0 and retries_before == 0 and info.retry_at == 0 and not step_failed:
@@ -182,7 +200,11 @@ def _bookkeep(
 
 
 def _forced(events: list[Any]) -> bool:
-    return any(isinstance(e, SectorEvent) and e.is_global for e in events)
+    """True if an operator (not a failed state's own retry) moved the sector."""
+    return any(
+        isinstance(e, SectorEvent) and e.is_global and not getattr(e, "retry", False)
+        for e in events
+    )
 
 
 def exhausted(sealing: Sealing, info: SectorInfo) -> bool:

@@ -25,6 +25,7 @@ _PENDING = b"q/"
 _DONE = b"done/"
 META_MINER = b"sealing/miner"
 META_NEXT = b"sealing/next_sector"
+META_MAX_SEALING = b"sealing/max_sealing_sectors"
 
 
 def submit(store: LmdbStore, request: dict[str, Any]) -> bytes:
@@ -94,6 +95,16 @@ def pledge_offline(store: LmdbStore, count: int) -> list[int] | None:
         return None
     try:
         records = sector_records(store)
+        with store.read() as txn:
+            raw_limit = txn.get(META_MAX_SEALING, db=store.db("meta"))
+        # The limit of the engine that last ran here (its config is not ours to read).
+        max_sealing = int(unpackb(raw_limit)) if raw_limit is not None else 0
+        if max_sealing > 0:
+            sealing = sum(1 for _ in records.list_live())
+            if sealing + count > max_sealing:
+                raise ValueError(
+                    f"too many sectors sealing (curSealing: {sealing}, max: {max_sealing})"
+                )
         codec = records.codec
         proof = seal_proof_for(ident[1])
         meta = store.db("meta")

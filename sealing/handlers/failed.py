@@ -203,7 +203,7 @@ async def handle_finalize_failed(s: Sealing, ctx: Context, info: SectorInfo) -> 
 
 async def handle_remove_failed(s: Sealing, ctx: Context, info: SectorInfo) -> None:
     """Try removing again."""
-    ctx.send(SectorRemove())
+    ctx.send(SectorRemove(retry=True))
 
 
 async def handle_terminate_failed(s: Sealing, ctx: Context, info: SectorInfo) -> None:
@@ -214,7 +214,7 @@ async def handle_terminate_failed(s: Sealing, ctx: Context, info: SectorInfo) ->
         pci = None
     if pci is not None:
         return  # Lotus pauses here: a precommitted sector must be removed by hand
-    ctx.send(SectorTerminate())
+    ctx.send(SectorTerminate(retry=True))
 
 
 async def handle_deals_expired(s: Sealing, ctx: Context, info: SectorInfo) -> None:

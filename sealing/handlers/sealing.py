@@ -61,7 +61,7 @@ from ..events import (
     SectorSubmitCommitAggregate,
     SectorTicket,
 )
-from ..info import Piece, SectorInfo
+from ..info import PendingPiece, Piece, SectorInfo, aligned_end
 from ..sealer import PreCommit2Out
 
 if TYPE_CHECKING:
@@ -129,14 +129,25 @@ def fillers_from_rem(rem_unpadded: int) -> list[int]:
 
 
 async def handle_add_piece(s: Sealing, ctx: Context, info: SectorInfo) -> None:
-    """Write the assigned pieces (with alignment fillers) and check each one's CommP."""
+    """Write the assigned pieces (with alignment fillers) and check each one's CommP.
+
+    A piece that no longer fits goes to another sector in the same commit; a piece that fails
+    fails alone: what was written before it is kept and what comes after it is retried.
+    """
     ref = s.ref(info)
     existing = [p.size for p in info.pieces]
     added: list[Piece] = []
-    for piece in info.pending_pieces:
-        if sum(existing) + piece.size > info.sector_size:
-            ctx.send(SectorAddPieceFailed(f"piece {piece.piece_cid} does not fit in the sector"))
-            return
+    used = sum(existing)
+    fits: list[PendingPiece] = []
+    moved = []
+    for p in info.pending_pieces:
+        end = aligned_end(used, p.size)
+        if end > info.sector_size:
+            moved.append(p)
+        else:
+            fits.append(p)
+            used = end
+    for piece in fits:
         try:
             for pad in required_padding(existing, piece.size):
                 filler = await s.sealer.add_piece(ref, existing, pad, None)
@@ -145,20 +156,25 @@ async def handle_add_piece(s: Sealing, ctx: Context, info: SectorInfo) -> None:
                 added.append(filler)
                 existing.append(pad)
             written = await s.sealer.add_piece(ref, existing, piece.size, piece)
-        except Exception as exc:
-            ctx.send(SectorAddPieceFailed(f"writing piece {piece.piece_cid}: {exc}"))
-            return
-        if written.piece_cid != piece.piece_cid:
-            ctx.send(
-                SectorAddPieceFailed(
+            if written.piece_cid != piece.piece_cid:
+                raise CheckError(
                     f"piece CID mismatch: the deal declares {piece.piece_cid}, "
                     f"the data gives {written.piece_cid}"
+                )
+        except Exception as exc:
+            s.reassign(moved)
+            ctx.send(
+                SectorAddPieceFailed(
+                    f"writing piece {piece.piece_cid} (deal {piece.deal.deal_id}): {exc}",
+                    added,
+                    [piece, *moved],
                 )
             )
             return
         added.append(Piece(piece.piece_cid, piece.size, piece.deal))
         existing.append(piece.size)
-    ctx.send(SectorPieceAdded(added))
+    s.reassign(moved)  # staged with the event below: the move commits atomically
+    ctx.send(SectorPieceAdded(added, moved))
 
 
 async def handle_packing(s: Sealing, ctx: Context, info: SectorInfo) -> None:
