@@ -35,8 +35,16 @@ def test_piece_events() -> None:
     assert again.creation_time == 5  # only the first piece stamps it
     info = applied(ev.SectorPieceAdded([PIECE]), pending_pieces=[pending])
     assert info.pieces == [PIECE] and info.pending_pieces == []
-    info = applied(ev.SectorAddPieceFailed("x"), pending_pieces=[pending])
-    assert info.pending_pieces == []
+    other = PendingPiece("baga-other", 128, DealInfo(8))
+    info = applied(
+        ev.SectorAddPieceFailed("x", added=[PIECE], dropped=[other]),
+        pending_pieces=[pending, other],
+    )
+    assert info.pieces == [PIECE] and info.pending_pieces == []
+    untried = applied(
+        ev.SectorAddPieceFailed("x", dropped=[other]), pending_pieces=[pending, other]
+    )
+    assert untried.pending_pieces == [pending]  # untried pieces stay for the retry
     filler = Piece("baga-zero", 128, DEAL)  # a filler never carries a deal
     info = applied(ev.SectorPacked([filler]))
     assert info.pieces == [Piece("baga-zero", 128, None)]

@@ -406,3 +406,18 @@ def test_committing_consumes_an_unknown_event_instead_of_looping(tmp_path: Path)
             assert "planCommitting got event of unknown type SectorTicket" in info.log[-1].message
 
     run(body)
+
+
+def test_a_restart_queued_behind_an_event_is_served_by_that_round(tmp_path: Path) -> None:
+    from sectorfsm.fsm import Restart
+    from sectorfsm.sealing.events import SectorProving
+
+    async def body() -> None:
+        async with miner(tmp_path) as m:
+            # After a crash: the event the step sent is in the inbox, Restart comes after it.
+            info = SectorInfo(state=SectorState.CommitWait, number=3)
+            step, processed = plan(m.sealing, [SectorProving(), Restart()], info)
+            assert processed == 2  # else FinalizeSector's handler would start twice
+            assert info.state is SectorState.FinalizeSector and step is not None
+
+    run(body)
