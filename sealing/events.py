@@ -11,64 +11,106 @@ Differences from Lotus (each also listed in `graph.DEVIATIONS`):
 * `SectorRetryNow` is the operator's `retry`; `SectorRetriesExhausted` gives a sector up to
   FailedUnrecoverable when its retry budget is spent. A handler that raises reaches the
   planner as the engine's `StepFailed` and is retried with backoff.
+
+The recovery events (retries, deals, faults, termination, removal) live in
+`events_recovery.py` and are re-exported here; the base class is in `event_base.py`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from .config import sector_size_of
+from .event_base import SectorEvent
+from .events_recovery import (
+    SectorFaultedFinal,
+    SectorFaultReported,
+    SectorFaulty,
+    SectorInvalidDealIDs,
+    SectorRemoved,
+    SectorRemoveFailed,
+    SectorRetryCommitWait,
+    SectorRetryComputeProof,
+    SectorRetryInvalidProof,
+    SectorRetryNow,
+    SectorRetryPreCommit,
+    SectorRetryPreCommitWait,
+    SectorRetrySealPreCommit1,
+    SectorRetrySealPreCommit2,
+    SectorRetryWaitSeed,
+    SectorTerminated,
+    SectorTerminateFailed,
+    SectorTerminating,
+    SectorUpdateDealIDs,
+)
 from .info import PendingPiece, Piece, SectorInfo
 from .states import SectorState
 
-
-@dataclass(frozen=True, slots=True)
-class SectorEvent:
-    """Base of sector events: `apply` does nothing unless an event overrides it."""
-
-    #: Lotus's `Ignorable`: skipped silently by a state with no edge for it.
-    ignorable: ClassVar[bool] = False
-    #: Global events are accepted in every state (reference §2.2).
-    is_global: ClassVar[bool] = False
-
-    def apply(self, info: SectorInfo, now: float) -> None:
-        """Mutate `info` as Lotus's `apply()` does (default: nothing)."""
-
-    def apply_global(self, info: SectorInfo) -> bool:
-        """Global events only: mutate `info`; True stops the batch."""
-        raise TypeError(f"{type(self).__name__} is not a global event")
-
-    @property
-    def name(self) -> str:
-        """The event's Lotus name, e.g. `SectorPacked`."""
-        return type(self).__name__
-
-    def describe(self) -> tuple[str, str]:
-        """`(message, trace)` for the sector log: JSON of the fields, the error as trace."""
-        fields: dict[str, Any] = {}
-        trace = ""
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name == "error":
-                trace = str(value)
-                continue
-            fields[f.name] = _jsonable(value)
-        return json.dumps({"User": fields}, separators=(",", ":"), sort_keys=True), trace
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.hex()
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {k: _jsonable(v) for k, v in dataclasses.asdict(value).items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    return value
+__all__ = [
+    "ALL_EVENTS",
+    "EVENTS_BY_NAME",
+    "GLOBAL_EVENTS",
+    "SectorEvent",
+    "SectorAddPiece",
+    "SectorAddPieceFailed",
+    "SectorChainPreCommitFailed",
+    "SectorCommitAggregateSent",
+    "SectorCommitFailed",
+    "SectorCommitSubmitted",
+    "SectorCommitted",
+    "SectorComputeProofFailed",
+    "SectorDealsExpired",
+    "SectorFatalError",
+    "SectorFaultReported",
+    "SectorFaultedFinal",
+    "SectorFaulty",
+    "SectorFinalizeFailed",
+    "SectorFinalized",
+    "SectorForceState",
+    "SectorInvalidDealIDs",
+    "SectorOldTicket",
+    "SectorPacked",
+    "SectorPieceAdded",
+    "SectorPreCommit1",
+    "SectorPreCommit2",
+    "SectorPreCommitBatch",
+    "SectorPreCommitBatchSent",
+    "SectorPreCommitLanded",
+    "SectorPreCommitted",
+    "SectorProofReady",
+    "SectorProving",
+    "SectorRemove",
+    "SectorRemoveFailed",
+    "SectorRemoved",
+    "SectorRetriesExhausted",
+    "SectorRetryCommitWait",
+    "SectorRetryComputeProof",
+    "SectorRetryFinalize",
+    "SectorRetryInvalidProof",
+    "SectorRetryNow",
+    "SectorRetryPreCommit",
+    "SectorRetryPreCommitWait",
+    "SectorRetrySealPreCommit1",
+    "SectorRetrySealPreCommit2",
+    "SectorRetrySubmitCommit",
+    "SectorRetryWaitDeals",
+    "SectorRetryWaitSeed",
+    "SectorSealPreCommit1Failed",
+    "SectorSealPreCommit2Failed",
+    "SectorSeedReady",
+    "SectorStart",
+    "SectorStartCC",
+    "SectorStartPacking",
+    "SectorSubmitCommitAggregate",
+    "SectorTerminate",
+    "SectorTerminateFailed",
+    "SectorTerminated",
+    "SectorTerminating",
+    "SectorTicket",
+    "SectorTicketExpired",
+    "SectorUpdateDealIDs",
+]
 
 
 # -- global events (§2.2) -----------------------------------------------------------------
@@ -492,160 +534,6 @@ class SectorFinalizeFailed(SectorEvent):
     """Finalize failed."""
 
     error: str = ""
-
-
-# -- retries ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class SectorRetrySealPreCommit1(SectorEvent):
-    """Run PreCommit1 again."""
-
-
-@dataclass(frozen=True, slots=True)
-class SectorRetrySealPreCommit2(SectorEvent):
-    """Run PreCommit2 again."""
-
-
-@dataclass(frozen=True, slots=True)
-class SectorRetryPreCommit(SectorEvent):
-    """Precommit again."""
-
-
-@dataclass(frozen=True, slots=True)
-class SectorRetryWaitSeed(SectorEvent):
-    """Wait for the seed again."""
-
-
-@dataclass(frozen=True, slots=True)
-class SectorRetryPreCommitWait(SectorEvent):
-    """Wait for the precommit message again."""
-
-
-@dataclass(frozen=True, slots=True)
-class SectorRetryCommitWait(SectorEvent):
-    """Wait for the commit message again."""
-
-
-@dataclass(frozen=True, slots=True)
-class SectorRetryComputeProof(SectorEvent):
-    """Compute the proof again."""
-
-    def apply(self, info: SectorInfo, now: float) -> None:
-        """Count an invalid proof."""
-        info.invalid_proofs += 1
-
-
-@dataclass(frozen=True, slots=True)
-class SectorRetryInvalidProof(SectorEvent):
-    """The chain rejected the proof: compute it again."""
-
-    def apply(self, info: SectorInfo, now: float) -> None:
-        """Count an invalid proof."""
-        info.invalid_proofs += 1
-
-
-@dataclass(frozen=True, slots=True)
-class SectorRetryNow(SectorEvent):
-    """Ours: the operator's `retry` (skip the backoff; resume a FailedUnrecoverable sector)."""
-
-    def apply(self, info: SectorInfo, now: float) -> None:
-        """Reset the backoff and the retry budget."""
-        info.retry_at = 0.0
-        info.retries = 0
-
-
-# -- deals ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class SectorInvalidDealIDs(SectorEvent):
-    """A deal id no longer matches its piece: recover the ids, then return."""
-
-    return_state: str = ""
-
-    def apply(self, info: SectorInfo, now: float) -> None:
-        """Remember where to return."""
-        info.return_state = self.return_state
-
-
-@dataclass(frozen=True, slots=True)
-class SectorUpdateDealIDs(SectorEvent):
-    """Recovered deal ids, by piece index."""
-
-    updates: dict[int, int] = field(default_factory=dict)
-
-    def apply(self, info: SectorInfo, now: float) -> None:
-        """Rewrite the deal ids."""
-        for index, deal_id in self.updates.items():
-            deal = info.pieces[index].deal
-            if deal is not None:
-                deal.deal_id = deal_id
-
-
-# -- faults, termination, removal ----------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class SectorFaulty(SectorEvent):
-    """The sector's data is corrupted or gone."""
-
-
-@dataclass(frozen=True, slots=True)
-class SectorFaultReported(SectorEvent):
-    """A fault was declared on chain."""
-
-    report_msg: str = ""
-
-    def apply(self, info: SectorInfo, now: float) -> None:
-        """Remember the message."""
-        info.fault_report_msg = self.report_msg
-
-
-@dataclass(frozen=True, slots=True)
-class SectorFaultedFinal(SectorEvent):
-    """The fault declaration landed (no apply, as in Lotus)."""
-
-
-@dataclass(frozen=True, slots=True)
-class SectorTerminating(SectorEvent):
-    """The termination message went out (None: already terminated)."""
-
-    message: str | None = None
-
-    def apply(self, info: SectorInfo, now: float) -> None:
-        """Remember the message."""
-        info.terminate_message = self.message
-
-
-@dataclass(frozen=True, slots=True)
-class SectorTerminated(SectorEvent):
-    """The termination landed."""
-
-    terminated_at: int = 0
-
-    def apply(self, info: SectorInfo, now: float) -> None:
-        """Remember the epoch."""
-        info.terminated_at = self.terminated_at
-
-
-@dataclass(frozen=True, slots=True)
-class SectorTerminateFailed(SectorEvent):
-    """Termination failed."""
-
-    error: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class SectorRemoveFailed(SectorEvent):
-    """Removing the sector's data failed."""
-
-    error: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class SectorRemoved(SectorEvent):
-    """The sector's data is gone."""
 
 
 #: Every sector event type, for the engine's codec. Order is irrelevant (tags are names).
