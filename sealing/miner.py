@@ -175,24 +175,32 @@ class Miner:
         params = _chain_params(chain)
         cfg = _sealing_config(config, params)
         root = Path(repo)
+        # The backend checks its options before anything is created: a bad config leaves
+        # no trace; a good one creates the storage directories.
+        backend: Backend
+        if sealer == "sim":
+            backend = SimBackend(the_clock, miner, time_scale=sim_time_scale)
+        else:
+            from .backends import make_backend
+
+            backend = make_backend(
+                sealer, clock=the_clock, miner=miner, repo=root, options=sealer_options or {}
+            )
         store = _open_store(root, durability)
         try:
-            # Claim the repo first: a second engine is refused before it touches anything.
+            # Claim the repo first: a second engine is refused before it touches the store.
             store.lock_engine()
             _check_identity(store, miner, size)
             devnet = DevnetChain(store, the_clock, params, miner=miner)
             sched = Scheduler(clock=the_clock)
-            backend: Backend
-            if sealer == "sim":
-                backend = SimBackend(the_clock, miner, time_scale=sim_time_scale)
-                specs = list(workers) if workers is not None else [sim_worker()]
+            if workers is not None:
+                specs = list(workers)
+            elif sealer == "sim":
+                specs = [sim_worker()]
             else:
-                from .backends import default_workers, make_backend
+                from .backends import default_workers
 
-                specs = list(workers) if workers is not None else default_workers(sealer, root)
-                backend = make_backend(
-                    sealer, clock=the_clock, miner=miner, repo=root, options=sealer_options or {}
-                )
+                specs = default_workers(sealer, root)
             for spec in specs:
                 sched.add_worker(spec)
             scheduled = ScheduledSealer(sched, backend, store)

@@ -212,3 +212,13 @@ def test_help_for_every_command(tmp_path: Path) -> None:
     ):
         code, out = invoke(tmp_path, cmd, "--help")
         assert code == 0 and "--repo" in out, cmd
+
+
+def test_a_bad_sealer_command_creates_nothing(tmp_path: Path) -> None:
+    config = tmp_path / "cmd.toml"
+    config.write_text(
+        '[miner]\nsealer = "command"\n[sealer.commands]\nAP = ["/nonexistent/sealer"]\n'
+    )
+    code, out = invoke(tmp_path / "repo", "run", "--config", str(config))
+    assert code == 1 and "/nonexistent/sealer" in out
+    assert not (tmp_path / "repo").exists()
