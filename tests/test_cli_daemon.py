@@ -172,3 +172,32 @@ def test_run_pledge_until_proving(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "all 3 sector(s) are Proving" in proc.stdout
     assert "sector 3: CommitAggregateWait -> Proving" in proc.stdout or "-> Proving" in proc.stdout
+
+
+@pytest.mark.timeout(150)
+def test_kill_9_with_real_sector_files_loses_nothing(tmp_path: Path) -> None:
+    import random
+
+    config = tmp_path / "ref.toml"
+    config.write_text('[miner]\nsealer = "reference"\nblock_time = 0.2\n')
+    repo = tmp_path / "repo"
+    rng = random.Random(7)
+    proc = start_daemon(repo, config, "--pledge", "3")
+    for _ in range(6):
+        time.sleep(rng.uniform(0.3, 1.2))
+        proc.kill()
+        proc.wait()
+        proc = start_daemon(repo, config)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(20)
+    proc = start_daemon(repo, config, "--until-proving")
+    out, _ = proc.communicate(timeout=90)
+    assert proc.returncode == 0, out
+    for n in (1, 2, 3):
+        info = wait_state(repo, n, "Proving", timeout=5)
+        kinds = [e["kind"] for e in info["log"]]  # type: ignore[index]
+        for once in ("event;SectorPreCommit2", "event;SectorProving", "event;SectorFinalized"):
+            assert kinds.count(once) == 1, (n, kinds)
+        name = f"s-t01000-{n}"
+        assert (repo / "storage" / "sealed" / name).is_file()
+        assert not (repo / "storage" / "unsealed" / name).exists()  # CC: finalize dropped it
