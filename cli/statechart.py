@@ -14,11 +14,10 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from .common import DEFAULT_REPO
+
 if TYPE_CHECKING:
     from ..statecharts import LogEntryLike
-
-#: Where the CLI finds the store unless `--repo` or SECTORFSM_REPO says otherwise (DESIGN §5).
-DEFAULT_REPO = Path("~/.sectorfsm")
 
 
 class ChartFormat(enum.StrEnum):
