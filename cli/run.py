@@ -101,15 +101,18 @@ async def _supervise(miner: Miner, stop: asyncio.Event, until_proving: bool) -> 
 
     live = sys.stdout.isatty()
     view = _LiveView(miner) if live else _PlainLog(miner)
+    tracked = _Tracked(miner, baseline=until_proving)
     quiet = 0
     with view:
         while not stop.is_set():
             settled = miner.settled()  # before this tick's snapshot is staged
             _publish(miner, SNAPSHOT_KEY)
-            sectors = [info for _, info in miner.group.list()]
+            sectors = tracked.refresh()
             view.update(sectors)
             if until_proving:
                 verdict = _verdict(sectors)
+                if not sectors and tracked.proving_before:
+                    verdict = (0, f"all {tracked.proving_before} sector(s) are Proving")
                 # Settled twice in a row (half a second apart): nothing will move any more.
                 quiet = quiet + 1 if verdict is None and sectors and settled else 0
                 if quiet >= 2:
@@ -117,7 +120,7 @@ async def _supervise(miner: Miner, stop: asyncio.Event, until_proving: bool) -> 
                 if verdict is not None:
                     await miner.idle()
                     _publish(miner, SNAPSHOT_KEY)
-                    view.update([info for _, info in miner.group.list()])
+                    view.update(tracked.refresh())
                     code, message = verdict
                     view.final(message)
                     if code:
@@ -127,6 +130,43 @@ async def _supervise(miner: Miner, stop: asyncio.Event, until_proving: bool) -> 
                 await asyncio.wait_for(stop.wait(), TICK)
     err_console().print("stopping: the engine state is saved; `sectors run` resumes it")
     return 0
+
+
+class _Tracked:
+    """The sectors worth showing: live ones, and those that went dormant while we watched.
+
+    Reading only the live index each tick keeps the daemon's cost independent of how many
+    Proving sectors the repo holds; a sector that leaves the live index is read once more,
+    so its final state (Proving, FailedUnrecoverable, Removed) is still reported.
+    """
+
+    def __init__(self, miner: Miner, *, baseline: bool) -> None:
+        from ..sealing.states import SectorState
+
+        self.group = miner.group
+        self.known: dict[int, SectorInfo] = {}
+        #: Sectors live at the last refresh (only those can have gone dormant since).
+        self.live: set[int] = set()
+        #: With --until-proving: sectors already Proving when we started (counted, not kept).
+        self.proving_before = 0
+        if baseline:  # one full scan, so a sector parked by an earlier run is not missed
+            for n, info in self.group.list():
+                if info.state is SectorState.Proving:
+                    self.proving_before += 1
+                elif info.state is not SectorState.Removed:
+                    self.known[int(n)] = info
+                    self.live.add(int(n))
+
+    def refresh(self) -> list[SectorInfo]:
+        """Re-read the live sectors, and once more each sector that stopped being live."""
+        live = {int(n): info for n, info in self.group.records.list_live()}
+        for n in self.live - live.keys():
+            info = self.group.get(n)
+            if info is not None:
+                self.known[n] = info
+        self.known.update(live)
+        self.live = set(live)
+        return [self.known[n] for n in sorted(self.known)]
 
 
 def _verdict(sectors: list[SectorInfo]) -> tuple[int, str] | None:
