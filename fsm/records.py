@@ -130,13 +130,16 @@ class GroupRecords(Generic[S]):
                 return
             lower = page[-1][0] + b"\x00"
 
-    def list_live(self) -> Iterator[tuple[MachineId, S]]:
-        """Yield `(id, state)` of the machines not in a final state (read from the live index)."""
+    def live_ids(self) -> list[MachineId]:
+        """Ids of the machines not in a final state (the live index; no record is decoded)."""
         with self.store.read() as txn:
             keys = list(scan(txn, self.store.db("live"), self.prefix, values=False))
-        for key in keys:
-            mid = self.machine_id(key)[0]
-            raw = self.raw(key)
+        return [self.machine_id(key)[0] for key in keys]
+
+    def list_live(self) -> Iterator[tuple[MachineId, S]]:
+        """Yield `(id, state)` of the machines not in a final state (read from the live index)."""
+        for mid in self.live_ids():
+            raw = self.raw(self.key(mid))
             if raw is not None:
                 yield mid, self.decode(raw, mid)[0]
 

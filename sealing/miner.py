@@ -343,7 +343,7 @@ class Miner:
         if limit <= 0:
             return
         # Only live sectors can be sealing: read the live index, not the whole store.
-        sealing = sum(1 for _ in self.group.records.list_live())
+        sealing = len(self.group.records.live_ids())
         if sealing + adding > limit:
             raise SealingError(f"too many sectors sealing (curSealing: {sealing}, max: {limit})")
 

@@ -100,7 +100,7 @@ def pledge_offline(store: LmdbStore, count: int) -> list[int] | None:
         # The limit of the engine that last ran here (its config is not ours to read).
         max_sealing = int(unpackb(raw_limit)) if raw_limit is not None else 0
         if max_sealing > 0:
-            sealing = sum(1 for _ in records.list_live())
+            sealing = len(records.live_ids())
             if sealing + count > max_sealing:
                 raise ValueError(
                     f"too many sectors sealing (curSealing: {sealing}, max: {max_sealing})"
