@@ -130,7 +130,7 @@ class GroupRecords(Generic[S]):
                 return
             lower = page[-1][0] + b"\x00"
 
-    def live_ids(self) -> list[MachineId]:
+    def live_ids(self) -> Sequence[MachineId]:
         """Ids of the machines not in a final state (the live index; no record is decoded)."""
         with self.store.read() as txn:
             keys = list(scan(txn, self.store.db("live"), self.prefix, values=False))
