@@ -8,7 +8,7 @@ embedded implementation is `DevnetChain`, a *simulated* devnet (see `devnet.py`)
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 
@@ -128,7 +128,6 @@ class ProveCommit:
     number: int
     proof: bytes
     seal_proof: int = 0
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 class ChainAPI(Protocol):

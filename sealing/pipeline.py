@@ -12,7 +12,7 @@ import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..fsm import Clock, Context, GroupStoppedError, StateGroup
 from ..sched import SectorRef
@@ -25,9 +25,6 @@ from .info import PendingPiece, SectorInfo
 from .planner import plan, run_handler
 from .sealer import Sealer
 from .states import SectorState
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger("sectorfsm.sealing")
 
