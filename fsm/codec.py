@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import functools
 import operator
+import threading
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -75,7 +77,8 @@ class _TypeCodecs:
         if origin in (list, set, frozenset):
             item = self.encoder(args[0]) if args else _identity
             if item is _identity:
-                return list
+                # msgpack packs any list or tuple as an array; only sets need converting.
+                return _identity if origin is list else list
             return lambda v: [item(x) for x in v]
         if origin is tuple:
             if len(args) == 2 and args[1] is Ellipsis:
@@ -118,7 +121,8 @@ class _TypeCodecs:
             item = self.decoder(args[0]) if args else _identity
             ctor: Callable[[Any], Any] = origin
             if item is _identity:
-                return ctor
+                # msgpack hands back a fresh list: no copy needed.
+                return _identity if origin is list else ctor
             return lambda v: ctor(item(x) for x in v)
         if origin is tuple:
             if len(args) == 2 and args[1] is Ellipsis:
@@ -152,6 +156,17 @@ class _TypeCodecs:
         if not fields:
             return lambda obj: {}
         getter = operator.attrgetter(*fields)
+        if not converted and _plain_dataclass(cls):
+            # Fast path for flat states: the instance dict already is the payload.
+            field_set = frozenset(fields)
+
+            def enc_plain(obj: Any) -> dict[str, Any]:
+                d: dict[str, Any] = obj.__dict__
+                if d.keys() == field_set:
+                    return d
+                return dict(zip(fields, getter(obj), strict=True))
+
+            return enc_plain
         if len(fields) == 1:
             name = fields[0]
             only = self.encoder(hints[name])
@@ -170,8 +185,22 @@ class _TypeCodecs:
         init_fields = frozenset(f.name for f in dataclasses.fields(cls) if f.init)
         decs = {n: self.decoder(hints[n]) for n in init_fields}
         converted_items = tuple((n, d) for n, d in decs.items() if d is not _identity)
+        # A complete record of a plain dataclass is installed as the instance dict directly:
+        # the generated __init__ would only assign the same fields one by one.
+        plain = (
+            _plain_dataclass(cls)
+            and len(init_fields) == len(dataclasses.fields(cls))
+            and not converted_items
+        )
+        new = object.__new__
+        set_attr = object.__setattr__
 
         def dec(data: Any) -> Any:
+            if plain and type(data) is dict and data.keys() == init_fields:
+                # Every field present, none unknown (`plain` means none needs converting).
+                obj: Any = new(cls)
+                set_attr(obj, "__dict__", data)
+                return obj
             if not isinstance(data, dict):
                 raise RecordError(
                     f"expected a mapping for {cls.__name__}, got {type(data).__name__}"
@@ -188,23 +217,40 @@ class _TypeCodecs:
         return dec
 
 
+def _plain_dataclass(cls: type) -> bool:
+    """A dataclass whose instances hold exactly their fields in `__dict__`, set by __init__."""
+    params = getattr(cls, "__dataclass_params__", None)
+    return (
+        params is not None
+        and params.init
+        and "__slots__" not in cls.__dict__
+        and not hasattr(cls, "__post_init__")
+        and all(hasattr(c, "__dataclass_fields__") or c is object for c in cls.__mro__)
+    )
+
+
 def _enum_value(value: enum.Enum) -> Any:
     return value.value
 
 
 _CODECS = _TypeCodecs()
-_packb = msgpack.Packer(use_bin_type=True).pack
+# A Packer reuses one buffer and is not thread-safe (the commit thread encodes events too).
+_packers = threading.local()
 
 
 def packb(obj: Any) -> bytes:
     """msgpack-encode `obj` (bin type for bytes, str for text)."""
-    data: bytes = _packb(obj)
-    return data
+    try:
+        pack: Callable[[Any], bytes] = _packers.pack
+    except AttributeError:
+        pack = _packers.pack = msgpack.Packer(use_bin_type=True).pack
+    return pack(obj)
 
 
-def unpackb(data: bytes) -> Any:
-    """msgpack-decode `data`, strictly (no trailing bytes, raw strings decoded as UTF-8)."""
-    return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+#: msgpack-decode bytes, strictly (no trailing bytes, raw strings decoded as UTF-8).
+unpackb: Callable[[bytes], Any] = functools.partial(
+    msgpack.unpackb, raw=False, strict_map_key=False, use_list=True
+)
 
 
 S = TypeVar("S")
@@ -254,6 +300,16 @@ class RecordCodec(Generic[S]):
                 f"{type(event).__name__} is not a registered event type of this group"
             ) from None
 
+    @property
+    def state_encoder(self) -> Callable[[S], Any]:
+        """The compiled function behind `encode_state_fields` (for hot loops)."""
+        return self._state_enc
+
+    @property
+    def state_decoder(self) -> Callable[[Any], S]:
+        """The compiled function behind `decode_state_fields` (for hot loops)."""
+        return self._state_dec
+
     def encode_state_fields(self, state: S) -> Any:
         """The msgpack-ready payload of a state (used inside machine records)."""
         return self._state_enc(state)
@@ -271,7 +327,7 @@ class RecordCodec(Generic[S]):
             raise TypeError(
                 f"{type(event).__name__} is not a registered event type of this group"
             ) from None
-        data: bytes = _packb([self.schema_version, tag, enc(event)])
+        data: bytes = packb([self.schema_version, tag, enc(event)])
         return data
 
     def decode_event(self, data: bytes, what: str) -> object:

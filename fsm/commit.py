@@ -32,13 +32,14 @@ class _Unit:
     __slots__ = ("callbacks", "fresh", "futures", "ops")
 
     def __init__(self) -> None:
-        self.ops: dict[tuple[str, bytes], Value | None] = {}
-        self.fresh: set[tuple[str, bytes]] = set()
+        # Per-database maps, so staging a write allocates no key tuple (less GC pressure).
+        self.ops: dict[str, dict[bytes, Value | None]] = {}
+        self.fresh: dict[str, set[bytes]] = {}
         self.callbacks: list[tuple[CommitCallback, tuple[Any, ...]]] = []
         self.futures: list[asyncio.Future[None]] = []
 
     def empty(self) -> bool:
-        return not (self.ops or self.callbacks or self.futures)
+        return not (self.callbacks or self.futures or any(self.ops.values()))
 
 
 class Committer:
@@ -75,22 +76,29 @@ class Committer:
         the same key in the same transaction cancels the put.
         """
         unit = self._units[-1]
-        k = (db, key)
-        unit.ops[k] = value
+        ops = unit.ops.get(db)
+        if ops is None:
+            ops = unit.ops[db] = {}
+            unit.fresh[db] = set()
+        ops[key] = value
         if fresh:
-            unit.fresh.add(k)
+            unit.fresh[db].add(key)
         if not self._scheduled:
             self._request()
 
     def delete(self, db: str, key: bytes) -> None:
         """Stage a delete; a fresh put of the same key in this unit cancels out."""
         unit = self._units[-1]
-        k = (db, key)
-        if k in unit.fresh:
-            unit.fresh.discard(k)
-            del unit.ops[k]
+        ops = unit.ops.get(db)
+        if ops is None:
+            ops = unit.ops[db] = {}
+            unit.fresh[db] = set()
+        fresh = unit.fresh[db]
+        if key in fresh:
+            fresh.discard(key)
+            del ops[key]
         else:
-            unit.ops[k] = None
+            ops[key] = None
         if not self._scheduled:
             self._request()
 
@@ -147,10 +155,6 @@ class Committer:
 
     # -- flushing -------------------------------------------------------------------------
 
-    def request_flush(self) -> None:
-        """Make sure a flush runs soon (hooks may have work even if nothing is staged)."""
-        self._request()
-
     @property
     def idle(self) -> bool:
         """True if nothing is staged and no commit is in flight."""
@@ -178,7 +182,8 @@ class Committer:
             raise RuntimeError("a store's engine is bound to one event loop at a time")
         return loop
 
-    def _request(self) -> None:
+    def request_flush(self) -> None:
+        """Make sure a flush runs soon (hooks may have work even if nothing is staged)."""
         if self._inflight:
             self._wanted = True
             return
@@ -193,6 +198,8 @@ class Committer:
             loop.call_later(self._backoff, self._flush)
         else:
             loop.call_soon(self._flush)
+
+    _request = request_flush
 
     def _flush(self) -> None:
         self._scheduled = False
@@ -226,17 +233,21 @@ class Committer:
         results: list[BaseException | None] = []
         for ops in (u.ops for u in units):
 
-            def apply(txn: Any, ops: dict[tuple[str, bytes], Value | None] = ops) -> None:
-                for (db, key), value in ops.items():
-                    if value is None:
-                        txn.delete(key, db=dbs[db])
-                    elif type(value) is tuple:
-                        txn.put(key, value[0](value[1]), db=dbs[db])
-                    else:
-                        txn.put(key, value, db=dbs[db])
+            def apply(txn: Any, ops: dict[str, dict[bytes, Value | None]] = ops) -> None:
+                put = txn.put
+                delete = txn.delete
+                for name, writes in ops.items():
+                    db = dbs[name]
+                    for key, value in writes.items():
+                        if value is None:
+                            delete(key, db=db)
+                        elif type(value) is tuple:
+                            put(key, value[0](value[1]), db=db)
+                        else:
+                            put(key, value, db=db)
 
             try:
-                if ops:
+                if any(ops.values()):
                     self.store.write(apply)
                     self.transactions += 1
                 results.append(None)

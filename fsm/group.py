@@ -20,11 +20,10 @@ whichever process runs the engine picks them up within `poll_interval` seconds.
 from __future__ import annotations
 
 import asyncio
-import inspect
+import contextvars
 import logging
-import sys
 import traceback
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
 from .clock import Clock, RealClock
@@ -43,6 +42,8 @@ from .keys import MachineId
 from .machine import Context, Machine, MachineInfo, Step
 from .mailbox import MailboxReader
 from .records import GroupRecords, scan
+from .steps import close as _close
+from .steps import start as _start
 from .store import LmdbStore
 
 log = logging.getLogger("sectorfsm.fsm")
@@ -50,6 +51,7 @@ log = logging.getLogger("sectorfsm.fsm")
 S = TypeVar("S")
 Planner = Callable[[list[Any], S], "tuple[Step | None, int]"]
 _MAX_ERROR = 4000
+_Machines = list[Machine]  # (inside the class, `list` is StateGroup.list)
 
 
 class StateGroup(Generic[S]):
@@ -69,6 +71,7 @@ class StateGroup(Generic[S]):
         clock: Clock | None = None,
         schema_version: int = 1,
         poll_interval: float = 0.2,
+        eager_steps: bool = True,
     ) -> None:
         if not name or "\x00" in name or len(name) > 64:
             raise ValueError("group names are 1-64 characters without NUL")
@@ -79,6 +82,8 @@ class StateGroup(Generic[S]):
         self.state_type = state_type
         self.clock: Clock = clock or RealClock()
         self.poll_interval = poll_interval
+        #: Start steps inline until they first wait (see `fsm.steps`); False: a Task each.
+        self.eager_steps = eager_steps
         self._codec: RecordCodec[S] = RecordCodec(
             state_type, (*BUILTIN_EVENTS, *events), schema_version
         )
@@ -91,11 +96,21 @@ class StateGroup(Generic[S]):
         #: The persisted view of this group (reads work whether or not the group runs).
         self.records: GroupRecords[S] = GroupRecords(store, name, self._codec, final)
         self._prefix = self.records.prefix
+        self._merge = self._committer.merge
+        self._final = final
+        self._encode_record = self.records.encode
+        self._encode_event = self._codec.encode_event
+        #: Machines planned in the flush being built (merge mode: one commit callback for all).
+        self._planned: _Machines | None = None
         self._machines: dict[MachineId, Machine] = {}
         self._dirty: dict[MachineId, Machine] = {}
+        #: Machines with sent events not staged for commit yet (see `_stage_sent`).
+        self._unstaged: dict[MachineId, Machine] = {}
         self._seq = 0
         self._running = False
         self._stopping = False
+        #: Running and not stopping: local sends are accepted.
+        self._accepting = False
         self._steps = 0
         self._rounds = 0
         self._waiters: list[asyncio.Future[None]] = []
@@ -122,11 +137,12 @@ class StateGroup(Generic[S]):
             self.store.unlock_engine()
             raise
         committer = self._committer
-        committer.add_hook(self._plan_dirty)
+        committer.add_hook(self._before_commit)
         committer.add_listener(self._notify)
         committer.add_clock(self.clock)
         self._running = True
         self._stopping = False
+        self._accepting = True
         self._mailbox.ingest()
         self._poller = asyncio.get_running_loop().create_task(
             self._mailbox.poll(), name=f"sectorfsm-mailbox-{self.name}"
@@ -159,10 +175,10 @@ class StateGroup(Generic[S]):
                 except RecordError as exc:
                     self._mailbox.quarantine("inbox", key, raw, str(exc))
                     continue
-                m.pending.append((key, event, 0))
+                m.push(key, event, 0)
             if not m.final:
-                m.pending.append((None, Restart(), 0))
-            if m.pending:
+                m.push(None, Restart(), 0)
+            if m.events:
                 self._dirty[mid] = m
 
     async def stop(self) -> None:
@@ -170,6 +186,7 @@ class StateGroup(Generic[S]):
         if not self._running:
             return
         self._stopping = True
+        self._accepting = False
         if self._poller is not None:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
@@ -183,10 +200,12 @@ class StateGroup(Generic[S]):
         for m in self._machines.values():
             if m.step_coro is not None:
                 _close(m.step_coro)  # steps whose task was cancelled before it ever ran
+                m.step_coro = None
         self._steps = 0
         self._running = False
+        self._stage_sent()
         committer = self._committer
-        committer.remove_hook(self._plan_dirty)
+        committer.remove_hook(self._before_commit)
         try:
             await committer.flush()
         finally:
@@ -194,6 +213,7 @@ class StateGroup(Generic[S]):
             committer.remove_clock(self.clock)
             self._machines.clear()
             self._dirty.clear()
+            self._unstaged.clear()
             self._rounds = 0
             self.store.unlock_engine()
             self._notify()
@@ -308,13 +328,13 @@ class StateGroup(Generic[S]):
             "loaded": len(self._machines),
             "steps": self._steps,
             "dirty": len(self._dirty),
-            "pending_events": sum(len(m.pending) for m in self._machines.values()),
+            "pending_events": sum(len(m.events) for m in self._machines.values()),
         }
 
     # -- engine internals -----------------------------------------------------------------
 
     def _send_local(self, machine_id: MachineId, event: object) -> None:
-        if not self._running or self._stopping:
+        if not self._accepting:
             raise GroupStoppedError(f"group {self.name!r} is not running")
         if type(event) not in self._event_types:
             self._codec.event_tag(event)  # raises a TypeError naming the foreign event type
@@ -331,18 +351,56 @@ class StateGroup(Generic[S]):
         self._seq += 1
         key = m.key + self._seq.to_bytes(8, "big")
         committer = self._committer
-        # Encoded at commit time, and only if the event is not consumed in the same commit.
-        value = raw if raw is not None else (self._codec.encode_event, event)
-        committer.put("inbox", key, value, fresh=True)
-        m.pending.append((key, event, committer.batch_no))
-        if type(event) in self._cancelling and (m.task is not None or m.planning):
+        if raw is None and self._merge:
+            # Staged right before the commit, and only if no planner round consumed it by then
+            # (the round's state write then records it): most events never touch the inbox.
+            m.keys.append(key)
+            m.events.append(event)
+            m.batches.append(committer.batch_no)
+            m.unstaged += 1
+            self._unstaged[m.id] = m
+            committer.request_flush()
+        else:
+            # Sync mode commits each unit on its own, so the put must join the sender's unit;
+            # a mailbox event must land in the commit that deletes it from the mailbox.
+            self._stage_machine(m)
+            committer.put("inbox", key, raw or (self._encode_event, event), fresh=True)
+            m.push(key, event, committer.batch_no)
+        busy = m.planning or m.stepping
+        if busy and type(event) in self._cancelling:
             m.cancel_requested = True
             if m.task is not None and m.started:
                 m.task.cancel()
             # else: the step has not run yet (its task is not running, or its round is still
             # being committed); `_start_step`/`_run_step` see the flag and skip the step.
-        if not m.busy:
+        if not busy:
             self._dirty[m.id] = m
+
+    def _stage_machine(self, m: Machine) -> None:
+        n = m.unstaged
+        if not n:
+            return
+        m.unstaged = 0
+        put = self._committer.put
+        encode = self._encode_event
+        for key, event in zip(m.keys[-n:], m.events[-n:], strict=True):
+            if key is not None:  # (always: only sent events are ever unstaged)
+                # Encoded at commit time, and only if no round consumes it in the same commit.
+                put("inbox", key, (encode, event), fresh=True)
+
+    def _stage_sent(self) -> None:
+        """Stage the inbox puts of sent events that no planner round has consumed."""
+        if not self._unstaged:
+            return
+        unstaged, self._unstaged = self._unstaged, {}
+        machines = self._machines
+        for m in unstaged.values():
+            if m.unstaged and machines.get(m.id) is m:
+                self._stage_machine(m)
+
+    def _before_commit(self) -> None:
+        self._plan_dirty()
+        self._stage_sent()
 
     def _create(self, machine_id: MachineId, state: S | None = None) -> Machine:
         """Stage a new machine's record; it exists once that commit lands (see `_begun`)."""
@@ -371,6 +429,7 @@ class StateGroup(Generic[S]):
             # The record never reached the disk: the machine does not exist.
             del self._machines[m.id]
             self._dirty.pop(m.id, None)
+            self._unstaged.pop(m.id, None)
 
     def _load(self, machine_id: MachineId) -> Machine | None:
         key = self.records.key(machine_id)
@@ -388,12 +447,22 @@ class StateGroup(Generic[S]):
         if not self._running or self._stopping:
             return  # what is pending stays in the inbox for the next start
         dirty, self._dirty = self._dirty, {}
-        for m in dirty.values():
-            if not m.busy and m.pending and self._machines.get(m.id) is m:
-                self._plan(m)
+        if not dirty:
+            return
+        machines = self._machines
+        planned: _Machines = []
+        self._planned = planned if self._merge else None
+        try:
+            for m in dirty.values():
+                if not (m.planning or m.stepping) and m.events and machines.get(m.id) is m:
+                    self._plan(m)
+        finally:
+            self._planned = None
+            if planned:
+                self._committer.on_commit(self._rounds_committed, planned)
 
     def _plan(self, m: Machine, limit: int | None = None) -> None:
-        events = [e for _, e, _ in m.pending[:limit]]
+        events = m.events[:limit]
         terminated = False
         try:
             step, processed = self.planner(events, m.state)
@@ -444,13 +513,18 @@ class StateGroup(Generic[S]):
         self, m: Machine, step: Step | None, processed: int, terminated: bool
     ) -> None:
         committer = self._committer
-        for key, _, _ in m.pending[:processed]:
+        keys = m.keys
+        # Events never staged (the trailing `unstaged` ones) need no delete: they are consumed
+        # in the same commit that records their effect.
+        staged = len(keys) - m.unstaged
+        for key in keys[: processed if processed < staged else staged]:
             if key is not None:
                 committer.delete("inbox", key)
-        del m.pending[:processed]
+        m.drop(processed)
         was_final = m.final
-        m.final = terminated or self.records.is_final(m.state)
-        record = self.records.encode(m.state, m.final, m.last_error)
+        final = self._final
+        m.final = terminated or (final is not None and bool(final(m.state)))
+        record = self._encode_record(m.state, m.final, m.last_error)
         if record != m.record:
             committer.put("states", m.key, record)
             m.record = record
@@ -461,8 +535,33 @@ class StateGroup(Generic[S]):
                 committer.put("live", m.key, b"")
         m.planning = True
         self._rounds += 1
-        committer.on_commit(self._round_committed, m, step)
-        committer.end_unit()
+        planned = self._planned
+        if planned is not None:
+            m.next_step = step
+            planned.append(m)
+        else:
+            committer.on_commit(self._round_committed, m, step)
+            committer.end_unit()
+
+    def _rounds_committed(self, planned: _Machines, err: BaseException | None) -> None:
+        if err is not None or not self._running or self._stopping:
+            for m in planned:
+                step, m.next_step = m.next_step, None
+                self._round_committed(m, step, err)
+            return
+        # The common case, inlined: every round landed, start each planned step.
+        self._rounds -= len(planned)
+        machines = self._machines
+        for m in planned:
+            m.planning = False
+            step, m.next_step = m.next_step, None
+            if machines.get(m.id) is not m:
+                continue
+            m.committed = m.record
+            if step is not None:
+                self._start_step(m, step)
+            else:
+                self._settle(m)
 
     def _round_committed(self, m: Machine, step: Step | None, err: BaseException | None) -> None:
         m.planning = False
@@ -479,32 +578,43 @@ class StateGroup(Generic[S]):
             self._settle(m)
 
     def _start_step(self, m: Machine, step: Step) -> None:
-        # A deep copy, so nothing the step does to it can leak into the persisted state.
-        copy = self.records.decode(m.record, m.id)[0]
-        if m.ctx is None:
-            m.ctx = Context(self, m)
         if m.cancel_requested:
             # A cancelling event arrived while this round was being committed: skip the step.
             m.cancel_requested = False
             self._settle(m)
             return
+        # A deep copy, so nothing the step does to it can leak into the persisted state.
+        copy = self.records.decode_state(m.record, m.id)
+        ctx = m.ctx
+        if ctx is None:
+            ctx = m.ctx = Context(self, m)
+        context = contextvars.copy_context()
+        m.stepping = True  # events the step sends wait until it returns
         try:
-            pending = step(m.ctx, copy)
-        except Exception as exc:  # a plain-function step failed inline
+            pending = _start(step, (ctx, copy), context, self.eager_steps)
+        except asyncio.CancelledError:
+            pending = None  # the step cancelled itself before waiting, as a Task would end
+        except Exception as exc:  # the step failed before it ever waited
+            pending = None
             self._step_failed(m, exc)
+        except BaseException:
+            m.stepping = False
+            m.cancel_requested = False
             self._settle(m)
-            return
+            raise
         if pending is None:
-            # A plain-function step finished inline: no Task needed.
+            # Finished without waiting: no Task was needed.
+            m.stepping = False
+            m.cancel_requested = False
             self._settle(m)
             return
         self._steps += 1
         m.started = False
         m.step_coro = pending
-        m.task = _new_task(self._run_step(m, pending))
+        m.task = asyncio.get_running_loop().create_task(self._run_step(m, pending), context=context)
 
     def _settle(self, m: Machine) -> None:
-        if m.pending:
+        if m.events:
             self._dirty[m.id] = m
             self._committer.request_flush()
         elif m.final and not m.busy:
@@ -514,9 +624,14 @@ class StateGroup(Generic[S]):
         """A commit failed: reload the machine from disk as after a crash, keeping newer events."""
         failed_batch = self._committer.batch_no
         # Entries staged after the failed batch was taken are still on their way to the disk.
-        newer = [p for p in m.pending if p[2] >= failed_batch]
+        newer = [
+            entry
+            for entry in zip(m.keys, m.events, m.batches, strict=True)
+            if entry[2] >= failed_batch
+        ]
         del self._machines[m.id]
         self._dirty.pop(m.id, None)
+        self._unstaged.pop(m.id, None)
         try:
             fresh = self._load(m.id)
         except (RecordError, StoreError) as exc:
@@ -528,11 +643,17 @@ class StateGroup(Generic[S]):
             return
         for key, raw in self.records.pending(fresh.key):
             event = self._codec.decode_event(raw, self.records.what(m.id, "inbox event"))
-            fresh.pending.append((key, event, 0))
-        known = {p[0] for p in fresh.pending}
-        fresh.pending.extend(p for p in newer if p[0] not in known)
+            fresh.push(key, event, 0)
+        known = set(fresh.keys)
+        for newer_key, event, batch in newer:
+            if newer_key not in known:
+                fresh.push(newer_key, event, batch)
+        # Events sent since the failed batch was taken are not staged yet (a suffix of them).
+        # Stage them now, before `Restart` ends the queue.
+        fresh.unstaged = m.unstaged
+        self._stage_machine(fresh)
         if not fresh.final:
-            fresh.pending.append((None, Restart(), 0))
+            fresh.push(None, Restart(), 0)
         self._dirty[m.id] = fresh
         self._committer.request_flush()
 
@@ -567,6 +688,7 @@ class StateGroup(Generic[S]):
             return  # already released
         m.task = None
         m.step_coro = None
+        m.stepping = False
         m.cancel_requested = False
         self._steps -= 1
         if self._running and self._machines.get(m.id) is m:
@@ -578,23 +700,6 @@ class StateGroup(Generic[S]):
     def _check_stoppable(self) -> None:
         if self.store.closed:
             raise StoreError(f"store {self.store.path} is closed")
-
-
-if sys.version_info >= (3, 12):
-
-    def _new_task(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        # Eager start: a step that finishes without waiting never goes through the loop.
-        return asyncio.Task(coro, loop=asyncio.get_running_loop(), eager_start=True)
-
-else:
-
-    def _new_task(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        return asyncio.get_running_loop().create_task(coro)
-
-
-def _close(awaitable: Awaitable[None]) -> None:
-    if inspect.iscoroutine(awaitable):
-        awaitable.close()
 
 
 def _describe(event: object) -> str:

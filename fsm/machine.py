@@ -45,7 +45,16 @@ class Context:
 
         Valid also after the step returned (from callbacks the step registered).
         """
-        self._group._send_local(self._machine.id, event)
+        group = self._group
+        m = self._machine
+        if (
+            group._accepting
+            and type(event) in group._event_types
+            and group._machines.get(m.id) is m
+        ):
+            group._enqueue(m, event)  # the common case, without looking the machine up
+        else:
+            group._send_local(m.id, event)
 
 
 #: A step: `async def step(ctx, state_copy)`, or a plain function for work that never waits
@@ -57,20 +66,25 @@ class Machine:
     """Runtime of a loaded machine (live, or dormant but touched by an event)."""
 
     __slots__ = (
+        "batches",
         "cancel_requested",
         "committed",
         "ctx",
+        "events",
         "final",
         "id",
         "key",
+        "keys",
         "last_error",
-        "pending",
+        "next_step",
         "planning",
         "record",
         "started",
         "state",
         "step_coro",
+        "stepping",
         "task",
+        "unstaged",
     )
 
     def __init__(self, machine_id: MachineId, key: bytes, state: Any, record: bytes) -> None:
@@ -81,9 +95,20 @@ class Machine:
         self.record = record
         self.committed = record
         #: Queued events: (inbox key or None for non-persisted signals, event, batch staged in).
-        self.pending: list[tuple[bytes | None, object, int]] = []
+        #: Queued events, with their inbox keys (None: a signal that is never persisted) and
+        #: the commit batch each was queued in. Three flat lists rather than a list of
+        #: tuples: a tuple per event would be one more object for the cyclic GC to track.
+        self.events: list[object] = []
+        self.keys: list[bytes | None] = []
+        self.batches: list[int] = []
+        #: How many of the last queued events are not yet staged for commit.
+        self.unstaged = 0
         #: A planner round is waiting for its commit (the step starts after it).
         self.planning = False
+        #: The step planned by that round, until the round's commit lands.
+        self.next_step: Step | None = None
+        #: A step runs (inline, or in `task` once it waited).
+        self.stepping = False
         self.task: asyncio.Task[None] | None = None
         #: The running step's awaitable, and whether its task began executing it.
         self.step_coro: Awaitable[None] | None = None
@@ -93,10 +118,22 @@ class Machine:
         self.cancel_requested = False
         self.ctx: Context | None = None
 
+    def push(self, key: bytes | None, event: object, batch: int) -> None:
+        """Queue an event."""
+        self.keys.append(key)
+        self.events.append(event)
+        self.batches.append(batch)
+
+    def drop(self, n: int) -> None:
+        """Remove the first `n` queued events."""
+        del self.keys[:n], self.events[:n], self.batches[:n]
+        if self.unstaged > len(self.keys):
+            self.unstaged = len(self.keys)
+
     @property
     def busy(self) -> bool:
         """True while a round awaits its commit or a step runs: no planning meanwhile."""
-        return self.planning or self.task is not None
+        return self.planning or self.stepping
 
 
 @dataclass(frozen=True, slots=True)

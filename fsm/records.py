@@ -41,6 +41,10 @@ class GroupRecords(Generic[S]):
         self.codec = codec
         self.final = final
         self.prefix = name.encode() + b"\x00"
+        # The codec's compiled functions, bound once: records are encoded on every transition.
+        self._schema = codec.schema_version
+        self._state_enc = codec.state_encoder
+        self._state_dec = codec.state_decoder
 
     # -- keys and records -------------------------------------------------------------------
 
@@ -62,9 +66,7 @@ class GroupRecords(Generic[S]):
 
     def encode(self, state: S, final: bool, last_error: str | None) -> bytes:
         """A machine record."""
-        return packb(
-            [self.codec.schema_version, final, last_error, self.codec.encode_state_fields(state)]
-        )
+        return packb([self._schema, final, last_error, self._state_enc(state)])
 
     def decode(self, raw: bytes, machine_id: MachineId) -> tuple[S, bool, str | None]:
         """`(state, final, last_error)` from a record; `RecordError` names a bad one."""
@@ -85,6 +87,14 @@ class GroupRecords(Generic[S]):
             what = self.what(machine_id, "state record")
             raise RecordError(f"{what} cannot be read: {exc}") from exc
         return state, bool(final), last_error
+
+    def decode_state(self, raw: bytes, machine_id: MachineId) -> S:
+        """Only the state of a record this process wrote (the engine's step copies)."""
+        try:
+            state: S = self._state_dec(unpackb(raw)[3])
+        except Exception:
+            return self.decode(raw, machine_id)[0]  # raises a RecordError naming the record
+        return state
 
     # -- reads ------------------------------------------------------------------------------
 
