@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import gc
 import json
 import os
@@ -43,6 +42,7 @@ import lmdb
 import msgpack
 
 from sectorfsm.fsm import Context, LmdbStore, Restart, StateGroup, Step
+from sectorfsm.fsm.codec import RecordCodec
 from sectorfsm.fsm.keys import id_key, seq_key
 from sectorfsm.fsm.store import Durability
 
@@ -190,10 +190,6 @@ def drop_page_cache(store_dir: Path) -> None:
         os.close(fd)
 
 
-def state_names() -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(SectorState))
-
-
 # -- 1. engine throughput -----------------------------------------------------------------------
 
 
@@ -224,10 +220,13 @@ async def _engine_run(
     k: int,
     plain_steps: bool = False,
     gc_freeze: bool = False,
+    eager_steps: bool = True,
 ) -> EngineRun:
     store = LmdbStore(path, durability)
     workload = ChainWorkload(k, plain_steps)
-    group = StateGroup(store, GROUP, workload.planner, SectorState, events=[Advance])
+    group = StateGroup(
+        store, GROUP, workload.planner, SectorState, events=[Advance], eager_steps=eager_steps
+    )
     await group.start()
     try:
         t = time.perf_counter()
@@ -270,8 +269,11 @@ def engine_run(
     k: int,
     plain_steps: bool = False,
     gc_freeze: bool = False,
+    eager_steps: bool = True,
 ) -> EngineRun:
-    return asyncio.run(_engine_run(path, durability, machines, k, plain_steps, gc_freeze))
+    return asyncio.run(
+        _engine_run(path, durability, machines, k, plain_steps, gc_freeze, eager_steps)
+    )
 
 
 # -- 2. raw LMDB baseline -----------------------------------------------------------------------
@@ -295,14 +297,16 @@ def raw_lmdb_run(path: Path, machines: int, transitions: int, batch: int) -> flo
         states_db = env.open_db(b"states", create=True)
         inbox_db = env.open_db(b"inbox", create=True)
         pack = msgpack.Packer(use_bin_type=True).pack
-        names = state_names()
+        # The engine's own compiled encoders, so both sides pay the same encoding cost.
+        codec = RecordCodec(SectorState, [Advance], SCHEMA)
+        encode_event = codec.encode_event
+        encode_state = codec.state_encoder
         prefix = GROUP.encode() + b"\x00"
         keys = [prefix + id_key(i) for i in range(machines)]
         states = [SectorState() for _ in range(machines)]
         with env.begin(write=True) as txn:  # the machines exist before, as after `begin`
             for key, st in zip(keys, states, strict=True):
-                record = [SCHEMA, False, None, {n: getattr(st, n) for n in names}]
-                txn.put(key, pack(record), db=states_db)
+                txn.put(key, pack([SCHEMA, False, None, encode_state(st)]), db=states_db)
             # One resident inbox record (another group's pending event). Without it the inbox
             # is empty between puts, and LMDB allocates and frees a fresh root page for every
             # put/delete pair, which makes this loop ~3x slower than the design's real limit.
@@ -322,11 +326,10 @@ def raw_lmdb_run(path: Path, machines: int, transitions: int, batch: int) -> flo
                     event = Advance(st.n + 1)
                     seq += 1
                     ikey = keys[m] + seq_key(seq)
-                    put(ikey, pack([SCHEMA, "Advance", {"n": event.n}]), db=inbox_db)
+                    put(ikey, encode_event(event), db=inbox_db)
                     delete(ikey, db=inbox_db)
                     apply_advance(st, event)
-                    record = [SCHEMA, False, None, {n: getattr(st, n) for n in names}]
-                    put(keys[m], pack(record), db=states_db)
+                    put(keys[m], pack([SCHEMA, False, None, encode_state(st)]), db=states_db)
             done = end
         elapsed = time.perf_counter() - t0
     finally:
@@ -481,7 +484,7 @@ FULL = Config(
 QUICK = Config(
     quick=True,
     machines=10_000,
-    k=10,
+    k=30,
     reps=3,
     sync_machines=100,
     sync_k=10,
@@ -518,17 +521,19 @@ def throughput_phase(
 
 
 def variant_phase(base: Path, cfg: Config) -> dict[str, Any]:
-    """Where the time goes: plain-function steps (no Task) and `gc.freeze()` after start-up.
+    """Where the time goes: plain-function steps, a Task per step, `gc.freeze()` after start-up.
 
     Each variant is one engine run paired with a raw run of its own batch size.
     """
     out: dict[str, Any] = {}
-    for name, plain, frozen in (
-        ("plain_steps", True, False),
-        ("async_gc_frozen", False, True),
-        ("plain_gc_frozen", True, True),
+    for name, plain, frozen, eager in (
+        ("plain_steps", True, False, True),
+        ("task_per_step", False, False, False),
+        ("async_gc_frozen", False, True, True),
     ):
-        run = engine_run(base / f"engine-{name}", "group", cfg.machines, cfg.k, plain, frozen)
+        run = engine_run(
+            base / f"engine-{name}", "group", cfg.machines, cfg.k, plain, frozen, eager
+        )
         raw = raw_lmdb_run(
             base / f"raw-{name}", cfg.machines, run.transitions, max(1, round(run.per_commit))
         )

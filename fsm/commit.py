@@ -234,17 +234,20 @@ class Committer:
         for ops in (u.ops for u in units):
 
             def apply(txn: Any, ops: dict[str, dict[bytes, Value | None]] = ops) -> None:
-                put = txn.put
                 delete = txn.delete
                 for name, writes in ops.items():
                     db = dbs[name]
                     for key, value in writes.items():
                         if value is None:
                             delete(key, db=db)
-                        elif type(value) is tuple:
-                            put(key, value[0](value[1]), db=db)
-                        else:
-                            put(key, value, db=db)
+                    # One putmulti keeps the GIL for the whole batch. `txn.put` releases and
+                    # retakes it for every key, and each retake waits for a busy event loop
+                    # to yield the GIL: measured ~60 us per key instead of ~0.5 us.
+                    txn.cursor(db=db).putmulti(
+                        (key, value[0](value[1]) if type(value) is tuple else value)
+                        for key, value in writes.items()
+                        if value is not None
+                    )
 
             try:
                 if any(ops.values()):

@@ -359,7 +359,9 @@ class StateGroup(Generic[S]):
             m.batches.append(committer.batch_no)
             m.unstaged += 1
             self._unstaged[m.id] = m
-            committer.request_flush()
+            if m.task is not None or not m.stepping:
+                # (A step running inline is settled right after it returns, which flushes.)
+                committer.request_flush()
         else:
             # Sync mode commits each unit on its own, so the put must join the sender's unit;
             # a mailbox event must land in the commit that deletes it from the mailbox.

@@ -126,9 +126,16 @@ class Machine:
 
     def drop(self, n: int) -> None:
         """Remove the first `n` queued events."""
-        del self.keys[:n], self.events[:n], self.batches[:n]
-        if self.unstaged > len(self.keys):
-            self.unstaged = len(self.keys)
+        keys = self.keys
+        if n >= len(keys):
+            keys.clear()
+            self.events.clear()
+            self.batches.clear()
+            self.unstaged = 0
+            return
+        del keys[:n], self.events[:n], self.batches[:n]
+        if self.unstaged > len(keys):
+            self.unstaged = len(keys)
 
     @property
     def busy(self) -> bool:
