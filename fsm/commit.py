@@ -86,6 +86,19 @@ class Committer:
         if not self._scheduled:
             self._request()
 
+    def staging(self, db: str) -> dict[bytes, Value | None]:
+        """The current unit's puts for `db`, for hot loops run inside a pre-commit hook.
+
+        Assigning `key -> value` there is `put(db, key, value)` without the bookkeeping: valid
+        only until the hook returns (the batch is taken right after the hooks run).
+        """
+        unit = self._units[-1]
+        ops = unit.ops.get(db)
+        if ops is None:
+            ops = unit.ops[db] = {}
+            unit.fresh[db] = set()
+        return ops
+
     def delete(self, db: str, key: bytes) -> None:
         """Stage a delete; a fresh put of the same key in this unit cancels out."""
         unit = self._units[-1]

@@ -42,8 +42,8 @@ from .keys import MachineId
 from .machine import Context, Machine, MachineInfo, Step
 from .mailbox import MailboxReader
 from .records import GroupRecords, scan
+from .steps import call, run_until_wait
 from .steps import close as _close
-from .steps import start as _start
 from .store import LmdbStore
 
 log = logging.getLogger("sectorfsm.fsm")
@@ -84,6 +84,7 @@ class StateGroup(Generic[S]):
         self.poll_interval = poll_interval
         #: Start steps inline until they first wait (see `fsm.steps`); False: a Task each.
         self.eager_steps = eager_steps
+        self._begin_step = run_until_wait if eager_steps else call
         self._codec: RecordCodec[S] = RecordCodec(
             state_type, (*BUILTIN_EVENTS, *events), schema_version
         )
@@ -100,8 +101,10 @@ class StateGroup(Generic[S]):
         self._final = final
         self._encode_record = self.records.encode
         self._encode_event = self._codec.encode_event
-        #: Machines planned in the flush being built (merge mode: one commit callback for all).
+        #: Machines planned in the flush being built (merge mode: one commit callback for all),
+        #: and that flush's staged state writes.
         self._planned: _Machines | None = None
+        self._states: dict[bytes, Any] | None = None
         self._machines: dict[MachineId, Machine] = {}
         self._dirty: dict[MachineId, Machine] = {}
         #: Machines with sent events not staged for commit yet (see `_stage_sent`).
@@ -453,13 +456,15 @@ class StateGroup(Generic[S]):
             return
         machines = self._machines
         planned: _Machines = []
-        self._planned = planned if self._merge else None
+        if self._merge:
+            self._planned = planned
+            self._states = self._committer.staging("states")
         try:
             for m in dirty.values():
                 if not (m.planning or m.stepping) and m.events and machines.get(m.id) is m:
                     self._plan(m)
         finally:
-            self._planned = None
+            self._planned = self._states = None
             if planned:
                 self._committer.on_commit(self._rounds_committed, planned)
 
@@ -519,16 +524,21 @@ class StateGroup(Generic[S]):
         # Events never staged (the trailing `unstaged` ones) need no delete: they are consumed
         # in the same commit that records their effect.
         staged = len(keys) - m.unstaged
-        for key in keys[: processed if processed < staged else staged]:
-            if key is not None:
-                committer.delete("inbox", key)
+        if staged:
+            for key in keys[: processed if processed < staged else staged]:
+                if key is not None:
+                    committer.delete("inbox", key)
         m.drop(processed)
         was_final = m.final
         final = self._final
         m.final = terminated or (final is not None and bool(final(m.state)))
         record = self._encode_record(m.state, m.final, m.last_error)
         if record != m.record:
-            committer.put("states", m.key, record)
+            states = self._states
+            if states is not None:
+                states[m.key] = record
+            else:
+                committer.put("states", m.key, record)
             m.record = record
         if m.final != was_final:
             if m.final:
@@ -560,10 +570,12 @@ class StateGroup(Generic[S]):
             if machines.get(m.id) is not m:
                 continue
             m.committed = m.record
-            if step is not None:
-                self._start_step(m, step)
-            else:
+            if step is None or m.cancel_requested:
+                # (A cancelling event arrived while the round was being committed: no step.)
+                m.cancel_requested = False
                 self._settle(m)
+            else:
+                self._start_step(m, step)
 
     def _round_committed(self, m: Machine, step: Step | None, err: BaseException | None) -> None:
         m.planning = False
@@ -585,15 +597,15 @@ class StateGroup(Generic[S]):
             m.cancel_requested = False
             self._settle(m)
             return
-        # A deep copy, so nothing the step does to it can leak into the persisted state.
-        copy = self.records.decode_state(m.record, m.id)
         ctx = m.ctx
         if ctx is None:
             ctx = m.ctx = Context(self, m)
         context = contextvars.copy_context()
         m.stepping = True  # events the step sends wait until it returns
         try:
-            pending = _start(step, (ctx, copy), context, self.eager_steps)
+            # A deep copy, so nothing the step does to it can leak into the persisted state.
+            copy = self.records.decode_state(m.record, m.id)
+            pending = context.run(self._begin_step, step, (ctx, copy))
         except asyncio.CancelledError:
             pending = None  # the step cancelled itself before waiting, as a Task would end
         except Exception as exc:  # the step failed before it ever waited

@@ -17,12 +17,11 @@ step first suspends, so `asyncio.timeout()` and `asyncio.TaskGroup` must be ente
 
 from __future__ import annotations
 
-import contextvars
 import types
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any
 
-__all__ = ["ResumedStep", "close", "start"]
+__all__ = ["ResumedStep", "call", "close", "run_until_wait"]
 
 
 class ResumedStep:
@@ -69,22 +68,14 @@ class ResumedStep:
         self._coro.close()
 
 
-def start(
-    step: Callable[..., Awaitable[None] | None],
-    args: tuple[Any, ...],
-    context: contextvars.Context,
-    eager: bool = True,
+def run_until_wait(
+    step: Callable[..., Awaitable[None] | None], args: tuple[Any, ...]
 ) -> Awaitable[None] | None:
-    """Run `step(*args)` in `context` until it first waits.
+    """Run `step(*args)` until it first waits (call it inside the step's own context).
 
     Returns None if the step finished, or an awaitable that finishes it (to be awaited in a
-    Task that runs in the same `context`). Raises whatever the step raised before waiting.
+    Task that runs in the same context). Raises whatever the step raised before waiting.
     """
-    pending: Awaitable[None] | None = context.run(_eager if eager else _lazy, step, args)
-    return pending
-
-
-def _eager(step: Callable[..., Awaitable[None] | None], args: tuple[Any, ...]) -> Any:
     pending = step(*args)
     if type(pending) is not types.CoroutineType:
         return pending  # None (a plain function finished), or another kind of awaitable
@@ -95,7 +86,10 @@ def _eager(step: Callable[..., Awaitable[None] | None], args: tuple[Any, ...]) -
     return ResumedStep(pending, first)
 
 
-def _lazy(step: Callable[..., Awaitable[None] | None], args: tuple[Any, ...]) -> Any:
+def call(
+    step: Callable[..., Awaitable[None] | None], args: tuple[Any, ...]
+) -> Awaitable[None] | None:
+    """Call `step(*args)` without running it: its Task runs all of it (`eager_steps=False`)."""
     return step(*args)
 
 
