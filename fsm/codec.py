@@ -311,11 +311,19 @@ class RecordCodec(Generic[S]):
         return self._state_dec
 
     def encode_state_fields(self, state: S) -> Any:
-        """The msgpack-ready payload of a state (used inside machine records)."""
+        """The msgpack-ready payload of a state (used inside machine records).
+
+        Pack it right away: it may share objects with `state` (a plain dataclass's payload is
+        its own `__dict__`), so it is not a copy.
+        """
         return self._state_enc(state)
 
     def decode_state_fields(self, payload: Any) -> S:
-        """Rebuild a state from its payload."""
+        """Rebuild a state from its payload, taking ownership of it.
+
+        The payload must be fresh from msgpack (the state may keep its dict and lists); for a
+        copy of a live state, decode packed bytes instead.
+        """
         result: S = self._state_dec(payload)
         return result
 

@@ -42,7 +42,7 @@ from .keys import MachineId
 from .machine import Context, Machine, MachineInfo, Step
 from .mailbox import MailboxReader
 from .records import GroupRecords, scan
-from .steps import call, run_until_wait
+from .steps import StepRunner, call
 from .steps import close as _close
 from .store import LmdbStore
 
@@ -84,7 +84,7 @@ class StateGroup(Generic[S]):
         self.poll_interval = poll_interval
         #: Start steps inline until they first wait (see `fsm.steps`); False: a Task each.
         self.eager_steps = eager_steps
-        self._begin_step = run_until_wait if eager_steps else call
+        self._begin_step = StepRunner().run if eager_steps else call
         self._codec: RecordCodec[S] = RecordCodec(
             state_type, (*BUILTIN_EVENTS, *events), schema_version
         )

@@ -21,20 +21,46 @@ import types
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any
 
-__all__ = ["ResumedStep", "call", "close", "run_until_wait"]
+StepFn = Callable[..., Awaitable[None] | None]
+#: What a driver yields when the coroutine it delegates to has returned.
+_DONE = object()
+
+
+@types.coroutine
+def _driver() -> Generator[Any, Any, None]:
+    """Delegates to one coroutine after another with `yield from`.
+
+    A coroutine that returns inside `yield from` hands its result over without raising
+    StopIteration, which is the costly part of driving it with `coro.send()` (~0.25 us of a
+    ~0.5 us step). The driver then yields `_DONE` and waits for the next coroutine.
+    """
+    coro = yield
+    while True:
+        yield from coro
+        coro = yield _DONE
+
+
+def _new_driver() -> Any:
+    driver = _driver()
+    driver.send(None)
+    return driver
+
+
+__all__ = ["ResumedStep", "StepRunner", "call", "close"]
 
 
 class ResumedStep:
-    """The rest of a coroutine that was started eagerly and then suspended.
+    """The rest of a step that was started eagerly and then suspended.
 
     Awaiting it first hands the awaited object back to the driving Task (exactly what the
-    coroutine yielded), then delegates every send, throw and close to the coroutine.
+    coroutine yielded), then delegates every send, throw and close to the driver that still
+    holds the coroutine.
     """
 
-    __slots__ = ("_coro", "_first", "_primed")
+    __slots__ = ("_driver", "_first", "_primed")
 
-    def __init__(self, coro: types.CoroutineType[Any, Any, Any], first: Any) -> None:
-        self._coro = coro
+    def __init__(self, driver: Any, first: Any) -> None:
+        self._driver = driver
         self._first = first
         self._primed = True
 
@@ -53,42 +79,66 @@ class ResumedStep:
             self._primed = False
             first, self._first = self._first, None
             return first
-        return self._coro.send(value)
+        return self._finished_or(self._driver.send(value))
 
     def throw(self, *args: Any) -> Any:
         """Raise an exception (a cancellation) inside the coroutine where it waits."""
         self._primed = False
         self._first = None
-        return self._coro.throw(*args)
+        return self._finished_or(self._driver.throw(*args))
 
     def close(self) -> None:
         """Close the coroutine (it sees GeneratorExit where it waits)."""
         self._primed = False
         self._first = None
-        self._coro.close()
+        self._driver.close()
+
+    def _finished_or(self, yielded: Any) -> Any:
+        if yielded is _DONE:
+            self._driver.close()
+            raise StopIteration
+        return yielded
 
 
-def run_until_wait(
-    step: Callable[..., Awaitable[None] | None], args: tuple[Any, ...]
-) -> Awaitable[None] | None:
-    """Run `step(*args)` until it first waits (call it inside the step's own context).
+class StepRunner:
+    """Starts steps inline until they first wait; one per group (it owns a reusable driver)."""
 
-    Returns None if the step finished, or an awaitable that finishes it (to be awaited in a
-    Task that runs in the same context). Raises whatever the step raised before waiting.
-    """
-    pending = step(*args)
-    if type(pending) is not types.CoroutineType:
-        return pending  # None (a plain function finished), or another kind of awaitable
-    try:
-        first = pending.send(None)
-    except StopIteration:
-        return None
-    return ResumedStep(pending, first)
+    __slots__ = ("_driver",)
+
+    def __init__(self) -> None:
+        self._driver = _new_driver()
+
+    def run(self, step: StepFn, args: tuple[Any, ...]) -> Awaitable[None] | None:
+        """Run `step(*args)` until it first waits (call it inside the step's own context).
+
+        Returns None if the step finished, or an awaitable that finishes it (to be awaited in
+        a Task that runs in the same context). Raises whatever the step raised before waiting.
+        """
+        pending = step(*args)
+        if type(pending) is not types.CoroutineType:
+            return pending  # None (a plain function finished), or another kind of awaitable
+        driver = self._driver
+        if driver.gi_running:
+            return _run_alone(pending)  # started from inside another step: no reuse
+        try:
+            first = driver.send(pending)
+        except BaseException:
+            self._driver = _new_driver()  # the step raised through the driver, ending it
+            raise
+        if first is _DONE:
+            return None
+        # The step waits: the driver goes with it, to the Task that finishes it.
+        self._driver = _new_driver()
+        return ResumedStep(driver, first)
 
 
-def call(
-    step: Callable[..., Awaitable[None] | None], args: tuple[Any, ...]
-) -> Awaitable[None] | None:
+def _run_alone(coro: types.CoroutineType[Any, Any, Any]) -> Awaitable[None] | None:
+    driver = _new_driver()
+    first = driver.send(coro)
+    return None if first is _DONE else ResumedStep(driver, first)
+
+
+def call(step: StepFn, args: tuple[Any, ...]) -> Awaitable[None] | None:
     """Call `step(*args)` without running it: its Task runs all of it (`eager_steps=False`)."""
     return step(*args)
 
