@@ -164,7 +164,7 @@ class _TypeCodecs:
                 d: dict[str, Any] = obj.__dict__
                 if d.keys() == field_set:
                     return d
-                return dict(zip(fields, getter(obj), strict=True))
+                return {name: getattr(obj, name) for name in fields}  # extra attributes
 
             return enc_plain
         if len(fields) == 1:
@@ -182,37 +182,44 @@ class _TypeCodecs:
 
     def _dataclass_dec(self, cls: type) -> Decoder:
         hints = typing.get_type_hints(cls)
+        all_fields = frozenset(f.name for f in dataclasses.fields(cls))
         init_fields = frozenset(f.name for f in dataclasses.fields(cls) if f.init)
-        decs = {n: self.decoder(hints[n]) for n in init_fields}
+        # Fields outside __init__ (`init=False`) are restored after construction.
+        late_fields = tuple(all_fields - init_fields)
+        decs = {n: self.decoder(hints[n]) for n in all_fields}
         converted_items = tuple((n, d) for n, d in decs.items() if d is not _identity)
         # A complete record of a plain dataclass is installed as the instance dict directly:
         # the generated __init__ would only assign the same fields one by one.
-        plain = (
-            _plain_dataclass(cls)
-            and len(init_fields) == len(dataclasses.fields(cls))
-            and not converted_items
-        )
-        new = object.__new__
+        plain = _plain_dataclass(cls) and not late_fields and not converted_items
+        frozen = cls.__dataclass_params__.frozen  # type: ignore[attr-defined]
+        new: Any = cls.__new__
         set_attr = object.__setattr__
 
         def dec(data: Any) -> Any:
             if plain and type(data) is dict and data.keys() == init_fields:
                 # Every field present, none unknown (`plain` means none needs converting).
                 obj: Any = new(cls)
-                set_attr(obj, "__dict__", data)
+                if frozen:
+                    set_attr(obj, "__dict__", data)
+                else:
+                    obj.__dict__ = data
                 return obj
             if not isinstance(data, dict):
                 raise RecordError(
                     f"expected a mapping for {cls.__name__}, got {type(data).__name__}"
                 )
-            if not init_fields.issuperset(data):
-                unknown = sorted(data.keys() - init_fields)
+            if not all_fields.issuperset(data):
+                unknown = sorted(data.keys() - all_fields)
                 raise RecordError(f"unknown field(s) {unknown} for {cls.__name__}")
             # `data` comes fresh from msgpack, so converting in place is safe.
             for name, conv in converted_items:
                 if name in data:
                     data[name] = conv(data[name])
-            return cls(**data)
+            late = [(n, data.pop(n)) for n in late_fields if n in data]
+            obj = cls(**data)
+            for name, value in late:
+                set_attr(obj, name, value)
+            return obj
 
         return dec
 
@@ -220,12 +227,17 @@ class _TypeCodecs:
 def _plain_dataclass(cls: type) -> bool:
     """A dataclass whose instances hold exactly their fields in `__dict__`, set by __init__."""
     params = getattr(cls, "__dataclass_params__", None)
+    init = getattr(cls, "__init__", None)
+    code = getattr(init, "__code__", None)
     return (
         params is not None
         and params.init
+        # The decorator's generated __init__ is compiled from a string; a class's own is not.
+        and code is not None
+        and code.co_filename == "<string>"
         and "__slots__" not in cls.__dict__
         and not hasattr(cls, "__post_init__")
-        and all(hasattr(c, "__dataclass_fields__") or c is object for c in cls.__mro__)
+        and all("__dataclass_fields__" in c.__dict__ or c is object for c in cls.__mro__)
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -59,6 +60,7 @@ class Committer:
         self._backoff = 0.0
         self._wanted = False
         self._idle_waiters: list[asyncio.Future[None]] = []
+        self._context = contextvars.Context()
         #: Number of batches taken for commit so far; lets callers tell which batch staged what.
         self.batch_no = 0
         #: Figures for benchmarks: batches committed and units in them.
@@ -207,10 +209,11 @@ class Committer:
         except RuntimeError:
             return  # no loop running: staged ops wait for the next flush()
         self._scheduled = True
+        # In the committer's own empty context: not in that of whichever step asked first.
         if self._backoff:
-            loop.call_later(self._backoff, self._flush)
+            loop.call_later(self._backoff, self._flush, context=self._context)
         else:
-            loop.call_soon(self._flush)
+            loop.call_soon(self._flush, context=self._context)
 
     _request = request_flush
 
@@ -238,7 +241,7 @@ class Committer:
                 max_workers=1, thread_name_prefix="sectorfsm-commit"
             )
         fut = loop.run_in_executor(self._executor, self._commit, units)
-        fut.add_done_callback(lambda f: self._done(units, f))
+        fut.add_done_callback(lambda f: self._done(units, f), context=self._context)
 
     def _commit(self, units: list[_Unit]) -> list[BaseException | None]:
         # In merge mode there is only ever one unit per batch, so one unit is one transaction.

@@ -20,6 +20,7 @@ whichever process runs the engine picks them up within `poll_interval` seconds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import traceback
@@ -42,7 +43,7 @@ from .keys import MachineId
 from .machine import Context, Machine, MachineInfo, Step
 from .mailbox import MailboxReader
 from .records import GroupRecords, scan
-from .steps import StepRunner, call
+from .steps import ResumedStep, StepRunner, call
 from .steps import close as _close
 from .store import LmdbStore
 
@@ -105,6 +106,7 @@ class StateGroup(Generic[S]):
         #: and that flush's staged state writes.
         self._planned: _Machines | None = None
         self._states: dict[bytes, Any] | None = None
+        self._context = contextvars.Context()
         self._machines: dict[MachineId, Machine] = {}
         self._dirty: dict[MachineId, Machine] = {}
         #: Machines with sent events not staged for commit yet (see `_stage_sent`).
@@ -146,6 +148,8 @@ class StateGroup(Generic[S]):
         self._running = True
         self._stopping = False
         self._accepting = True
+        # Steps run in copies of this context, as Tasks created here would.
+        self._context = contextvars.copy_context()
         self._mailbox.ingest()
         self._poller = asyncio.get_running_loop().create_task(
             self._mailbox.poll(), name=f"sectorfsm-mailbox-{self.name}"
@@ -197,12 +201,12 @@ class StateGroup(Generic[S]):
         tasks = [m.task for m in self._machines.values() if m.task is not None]
         for m in self._machines.values():
             if m.task is not None:
-                m.cancel_requested = True
-                m.task.cancel()
+                self._cancel_step(m)
         await asyncio.gather(*tasks, return_exceptions=True)
         for m in self._machines.values():
-            if m.step_coro is not None:
-                _close(m.step_coro)  # steps whose task was cancelled before it ever ran
+            if m.step_coro is not None:  # (only if a task died without releasing its step)
+                with contextlib.suppress(RuntimeError):
+                    _close(m.step_coro)
                 m.step_coro = None
         self._steps = 0
         self._running = False
@@ -373,13 +377,17 @@ class StateGroup(Generic[S]):
             m.push(key, event, committer.batch_no)
         busy = m.planning or m.stepping
         if busy and type(event) in self._cancelling:
-            m.cancel_requested = True
-            if m.task is not None and m.started:
-                m.task.cancel()
-            # else: the step has not run yet (its task is not running, or its round is still
-            # being committed); `_start_step`/`_run_step` see the flag and skip the step.
+            self._cancel_step(m)
         if not busy:
             self._dirty[m.id] = m
+
+    def _cancel_step(self, m: Machine) -> None:
+        """Ask the machine's step, or the step its committing round will start, to stop."""
+        m.cancel_requested = True
+        if m.task is not None and m.started:
+            m.task.cancel()
+        # Otherwise the step's task has not begun (or its round is still being committed):
+        # `_run_step` (or `_rounds_committed`) sees the flag when it does.
 
     def _stage_machine(self, m: Machine) -> None:
         n = m.unstaged
@@ -600,7 +608,7 @@ class StateGroup(Generic[S]):
         ctx = m.ctx
         if ctx is None:
             ctx = m.ctx = Context(self, m)
-        context = contextvars.copy_context()
+        context = self._context.copy()
         m.stepping = True  # events the step sends wait until it returns
         try:
             # A deep copy, so nothing the step does to it can leak into the persisted state.
@@ -626,6 +634,9 @@ class StateGroup(Generic[S]):
         m.started = False
         m.step_coro = pending
         m.task = asyncio.get_running_loop().create_task(self._run_step(m, pending), context=context)
+        if m.events:
+            # It sent events before it waited; `_enqueue` left the flush to its end.
+            self._committer.request_flush()
 
     def _settle(self, m: Machine) -> None:
         if m.events:
@@ -681,11 +692,15 @@ class StateGroup(Generic[S]):
 
     async def _run_step(self, m: Machine, pending: Awaitable[None]) -> None:
         m.started = True
-        if m.cancel_requested:
-            # Cancelled before it ever ran (see `_enqueue`): skip the step altogether.
-            _close(pending)
-            self._release_step(m, asyncio.current_task())
-            return
+        task = asyncio.current_task()
+        if m.cancel_requested and task is not None:
+            if type(pending) is ResumedStep:
+                # It ran up to its first wait already: cancel it there, as a Task would be.
+                task.cancel()
+            else:
+                _close(pending)  # it never ran: skip it altogether
+                self._release_step(m, task)
+                return
         try:
             await pending
         except asyncio.CancelledError:

@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
+import msgpack
+
 from .codec import RecordCodec, packb, unpackb
 from .errors import MachineExistsError, RecordError, UnknownMachineError
 from .keys import MachineId, id_key, seq_key, split_id
@@ -24,6 +26,10 @@ from .store import LmdbStore
 
 S = TypeVar("S")
 _PAGE = 1000
+
+
+def _new_unpacker() -> msgpack.Unpacker:
+    return msgpack.Unpacker(raw=False, strict_map_key=False, use_list=True)
 
 
 class GroupRecords(Generic[S]):
@@ -45,6 +51,9 @@ class GroupRecords(Generic[S]):
         self._schema = codec.schema_version
         self._state_enc = codec.state_encoder
         self._state_dec = codec.state_decoder
+        # A streaming unpacker fed one whole record at a time: ~0.2 us cheaper per record
+        # than `msgpack.unpackb`, which sets up a new unpacker on every call.
+        self._unpacker = _new_unpacker()
 
     # -- keys and records -------------------------------------------------------------------
 
@@ -89,10 +98,17 @@ class GroupRecords(Generic[S]):
         return state, bool(final), last_error
 
     def decode_state(self, raw: bytes, machine_id: MachineId) -> S:
-        """Only the state of a record this process wrote (the engine's step copies)."""
+        """Only the state of a record this process wrote (the engine's step copies).
+
+        Engine-only: it reuses one streaming unpacker, so it must not be called from two
+        threads at once (the engine calls it on its event loop).
+        """
+        unpacker = self._unpacker
         try:
-            state: S = self._state_dec(unpackb(raw)[3])
+            unpacker.feed(raw)
+            state: S = self._state_dec(unpacker.unpack()[3])
         except Exception:
+            self._unpacker = _new_unpacker()  # whatever the bad record left in it is dropped
             return self.decode(raw, machine_id)[0]  # raises a RecordError naming the record
         return state
 
