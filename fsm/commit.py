@@ -229,6 +229,10 @@ class Committer:
         units = [u for u in self._units if not u.empty()]
         self._units = [_Unit()]
         if not units:
+            # Nothing to commit, but the hooks may have settled something: listeners (a
+            # group's `idle()`) re-check, as they do after a commit.
+            for listener in list(self._listeners):
+                listener()
             self._wake_idle()
             return
         self._inflight = True

@@ -361,9 +361,12 @@ class StateGroup(Generic[S]):
         if raw is None and self._merge:
             # Staged right before the commit, and only if no planner round consumed it by then
             # (the round's state write then records it): most events never touch the inbox.
+            batch = committer.batch_no
+            if batch != m.batch:
+                m.batch = batch
+                m.batch_start = len(m.keys)
             m.keys.append(key)
             m.events.append(event)
-            m.batches.append(committer.batch_no)
             m.unstaged += 1
             self._unstaged[m.id] = m
             if m.task is not None or not m.stepping:
@@ -375,6 +378,7 @@ class StateGroup(Generic[S]):
             self._stage_machine(m)
             committer.put("inbox", key, raw or (self._encode_event, event), fresh=True)
             m.push(key, event, committer.batch_no)
+            committer.on_commit(self._staged_committed, m, [key])
         busy = m.planning or m.stepping
         if busy and type(event) in self._cancelling:
             self._cancel_step(m)
@@ -394,12 +398,23 @@ class StateGroup(Generic[S]):
         if not n:
             return
         m.unstaged = 0
-        put = self._committer.put
+        committer = self._committer
+        put = committer.put
         encode = self._encode_event
-        for key, event in zip(m.keys[-n:], m.events[-n:], strict=True):
+        keys = m.keys[-n:]
+        for key, event in zip(keys, m.events[-n:], strict=True):
             if key is not None:  # (always: only sent events are ever unstaged)
                 # Encoded at commit time, and only if no round consumes it in the same commit.
                 put("inbox", key, (encode, event), fresh=True)
+        committer.on_commit(self._staged_committed, m, keys)
+
+    def _staged_committed(
+        self, m: Machine, keys: Sequence[bytes | None], err: BaseException | None
+    ) -> None:
+        # A failed commit told the senders of these events so: the machine must not apply
+        # them. (A machine planned in that commit was already reloaded by `_recover`.)
+        if err is not None and self._machines.get(m.id) is m:
+            m.discard({key for key in keys if key is not None})
 
     def _stage_sent(self) -> None:
         """Stage the inbox puts of sent events that no planner round has consumed."""
@@ -649,11 +664,8 @@ class StateGroup(Generic[S]):
         """A commit failed: reload the machine from disk as after a crash, keeping newer events."""
         failed_batch = self._committer.batch_no
         # Entries staged after the failed batch was taken are still on their way to the disk.
-        newer = [
-            entry
-            for entry in zip(m.keys, m.events, m.batches, strict=True)
-            if entry[2] >= failed_batch
-        ]
+        start = m.queued_since(failed_batch)
+        newer = list(zip(m.keys[start:], m.events[start:], strict=True))
         del self._machines[m.id]
         self._dirty.pop(m.id, None)
         self._unstaged.pop(m.id, None)
@@ -670,9 +682,9 @@ class StateGroup(Generic[S]):
             event = self._codec.decode_event(raw, self.records.what(m.id, "inbox event"))
             fresh.push(key, event, 0)
         known = set(fresh.keys)
-        for newer_key, event, batch in newer:
+        for newer_key, event in newer:
             if newer_key not in known:
-                fresh.push(newer_key, event, batch)
+                fresh.push(newer_key, event, failed_batch)
         # Events sent since the failed batch was taken are not staged yet (a suffix of them).
         # Stage them now, before `Restart` ends the queue.
         fresh.unstaged = m.unstaged

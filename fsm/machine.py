@@ -66,7 +66,8 @@ class Machine:
     """Runtime of a loaded machine (live, or dormant but touched by an event)."""
 
     __slots__ = (
-        "batches",
+        "batch",
+        "batch_start",
         "cancel_requested",
         "committed",
         "ctx",
@@ -95,12 +96,15 @@ class Machine:
         self.record = record
         self.committed = record
         #: Queued events: (inbox key or None for non-persisted signals, event, batch staged in).
-        #: Queued events, with their inbox keys (None: a signal that is never persisted) and
-        #: the commit batch each was queued in. Three flat lists rather than a list of
-        #: tuples: a tuple per event would be one more object for the cyclic GC to track.
+        #: Queued events and their inbox keys (None: a signal that is never persisted). Two
+        #: flat lists rather than a list of tuples: a tuple per event would be one more
+        #: object for the cyclic GC to track.
         self.events: list[object] = []
         self.keys: list[bytes | None] = []
-        self.batches: list[int] = []
+        #: The commit batch the newest events were queued in, and where they start in
+        #: `events` (what a failed commit keeps: see `queued_since`).
+        self.batch = 0
+        self.batch_start = 0
         #: How many of the last queued events are not yet staged for commit.
         self.unstaged = 0
         #: A planner round is waiting for its commit (the step starts after it).
@@ -119,10 +123,20 @@ class Machine:
         self.ctx: Context | None = None
 
     def push(self, key: bytes | None, event: object, batch: int) -> None:
-        """Queue an event."""
+        """Queue an event, noting the commit batch it is queued in."""
+        if batch != self.batch:
+            self.batch = batch
+            self.batch_start = len(self.keys)
         self.keys.append(key)
         self.events.append(event)
-        self.batches.append(batch)
+
+    def queued_since(self, batch: int) -> int:
+        """Index of the first queued event whose commit batch is `batch` or later.
+
+        Batch numbers only grow, and none newer than the latest taken one exists, so these are
+        exactly the events queued in the newest batch when that batch is `batch` or later.
+        """
+        return self.batch_start if self.batch >= batch else len(self.keys)
 
     def drop(self, n: int) -> None:
         """Remove the first `n` queued events."""
@@ -130,12 +144,30 @@ class Machine:
         if n >= len(keys):
             keys.clear()
             self.events.clear()
-            self.batches.clear()
-            self.unstaged = 0
+            self.unstaged = self.batch_start = 0
             return
-        del keys[:n], self.events[:n], self.batches[:n]
+        del keys[:n], self.events[:n]
+        self.batch_start = max(0, self.batch_start - n)
         if self.unstaged > len(keys):
             self.unstaged = len(keys)
+
+    def discard(self, keys: set[bytes]) -> None:
+        """Remove the queued events stored under `keys` (their commit failed)."""
+        unstaged_from = len(self.keys) - self.unstaged
+        kept_keys: list[bytes | None] = []
+        kept_events: list[object] = []
+        removed_before_batch = unstaged = 0
+        for i, (key, event) in enumerate(zip(self.keys, self.events, strict=True)):
+            if key in keys:
+                removed_before_batch += i < self.batch_start
+                continue
+            kept_keys.append(key)
+            kept_events.append(event)
+            unstaged += i >= unstaged_from
+        self.keys[:] = kept_keys
+        self.events[:] = kept_events
+        self.batch_start -= removed_before_batch
+        self.unstaged = unstaged
 
     @property
     def busy(self) -> bool:
