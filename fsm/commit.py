@@ -27,6 +27,7 @@ CommitCallback = Callable[..., None]
 Value = bytes | tuple[Callable[[Any], bytes], Any]
 _BACKOFF_MIN = 0.05
 _BACKOFF_MAX = 5.0
+_SPARE_UNITS = 4
 
 
 class _Unit:
@@ -42,6 +43,14 @@ class _Unit:
     def empty(self) -> bool:
         return not (self.callbacks or self.futures or any(self.ops.values()))
 
+    def reset(self) -> None:
+        for ops in self.ops.values():
+            ops.clear()
+        for fresh in self.fresh.values():
+            fresh.clear()
+        self.callbacks.clear()
+        self.futures.clear()
+
 
 class Committer:
     """Stages writes and commits them in batches; one per store, bound to one event loop."""
@@ -50,6 +59,9 @@ class Committer:
         self.store = store
         self.merge = store.durability != "sync"
         self._units: list[_Unit] = [_Unit()]
+        # Committed units are reset and reused: each holds a map per database that grows to
+        # a whole batch, and a new big container is traversed by every minor GC collection.
+        self._spare_units: list[_Unit] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._scheduled = False
@@ -136,7 +148,7 @@ class Committer:
     def end_unit(self) -> None:
         """Close the current unit; in `sync` mode the next staged write starts a new commit."""
         if not self.merge and not self._units[-1].empty():
-            self._units.append(_Unit())
+            self._units.append(self._new_unit())
 
     # -- hooks ----------------------------------------------------------------------------
 
@@ -189,6 +201,9 @@ class Committer:
             self._executor.shutdown(wait=True)
             self._executor = None
 
+    def _new_unit(self) -> _Unit:
+        return self._spare_units.pop() if self._spare_units else _Unit()
+
     def _get_loop(self) -> asyncio.AbstractEventLoop:
         loop = asyncio.get_running_loop()
         if self._loop is None or self._loop.is_closed():
@@ -227,7 +242,7 @@ class Committer:
             except Exception:  # a hook bug must not stop commits of every other group
                 log.exception("pre-commit hook failed")
         units = [u for u in self._units if not u.empty()]
-        self._units = [_Unit()]
+        self._units = [self._new_unit()]
         if not units:
             # Nothing to commit, but the hooks may have settled something: listeners (a
             # group's `idle()`) re-check, as they do after a commit.
@@ -302,6 +317,9 @@ class Committer:
                     cb(*args, err)
                 except Exception:
                     log.exception("commit callback failed")
+            if len(self._spare_units) < _SPARE_UNITS:
+                unit.reset()
+                self._spare_units.append(unit)
         self.batches_committed += 1
         self.units_committed += len(units)
         if failed:
