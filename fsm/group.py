@@ -481,9 +481,10 @@ class StateGroup(Generic[S]):
     def _plan_dirty(self) -> None:
         if not self._running or self._stopping:
             return  # what is pending stays in the inbox for the next start
-        dirty, self._dirty = self._dirty, self._dirty_spare
+        dirty = self._dirty
         if not dirty:
             return
+        self._dirty, self._dirty_spare = self._dirty_spare, dirty  # cleared below
         machines = self._machines
         # Reused: the previous flush's rounds were all started before this flush could run.
         planned, self._planned_spare = self._planned_spare, []
@@ -497,7 +498,6 @@ class StateGroup(Generic[S]):
         finally:
             self._planned = self._states = None
             dirty.clear()
-            self._dirty_spare = dirty
             if planned:
                 self._committer.on_commit(self._rounds_committed, planned)
             else:
