@@ -187,9 +187,9 @@ class StateGroup(Generic[S]):
                 except RecordError as exc:
                     self._mailbox.quarantine("inbox", key, raw, str(exc))
                     continue
-                m.push(key, event, 0)
+                m.push(int.from_bytes(key[-8:], "big"), event, 0)
             if not m.final:
-                m.push(None, Restart(), 0)
+                m.push(0, Restart(), 0)
             if m.events:
                 self._dirty[mid] = m
 
@@ -360,8 +360,7 @@ class StateGroup(Generic[S]):
         self._enqueue(m, event)
 
     def _enqueue(self, m: Machine, event: object, raw: bytes | None = None) -> None:
-        self._seq += 1
-        key = m.key + self._seq.to_bytes(8, "big")
+        self._seq = seq = self._seq + 1
         committer = self._committer
         if raw is None and self._merge:
             # Staged right before the commit, and only if no planner round consumed it by then
@@ -369,8 +368,8 @@ class StateGroup(Generic[S]):
             batch = committer.batch_no
             if batch != m.batch:
                 m.batch = batch
-                m.batch_start = len(m.keys)
-            m.keys.append(key)
+                m.batch_start = len(m.seqs)
+            m.seqs.append(seq)
             m.events.append(event)
             m.unstaged += 1
             self._unstaged[m.id] = m
@@ -381,9 +380,10 @@ class StateGroup(Generic[S]):
             # Sync mode commits each unit on its own, so the put must join the sender's unit;
             # a mailbox event must land in the commit that deletes it from the mailbox.
             self._stage_machine(m)
-            committer.put("inbox", key, raw or (self._encode_event, event), fresh=True)
-            m.push(key, event, committer.batch_no)
-            committer.on_commit(self._staged_committed, m, [key])
+            value = raw or (self._encode_event, event)
+            committer.put("inbox", m.inbox_key(seq), value, fresh=True)
+            m.push(seq, event, committer.batch_no)
+            committer.on_commit(self._staged_committed, m, [seq])
         busy = m.planning or m.stepping
         if busy and type(event) in self._cancelling:
             self._cancel_step(m)
@@ -406,20 +406,17 @@ class StateGroup(Generic[S]):
         committer = self._committer
         put = committer.put
         encode = self._encode_event
-        keys = m.keys[-n:]
-        for key, event in zip(keys, m.events[-n:], strict=True):
-            if key is not None:  # (always: only sent events are ever unstaged)
-                # Encoded at commit time, and only if no round consumes it in the same commit.
-                put("inbox", key, (encode, event), fresh=True)
-        committer.on_commit(self._staged_committed, m, keys)
+        seqs = m.seqs[-n:]
+        for seq, event in zip(seqs, m.events[-n:], strict=True):
+            # Encoded at commit time, and only if no round consumes it in the same commit.
+            put("inbox", m.inbox_key(seq), (encode, event), fresh=True)
+        committer.on_commit(self._staged_committed, m, seqs)
 
-    def _staged_committed(
-        self, m: Machine, keys: Sequence[bytes | None], err: BaseException | None
-    ) -> None:
+    def _staged_committed(self, m: Machine, seqs: Sequence[int], err: BaseException | None) -> None:
         # A failed commit told the senders of these events so: the machine must not apply
         # them. (A machine planned in that commit was already reloaded by `_recover`.)
         if err is not None and self._machines.get(m.id) is m:
-            m.discard({key for key in keys if key is not None})
+            m.discard(set(seqs))
 
     def _stage_sent(self) -> None:
         """Stage the inbox puts of sent events that no planner round has consumed."""
@@ -555,14 +552,14 @@ class StateGroup(Generic[S]):
         self, m: Machine, step: Step | None, processed: int, terminated: bool
     ) -> None:
         committer = self._committer
-        keys = m.keys
+        seqs = m.seqs
         # Events never staged (the trailing `unstaged` ones) need no delete: they are consumed
         # in the same commit that records their effect.
-        staged = len(keys) - m.unstaged
+        staged = len(seqs) - m.unstaged
         if staged:
-            for key in keys[: processed if processed < staged else staged]:
-                if key is not None:
-                    committer.delete("inbox", key)
+            for seq in seqs[: processed if processed < staged else staged]:
+                if seq:
+                    committer.delete("inbox", m.inbox_key(seq))
         m.drop(processed)
         was_final = m.final
         final = self._final
@@ -684,7 +681,7 @@ class StateGroup(Generic[S]):
         failed_batch = self._committer.batch_no
         # Entries staged after the failed batch was taken are still on their way to the disk.
         start = m.queued_since(failed_batch)
-        newer = list(zip(m.keys[start:], m.events[start:], strict=True))
+        newer = list(zip(m.seqs[start:], m.events[start:], strict=True))
         del self._machines[m.id]
         self._dirty.pop(m.id, None)
         self._unstaged.pop(m.id, None)
@@ -699,17 +696,17 @@ class StateGroup(Generic[S]):
             return
         for key, raw in self.records.pending(fresh.key):
             event = self._codec.decode_event(raw, self.records.what(m.id, "inbox event"))
-            fresh.push(key, event, 0)
-        known = set(fresh.keys)
-        for newer_key, event in newer:
-            if newer_key not in known:
-                fresh.push(newer_key, event, failed_batch)
+            fresh.push(int.from_bytes(key[-8:], "big"), event, 0)
+        known = set(fresh.seqs)
+        for seq, event in newer:
+            if seq not in known:
+                fresh.push(seq, event, failed_batch)
         # Events sent since the failed batch was taken are not staged yet (a suffix of them).
         # Stage them now, before `Restart` ends the queue.
         fresh.unstaged = m.unstaged
         self._stage_machine(fresh)
         if not fresh.final:
-            fresh.push(None, Restart(), 0)
+            fresh.push(0, Restart(), 0)
         self._dirty[m.id] = fresh
         self._committer.request_flush()
 

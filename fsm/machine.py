@@ -75,11 +75,11 @@ class Machine:
         "final",
         "id",
         "key",
-        "keys",
         "last_error",
         "next_step",
         "planning",
         "record",
+        "seqs",
         "started",
         "state",
         "step_coro",
@@ -96,11 +96,12 @@ class Machine:
         self.record = record
         self.committed = record
         #: Queued events: (inbox key or None for non-persisted signals, event, batch staged in).
-        #: Queued events and their inbox keys (None: a signal that is never persisted). Two
+        #: Queued events and their inbox sequence numbers (0: a signal that is never
+        #: persisted); the inbox key is built only for an event that is ever written. Two
         #: flat lists rather than a list of tuples: a tuple per event would be one more
         #: object for the cyclic GC to track.
         self.events: list[object] = []
-        self.keys: list[bytes | None] = []
+        self.seqs: list[int] = []
         #: The commit batch the newest events were queued in, and where they start in
         #: `events` (what a failed commit keeps: see `queued_since`).
         self.batch = 0
@@ -122,12 +123,16 @@ class Machine:
         self.cancel_requested = False
         self.ctx: Context | None = None
 
-    def push(self, key: bytes | None, event: object, batch: int) -> None:
+    def inbox_key(self, seq: int) -> bytes:
+        """The `inbox` key of this machine's event number `seq`."""
+        return self.key + seq.to_bytes(8, "big")
+
+    def push(self, seq: int, event: object, batch: int) -> None:
         """Queue an event, noting the commit batch it is queued in."""
         if batch != self.batch:
             self.batch = batch
-            self.batch_start = len(self.keys)
-        self.keys.append(key)
+            self.batch_start = len(self.seqs)
+        self.seqs.append(seq)
         self.events.append(event)
 
     def queued_since(self, batch: int) -> int:
@@ -136,35 +141,35 @@ class Machine:
         Batch numbers only grow, and none newer than the latest taken one exists, so these are
         exactly the events queued in the newest batch when that batch is `batch` or later.
         """
-        return self.batch_start if self.batch >= batch else len(self.keys)
+        return self.batch_start if self.batch >= batch else len(self.seqs)
 
     def drop(self, n: int) -> None:
         """Remove the first `n` queued events."""
-        keys = self.keys
-        if n >= len(keys):
-            keys.clear()
+        seqs = self.seqs
+        if n >= len(seqs):
+            seqs.clear()
             self.events.clear()
             self.unstaged = self.batch_start = 0
             return
-        del keys[:n], self.events[:n]
+        del seqs[:n], self.events[:n]
         self.batch_start = max(0, self.batch_start - n)
-        if self.unstaged > len(keys):
-            self.unstaged = len(keys)
+        if self.unstaged > len(seqs):
+            self.unstaged = len(seqs)
 
-    def discard(self, keys: set[bytes]) -> None:
-        """Remove the queued events stored under `keys` (their commit failed)."""
-        unstaged_from = len(self.keys) - self.unstaged
-        kept_keys: list[bytes | None] = []
+    def discard(self, seqs: set[int]) -> None:
+        """Remove the queued events numbered `seqs` (their commit failed)."""
+        unstaged_from = len(self.seqs) - self.unstaged
+        kept_seqs: list[int] = []
         kept_events: list[object] = []
         removed_before_batch = unstaged = 0
-        for i, (key, event) in enumerate(zip(self.keys, self.events, strict=True)):
-            if key in keys:
+        for i, (seq, event) in enumerate(zip(self.seqs, self.events, strict=True)):
+            if seq in seqs:
                 removed_before_batch += i < self.batch_start
                 continue
-            kept_keys.append(key)
+            kept_seqs.append(seq)
             kept_events.append(event)
             unstaged += i >= unstaged_from
-        self.keys[:] = kept_keys
+        self.seqs[:] = kept_seqs
         self.events[:] = kept_events
         self.batch_start -= removed_before_batch
         self.unstaged = unstaged
