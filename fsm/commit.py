@@ -206,11 +206,12 @@ class Committer:
 
     def _get_loop(self) -> asyncio.AbstractEventLoop:
         loop = asyncio.get_running_loop()
+        if loop is self._loop:
+            return loop  # (a running loop is not closed)
         if self._loop is None or self._loop.is_closed():
             self._loop = loop
-        elif self._loop is not loop:
-            raise RuntimeError("a store's engine is bound to one event loop at a time")
-        return loop
+            return loop
+        raise RuntimeError("a store's engine is bound to one event loop at a time")
 
     def request_flush(self) -> None:
         """Make sure a flush runs soon (hooks may have work even if nothing is staged)."""

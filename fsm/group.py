@@ -560,7 +560,12 @@ class StateGroup(Generic[S]):
             for seq in seqs[: processed if processed < staged else staged]:
                 if seq:
                     committer.delete("inbox", m.inbox_key(seq))
-        m.drop(processed)
+        if processed >= len(seqs):  # the common case, inline: the whole queue was planned
+            seqs.clear()
+            m.events.clear()
+            m.unstaged = m.batch_start = 0
+        else:
+            m.drop(processed)
         was_final = m.final
         final = self._final
         m.final = terminated or (final is not None and bool(final(m.state)))
@@ -657,9 +662,12 @@ class StateGroup(Generic[S]):
             raise
         if pending is None:
             # Finished without waiting: no Task was needed.
-            m.stepping = False
-            m.cancel_requested = False
-            self._settle(m)
+            m.stepping = m.cancel_requested = False
+            if m.events:  # (`_settle`, inline)
+                self._dirty[m.id] = m
+                self._committer.request_flush()
+            elif m.final:
+                del self._machines[m.id]  # dormant: lives on disk only
             return
         self._steps += 1
         m.started = False
