@@ -100,7 +100,7 @@ class StateGroup(Generic[S]):
         self._prefix = self.records.prefix
         self._merge = self._committer.merge
         self._final = final
-        self._encode_record = self.records.encode
+        self._encode_record = self.records.local_encoder()  # (used on the loop thread only)
         self._encode_event = self._codec.encode_event
         #: Machines planned in the flush being built (merge mode: one commit callback for all),
         #: and that flush's staged state writes.

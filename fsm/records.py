@@ -77,6 +77,17 @@ class GroupRecords(Generic[S]):
         """A machine record."""
         return packb([self._schema, final, last_error, self._state_enc(state)])
 
+    def local_encoder(self) -> Callable[[S, bool, str | None], bytes]:
+        """`encode` for one thread's exclusive use (it owns a Packer), for the engine's rounds."""
+        pack = msgpack.Packer(use_bin_type=True).pack
+        schema, encode_state = self._schema, self._state_enc
+
+        def encode(state: S, final: bool, last_error: str | None) -> bytes:
+            data: bytes = pack([schema, final, last_error, encode_state(state)])
+            return data
+
+        return encode
+
     def decode(self, raw: bytes, machine_id: MachineId) -> tuple[S, bool, str | None]:
         """`(state, final, last_error)` from a record; `RecordError` names a bad one."""
         try:
