@@ -649,7 +649,7 @@ class StateGroup(Generic[S]):
         try:
             # A deep copy, so nothing the step does to it can leak into the persisted state.
             copy = self.records.decode_state(m.record, m.id)
-            pending = context.run(self._begin_step, step, (ctx, copy))
+            pending = context.run(self._begin_step, step, ctx, copy)
         except asyncio.CancelledError:
             pending = None  # the step cancelled itself before waiting, as a Task would end
         except Exception as exc:  # the step failed before it ever waited

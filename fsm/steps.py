@@ -108,13 +108,13 @@ class StepRunner:
     def __init__(self) -> None:
         self._driver = _new_driver()
 
-    def run(self, step: StepFn, args: tuple[Any, ...]) -> Awaitable[None] | None:
-        """Run `step(*args)` until it first waits (call it inside the step's own context).
+    def run(self, step: StepFn, ctx: Any, state: Any) -> Awaitable[None] | None:
+        """Run `step(ctx, state)` until it first waits (call it inside the step's own context).
 
         Returns None if the step finished, or an awaitable that finishes it (to be awaited in
         a Task that runs in the same context). Raises whatever the step raised before waiting.
         """
-        pending = step(*args)
+        pending = step(ctx, state)
         if type(pending) is not types.CoroutineType:
             return pending  # None (a plain function finished), or another kind of awaitable
         driver = self._driver
@@ -138,9 +138,9 @@ def _run_alone(coro: types.CoroutineType[Any, Any, Any]) -> Awaitable[None] | No
     return None if first is _DONE else ResumedStep(driver, first)
 
 
-def call(step: StepFn, args: tuple[Any, ...]) -> Awaitable[None] | None:
-    """Call `step(*args)` without running it: its Task runs all of it (`eager_steps=False`)."""
-    return step(*args)
+def call(step: StepFn, ctx: Any, state: Any) -> Awaitable[None] | None:
+    """Call `step(ctx, state)` without running it: its Task runs it all (`eager_steps=False`)."""
+    return step(ctx, state)
 
 
 def close(awaitable: object) -> None:
