@@ -11,7 +11,7 @@ from .keys import MachineId
 
 if TYPE_CHECKING:
     from .clock import Clock
-    from .group import StateGroup
+    from .runtime import MachineRuntime
 
 S = TypeVar("S")
 
@@ -21,7 +21,7 @@ class Context:
 
     __slots__ = ("_group", "_machine")
 
-    def __init__(self, group: StateGroup[Any], machine: Machine) -> None:
+    def __init__(self, group: MachineRuntime, machine: Machine) -> None:
         self._group = group
         self._machine = machine
 

@@ -7,8 +7,8 @@ coroutine inline, and only a coroutine that actually suspends is wrapped (mid-fl
 Task that finishes it. A step that suspends on its first line therefore behaves exactly as if
 it had run in a Task from the start.
 
-Each step runs in a copy of the current `contextvars` context, as a Task would, so a context
-variable one step sets never leaks into another step.
+Each step runs in its own copy of the `contextvars` context the group was started in, as a
+Task created there would, so a context variable one step sets never leaks into another.
 
 The one difference from a Task: on Python 3.11, `asyncio.current_task()` is None until the
 step first suspends, so `asyncio.timeout()` and `asyncio.TaskGroup` must be entered after an
