@@ -40,6 +40,8 @@ class _TypeCodecs:
     def __init__(self) -> None:
         self._enc: dict[Any, Encoder] = {}
         self._dec: dict[Any, Decoder] = {}
+        #: Dataclasses whose complete payloads become the instance dict as they are.
+        self.plain: set[type] = set()
 
     def encoder(self, tp: Any) -> Encoder:
         """Return the encoder for type `tp` (compiled once)."""
@@ -192,6 +194,8 @@ class _TypeCodecs:
         # the generated __init__ would only assign the same fields one by one.
         plain = _plain_dataclass(cls) and not late_fields and not converted_items
         frozen = cls.__dataclass_params__.frozen  # type: ignore[attr-defined]
+        if plain and not frozen:
+            self.plain.add(cls)
         new: Any = cls.__new__
         set_attr = object.__setattr__
 
@@ -222,6 +226,17 @@ class _TypeCodecs:
             return obj
 
         return dec
+
+
+def _own_payload_decoder(cls: type) -> Decoder:
+    new: Any = cls.__new__
+
+    def dec(data: Any) -> Any:
+        obj = new(cls)
+        obj.__dict__ = data
+        return obj
+
+    return dec
 
 
 def _plain_dataclass(cls: type) -> bool:
@@ -283,6 +298,9 @@ class RecordCodec(Generic[S]):
         self.schema_version = schema_version
         self._state_enc = _CODECS.encoder(state_type)
         self._state_dec = _CODECS.decoder(state_type)
+        self._own_dec = self._state_dec
+        if state_type in _CODECS.plain:
+            self._own_dec = _own_payload_decoder(state_type)
         self._event_enc: dict[type, tuple[str, Encoder]] = {}
         self._event_dec: dict[str, Decoder] = {}
         for et in event_types:
@@ -321,6 +339,15 @@ class RecordCodec(Generic[S]):
     def state_decoder(self) -> Callable[[Any], S]:
         """The compiled function behind `decode_state_fields` (for hot loops)."""
         return self._state_dec
+
+    @property
+    def own_state_decoder(self) -> Callable[[Any], S]:
+        """`state_decoder` for payloads this codec encoded itself (checks nothing).
+
+        The encoder writes exactly the state's fields, so for a plain dataclass such a payload
+        needs no checking: the engine uses this for the copy each step gets.
+        """
+        return self._own_dec
 
     def encode_state_fields(self, state: S) -> Any:
         """The msgpack-ready payload of a state (used inside machine records).

@@ -50,7 +50,7 @@ class GroupRecords(Generic[S]):
         # The codec's compiled functions, bound once: records are encoded on every transition.
         self._schema = codec.schema_version
         self._state_enc = codec.state_encoder
-        self._state_dec = codec.state_decoder
+        self._own_dec = codec.own_state_decoder
         # A streaming unpacker fed one whole record at a time: ~0.2 us cheaper per record
         # than `msgpack.unpackb`, which sets up a new unpacker on every call.
         self._unpacker = _new_unpacker()
@@ -109,7 +109,10 @@ class GroupRecords(Generic[S]):
         return state, bool(final), last_error
 
     def decode_state(self, raw: bytes, machine_id: MachineId) -> S:
-        """Only the state of a record this process wrote (the engine's step copies).
+        """Only the state of a record this process encoded (the engine's step copies).
+
+        A step's round always re-encodes the record it starts from, so the record never comes
+        from an older schema: its payload needs no checking.
 
         Engine-only: it reuses one streaming unpacker, so it must not be called from two
         threads at once (the engine calls it on its event loop).
@@ -117,7 +120,7 @@ class GroupRecords(Generic[S]):
         unpacker = self._unpacker
         try:
             unpacker.feed(raw)
-            state: S = self._state_dec(unpacker.unpack()[3])
+            state: S = self._own_dec(unpacker.unpack()[3])
         except Exception:
             self._unpacker = _new_unpacker()  # whatever the bad record left in it is dropped
             return self.decode(raw, machine_id)[0]  # raises a RecordError naming the record
