@@ -322,8 +322,16 @@ def test_step_exception_becomes_step_failed_and_machine_stays_usable(
     assert counter.step_tasks == (1 if where == "async-after-await" else 0)
 
 
-def test_cancelling_event_cancels_a_step_suspended_after_its_eager_start(tmp_path: Path) -> None:
-    """Halt interrupts a suspended step: CancelledError, ctx.cancelled, finally, no failure."""
+@pytest.mark.parametrize("when", ["suspended", "right-after-start"])
+def test_cancelling_event_cancels_an_eagerly_started_step_where_it_waits(
+    tmp_path: Path, when: str
+) -> None:
+    """Halt interrupts the step as it would a Task: CancelledError where it waits.
+
+    "right-after-start": the step ran its synchronous part but its Task has not run yet when
+    Halt comes. Either way `ctx.cancelled` is set, `finally` runs (and may itself wait), the
+    step is not recorded as failed and the machine stays usable.
+    """
     trail: list[tuple[str, bool]] = []
 
     async def main() -> None:
@@ -332,12 +340,16 @@ def test_cancelling_event_cancels_a_step_suspended_after_its_eager_start(tmp_pat
 
         async def step(ctx: Context, st: Rec) -> None:
             trail.append(("sync part", ctx.cancelled))
-            await asyncio.sleep(0)  # from here on the step runs in its Task
-            suspended.set()
+            if when == "suspended":
+                await asyncio.sleep(0)  # from here on the step runs in its Task
+                suspended.set()
             try:
                 await never.wait()
             except asyncio.CancelledError:
                 trail.append(("cancelled", ctx.cancelled))
+                raise
+            except GeneratorExit:
+                trail.append(("generator exit", ctx.cancelled))
                 raise
             finally:
                 trail.append(("finally", ctx.cancelled))
@@ -347,19 +359,23 @@ def test_cancelling_event_cancels_a_step_suspended_after_its_eager_start(tmp_pat
         async with LmdbStore(tmp_path / "repo") as store:
             g = make_group(store, {"s": step})
             await g.start()
-            await g.begin(1, Rec())
-            await g.send(1, Go("s"))
-            await asyncio.wait_for(suspended.wait(), 5)
-            await g.send(1, Halt())
-            await asyncio.wait_for(g.idle(), 5)
-            info = g.info(1)
-            assert info is not None
-            assert info.state.phase == "halted" and info.state.errors == []
-            assert info.last_error is None, "a cancelled step is not a failed step"
-            await g.send(1, Note(1))
-            await g.idle()
-            assert state(g, 1).seen == [1]
-            await g.stop()
+            try:
+                await g.begin(1, Rec())
+                await g.send(1, Go("s"))
+                if when == "suspended":
+                    await asyncio.wait_for(suspended.wait(), 5)
+                await g.send(1, Halt())
+                await asyncio.wait_for(g.idle(), 1.0)  # normally done in milliseconds
+                info = g.info(1)
+                assert info is not None
+                assert info.state.phase == "halted" and info.state.errors == []
+                assert info.last_error is None, "a cancelled step is not a failed step"
+                assert g.stats()["steps"] == 0
+                await g.send(1, Note(1))
+                await g.idle()
+                assert state(g, 1).seen == [1]
+            finally:
+                await g.stop()
 
     run(main)
     assert trail == [
@@ -368,74 +384,6 @@ def test_cancelling_event_cancels_a_step_suspended_after_its_eager_start(tmp_pat
         ("finally", True),
         ("cleanup done", True),
     ]
-
-
-def test_cancel_right_after_eager_start_raises_cancelled_error_in_the_step(
-    tmp_path: Path,
-) -> None:
-    trail: list[str] = []
-
-    async def main() -> None:
-        never = asyncio.Event()
-
-        async def step(ctx: Context, st: Rec) -> None:
-            trail.append("sync part")
-            try:
-                await never.wait()
-            except asyncio.CancelledError:
-                trail.append("cancelled")
-                raise
-            except GeneratorExit:
-                trail.append("generator exit")
-                raise
-            finally:
-                trail.append("finally")
-
-        async with LmdbStore(tmp_path / "repo") as store:
-            g = make_group(store, {"s": step})
-            await g.start()
-            await g.begin(1, Rec())
-            await g.send(1, Go("s"))
-            # No await in between: the step ran its synchronous part, its Task has not run yet.
-            await g.send(1, Halt())
-            await asyncio.wait_for(g.idle(), 5)
-            await g.stop()
-
-    run(main)
-    assert trail == ["sync part", "cancelled", "finally"]
-
-
-def test_cancel_right_after_eager_start_with_awaiting_cleanup_does_not_wedge(
-    tmp_path: Path,
-) -> None:
-    trail: list[str] = []
-
-    async def main() -> None:
-        never = asyncio.Event()
-
-        async def step(ctx: Context, st: Rec) -> None:
-            try:
-                await never.wait()
-            finally:
-                trail.append("finally")
-                await asyncio.sleep(0)  # e.g. closing a connection
-                trail.append("cleanup done")
-
-        async with LmdbStore(tmp_path / "repo") as store:
-            g = make_group(store, {"s": step})
-            await g.start()
-            try:
-                await g.begin(1, Rec())
-                await g.send(1, Go("s"))
-                await g.send(1, Halt())
-                await asyncio.wait_for(g.idle(), 1.0)  # normally done in milliseconds
-                assert state(g, 1).phase == "halted"
-                assert g.stats()["steps"] == 0
-            finally:
-                await g.stop()
-
-    run(main)
-    assert trail == ["finally", "cleanup done"]
 
 
 @pytest.mark.parametrize("when", ["suspended", "right-after-start"])
@@ -468,8 +416,8 @@ def test_stop_cancels_a_suspended_step_and_runs_its_finally(tmp_path: Path, when
             if when == "suspended":
                 await asyncio.wait_for(suspended.wait(), 5)
             # "right-after-start": stop() awaits the mailbox poller before it cancels steps, so
-            # the step's Task has usually run by then; the cancel-right-after-start tests above
-            # cover the window where it has not.
+            # the step's Task has usually run by then; the cancelling-event test above covers
+            # the window where it has not.
             await asyncio.wait_for(g.stop(), 5)
             assert not g.started and g.is_idle()
             # Stopped mid-step: the machine is still live on disk, in the step's state.
@@ -601,13 +549,18 @@ def test_step_gets_a_private_copy_of_the_state(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("durability", ["group", "nosync", "sync"])
-def test_send_to_a_busy_machine_is_on_disk_when_send_returns(
-    tmp_path: Path, durability: Any
+@pytest.mark.parametrize("sender", ["send", "ctx.send"])
+def test_event_for_a_busy_machine_is_on_disk_while_its_step_runs(
+    tmp_path: Path, durability: Any, sender: str
 ) -> None:
+    """`send` returns once durable; what a step sends before it waits is flushed too."""
+
     async def main() -> None:
         release = asyncio.Event()
 
         async def block(ctx: Context, st: Rec) -> None:
+            if sender == "ctx.send":
+                ctx.send(Note(7))
             await release.wait()
 
         async with LmdbStore(tmp_path / "repo", durability) as store:
@@ -615,7 +568,10 @@ def test_send_to_a_busy_machine_is_on_disk_when_send_returns(
             await g.start()
             await g.begin(1, Rec())
             await g.send(1, Go("block"))
-            await g.send(1, Note(7))
+            if sender == "send":
+                await g.send(1, Note(7))
+            else:
+                await store.committer.flush()  # the step sent Note(7) and waits
             # Still running its step: the event can only be in the inbox.
             assert g.stats()["steps"] == 1
             assert pending_on_disk(g, 1) == 1
@@ -623,34 +579,6 @@ def test_send_to_a_busy_machine_is_on_disk_when_send_returns(
             release.set()
             await asyncio.wait_for(g.idle(), 5)
             assert state(g, 1).seen == [7]
-            assert pending_on_disk(g, 1) == 0
-            await g.stop()
-
-    run(main)
-
-
-@pytest.mark.parametrize("durability", ["group", "sync"])
-def test_ctx_send_from_a_running_step_is_on_disk_after_a_flush(
-    tmp_path: Path, durability: Any
-) -> None:
-    async def main() -> None:
-        release = asyncio.Event()
-
-        async def send_then_wait(ctx: Context, st: Rec) -> None:
-            ctx.send(Note(8))
-            await release.wait()
-
-        async with LmdbStore(tmp_path / "repo", durability) as store:
-            g = make_group(store, {"sw": send_then_wait})
-            await g.start()
-            await g.begin(1, Rec())
-            await g.send(1, Go("sw"))  # the step already sent Note(8) and waits
-            await store.committer.flush()
-            assert g.stats()["steps"] == 1, "the machine should still be busy"
-            assert pending_on_disk(g, 1) == 1
-            release.set()
-            await asyncio.wait_for(g.idle(), 5)
-            assert state(g, 1).seen == [8]
             assert pending_on_disk(g, 1) == 0
             await g.stop()
 
