@@ -98,7 +98,7 @@ class Committer:
         if fresh:
             unit.fresh[db].add(key)
         if not self._scheduled:
-            self._request()
+            self.request_flush()
 
     def staging(self, db: str) -> dict[bytes, Value | None]:
         """The current unit's puts for `db`, for hot loops run inside a pre-commit hook.
@@ -127,13 +127,13 @@ class Committer:
         else:
             ops[key] = None
         if not self._scheduled:
-            self._request()
+            self.request_flush()
 
     def on_commit(self, callback: CommitCallback, *args: Any) -> None:
         """Call `callback(*args, error_or_None)` once the current unit is committed (or failed)."""
         self._units[-1].callbacks.append((callback, args))
         if not self._scheduled:
-            self._request()
+            self.request_flush()
 
     def waiter(self) -> asyncio.Future[None]:
         """A future of the caller's own, resolved when the current unit is durable (or failed).
@@ -142,7 +142,7 @@ class Committer:
         """
         fut = self._get_loop().create_future()
         self._units[-1].futures.append(fut)
-        self._request()
+        self.request_flush()
         return fut
 
     def end_unit(self) -> None:
@@ -192,7 +192,7 @@ class Committer:
         while not self.idle:
             fut = self._get_loop().create_future()
             self._idle_waiters.append(fut)
-            self._request()
+            self.request_flush()
             await fut
 
     def shutdown(self) -> None:
@@ -230,8 +230,6 @@ class Committer:
             loop.call_later(self._backoff, self._flush, context=self._context)
         else:
             loop.call_soon(self._flush, context=self._context)
-
-    _request = request_flush
 
     def _flush(self) -> None:
         self._scheduled = False
@@ -336,7 +334,7 @@ class Committer:
             listener()
         if self._wanted or any(not u.empty() for u in self._units):
             self._wanted = False
-            self._request()
+            self.request_flush()
         if self.idle:
             self._wake_idle()
 

@@ -113,7 +113,7 @@ class MachineRuntime:
             # Staged right before the commit, and only if no planner round consumed it by then
             # (the round's state write then records it): most events never touch the inbox.
             batch = committer.batch_no
-            if batch != m.batch:
+            if batch != m.batch:  # (`Machine.push`, inline: this runs for every event)
                 m.batch = batch
                 m.batch_start = len(m.seqs)
             m.seqs.append(seq)
