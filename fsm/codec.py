@@ -250,9 +250,14 @@ def _plain_dataclass(cls: type) -> bool:
         # The decorator's generated __init__ is compiled from a string; a class's own is not.
         and code is not None
         and code.co_filename == "<string>"
-        and "__slots__" not in cls.__dict__
         and not hasattr(cls, "__post_init__")
         and all("__dataclass_fields__" in c.__dict__ or c is object for c in cls.__mro__)
+        # Every field must live in the instance dict: none in a slot (of this class or a
+        # base) or behind another data descriptor.
+        and not any("__slots__" in c.__dict__ for c in cls.__mro__ if c is not object)
+        and not any(
+            hasattr(type(getattr(cls, f.name, None)), "__set__") for f in dataclasses.fields(cls)
+        )
     )
 
 
@@ -261,6 +266,22 @@ def _enum_value(value: enum.Enum) -> Any:
 
 
 _CODECS = _TypeCodecs()
+
+
+def _as_array(obj: Any) -> Any:
+    # msgpack packs lists and tuples natively; a set in a `list[...]` field (which the codec
+    # passes through as it is) is packed as an array too.
+    if isinstance(obj, (set, frozenset)):
+        return list(obj)
+    raise TypeError(f"can not serialize {type(obj).__name__!r} object")
+
+
+def new_packer() -> Callable[[Any], bytes]:
+    """A fresh msgpack `pack` function, for one thread's exclusive use."""
+    pack: Callable[[Any], bytes] = msgpack.Packer(use_bin_type=True, default=_as_array).pack
+    return pack
+
+
 # A Packer reuses one buffer and is not thread-safe (the commit thread encodes events too).
 _packers = threading.local()
 
@@ -270,7 +291,7 @@ def packb(obj: Any) -> bytes:
     try:
         pack: Callable[[Any], bytes] = _packers.pack
     except AttributeError:
-        pack = _packers.pack = msgpack.Packer(use_bin_type=True).pack
+        pack = _packers.pack = new_packer()
     return pack(obj)
 
 

@@ -67,6 +67,7 @@ class Committer:
         self._scheduled = False
         self._inflight = False
         self._hooks: list[Callable[[], None]] = []
+        self._late_hooks: list[Callable[[], None]] = []
         self._listeners: list[Callable[[], None]] = []
         self._clocks: list[Clock] = []
         self._backoff = 0.0
@@ -152,14 +153,20 @@ class Committer:
 
     # -- hooks ----------------------------------------------------------------------------
 
-    def add_hook(self, hook: Callable[[], None]) -> None:
-        """Run `hook()` right before each batch is taken (groups plan their machines there)."""
-        self._hooks.append(hook)
+    def add_hook(self, hook: Callable[[], None], *, late: bool = False) -> None:
+        """Run `hook()` right before each batch is taken (groups plan their machines there).
+
+        `late` hooks run after all the others, so they see what any of those added (groups
+        stage the sent events no round consumed there, including events one group's planner
+        sent to another group).
+        """
+        (self._late_hooks if late else self._hooks).append(hook)
 
     def remove_hook(self, hook: Callable[[], None]) -> None:
         """Undo `add_hook`."""
-        if hook in self._hooks:
-            self._hooks.remove(hook)
+        for hooks in (self._hooks, self._late_hooks):
+            if hook in hooks:
+                hooks.remove(hook)
 
     def add_listener(self, listener: Callable[[], None]) -> None:
         """Call `listener()` after every batch completes."""
@@ -233,9 +240,12 @@ class Committer:
 
     def _flush(self) -> None:
         self._scheduled = False
-        if self._inflight or self.store.closed:
+        if self.store.closed:
             return
-        for hook in list(self._hooks):
+        if self._inflight:
+            self._wanted = True  # (a request made while the batch was being built)
+            return
+        for hook in [*self._hooks, *self._late_hooks]:
             try:
                 hook()
             except Exception:  # a hook bug must not stop commits of every other group

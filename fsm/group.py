@@ -145,7 +145,8 @@ class StateGroup(MachineRuntime, Generic[S]):
             self.store.unlock_engine()
             raise
         committer = self._committer
-        committer.add_hook(self._before_commit)
+        committer.add_hook(self._plan_dirty)
+        committer.add_hook(self._stage_sent, late=True)
         committer.add_listener(self._notify)
         committer.add_clock(self.clock)
         self._running = True
@@ -215,7 +216,8 @@ class StateGroup(MachineRuntime, Generic[S]):
         self._running = False
         self._stage_sent()
         committer = self._committer
-        committer.remove_hook(self._before_commit)
+        committer.remove_hook(self._plan_dirty)
+        committer.remove_hook(self._stage_sent)
         try:
             await committer.flush()
         finally:

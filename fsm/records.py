@@ -18,7 +18,7 @@ from typing import Any, Generic, TypeVar
 
 import msgpack
 
-from .codec import RecordCodec, packb, unpackb
+from .codec import RecordCodec, new_packer, packb, unpackb
 from .errors import MachineExistsError, RecordError, UnknownMachineError
 from .keys import MachineId, id_key, seq_key, split_id
 from .machine import MachineInfo
@@ -79,7 +79,7 @@ class GroupRecords(Generic[S]):
 
     def local_encoder(self) -> Callable[[S, bool, str | None], bytes]:
         """`encode` for one thread's exclusive use (it owns a Packer), for the engine's rounds."""
-        pack = msgpack.Packer(use_bin_type=True).pack
+        pack = new_packer()
         schema, encode_state = self._schema, self._state_enc
 
         def encode(state: S, final: bool, last_error: str | None) -> bytes:

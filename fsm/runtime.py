@@ -177,10 +177,6 @@ class MachineRuntime:
         unstaged.clear()
         self._unstaged_spare = unstaged
 
-    def _before_commit(self) -> None:
-        self._plan_dirty()
-        self._stage_sent()
-
     # -- loading and creating machines -------------------------------------------------------
 
     def _create(self, machine_id: MachineId, state: Any = None) -> Machine:
@@ -279,7 +275,12 @@ class MachineRuntime:
             # Nothing consumed and nothing to wait for: go-statemachine would spin here.
             processed = 1
             self._record_error(m, f"planner did not consume event {_describe(events[0])}")
-        self._finish_round(m, step, processed, terminated)
+        try:
+            final, record = self._seal(m, terminated)
+        except Exception as exc:  # (the final= predicate raised, or the state cannot be encoded)
+            self._plan_failed(m, events, exc)
+            return
+        self._finish_round(m, step, processed, final, record)
 
     def _plan_failed(self, m: Machine, events: Sequence[object], exc: Exception) -> None:
         # Undo whatever the planner mutated before raising.
@@ -294,13 +295,25 @@ class MachineRuntime:
         self._record_error(
             m, f"planner rejected {_describe(events[0])}: {type(exc).__name__}: {exc}"
         )
-        self._finish_round(m, None, 1, False)
+        try:
+            final, record = self._seal(m, False)
+        except Exception:
+            # Even the stored state cannot be sealed again: leave it as it is.
+            log.exception("%s: machine %r: cannot store its state", self.name, m.id)
+            final, record = m.final, m.record
+        self._finish_round(m, None, 1, final, record)
 
     def _record_error(self, m: Machine, message: str) -> None:
         m.last_error = message[:_MAX_ERROR]
 
+    def _seal(self, m: Machine, terminated: bool) -> tuple[bool, bytes]:
+        """The round's finality and record; raises if the state cannot be stored."""
+        final = self._final
+        is_final = terminated or (final is not None and bool(final(m.state)))
+        return is_final, self._encode_record(m.state, is_final, m.last_error)
+
     def _finish_round(
-        self, m: Machine, step: Step | None, processed: int, terminated: bool
+        self, m: Machine, step: Step | None, processed: int, final: bool, record: bytes
     ) -> None:
         committer = self._committer
         seqs = m.seqs
@@ -318,9 +331,7 @@ class MachineRuntime:
         else:
             m.drop(processed)
         was_final = m.final
-        final = self._final
-        m.final = terminated or (final is not None and bool(final(m.state)))
-        record = self._encode_record(m.state, m.final, m.last_error)
+        m.final = final
         if record != m.record:
             states = self._states
             if states is not None:
