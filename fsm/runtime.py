@@ -472,12 +472,14 @@ class MachineRuntime:
             event = self._codec.decode_event(raw, self.records.what(m.id, "inbox event"))
             fresh.push(int.from_bytes(key[-8:], "big"), event, 0)
         known = set(fresh.seqs)
+        kept = 0
         for seq, event in newer:
             if seq not in known:
                 fresh.push(seq, event, failed_batch)
-        # Events sent since the failed batch was taken are not staged yet (a suffix of them).
-        # Stage them now, before `Restart` ends the queue.
-        fresh.unstaged = m.unstaged
+                kept += 1
+        # Events sent since the failed batch was taken are not staged yet (a suffix of them,
+        # never more than were kept). Stage them now, before `Restart` ends the queue.
+        fresh.unstaged = min(m.unstaged, kept)
         self._stage_machine(fresh)
         if not fresh.final:
             fresh.push(0, Restart(), 0)
