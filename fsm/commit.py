@@ -275,7 +275,13 @@ class Committer:
         # In merge mode there is only ever one unit per batch, so one unit is one transaction.
         dbs = self.store._dbs
         results: list[BaseException | None] = []
+        failed: BaseException | None = None
         for ops in (u.ops for u in units):
+            if failed is not None:
+                # Sync mode: a later unit may build on a failed one (a round that consumed
+                # the event whose put just failed), so the rest of the batch fails with it.
+                results.append(failed)
+                continue
 
             def apply(txn: Any, ops: dict[str, dict[bytes, Value | None]] = ops) -> None:
                 delete = txn.delete
@@ -300,6 +306,7 @@ class Committer:
                 results.append(None)
             except BaseException as exc:  # handed to the callers, never swallowed
                 results.append(exc)
+                failed = exc
         return results
 
     def _done(self, units: list[_Unit], fut: asyncio.Future[list[BaseException | None]]) -> None:

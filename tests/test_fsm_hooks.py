@@ -186,3 +186,37 @@ def test_planner_post_to_an_idle_machine_of_its_own_group_gets_planned(tmp_path:
             await g.stop()
 
     run(main)
+
+
+def test_sync_mode_a_failed_send_is_not_applied_by_the_round_after_it(tmp_path: Path) -> None:
+    """In sync mode the send's put and the round that consumes it are separate transactions
+    of one batch: when the put fails, so does the round, and the event is never applied."""
+
+    async def main() -> None:
+        async with LmdbStore(tmp_path / "repo", "sync") as store:
+            g = make_group(store, "g", {})
+            await g.start()
+            await g.begin(1, St())
+            real_write = store.write
+            armed = [True]
+
+            def failing_write(fn: Any) -> Any:
+                if armed[0]:
+                    armed[0] = False
+                    raise OSError("injected commit failure")
+                return real_write(fn)
+
+            store.write = failing_write  # type: ignore[method-assign]
+            try:
+                await g.send(1, Note(1))
+            except OSError as exc:
+                assert "injected" in str(exc)
+            else:
+                raise AssertionError("the send whose put failed must raise")
+            await g.send(1, Note(2))
+            await asyncio.wait_for(g.idle(), 5)
+            assert g.get(1) == St(seen=[2])
+            assert pending_on_disk(g, 1) == 0
+            await g.stop()
+
+    run(main)
