@@ -357,13 +357,8 @@ class RecordCodec(Generic[S]):
         return self._state_enc
 
     @property
-    def state_decoder(self) -> Callable[[Any], S]:
-        """The compiled function behind `decode_state_fields` (for hot loops)."""
-        return self._state_dec
-
-    @property
     def own_state_decoder(self) -> Callable[[Any], S]:
-        """`state_decoder` for payloads this codec encoded itself (checks nothing).
+        """`decode_state_fields` for payloads this codec encoded itself (checks nothing).
 
         The encoder writes exactly the state's fields, so for a plain dataclass such a payload
         needs no checking: the engine uses this for the copy each step gets.
