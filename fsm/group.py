@@ -111,7 +111,7 @@ class StateGroup(MachineRuntime, Generic[S]):
         # young container is traversed by every minor GC collection while it stays young.
         self._dirty_spare: dict[MachineId, Machine] = {}
         self._unstaged_spare: dict[MachineId, Machine] = {}
-        self._planned_spare: Machines = []
+        self._planned_list: Machines = []
         #: Machines with sent events not staged for commit yet (see `_stage_sent`).
         self._unstaged: dict[MachineId, Machine] = {}
         self._seq = 0

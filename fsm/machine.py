@@ -69,9 +69,9 @@ class Machine:
         "batch",
         "batch_start",
         "cancel_requested",
-        "committed",
         "ctx",
         "events",
+        "exists",
         "final",
         "id",
         "key",
@@ -92,10 +92,10 @@ class Machine:
         self.id = machine_id
         self.key = key
         self.state = state
-        #: Encoded record as last staged, and as last known to be committed.
+        #: Encoded record as last staged.
         self.record = record
-        self.committed = record
-        #: Queued events: (inbox key or None for non-persisted signals, event, batch staged in).
+        #: False from `_create` until that record's commit lands (see `_begun`).
+        self.exists = True
         #: Queued events and their inbox sequence numbers (0: a signal that is never
         #: persisted); the inbox key is built only for an event that is ever written. Two
         #: flat lists rather than a list of tuples: a tuple per event would be one more

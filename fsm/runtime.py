@@ -75,7 +75,7 @@ class MachineRuntime:
     _unstaged: dict[MachineId, Machine]
     _unstaged_spare: dict[MachineId, Machine]
     _planned: Machines | None
-    _planned_spare: Machines
+    _planned_list: Machines
     _states: dict[bytes, Any] | None
     _waiters: list[asyncio.Future[None]]
     _seq: int
@@ -188,7 +188,7 @@ class MachineRuntime:
         record = self.records.encode(state, final, None)
         m = Machine(machine_id, key, state, record)
         m.final = final
-        m.committed = b""
+        m.exists = False
         self._machines[machine_id] = m
         committer = self._committer
         committer.put("states", key, record, fresh=True)
@@ -199,10 +199,9 @@ class MachineRuntime:
 
     def _begun(self, m: Machine, err: BaseException | None) -> None:
         if err is None:
-            if m.committed == b"":
-                m.committed = m.record
+            m.exists = True
             return
-        if m.committed == b"" and self._machines.get(m.id) is m:
+        if not m.exists and self._machines.get(m.id) is m:
             # The record never reached the disk: the machine does not exist.
             del self._machines[m.id]
             self._dirty.pop(m.id, None)
@@ -231,7 +230,7 @@ class MachineRuntime:
         self._dirty, self._dirty_spare = self._dirty_spare, dirty  # cleared below
         machines = self._machines
         # Reused: the previous flush's rounds were all started before this flush could run.
-        planned, self._planned_spare = self._planned_spare, []
+        planned = self._planned_list
         if self._merge:
             self._planned = planned
             self._states = self._committer.staging("states")
@@ -244,8 +243,6 @@ class MachineRuntime:
             dirty.clear()
             if planned:
                 self._committer.on_commit(self._rounds_committed, planned)
-            else:
-                self._planned_spare = planned
 
     def _plan(self, m: Machine, limit: int | None = None) -> None:
         events = m.events[:limit]
@@ -359,7 +356,6 @@ class MachineRuntime:
             self._start_rounds(planned, err)
         finally:
             planned.clear()
-            self._planned_spare = planned
 
     def _start_rounds(self, planned: Machines, err: BaseException | None) -> None:
         if err is not None or not self._running or self._stopping:
@@ -375,10 +371,7 @@ class MachineRuntime:
             step, m.next_step = m.next_step, None
             if machines.get(m.id) is not m:
                 continue
-            m.committed = m.record
-            if step is None or m.cancel_requested:
-                # (A cancelling event arrived while the round was being committed: no step.)
-                m.cancel_requested = False
+            if step is None:
                 self._settle(m)
             else:
                 self._start_step(m, step)
@@ -391,7 +384,6 @@ class MachineRuntime:
         if err is not None:
             self._recover(m)
             return
-        m.committed = m.record
         if step is not None and self._running and not self._stopping:
             self._start_step(m, step)
         else:
@@ -427,11 +419,7 @@ class MachineRuntime:
         if pending is None:
             # Finished without waiting: no Task was needed.
             m.stepping = m.cancel_requested = False
-            if m.events:  # (`_settle`, inline)
-                self._dirty[m.id] = m
-                self._committer.request_flush()
-            elif m.final:
-                del self._machines[m.id]  # dormant: lives on disk only
+            self._settle(m)
             return
         self._steps += 1
         m.started = False
