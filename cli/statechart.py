@@ -65,7 +65,11 @@ def statechart(
         typer.Option(envvar="SECTORFSM_REPO", help="The sectorfsm store (for --sector)."),
     ] = DEFAULT_REPO,
 ) -> None:
-    """Export the sector state graph as mermaid, dot, svg, png, scxml, plantuml or json."""
+    """Export the sector state graph as mermaid, dot, svg, png, scxml, plantuml or json.
+
+    svg and png run Graphviz's `dot`; without it the whole-graph svg is the copy shipped with
+    the package, and png or a `--sector` highlight in svg say how to install Graphviz.
+    """
     from ..statecharts import GraphvizError, path_from_log, render
 
     highlight = None

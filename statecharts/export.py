@@ -1,8 +1,9 @@
 """`render(format)`: the sector state graph as a diagram, and the committed diagram files.
 
-Formats: `mermaid`, `dot`, `svg`, `png` (the last two run Graphviz's `dot`), `scxml`,
-`plantuml` and `json` (the schema of DESIGN §5). `highlight` marks a sector's path, as
-`path_from_log` rebuilds it: bold, coloured arrows with their step numbers, visited states.
+Formats: `mermaid`, `dot`, `svg`, `png` (the last two run Graphviz's `dot`; without it the
+whole-graph svg is the committed `lifecycle.svg`), `scxml`, `plantuml` and `json` (its schema is
+in `docs/architecture.md`). `highlight` marks a sector's path, as `path_from_log` rebuilds
+it: bold, coloured arrows with their step numbers, visited states.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ _SVG_MARK = "sectorfsm-dot-sha256"
 _SVG_MARK_RE = re.compile(rf"<!-- {_SVG_MARK}: ([0-9a-f]{{64}}) -->")
 
 _INSTALL_HINT = (
-    "Graphviz's `dot` is not installed (needed for svg and png). Install it with "
+    "Graphviz's `dot` is not installed (needed for png and for a highlighted svg; the "
+    "whole-graph svg is served from the committed copy). Install it with "
     "`apt-get install graphviz` (Debian/Ubuntu) or `brew install graphviz` (macOS); "
     "other systems: https://graphviz.org/download/ . The mermaid, dot, scxml, plantuml "
     "and json formats need nothing."
@@ -64,7 +66,7 @@ class GraphvizMissing(GraphvizError):
 
 
 def to_json(chart: Chart) -> str:
-    """The DESIGN §5 schema: `{"states": [{name, group, final}], "transitions": [...]}`.
+    """The json schema: `{"states": [{name, group, final}], "transitions": [...]}`.
 
     With a highlight, a `path` list of `{source, event, dest}` is added (the schema is
     otherwise unchanged).
@@ -113,7 +115,22 @@ def svg_source_digest(svg: str) -> str | None:
     return match.group(1) if match else None
 
 
-def _svg(dot_source: str) -> str:
+def committed_svg(dot_source: str) -> str | None:
+    """The committed whole-graph SVG if it was rendered from `dot_source` (None: stale/absent)."""
+    try:
+        svg = (HERE / COMMITTED["svg"]).read_text(encoding="utf-8")
+    except OSError:
+        return None
+    return svg if svg_source_digest(svg) == dot_digest(dot_source) else None
+
+
+def _svg(dot_source: str, *, highlighted: bool) -> str:
+    # Without Graphviz the whole graph still renders: the shipped copy is the same drawing
+    # (its DOT digest proves it). Only a highlighted path truly needs `dot`.
+    if not highlighted and shutil.which("dot") is None:
+        shipped = committed_svg(dot_source)
+        if shipped is not None:
+            return shipped
     svg = run_graphviz(dot_source, "svg").decode()
     mark = f"<!-- {_SVG_MARK}: {dot_digest(dot_source)} -->\n"
     head, sep, rest = svg.partition("\n")  # after the XML declaration, which must stay first
@@ -140,7 +157,7 @@ def render(format: str, *, highlight: Sequence[Triple] | None = None) -> str | b
         return to_plantuml(chart)
     dot_source = to_dot(chart)
     if format == "svg":
-        return _svg(dot_source)
+        return _svg(dot_source, highlighted=chart.highlighted)
     if format == "png":
         return run_graphviz(dot_source, "png")
     return dot_source

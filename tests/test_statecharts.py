@@ -27,6 +27,7 @@ from sectorfsm.statecharts import (
     COMMITTED,
     FORMATS,
     GraphvizMissing,
+    export,
     path_from_log,
     render,
     render_text,
@@ -244,11 +245,39 @@ def test_svg_and_png_render() -> None:
 
 def test_missing_graphviz_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(shutil, "which", lambda _: None)
-    with pytest.raises(GraphvizMissing, match="apt-get install graphviz") as info:
-        render("svg")
-    assert "brew install graphviz" in str(info.value)
-    assert "https://graphviz.org/download/" in str(info.value)
+    for fmt, highlight in (("svg", PLEDGE_PATH), ("png", None)):
+        with pytest.raises(GraphvizMissing, match="apt-get install graphviz") as info:
+            render(fmt, highlight=highlight)
+        assert "brew install graphviz" in str(info.value)
+        assert "https://graphviz.org/download/" in str(info.value)
+        assert "\n" not in str(info.value)
     assert render("dot")  # the text formats need nothing
+
+
+def test_whole_graph_svg_without_graphviz_is_the_committed_copy(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty directory: no `dot` anywhere
+    assert shutil.which("dot") is None
+    svg = render_text("svg")
+    assert svg == (HERE / COMMITTED["svg"]).read_text()
+    assert svg_source_digest(svg) == dot_digest(render_text("dot"))
+    assert ET.fromstring(svg.encode()).tag == "{http://www.w3.org/2000/svg}svg"
+    assert render_text("svg", highlight=[]) == svg  # an empty path is the whole graph
+
+
+def test_a_stale_committed_svg_is_never_served(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(shutil, "which", lambda _: None)
+    stale = (HERE / COMMITTED["svg"]).read_text().replace(dot_digest(render_text("dot")), "0" * 64)
+    (tmp_path / COMMITTED["svg"]).write_text(stale)
+    monkeypatch.setattr(export, "HERE", tmp_path)
+    with pytest.raises(GraphvizMissing, match="apt-get install graphviz"):
+        render("svg")
+    (tmp_path / COMMITTED["svg"]).unlink()
+    with pytest.raises(GraphvizMissing):
+        render("svg")
 
 
 def test_unknown_format_and_bad_highlight() -> None:
@@ -438,9 +467,25 @@ def test_cli_bad_format_is_a_clear_error() -> None:
 
 def test_cli_missing_graphviz(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(shutil, "which", lambda _: None)
-    result = CliRunner().invoke(_app(), ["statechart", "-f", "svg", "-o", str(tmp_path / "x")])
-    assert result.exit_code == 1
-    assert "apt-get install graphviz" in result.output and "Traceback" not in result.output
+    monkeypatch.setattr(cli_statechart, "load_sector_log", lambda repo, number: pledge_log())
+    for args in (["-f", "png"], ["-f", "svg", "--sector", "1"]):
+        out = tmp_path / "x"
+        result = CliRunner().invoke(_app(), ["statechart", *args, "-o", str(out)])
+        assert result.exit_code == 1, args
+        assert "apt-get install graphviz" in result.output and "brew install" in result.output
+        assert "Traceback" not in result.output and not out.exists()
+
+
+def test_cli_whole_graph_svg_without_graphviz(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    out = tmp_path / "chart.svg"
+    result = CliRunner().invoke(_app(), ["statechart", "-f", "svg", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.read_text() == (HERE / COMMITTED["svg"]).read_text()
+    result = CliRunner().invoke(_app(), ["statechart", "--format", "svg"])
+    assert result.exit_code == 0 and result.stdout == out.read_text()
 
 
 def test_cli_sector_highlights_its_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
