@@ -1,4 +1,4 @@
-"""`sectors status N` latency on a small and on a large store (DESIGN §6: under 300 ms).
+"""`sectors status N` latency on a small and on a large store (target: under 300 ms).
 
 Builds two repos (10 sectors and `--sectors` sectors, default 200,000; written straight into
 the store, as the engine writes them), then times `sectors status N` as a real subprocess,

@@ -2,7 +2,7 @@
 
 They read the store directly and write their commands into the engine's durable inbox, so
 they work whether or not `sectors run` is running (an engine picks them up within a second).
-Output follows `lotus-miner sectors` (reference §6).
+Output follows `lotus-miner sectors` (`cmd/lotus-miner/sectors.go@v1.11.3`).
 """
 
 from __future__ import annotations

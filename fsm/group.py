@@ -1,6 +1,7 @@
 """StateGroup: many persisted machines of one kind, driven by one planner.
 
-Semantics follow go-statemachine, with its defects fixed (see DESIGN §2):
+Semantics follow go-statemachine (`machine.go`, `group.go` @ v1.0.1, as Lotus v1.11.3 uses),
+with its defects fixed (see docs/lotus-deviations.md):
 
 * `send()` returns once the event is durable (it sits in the inbox, or is already applied).
   A planner round deletes the events it processed and writes the new state in one

@@ -1,7 +1,8 @@
 """`lotus`: a faithful port of Lotus's window scheduler with its utilization assigner.
 
-The benchmark baseline (`reference/lotus-sched.md` §3.2-3.6). Kept deliberately as Lotus
-has it, overcommit included:
+The benchmark baseline (Lotus `storage/sealer/sched.go`, `sched_assigner_common.go`,
+`sched_assigner_utilization.go`, `sched_worker.go` and `sched_resources.go`@b835fab70). Kept
+deliberately as Lotus has it, overcommit included:
 
 * each worker keeps `SCHED_WINDOWS` (2) windows open; every open window starts empty, sized
   to the whole idle worker, whatever the worker already runs;

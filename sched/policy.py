@@ -2,7 +2,7 @@
 
 An operator caps each stage per worker, binds stages to the worker that holds the sector's
 files, limits the disk a worker may fill and drains a worker before maintenance. The knobs and
-the rules are myScheduler's (`reference/lotus-sched.md` §5.1, `canHandleRequestMine`); this
+the rules are myScheduler's (`canHandleRequestMine`, in its Lotus ~v1.10 fork); this
 package only decides, it never counts: `rules.py` applies a policy to the counts the scheduler
 supplies through `rules.WorkerView`.
 

@@ -11,7 +11,9 @@
   no value was given. Without `env` the process environment is not read.
 
 Unlike Lotus, which turns a malformed value into 0, anything malformed or unknown raises
-`ResourceConfigError` naming the key and value. See `reference/lotus-sched.md` §2, §2.1, §3.4.
+`ResourceConfigError` naming the key and value. Lotus: `ResourceTable` and `ParseResourceEnv`
+in `storage/sealer/storiface/resources.go@b835fab70`, `CanHandleRequest` in
+`storage/sealer/sched_resources.go@b835fab70`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """myScheduler's rules: whether a worker's policy lets it take a task, and disk-unit counting.
 
-`policy_refusal` mirrors myScheduler's `canHandleRequestMine` (`reference/lotus-sched.md`
-§5.1); the policy itself (the knobs, parsing, hot reload) lives in `policy.py`.
+`policy_refusal` mirrors myScheduler's `canHandleRequestMine` (in its fork of Lotus's
+`extern/sector-storage/sched_resources.go`, Lotus ~v1.10); the policy itself (the knobs,
+parsing, hot reload) lives in `policy.py`.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Lotus's selectors answer yes/no (`Ok`) and compare two workers (`Cmp`). Here a s
 answers, for one worker, either a refusal in an operator's words or a placement: the storage
 path to reserve and the cost in seconds of moving the sector's files there. The assigner
 weighs that cost, so keeping work where the sector's files are is a preference, not just a
-filter (`reference/lotus-sched.md` §3.5).
+filter (Lotus: `storage/sealer/selector_*.go@b835fab70`).
 """
 
 from __future__ import annotations

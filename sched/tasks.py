@@ -1,7 +1,8 @@
 """Task types, their priority order, and the order of the request queue (Lotus `sealtasks`).
 
 Names and strings are Lotus's, so operators recognise them; `order` is HEAD's (lower is more
-urgent, negative types always go first). See `reference/lotus-sched.md` §1.1-1.2.
+urgent, negative types always go first). Lotus: `storage/sealer/sealtasks/task.go` and
+`storage/sealer/request_queue.go`@b835fab70.
 """
 
 from __future__ import annotations

@@ -29,7 +29,11 @@ class ChainApiError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class ChainParams:
-    """Network constants (reference §8); `devnet()` is 2k-devnet-like, `mainnet()` is real."""
+    """Network constants; `devnet()` is 2k-devnet-like, `mainnet()` is real.
+
+    Values as in Lotus v1.11.3's miner-actor policy (`chain/actors/policy/policy.go@v1.11.3`)
+    and build parameters (`build/params_2k.go@v1.11.3`, `build/params_mainnet.go@v1.11.3`).
+    """
 
     name: str
     block_time: float

@@ -1,4 +1,4 @@
-"""Lotus's sector checks (`checks.go`, reference §4.4): pieces, precommit and commit.
+"""Lotus's sector checks (`extern/storage-sealing/checks.go@v1.11.3`): pieces, precommit and commit.
 
 Each failure is a `CheckError` subclass named as in Lotus, so handlers map them to events the
 way Lotus does. A chain API failure becomes `ErrApi`.

@@ -16,7 +16,8 @@ class SectorEvent:
 
     #: Lotus's `Ignorable`: skipped silently by a state with no edge for it.
     ignorable: ClassVar[bool] = False
-    #: Global events are accepted in every state (reference §2.2).
+    #: Global events are accepted in every state (Lotus's `globalMutator`,
+    #: `extern/storage-sealing/fsm_events.go@v1.11.3`).
     is_global: ClassVar[bool] = False
 
     def apply(self, info: SectorInfo, now: float) -> None:

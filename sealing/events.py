@@ -1,4 +1,6 @@
-"""Every sector event of Lotus v1.11.3 (reference §2.7), with its `apply()` effects.
+"""Every sector event of Lotus v1.11.3, with its `apply()` effects.
+
+Lotus: `extern/storage-sealing/fsm_events.go@v1.11.3`.
 
 Events are frozen dataclasses. `apply(info, now)` mutates the SectorInfo the way Lotus's
 `apply` does; global events implement `apply_global(info) -> bool` instead (True: stop the
@@ -113,7 +115,7 @@ __all__ = [
 ]
 
 
-# -- global events (§2.2) -----------------------------------------------------------------
+# -- global events (Lotus's globalMutator) -------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,6 @@
-"""Recovery events: retries, deal-id recovery, faults, termination and removal (§2.7).
+"""Recovery events: retries, deal-id recovery, faults, termination and removal.
+
+Lotus: `extern/storage-sealing/fsm_events.go@v1.11.3`.
 
 Split from `events.py` only for size; `events` re-exports all of them.
 """

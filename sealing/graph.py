@@ -1,10 +1,14 @@
-"""The sector state graph: Lotus v1.11.3's planner table (reference §2.6), declared once.
+"""The sector state graph: Lotus v1.11.3's planner table (`fsmPlanners`), declared once.
+
+Lotus: `extern/storage-sealing/fsm.go@v1.11.3` (the table, `planOne`, `planCommitting`, `final`) and
+`extern/storage-sealing/fsm_events.go@v1.11.3` (the events); the deviations are in `DEVIATIONS`
+below and in `docs/lotus-deviations.md`.
 
 `EDGES` is the whole table. It is loaded into one `transitions` machine (`MACHINE`, with no
 model attached: binding trigger methods to a million sectors would not scale), and the
 planner, `update-state` validation and the statechart export all read it from there.
 
-Edge kinds (reference §2.1):
+Edge kinds (Lotus's planner building blocks `on`, `apply`, `onReturning` and `planCommitting`):
 
 * `on`: apply the event, go to `dest`, stop the batch.
 * `apply`: apply the event, stay, keep planning the batch.
@@ -105,7 +109,7 @@ def _apply(source: S, event: str) -> Edge:
 
 # fmt: off
 EDGES: tuple[Edge, ...] = (
-    # global events (reference §2.2) and ours
+    # Lotus's global events (`globalMutator`, fsm_events.go) and ours
     Edge(None, RESTART, None, "global"),
     Edge(None, "SectorFatalError", None, "global"),
     Edge(None, "SectorForceState", None, "global"),
@@ -230,7 +234,8 @@ EDGES: tuple[Edge, ...] = (
 )
 # fmt: on
 
-#: How each state plans a batch (reference §2.1). Every state has an entry.
+#: How each state plans a batch (Lotus's `planOne`, `final`, `planCommitting`). Every state has
+#: an entry.
 PLANNERS: dict[SectorState, str] = {
     s: "final" if s in FINAL_PLANNER_STATES else "committing" if s is S.Committing else "plan_one"
     for s in SectorState

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 from .states import SectorState
 
-#: Lotus truncates a sector's log above this many entries (reference §2.4).
+#: Lotus truncates a sector's log above this many entries (`logEvents`,
+#: `extern/storage-sealing/fsm.go@v1.11.3`).
 LOG_LIMIT = 8000
 #: ...keeping entries [0:LOG_KEEP_HEAD] and [LOG_KEEP_TAIL:].
 LOG_KEEP_HEAD = 2000
@@ -152,8 +153,9 @@ def log_append(info: SectorInfo, entry: LogEntry) -> None:
     """Append to the sector's log, truncating as Lotus does but keeping a visible marker.
 
     Lotus drops entries 2000..5999 when the log passes 8000 entries, and writes its
-    "truncate" marker where it is immediately overwritten (reference §9.8). Here the marker
-    survives at index 2000, so an operator can see that history was cut.
+    "truncate" marker where it is immediately overwritten (`logEvents` in
+    `extern/storage-sealing/fsm.go@v1.11.3` keeps `Log[:2000]`, which excludes it). Here the
+    marker survives at index 2000, so an operator can see that history was cut.
     """
     log = info.log
     if len(log) > LOG_LIMIT:

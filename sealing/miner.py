@@ -54,7 +54,7 @@ log = logging.getLogger("sectorfsm.sealing")
 
 _META_MINER = requests.META_MINER
 _META_NEXT = requests.META_NEXT
-#: Sealer backends `Miner.open` knows (see DESIGN §3).
+#: Sealer backends `Miner.open` knows (see docs/architecture.md).
 SEALERS = ("sim", "reference", "command")
 #: Seconds between looks at the request queue (the CLI's pledge and add-piece).
 REQUEST_POLL = 0.2

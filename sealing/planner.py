@@ -1,6 +1,7 @@
 """The sector planner: folds a batch of events into SectorInfo and picks the next handler.
 
-It follows Lotus v1.11.3's `plan()` (reference §2.1-2.4) on the table in `graph.py`, with the
+It follows Lotus's `plan()` (`extern/storage-sealing/fsm.go@v1.11.3`) on the table in
+`graph.py`, with the
 deviations listed there: an unexpected event is logged and consumed (the sector keeps going),
 a handler that raised is retried with backoff, and a spent retry budget parks the sector in
 FailedUnrecoverable.

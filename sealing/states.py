@@ -69,7 +69,8 @@ class SectorState(enum.StrEnum):
 
 S = SectorState
 
-#: Lotus's grouping of the states, as in its const block (reference §1), in display order.
+#: Lotus's grouping of the states, as in its const block, in display order
+#: (`extern/storage-sealing/sector_state.go@v1.11.3`).
 GROUPS: dict[str, tuple[SectorState, ...]] = {
     "undefined": (S.UndefinedSectorState,),
     "happy_path": (

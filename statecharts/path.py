@@ -134,7 +134,7 @@ def path_from_log(log: Iterable[LogEntryLike]) -> list[Triple]:
         if dest is None:
             continue
         path.append((state.name, event, dest.name))
-        # plan() moves a PackingFailed sector on to DealsExpired without an event (reference
-        # §2.3, as Lotus does), so later events are planned from there.
+        # plan() moves a PackingFailed sector on to DealsExpired without an event (as Lotus
+        # does, `extern/storage-sealing/fsm.go@v1.11.3`), so later events are planned from there.
         state = S.DealsExpired if dest is S.PackingFailed else dest
     return path

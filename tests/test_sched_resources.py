@@ -1,4 +1,8 @@
-"""Resource table, Threads(), per-worker overrides and byte formatting (lotus-sched.md §2, §3.4)."""
+"""Resource table, Threads(), per-worker overrides and byte formatting.
+
+Lotus: `storage/sealer/storiface/resources.go@b835fab70` and
+`storage/sealer/sched_resources.go@b835fab70`.
+"""
 
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ T = TaskType
 G32 = 32 << 30
 G64 = 64 << 30
 
-# Every row of the reference table (lotus-sched.md §2), copied as literal bytes:
+# Every row of Lotus's default `ResourceTable` (storiface/resources.go), as literal bytes:
 # (short, size, min_memory, max_memory, base_min_memory, max_parallelism, max_parallelism_gpu,
 #  gpu_utilization). MaxConcurrent is 0 in every default entry.
 EXPECTED = [

@@ -1,4 +1,4 @@
-"""Every event's `apply()` effect on SectorInfo (reference §2.7), and the global events."""
+"""Every event's `apply()` effect on SectorInfo (Lotus `fsm_events.go@v1.11.3`), and globals."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Every failure path of Lotus's reference §4.2, driven by fault injection on virtual time.
+"""Every failure path of Lotus's failed-state handlers, driven by fault injection on virtual time.
+
+Lotus: `extern/storage-sealing/states_failed.go@v1.11.3`.
 
 Each test ends where Lotus would end, or where our documented difference (graph.DEVIATIONS)
 says the sector goes instead.

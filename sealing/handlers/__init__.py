@@ -8,7 +8,8 @@ from . import failed, proving, sealing
 
 S = SectorState
 
-#: The handler of each state (reference §3.1); states not listed have none.
+#: The handler of each state (the `switch state.State` at the end of `plan()` in
+#: `extern/storage-sealing/fsm.go@v1.11.3`); states not listed have none.
 HANDLERS: dict[SectorState, Handler] = {
     S.Empty: sealing.handle_wait_deals,
     S.WaitDeals: sealing.handle_wait_deals,

@@ -1,4 +1,4 @@
-"""Failed-state handlers (Lotus v1.11.3 `states_failed.go`; reference §4.2).
+"""Failed-state handlers (Lotus `extern/storage-sealing/states_failed.go@v1.11.3`).
 
 The cool-down is not here: every failed state's step first waits out the backoff stored in
 `SectorInfo.retry_at` (see `planner.run_handler`), or gives the sector up to

@@ -1,4 +1,7 @@
-"""Proving, fault, termination and removal handlers (Lotus `states_proving.go`; §3.3)."""
+"""Proving, fault, termination and removal handlers.
+
+Lotus: `extern/storage-sealing/states_proving.go@v1.11.3`.
+"""
 
 from __future__ import annotations
 
@@ -88,7 +91,8 @@ async def handle_terminate_wait(s: Sealing, ctx: Context, info: SectorInfo) -> N
 async def handle_terminate_finality(s: Sealing, ctx: Context, info: SectorInfo) -> None:
     """Wait until the termination is past the winning-PoSt lookback, then remove the data."""
     chain = s.chain
-    # Lotus computes this wait with an inverted sign (reference §9.13); this waits exactly.
+    # Lotus's handleTerminateFinality computes this wait with an inverted sign
+    # (`extern/storage-sealing/states_proving.go@v1.11.3`); this waits exactly.
     await chain.wait_epoch(info.terminated_at + chain.params.winning_post_sector_set_lookback)
     ctx.send(SectorRemove())
 

@@ -1,4 +1,7 @@
-"""Happy-path handlers (Lotus v1.11.3 `states_sealing.go`, `input.go`; reference §3.2).
+"""Happy-path handlers.
+
+Lotus: `extern/storage-sealing/states_sealing.go@v1.11.3` and
+`extern/storage-sealing/input.go@v1.11.3`.
 
 A handler gets a copy of the SectorInfo and acts only through `ctx.send(event)`. Each one is
 safe to re-run after a crash: before sending a chain message it looks for the one it may
