@@ -6,13 +6,15 @@ running; `test_cli_daemon.py` covers the same commands against a running `sector
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
 import pytest
-from sealtools import run
+from sealtools import miner, run
 from typer.testing import CliRunner
 
+from sectorfsm.cli import run as runmod
 from sectorfsm.cli.app import app
 from sectorfsm.sealing import Miner, commp
 from sectorfsm.sealing.store_view import read_sector
@@ -222,3 +224,19 @@ def test_a_bad_sealer_command_creates_nothing(tmp_path: Path) -> None:
     code, out = invoke(tmp_path / "repo", "run", "--config", str(config))
     assert code == 1 and "/nonexistent/sealer" in out
     assert not (tmp_path / "repo").exists()
+
+
+def test_until_proving_stops_when_nothing_can_move(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with miner(tmp_path) as m:
+            a = await m.pledge()
+            await m.wait(a, "Proving", timeout=DAY)
+            b = await m.pledge()
+            await m.wait(b, "WaitSeed", timeout=DAY)
+            await m.terminate(b)  # precommitted only: Lotus pauses in TerminateFailed
+            await m.wait(b, "TerminateFailed", timeout=DAY)
+            await m.idle()
+            with pytest.raises(runmod._Outcome, match=f"{b} in TerminateFailed"):
+                await asyncio.wait_for(runmod._supervise(m, asyncio.Event(), True), 10)
+
+    run(body)

@@ -9,6 +9,7 @@ says the sector goes instead.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sealtools import count, kinds, miner, run
@@ -25,6 +26,8 @@ from sectorfsm.sealing.states import SectorState
 
 DAY = 86400.0
 FAST = {"retry": {"base": 30.0, "factor": 2.0, "cap": 600.0, "budget": 6}}
+#: Deal sectors wait an hour for more pieces, and retries back off slowly.
+SLOW_SEAL = {"wait_deals_delay": 3600.0, "retry": {"base": 30.0, "budget": 6}}
 
 
 def _sim(m):  # type: ignore[no-untyped-def]
@@ -421,5 +424,74 @@ def test_a_restart_queued_behind_an_event_is_served_by_that_round(tmp_path: Path
             step, processed = plan(m.sealing, [SectorProving(), Restart()], info)
             assert processed == 2  # else FinalizeSector's handler would start twice
             assert info.state is SectorState.FinalizeSector and step is not None
+
+    run(body)
+
+
+def test_one_failed_piece_drops_only_itself(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with miner(tmp_path, config=SLOW_SEAL) as m:
+            backend: Any = m.sealer.backend
+            original = backend.add_piece
+            writes = {"deal": 0}
+
+            async def flaky(job: Any, existing: Any, size: int, piece: Any) -> Any:
+                if piece is not None:
+                    writes["deal"] += 1
+                    if writes["deal"] == 2:
+                        raise RuntimeError("disk hiccup on the second deal piece")
+                return await original(job, existing, size, piece)
+
+            backend.add_piece = flaky
+            cids = [commp.piece_cid(bytes([i]) * 100) for i in range(3)]
+            # Assigned in one tick: one AddPiece step handles all three.
+            numbers = m._assign([m._pending_piece(c, 128, None) for c in cids])
+            await m.store.committer.waiter()
+            assert len(set(numbers)) == 1
+            info = await m.wait(numbers[0], "Proving", timeout=10 * DAY)
+            sealed = [p.piece_cid for p in info.pieces if p.deal is not None]
+            assert sealed == [cids[0], cids[2]]  # the first was kept, the third retried
+            failed = next(e for e in info.log if e.kind == "event;SectorAddPieceFailed")
+            assert "disk hiccup" in failed.trace and "deal 2" in failed.trace
+
+    run(body)
+
+
+def test_remove_failures_count_against_the_budget(tmp_path: Path) -> None:
+    async def body() -> None:
+        cfg = {"retry": {"base": 30.0, "budget": 3}}
+        async with miner(tmp_path, config=cfg) as m:
+            n = await m.pledge()
+            await m.wait(n, "Proving", timeout=DAY)
+            m.sealer.backend.faults.fail_remove = 1000  # type: ignore[attr-defined]
+            await m.remove(n)
+            info = await m.wait(n, "FailedUnrecoverable", timeout=30 * DAY)
+            assert info.unrecoverable_from == "RemoveFailed"
+            assert kinds(info).count("SectorRemoveFailed") == 4  # the first try + 3 retries
+            assert "simulated removal failure" in info.last_err
+
+    run(body)
+
+
+def test_a_parked_sector_shows_its_cause_and_retry_is_immediate(tmp_path: Path) -> None:
+    async def body() -> None:
+        cfg = {"retry": {"base": 3600.0, "budget": 1}}
+        async with miner(tmp_path, config=cfg) as m:
+            faults: Any = m.sealer.backend.faults
+            faults.fail_tasks[TaskType.PRE_COMMIT1] = 2
+            n = await m.pledge()
+            info = await m.wait(n, "FailedUnrecoverable", timeout=DAY)
+            assert info.retry_at == 0  # nothing pending: `status` must not promise a retry
+            assert "simulated PC1 failure" in info.last_err  # the cause, not only the budget
+            resumed_at = m.clock.now()
+            await m.retry(n)
+            info = await m.wait(n, "Proving", timeout=DAY)
+            retried = next(
+                e.timestamp
+                for e in info.log
+                if e.kind == "event;SectorRetrySealPreCommit1" and e.timestamp >= resumed_at - 1
+            )
+            assert retried - resumed_at < 60  # not the 1-hour backoff again
+            assert info.last_err == ""
 
     run(body)

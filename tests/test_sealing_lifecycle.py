@@ -7,12 +7,17 @@ from pathlib import Path
 import pytest
 from sealtools import HAPPY, count, kinds, miner, run
 
+from sectorfsm.fsm import VirtualClock
 from sectorfsm.sched import TaskType
 from sectorfsm.sealing import commp
 from sectorfsm.sealing.chain import ChainParams, ExitCode
 from sectorfsm.sealing.config import SealingConfig
 from sectorfsm.sealing.info import LogEntry, SectorInfo, log_append
 from sectorfsm.sealing.states import SectorState
+
+DAY = 86400.0
+#: Deal sectors wait an hour for more pieces, and retries back off slowly.
+SLOW_SEAL = {"wait_deals_delay": 3600.0, "retry": {"base": 30.0, "budget": 6}}
 
 
 def test_pledge_reaches_proving_on_virtual_clock_with_every_step_scheduled(tmp_path: Path) -> None:
@@ -252,5 +257,23 @@ def test_pc1_on_another_worker_fetches_the_unsealed_file(tmp_path: Path) -> None
         async with miner(tmp_path, workers=workers) as m:
             assert m.sched.index.find_sector(ref, FileType.UNSEALED) == {"p2": FileType.UNSEALED}
             await m.wait(n, "Proving", timeout=86400)
+
+    run(body)
+
+
+def test_restart_keeps_a_full_sector_full(tmp_path: Path) -> None:
+    async def body() -> None:
+        clock = VirtualClock()
+        a, b, c = (commp.piece_cid(bytes([i]) * 100) for i in range(3))
+        async with miner(tmp_path, clock=clock, config=SLOW_SEAL) as m:
+            first = await m.add_piece(a, 128)
+            assert await m.add_piece(b, 1024) == first  # 128 + 896 padding + 1024 = full
+        async with miner(tmp_path, clock=clock, config=SLOW_SEAL) as m:
+            assert m.sealing.open_sectors[first] == 2048
+            other = await m.add_piece(c, 512)
+            assert other != first
+            info = await m.wait(other, "Proving", timeout=10 * DAY)
+            assert info.pieces[0].piece_cid == c
+            assert "SectorAddPieceFailed" not in kinds(await m.wait(first, "Proving"))
 
     run(body)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sealtools import kinds, miner, run
 
 import sectorfsm
+from sectorfsm.fsm import LmdbStore
+from sectorfsm.sched import TaskType
 from sectorfsm.sealing import (
     NotFailedError,
     SealingError,
@@ -15,8 +19,10 @@ from sectorfsm.sealing import (
     SectorStuckError,
     UnknownSectorError,
     commp,
+    requests,
 )
 from sectorfsm.sealing.states import EXISTING_STATES
+from sectorfsm.sealing.store_view import store_path
 
 DAY = 86400.0
 
@@ -190,5 +196,45 @@ def test_max_sealing_sectors_limits_pledges(tmp_path: Path) -> None:
             await m.wait(a, "Proving", timeout=DAY)
             await m.wait(b, "Proving", timeout=DAY)
             assert await m.pledge() == 3
+
+    run(body)
+
+
+def test_the_sealing_limit_holds_for_queued_and_offline_pledges(tmp_path: Path) -> None:
+    async def body() -> None:
+        cfg = {"max_sealing_sectors": 2, "retry": {"base": 3600.0, "budget": 50}}
+        async with miner(tmp_path, config=cfg) as m:
+            faults: Any = m.sealer.backend.faults
+            faults.fail_tasks[TaskType.PRE_COMMIT1] = 100  # both stay sealing (failed, live)
+            await m.pledge()
+            await m.pledge()
+            rid = requests.submit(m.store, {"op": "pledge", "count": 1})
+            m.serve_requests()
+            await m.store.committer.waiter()
+            result = requests.take_result(m.store, rid)
+            assert result is not None and "too many sectors sealing" in result["error"]
+            with pytest.raises(SealingError):
+                await m.pledge()
+        with (
+            LmdbStore(store_path(tmp_path / "repo")) as store,
+            pytest.raises(ValueError, match="too many sectors sealing"),
+        ):
+            requests.pledge_offline(store, 1)
+
+    run(body)
+
+
+def test_a_failed_queued_request_is_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def body() -> None:
+        async with miner(tmp_path) as m:
+            requests.submit(
+                m.store, {"op": "add_piece", "piece_cid": commp.piece_cid(b"x"), "size": 4096}
+            )
+            with caplog.at_level(logging.ERROR, logger="sectorfsm.sealing"):
+                m.serve_requests()
+            await m.idle()
+        assert "does not fit" in caplog.text
 
     run(body)
