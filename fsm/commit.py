@@ -328,6 +328,10 @@ class Committer:
                     waiter.set_result(None)
                 else:
                     waiter.set_exception(err)
+                    # Marked retrieved: a `post()` whose caller never awaits it must not log
+                    # "Future exception was never retrieved" (the failure is logged below).
+                    # Whoever awaits it still gets the error.
+                    waiter.exception()
             for cb, args in unit.callbacks:
                 try:
                     cb(*args, err)

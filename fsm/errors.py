@@ -23,6 +23,10 @@ class StoreLockedError(StoreError):
     """Another process already runs an engine on this repo."""
 
 
+class StoreDamagedError(StoreError):
+    """The store's files are damaged (truncated, emptied); it is refused, never reused."""
+
+
 class RecordError(StoreError):
     """A stored record is corrupt, of an unknown type, or of another schema version."""
 
@@ -36,6 +40,10 @@ class UnknownMachineError(FsmError, KeyError):
 
 class MachineExistsError(FsmError):
     """`begin` was called for an id that already exists."""
+
+
+class DuplicateGroupError(FsmError):
+    """A group of the same name already runs on this store."""
 
 
 class GroupStoppedError(FsmError):

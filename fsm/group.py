@@ -125,7 +125,7 @@ class StateGroup(MachineRuntime, Generic[S]):
         self._waiters: list[asyncio.Future[None]] = []
         self._poller: asyncio.Task[None] | None = None
         self._mailbox = MailboxReader(self)
-        #: Ids whose stored record could not be read at start (they are left untouched).
+        #: Ids whose stored record could not be read (set aside in quarantine at start).
         self.unreadable: dict[MachineId, str] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -141,8 +141,14 @@ class StateGroup(MachineRuntime, Generic[S]):
             raise RuntimeError(f"group {self.name!r} is already started")
         self.store.lock_engine()
         try:
+            self.store.claim_group(self.name)
+        except BaseException:
+            self.store.unlock_engine()
+            raise
+        try:
             self._resume()
         except BaseException:
+            self.store.release_group(self.name)
             self.store.unlock_engine()
             raise
         committer = self._committer
@@ -172,12 +178,16 @@ class StateGroup(MachineRuntime, Generic[S]):
                 pending.setdefault(mid, []).append((key, value))
             for key in scan(txn, self.store.db("live"), self._prefix, values=False):
                 live.append(records.machine_id(key)[0])
+        bad: list[tuple[MachineId, bytes, str]] = []
         for mid in dict.fromkeys([*live, *pending]):
             try:
                 m = self._load(mid)
             except RecordError as exc:
-                log.error("group %s: not resuming machine %r: %s", self.name, mid, exc)
-                self.unreadable[mid] = str(exc)
+                raw = records.raw(records.key(mid))
+                if raw is not None:
+                    bad.append((mid, raw, str(exc)))
+                continue
+            if m is None:
                 continue
             if m is None:
                 continue
@@ -192,6 +202,34 @@ class StateGroup(MachineRuntime, Generic[S]):
                 m.push(0, Restart(), 0)
             if m.events:
                 self._dirty[mid] = m
+        if bad:
+            self.set_aside(bad)
+
+    def set_aside(self, bad: list[tuple[MachineId, bytes, str]]) -> None:
+        """Move unreadable machine records `(id, raw, reason)` to quarantine (one commit).
+
+        The engine runs every other machine; these wait, bytes kept, for the operator to
+        export, repair and restore them (`GroupRecords.restore`) or drop them.
+        """
+        records = self.records
+        for name in ("states", "live", "quarantine"):
+            self.store.db(name)
+
+        def move(txn: Any) -> None:
+            for mid, raw, why in bad:
+                # Only the bytes that were read: a record rewritten meanwhile is not ours.
+                if txn.get(records.key(mid), db=self.store.db("states")) == raw:
+                    records.set_aside(txn, mid, raw, why)
+
+        self.store.write(move)
+        for mid, _, why in bad:
+            log.error(
+                "group %s: machine %r set aside in quarantine (its record is kept): %s",
+                self.name,
+                mid,
+                why,
+            )
+            self.unreadable[mid] = why
 
     async def stop(self) -> None:
         """Cancel running steps, commit what is staged and release the repo."""
@@ -228,6 +266,7 @@ class StateGroup(MachineRuntime, Generic[S]):
             self._dirty.clear()
             self._unstaged.clear()
             self._rounds = 0
+            self.store.release_group(self.name)
             self.store.unlock_engine()
             self._notify()
 
@@ -265,6 +304,10 @@ class StateGroup(MachineRuntime, Generic[S]):
             return
         if machine_id in self._machines or self.records.raw(key) is not None:
             raise MachineExistsError(f"{self.name} machine {machine_id!r} already exists")
+        if self.records.quarantined(machine_id) is not None:
+            raise MachineExistsError(
+                f"{self.name} machine {machine_id!r} exists but its record is in quarantine"
+            )
         self._create(machine_id, initial_state)
         committer = self._committer
         waiter = committer.waiter()
@@ -299,9 +342,19 @@ class StateGroup(MachineRuntime, Generic[S]):
         return self._committer.waiter()
 
     def get(self, machine_id: MachineId) -> S | None:
-        """The persisted state of a machine, or None if it does not exist."""
+        """The persisted state of a machine, or None if it does not exist.
+
+        `RecordError` names a record that cannot be read, or that was set aside in quarantine.
+        """
         raw = self.records.raw(self.records.key(machine_id))
-        return None if raw is None else self.records.decode(raw, machine_id)[0]
+        if raw is not None:
+            return self.records.decode(raw, machine_id)[0]
+        aside = self.records.quarantined(machine_id)
+        if aside is not None:
+            raise RecordError(
+                f"{self.records.what(machine_id, 'state record')} is in quarantine: {aside[0]}"
+            )
+        return None
 
     def has(self, machine_id: MachineId) -> bool:
         """True if the machine exists in the store."""
@@ -318,8 +371,18 @@ class StateGroup(MachineRuntime, Generic[S]):
         start_after: MachineId | None = None,
         page_size: int = 1000,
     ) -> Iterator[tuple[MachineId, S]]:
-        """Yield `(id, state)` in id order, reading the store page by page."""
-        return self.records.list(filter, start_after=start_after, page_size=page_size)
+        """Yield `(id, state)` in id order, reading the store page by page.
+
+        Records that cannot be read are skipped (and listed in `unreadable`, logged once).
+        """
+        return self.records.list(
+            filter, start_after=start_after, page_size=page_size, on_error=self._unreadable
+        )
+
+    def _unreadable(self, machine_id: MachineId, raw: bytes, exc: RecordError) -> None:
+        if machine_id not in self.unreadable:
+            log.error("group %s: skipping machine %r: %s", self.name, machine_id, exc)
+        self.unreadable[machine_id] = str(exc)
 
     def count_by(self, field: str) -> dict[Any, int]:
         """Count machines by the value of one state field (a full scan, page by page)."""

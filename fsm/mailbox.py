@@ -17,6 +17,8 @@ from .errors import RecordError, StoreError
 
 if TYPE_CHECKING:
     from .group import StateGroup
+    from .keys import MachineId
+    from .machine import Machine
 
 log = logging.getLogger("sectorfsm.fsm")
 
@@ -65,7 +67,7 @@ class MailboxReader:
                     raise RecordError(f"mailbox entry {mkey!r} names a bad machine key")
                 mid = g.records.machine_id(key)[0]
                 event = g._codec.decode_event(raw, g.records.what(mid, "mailbox event"))
-                m = g._machines.get(mid) or g._load(mid)
+                m = g._machines.get(mid) or self._load(mid)
                 if m is None:
                     raise RecordError(f"{g.records.what(mid, 'mailbox event')}: no such machine")
             except (RecordError, ValueError) as exc:
@@ -78,6 +80,17 @@ class MailboxReader:
             self.ingesting.update(taken)
             committer.on_commit(lambda err: self.ingesting.difference_update(taken))
             committer.end_unit()
+
+    def _load(self, mid: MachineId) -> Machine | None:
+        """Load a machine for an event; an unreadable record is set aside, then re-raised."""
+        g = self.group
+        try:
+            return g._load(mid)
+        except RecordError as exc:
+            raw = g.records.raw(g.records.key(mid))
+            if raw is not None:
+                g.set_aside([(mid, raw, str(exc))])
+            raise
 
     def quarantine(self, db: str, key: bytes, raw: bytes, why: str) -> None:
         """Move an unreadable inbox or mailbox record aside, keeping its bytes."""

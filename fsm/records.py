@@ -7,6 +7,8 @@ and a NUL):
 * `live`    ``<group>\\0<id>`` -> empty; present while the machine is not final
 * `inbox`   ``<group>\\0<id><seq:8>`` -> an encoded event, pending for that machine
 * `mailbox` ``<seq:8>`` -> msgpack ``[group, state_key, encoded_event]``, written by clients
+* `quarantine` ``<db>/<key>`` -> msgpack ``[reason, raw_bytes]``: records set aside because
+  they cannot be read (a machine's is ``states/<group>\\0<id>``), kept for recovery
 
 Everything here is synchronous and safe to call from any thread or process.
 """
@@ -26,6 +28,10 @@ from .store import LmdbStore
 
 S = TypeVar("S")
 _PAGE = 1000
+#: Called with `(id, raw_record, error)` for a record that cannot be read, instead of raising.
+OnError = Callable[[MachineId, bytes, RecordError], None]
+#: Quarantine keys of machine records start with this.
+STATES_QUARANTINE = b"states/"
 
 
 def _new_unpacker() -> msgpack.Unpacker:
@@ -94,7 +100,8 @@ class GroupRecords(Generic[S]):
             version, final, last_error, payload = unpackb(raw)
         except Exception as exc:
             raise RecordError(
-                f"{self.what(machine_id, 'state record')} is corrupt ({exc})"
+                f"{self.what(machine_id, 'state record')} is corrupt: its {len(raw)} bytes "
+                f"are not a valid record ({_why(exc)})"
             ) from exc
         if version != self.codec.schema_version:
             raise RecordError(
@@ -105,7 +112,7 @@ class GroupRecords(Generic[S]):
             state = self.codec.decode_state_fields(payload)
         except Exception as exc:
             what = self.what(machine_id, "state record")
-            raise RecordError(f"{what} cannot be read: {exc}") from exc
+            raise RecordError(f"{what} cannot be read: {_why(exc)}") from exc
         return state, bool(final), last_error
 
     def decode_state(self, raw: bytes, machine_id: MachineId) -> S:
@@ -151,8 +158,13 @@ class GroupRecords(Generic[S]):
         *,
         start_after: MachineId | None = None,
         page_size: int = _PAGE,
+        on_error: OnError | None = None,
     ) -> Iterator[tuple[MachineId, S]]:
-        """Yield `(id, state)` in id order, one short read transaction per page."""
+        """Yield `(id, state)` in id order, one short read transaction per page.
+
+        A record that cannot be read raises `RecordError`, or with `on_error` is reported
+        there and skipped.
+        """
         lower = self.prefix if start_after is None else self.key(start_after) + b"\x00"
         while True:
             with self.store.read() as txn:
@@ -163,7 +175,13 @@ class GroupRecords(Generic[S]):
                         break
             for key, value in page:
                 mid = self.machine_id(key)[0]
-                state = self.decode(value, mid)[0]
+                try:
+                    state = self.decode(value, mid)[0]
+                except RecordError as exc:
+                    if on_error is None:
+                        raise
+                    on_error(mid, value, exc)
+                    continue
                 if filter is None or filter(state):
                     yield mid, state
             if len(page) < page_size:
@@ -176,12 +194,74 @@ class GroupRecords(Generic[S]):
             keys = list(scan(txn, self.store.db("live"), self.prefix, values=False))
         return [self.machine_id(key)[0] for key in keys]
 
-    def list_live(self) -> Iterator[tuple[MachineId, S]]:
-        """Yield `(id, state)` of the machines not in a final state (read from the live index)."""
+    def list_live(self, on_error: OnError | None = None) -> Iterator[tuple[MachineId, S]]:
+        """Yield `(id, state)` of the machines not in a final state (read from the live index).
+
+        `on_error` as in `list`.
+        """
         for mid in self.live_ids():
             raw = self.raw(self.key(mid))
-            if raw is not None:
-                yield mid, self.decode(raw, mid)[0]
+            if raw is None:
+                continue
+            try:
+                state = self.decode(raw, mid)[0]
+            except RecordError as exc:
+                if on_error is None:
+                    raise
+                on_error(mid, raw, exc)
+                continue
+            yield mid, state
+
+    # -- quarantine -------------------------------------------------------------------------
+
+    def quarantine_key(self, machine_id: MachineId) -> bytes:
+        """Where a machine's unreadable record is kept in `quarantine`."""
+        return STATES_QUARANTINE + self.key(machine_id)
+
+    def quarantined(self, machine_id: MachineId) -> tuple[str, bytes] | None:
+        """`(reason, raw_record)` if this machine's record was set aside, else None."""
+        with self.store.read() as txn:
+            value = txn.get(self.quarantine_key(machine_id), db=self.store.db("quarantine"))
+        if value is None:
+            return None
+        why, raw = unpackb(value)
+        return str(why), bytes(raw)
+
+    def list_quarantined(self) -> Sequence[tuple[MachineId, str, bytes]]:
+        """`(id, reason, raw_record)` of every machine of this group set aside, in id order."""
+        prefix = STATES_QUARANTINE + self.prefix
+        with self.store.read() as txn:
+            items = list(scan(txn, self.store.db("quarantine"), prefix))
+        out = []
+        for key, value in items:
+            why, raw = unpackb(value)
+            out.append((self.machine_id(key[len(STATES_QUARANTINE) :])[0], str(why), bytes(raw)))
+        return out
+
+    def set_aside(self, txn: Any, machine_id: MachineId, raw: bytes, why: str) -> None:
+        """In `txn`: move a machine's unreadable record to quarantine, bytes and reason kept.
+
+        Its pending inbox events stay where they are, for when the record is restored.
+        """
+        key = self.key(machine_id)
+        txn.put(self.quarantine_key(machine_id), packb([why, raw]), db=self.store.db("quarantine"))
+        txn.delete(key, db=self.store.db("states"))
+        txn.delete(key, db=self.store.db("live"))
+
+    def restore(self, txn: Any, machine_id: MachineId, raw: bytes) -> None:
+        """In `txn`: put a (repaired) record back in place of the quarantined one.
+
+        `RecordError` if `raw` cannot be read either; nothing is changed then.
+        """
+        state, final, _ = self.decode(raw, machine_id)
+        final = final or self.is_final(state)
+        key = self.key(machine_id)
+        txn.put(key, raw, db=self.store.db("states"))
+        if final:
+            txn.delete(key, db=self.store.db("live"))
+        else:
+            txn.put(key, b"", db=self.store.db("live"))
+        txn.delete(self.quarantine_key(machine_id), db=self.store.db("quarantine"))
 
     def pending(self, key: bytes) -> Sequence[tuple[bytes, bytes]]:
         """The inbox entries `(inbox_key, encoded_event)` of one machine, in order."""
@@ -196,6 +276,11 @@ class GroupRecords(Generic[S]):
         """Create a machine record in `txn`; `MachineExistsError` if the id is taken."""
         if txn.get(key, db=self.store.db("states")) is not None:
             raise MachineExistsError(f"{self.name} machine {machine_id!r} already exists")
+        if txn.get(STATES_QUARANTINE + key, db=self.store.db("quarantine")) is not None:
+            # Its number is taken: a new machine must not replace the set-aside record.
+            raise MachineExistsError(
+                f"{self.name} machine {machine_id!r} exists but its record is in quarantine"
+            )
         txn.put(key, record, db=self.store.db("states"))
         if not final:
             txn.put(key, b"", db=self.store.db("live"))
@@ -206,6 +291,8 @@ class GroupRecords(Generic[S]):
         """Append an encoded event to the mailbox in `txn` (creating the machine if allowed)."""
         key = self.key(machine_id)
         if txn.get(key, db=self.store.db("states")) is None:
+            if txn.get(STATES_QUARANTINE + key, db=self.store.db("quarantine")) is not None:
+                raise RecordError(f"{self.what(machine_id, 'state record')} is in quarantine")
             if create is None:
                 raise UnknownMachineError(f"{self.name} has no machine {machine_id!r}")
             state = create()
@@ -216,6 +303,12 @@ class GroupRecords(Generic[S]):
         seq = (int.from_bytes(last, "big") if last else 0) + 1
         txn.put(b"mailbox_seq", seq_key(seq), db=counters)
         txn.put(seq_key(seq), packb([self.name, key, raw]), db=self.store.db("mailbox"))
+
+
+def _why(exc: BaseException) -> str:
+    """An exception as a reason: its message, or its type when it has none."""
+    text = str(exc).removeprefix("Unpack failed: ")
+    return text if text else f"msgpack {type(exc).__name__}"
 
 
 def scan(

@@ -1,14 +1,14 @@
 """LMDB-backed store: one environment per repo directory, named sub-databases, msgpack values.
 
 Writers from several processes are serialised by LMDB itself. Only one process may run an
-*engine* on a repo (an exclusive `flock` on `engine.lock`); any process may read, and may
-append to the mailbox, at any time.
+*engine* on a repo (see `repolock`); any process may read, and may append to the mailbox, at
+any time. `data.mdb` is checked against LMDB's meta pages before it is mapped (`lmdbfile`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import fcntl
 import logging
 import os
 import shutil
@@ -21,7 +21,9 @@ from typing import Any, Literal, TypeVar
 import lmdb
 
 from .commit import Committer
-from .errors import StoreError, StoreFullError, StoreLockedError
+from .errors import DuplicateGroupError, StoreDamagedError, StoreError, StoreFullError
+from .lmdbfile import check_data_file
+from .repolock import ENGINE_WAIT, RepoLock
 
 log = logging.getLogger("sectorfsm.fsm.store")
 
@@ -31,6 +33,8 @@ DURABILITIES: tuple[str, ...] = ("sync", "group", "nosync")
 #: Sub-databases every store has. Domains may open more with `LmdbStore.db(name)`.
 CORE_DBS = ("states", "live", "inbox", "mailbox", "quarantine", "counters", "meta")
 STORE_FORMAT = 1
+#: The store's identity (see `LmdbStore.identity`), under this key of `meta`.
+STORE_ID = b"store_id"
 _MAX_DBS = 64
 _DEFAULT_MAP = 64 << 20
 R = TypeVar("R")
@@ -105,8 +109,9 @@ class LmdbStore:
         self.durability: Durability = durability
         self.max_map_size = max_map_size
         self._gate = _ResizeGate()
-        self._lock_fd: int | None = None
-        self._lock_users = 0
+        self._lock = RepoLock(self.path)
+        self._groups: set[str] = set()
+        self._identity = ""
         self._closed = False
         #: Stages and group-commits writes for the engine (binds to an event loop on first use).
         self.committer = Committer(self)
@@ -135,6 +140,7 @@ class LmdbStore:
             raise
 
     def _open(self, map_size: int, max_map_size: int | None) -> None:
+        self._check_files()
         initial = map_size if max_map_size is None else min(map_size, max_map_size)
         sync = self.durability != "nosync"
         try:
@@ -182,12 +188,30 @@ class LmdbStore:
                 self._dbs[name] = handle
         return handle
 
+    def _check_files(self) -> None:
+        data = self.path / "data.mdb"
+        if check_data_file(data) is None:
+            return
+        if not (self.path / "lock.mdb").exists() and self._lock.engine_elsewhere():
+            # A new lock.mdb would give this process a writer mutex of its own, and its
+            # writes would interleave with the engine's: the store would be corrupted.
+            raise StoreDamagedError(
+                f"{self.path / 'lock.mdb'} was deleted while an engine (pid "
+                f"{self._lock.holder()}) runs on this store; stop that engine (its next start "
+                "re-creates the file), then retry"
+            )
+
     def _check_format(self) -> None:
         from .codec import packb, unpackb
 
         def check(txn: Any) -> None:
             meta = self._dbs["meta"]
             raw = txn.get(b"store_format", db=meta)
+            ident = txn.get(STORE_ID, db=meta)
+            if ident is None:
+                ident = os.urandom(16).hex().encode()
+                txn.put(STORE_ID, ident, db=meta)
+            self._identity = bytes(ident).decode(errors="replace")
             if raw is None:
                 txn.put(b"store_format", packb(STORE_FORMAT), db=meta)
                 return
@@ -316,54 +340,59 @@ class LmdbStore:
 
     # -- engine lock ----------------------------------------------------------------------
 
-    def lock_engine(self) -> None:
-        """Claim this repo for the engine of this process (re-entrant within the process)."""
+    def lock_engine(self, wait: float = ENGINE_WAIT) -> None:
+        """Claim this repo for the engine of this process (re-entrant within the process).
+
+        Waits up to `wait` seconds for CLI writers (see `offline_writer`), never for an engine.
+        """
         self._ensure_open()
-        if self._lock_fd is not None:
-            self._lock_users += 1
-            return
-        lock_path = self.path / "engine.lock"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise StoreLockedError(
-                f"another engine (pid {holder}) is already running on {self.path}; "
-                "stop it first, or use the CLI, which works alongside it"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._lock_fd = fd
-        self._lock_users = 1
+        self._lock.acquire(wait)
 
     def unlock_engine(self) -> None:
         """Release one claim taken with `lock_engine`."""
-        if self._lock_fd is None:
-            return
-        self._lock_users -= 1
-        if self._lock_users <= 0:
-            os.ftruncate(self._lock_fd, 0)
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self._lock.release()
 
     def engine_locked_elsewhere(self) -> bool:
         """True if some other process holds the engine lock of this repo."""
-        if self._lock_fd is not None:
-            return False
-        try:
-            fd = os.open(self.path / "engine.lock", os.O_RDONLY)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
+        return self._lock.engine_elsewhere()
+
+    def lock_writer(self) -> bool:
+        """Claim the repo for a CLI write while no engine runs; False if an engine runs.
+
+        Engines cannot start until `unlock_writer`; other CLI writers can (LMDB serialises
+        the writes themselves). A starting engine waits a few seconds for the claim to end.
+        """
+        self._ensure_open()
+        return self._lock.acquire_writer()
+
+    def unlock_writer(self) -> None:
+        """Release a claim taken with `lock_writer`."""
+        self._lock.release_writer()
+
+    def offline_writer(self) -> contextlib.AbstractContextManager[bool]:
+        """`with store.offline_writer() as offline:` keeps engines from starting meanwhile.
+
+        `offline` is False if an engine runs (then the write belongs in its request queue).
+        """
+        return self._lock.offline_writer()
+
+    def claim_group(self, name: str) -> None:
+        """Register a started group; `DuplicateGroupError` if one of that name runs already."""
+        if name in self._groups:
+            raise DuplicateGroupError(
+                f"a group named {name!r} is already running on store {self.path}; "
+                "share that StateGroup (a second one would split its machines' events)"
+            )
+        self._groups.add(name)
+
+    def release_group(self, name: str) -> None:
+        """Undo `claim_group`."""
+        self._groups.discard(name)
+
+    @property
+    def identity(self) -> str:
+        """A random id made when the store was created (sector files' owner markers use it)."""
+        return self._identity
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -377,8 +406,9 @@ class LmdbStore:
         if self._closed:
             return
         self.committer.shutdown()
-        while self._lock_fd is not None:
+        while self._lock.held:
             self.unlock_engine()
+        self._lock.release_all_writers()
         self._closed = True
         self.env.close()
         with _OPEN_LOCK:

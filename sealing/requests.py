@@ -13,7 +13,7 @@ import os
 import time
 from typing import Any
 
-from ..fsm import LmdbStore, StoreLockedError
+from ..fsm import LmdbStore
 from ..fsm.codec import packb, unpackb
 from .config import seal_proof_for
 from .events import SectorStartCC
@@ -83,15 +83,15 @@ def identity(store: LmdbStore) -> tuple[int, int] | None:
 def pledge_offline(store: LmdbStore, count: int) -> list[int] | None:
     """Create `count` CC sectors while no engine runs; None if an engine holds the repo.
 
-    The engine lock is held for the duration, so no engine can start and allocate numbers
-    concurrently. The sectors wait in the mailbox until the next `sectors run`.
+    The repo is claimed as a CLI writer for the duration, so no engine can start and
+    allocate numbers concurrently. The sectors wait in the mailbox until the next
+    `sectors run`.
     """
     ident = identity(store)
     if ident is None:
         return None
-    try:
-        store.lock_engine()
-    except StoreLockedError:
+    # A CLI writer's claim: a starting engine waits for it instead of taking it for an engine.
+    if not store.lock_writer():
         return None
     try:
         records = sector_records(store)
@@ -123,4 +123,4 @@ def pledge_offline(store: LmdbStore, count: int) -> list[int] | None:
 
         return store.write(create)
     finally:
-        store.unlock_engine()
+        store.unlock_writer()
