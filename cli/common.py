@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
     from ..fsm import LmdbStore
 
-#: Where the CLI finds the repo unless `--repo` or SECTORFSM_REPO says otherwise (DESIGN §5).
+#: Where the CLI finds the repo unless `--repo` or SECTORFSM_REPO says otherwise.
 DEFAULT_REPO = Path("~/.sectorfsm")
 
 RepoOption = Annotated[
