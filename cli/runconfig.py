@@ -6,7 +6,8 @@ id = 1000
 sector_size = "2KiB"
 sealer = "reference"        # sim | reference | command
 chain = "devnet"            # devnet (simulated, fast) | mainnet (simulated, mainnet timings)
-block_time = 0.2            # devnet only: seconds per epoch
+block_time = 0.2            # devnet only: seconds per epoch (default: 0.2, longer if the
+                            # sim sealer's sector size needs it; see sealing/options.py)
 
 [sealing]                   # Lotus [Sealing] knobs, snake_case (see sealing/config.py)
 batch_pre_commits = true
@@ -23,9 +24,17 @@ PC1 = ["/opt/sealer/pc1"]
 
 [[workers]]                 # see sched/config.py; default: one local worker
 name = "local"
+cpus = 8
+memory = "32GiB"
+[[workers.paths]]
+id = "nvme"
+path = "nvme-dir"           # relative to this file; created if missing
+capacity = "1TiB"
 ```
 
-Every mistake is a `RunConfigError` naming the file and the key.
+The file is validated by a pydantic schema (`_RunFile`, with `SealingConfig` and the worker
+tables' own schemas); every mistake is a one-line `RunConfigError` naming the file and the
+key, e.g. `sectors.toml: [sealing.retry] base: must be a finite number, got inf`.
 """
 
 from __future__ import annotations
@@ -33,17 +42,51 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel
+
+from ..sched import parse_sector_size
+from ..sealing.chain import BlockTime
+from ..validation import TABLE, ConfigError, Count, validate
 
 #: Seconds per epoch of the embedded devnet: a pledge reaches Proving in seconds.
 DEFAULT_BLOCK_TIME = 0.2
-DEFAULT_SEALER = "reference"
-_MINER_KEYS = {"id", "sector_size", "sealer", "chain", "block_time"}
-_TOP_KEYS = {"miner", "sealing", "sealer", "workers"}
+DEFAULT_SEALER = "reference"  # as _MinerTable.sealer
 
 
 class RunConfigError(ValueError):
     """A config file that cannot be used as written."""
+
+
+def _sector_size(value: str | int) -> str | int:
+    from ..sealing.config import seal_proof_for
+
+    seal_proof_for(parse_sector_size(value))
+    return value
+
+
+class _MinerTable(BaseModel):
+    model_config = TABLE
+
+    id: Count = 1000
+    sector_size: Annotated[str | int, AfterValidator(_sector_size)] = "2KiB"
+    sealer: Literal["sim", "reference", "command"] = "reference"
+    chain: Literal["devnet", "mainnet"] = "devnet"
+    block_time: BlockTime | None = None
+
+
+class _RunFile(BaseModel):
+    model_config = TABLE
+
+    miner: _MinerTable = _MinerTable()
+    # Checked by their own schemas (SealingConfig, sched.config, the sealer backend).
+    sealing: dict[str, Any] = {}
+    sealer: dict[str, Any] = {}
+    workers: list[Any] | None = None
+
+
+_NOUNS = {"": "section", "miner": "[miner] key"}
 
 
 @dataclass(slots=True)
@@ -54,7 +97,9 @@ class RunConfig:
     sector_size: str = "2KiB"
     sealer: str = DEFAULT_SEALER
     chain: str = "devnet"
-    block_time: float = DEFAULT_BLOCK_TIME
+    #: Devnet seconds per epoch; None: `DEFAULT_BLOCK_TIME`, or longer if the sector size
+    #: needs it with the sim sealer.
+    block_time: float | None = None
     sealing: dict[str, Any] = field(default_factory=dict)
     sealer_options: dict[str, Any] = field(default_factory=dict)
     workers: list[Any] | None = None
@@ -63,8 +108,14 @@ class RunConfig:
     def open_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `Miner.open`."""
         from ..sealing.chain import ChainParams
+        from ..sealing.options import devnet_for
 
-        chain = ChainParams.devnet(self.block_time) if self.chain == "devnet" else self.chain
+        chain: str | ChainParams = self.chain
+        if self.chain == "devnet" and self.block_time is not None:
+            chain = ChainParams.devnet(self.block_time)
+        elif self.chain == "devnet":
+            size = parse_sector_size(self.sector_size)
+            chain = devnet_for(size, self.sealer, block_time=DEFAULT_BLOCK_TIME)
         return {
             "sealer": self.sealer,
             "sector_size": self.sector_size,
@@ -89,56 +140,66 @@ def load_run_config(path: Path | None) -> RunConfig:
         raise RunConfigError(f"cannot read config file {where}: {exc.strerror or exc}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise RunConfigError(f"{where} is not valid TOML: {exc}") from None
-    unknown = sorted(set(raw) - _TOP_KEYS)
-    if unknown:
-        raise RunConfigError(f"{where}: unknown section(s) {', '.join(unknown)}")
-    cfg = RunConfig(source=where)
-    miner = _table(raw, "miner", where)
-    bad = sorted(set(miner) - _MINER_KEYS)
-    if bad:
-        raise RunConfigError(f"{where}: unknown [miner] key(s) {', '.join(bad)}")
-    cfg.miner = _int(miner.get("id", cfg.miner), "miner.id", where)
-    cfg.sector_size = str(miner.get("sector_size", cfg.sector_size))
-    cfg.sealer = str(miner.get("sealer", cfg.sealer))
-    cfg.chain = str(miner.get("chain", cfg.chain))
-    if cfg.chain not in ("devnet", "mainnet"):
-        raise RunConfigError(f"{where}: miner.chain must be devnet or mainnet, not {cfg.chain!r}")
-    block_time = miner.get("block_time", cfg.block_time)
-    if not isinstance(block_time, int | float) or block_time <= 0:
-        raise RunConfigError(f"{where}: miner.block_time must be a positive number of seconds")
-    cfg.block_time = float(block_time)
     try:
-        from ..sched import parse_sector_size
+        return _convert(raw, where, path.parent)
+    except ConfigError as exc:
+        raise RunConfigError(str(exc)) from None
 
-        parse_sector_size(cfg.sector_size)
-    except ValueError as exc:
-        raise RunConfigError(f"{where}: miner.sector_size: {exc}") from None
-    cfg.sealing = _table(raw, "sealing", where)
+
+def _convert(raw: dict[str, Any], where: str, base: Path) -> RunConfig:
+    from ..sealing.config import SealingConfig
+
+    parsed: _RunFile = validate(_RunFile, raw, where, _NOUNS)
+    miner = parsed.miner
+    if miner.block_time is not None and miner.chain != "devnet":
+        raise ConfigError(f"{where}: [miner] block_time: only the devnet's can be chosen")
     try:
-        from ..sealing.config import SealingConfig
+        SealingConfig.from_dict(parsed.sealing)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    cfg = RunConfig(
+        miner=miner.id,
+        sector_size=str(miner.sector_size),
+        sealer=miner.sealer,
+        chain=miner.chain,
+        block_time=miner.block_time,
+        sealing=parsed.sealing,
+        sealer_options=parsed.sealer,
+        source=where,
+    )
+    size = parse_sector_size(cfg.sector_size)
+    if parsed.workers is not None:
+        from ..sched.config import check_workers, read_workers
 
-        SealingConfig.from_dict(cfg.sealing)
-    except (TypeError, ValueError) as exc:
-        raise RunConfigError(f"{where}: [sealing]: {exc}") from None
-    cfg.sealer_options = _table(raw, "sealer", where)
-    if "workers" in raw:
-        from ..sched.config import WorkerConfigError, parse_workers
-
+        declared = read_workers(raw, where, base)
         try:
-            cfg.workers = parse_workers(raw, where, path.parent)
-        except WorkerConfigError as exc:
-            raise RunConfigError(str(exc)) from None
+            check_workers(declared.workers, size)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        cfg.workers = declared.workers
+        if declared.directories:
+            cfg.sealer_options = _with_directories(cfg.sealer_options, declared.directories, where)
+    if cfg.chain == "devnet" and cfg.block_time is not None:
+        from ..sealing.chain import ChainParams
+        from ..sealing.options import timing_conflict
+
+        conflict = timing_conflict(ChainParams.devnet(cfg.block_time), size, cfg.sealer)
+        if conflict:
+            raise ConfigError(f"{where}: [miner] block_time: {conflict.removeprefix('chain: ')}")
     return cfg
 
 
-def _table(raw: dict[str, Any], name: str, where: str) -> dict[str, Any]:
-    value = raw.get(name, {})
-    if not isinstance(value, dict):
-        raise RunConfigError(f"{where}: [{name}] must be a table")
-    return value
-
-
-def _int(value: object, key: str, where: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise RunConfigError(f"{where}: {key} must be a non-negative integer")
-    return value
+def _with_directories(
+    options: dict[str, Any], directories: dict[str, Path], where: str
+) -> dict[str, Any]:
+    """`[sealer.storage]` plus each `[[workers.paths]]` directory (each given once)."""
+    storage = options.get("storage", {})
+    if not isinstance(storage, dict):
+        raise ConfigError(f"{where}: [sealer.storage]: must map path ids to directories")
+    given_twice = sorted(set(storage) & set(directories))
+    if given_twice:
+        raise ConfigError(
+            f"{where}: storage path(s) {', '.join(given_twice)} have a directory both in "
+            "[sealer.storage] and in [[workers.paths]]: keep one"
+        )
+    return {**options, "storage": {**storage, **{k: str(v) for k, v in directories.items()}}}

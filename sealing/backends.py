@@ -3,9 +3,11 @@
 `Miner.open(sealer="reference" | "command")` calls `default_workers` (unless it is given
 workers) and `make_backend`. Both backends keep sector files in Lotus's layout under storage
 directories, one per storage path id of the scheduler: `sealer_options["storage"]` maps path
-ids to directories (relative ones are under the repo), and the default worker's one path,
-`"local"`, is `<repo>/storage`. `Storage` tells a backend where each sector file is, or where
-a new one goes (the path the scheduler chose).
+ids to directories (relative ones are under the repo; `sectors run` fills it from each
+`[[workers.paths]]`'s `path`), and the default worker's one path, `"local"`, is
+`<repo>/storage`. A missing directory is created; one that cannot be is a `StorageError`.
+`Storage` tells a backend where each sector file is, or where a new one goes (the path the
+scheduler chose).
 
 The default worker's path reports the disk's size as its capacity and what *other* files use
 as `used` (the storage index adds this miner's sector files itself), so a full disk shows in
@@ -70,12 +72,27 @@ def storage_roots(repo: Path, options: Mapping[str, Any]) -> dict[str, Path]:
     roots = {LOCAL_PATH: repo / "storage"}
     given = options.get("storage") or {}
     if not isinstance(given, Mapping):
-        raise ValueError(f"sealer_options['storage'] must map path ids to directories: {given!r}")
+        raise ValueError(f"storage: must map path ids to directories, got {given!r}")
     for pid, where in given.items():
-        if not isinstance(pid, str) or not isinstance(where, str | os.PathLike):
-            raise ValueError(f"sealer_options['storage']: bad entry {pid!r}: {where!r}")
-        roots[pid] = repo / Path(where)  # an absolute `where` replaces the repo prefix
+        if not isinstance(pid, str) or not pid or not isinstance(where, str | os.PathLike):
+            raise ValueError(f"storage: path id {pid!r} needs a directory, got {where!r}")
+        if not str(where):
+            raise ValueError(f"storage: path id {pid!r} has an empty directory")
+        # An absolute `where` replaces the repo prefix.
+        roots[pid] = repo / Path(where).expanduser()
     return roots
+
+
+def check_worker_paths(specs: Sequence[WorkerSpec], repo: Path, options: Mapping[str, Any]) -> None:
+    """Every storage path a worker declares needs a directory, or sealing would stall on it."""
+    roots = storage_roots(repo, options)
+    for spec in specs:
+        for path in spec.paths:
+            if path.id not in roots:
+                raise ValueError(
+                    f"worker {spec.name!r}: storage path {path.id!r} has no directory: "
+                    f'give it `path = "..."` in its [[workers.paths]] table'
+                )
 
 
 def check_root(path_id: str, root: Path) -> None:
@@ -193,7 +210,8 @@ class Storage:
         if target is not None and target not in self.roots:
             raise StorageError(
                 f"the scheduler chose storage path {target!r}, which has no directory "
-                f"(known: {', '.join(sorted(self.roots))}; see sealer_options['storage'])"
+                f"(known: {', '.join(sorted(self.roots))}); give it "
+                f'`path = "..."` in its [[workers.paths]] table'
             )
         name = str(sector)
         found = {kind: self.find(sector, kind) for kind in KINDS}

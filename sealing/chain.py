@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Annotated, ClassVar, Protocol
+
+from pydantic import ConfigDict, Field, Strict
+
+from ..validation import RECORD, Count, PositiveCount, validate
+
+#: Seconds per epoch: from a millisecond (a fast simulation) to an hour; finite.
+BlockTime = Annotated[float, Strict(), Field(ge=0.001, le=3600, allow_inf_nan=False)]
 
 
 class ExitCode(enum.IntEnum):
@@ -33,23 +40,40 @@ class ChainParams:
 
     Values as in Lotus v1.11.3's miner-actor policy (`chain/actors/policy/policy.go@v1.11.3`)
     and build parameters (`build/params_2k.go@v1.11.3`, `build/params_mainnet.go@v1.11.3`).
+    The field types carry the constraints `check` enforces: `Miner.open` refuses a block
+    time of NaN, 0 or 1e-300 rather than computing nonsense epochs from it.
     """
 
-    name: str
-    block_time: float
-    pre_commit_challenge_delay: int
-    seal_randomness_lookback: int = 900
-    max_pre_commit_randomness_lookback: int = 3780
-    max_prove_commit_duration: int = 86550
-    min_sector_expiration: int = 518400
-    max_sector_expiration_extension: int = 1555200
-    interactive_porep_confidence: int = 6
-    message_confidence: int = 5
-    winning_post_sector_set_lookback: int = 900
+    __pydantic_config__: ClassVar[ConfigDict] = RECORD
+
+    name: Annotated[str, Field(min_length=1)]
+    block_time: BlockTime
+    pre_commit_challenge_delay: Count
+    seal_randomness_lookback: Count = 900
+    max_pre_commit_randomness_lookback: PositiveCount = 3780
+    max_prove_commit_duration: PositiveCount = 86550
+    min_sector_expiration: Count = 518400
+    max_sector_expiration_extension: Count = 1555200
+    interactive_porep_confidence: Count = 6
+    message_confidence: Count = 5
+    winning_post_sector_set_lookback: Count = 900
     #: Epochs between sending a message and its inclusion.
-    inclusion_delay: int = 1
+    inclusion_delay: Count = 1
     #: The head when the chain is created (so ticket lookbacks have history).
-    start_epoch: int = 2000
+    start_epoch: Count = 2000
+
+    def ticket_window(self) -> int:
+        """Epochs from drawing a sealing ticket to the last epoch a precommit may use it."""
+        return self.max_pre_commit_randomness_lookback - self.seal_randomness_lookback
+
+    def check(self) -> ChainParams:
+        """These parameters, every field checked; `ConfigError` naming the field if not."""
+        checked: ChainParams = validate(ChainParams, self, "chain")
+        if checked.ticket_window() <= 0:
+            raise ValueError(
+                "chain: max_pre_commit_randomness_lookback must exceed seal_randomness_lookback"
+            )
+        return checked
 
     @classmethod
     def devnet(cls, block_time: float = 1.0) -> ChainParams:

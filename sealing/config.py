@@ -2,8 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
-from typing import Any
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+from pydantic import ConfigDict
+
+from ..validation import (
+    RECORD,
+    ConfigError,
+    Count,
+    Factor,
+    Flag,
+    PositiveCount,
+    PositiveSeconds,
+    Seconds,
+    validate,
+)
 
 #: RegisteredSealProof (V1_1) per sector size, as Lotus numbers them.
 SEAL_PROOFS: dict[int, int] = {
@@ -42,16 +57,19 @@ class RetryPolicy:
     operator runs `retry`. The count resets when the sector reaches Proving.
     """
 
-    base: float = 60.0
-    factor: float = 2.0
-    cap: float = 3600.0
-    budget: int = 16
+    __pydantic_config__: ClassVar[ConfigDict] = RECORD
+
+    base: PositiveSeconds = 60.0
+    factor: Factor = 2.0
+    cap: PositiveSeconds = 3600.0
+    budget: Count = 16
 
     def __post_init__(self) -> None:
-        if self.base < 0 or self.cap < 0:
-            raise ValueError("retry base and cap must not be negative")
-        if self.factor < 1:
-            raise ValueError("retry factor must be at least 1")
+        # Checked here too, for a policy built in Python rather than read from a config.
+        if not (0 < self.base < math.inf and 0 < self.cap < math.inf):
+            raise ValueError("retry base and cap must be finite numbers > 0")
+        if not 1 <= self.factor < math.inf:
+            raise ValueError("retry factor must be a finite number >= 1")
         if self.budget < 0:
             raise ValueError("retry budget must not be negative")
 
@@ -64,62 +82,64 @@ class RetryPolicy:
 
 @dataclass(frozen=True, slots=True)
 class SealingConfig:
-    """Lotus's `[Sealing]` section (v1.11.3 defaults), plus our retry policy."""
+    """Lotus's `[Sealing]` section (v1.11.3 defaults), plus our retry policy.
+
+    The field types carry the constraints that `from_dict` and `check` enforce (finite
+    seconds, whole counts, strict booleans); `__post_init__` keeps the checks that relate
+    two fields.
+    """
+
+    __pydantic_config__: ClassVar[ConfigDict] = RECORD
 
     #: Seal a deal sector this long after its first piece arrived (Lotus `WaitDealsDelay`).
-    wait_deals_delay: float = 6 * 3600.0
+    wait_deals_delay: Seconds = 6 * 3600.0
     #: Refuse pledges while this many sectors are sealing (0: no limit; Lotus MaxSealingSectors).
-    max_sealing_sectors: int = 0
-    always_keep_unsealed_copy: bool = True
-    finalize_early: bool = False
+    max_sealing_sectors: Count = 0
+    always_keep_unsealed_copy: Flag = True
+    finalize_early: Flag = False
 
-    batch_pre_commits: bool = True
-    max_pre_commit_batch: int = 256
-    pre_commit_batch_wait: float = 24 * 3600.0
-    pre_commit_batch_slack: float = 3 * 3600.0
+    batch_pre_commits: Flag = True
+    max_pre_commit_batch: PositiveCount = 256
+    pre_commit_batch_wait: Seconds = 24 * 3600.0
+    pre_commit_batch_slack: Seconds = 3 * 3600.0
 
-    aggregate_commits: bool = True
-    min_commit_batch: int = 4
-    max_commit_batch: int = 819
-    commit_batch_wait: float = 24 * 3600.0
-    commit_batch_slack: float = 3600.0
+    aggregate_commits: Flag = True
+    min_commit_batch: PositiveCount = 4
+    max_commit_batch: PositiveCount = 819
+    commit_batch_wait: Seconds = 24 * 3600.0
+    commit_batch_slack: Seconds = 3600.0
     #: Below this base fee (attoFIL) commits go one message each (Lotus AggregateAboveBaseFee).
-    aggregate_above_base_fee: int = 150_000_000
+    aggregate_above_base_fee: Count = 150_000_000
 
-    start_epoch_sealing_buffer: int = 480
+    start_epoch_sealing_buffer: Count = 480
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
     def __post_init__(self) -> None:
-        for name in ("max_pre_commit_batch", "max_commit_batch", "min_commit_batch"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"sealing.{name} must be at least 1")
         if self.min_commit_batch > self.max_commit_batch:
             raise ValueError("sealing.min_commit_batch is larger than max_commit_batch")
-        for name in (
-            "wait_deals_delay",
-            "pre_commit_batch_wait",
-            "pre_commit_batch_slack",
-            "commit_batch_wait",
-            "commit_batch_slack",
-        ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"sealing.{name} must not be negative")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SealingConfig:
-        """Build from a config-file table; unknown keys are a clear error."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown sealing option(s): {', '.join(unknown)}")
-        values = dict(data)
-        retry = values.pop("retry", None)
-        if isinstance(retry, dict):
-            retry_known = {f.name for f in fields(RetryPolicy)}
-            bad = sorted(set(retry) - retry_known)
-            if bad:
-                raise ValueError(f"unknown sealing.retry option(s): {', '.join(bad)}")
-            values["retry"] = RetryPolicy(**retry)
-        elif retry is not None:
-            values["retry"] = retry
-        return replace(cls(), **values)
+    def from_dict(cls, data: dict[str, Any], base: SealingConfig | None = None) -> SealingConfig:
+        """Build from a config-file table over `base` (Lotus defaults); `ConfigError` names the key.
+
+        The message reads `[sealing.retry] base: must be ...`; an unknown key is an
+        `unknown sealing option(s) ...`.
+        """
+        if not isinstance(data, dict):
+            raise ConfigError(f"[sealing]: must be a table, got {data!r}")
+        values = {**_as_dict(base or cls()), **data}
+        retry = data.get("retry")
+        if isinstance(retry, dict) and base is not None:
+            values["retry"] = {**_as_dict(base.retry), **retry}
+        return validate(cls, values, "", _NOUNS, ("sealing",))  # type: ignore[no-any-return]
+
+    def check(self) -> SealingConfig:
+        """This config, every field checked (for one built in Python); `ConfigError` if not."""
+        return validate(SealingConfig, self, "", _NOUNS, ("sealing",))  # type: ignore[no-any-return]
+
+
+_NOUNS = {"sealing": "sealing option", "sealing.retry": "sealing.retry option"}
+
+
+def _as_dict(record: Any) -> dict[str, Any]:
+    return {f.name: getattr(record, f.name) for f in fields(record)}

@@ -18,8 +18,9 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..fsm import Clock, LmdbStore, RealClock, StateGroup, VirtualClock
+from ..fsm import Clock, LmdbStore, StateGroup
 from ..fsm.codec import packb, unpackb
+from ..fsm.store import DURABILITIES
 from ..sched import (
     Scheduler,
     SectorRef,
@@ -28,6 +29,7 @@ from ..sched import (
     WorkerSpec,
     parse_sector_size,
 )
+from ..sched.config import check_workers
 from . import requests
 from .chain import ChainParams
 from .config import SealingConfig, seal_proof_for
@@ -43,6 +45,13 @@ from .events import (
     SectorTerminate,
 )
 from .info import DealInfo, PendingPiece, SectorInfo, aligned_end
+from .options import (
+    chain_params,
+    check_scalars,
+    check_sealer_options,
+    make_clock,
+    sealing_config,
+)
 from .pipeline import Sealing
 from .sealer import Backend, ScheduledSealer
 from .sim import SimBackend
@@ -54,8 +63,6 @@ log = logging.getLogger("sectorfsm.sealing")
 
 _META_MINER = requests.META_MINER
 _META_NEXT = requests.META_NEXT
-#: Sealer backends `Miner.open` knows (see docs/architecture.md).
-SEALERS = ("sim", "reference", "command")
 #: Seconds between looks at the request queue (the CLI's pledge and add-piece).
 REQUEST_POLL = 0.2
 #: States in which a SectorAddPiece is (or will be, once SectorStart applies) accepted.
@@ -166,14 +173,30 @@ class Miner:
         sim_time_scale: float = 1.0,
         sealer_options: dict[str, Any] | None = None,
     ) -> AsyncIterator[Miner]:
-        """Open (or create) a miner repo and run its engine until the block exits."""
-        if sealer not in SEALERS:
-            raise ValueError(f"unknown sealer backend {sealer!r} (available: {', '.join(SEALERS)})")
-        the_clock = _make_clock(clock)
-        size = parse_sector_size(sector_size)
-        seal_proof_for(size)  # validates the size
-        params = _chain_params(chain)
-        cfg = _sealing_config(config, params)
+        """Open (or create) a miner repo and run its engine until the block exits.
+
+        Every argument is checked before anything is created on disk: a bad value is a
+        `ValueError` naming it. `chain="devnet"` sizes its epochs so that the `sim` sealer's
+        work fits the ticket deadlines (about 10 s epochs for 32 GiB sectors, 20 s for
+        64 GiB); explicit `ChainParams` that cannot fit them are refused, naming the block
+        time that would (see `sealing/options.py`). Declared `workers` must be able to run
+        every sealing task on this sector size.
+        """
+        check_scalars(miner=miner, sim_time_scale=sim_time_scale, sealer=sealer)
+        if durability not in DURABILITIES:
+            raise ValueError(f"durability: must be one of {DURABILITIES}, got {durability!r}")
+        the_clock = make_clock(clock)
+        try:
+            size = parse_sector_size(sector_size)
+            seal_proof_for(size)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"sector_size: {exc}") from None
+        params = chain_params(chain, sector_size=size, sealer=sealer, time_scale=sim_time_scale)
+        cfg = sealing_config(config, params)
+        options = check_sealer_options(sealer_options)
+        specs = list(workers) if workers is not None else None
+        if specs is not None:
+            check_workers(specs, size)
         root = Path(repo)
         # The backend checks its options before anything is created: a bad config leaves
         # no trace; a good one creates the storage directories.
@@ -181,11 +204,11 @@ class Miner:
         if sealer == "sim":
             backend = SimBackend(the_clock, miner, time_scale=sim_time_scale)
         else:
-            from .backends import make_backend
+            from .backends import check_worker_paths, make_backend
 
-            backend = make_backend(
-                sealer, clock=the_clock, miner=miner, repo=root, options=sealer_options or {}
-            )
+            if specs is not None:
+                check_worker_paths(specs, root, options)
+            backend = make_backend(sealer, clock=the_clock, miner=miner, repo=root, options=options)
         store = _open_store(root, durability)
         try:
             # Claim the repo first: a second engine is refused before it touches the store.
@@ -193,14 +216,13 @@ class Miner:
             _check_identity(store, miner, size)
             devnet = DevnetChain(store, the_clock, params, miner=miner)
             sched = Scheduler(clock=the_clock)
-            if workers is not None:
-                specs = list(workers)
-            elif sealer == "sim":
+            if specs is None and sealer == "sim":
                 specs = [sim_worker()]
-            else:
+            elif specs is None:
                 from .backends import default_workers
 
                 specs = default_workers(sealer, root)
+                check_workers(specs, size)
             for spec in specs:
                 sched.add_worker(spec)
             scheduled = ScheduledSealer(sched, backend, store)
@@ -521,56 +543,6 @@ class Miner:
     async def idle(self) -> None:
         """Wait until nothing is pending or running."""
         await self.group.idle()
-
-
-def _make_clock(clock: str | Clock) -> Clock:
-    if clock == "real":
-        return RealClock()
-    if clock == "virtual":
-        return VirtualClock()
-    if isinstance(clock, str):
-        raise ValueError(f"unknown clock {clock!r} (use 'real' or 'virtual')")
-    return clock
-
-
-def _chain_params(chain: str | ChainParams) -> ChainParams:
-    if isinstance(chain, ChainParams):
-        return chain
-    if chain == "devnet":
-        return ChainParams.devnet()
-    if chain == "mainnet":
-        return ChainParams.mainnet()
-    raise ValueError(f"unknown chain {chain!r} (use 'devnet' or 'mainnet')")
-
-
-def _sealing_config(
-    config: SealingConfig | dict[str, Any] | None, params: ChainParams
-) -> SealingConfig:
-    if isinstance(config, SealingConfig):
-        return config
-    base = devnet_config(params) if params.name == "devnet" else SealingConfig()
-    if config is None:
-        return base
-    merged = {**_as_dict(base), **config}
-    return SealingConfig.from_dict(merged)
-
-
-def _as_dict(cfg: SealingConfig) -> dict[str, Any]:
-    import dataclasses
-
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-
-
-def devnet_config(params: ChainParams) -> SealingConfig:
-    """Lotus defaults with batch waits scaled to devnet blocks, so batches still form."""
-    return SealingConfig(
-        pre_commit_batch_wait=5 * params.block_time,
-        pre_commit_batch_slack=0.0,
-        commit_batch_wait=5 * params.block_time,
-        commit_batch_slack=0.0,
-        min_commit_batch=2,
-        wait_deals_delay=60 * params.block_time,
-    )
 
 
 def _open_store(root: Path, durability: str) -> LmdbStore:
