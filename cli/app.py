@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from . import run, sectors, statechart, views
+from . import quarantine, run, sectors, statechart, views
 
 app = typer.Typer(
     name="sectors",
@@ -88,6 +88,7 @@ def demo(
 
 run.register(app)
 sectors.register(app)
+quarantine.register(app)
 views.register(app)
 statechart.register(app)
 

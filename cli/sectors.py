@@ -51,8 +51,16 @@ def _read(store: LmdbStore, number: int) -> SectorInfo:
         raw = records.raw(records.key(number))
         info = None if raw is None else records.decode(raw, number)[0]
     except RecordError as exc:
-        fail(str(exc))
+        info = None
+        reason = str(exc)
     if info is None:
+        from .quarantine import explain, find
+
+        bad = find(store, number)
+        if bad is not None:
+            fail(explain(bad))
+        if raw is not None:
+            fail(reason)
         fail(f"sector {number} not found in {store.path.parent}")
     return info
 
@@ -187,9 +195,13 @@ def list_(
             wanted = {parse_state(s.strip()) for s in states.split(",") if s.strip()}
         except ValueError as exc:
             fail(str(exc))
+    from .quarantine import corrupt_sectors, row
+
     with open_repo(repo) as store:
         rows = []
-        for _, info in sector_records(store, events=False).list():
+        # Unreadable records are listed as Corrupt (unless a state filter is given).
+        corrupt = corrupt_sectors(store) if wanted is None else []
+        for _, info in sector_records(store, events=False).list(on_error=lambda *_: None):
             if info.state is SectorState.UndefinedSectorState:
                 continue  # as Lotus's SectorsList
             if wanted is not None and info.state not in wanted:
@@ -210,6 +222,7 @@ def list_(
             }
             for i in rows
         ]
+        out = sorted(out + [row(c) for c in corrupt], key=lambda r: int(str(r["number"])))
         typer.echo(json.dumps(out, indent=2))
         return
     from rich.table import Table
@@ -227,6 +240,9 @@ def list_(
             str(i.retries) if i.retries else "",
             (i.last_err[:60] + "…") if len(i.last_err) > 60 else i.last_err,
         )
+    for c in corrupt:  # `sectors status N` says what is wrong and how to recover
+        reason = (c.reason[:60] + "…") if len(c.reason) > 60 else c.reason
+        table.add_row(str(c.number), "[red]Corrupt[/]", "", "", "", "", reason)
     out_console().print(table)
 
 
@@ -335,12 +351,13 @@ def pledge(
     repo: RepoOption = DEFAULT_REPO,
 ) -> None:
     """Create committed-capacity sectors (durable even when no engine is running)."""
+    from ..fsm import StoreError
     from ..sealing import requests
 
     with _create_store(repo) as store:
         try:
             numbers = requests.pledge_offline(store, count)
-        except ValueError as exc:
+        except (ValueError, StoreError) as exc:  # StoreFullError: a full disk, nothing written
             fail(str(exc))
         if numbers is not None:
             for n in numbers:

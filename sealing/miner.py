@@ -254,7 +254,8 @@ class Miner:
         meta = self.store.db("meta")
         self.store.write(lambda txn: txn.put(requests.META_MAX_SEALING, limit, db=meta))
         # Only live sectors are read: a million Proving sectors cost nothing at start.
-        for number, info in self.group.records.list_live():
+        # An unreadable record is skipped here: `group.start` sets it aside in quarantine.
+        for number, info in self.group.records.list_live(on_error=lambda *_: None):
             if info.state in _TAKES_PIECES:
                 # Pieces still in the inbox are assigned too: count them, or the sector
                 # would be offered more than it can hold.
