@@ -150,14 +150,14 @@ def test_retry_skips_the_backoff(tmp_path: Path) -> None:
 
 def test_wait_reports_a_sector_that_gave_up(tmp_path: Path) -> None:
     async def body() -> None:
-        # 32 GiB on 1-second devnet blocks: PC1 outlives the ticket every time.
+        # PC1 fails every time: the retry budget runs out.
         cfg = {"retry": {"base": 10.0, "budget": 3}}
-        async with miner(tmp_path, sector_size="32GiB", config=cfg) as m:
+        async with miner(tmp_path, config=cfg) as m:
+            m.sealer.backend.faults.fail_tasks[TaskType.PRE_COMMIT1] = 100  # type: ignore[attr-defined]
             n = await m.pledge()
             with pytest.raises(SectorStuckError, match="FailedUnrecoverable"):
                 await m.wait(n, "Proving", timeout=30 * DAY)
-            names = kinds(m.status(n))
-            assert "SectorOldTicket" in names  # PreCommit1 saw the expired ticket
+            assert kinds(m.status(n)).count("SectorSealPreCommit1Failed") == 4
             with pytest.raises(TimeoutError):
                 k = await m.pledge()
                 await m.wait(k, "Proving", timeout=60)
