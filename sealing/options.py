@@ -135,12 +135,13 @@ def timing_conflict(
 
     precommit, _ = sim_seal_seconds(sector_size, time_scale)
     window = params.ticket_window()
+    enough = math.ceil(fitting_block_time(params, sector_size, time_scale) * 10) / 10
     return (
         f"chain: {describe_bytes(sector_size)} sectors take ~{_human(precommit)} of "
         f"PreCommit1+PreCommit2 with the sim sealer, but {params.name} tickets expire after "
         f"{window} epochs x {params.block_time:g} s = {_human(window * params.block_time)}: "
-        f"use chain='mainnet', chain='devnet' (sized to the sectors) or a block_time >= "
-        f"{math.ceil(fitting_block_time(params, sector_size, time_scale) * 10) / 10:g}"
+        "use the mainnet chain, the default devnet (its epochs grow with the sector size) "
+        f"or a block_time >= {enough:g}"
     )
 
 

@@ -154,8 +154,8 @@ def _small_worker() -> list[WorkerSpec]:
         (
             {"chain": ChainParams.devnet(1.0), "sector_size": "32GiB"},
             "chain: 32 GiB sectors take ~3.9 h of PreCommit1+PreCommit2 with the sim sealer, "
-            "but devnet tickets expire after 2880 epochs x 1 s = 48 min: use chain='mainnet', "
-            "chain='devnet' (sized to the sectors) or a block_time >= 9.9",
+            "but devnet tickets expire after 2880 epochs x 1 s = 48 min: use the mainnet chain, "
+            "the default devnet (its epochs grow with the sector size) or a block_time >= 9.9",
         ),
         (
             {"chain": "mainnet", "sector_size": "64GiB", "sim_time_scale": 10.0},
@@ -296,3 +296,27 @@ def test_sectors_run_defaults_size_the_devnet_to_the_sim_sealer(tmp_path: Path) 
     assert isinstance(chain, ChainParams) and chain.block_time == pytest.approx(9.9)
     path.write_text("[miner]\nsealer = 'sim'\n")
     assert load_run_config(path).open_kwargs()["chain"].block_time == 0.2
+
+
+def test_status_and_list_do_not_import_the_schema_layer(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    async def seed() -> None:
+        async with miner(tmp_path, sealer="sim") as m:
+            await m.wait(await m.pledge(), "Proving", timeout=DAY)
+
+    run(seed)
+    for command in (["status", "1"], ["list"]):
+        out = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "sectorfsm", *command],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "SECTORFSM_REPO": str(tmp_path / "repo")},
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines()}
+        heavy = {"sectorfsm.validation", "sectorfsm.sealing.config", "sectorfsm.sched.config"}
+        assert not heavy & imported, (command, heavy & imported)
