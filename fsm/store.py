@@ -102,6 +102,7 @@ class LmdbStore:
         *,
         map_size: int = _DEFAULT_MAP,
         max_map_size: int | None = None,
+        readonly: bool = False,
     ) -> None:
         if durability not in DURABILITIES:
             raise ValueError(f"durability must be one of {DURABILITIES}, not {durability!r}")
@@ -115,11 +116,16 @@ class LmdbStore:
         self._closed = False
         #: Stages and group-commits writes for the engine (binds to an event loop on first use).
         self.committer = Committer(self)
+        #: Opened for reading only, without LMDB's lock file: for a repo this user cannot write
+        #: (every write raises StoreError). Readers are then not registered with a writer
+        #: elsewhere, so a read that races its commits may see a record half-way.
+        self.readonly = readonly
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
+            if not readonly:
+                self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot create store directory {self.path}: {exc.strerror}") from exc
-        if not os.access(self.path, os.W_OK | os.X_OK):
+        if not readonly and not os.access(self.path, os.W_OK | os.X_OK):
             raise StoreError(f"store directory {self.path} is not writable by this user")
         self._real = os.path.realpath(self.path)
         with _OPEN_LOCK:
@@ -153,7 +159,8 @@ class LmdbStore:
                 readahead=False,
                 writemap=False,
                 max_readers=256,
-                lock=True,
+                lock=not self.readonly,
+                readonly=self.readonly,
             )
         except lmdb.Error as exc:
             raise StoreError(f"cannot open store at {self.path}: {exc}") from exc
@@ -163,7 +170,11 @@ class LmdbStore:
         self._db_lock = threading.Lock()
         self._writing = threading.local()
         for name in CORE_DBS:
-            self.db(name)
+            if self.readonly:
+                with contextlib.suppress(StoreError):  # absent: an error only when used
+                    self.db(name)
+            else:
+                self.db(name)
         self._check_format()
 
     # -- sub-databases --------------------------------------------------------------------
@@ -184,7 +195,13 @@ class LmdbStore:
                     )
                 if len(self._dbs) >= _MAX_DBS - 1:
                     raise StoreError(f"too many sub-databases (limit {_MAX_DBS - 1})")
-                handle = self._call(lambda: self.env.open_db(name.encode(), create=True))
+                if self.readonly:
+                    try:
+                        handle = self.env.open_db(name.encode(), create=False)
+                    except lmdb.Error:
+                        raise StoreError(f"{self.path} has no {name!r} records yet") from None
+                else:
+                    handle = self._call(lambda: self.env.open_db(name.encode(), create=True))
                 self._dbs[name] = handle
         return handle
 
@@ -208,10 +225,14 @@ class LmdbStore:
             meta = self._dbs["meta"]
             raw = txn.get(b"store_format", db=meta)
             ident = txn.get(STORE_ID, db=meta)
+            if ident is None and self.readonly:
+                ident = b""
             if ident is None:
                 ident = os.urandom(16).hex().encode()
                 txn.put(STORE_ID, ident, db=meta)
             self._identity = bytes(ident).decode(errors="replace")
+            if raw is None and self.readonly:
+                return
             if raw is None:
                 txn.put(b"store_format", packb(STORE_FORMAT), db=meta)
                 return
@@ -224,6 +245,10 @@ class LmdbStore:
                     f"{self.path}: store format {found!r}, this version reads {STORE_FORMAT}"
                 )
 
+        if self.readonly:
+            with self.read() as txn:
+                check(txn)
+            return
         self.write(check)
 
     # -- transactions ---------------------------------------------------------------------
