@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperCommand
 
 from .. import __version__
 from . import quarantine, run, sectors, statechart, views
+from .common import REPO_ENV, Command, Group
 
 app = typer.Typer(
     name="sectors",
     help="Run and inspect Filecoin sector lifecycles (sectorfsm).",
     no_args_is_help=True,
     add_completion=False,
+    cls=Group,
 )
 
 
@@ -27,17 +31,42 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: Annotated[
         bool,
         typer.Option(
             "--version", callback=_version, is_eager=True, help="Print the version and exit."
         ),
     ] = False,
+    repo: Annotated[
+        Path | None,
+        typer.Option(
+            "--repo",
+            help=f"The repo for the command (as `lotus-miner --repo`); overrides {REPO_ENV}, "
+            "a command's own --repo overrides it.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run and inspect Filecoin sector lifecycles (sectorfsm)."""
+    if repo is None:
+        return
+    # Every command reads its --repo with SECTORFSM_REPO as the fallback, so setting the
+    # variable for the command gives the precedence lotus-miner has (the command's own flag,
+    # then this one, then the environment) to all of them, wherever they are declared.
+    before = os.environ.get(REPO_ENV)
+    os.environ[REPO_ENV] = str(repo)
+
+    def restore() -> None:
+        if before is None:
+            os.environ.pop(REPO_ENV, None)
+        else:
+            os.environ[REPO_ENV] = before
+
+    ctx.call_on_close(restore)
 
 
-@app.command()
+@app.command(cls=Command)
 def demo(
     machines: Annotated[
         int,
@@ -55,7 +84,7 @@ def demo(
 ) -> None:
     """Drive toy sealing-shaped machines to Proving on the persisted FSM engine (virtual time).
 
-    This exercises the engine only; the real sealing pipeline (`sectors run`) is not built yet.
+    The engine alone, with toy stages: `sectors run` runs the real sealing pipeline.
     """
     from rich.console import Console
     from rich.table import Table
@@ -91,6 +120,9 @@ sectors.register(app)
 quarantine.register(app)
 views.register(app)
 statechart.register(app)
+for _info in app.registered_commands:
+    if _info.cls is None or _info.cls is TyperCommand:
+        _info.cls = Command
 
 
 def main() -> None:

@@ -19,7 +19,15 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from .common import DEFAULT_REPO, RepoOption, err_console, fail, repo_path, state_colour
+from .common import (
+    DEFAULT_REPO,
+    RepoOption,
+    err_console,
+    fail,
+    repo_exists,
+    repo_path,
+    state_colour,
+)
 
 if TYPE_CHECKING:
     from ..sealing.info import SectorInfo
@@ -54,19 +62,59 @@ def run(
     repo: RepoOption = DEFAULT_REPO,
 ) -> None:
     """Run the sealing engine, scheduler, local workers and the simulated devnet."""
-    from .runconfig import RunConfigError, load_run_config
-
+    cfg = _config(config)
+    root = repo_path(repo)
     try:
-        cfg = load_run_config(config.expanduser() if config is not None else None)
-    except RunConfigError as exc:
-        fail(str(exc))
-    try:
-        code = asyncio.run(_run(repo_path(repo), cfg, pledge, until_proving))
+        code = asyncio.run(_run(root, cfg, pledge, until_proving))
     except _Outcome as out:
         if out.code:
             fail(str(out), out.code)
         code = 0
     raise typer.Exit(code)
+
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="TOML config (default: embedded defaults)."),
+]
+
+
+def init(config: ConfigOption = None, repo: RepoOption = DEFAULT_REPO) -> None:
+    """Create a repo (store, miner identity, storage) without starting to seal."""
+    cfg = _config(config)
+    root = repo_path(repo)
+    if repo_exists(root):
+        fail(f"repo {root} already exists")
+    try:
+        asyncio.run(_init(root, cfg))
+    except _Outcome as out:
+        fail(str(out), out.code)
+    typer.echo(
+        f"created repo {root}: miner f0{cfg.miner}, {cfg.sector_size} sectors, "
+        f"{cfg.sealer} sealer; `sectors pledge` queues sectors, `sectors run` seals them"
+    )
+
+
+def _config(path: Path | None) -> RunConfig:
+    from .runconfig import RunConfigError, load_run_config
+
+    try:
+        return load_run_config(path.expanduser() if path is not None else None)
+    except RunConfigError as exc:
+        fail(str(exc))
+
+
+async def _init(repo: Path, cfg: RunConfig) -> None:
+    from ..fsm import StoreError
+    from ..sealing.miner import Miner, SealingError
+
+    # Opening the miner once is what creates a repo exactly as `sectors run` would (identity,
+    # store format, storage directories), with every check that run makes.
+    try:
+        async with Miner.open(repo, **cfg.open_kwargs()):
+            pass
+    except (StoreError, SealingError, ValueError, OSError) as exc:
+        raise _Outcome(1, str(exc)) from None
 
 
 async def _run(repo: Path, cfg: RunConfig, pledge: int, until_proving: bool) -> int:
@@ -103,16 +151,25 @@ async def _supervise(miner: Miner, stop: asyncio.Event, until_proving: bool) -> 
     view = _LiveView(miner) if live else _PlainLog(miner)
     tracked = _Tracked(miner, baseline=until_proving)
     quiet = 0
+    refusal = _RefusalWatch()
     with view:
         while not stop.is_set():
             settled = miner.settled()  # before this tick's snapshot is staged
-            _publish(miner, SNAPSHOT_KEY)
+            snapshot = _publish(miner, SNAPSHOT_KEY)
             sectors = tracked.refresh()
             view.update(sectors)
+            note = refusal.update(snapshot)
+            if note is not None:
+                view.note(note)
             if until_proving:
-                verdict = _verdict(sectors)
-                if not sectors and tracked.proving_before:
-                    verdict = (0, f"all {tracked.proving_before} sector(s) are Proving")
+                verdict = _verdict(sectors, tracked.proving_before)
+                # Settled: no queued request is about to create a sector either.
+                if verdict is None and not sectors and settled:
+                    raise _Outcome(
+                        1,
+                        "--until-proving has nothing to wait for: this repo has no sectors "
+                        "(pledge some with --pledge N or `sectors pledge`)",
+                    )
                 # Settled twice in a row (half a second apart): nothing will move any more.
                 quiet = quiet + 1 if verdict is None and sectors and settled else 0
                 if quiet >= 2:
@@ -169,7 +226,7 @@ class _Tracked:
         return [self.known[n] for n in sorted(self.known)]
 
 
-def _verdict(sectors: list[SectorInfo]) -> tuple[int, str] | None:
+def _verdict(sectors: list[SectorInfo], proving_before: int) -> tuple[int, str] | None:
     from ..sealing.states import SectorState
 
     live = [s for s in sectors if s.state is not SectorState.Removed]
@@ -177,8 +234,9 @@ def _verdict(sectors: list[SectorInfo]) -> tuple[int, str] | None:
     if stuck:
         s = stuck[0]
         return 1, f"sector {s.number} is FailedUnrecoverable: {s.last_err}"
-    if live and all(s.state is SectorState.Proving for s in live):
-        return 0, f"all {len(live)} sector(s) are Proving"
+    if (live or proving_before) and all(s.state is SectorState.Proving for s in live):
+        # Those Proving before the run count too (they are not re-read each tick).
+        return 0, f"all {len(live) + proving_before} sector(s) are Proving"
     return None
 
 
@@ -195,19 +253,71 @@ def _settled_verdict(sectors: list[SectorInfo]) -> tuple[int, str]:
     return 1, f"nothing is running, but not every sector is Proving: {shown}"
 
 
-def _publish(miner: Miner, key: bytes) -> None:
+def _publish(miner: Miner, key: bytes) -> dict[str, Any]:
     from ..fsm.codec import packb
 
+    snapshot = miner.sched.snapshot()
     # Staged in the engine's group commit, so publishing never blocks the event loop.
-    miner.store.committer.put("meta", key, packb(miner.sched.snapshot()))
+    miner.store.committer.put("meta", key, packb(snapshot))
+    return snapshot
+
+
+class _RefusalWatch:
+    """Says when the scheduler refuses every queued task while nothing runs, and why.
+
+    Then no sector can move until the operator changes something (a worker, a path, the
+    policy file), which `sectors status N` alone would only show one sector at a time. A
+    refusal is reported once it was seen on two ticks in a row (not in the instant between
+    a job ending and the next one being placed), then again only when it changes.
+    """
+
+    def __init__(self) -> None:
+        self.seen: str | None = None
+        self.said: str | None = None
+
+    def update(self, snapshot: dict[str, Any]) -> str | None:
+        """The line to print for this tick's scheduler snapshot, if any."""
+        now = _blocking_refusal(snapshot)
+        previous, self.seen = self.seen, now
+        if now is not None and now != previous:
+            return None  # wait for a second tick
+        if now == self.said:
+            return None
+        self.said = now
+        return now if now is not None else "scheduler: tasks are being placed again"
+
+
+def _blocking_refusal(snapshot: dict[str, Any]) -> str | None:
+    if not snapshot["diag"] or any(j["worker"] is not None for j in snapshot["jobs"]):
+        return None
+    causes: dict[str, list[str]] = {}
+    for task in snapshot["diag"]:
+        reasons = task["reasons"]
+        if not reasons:
+            why = "no worker is registered"
+        elif any(r == "could take it now" for r in reasons.values()):
+            return None
+        else:
+            why = "; ".join(f"{w}: {r}" for w, r in sorted(reasons.items()))
+        causes.setdefault(f"no worker can run {task['task']}: {why}", []).append(task["sector"])
+    lines = [
+        f"scheduler: {cause} ({len(waiting)} task(s) waiting)" for cause, waiting in causes.items()
+    ]
+    return "\n".join(lines)
 
 
 class _PlainLog:
-    """One line per state change, for logs and pipes."""
+    """One line per transition, for logs and pipes.
+
+    The transitions come from the sector's log, so steps taken between two ticks are each
+    printed (never one merged `A -> C` that is not an edge). When the log cannot tell (it
+    was truncated), the line says so: `A -> ... -> C`.
+    """
 
     def __init__(self, miner: Miner) -> None:
         self.miner = miner
-        self.seen: dict[int, str] = {}
+        #: Per sector: the state last printed, and how many of its transitions were printed.
+        self.seen: dict[int, tuple[str, int]] = {}
 
     def __enter__(self) -> _PlainLog:
         return self
@@ -216,17 +326,41 @@ class _PlainLog:
         return None
 
     def update(self, sectors: list[SectorInfo]) -> None:
+        from ..sealing.store_view import display_state
+        from ..statecharts import path_from_log
+
         stamp = time.strftime("%H:%M:%S")
         for s in sectors:
-            state = s.state.value
-            if self.seen.get(s.number) != state:
-                before = self.seen.get(s.number, "-")
-                self.seen[s.number] = state
-                extra = f" ({s.last_err})" if s.last_err and state.endswith("Failed") else ""
-                print(f"{stamp} sector {s.number}: {before} -> {state}{extra}", flush=True)
+            state = display_state(s)
+            before = self.seen.get(s.number)
+            if before is not None and before[0] == state:
+                continue
+            path = path_from_log(s.log)
+            self.seen[s.number] = (state, len(path))
+            extra = f" ({s.last_err})" if s.last_err and state.endswith("Failed") else ""
+            if before is None:
+                print(f"{stamp} sector {s.number}: - -> {state}{extra}", flush=True)
+                continue
+            steps = [(_shown(a), _shown(b)) for a, _, b in path[before[1] :]]
+            chained = all(steps[i][1] == steps[i + 1][0] for i in range(len(steps) - 1))
+            if not steps or not chained or (steps[0][0], steps[-1][1]) != (before[0], state):
+                steps = [(before[0], f"... -> {state}")]
+            for a, b in steps:
+                print(f"{stamp} sector {s.number}: {a} -> {b}{extra if b == state else ''}")
+        sys.stdout.flush()
+
+    def note(self, message: str) -> None:
+        print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
 
     def final(self, message: str) -> None:
         print(message, flush=True)
+
+
+def _shown(state: str) -> str:
+    from ..sealing.store_view import WAITING_FOR_ENGINE
+
+    # The graph names the state before the first event UndefinedSectorState (its value is "").
+    return WAITING_FOR_ENGINE if state in ("", "UndefinedSectorState") else str(state)
 
 
 class _LiveView:
@@ -248,6 +382,9 @@ class _LiveView:
     def update(self, sectors: list[SectorInfo]) -> None:
         self.live.update(self._render(sectors))
 
+    def note(self, message: str) -> None:
+        self.live.console.print(message, markup=False)
+
     def final(self, message: str) -> None:
         self.live.console.print(message)
 
@@ -255,24 +392,31 @@ class _LiveView:
         from rich.console import Group
         from rich.table import Table
 
-        counts = Counter(s.state.value for s in sectors)
+        from ..sealing.store_view import display_state
+
+        counts = Counter(display_state(s) for s in sectors)
         summary = (
             "  ".join(f"[{state_colour(k)}]{k}[/] {v}" for k, v in sorted(counts.items()))
             or "no sectors yet: `sectors pledge` from another terminal"
         )
-        table = Table("Sector", "State", "Last event", box=None)
         busy = [s for s in sectors if s.state.value != "Proving"][:15]
-        for s in busy:
-            last = s.log[-1].kind.removeprefix("event;") if s.log else ""
-            table.add_row(str(s.number), f"[{state_colour(s.state.value)}]{s.state.value}[/]", last)
+        parts: list[Any] = [f"epoch {self.miner.chain.head()}  {summary}"]
+        if busy:  # an empty table under "all N are Proving" reads as if they had vanished
+            table = Table("Sector", "State", "Last event", box=None)
+            for s in busy:
+                last = s.log[-1].kind.removeprefix("event;") if s.log else ""
+                shown = display_state(s)
+                table.add_row(str(s.number), f"[{state_colour(shown)}]{shown}[/]", last)
+            parts.append(table)
         workers = Table("Worker", "Running", "CPU", "GPU", box=None)
         for w in self.miner.sched.workers():
             tasks = " ".join(f"{k}:{v}" for k, v in w.tasks.items()) or "idle"
             workers.add_row(w.name, tasks, f"{w.cpus_used}/{w.cpus}", f"{w.gpus_used:g}/{w.gpus}")
-        head = self.miner.chain.head()
-        return Group(f"epoch {head}  {summary}", table, workers)
+        parts.append(workers)
+        return Group(*parts)
 
 
 def register(app: typer.Typer) -> None:
-    """Add `run` to `app`."""
+    """Add `run` and `init` to `app`."""
     app.command("run")(run)
+    app.command("init")(init)

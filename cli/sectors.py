@@ -8,6 +8,7 @@ Output follows `lotus-miner sectors` (`cmd/lotus-miner/sectors.go@v1.11.3`).
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -16,6 +17,7 @@ import typer
 
 from .common import (
     DEFAULT_REPO,
+    MAX_SECTOR,
     JsonOption,
     ReallyOption,
     RepoOption,
@@ -31,7 +33,10 @@ if TYPE_CHECKING:
     from ..sealing.info import SectorInfo
 
 SectorArg = Annotated[
-    int, typer.Argument(min=0, metavar="SECTOR", help="The sector number.", show_default=False)
+    int,
+    typer.Argument(
+        min=0, max=MAX_SECTOR, metavar="SECTOR", help="The sector number.", show_default=False
+    ),
 ]
 #: Lotus's refusal without --really-do-it (remove, update-state).
 ADVANCED = (
@@ -69,19 +74,28 @@ def _hex(value: bytes) -> str:
     return value.hex()
 
 
+#: Hex runs this long or longer (proofs, PC1 outputs) are shortened in `status --log`.
+_LONG_HEX = re.compile(r"[0-9a-f]{40,}")
+
+
+def short_blobs(text: str) -> str:
+    """`text` with each long hex blob shortened to `prefix…suffix` (its full form: --json)."""
+    return _LONG_HEX.sub(lambda m: f"{m[0][:8]}…{m[0][-8:]}", text)
+
+
 def _go_time(ts: int) -> str:
     # Go's time.Time %s format, as Lotus prints log timestamps.
     return time.strftime("%Y-%m-%d %H:%M:%S %z %Z", time.localtime(ts))
 
 
 def status_dict(info: SectorInfo) -> dict[str, Any]:
-    """The `--json` form: our names, Lotus's API fields, and the log."""
+    """The `--json` form: `number` and `state` as `list --json` has them, Lotus's API fields."""
+    from ..sealing.store_view import display_state
+
     deals = info.deal_ids()
     return {
         "number": info.number,
-        "state": info.state.value or "UndefinedSectorState",
-        "SectorID": info.number,
-        "State": info.state.value,
+        "state": display_state(info),
         "CommD": info.comm_d,
         "CommR": info.comm_r,
         "Proof": _hex(info.proof),
@@ -126,6 +140,8 @@ def status(
     repo: RepoOption = DEFAULT_REPO,
 ) -> None:
     """Show a sector's state and Lotus-style fields (and its event log with --log)."""
+    from ..sealing.store_view import display_state
+
     with open_repo(repo) as store:
         info = _read(store, sector)
     if as_json:
@@ -134,7 +150,7 @@ def status(
     nil = "<nil>"
     lines = [
         f"SectorID:\t{info.number}",
-        f"Status:\t\t{info.state.value}",
+        f"Status:\t\t{display_state(info)}",
         f"CIDcommD:\t{info.comm_d or nil}",
         f"CIDcommR:\t{info.comm_r or nil}",
         f"Ticket:\t\t{_hex(info.ticket_value)}",
@@ -155,7 +171,8 @@ def status(
     if log:
         lines.append("--------\nEvent Log:")
         for i, e in enumerate(info.log):
-            lines.append(f"{i}.\t{_go_time(e.timestamp)}:\t[{e.kind}]\t{e.message}")
+            message = short_blobs(e.message)
+            lines.append(f"{i}.\t{_go_time(e.timestamp)}:\t[{e.kind}]\t{message}")
             if e.trace:
                 lines.append(f"\t{e.trace}")
     typer.echo("\n".join(lines))
@@ -174,27 +191,46 @@ def _seal_time(info: SectorInfo) -> float | None:
     return None
 
 
+def _wanted_states(states: str) -> set[str]:
+    """The state names of a `--states` filter; a one-line error for an empty or unknown one."""
+    from ..sealing.states import parse_state
+    from ..sealing.store_view import WAITING_FOR_ENGINE
+
+    names = [s.strip() for s in states.split(",")]
+    if not all(names):
+        fail(
+            f"--states {states!r} has an empty state name (give e.g. --states PreCommit1,WaitSeed)"
+        )
+    wanted = set()
+    for name in names:
+        if name == WAITING_FOR_ENGINE:
+            wanted.add(name)
+            continue
+        try:
+            wanted.add(parse_state(name).value)
+        except ValueError as exc:
+            fail(f"{exc}, {WAITING_FOR_ENGINE}")
+    return wanted
+
+
 def list_(
     states: Annotated[
         str | None,
         typer.Option("--states", help="Only these states, comma separated (shows Removed too)."),
     ] = None,
-    show_removed: Annotated[
-        bool, typer.Option("--show-removed", help="Include Removed sectors.")
+    show_all: Annotated[
+        bool,
+        typer.Option("--all", "--show-removed", help="Include Removed sectors."),
     ] = False,
     as_json: JsonOption = False,
     repo: RepoOption = DEFAULT_REPO,
 ) -> None:
     """List sectors by number, with state, deals, events and seal time."""
-    from ..sealing.states import SectorState, parse_state
-    from ..sealing.store_view import sector_records
+    from ..sealing.states import SectorState
+    from ..sealing.store_view import display_state, sector_records
 
-    wanted: set[SectorState] | None = None
-    if states:
-        try:
-            wanted = {parse_state(s.strip()) for s in states.split(",") if s.strip()}
-        except ValueError as exc:
-            fail(str(exc))
+    wanted = None if states is None else _wanted_states(states)
+    hidden = 0
     from .quarantine import corrupt_sectors, row
 
     with open_repo(repo) as store:
@@ -202,18 +238,19 @@ def list_(
         # Unreadable records are listed as Corrupt (unless a state filter is given).
         corrupt = corrupt_sectors(store) if wanted is None else []
         for _, info in sector_records(store, events=False).list(on_error=lambda *_: None):
-            if info.state is SectorState.UndefinedSectorState:
-                continue  # as Lotus's SectorsList
-            if wanted is not None and info.state not in wanted:
+            if wanted is not None and display_state(info) not in wanted:
                 continue
-            if wanted is None and not show_removed and info.state is SectorState.Removed:
+            if wanted is None and not show_all and info.state is SectorState.Removed:
+                hidden += 1
                 continue
             rows.append(info)
+    if hidden:
+        typer.echo(f"({hidden} removed sector(s) hidden; --all shows them)", err=True)
     if as_json:
         out = [
             {
                 "number": i.number,
-                "state": i.state.value,
+                "state": display_state(i),
                 "deals": [d for d in i.deal_ids() if d],
                 "events": _events(i),
                 "seal_time_s": _seal_time(i),
@@ -227,23 +264,26 @@ def list_(
         return
     from rich.table import Table
 
+    console = out_console()
+    cut = 60 if console.is_terminal else None  # piped or redirected: scripts get it whole
     table = Table("ID", "State", "Deals", "Events", "SealTime", "Retries", "Error", box=None)
     for i in rows:
         deals = [d for d in i.deal_ids() if d]
         seal = _seal_time(i)
+        shown = display_state(i)
         table.add_row(
             str(i.number),
-            f"[{state_colour(i.state.value)}]{i.state.value}[/]",
+            f"[{state_colour(shown)}]{shown}[/]",
             f"[green]{len(deals)}[/]" if deals else "[blue]CC[/]",
             str(_events(i)),
             "" if seal is None else f"{seal / 60:.1f}m",
             str(i.retries) if i.retries else "",
-            (i.last_err[:60] + "…") if len(i.last_err) > 60 else i.last_err,
+            (i.last_err[:cut] + "…") if cut and len(i.last_err) > cut else i.last_err,
         )
     for c in corrupt:  # `sectors status N` says what is wrong and how to recover
         reason = (c.reason[:60] + "…") if len(c.reason) > 60 else c.reason
         table.add_row(str(c.number), "[red]Corrupt[/]", "", "", "", "", reason)
-    out_console().print(table)
+    console.print(table)
 
 
 def _send(store: LmdbStore, number: int, event: object) -> None:
@@ -260,12 +300,13 @@ def retry(sector: SectorArg, repo: RepoOption = DEFAULT_REPO) -> None:
     """Retry a failed sector now (skips the backoff; resumes a FailedUnrecoverable one)."""
     from ..sealing.events import SectorRetryNow
     from ..sealing.states import FAILED_STATES
+    from ..sealing.store_view import display_state
 
-    with open_repo(repo) as store:
+    with open_repo(repo, write=True) as store:
         info = _read(store, sector)
         if info.state not in FAILED_STATES:
             fail(
-                f"sector {sector} is in {info.state.value}, which is not a failed state; "
+                f"sector {sector} is in {display_state(info)}, which is not a failed state; "
                 "retry only applies to failed sectors"
             )
         _send(store, sector, SectorRetryNow())
@@ -280,7 +321,7 @@ def remove(
 
     if not really:
         fail(ADVANCED)
-    with open_repo(repo) as store:
+    with open_repo(repo, write=True) as store:
         _read(store, sector)
         _send(store, sector, SectorRemove())
         typer.echo(f"remove of sector {sector} sent; {engine_note(store)}")
@@ -294,7 +335,7 @@ def terminate(
 
     if not really:
         fail("pass --really-do-it to confirm this action")
-    with open_repo(repo) as store:
+    with open_repo(repo, write=True) as store:
         _read(store, sector)
         _send(store, sector, SectorTerminate())
         typer.echo(f"terminate of sector {sector} sent; {engine_note(store)}")
@@ -309,6 +350,7 @@ def update_state(
     """Force a sector into a state (validated against the state graph)."""
     from ..sealing.events import SectorForceState
     from ..sealing.states import parse_state
+    from ..sealing.store_view import display_state
 
     if not really:
         fail(ADVANCED)
@@ -316,11 +358,11 @@ def update_state(
         target = parse_state(state)
     except ValueError as exc:
         fail(str(exc))
-    with open_repo(repo) as store:
+    with open_repo(repo, write=True) as store:
         info = _read(store, sector)
         _send(store, sector, SectorForceState(target))
         typer.echo(
-            f"sector {sector}: {info.state.value} -> {target.value} sent; {engine_note(store)}"
+            f"sector {sector}: {display_state(info)} -> {target.value} sent; {engine_note(store)}"
         )
 
 
@@ -336,14 +378,11 @@ def _wait_result(store: LmdbStore, rid: bytes) -> dict[str, Any] | None:
     return None
 
 
-def _create_store(repo: Path) -> LmdbStore:
-    from ..fsm import LmdbStore, StoreError
-    from ..sealing.store_view import store_path
-
-    try:
-        return LmdbStore(store_path(repo.expanduser()))
-    except StoreError as exc:
-        fail(str(exc))
+def _unanswered(store: LmdbStore) -> str:
+    """Why a queued request has no result yet (said only after waiting RESULT_WAIT)."""
+    if store.engine_locked_elsewhere():
+        return f"the engine has not answered within {RESULT_WAIT:g}s; it executes it when it can"
+    return "the engine stopped before answering: the next `sectors run` executes it"
 
 
 def pledge(
@@ -353,8 +392,9 @@ def pledge(
     """Create committed-capacity sectors (durable even when no engine is running)."""
     from ..fsm import StoreError
     from ..sealing import requests
+    from ..sealing.store_view import WAITING_FOR_ENGINE
 
-    with _create_store(repo) as store:
+    with open_repo(repo, write=True) as store:
         try:
             numbers = requests.pledge_offline(store, count)
         except (ValueError, StoreError) as exc:  # StoreFullError: a full disk, nothing written
@@ -362,18 +402,13 @@ def pledge(
         if numbers is not None:
             for n in numbers:
                 typer.echo(f"Created CC sector: {n}")
-            typer.echo(f"({engine_note(store)})", err=True)
+            typer.echo(f"({WAITING_FOR_ENGINE}: {engine_note(store)})", err=True)
             return
+        # An engine holds the repo: it allocates the numbers.
         rid = requests.submit(store, {"op": "pledge", "count": count})
-        if not store.engine_locked_elsewhere():
-            typer.echo(
-                f"queued a pledge of {count} sector(s); {engine_note(store)} "
-                "(sector numbers are assigned then)"
-            )
-            return
         result = _wait_result(store, rid)
         if result is None:
-            typer.echo(f"queued a pledge of {count} sector(s); the engine has not answered yet")
+            typer.echo(f"queued a pledge of {count} sector(s); {_unanswered(store)}")
             return
         if "error" in result:
             fail(result["error"])
@@ -397,7 +432,7 @@ def add_piece(
     size = 128
     while size * 127 // 128 < length:
         size *= 2
-    with _create_store(repo) as store:
+    with open_repo(repo, write=True) as store:
         ident = requests.identity(store)
         if ident is not None and size > ident[1]:
             fail(f"{file} ({length} bytes) does not fit a {ident[1]}-byte sector")
@@ -418,7 +453,7 @@ def add_piece(
             return
         result = _wait_result(store, rid)
         if result is None:
-            typer.echo("queued; the engine has not answered yet")
+            typer.echo(f"queued; {_unanswered(store)}")
             return
         if "error" in result:
             fail(result["error"])

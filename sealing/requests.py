@@ -9,6 +9,7 @@ so a request is executed exactly once even across crashes.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Any
@@ -84,12 +85,17 @@ def pledge_offline(store: LmdbStore, count: int) -> list[int] | None:
     """Create `count` CC sectors while no engine runs; None if an engine holds the repo.
 
     The repo is claimed as a CLI writer for the duration, so no engine can start and
-    allocate numbers concurrently. The sectors wait in the mailbox until the next
-    `sectors run`.
+    allocate numbers concurrently. Each sector's record exists at once, in
+    UndefinedSectorState with its number; its SectorStartCC waits in the mailbox until the
+    next `sectors run`. Raises `ValueError` for a repo that no engine ever opened (its
+    sector size is not known yet).
     """
     ident = identity(store)
     if ident is None:
-        return None
+        raise ValueError(
+            f"{store.path.parent} has no miner identity yet: create it with `sectors init` "
+            "or `sectors run`"
+        )
     # A CLI writer's claim: a starting engine waits for it instead of taking it for an engine.
     if not store.lock_writer():
         return None
@@ -117,7 +123,9 @@ def pledge_offline(store: LmdbStore, count: int) -> list[int] | None:
             numbers = list(range(first, first + count))
             for n in numbers:
                 event = codec.encode_event(SectorStartCC(n, proof))
-                records.client_send(txn, n, event, SectorInfo)
+                # The record carries its number from the start, so every reader shows this
+                # sector as itself (in WaitingForEngine) until the engine applies the event.
+                records.client_send(txn, n, event, functools.partial(SectorInfo, number=n))
             txn.put(META_NEXT, packb(first + count), db=meta)
             return numbers
 

@@ -11,12 +11,22 @@ from pathlib import Path
 from ..fsm import GroupRecords, LmdbStore, RecordCodec
 from ..fsm.events import BUILTIN_EVENTS
 from .info import SectorInfo
-from .states import DORMANT_STATES
+from .states import DORMANT_STATES, SectorState
 
 #: The engine group that holds the sectors.
 GROUP = "sectors"
 #: Version of the SectorInfo record layout.
 SCHEMA_VERSION = 1
+#: What readers show for a sector whose record exists but whose first event (SectorStart or
+#: SectorStartCC, sent by an offline `sectors pledge`) no engine has applied yet.
+WAITING_FOR_ENGINE = "WaitingForEngine"
+
+
+def display_state(info: SectorInfo) -> str:
+    """The state name the CLI shows: the real one, or WaitingForEngine before the first event."""
+    if info.state is SectorState.UndefinedSectorState:
+        return WAITING_FOR_ENGINE
+    return info.state.value
 
 
 def store_path(repo: Path) -> Path:

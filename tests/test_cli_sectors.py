@@ -7,11 +7,15 @@ running; `test_cli_daemon.py` covers the same commands against a running `sector
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
+import os
+import re
 from pathlib import Path
 
 import pytest
-from sealtools import miner, run
+from sealtools import kinds, miner, run
 from typer.testing import CliRunner
 
 from sectorfsm.cli import run as runmod
@@ -68,7 +72,9 @@ def test_status_json_names(repo: Path) -> None:
     assert code == 0
     data = json.loads(out)
     assert data["number"] == 1 and data["state"] == "Proving"
-    assert data["SectorID"] == 1 and data["CommR"].startswith("bagboea4b5abc")
+    assert data["CommR"].startswith("bagboea4b5abc")
+    # One name per field: `number` and `state` as `list --json` has them, no Lotus twins.
+    assert "State" not in data and "SectorID" not in data
     entry = data["log"][0]
     assert set(entry) == {"timestamp", "kind", "message", "trace"}
     assert entry["kind"] == "event;SectorStartCC"
@@ -99,6 +105,15 @@ def test_list_table_and_json(repo: Path) -> None:
         (("status", "abc"), "valid integer"),
         (("status", "-1"), "-1"),
         (("list", "--states", "Sealing"), "not a valid sector state"),
+        (("list", "--states", ","), "empty state name"),
+        (("list", "--states", ""), "empty state name"),
+        (("list", "--states", "Proving,"), "empty state name"),
+        (("status", str(1 << 63)), "9223372036854775807"),
+        (("retry", str(1 << 64)), "9223372036854775807"),
+        (("remove", str(1 << 63), "--really-do-it"), "9223372036854775807"),
+        (("terminate", str(1 << 63), "--really-do-it"), "9223372036854775807"),
+        (("update-state", str(1 << 63), "Removing", "--really-do-it"), "9223372036854775807"),
+        (("retry", "-5"), "-5"),
         (("update-state", "1", "Bogus", "--really-do-it"), "valid states are"),
         (("update-state", "1", "Removing"), "--really-do-it"),
         (("remove", "1"), "--really-do-it"),
@@ -137,10 +152,43 @@ def test_malformed_config_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "repo").exists()
 
 
-def test_commands_on_a_missing_repo(tmp_path: Path) -> None:
-    code, out = invoke(tmp_path / "nowhere", "status", "1")
-    assert code == 1 and "no sectorfsm repo" in out
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("status", "1"),
+        ("list",),
+        ("pledge",),
+        ("retry", "1"),
+        ("remove", "1", "--really-do-it"),
+        ("update-state", "1", "Removing", "--really-do-it"),
+        ("workers",),
+    ],
+)
+def test_only_init_and_run_create_a_repo(tmp_path: Path, args: tuple[str, ...]) -> None:
+    missing = tmp_path / "nonexistent" / "x"
+    code, out = invoke(missing, *args)
+    assert code == 1 and f"no repo at {missing}; create it with `sectors init`" in out
+    assert not (tmp_path / "nonexistent").exists()
+
+
+def test_add_piece_does_not_create_a_repo(tmp_path: Path) -> None:
+    piece = tmp_path / "piece.bin"
+    piece.write_bytes(b"data")
+    code, out = invoke(tmp_path / "nowhere", "add-piece", str(piece))
+    assert code == 1 and "no repo at" in out
     assert not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize("args", [("status", "1"), ("list",), ("pledge",), ("run",), ("init",)])
+def test_a_repo_path_no_repo_can_have_is_one_line(tmp_path: Path, args: tuple[str, ...]) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("not a repo")
+    code, out = invoke(a_file, *args)
+    assert code == 1 and out == f"error: repo {a_file} is a file, not a directory\n"
+    assert a_file.read_text() == "not a repo"
+    long = tmp_path / ("x" * 256) / "repo"
+    code, out = invoke(long, *args)
+    assert code == 1 and "over 255 bytes long" in out and out.count("\n") == 1
 
 
 def test_offline_commands_wait_for_the_next_run(tmp_path: Path) -> None:
@@ -240,3 +288,161 @@ def test_until_proving_stops_when_nothing_can_move(tmp_path: Path) -> None:
                 await asyncio.wait_for(runmod._supervise(m, asyncio.Event(), True), 10)
 
     run(body)
+
+
+def test_status_log_shortens_hex_blobs_and_json_keeps_them(repo: Path) -> None:
+    code, out = invoke(repo, "status", "1", "--log")
+    assert code == 0 and "[event;SectorPreCommit1]" in out
+    assert not re.search(r"[0-9a-f]{40}", out.split("Event Log:", 1)[1])
+    assert re.search(r"[0-9a-f]{8}…[0-9a-f]{8}", out)
+    code, out = invoke(repo, "status", "1", "--json")
+    messages = " ".join(e["message"] for e in json.loads(out)["log"])
+    assert re.search(r"[0-9a-f]{100}", messages)  # --json is for scripts: nothing shortened
+
+
+def test_an_offline_pledge_exists_at_once_for_every_command(tmp_path: Path) -> None:
+    path = tmp_path / "repo"
+    code, out = invoke(path, "init")
+    assert code == 0 and f"created repo {path}" in out
+    code, out = invoke(path, "init")
+    assert code == 1 and "already exists" in out
+    code, out = invoke(path, "pledge", "--count", "2")
+    assert code == 0 and "Created CC sector: 1\nCreated CC sector: 2\n" in out
+    assert "queued" not in out
+    code, out = invoke(path, "list")
+    assert re.search(r"^\s*1\s+WaitingForEngine\s+CC", out, re.M), out
+    assert re.search(r"^\s*2\s+WaitingForEngine\s+CC", out, re.M), out
+    code, out = invoke(path, "status", "2")
+    assert out.startswith("SectorID:\t2\nStatus:\t\tWaitingForEngine\n")
+    code, out = invoke(path, "status", "2", "--json")
+    assert (json.loads(out)["number"], json.loads(out)["state"]) == (2, "WaitingForEngine")
+    code, out = invoke(path, "list", "--states", "WaitingForEngine", "--json")
+    assert [r["number"] for r in json.loads(out)] == [1, 2]
+    code, out = invoke(path, "retry", "2")
+    assert code == 1 and "sector 2 is in WaitingForEngine, which is not a failed state" in out
+    code, out = invoke(path, "remove", "2", "--really-do-it")
+    assert code == 0 and "remove of sector 2 sent" in out
+
+    async def resume() -> None:
+        async with Miner.open(path, clock="virtual", sealer="sim") as m:
+            view = runmod._PlainLog(m)
+            view.update(list(m.list()))
+            one = await m.wait(1, "Proving", timeout=DAY)
+            two = await m.wait(2, "Removed", timeout=DAY)
+            assert (one.number, two.number) == (1, 2)
+            assert kinds(one).count("SectorStartCC") == 1
+
+    out_lines: list[str] = []
+    with contextlib.redirect_stdout(io.StringIO()) as buf:
+        run(resume)
+    out_lines = buf.getvalue().splitlines()
+    # The first lines of the run's log name both sectors as themselves, never a sector 0.
+    assert [line.split(" ", 1)[1] for line in out_lines] == [
+        "sector 1: - -> WaitingForEngine",
+        "sector 2: - -> WaitingForEngine",
+    ]
+
+
+def test_an_offline_pledge_needs_a_repo_with_an_identity(tmp_path: Path) -> None:
+    from sectorfsm.fsm import LmdbStore
+    from sectorfsm.sealing.store_view import store_path
+
+    LmdbStore(store_path(tmp_path / "repo")).close()  # a store no engine ever opened
+    code, out = invoke(tmp_path / "repo", "pledge")
+    assert code == 1 and "no miner identity yet" in out and "sectors init" in out
+
+
+def test_a_pledge_without_an_answer_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sectorfsm.cli import sectors as sectors_cli
+    from sectorfsm.sealing import requests
+
+    assert invoke(tmp_path / "repo", "init")[0] == 0
+    # As if an engine held the repo when we looked, then stopped before answering.
+    monkeypatch.setattr(requests, "pledge_offline", lambda store, count: None)
+    monkeypatch.setattr(sectors_cli, "RESULT_WAIT", 0.01)
+    code, out = invoke(tmp_path / "repo", "pledge")
+    assert code == 0 and "has not answered" not in out
+    assert "the engine stopped before answering: the next `sectors run` executes it" in out
+
+
+@pytest.fixture(scope="module")
+def removed_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repo with sector 1 Removed and sector 2 Proving, whose last error is long."""
+    path = tmp_path_factory.mktemp("removed") / "repo"
+
+    async def body() -> None:
+        async with Miner.open(path, clock="virtual", sealer="sim") as m:
+            for _ in range(2):
+                await m.wait(await m.pledge(), "Proving", timeout=DAY)
+            await m.remove(1)
+            await m.wait(1, "Removed", timeout=DAY)
+
+    run(body)
+    return path
+
+
+def test_list_says_how_many_removed_sectors_it_hides(removed_repo: Path) -> None:
+    code, out = invoke(removed_repo, "list")
+    assert code == 0 and "1 removed sector(s) hidden; --all shows them" in out
+    assert not re.search(r"^\s*1\s+Removed", out, re.M)
+    for flag in ("--all", "--show-removed"):
+        code, out = invoke(removed_repo, "list", flag)
+        assert re.search(r"^\s*1\s+Removed", out, re.M) and "hidden" not in out
+
+
+def test_list_piped_never_cuts_a_column(repo: Path) -> None:
+    # CliRunner's stdout is not a terminal, as with a pipe; COLUMNS must not matter then.
+    result = CliRunner().invoke(app, ["list"], env={"SECTORFSM_REPO": str(repo), "COLUMNS": "30"})
+    row = next(line for line in result.output.splitlines() if line.strip().startswith("2 "))
+    assert "FailedUnrecoverable" in row and "…" not in row
+    last_err = read_sector(repo, 2).last_err  # type: ignore[union-attr]
+    assert len(last_err) > 60 and last_err in row
+
+
+def test_top_level_repo_option_and_its_precedence(repo: Path, tmp_path: Path) -> None:
+    env, top, own = tmp_path / "env", tmp_path / "top", tmp_path / "own"
+    before = os.environ.get("SECTORFSM_REPO")
+    code, out = invoke(env, "--repo", str(repo), "list", "--json")
+    assert code == 0 and [r["number"] for r in json.loads(out)] == [1, 2]
+    assert invoke(env, "--repo", str(top), "status", "1")[1] == (
+        f"error: no repo at {top}; create it with `sectors init` or `sectors run`\n"
+    )
+    code, out = invoke(env, "--repo", str(top), "status", "1", "--repo", str(own))
+    assert f"no repo at {own};" in out
+    assert f"no repo at {env};" in invoke(env, "status", "1")[1]
+    assert os.environ.get("SECTORFSM_REPO") == before  # the override ends with the command
+
+
+def test_a_read_only_repo_can_still_be_read(
+    repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from sectorfsm.cli import common
+
+    copy = tmp_path / "ro"
+    shutil.copytree(repo, copy, ignore=shutil.ignore_patterns("lock.mdb", "engine.lock"))
+    store = copy / "store"
+    if os.geteuid() == 0:  # root writes anywhere: make this process see the repo as others do
+        real_access = os.access
+        monkeypatch.setattr(
+            common.os,
+            "access",
+            lambda p, mode: False if Path(p) == store else real_access(p, mode),
+        )
+    modes = {p: p.stat().st_mode for p in [copy, store, *store.iterdir()]}
+    try:
+        for p in modes:
+            p.chmod(modes[p] & ~0o222)
+        code, out = invoke(copy, "status", "1")
+        assert code == 0 and "Status:\t\tProving" in out
+        code, out = invoke(copy, "list", "--json")
+        assert code == 0 and [r["number"] for r in json.loads(out)] == [1, 2]
+        code, out = invoke(copy, "retry", "2")
+        assert code == 1 and f"repo {copy} is read-only" in out
+        assert not (store / "lock.mdb").exists()  # reading left no trace
+    finally:
+        for p, mode in modes.items():
+            p.chmod(mode)
