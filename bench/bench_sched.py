@@ -63,7 +63,6 @@ from sectorfsm.sched import (
     WorkerSpec,
     fetch_prepare,
     resource_spec,
-    space_needed,
 )
 from sectorfsm.sched.selectors import Selector
 from sectorfsm.sched.workers import Worker
@@ -726,16 +725,13 @@ class Sim:
     # -- files on disk (the index tracks where; `used` is what a heartbeat would report) --------
 
     def _put(self, s: SectorRef, files: FileType, path_id: str) -> None:
-        self.sched.index.add_sector(s, files, path_id)
+        self.sched.index.add_sector(s, files, path_id)  # counts the files' bytes as stored
         p = self.sched.index.paths[path_id]
-        p.used += space_needed(files, s.size)
-        frac = (p.used + p.reserved) / p.capacity
+        frac = (p.used + p.stored + p.reserved) / p.capacity
         if frac > self.disk_peak.get(path_id, 0.0):
             self.disk_peak[path_id] = frac
 
     def _drop(self, s: SectorRef, files: FileType) -> None:
-        for pid, held in self.sched.index.find_sector(s, files).items():
-            self.sched.index.paths[pid].used -= space_needed(held, s.size)
         self.sched.index.remove_sector(s, files)
 
     # -- one stage of one sector --------------------------------------------------------------
@@ -752,16 +748,11 @@ class Sim:
             if st is self.b_stage:
                 self.pre_count -= 1
             if needs and job.placement.fetch_bytes and job.placement.path is not None:
-                before = self.sched.index.find_sector(s, needs)
                 t = clock.now()
                 await self.fetchers[needs](job)  # the library's GET: sleeps, moves the files
                 stats.fetches += 1
                 stats.fetch_bytes += job.placement.fetch_bytes
                 stats.fetch_s += clock.now() - t
-                for pid, held in before.items():
-                    self.sched.index.paths[pid].used -= space_needed(held, s.size)
-                dest = self.sched.index.paths[job.placement.path]
-                dest.used += space_needed(needs, s.size)
 
         async def work(job: Job) -> None:
             stats.working += 1

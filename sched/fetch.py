@@ -51,8 +51,12 @@ def fetch_prepare(
         source = holders[0] if holders else None
         async with _fetch_slots(sched, job.worker.name):
             await move(job, source, job.placement.fetch_bytes)
-        sched.index.remove_sector(job.sector, files)
-        sched.index.add_sector(job.sector, files, job.placement.path)
+        sched.index.move_sector(job.sector, files, job.placement.path)
+        here = sched.index.sector_bytes(job.sector).get(job.placement.path, {})
+        # The moved files now count as stored there: the reservation made for them ends.
+        sched.index.consume(
+            job.sched_id, job.placement.path, sum(here[f] for f in files.each() if f in here)
+        )
         sched.files_changed(job.sector)
 
     return prepare

@@ -4,12 +4,17 @@ Lotus checks a path's free space from a heartbeat refreshed every 10 s and reser
 when it assigns work, so a burst of assignments lands on one path and later fails with
 "out of space". Here space is reserved when a task is assigned and released when it ends, so
 `available` always accounts for work already promised to the path.
+
+The index also counts the bytes of every sector file it records (`StoragePath.stored`), per
+file: a file keeps its bytes when it moves, gives them back when it is removed, and shrinks
+to Lotus's finalized size (`FsOverheadFinalized` in `storiface/filetype.go@v1.11.3`) when
+Finalize drops the cache's scratch layers.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 from .filetypes import FileType, space_needed
@@ -38,15 +43,17 @@ class StoragePath:
     can_seal: bool = True
     can_store: bool = False
     weight: int = 1
-    #: Bytes used on disk, as last reported.
+    #: Bytes used on disk by anything but the sector files the index records, as reported.
     used: int = 0
     #: Bytes promised to assigned tasks that have not written them yet.
     reserved: int = 0
+    #: Bytes of the sector files the index records on this path.
+    stored: int = 0
 
     @property
     def available(self) -> int:
-        """Free bytes after what is on disk and what is reserved."""
-        return self.capacity - self.used - self.reserved
+        """Free bytes after other use, this path's sector files and what is reserved."""
+        return self.capacity - self.used - self.stored - self.reserved
 
 
 @dataclass(slots=True)
@@ -66,6 +73,8 @@ class StorageIndex:
     _by_path: dict[str, set[tuple[SectorRef, FileType]]] = field(
         default_factory=lambda: defaultdict(set)
     )
+    #: Bytes counted for each recorded file, per path.
+    _bytes: dict[tuple[SectorRef, FileType, str], int] = field(default_factory=dict)
     _reservations: dict[int, list[_Reservation]] = field(default_factory=dict)
     #: Path ids per worker, so per-worker lookups do not scan every path.
     _of_worker: dict[str | None, list[str]] = field(default_factory=lambda: defaultdict(list))
@@ -76,7 +85,7 @@ class StorageIndex:
         """Add or replace a path (keeps the files already recorded on it)."""
         old = self.paths.get(path.id)
         if old is not None:
-            path.reserved = old.reserved
+            path.reserved, path.stored = old.reserved, old.stored
             self._of_worker[old.worker].remove(old.id)
         self.paths[path.id] = path
         self._of_worker[path.worker].append(path.id)
@@ -88,6 +97,7 @@ class StorageIndex:
             self._of_worker[old.worker].remove(path_id)
         for key in self._by_path.pop(path_id, set()):
             self._files[key].discard(path_id)
+            self._bytes.pop((*key, path_id), None)
 
     def worker_paths(self, worker: str) -> Iterator[StoragePath]:
         """The paths local to `worker`."""
@@ -95,16 +105,32 @@ class StorageIndex:
 
     # -- sector files -----------------------------------------------------------------------
 
-    def add_sector(self, sector: SectorRef, files: FileType, path_id: str) -> None:
-        """Record that `files` of `sector` are now on `path_id`."""
+    def add_sector(
+        self,
+        sector: SectorRef,
+        files: FileType,
+        path_id: str,
+        sizes: Mapping[FileType, int] | None = None,
+        *,
+        finalized: bool = False,
+    ) -> None:
+        """Record that `files` of `sector` are now on `path_id`, counting their bytes there.
+
+        A file's bytes are `sizes[file]` when given (what is really on disk), else Lotus's
+        overhead for its type (while sealing, or `finalized`).
+        """
         if path_id not in self.paths:
             raise KeyError(f"unknown storage path {path_id!r}")
         for f in files.each():
+            nbytes = sizes[f] if sizes is not None and f in sizes else None
+            if nbytes is None:
+                nbytes = space_needed(f, sector.size, finalized=finalized)
             self._files[(sector, f)].add(path_id)
             self._by_path[path_id].add((sector, f))
+            self._count(sector, f, path_id, nbytes)
 
     def remove_sector(self, sector: SectorRef, files: FileType, path_id: str | None = None) -> None:
-        """Forget `files` of `sector` on one path (or on every path)."""
+        """Forget `files` of `sector` on one path (or on every path); their bytes are freed."""
         for f in files.each():
             holders = self._files.get((sector, f))
             if not holders:
@@ -112,8 +138,41 @@ class StorageIndex:
             for pid in [path_id] if path_id is not None else list(holders):
                 holders.discard(pid)
                 self._by_path[pid].discard((sector, f))
+                self._count(sector, f, pid, 0)
             if not holders:
                 del self._files[(sector, f)]
+
+    def move_sector(self, sector: SectorRef, files: FileType, path_id: str) -> None:
+        """`files` moved to `path_id` from wherever they were; their bytes go with them."""
+        sizes: dict[FileType, int] = {}
+        for f in files.each():
+            for pid in self._files.get((sector, f), ()):
+                sizes[f] = max(sizes.get(f, 0), self._bytes.get((sector, f, pid), 0))
+        self.remove_sector(sector, files)
+        self.add_sector(sector, files, path_id, sizes)
+
+    def finalize_sector(self, sector: SectorRef, files: FileType) -> None:
+        """Finalize shrank `files` of `sector`: count them at Lotus's finalized size."""
+        for f in files.each():
+            for pid in self._files.get((sector, f), ()):
+                self._count(sector, f, pid, space_needed(f, sector.size, finalized=True))
+
+    def sector_bytes(self, sector: SectorRef) -> dict[str, dict[FileType, int]]:
+        """Path id -> the bytes counted for each of the sector's files there."""
+        out: dict[str, dict[FileType, int]] = {}
+        for (_, f), holders in self._sector_files(sector):
+            for pid in holders:
+                out.setdefault(pid, {})[f] = self._bytes.get((sector, f, pid), 0)
+        return out
+
+    def _count(self, sector: SectorRef, f: FileType, path_id: str, nbytes: int) -> None:
+        key = (sector, f, path_id)
+        old = self._bytes.pop(key, 0)
+        if nbytes:
+            self._bytes[key] = nbytes
+        path = self.paths.get(path_id)
+        if path is not None:
+            path.stored += nbytes - old
 
     def find_sector(self, sector: SectorRef, files: FileType) -> dict[str, FileType]:
         """Which of `files` each path holds."""
@@ -187,6 +246,16 @@ class StorageIndex:
         """Promise `size` bytes of `path_id` to task `owner` until `release(owner)`."""
         self.paths[path_id].reserved += size
         self._reservations.setdefault(owner, []).append(_Reservation(path_id, size))
+
+    def consume(self, owner: int, path_id: str, nbytes: int) -> None:
+        """Task `owner` wrote `nbytes` it had reserved on `path_id`: they now count as stored."""
+        for r in self._reservations.get(owner, ()):
+            if r.path == path_id and nbytes > 0:
+                used = min(r.size, nbytes)
+                r.size -= used
+                nbytes -= used
+                if path_id in self.paths:
+                    self.paths[path_id].reserved -= used
 
     def release(self, owner: int) -> None:
         """Return everything task `owner` had reserved."""

@@ -60,11 +60,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..fsm import Clock
-from ..sched import SectorRef, TaskType
+from ..sched import FileType, SectorRef, TaskType
 from . import commp
 from .backends import SectorPaths, Storage, run_in_thread
 from .info import PendingPiece, Piece
-from .reference import remove_files
+from .reference import remove_files, scan_sector_files
 from .sealer import PreCommit2Out
 
 if TYPE_CHECKING:
@@ -205,6 +205,15 @@ class CommandBackend:
         self.env = dict(env or {})
         #: Pids of the commands running now (for tests and diagnostics).
         self.running: dict[int, str] = {}
+
+    @property
+    def path_ids(self) -> tuple[str, ...]:
+        """The storage path ids this backend has directories for."""
+        return tuple(self.storage.roots)
+
+    def scan_files(self) -> dict[tuple[str, int, FileType], int]:
+        """This miner's sector files on disk (see `reference.scan_sector_files`)."""
+        return scan_sector_files(self.storage.roots, self.miner)
 
     @classmethod
     def from_options(

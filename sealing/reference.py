@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..fsm import Clock
 from ..fsm.codec import packb, unpackb
-from ..sched import SectorRef, TaskType
+from ..sched import FileType, SectorRef, TaskType
 from . import commp, proofs
 from .backends import KINDS, SectorPaths, Storage, check_stop, run_in_thread
 from .info import PendingPiece, Piece
@@ -484,6 +484,42 @@ def _delete(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+_KIND_TYPES = {"unsealed": FileType.UNSEALED, "sealed": FileType.SEALED, "cache": FileType.CACHE}
+
+
+def scan_sector_files(
+    roots: Mapping[str, Path], miner: int
+) -> dict[tuple[str, int, FileType], int]:
+    """`(path id, sector number, file type) -> bytes` of this miner's sector files on disk.
+
+    Bytes are apparent sizes (a cache directory sums its files), the space the files take
+    once fully written, as Lotus's overhead factors count it.
+    """
+    prefix = f"s-t0{miner}-"
+    found: dict[tuple[str, int, FileType], int] = {}
+    for pid, root in roots.items():
+        for kind, ftype in _KIND_TYPES.items():
+            try:
+                entries = list(os.scandir(root / kind))
+            except OSError:
+                continue  # no such directory yet, or unreadable: nothing to count there
+            for entry in entries:
+                number = entry.name.removeprefix(prefix)
+                if number == entry.name or not number.isdigit():
+                    continue  # another miner's file, a temporary file, or not a sector file
+                found[(pid, int(number), ftype)] = _apparent_size(Path(entry.path))
+    return found
+
+
+def _apparent_size(path: Path) -> int:
+    try:
+        if not path.is_dir() or path.is_symlink():
+            return path.lstat().st_size
+        return sum(p.lstat().st_size for p in path.rglob("*") if not p.is_dir())
+    except OSError:
+        return 0  # deleted meanwhile
+
+
 def remove_files(paths: Sequence[Path], *, stop: threading.Event | None = None) -> None:
     """Delete sector files and cache directories (and a sealed file left mid-write)."""
     for path in paths:
@@ -519,6 +555,15 @@ class ReferenceBackend:
         self.faults = ReferenceFaults()
         #: Tasks run, by type (for tests).
         self.runs: dict[TaskType, int] = {}
+
+    @property
+    def path_ids(self) -> tuple[str, ...]:
+        """The storage path ids this backend has directories for."""
+        return tuple(self.storage.roots)
+
+    def scan_files(self) -> dict[tuple[str, int, FileType], int]:
+        """This miner's sector files on disk (see `scan_sector_files`)."""
+        return scan_sector_files(self.storage.roots, self.miner)
 
     def _start(self, job: Job) -> None:
         task = job.task_type

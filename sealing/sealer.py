@@ -10,7 +10,8 @@ a restarted engine knows where its sectors live.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import logging
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -31,6 +32,7 @@ from ..sched import (
 )
 from .info import PendingPiece, Piece
 
+log = logging.getLogger("sectorfsm.sealing")
 R = TypeVar("R")
 FILES_DB = "sectorfiles"
 
@@ -160,44 +162,82 @@ class ScheduledSealer:
             for path_id, (files, nbytes) in record.items():
                 if path_id not in index.paths:
                     continue  # the path is gone from the config: the files are unreachable
-                index.add_sector(ref, FileType(files), path_id)
-                index.paths[path_id].used += nbytes
+                index.add_sector(ref, FileType(files), path_id, split_bytes(files, nbytes, ref))
             self._files[number] = record
+        scan = getattr(self.backend, "scan_files", None)
+        if scan is not None:
+            self._reconcile(scan(), ref_of)
 
-    def _add_files(self, ref: SectorRef, files: FileType, path_id: str | None) -> None:
+    def _reconcile(
+        self, on_disk: Mapping[tuple[str, int, FileType], int], ref_of: Callable[[int], SectorRef]
+    ) -> None:
+        """Make the index agree with the disk: drop vanished files, count unknown ones.
+
+        A recorded sealed file may be missing while its unfinalized cache is there:
+        PreCommit1 reserves it and PreCommit2 writes it, so it stays counted.
+        """
+        index = self.sched.index
+        scanned = {pid for pid in getattr(self.backend, "path_ids", ()) if pid in index.paths}
+        changed: set[int] = set()
+        for number in list(self._files):
+            ref = ref_of(number)
+            for pid, held in index.sector_bytes(ref).items():
+                if pid not in scanned:
+                    continue
+                # A cache still counted at its sealing size: the sealed file is yet to come.
+                sealing = held.get(FileType.CACHE, 0) > space_needed(
+                    FileType.CACHE, ref.size, finalized=True
+                )
+                for f in held:
+                    if (pid, number, f) in on_disk:
+                        continue
+                    if (
+                        f is FileType.SEALED
+                        and sealing
+                        and (pid, number, FileType.CACHE) in on_disk
+                    ):
+                        continue
+                    log.warning("sector %s: its %s file on %s is gone", ref, f.dirname, pid)
+                    index.remove_sector(ref, f, pid)
+                    changed.add(number)
+        for (pid, number, f), nbytes in on_disk.items():
+            ref = ref_of(number)
+            if pid not in scanned or pid in index.find_sector(ref, f):
+                continue
+            log.warning("sector %s: found an unrecorded %s file on %s", ref, f.dirname, pid)
+            index.add_sector(ref, f, pid, {f: nbytes})
+            changed.add(number)
+        for number in sorted(changed):
+            self._persist(ref_of(number))
+
+    def _persist(self, ref: SectorRef) -> None:
+        """Write the sector's files record from the index (which counts the bytes)."""
+        record = {
+            pid: [int(_union(held)), sum(held.values())]
+            for pid, held in self.sched.index.sector_bytes(ref).items()
+        }
+        key = str(ref.number).encode()
+        if record:
+            self._files[ref.number] = record
+            self.store.committer.put(FILES_DB, key, packb(record))
+        elif self._files.pop(ref.number, None) is not None:
+            self.store.committer.delete(FILES_DB, key)
+        self.sched.files_changed(ref)
+
+    def _add_files(
+        self, ref: SectorRef, files: FileType, path_id: str | None, owner: int | None = None
+    ) -> None:
         if path_id is None:
             return
         index = self.sched.index
-        nbytes = space_needed(files, ref.size)
         index.add_sector(ref, files, path_id)
-        if path_id in index.paths:
-            index.paths[path_id].used += nbytes
-        record = self._files.setdefault(ref.number, {})
-        old = record.get(path_id, [0, 0])
-        record[path_id] = [old[0] | int(files), old[1] + nbytes]
-        self.store.committer.put(FILES_DB, str(ref.number).encode(), packb(record))
-        self.sched.files_changed(ref)
+        if owner is not None:  # the task's reservation for these files is now stored bytes
+            index.consume(owner, path_id, space_needed(files, ref.size))
+        self._persist(ref)
 
     def _drop_files(self, ref: SectorRef, files: FileType) -> None:
-        index = self.sched.index
-        record = self._files.get(ref.number, {})
-        for path_id, (kinds, nbytes) in list(record.items()):
-            remaining = FileType(kinds) & ~files
-            freed = nbytes - space_needed(remaining, ref.size) if remaining else nbytes
-            if path_id in index.paths:
-                index.paths[path_id].used -= max(0, freed)
-            if remaining:
-                record[path_id] = [int(remaining), nbytes - freed]
-            else:
-                del record[path_id]
-        index.remove_sector(ref, files)
-        key = str(ref.number).encode()
-        if record:
-            self.store.committer.put(FILES_DB, key, packb(record))
-        else:
-            self._files.pop(ref.number, None)
-            self.store.committer.delete(FILES_DB, key)
-        self.sched.files_changed(ref)
+        self.sched.index.remove_sector(ref, files)
+        self._persist(ref)
 
     def _fetch(self, files: FileType) -> Callable[[Job], Awaitable[None]]:
         """A `prepare` that moves `files` to the job's worker and records where they went."""
@@ -206,8 +246,7 @@ class ScheduledSealer:
         async def prepare(job: Job) -> None:
             await move(job)
             if job.placement.fetch_bytes and job.placement.path is not None:
-                self._drop_files(job.sector, files)
-                self._add_files(job.sector, files, job.placement.path)
+                self._persist(job.sector)  # the index moved the files and their bytes
 
         return prepare
 
@@ -241,7 +280,7 @@ class ScheduledSealer:
         async def work(job: Job) -> Piece:
             out = await self.backend.add_piece(job, existing, size, piece)
             if first:
-                self._add_files(sector, FileType.UNSEALED, job.placement.path)
+                self._add_files(sector, FileType.UNSEALED, job.placement.path, job.sched_id)
             return out
 
         return await self._run(sector, TaskType.ADD_PIECE, selector, work, piece is not None)
@@ -253,8 +292,12 @@ class ScheduledSealer:
 
         async def work(job: Job) -> bytes:
             out = await self.backend.pre_commit1(job, ticket, pieces)
-            if not self.holds(sector, FileType.CACHE):
-                self._add_files(sector, FileType.CACHE | FileType.SEALED, job.placement.path)
+            missing = FileType.NONE
+            for f in (FileType.CACHE, FileType.SEALED):
+                if not self.holds(sector, f):
+                    missing |= f
+            if missing:
+                self._add_files(sector, missing, job.placement.path, job.sched_id)
             return out
 
         return await self._run(
@@ -316,8 +359,11 @@ class ScheduledSealer:
 
         async def work(job: Job) -> None:
             await self.backend.finalize(job, keep_unsealed)
+            # What stays is what Lotus keeps: the sealed file and a small cache.
+            self.sched.index.finalize_sector(sector, FileType.CACHE | FileType.UPDATE_CACHE)
             if not keep_unsealed:
-                self._drop_files(sector, FileType.UNSEALED)
+                self.sched.index.remove_sector(sector, FileType.UNSEALED)
+            self._persist(sector)
 
         if not self.holds(sector, FileType.CACHE):
             return  # already finalized and moved, or nothing was ever sealed
@@ -334,8 +380,34 @@ class ScheduledSealer:
         self._drop_files(sector, FileType.UNSEALED | FileType.SEALED | FileType.CACHE)
 
 
+def _union(held: Mapping[FileType, int]) -> FileType:
+    out = FileType.NONE
+    for f in held:
+        out |= f
+    return out
+
+
+def split_bytes(files: int, nbytes: int, ref: SectorRef) -> dict[FileType, int]:
+    """A persisted per-path byte total split back over its files.
+
+    Exact for totals the index wrote from Lotus's sizes (sealing or finalized); any other
+    total (sizes measured on disk) is shared in proportion to the sealing sizes.
+    """
+    kinds = list(FileType(files).each())
+    for finalized in (False, True):
+        sizes = {f: space_needed(f, ref.size, finalized=finalized) for f in kinds}
+        if sum(sizes.values()) == nbytes:
+            return sizes
+    weights = {f: space_needed(f, ref.size) for f in kinds}
+    total = sum(weights.values()) or 1
+    out = {f: nbytes * w // total for f, w in weights.items()}
+    if kinds:
+        out[kinds[-1]] += nbytes - sum(out.values())
+    return out
+
+
 def _pc1_selector(sealer: ScheduledSealer, sector: SectorRef) -> Any:
     # Re-running PC1 on a sector that already has its cache reuses it in place.
-    if sealer.holds(sector, FileType.CACHE):
+    if sealer.sched.index.holders(sector, FileType.CACHE | FileType.SEALED):
         return ExistingSelector(FileType.CACHE | FileType.SEALED)
     return AllocSelector(FileType.CACHE | FileType.SEALED, fetch=FileType.UNSEALED)
