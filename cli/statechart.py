@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from .common import DEFAULT_REPO
+from .common import DEFAULT_REPO, MAX_SECTOR
 
 if TYPE_CHECKING:
     from ..statecharts import LogEntryLike
@@ -58,7 +58,9 @@ def statechart(
     ] = None,
     sector: Annotated[
         int | None,
-        typer.Option(min=0, help="Highlight the path this sector took (read from its log)."),
+        typer.Option(
+            min=0, max=MAX_SECTOR, help="Highlight the path this sector took (read from its log)."
+        ),
     ] = None,
     repo: Annotated[
         Path,

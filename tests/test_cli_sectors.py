@@ -446,3 +446,52 @@ def test_a_read_only_repo_can_still_be_read(
     finally:
         for p, mode in modes.items():
             p.chmod(mode)
+
+
+def test_run_counts_every_sector_it_waits_for_and_logs_only_real_edges(tmp_path: Path) -> None:
+    from sectorfsm.sealing import graph
+    from sectorfsm.sealing.states import SectorState
+    from sectorfsm.statecharts import path_from_log
+
+    async def body() -> tuple[str, list[int]]:
+        async with miner(tmp_path, sealer="sim") as m:
+            early = [await m.pledge() for _ in range(2)]
+            for n in early:
+                await m.wait(n, "Proving", timeout=DAY)
+            late = await m.pledge()  # Proving before the run: counted, not re-read
+            with contextlib.redirect_stdout(io.StringIO()) as buf:
+                code = await asyncio.wait_for(runmod._supervise(m, asyncio.Event(), True), 60)
+            assert code == 0
+            return buf.getvalue(), [*early, late]
+
+    out, numbers = run(body)
+    assert out.rstrip().endswith("all 3 sector(s) are Proving"), out
+    lines = [line.split(" ", 1)[1] for line in out.splitlines() if " sector " in line]
+    mine = [line for line in lines if line.startswith(f"sector {numbers[2]}: ")]
+    pairs = [tuple(line.split(": ", 1)[1].split(" -> ")) for line in mine[1:]]
+    assert pairs, out
+    for source, dest in pairs:  # each printed step is an edge of the graph
+        src = SectorState(source)
+        assert any(
+            (e := graph.edge(src, ev)) is not None and e.dest == SectorState(dest)
+            for ev in graph.events_of(src)
+        ), (source, dest)
+    info = read_sector(tmp_path / "repo", numbers[2])
+    assert info is not None
+    taken = [(a, b) for a, _, b in path_from_log(info.log)]
+    assert pairs == taken[len(taken) - len(pairs) :]
+
+
+def test_the_final_live_view_has_no_empty_table(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    async def body() -> str:
+        async with miner(tmp_path, sealer="sim") as m:
+            await m.wait(await m.pledge(), "Proving", timeout=DAY)
+            console = Console(record=True, width=120, file=io.StringIO())
+            console.print(runmod._LiveView(m)._render(list(m.list())))
+            return console.export_text()
+
+    text = run(body)
+    assert "Proving 1" in text and "Worker" in text
+    assert "Sector" not in text and "Last event" not in text

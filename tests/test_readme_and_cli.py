@@ -1,43 +1,21 @@
-"""The README's example and the CLI entry points work as documented."""
+"""The README's statechart and Quickstart, and the CLI entry points, work as documented.
+
+`test_readme.py` runs every block of the README; this file covers what the blocks do not:
+the help output, `sectors run` edge cases in a real process, and the daemon's own views.
+"""
 
 from __future__ import annotations
 
 import os
+import queue
 import re
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _run_block(block: str, cwd: Path) -> str:
-    out = subprocess.run(
-        [sys.executable, "-c", block], cwd=cwd, capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip()
-
-
-def test_readme_python_examples_run(tmp_path: Path) -> None:
-    text = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-    miner = next(b for b in blocks if "Miner.open" in b)
-    assert _run_block(miner, tmp_path) == "Proving 1 True"
-    engine = next(b for b in blocks if "StateGroup(" in b)
-    assert _run_block(engine, tmp_path) == "Order(state='Done', paid=10)"
-
-
-def test_readme_config_example_is_valid(tmp_path: Path) -> None:
-    from sectorfsm.cli.runconfig import load_run_config
-
-    text = (ROOT / "README.md").read_text()
-    [toml] = re.findall(r"```toml\n(.*?)```", text, re.S)
-    path = tmp_path / "sectors.toml"
-    path.write_text(toml)
-    cfg = load_run_config(path)
-    assert cfg.sealer == "reference" and cfg.workers is not None
-    assert cfg.workers[0].name == "pc1-box"
 
 
 def test_readme_statechart_is_current() -> None:
@@ -86,3 +64,120 @@ def test_demo_bad_input_is_a_clear_error() -> None:
     )
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "--machines" in out.stderr
+
+
+def test_help_shows_flags_as_flags_and_no_stale_text() -> None:
+    from typer.testing import CliRunner
+
+    from sectorfsm.cli.app import app
+
+    for args in ([], ["list"], ["run"], ["status"], ["demo"], ["statechart"]):
+        out = CliRunner().invoke(app, [*args, "--help"], env={"COLUMNS": "200"}).output
+        assert "--help" in out and "<bool>" not in out, (args, out)
+        assert "--repo" in out, args
+    demo = CliRunner().invoke(app, ["demo", "--help"], env={"COLUMNS": "200"}).output
+    assert "not built yet" not in demo and "sectors run" in demo
+
+
+def _sectors(*args: str, repo: Path, **kw: object) -> subprocess.Popen[str]:
+    env = {**os.environ, "SECTORFSM_REPO": str(repo), "COLUMNS": "200"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "sectorfsm", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,  # type: ignore[call-overload]
+    )
+
+
+def test_until_proving_with_nothing_to_wait_for_exits_at_once(tmp_path: Path) -> None:
+    config = tmp_path / "sim.toml"
+    config.write_text('[miner]\nsealer = "sim"\n')
+    proc = _sectors("run", "--config", str(config), "--until-proving", repo=tmp_path / "repo")
+    try:
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, out
+    assert "--until-proving has nothing to wait for: this repo has no sectors" in out
+
+
+def _read_until(proc: subprocess.Popen[str], wanted: str, timeout: float = 60) -> str:
+    """stdout of `proc` up to the first line containing `wanted` (the process keeps running)."""
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    seen = ""
+    while True:
+        line = lines.get(timeout=timeout)  # a failsafe only: the line normally comes at once
+        if line is None:
+            raise AssertionError(f"exited ({proc.wait()}) without printing {wanted!r}:\n{seen}")
+        seen += line
+        if wanted in line:
+            return seen
+
+
+def test_run_prints_a_refusal_that_holds_every_sector(tmp_path: Path) -> None:
+    # myScheduler's reading of a policy file: PreCommit1Max left out is 0, PC1 disabled.
+    (tmp_path / "myscheduler.json").write_text('{"AddPieceMax": null}')
+    config = tmp_path / "sectors.toml"
+    config.write_text(
+        '[miner]\nsealer = "sim"\nblock_time = 0.1\n'
+        '[[workers]]\nname = "box"\ncpus = 2\nmemory = "8GiB"\npolicy = "myscheduler.json"\n'
+        '[[workers.paths]]\nid = "scratch"\npath = "storage"\ncapacity = "1GiB"\n'
+        "seal = true\nstore = true\n"
+    )
+    proc = _sectors("run", "--config", str(config), "--pledge", "2", repo=tmp_path / "repo")
+    try:
+        seen = _read_until(proc, "no worker can run PC1")
+        assert "scheduler: no worker can run PC1: box: PC1 disabled on this worker" in seen
+        assert "(2 task(s) waiting)" in seen
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    assert (seen + rest).count("no worker can run PC1") == 1  # said once, not every tick
+
+
+def test_refusals_are_reported_once_and_when_they_change() -> None:
+    from sectorfsm.cli.run import _RefusalWatch
+
+    def snap(reason: str | None, running: bool = False) -> dict[str, object]:
+        diag = (
+            [] if reason is None else [{"task": "PC1", "sector": "s-1", "reasons": {"w": reason}}]
+        )
+        jobs = [{"worker": "w"}] if running else []
+        return {"diag": diag, "jobs": jobs}
+
+    watch = _RefusalWatch()
+    said = [
+        watch.update(s)
+        for s in (
+            snap("PC1 disabled"),  # first sight: could be the instant between two jobs
+            snap("PC1 disabled"),
+            snap("PC1 disabled"),
+            snap("needs 56 GiB RAM"),
+            snap("needs 56 GiB RAM"),
+            snap("needs 56 GiB RAM", running=True),  # something runs: not every sector is held
+            snap("could take it now"),
+            snap(None),
+        )
+    ]
+    assert said == [
+        None,
+        "scheduler: no worker can run PC1: w: PC1 disabled (1 task(s) waiting)",
+        None,
+        None,
+        "scheduler: no worker can run PC1: w: needs 56 GiB RAM (1 task(s) waiting)",
+        "scheduler: tasks are being placed again",
+        None,
+        None,
+    ]
