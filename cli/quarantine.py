@@ -101,7 +101,7 @@ def explain(bad: Corrupt) -> str:
     )
 
 
-def row(bad: Corrupt) -> dict[str, object]:
+def row(bad: Corrupt) -> dict[str, Any]:
     """The `list --json` row of a corrupt sector."""
     return {
         "number": bad.number,

@@ -15,6 +15,7 @@ never needs deleting by hand. `engine.lock` only says which pid holds it, for me
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -22,6 +23,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from .errors import StoreLockedError
+
+log = logging.getLogger("sectorfsm.fsm.store")
 
 #: Seconds a starting engine waits for CLI writers to finish.
 ENGINE_WAIT = 5.0
@@ -62,6 +65,7 @@ class RepoLock:
             return
         fd = _open_dir(self.path)
         deadline = time.monotonic() + wait
+        waiting = False
         try:
             while not _try(fd, fcntl.LOCK_EX):
                 if self.engine_elsewhere():
@@ -73,6 +77,13 @@ class RepoLock:
                     raise StoreLockedError(
                         f"a `sectors` command has been writing to {self.path} for {wait:g}s; "
                         "start the engine again once it has finished"
+                    )
+                if not waiting:
+                    waiting = True
+                    log.warning(
+                        "%s: waiting up to %gs for a `sectors` command that is writing to it",
+                        self.path,
+                        wait,
                     )
                 time.sleep(_POLL)  # a CLI writer holds it for one write: poll until it is done
         except BaseException:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..fsm import Clock
 from ..sched import SectorRef, StoragePath, WorkerSpec, local_worker
+from .owners import OwnerError, Owners
 
 if TYPE_CHECKING:
     from ..sched import Placement
@@ -189,6 +190,8 @@ class Storage:
         if not roots:
             raise StorageError("no storage paths configured")
         self.roots = {pid: Path(root) for pid, root in roots.items()}
+        #: Set by `Miner.open`: files are then written only where this repo owns them.
+        self.owners: Owners | None = None
 
     def find(self, sector: SectorRef, kind: str) -> str | None:
         """The id of the path holding the sector's file of `kind`, if any does."""
@@ -215,6 +218,9 @@ class Storage:
             )
         name = str(sector)
         found = {kind: self.find(sector, kind) for kind in KINDS}
+        if self.owners is not None:  # before anything is moved or written
+            for pid in {p for p in (*found.values(), target) if p is not None}:
+                self._claim(pid, sector)
         if target is not None and placement is not None and placement.fetch_bytes:
             for kind in fetch:
                 src = found[kind]
@@ -229,8 +235,24 @@ class Storage:
         default = target or found["cache"] or found["sealed"] or found["unsealed"]
         default = default or next(iter(self.roots))
         ids = {kind: found[kind] or default for kind in KINDS}
+        if self.owners is not None:
+            for pid in set(ids.values()):
+                self._claim(pid, sector)
         paths = {kind: self.roots[ids[kind]] / kind / name for kind in KINDS}
         return SectorPaths(paths["unsealed"], paths["sealed"], paths["cache"], ids)
+
+    def _claim(self, pid: str, sector: SectorRef) -> None:
+        assert self.owners is not None
+        try:
+            with storage_errors(pid, self.roots[pid], f"claiming {sector}"):
+                self.owners.claim(pid, self.roots[pid], sector)
+        except OwnerError as exc:
+            raise StorageError(str(exc)) from None
+
+    def forget(self, sector: SectorRef) -> None:
+        """The sector's files are gone from every path: drop its owner markers."""
+        if self.owners is not None:
+            self.owners.forget(self.roots, sector)
 
     def everywhere(self, sector: SectorRef, kind: str) -> list[Path]:
         """The sector's file of `kind` on every path (for deletion)."""

@@ -407,10 +407,12 @@ class CommandBackend:
         """REMOVE if configured, else delete the sector's files on every path."""
         if "REMOVE" in self.commands:
             await self._call("REMOVE", sector, self.storage.locate(sector, None), {})
+            self.storage.forget(sector)
             return
         kinds = ("unsealed", "sealed", "cache")
         files = [p for kind in kinds for p in self.storage.everywhere(sector, kind)]
         await run_in_thread(self.clock, remove_files, files)
+        self.storage.forget(sector)  # its owner markers (after the files)
 
 
 async def _feed(stream: asyncio.StreamWriter, data: bytes) -> None:

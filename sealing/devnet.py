@@ -122,9 +122,7 @@ class DevnetChain:
             record = unpackb(raw)
             stored = ChainParams(**record["params"])
         except Exception as exc:
-            raise StoreError(
-                f"{self.store.path}: devnet record b'params' is corrupt: {exc}"
-            ) from exc
+            raise self._unreadable(b"params", exc) from exc
         if params is not None and params != stored:
             log.warning("devnet: keeping the stored chain parameters (%s)", stored.name)
         for key, value in items:
@@ -140,13 +138,26 @@ class DevnetChain:
                     r = unpackb(value)
                     self._reorgs.append((r[0], r[1]))
             except Exception as exc:
-                # Refuse to start on a chain we cannot read: guessing would corrupt sectors.
-                raise StoreError(
-                    f"{self.store.path}: devnet record {key!r} is corrupt ({exc}); "
-                    "nothing was changed"
-                ) from exc
+                raise self._unreadable(key, exc) from exc
         self._order.sort(key=lambda c: int(c.rsplit("-", 1)[1]))
         return stored, float(record["genesis"])
+
+    def _unreadable(self, key: bytes, exc: Exception) -> StoreError:
+        """The refusal to start on a chain record that cannot be read.
+
+        Unlike a sector record, a chain record cannot be set aside: the chain is replayed from
+        all of them. Without a message, later message ids (numbered by count) would be issued
+        again and overwrite the next stored message; without a deal or a reorg, deal checks and
+        seed randomness would change under sectors already sealed against them. A chain
+        silently reset or guessed would mis-commit sectors, so the engine does not start.
+        """
+        why = str(exc) or type(exc).__name__
+        name = key.decode(errors="backslashreplace")
+        return StoreError(
+            f"devnet record {name!r} in {self.store.path} cannot be read ({why}); the "
+            "simulated chain cannot be replayed without it, so the engine does not start "
+            "(nothing was changed): restore the store directory from a backup"
+        )
 
     def _stage(self, key: bytes, value: Any) -> None:
         # Staged in the store's group commit: lands with whatever the caller stages next.

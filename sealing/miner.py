@@ -52,6 +52,7 @@ from .options import (
     make_clock,
     sealing_config,
 )
+from .owners import adopt_storage
 from .pipeline import Sealing
 from .sealer import Backend, ScheduledSealer
 from .sim import SimBackend
@@ -213,6 +214,7 @@ class Miner:
         try:
             # Claim the repo first: a second engine is refused before it touches the store.
             store.lock_engine()
+            adopt_storage(store, backend, miner)  # (before a new repo records its identity)
             _check_identity(store, miner, size)
             devnet = DevnetChain(store, the_clock, params, miner=miner)
             sched = Scheduler(clock=the_clock)

@@ -650,3 +650,4 @@ class ReferenceBackend:
             raise ReferenceSealerError(f"injected removal failure for sector {sector}")
         paths = [p for kind in KINDS for p in self.storage.everywhere(sector, kind)]
         await run_in_thread(self.clock, remove_files, paths)
+        self.storage.forget(sector)  # (after the files: a crash between keeps them claimed)

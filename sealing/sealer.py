@@ -155,18 +155,43 @@ class ScheduledSealer:
         with self.store.read() as txn:
             rows = list(txn.cursor(db=self._db))
         index = self.sched.index
+        unreadable: list[tuple[bytes, bytes, str]] = []
         for key, raw in rows:
-            number = int(key)
+            try:
+                number, record = _files_record(key, raw)
+            except ValueError as exc:
+                unreadable.append((key, raw, str(exc)))
+                continue
             ref = ref_of(number)
-            record: dict[str, list[int]] = unpackb(raw)
             for path_id, (files, nbytes) in record.items():
                 if path_id not in index.paths:
                     continue  # the path is gone from the config: the files are unreachable
                 index.add_sector(ref, FileType(files), path_id, split_bytes(files, nbytes, ref))
             self._files[number] = record
+        if unreadable:
+            self._set_aside(unreadable)
         scan = getattr(self.backend, "scan_files", None)
         if scan is not None:
             self._reconcile(scan(), ref_of)
+
+    def _set_aside(self, unreadable: list[tuple[bytes, bytes, str]]) -> None:
+        """Move unreadable files records to quarantine (bytes kept) and go on without them.
+
+        Safe to go on: the record only says where a sector's files are and what they take,
+        and what it would have said is rebuilt from the disk (`scan_files`) where the backend
+        can scan; a sector whose files cannot be found fails its next task with a reason, and
+        owner markers keep any other sector from writing over them.
+        """
+        quarantine = self.store.db("quarantine")
+
+        def move(txn: Any) -> None:
+            for key, raw, why in unreadable:
+                txn.put(FILES_DB.encode() + b"/" + key, packb([why, raw]), db=quarantine)
+                txn.delete(key, db=self._db)
+
+        self.store.write(move)
+        for key, _, why in unreadable:
+            log.error("sector files record %r set aside in quarantine: %s", key, why)
 
     def _reconcile(
         self, on_disk: Mapping[tuple[str, int, FileType], int], ref_of: Callable[[int], SectorRef]
@@ -404,6 +429,26 @@ def split_bytes(files: int, nbytes: int, ref: SectorRef) -> dict[FileType, int]:
     if kinds:
         out[kinds[-1]] += nbytes - sum(out.values())
     return out
+
+
+def _files_record(key: bytes, raw: bytes) -> tuple[int, dict[str, list[int]]]:
+    """`(sector number, {path id: [file types, bytes]})` of a files record; ValueError names it."""
+    what = f"sector files record {key!r}"
+    try:
+        number = int(key)
+        record = unpackb(raw)
+    except Exception as exc:
+        raise ValueError(f"{what} is corrupt ({str(exc) or type(exc).__name__})") from None
+    ok = isinstance(record, dict) and all(
+        isinstance(pid, str)
+        and isinstance(v, list)
+        and len(v) == 2
+        and all(isinstance(x, int) for x in v)
+        for pid, v in record.items()
+    )
+    if not ok:
+        raise ValueError(f"{what} is not a map of path ids to [file types, bytes]")
+    return number, record
 
 
 def _pc1_selector(sealer: ScheduledSealer, sector: SectorRef) -> Any:

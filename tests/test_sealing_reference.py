@@ -14,7 +14,14 @@ from sealtools import kinds, miner, run
 
 from sectorfsm.fsm import VirtualClock
 from sectorfsm.fsm.codec import unpackb
-from sectorfsm.sched import FileType, StoragePath, TaskType, WorkerSpec, detect_resources
+from sectorfsm.sched import (
+    FileType,
+    SectorRef,
+    StoragePath,
+    TaskType,
+    WorkerSpec,
+    detect_resources,
+)
 from sectorfsm.sealing import backends, commp, proofs, reference
 from sectorfsm.sealing.backends import StorageError, default_workers, disk_space
 from sectorfsm.sealing.info import SectorInfo
@@ -314,6 +321,10 @@ def test_default_worker_sees_the_disk_and_a_full_disk_is_a_clear_error(tmp_path:
     async def body() -> None:
         async with miner(tmp_path, sealer="reference", config=FAST) as m:
             unsealed, _, _ = _files(_storage(tmp_path), 1)
+            # Claimed first, as the engine does before it creates a sector's files: unclaimed
+            # files in its place would be refused as another repo's.
+            storage = m.sealer.backend.storage  # type: ignore[attr-defined]
+            storage.owners.claim("local", _storage(tmp_path), SectorRef(1000, 1, 2048))
             unsealed.symlink_to("/dev/full")  # every write there fails with ENOSPC
             cid, size, data = _piece_file(tmp_path, "p.bin", b"z" * 500)
             n = await m.add_piece(cid, size, data_path=data)
