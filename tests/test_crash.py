@@ -22,16 +22,13 @@ import collections
 import importlib.util
 import os
 import random
-import select
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+from conftest import Child, Spawner, until
 
 from sectorfsm.fsm import LmdbStore, StoreLockedError
 from sectorfsm.fsm.codec import unpackb
@@ -191,69 +188,36 @@ if __name__ == "__main__":
 
 
 class Children:
-    """Spawns child processes and makes sure none outlives the test."""
+    """Starts the child script through the `spawn` fixture (which kills what is left)."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, spawn: Spawner, tmp: Path) -> None:
+        self.spawn_child = spawn
         self.tmp = tmp
         self.script = tmp / "crash_child.py"
         self.script.write_text(CHILD)
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.logs: dict[int, Path] = {}
 
-    def spawn(self, mode: str, repo: Path, *args: str) -> subprocess.Popen[bytes]:
-        log = self.tmp / f"child-{len(self.procs)}-{mode}.log"
-        with open(log, "wb") as err:
-            proc = subprocess.Popen(
-                [sys.executable, str(self.script), mode, "--repo", str(repo), *args],
-                stdout=subprocess.PIPE,
-                stderr=err,
-                cwd=self.tmp,
-            )
-        self.procs.append(proc)
-        self.logs[proc.pid] = log
-        return proc
-
-    def stderr(self, proc: subprocess.Popen[bytes]) -> str:
-        return self.logs[proc.pid].read_text(errors="replace")[-3000:]
-
-    def wait_ready(self, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
-        assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], timeout)
-        line = proc.stdout.readline() if ready else b""
-        assert line == b"ready\n", (
-            f"child {proc.pid} did not get ready (rc={proc.poll()}): {self.stderr(proc)}"
+    def spawn(self, mode: str, repo: Path, *args: str) -> Child:
+        return self.spawn_child.python(
+            self.script, mode, "--repo", repo, *args, name=mode, cwd=self.tmp, merge_stderr=False
         )
 
-    def kill(self, proc: subprocess.Popen[bytes]) -> None:
+    def wait_ready(self, proc: Child) -> None:
+        proc.wait_for_line(r"^ready$")
+
+    def kill(self, proc: Child) -> None:
         """SIGKILL a child that must still be running (it must not have died on its own)."""
-        assert proc.poll() is None, f"child {proc.pid} died by itself: {self.stderr(proc)}"
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
+        proc.kill()
 
     def run_clean(self, repo: Path, *args: str) -> None:
         """A final engine that just resumes every machine, waits for idle and stops."""
         proc = self.spawn("engine", repo, "--clean", *args)
-        out, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 0 and out == b"ready\ndone\n", (
-            f"clean run failed (rc={proc.returncode}, out={out!r}): {self.stderr(proc)}"
-        )
-
-    def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-            if proc.stdout is not None:
-                proc.stdout.close()
+        rc = proc.finish()
+        assert rc == 0 and proc.output() == "ready\ndone\n", f"clean run failed: {proc.describe()}"
 
 
 @pytest.fixture
-def children(tmp_path: Path) -> Any:
-    kids = Children(tmp_path)
-    try:
-        yield kids
-    finally:
-        kids.close()
+def children(spawn: Spawner, tmp_path: Path) -> Children:
+    return Children(spawn, tmp_path)
 
 
 def load_domain(script: Path) -> ModuleType:
@@ -265,6 +229,16 @@ def load_domain(script: Path) -> ModuleType:
     sys.modules[name] = module  # dataclass type hints are resolved through sys.modules
     spec.loader.exec_module(module)
     return module
+
+
+def acked_count(file: Path) -> int:
+    """How many uids a child acknowledged in `file` so far."""
+    return len(read_acked([file]))
+
+
+def wait_acked(file: Path, count: int) -> None:
+    """Wait until a child acknowledged `count` uids in `file` (its sends are durable)."""
+    until(lambda: acked_count(file) >= count, f"{count} acks in {file.name}")
 
 
 def read_acked(files: list[Path]) -> list[int]:
@@ -345,9 +319,15 @@ def crash_loop(
     durability: str,
     kills: int,
     senders: int,
-    min_acked: int,
+    acks: tuple[int, int],
     client: bool = False,
 ) -> None:
+    """Start, and SIGKILL, `kills` engines in turn, each after a random number of acks.
+
+    Each engine is killed once its senders acknowledged between `acks[0]` and `acks[1]`
+    uids (a random count): the kills land at random points of the work whatever the speed
+    of the machine, and every run does real work.
+    """
     seed = new_seed()
     rng = random.Random(seed)
     repo = tmp / "repo"
@@ -355,11 +335,12 @@ def crash_loop(
     domain = load_domain(children.script)
     common = flags(durability=durability, machines=machines)
     acked_files: list[Path] = []
-    delays: list[float] = []
-    client_proc: subprocess.Popen[bytes] | None = None
+    kill_points: list[int] = []
+    client_proc: Child | None = None
+    client_acked = tmp / "unused"
     client_gens = 0
 
-    def start_client() -> subprocess.Popen[bytes]:
+    def start_client() -> tuple[Child, Path]:
         nonlocal client_gens
         acked = tmp / f"acked-client-{client_gens}.txt"
         acked_files.append(acked)
@@ -368,7 +349,7 @@ def crash_loop(
         proc = children.spawn("client", repo, *common, *opts)
         client_gens += 1
         children.wait_ready(proc)
-        return proc
+        return proc, acked
 
     for gen in range(kills):
         acked = tmp / f"acked-{gen}.txt"
@@ -378,29 +359,30 @@ def crash_loop(
         children.wait_ready(proc)  # machines exist from here on
         if client and gen in (0, kills // 2):
             if client_proc is not None:
+                wait_acked(client_acked, rng.randint(3, 15))
                 children.kill(client_proc)  # a client dies mid-write too
-            client_proc = start_client()
-        delay = rng.uniform(0.05, 0.7)
-        delays.append(round(delay, 3))
-        time.sleep(delay)
+            client_proc, client_acked = start_client()
+        kill_points.append(rng.randint(*acks))
+        wait_acked(acked, kill_points[-1])
         children.kill(proc)
     if client_proc is not None:
-        time.sleep(rng.uniform(0.05, 0.3))  # the mailbox fills while no engine runs
+        # The mailbox fills while no engine runs.
+        wait_acked(client_acked, acked_count(client_acked) + rng.randint(3, 15))
         children.kill(client_proc)
 
     children.run_clean(repo, *common)
     acked = read_acked(acked_files)
     note = (
-        f"[CRASH_SEED={seed} durability={durability} kill delays={delays} "
+        f"[CRASH_SEED={seed} durability={durability} killed after acks={kill_points} "
         f"acked={len(acked)} repo={repo}]"
     )
     states = check_repo(domain, repo, acked, machines, starts=kills + 1, note=note)
     # The test must have done real work, or it proves nothing.
-    assert len(acked) >= min_acked, f"too little traffic to mean anything {note}"
+    assert len(acked) >= kills * acks[0], f"too little traffic to mean anything {note}"
     assert any(st.echoes for st in states.values()), f"no step ever ran {note}"
     if client:
         from_client = [u for u in acked if u >= 10**9]
-        assert len(from_client) >= 5, f"the client acked only {len(from_client)} sends {note}"
+        assert len(from_client) >= 6, f"the client acked only {len(from_client)} sends {note}"
     print(f"crash loop ok: {note}")
 
 
@@ -412,13 +394,13 @@ def test_sigkill_loses_no_acked_event_and_applies_none_twice(
     children: Children, tmp_path: Path
 ) -> None:
     """Group-commit durability: 8 random SIGKILLs while 24 coroutines send, then a clean run."""
-    crash_loop(children, tmp_path, durability="group", kills=8, senders=24, min_acked=100)
+    crash_loop(children, tmp_path, durability="group", kills=8, senders=24, acks=(10, 60))
 
 
 @pytest.mark.slow
 def test_sigkill_in_sync_durability(children: Children, tmp_path: Path) -> None:
     """Sync durability (one fsynced transaction per logical write): same contract."""
-    crash_loop(children, tmp_path, durability="sync", kills=8, senders=16, min_acked=30)
+    crash_loop(children, tmp_path, durability="sync", kills=8, senders=16, acks=(4, 25))
 
 
 @pytest.mark.slow
@@ -429,7 +411,7 @@ def test_client_sends_survive_engine_kills(children: Children, tmp_path: Path) -
     is killed twice too, and keeps writing while no engine runs.
     """
     crash_loop(
-        children, tmp_path, durability="group", kills=5, senders=4, min_acked=30, client=True
+        children, tmp_path, durability="group", kills=5, senders=4, acks=(6, 30), client=True
     )
 
 
@@ -471,10 +453,12 @@ def test_second_engine_refused_until_the_first_is_killed(
         store.close()
 
 
-def test_running_engine_ingests_client_sends_within_poll_interval(
-    children: Children, tmp_path: Path
-) -> None:
-    """A not-started group in another process (here: this one) is a client of the engine."""
+def test_running_engine_ingests_client_sends(children: Children, tmp_path: Path) -> None:
+    """A not-started group in another process (here: this one) is a client of the engine.
+
+    The engine polls its mailbox every 50 ms; the test waits for each event to be applied
+    (how soon depends on the machine's load, so it is not asserted).
+    """
     repo = tmp_path / "repo"
     domain = load_domain(children.script)
     proc = children.spawn("engine", repo, *flags(machines=1))  # poll_interval=0.05
@@ -483,19 +467,18 @@ def test_running_engine_ingests_client_sends_within_poll_interval(
     try:
         client = domain.make_group(store)
 
-        def wait_applied(mid: int, uid: int) -> float:
-            sent = time.monotonic()
-            while uid not in client.get(mid).uids:
-                waited = time.monotonic() - sent
-                if waited > 5.0:
-                    with store.read() as txn:
-                        why = [unpackb(v)[0] for _, v in txn.cursor(db=store.db("quarantine"))]
-                    pytest.fail(
-                        f"the engine did not apply client event Add({uid}) to machine {mid} "
-                        f"in {waited:.1f}s (poll_interval=0.05); quarantined: {why[:3]}"
-                    )
-                time.sleep(0.005)
-            return time.monotonic() - sent
+        def wait_applied(mid: int, uid: int) -> None:
+            def quarantined() -> list[Any]:
+                with store.read() as txn:
+                    return [unpackb(v)[0] for _, v in txn.cursor(db=store.db("quarantine"))]
+
+            until(
+                lambda: uid in client.get(mid).uids,
+                lambda: (
+                    f"client event Add({uid}) applied to machine {mid} "
+                    f"(quarantined: {quarantined()[:3]})"
+                ),
+            )
 
         asyncio.run(client.send(0, domain.Add(7)))  # returns once durable in the mailbox
         wait_applied(0, 7)
