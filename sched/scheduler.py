@@ -440,6 +440,8 @@ class Scheduler:
             view = PolicyView(w, self.index, units, req.sector.size)
             refusal = policy_refusal(policy, req.task_type, req.sector, view)
             if refusal is not None:
+                if w.watcher.error:  # the operator may think their last edit is in force
+                    return f"{refusal} (last good policy kept: {w.watcher.error})"
                 return refusal
         need = resource_spec(req.task_type, req.sector.size, w.spec.overrides)
         refusal = w.ledger.refusal(req.task_type, need)
@@ -511,6 +513,12 @@ class Scheduler:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self.policy_poll_interval)
+            # A worker that runs in this process is alive while this loop runs: only remote
+            # workers can miss heartbeats.
+            now = self.clock.now()
+            for w in self._workers.values():
+                if isinstance(w.backend, InProcessBackend):
+                    w.last_heartbeat = now
             self.check_workers()
 
     def check_workers(self) -> None:

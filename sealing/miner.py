@@ -267,6 +267,7 @@ class Miner:
                 self.sealing.open_sectors[int(number)] = used
         self.sealer.load(lambda n: SectorRef(self.miner_id, n, self.sector_size))
         self.store.committer.add_listener(self._changed.set)
+        await self.sched.start()  # policy-file hot reload and the heartbeat-grace monitor
         await self.group.start()
         self.serve_requests()
         self._server = asyncio.get_running_loop().create_task(self._serve())
@@ -278,6 +279,7 @@ class Miner:
                 await self._server
         self.sealing.close()
         await self.group.stop()
+        await self.sched.stop()
         self.store.committer.remove_listener(self._changed.set)
 
     def _queued_pieces(self, number: int) -> list[PendingPiece]:

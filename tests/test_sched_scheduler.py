@@ -244,6 +244,43 @@ def test_heartbeat_grace_disables_then_reenables() -> None:
     run(main)
 
 
+def test_started_monitor_disables_silent_remote_workers_but_not_in_process_ones() -> None:
+    clock = VirtualClock(start=0.0, auto_advance=False)
+
+    class Remote:
+        """Stands for a worker in another process (it must send heartbeats)."""
+
+        async def submit(self, job_id: int, fn: Callable[..., Any], *args: Any) -> Any:
+            raise NotImplementedError
+
+        async def kill(self, job_id: int) -> None:
+            return None
+
+    async def main() -> None:
+        sched = Scheduler(clock=clock, policy_poll_interval=0.001)
+        sched.add_worker(spec("local", heartbeat_grace=30))
+        sched.add_worker(spec("remote", heartbeat_grace=30), Remote())
+        checked = asyncio.Event()
+        check = sched.check_workers
+
+        def spy() -> None:
+            check()
+            checked.set()
+
+        sched.check_workers = spy  # type: ignore[method-assign]
+        await sched.start()
+        try:
+            clock.advance(31)
+            checked.clear()
+            await asyncio.wait_for(checked.wait(), 10)  # a check after the jump, in background
+            assert not sched.worker("remote").enabled
+            assert sched.worker("local").enabled
+        finally:
+            await sched.stop()
+
+    run(main)
+
+
 def test_assigned_but_unstarted_task_is_requeued_when_its_worker_goes() -> None:
     async def main() -> None:
         sched = Scheduler()
