@@ -38,6 +38,12 @@ implements it with the `reference` functions):
 * **Stdout:** one JSON object. AP `{"piece_cid"}`; PC1 `{"pc1_out": hex}`; PC2
   `{"sealed": CommR CID, "unsealed": CommD CID}`; C1 `{"c1_out": hex}`; C2 `{"proof": hex}`;
   FIN, RELEASE_UNSEALED, REMOVE: `{}` (or nothing).
+* **Lifetime:** a command dies with the engine (Linux: `PR_SET_PDEATHSIG`, SIGKILL). Each
+  job also holds an exclusive `flock` on `<first storage path>/locks/s-t0<miner>-<n>.lock`,
+  inherited as file descriptor `SECTORFSM_LOCK_FD`; helper processes it starts keep the lock
+  as long as they keep that descriptor open. A restarted engine that finds the lock held by
+  a job it did not start (one that outlived a `kill -9`) kills that job's process group
+  before it starts a new one, so two jobs never work on one sector's files.
 * **Failure:** a non-zero exit fails the task; the tail of stderr is in the error, so it
   lands in the sector's log (the failure event's trace). Output that is not the expected JSON
   fails it too. A task that outlives its timeout, or whose step is cancelled (remove,
@@ -64,6 +70,7 @@ from ..sched import FileType, SectorRef, TaskType
 from . import commp
 from .backends import SectorPaths, Storage, run_in_thread
 from .info import PendingPiece, Piece
+from .joblock import LOCKS, JobLockError, die_with, job_lock, record_job, take_over
 from .reference import remove_files, scan_sector_files
 from .sealer import PreCommit2Out
 
@@ -205,6 +212,8 @@ class CommandBackend:
         self.env = dict(env or {})
         #: Pids of the commands running now (for tests and diagnostics).
         self.running: dict[int, str] = {}
+        #: One job per sector at a time in this engine (the lock file covers other engines).
+        self._sector_locks: dict[int, asyncio.Lock] = {}
 
     @property
     def path_ids(self) -> tuple[str, ...]:
@@ -254,9 +263,17 @@ class CommandBackend:
             **{f"SECTORFSM_{k.upper()}": v for k, v in env.items()},
         }
         label = f"{task} command for sector {sector} ({shlex.join(cmd.argv)})"
+        mine = self._sector_locks.setdefault(sector.number, asyncio.Lock())
         self.clock.hold()  # real work: simulated time must not jump meanwhile
         try:
-            out = await self._spawn(cmd, full, json.dumps(request).encode(), label)
+            async with mine:
+                with job_lock(self.lock_path(sector)) as fd:
+                    try:
+                        await take_over(fd, self.lock_path(sector), self.kill_grace)
+                    except JobLockError as exc:
+                        raise CommandError(f"{label}: {exc}") from None
+                    full["SECTORFSM_LOCK_FD"] = str(fd)
+                    out = await self._spawn(cmd, full, json.dumps(request).encode(), label, fd)
         finally:
             self.clock.release()
         if not out.strip():
@@ -271,7 +288,13 @@ class CommandBackend:
             raise CommandError(f"{label} printed JSON that is not an object: {_excerpt(out)}")
         return result
 
-    async def _spawn(self, cmd: Command, env: dict[str, str], stdin: bytes, label: str) -> bytes:
+    def lock_path(self, sector: SectorRef) -> Path:
+        """The job lock file of `sector` (one per sector, whichever path holds its files)."""
+        return next(iter(self.storage.roots.values())) / LOCKS / f"{sector}.lock"
+
+    async def _spawn(
+        self, cmd: Command, env: dict[str, str], stdin: bytes, label: str, lock_fd: int
+    ) -> bytes:
         try:
             proc = await asyncio.create_subprocess_exec(
                 *cmd.argv,
@@ -280,9 +303,12 @@ class CommandBackend:
                 stderr=asyncio.subprocess.PIPE,
                 env=env,
                 start_new_session=True,  # its own process group: killpg reaches its children
+                pass_fds=(lock_fd,),  # the job holds the lock for as long as it lives
+                preexec_fn=die_with(os.getpid()),
             )
         except OSError as exc:
             raise CommandError(f"{label}: cannot start: {exc}") from None
+        record_job(lock_fd, proc.pid)  # for an engine that finds the lock held after a crash
         self.running[proc.pid] = label
         out, err = bytearray(), bytearray()
         assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
@@ -407,12 +433,18 @@ class CommandBackend:
         """REMOVE if configured, else delete the sector's files on every path."""
         if "REMOVE" in self.commands:
             await self._call("REMOVE", sector, self.storage.locate(sector, None), {})
-            self.storage.forget(sector)
+            self._forget(sector)
             return
         kinds = ("unsealed", "sealed", "cache")
         files = [p for kind in kinds for p in self.storage.everywhere(sector, kind)]
         await run_in_thread(self.clock, remove_files, files)
+        self._forget(sector)
+
+    def _forget(self, sector: SectorRef) -> None:
         self.storage.forget(sector)  # its owner markers (after the files)
+        # No job runs on a removed sector's files any more: its lock file can go.
+        self.lock_path(sector).unlink(missing_ok=True)
+        self._sector_locks.pop(sector.number, None)
 
 
 async def _feed(stream: asyncio.StreamWriter, data: bytes) -> None:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import Spawner, until
 from sealtools import kinds, miner, run
 
 from sectorfsm.sealing import commp, reference
@@ -222,3 +226,81 @@ def test_bad_piece_file_fails_addpiece_with_the_commands_error(
             assert "AP command for sector s-t01000-1" in trace and message in trace
 
     run(body)
+
+
+#: PC1 for the kill -9 test: logs `start <pid>`, and on the first attempt leaves a helper
+#: process in its group (it inherits the job lock) that logs `helper <pid>`; then waits for
+#: the test to write to a FIFO, and only then does the real PC1 and logs `done <pid>`.
+PC1_WRAPPER = """\
+import os, subprocess, sys
+log = os.environ["JOB_LOG"]
+first = not os.path.exists(log)
+with open(log, "a") as f:
+    print("start", os.getpid(), flush=True, file=f)
+if first:
+    helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"],
+                              close_fds=False)
+    with open(log, "a") as f:
+        print("helper", helper.pid, flush=True, file=f)
+with open(os.environ["JOB_GATE"]) as gate:  # blocks until the test opens it for writing
+    gate.read()
+sys.argv = [os.environ["EXAMPLE"]]
+code = compile(open(os.environ["EXAMPLE"]).read(), os.environ["EXAMPLE"], "exec")
+try:
+    exec(code, {"__name__": "__main__"})
+finally:
+    with open(log, "a") as f:
+        print("done", os.getpid(), flush=True, file=f)
+"""
+
+
+def _log(path: Path) -> list[tuple[str, int]]:
+    if not path.exists():
+        return []
+    return [(w, int(p)) for w, p in (line.split() for line in path.read_text().splitlines())]
+
+
+def test_kill_9_of_the_engine_leaves_no_job_behind_and_never_two_at_once(
+    spawn: Spawner, tmp_path: Path
+) -> None:
+    wrapper, log, gate = tmp_path / "pc1.py", tmp_path / "jobs.log", tmp_path / "gate"
+    wrapper.write_text(PC1_WRAPPER)
+    os.mkfifo(gate)
+    example = [sys.executable, str(EXAMPLE)]
+    commands = {t: example for t in TASKS} | {"PC1": [sys.executable, str(wrapper)]}
+    env = {"JOB_LOG": str(log), "JOB_GATE": str(gate), "EXAMPLE": str(EXAMPLE)}
+    config = tmp_path / "run.toml"
+    lines = ['[miner]\nsealer = "command"\nblock_time = 0.1\n[sealer.commands]']
+    lines += [f"{t} = {json.dumps(c)}" for t, c in commands.items()]
+    lines += ["[sealer.env]", *(f"{k} = {json.dumps(v)}" for k, v in env.items())]
+    config.write_text("\n".join(lines) + "\n")
+    repo_env = {**os.environ, "SECTORFSM_REPO": str(tmp_path / "repo")}
+    run_args = ("-m", "sectorfsm", "run", "--config", config)
+    seen: list[int] = []
+    try:
+        first = spawn.python(*run_args, "--pledge", "1", env=repo_env, name="engine-1")
+        [(_, job1), (_, helper)] = until(
+            lambda: _log(log)[:2] if len(_log(log)) >= 2 else None,
+            "the first PC1 job and its helper",
+        )
+        seen += [job1, helper]
+        first.kill()  # kill -9: no cleanup of any kind
+        # The job's own process dies with the engine; its helper still holds the job lock.
+        until(lambda: _gone(job1), f"PC1 job {job1} gone after the engine's kill -9")
+        assert not _gone(helper)
+        second = spawn.python(*run_args, env=repo_env, name="engine-2")
+        until(lambda: len(_log(log)) >= 3, "the PC1 job of the restarted engine")
+        [*_, (what, job2)] = _log(log)
+        seen.append(job2)
+        # The new job started only once the old one's whole group was gone.
+        assert what == "start" and _gone(helper), _log(log)
+        with open(gate, "w") as g:  # let the (only) PC1 job go on
+            g.write("go")
+        second.wait_for_line(r"sector 1: .*-> Proving\b", anywhere=True)
+        assert _log(log) == [("start", job1), ("helper", helper), ("start", job2), ("done", job2)]
+        second.interrupt()
+        assert second.finish() == 0, second.describe()
+    finally:
+        for pid in seen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
