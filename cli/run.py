@@ -106,6 +106,7 @@ def _config(path: Path | None) -> RunConfig:
 
 async def _init(repo: Path, cfg: RunConfig) -> None:
     from ..fsm import StoreError
+    from ..sealing.backends import StorageError
     from ..sealing.miner import Miner, SealingError
 
     # Opening the miner once is what creates a repo exactly as `sectors run` would (identity,
@@ -113,12 +114,13 @@ async def _init(repo: Path, cfg: RunConfig) -> None:
     try:
         async with Miner.open(repo, **cfg.open_kwargs()):
             pass
-    except (StoreError, SealingError, ValueError, OSError) as exc:
+    except (StoreError, SealingError, StorageError, ValueError, OSError) as exc:
         raise _Outcome(1, str(exc)) from None
 
 
 async def _run(repo: Path, cfg: RunConfig, pledge: int, until_proving: bool) -> int:
     from ..fsm import StoreError, StoreLockedError
+    from ..sealing.backends import StorageError
     from ..sealing.miner import Miner, SealingError
 
     console = err_console()
@@ -140,7 +142,7 @@ async def _run(repo: Path, cfg: RunConfig, pledge: int, until_proving: bool) -> 
             return await _supervise(miner, stop, until_proving)
     except StoreLockedError as exc:
         raise _Outcome(1, f"{exc}") from None
-    except (StoreError, SealingError, ValueError, OSError) as exc:
+    except (StoreError, SealingError, StorageError, ValueError, OSError) as exc:
         raise _Outcome(1, str(exc)) from None
 
 

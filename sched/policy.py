@@ -242,20 +242,23 @@ def _key_line(text: str, key: str, *, toml: bool) -> int | None:
 
 def _parse_text(path: str, text: str, *, toml: bool) -> WorkerPolicy:
     data: object
-    if toml:
-        try:
+    kind = "TOML" if toml else "JSON"
+    try:
+        if toml:
             data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as err:
-            raise _toml_error(path, text, err) from None
-    else:
-        try:
+        else:
             data = json.loads(text, object_pairs_hook=_reject_duplicates)
-        except json.JSONDecodeError as err:
-            raise PolicyError(
-                path, f"invalid JSON: {err.msg}", line=err.lineno, column=err.colno
-            ) from None
-        except ValueError as err:
-            raise PolicyError(path, f"invalid JSON: {err}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise _toml_error(path, text, err) from None
+    except json.JSONDecodeError as err:
+        raise PolicyError(
+            path, f"invalid JSON: {err.msg}", line=err.lineno, column=err.colno
+        ) from None
+    except ValueError as err:
+        raise PolicyError(path, f"invalid JSON: {err}") from None
+    except RecursionError:
+        # A policy is one flat table; only a broken or hostile file nests this deep.
+        raise PolicyError(path, f"invalid {kind}: nested too deeply") from None
     if not isinstance(data, dict):
         raise PolicyError(path, f"expected a JSON object {{...}} at the top, not {_show(data)}")
     try:

@@ -734,3 +734,24 @@ def test_watch_a_default_file(tmp_path: Path) -> None:
 def test_watcher_rejects_an_unsupported_file_type(tmp_path: Path) -> None:
     with pytest.raises(PolicyError, match="unsupported policy file type"):
         PolicyWatcher(tmp_path / "policy.yaml")
+
+
+@pytest.mark.parametrize(
+    ("suffix", "text"),
+    [(".json", "[" * 100_000), (".toml", "a = " + "[" * 100_000)],
+    ids=["json", "toml"],
+)
+def test_deeply_nested_file_is_a_policy_error_and_the_last_good_policy_stays(
+    tmp_path: Path, suffix: str, text: str
+) -> None:
+    path = tmp_path / f"myscheduler{suffix}"
+    path.write_text(text + "]" * 100_000)
+    with pytest.raises(PolicyError, match=rf"^{path}: invalid (JSON|TOML): nested too deeply$"):
+        load_policy(path)
+    path.write_text(json.dumps({"PreCommit1Max": 2}) if suffix == ".json" else "PreCommit1Max = 2")
+    watcher = PolicyWatcher(path)
+    assert watcher.policy.pre_commit1_max == 2
+    path.write_text(text + "]" * 100_000 + "\n")  # another size: the watcher reads it
+    watcher.poll()
+    assert watcher.policy.pre_commit1_max == 2
+    assert watcher.error is not None and "nested too deeply; keeping the last good" in watcher.error

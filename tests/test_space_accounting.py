@@ -8,6 +8,7 @@ at `FsOverheadFinalized` (sealed + 0.1x cache, plus unsealed where kept):
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -185,3 +186,49 @@ def test_restart_reconciles_the_index_with_the_disk(tmp_path: Path) -> None:
             assert abs(stored - on_disk) < 0.05 * on_disk
 
     run(body)
+
+
+# -- storage paths that cannot be used: one line naming the path, no traceback ---------------
+
+
+def _run_cli(tmp_path: Path, storage: str) -> tuple[int, str]:
+    from typer.testing import CliRunner
+
+    from sectorfsm.cli.app import app
+
+    config = tmp_path / "run.toml"
+    config.write_text(f'[miner]\nsealer = "reference"\n[sealer.storage]\nlocal = "{storage}"\n')
+    result = CliRunner().invoke(
+        app,
+        ["run", "--config", str(config), "--until-proving"],
+        env={"SECTORFSM_REPO": str(tmp_path / "repo"), "COLUMNS": "200"},
+    )
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception  # a traceback is the bug
+    return result.exit_code, result.output
+
+
+def test_storage_path_under_proc_is_a_one_line_error(tmp_path: Path) -> None:
+    code, out = _run_cli(tmp_path, "/proc/x")
+    assert code == 1
+    [line] = out.strip().splitlines()
+    assert line.startswith("error: storage path 'local' (/proc/x): "), out
+
+
+@pytest.mark.parametrize(
+    ("err", "says"), [(errno.EROFS, "is not writable"), (errno.ENOSPC, "is full")]
+)
+def test_read_only_or_full_storage_path_is_a_one_line_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int, says: str
+) -> None:
+    from sectorfsm.sealing import backends
+
+    def refuse(*args: Any, **kw: Any) -> Any:
+        raise OSError(err, os.strerror(err))
+
+    storage = tmp_path / "disk"
+    monkeypatch.setattr(backends.tempfile, "mkstemp", refuse)  # the probe write
+    code, out = _run_cli(tmp_path, str(storage))
+    assert code == 1
+    [line] = out.strip().splitlines()
+    assert line.startswith(f"error: storage path 'local' ({storage}) {says}"), out
