@@ -169,4 +169,5 @@ def chain_epochs(repo: Path, block_time: float) -> int:
     if raw is None:
         return 0
     record = unpackb(raw)
-    return int((time.time() - record["genesis"]) / block_time) - record["params"]["start_epoch"]
+    start = int(record["params"]["start_epoch"])
+    return int((time.time() - record["genesis"]) / block_time) - start
