@@ -382,21 +382,34 @@ class RecordCodec(Generic[S]):
         result: S = self._state_dec(payload)
         return result
 
-    def encode_event(self, event: object) -> bytes:
-        """Encode an event as `[schema, tag, fields]`."""
+    def encode_event(self, event: object, from_step: bool = False) -> bytes:
+        """Encode an event as `[schema, tag, fields]`, plus a trailing 1 if a step sent it."""
         try:
             tag, enc = self._event_enc[type(event)]
         except KeyError:
             raise TypeError(
                 f"{type(event).__name__} is not a registered event type of this group"
             ) from None
-        data: bytes = packb([self.schema_version, tag, enc(event)])
+        record = [self.schema_version, tag, enc(event)]
+        if from_step:
+            record.append(1)
+        data: bytes = packb(record)
         return data
+
+    def encode_step_event(self, event: object) -> bytes:
+        """`encode_event(event, from_step=True)`, as a one-argument function."""
+        return self.encode_event(event, True)
 
     def decode_event(self, data: bytes, what: str) -> object:
         """Decode an event record; `what` names the record in errors."""
+        return self.decode_inbox_event(data, what)[0]
+
+    def decode_inbox_event(self, data: bytes, what: str) -> tuple[object, bool]:
+        """Decode an event record, and whether the machine's own step sent it."""
         try:
-            version, tag, payload = unpackb(data)
+            version, tag, payload, *mark = unpackb(data)
+            if mark not in ([], [1]):
+                raise ValueError(f"unexpected trailing fields {mark!r}")
         except RecordError:
             raise
         except Exception as exc:
@@ -409,7 +422,7 @@ class RecordCodec(Generic[S]):
         if dec is None:
             raise RecordError(f"{what}: unknown event type {tag!r}")
         try:
-            return dec(payload)
+            return dec(payload), bool(mark)
         except RecordError as exc:
             raise RecordError(f"{what}: {exc}") from exc
         except Exception as exc:

@@ -8,6 +8,14 @@ with its defects fixed (see docs/lotus-deviations.md):
   transaction, so after a crash no sent event is lost and none is applied twice.
 * One step at a time per machine; events that arrive meanwhile are planned as one batch
   when it returns. A step starts only after the state that planned it is committed.
+* A planner that returns a step asks for it to run now, as in go-statemachine: it must
+  return None for a round that changed nothing (an event it rejected or ignored), or the
+  state's step runs again. A step's events count only while it is the machine's latest:
+  once a round starts another step (or makes the machine final), what it sent that is still
+  queued, or sends later through its Context, is dropped and logged as stale, never planned
+  against a state it was not meant for (this holds across a restart too).
+* `send()` and `post()` encode the event first: one that cannot be stored raises there and
+  nothing is staged.
 * A step that raises records its error and delivers `StepFailed`; the machine stays usable.
 * A planner that raises on an event leaves the state as it was, records the error and
   consumes that one event; it neither kills the machine nor loops.
@@ -101,6 +109,7 @@ class StateGroup(MachineRuntime, Generic[S]):
         self._final = final
         self._encode_record = self.records.local_encoder()  # (used on the loop thread only)
         self._encode_event = self._codec.encode_event
+        self._encode_step_event = self._codec.encode_step_event
         #: Machines planned in the flush being built (merge mode: one commit callback for all),
         #: and that flush's staged state writes.
         self._planned: Machines | None = None
@@ -193,13 +202,18 @@ class StateGroup(MachineRuntime, Generic[S]):
                 continue
             for key, raw in pending.get(mid, ()):
                 try:
-                    event = self._codec.decode_event(raw, self.records.what(mid, "inbox event"))
+                    what = self.records.what(mid, "inbox event")
+                    event, from_step = self._codec.decode_inbox_event(raw, what)
                 except RecordError as exc:
                     self._mailbox.quarantine("inbox", key, raw, str(exc))
                     continue
-                m.push(int.from_bytes(key[-8:], "big"), event, 0)
+                seq = int.from_bytes(key[-8:], "big")
+                m.push(seq, event, 0)
+                if from_step:
+                    m.sent.append(seq)  # (the step that sent it is superseded like any other)
             if not m.final:
                 m.push(0, Restart(), 0)
+                m.sent.append(0)  # served (dropped) by whichever step starts first
             if m.events:
                 self._dirty[mid] = m
         if bad:
@@ -317,6 +331,7 @@ class StateGroup(MachineRuntime, Generic[S]):
     async def send(self, machine_id: MachineId, event: object) -> None:
         """Deliver `event` to a machine; returns once the event is durable."""
         self.records.key(machine_id)
+        self._check_encodable(machine_id, event)
         if not self._running:
             self._check_stoppable()
             raw = self._codec.encode_event(event)
@@ -338,6 +353,7 @@ class StateGroup(MachineRuntime, Generic[S]):
         For engine-side code that must stage several writes in one commit (the group must be
         running). Everything staged before the next `await` lands in the same transaction.
         """
+        self._check_encodable(machine_id, event)
         self._send_local(machine_id, event)
         return self._committer.waiter()
 

@@ -17,13 +17,19 @@ S = TypeVar("S")
 
 
 class Context:
-    """Handed to every step: the way a step talks back to its machine."""
+    """Handed to every step: the way a step talks back to its machine.
 
-    __slots__ = ("_group", "_machine")
+    Each step gets its own: what it sends counts only while that step is the machine's
+    latest (see `send`).
+    """
 
-    def __init__(self, group: MachineRuntime, machine: Machine) -> None:
+    __slots__ = ("_gen", "_group", "_machine")
+
+    def __init__(self, group: MachineRuntime, machine: Machine, gen: int = 0) -> None:
         self._group = group
         self._machine = machine
+        #: The machine's step generation when this step was started.
+        self._gen = gen
 
     @property
     def id(self) -> MachineId:
@@ -40,10 +46,19 @@ class Context:
         """True once a cancelling event arrived (or the group is stopping) while the step ran."""
         return self._machine.cancel_requested
 
+    @property
+    def superseded(self) -> bool:
+        """True once a newer step of the machine started (or it became final, or was reloaded)."""
+        m = self._machine
+        return self._gen != m.gen or self._group._machines.get(m.id) is not m
+
     def send(self, event: object) -> None:
         """Queue `event` for this machine; it is planned after the current step returns.
 
-        Valid also after the step returned (from callbacks the step registered).
+        Valid also after the step returned (from callbacks the step registered), until the
+        step is superseded: a later round started another step, or made the machine final.
+        From then on what it sends is dropped (and logged), and what it sent that is still
+        queued is dropped too, so a late result never lands in a state it was not meant for.
         """
         group = self._group
         m = self._machine
@@ -52,9 +67,13 @@ class Context:
             and type(event) in group._event_types
             and group._machines.get(m.id) is m
         ):
-            group._enqueue(m, event)  # the common case, without looking the machine up
+            # The common case, without looking the machine up.
+            if self._gen == m.gen:
+                group._enqueue(m, event, None, True)
+            else:
+                group._superseded(m, event)
         else:
-            group._send_local(m.id, event)
+            group._send_from_step(m, event)
 
 
 #: A step: `async def step(ctx, state_copy)`, or a plain function for work that never waits
@@ -69,16 +88,17 @@ class Machine:
         "batch",
         "batch_start",
         "cancel_requested",
-        "ctx",
         "events",
         "exists",
         "final",
+        "gen",
         "id",
         "key",
         "last_error",
         "next_step",
         "planning",
         "record",
+        "sent",
         "seqs",
         "started",
         "state",
@@ -108,6 +128,13 @@ class Machine:
         self.batch_start = 0
         #: How many of the last queued events are not yet staged for commit.
         self.unstaged = 0
+        #: Step generation: bumped by every round that starts a step or makes the machine
+        #: final. A step's Context carries the generation it was started in.
+        self.gen = 0
+        #: Sequence numbers of queued events sent by the latest step (and of a `Restart`,
+        #: as 0): all of them are dropped when a round supersedes that step. May also hold
+        #: numbers of events already planned; harmless, as numbers are never reused.
+        self.sent: list[int] = []
         #: A planner round is waiting for its commit (the step starts after it).
         self.planning = False
         #: The step planned by that round, until the round's commit lands.
@@ -121,7 +148,6 @@ class Machine:
         self.final = False
         self.last_error: str | None = None
         self.cancel_requested = False
-        self.ctx: Context | None = None
 
     def inbox_key(self, seq: int) -> bytes:
         """The `inbox` key of this machine's event number `seq`."""

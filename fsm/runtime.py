@@ -12,6 +12,11 @@ between commits:
   once the commit has landed (one callback per commit for all of its rounds).
 * **Steps.** A step runs inline until its first real wait (`fsm.steps`); only a step that waits
   gets a Task. One step at a time per machine; what it sends is planned when it returns.
+* **Superseded steps.** A round that starts a step (or makes the machine final) supersedes the
+  machine's previous step: the events that step sent and that are still queued are dropped,
+  in the round's own commit, and so is whatever it sends later through its Context. So a
+  handler's result is only ever planned against the state (and the run) that started it.
+  Which queued events a step sent survives a restart: the inbox record carries a mark.
 * **A failed commit.** Machines planned in it are reloaded from disk as after a crash, keeping
   the events sent since; events it carried for other machines are dropped from their queues,
   since their senders were told the send failed.
@@ -62,6 +67,7 @@ class MachineRuntime:
     _final: Callable[[Any], bool] | None
     _encode_record: Callable[[Any, bool, str | None], bytes]
     _encode_event: Callable[[object], bytes]
+    _encode_step_event: Callable[[object], bytes]
     _begin_step: Callable[..., Awaitable[None] | None]
     _context: contextvars.Context
     _cancelling: frozenset[type]
@@ -106,9 +112,46 @@ class MachineRuntime:
                 m = self._create(machine_id)
         self._enqueue(m, event)
 
-    def _enqueue(self, m: Machine, event: object, raw: bytes | None = None) -> None:
+    def _check_encodable(self, machine_id: MachineId, event: object) -> None:
+        """Encode `event` now, so an event that cannot be stored fails its own send only."""
+        try:
+            self._encode_event(event)
+        except (OverflowError, ValueError, TypeError) as exc:
+            if type(event) not in self._event_types:
+                raise  # (the codec's TypeError names the foreign event type)
+            error: type[Exception] = ValueError
+            why = str(exc)
+            if isinstance(exc, OverflowError) or "'int'" in why:
+                why = "an integer in it is outside the 64-bit range"  # (msgpack's limit)
+            elif isinstance(exc, TypeError):
+                error = TypeError
+            what = f"{type(event).__name__} for {self.name} machine {machine_id!r}"
+            raise error(f"{what} cannot be stored: {why}") from None
+
+    def _superseded(self, m: Machine, event: object) -> None:
+        log.info(
+            "%s: machine %r: dropped %s, sent by a step that a newer one superseded",
+            self.name,
+            m.id,
+            _describe(event),
+        )
+
+    def _send_from_step(self, m: Machine, event: object) -> None:
+        """`Context.send` when its machine is not the loaded one (or the send is refused)."""
+        if self._accepting and type(event) in self._event_types:
+            # The machine was reloaded since (a failed commit, a restart of the group, or it
+            # went dormant in a final state): the step that holds this Context is gone.
+            self._superseded(m, event)
+            return
+        self._send_local(m.id, event)  # raises the error that says why
+
+    def _enqueue(
+        self, m: Machine, event: object, raw: bytes | None = None, step: bool = False
+    ) -> None:
         self._seq = seq = self._seq + 1
         committer = self._committer
+        if step:
+            m.sent.append(seq)
         if raw is None and self._merge:
             # Staged right before the commit, and only if no planner round consumed it by then
             # (the round's state write then records it): most events never touch the inbox.
@@ -127,7 +170,7 @@ class MachineRuntime:
             # Sync mode commits each unit on its own, so the put must join the sender's unit;
             # a mailbox event must land in the commit that deletes it from the mailbox.
             self._stage_machine(m)
-            value = raw or (self._encode_event, event)
+            value = raw or (self._encode_step_event if step else self._encode_event, event)
             committer.put("inbox", m.inbox_key(seq), value, fresh=True)
             m.push(seq, event, committer.batch_no)
             committer.on_commit(self._staged_committed, m, [seq])
@@ -153,10 +196,13 @@ class MachineRuntime:
         committer = self._committer
         put = committer.put
         encode = self._encode_event
+        step_encode = self._encode_step_event
+        marked = set(m.sent) if m.sent else ()
         seqs = m.seqs[-n:]
         for seq, event in zip(seqs, m.events[-n:], strict=True):
             # Encoded at commit time, and only if no round consumes it in the same commit.
-            put("inbox", m.inbox_key(seq), (encode, event), fresh=True)
+            value = (step_encode if seq in marked else encode, event)
+            put("inbox", m.inbox_key(seq), value, fresh=True)
         committer.on_commit(self._staged_committed, m, seqs)
 
     def _staged_committed(self, m: Machine, seqs: Sequence[int], err: BaseException | None) -> None:
@@ -325,8 +371,14 @@ class MachineRuntime:
             seqs.clear()
             m.events.clear()
             m.unstaged = m.batch_start = 0
+            m.sent.clear()
         else:
             m.drop(processed)
+        if step is not None or final:
+            # This round supersedes the machine's last step (see the module docstring).
+            m.gen += 1
+            if m.sent:
+                self._drop_superseded(m)
         was_final = m.final
         m.final = final
         if record != m.record:
@@ -350,6 +402,24 @@ class MachineRuntime:
         else:
             committer.on_commit(self._round_committed, m, step)
             committer.end_unit()
+
+    def _drop_superseded(self, m: Machine) -> None:
+        """Drop the queued events the superseded step sent (and a `Restart`, now served)."""
+        marked = set(m.sent)
+        m.sent.clear()
+        staged = len(m.seqs) - m.unstaged
+        gone: set[int] = set()
+        delete = self._committer.delete
+        for i, (seq, event) in enumerate(zip(m.seqs, m.events, strict=True)):
+            if seq not in marked:
+                continue
+            gone.add(seq)
+            if i < staged and seq:
+                delete("inbox", m.inbox_key(seq))
+            if not isinstance(event, Restart):
+                self._superseded(m, event)
+        if gone:
+            m.discard(gone)
 
     def _rounds_committed(self, planned: Machines, err: BaseException | None) -> None:
         try:
@@ -397,9 +467,7 @@ class MachineRuntime:
             m.cancel_requested = False
             self._settle(m)
             return
-        ctx = m.ctx
-        if ctx is None:
-            ctx = m.ctx = Context(self, m)
+        ctx = Context(self, m, m.gen)
         context = self._context.copy()
         m.stepping = True  # events the step sends wait until it returns
         try:
@@ -457,13 +525,20 @@ class MachineRuntime:
         if fresh is None:
             return
         for key, raw in self.records.pending(fresh.key):
-            event = self._codec.decode_event(raw, self.records.what(m.id, "inbox event"))
-            fresh.push(int.from_bytes(key[-8:], "big"), event, 0)
+            what = self.records.what(m.id, "inbox event")
+            event, from_step = self._codec.decode_inbox_event(raw, what)
+            seq = int.from_bytes(key[-8:], "big")
+            fresh.push(seq, event, 0)
+            if from_step:
+                fresh.sent.append(seq)
         known = set(fresh.seqs)
+        marked = set(m.sent)
         kept = 0
         for seq, event in newer:
             if seq not in known:
                 fresh.push(seq, event, failed_batch)
+                if seq in marked:
+                    fresh.sent.append(seq)
                 kept += 1
         # Events sent since the failed batch was taken are not staged yet (a suffix of them,
         # never more than were kept). Stage them now, before `Restart` ends the queue.
@@ -471,6 +546,7 @@ class MachineRuntime:
         self._stage_machine(fresh)
         if not fresh.final:
             fresh.push(0, Restart(), 0)
+            fresh.sent.append(0)  # served (dropped) by whichever step starts first
         self._dirty[m.id] = fresh
         self._committer.request_flush()
 
@@ -480,7 +556,8 @@ class MachineRuntime:
         log.warning("%s: machine %r: step failed: %s", self.name, m.id, message)
         self._record_error(m, f"step failed: {message}")
         if self._running and not self._stopping:
-            self._enqueue(m, StepFailed(message[:_MAX_ERROR], trace[-_MAX_ERROR:]))
+            failed = StepFailed(message[:_MAX_ERROR], trace[-_MAX_ERROR:])
+            self._enqueue(m, failed, None, True)
 
     async def _run_step(self, m: Machine, pending: Awaitable[None]) -> None:
         m.started = True

@@ -15,9 +15,11 @@ crash came before `send` returned), so the planner ignores a `Put` it has seen b
 records it in `dup`; a duplicate of an event whose `send` returned is a bug. Some `Put`s make
 the planner run a step that sends a `Derived` event; on `Restart` the planner re-issues the
 derived events still missing (the engine plans the events that were in the inbox first), so
-derived events must also end up applied exactly once. The planner takes at most `BATCH` events
-per round, so crashes also hit machines with half-planned backlogs (and so it must hold its
-steps back until it reaches `Restart`: the engine runs the steps of the rounds before it).
+derived events must also end up applied exactly once. A step the planner starts supersedes
+the last one (the engine drops that one's Deriveds still queued), so it re-issues them all.
+The planner takes at most `BATCH` events per round, so crashes also hit machines with
+half-planned backlogs (and so it must hold its steps back until it reaches `Restart`: the
+engine runs the steps of the rounds before it).
 """
 
 from __future__ import annotations
@@ -105,8 +107,10 @@ def planner(events: list[Any], s: Tally) -> tuple[Any, int]:
         return None, len(batch)
     todo = [e for e in s.want if e not in s.issued]
     if todo:
-        s.issued.extend(todo)
-        return _step(todo), len(batch)
+        # A new step supersedes the last one, whose Deriveds still queued are dropped: it
+        # issues every Derived still wanted.
+        s.issued = list(s.want)
+        return _step(list(s.issued)), len(batch)
     return None, len(batch)
 
 

@@ -1027,3 +1027,48 @@ def test_list_field_holding_a_set_still_encodes() -> None:
     assert sorted(back.seen) == [1, 3]
     with pytest.raises(TypeError, match="can not serialize 'date'"):
         packb({"when": datetime.date(2024, 1, 1)})
+
+
+# -- an event that cannot be stored fails its own send only --------------------------------
+
+
+def test_an_unencodable_event_fails_its_own_send_and_stages_nothing(tmp_path: Path) -> None:
+    async def wait_forever(ctx: Context, st: Rec) -> None:
+        await asyncio.Event().wait()
+
+    async def main() -> None:
+        async with LmdbStore(tmp_path) as store:
+            g = make_group(store, {"busy": wait_forever})
+            await g.start()
+            for mid in (1, 2, 3):
+                await g.begin(mid, Rec())
+            await g.send(1, Go("busy"))  # its next event is staged for the inbox, not planned
+            # Same tick: the bad event fails alone; the other send lands.
+            bad, good = await asyncio.gather(
+                g.send(1, Note(2**64)), g.send(2, Note(7)), return_exceptions=True
+            )
+            assert isinstance(bad, ValueError) and good is None
+            assert str(bad) == (
+                "Note for hot machine 1 cannot be stored: "
+                "an integer in it is outside the 64-bit range"
+            )
+            # An idle machine: refused at once, nothing acknowledged, nothing recorded.
+            with pytest.raises(ValueError, match="cannot be stored"):
+                await g.send(3, Note(2**64))
+            with pytest.raises(ValueError, match="cannot be stored"):
+                g.post(3, Note(-(2**64)))
+            await g.send(3, Note(8))
+            await store.committer.flush()
+            assert state(g, 2).seen == [7] and state(g, 3).seen == [8]
+            for mid in (1, 2, 3):
+                info = g.info(mid)
+                assert info is not None and info.last_error is None
+            assert pending_on_disk(g, 1) == 0
+            await g.stop()
+        # A client (no engine running) is refused the same way.
+        async with LmdbStore(tmp_path) as store:
+            g = make_group(store, {})
+            with pytest.raises(ValueError, match="cannot be stored"):
+                await g.send(2, Note(2**64))
+
+    run(main)
