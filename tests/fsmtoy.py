@@ -82,11 +82,26 @@ class Probe:
         self.cancelled: list[Any] = []
         self.plans = 0
         self.steps_started: list[tuple[Any, str]] = []
+        self._waiters: list[asyncio.Event] = []
+
+    def step_began(self, machine_id: Any, state: str) -> None:
+        """Record a step start and wake whoever waits in `started`."""
+        self.steps_started.append((machine_id, state))
+        for woken in self._waiters:
+            woken.set()
+        self._waiters.clear()
+
+    async def started(self, machine_id: Any, count: int = 1) -> None:
+        """Wait until `count` steps of `machine_id` have started."""
+        while sum(1 for m, _ in self.steps_started if m == machine_id) < count:
+            woken = asyncio.Event()  # made here: a Probe outlives the loops of some tests
+            self._waiters.append(woken)
+            await woken.wait()
 
 
 def make_planner(probe: Probe) -> Any:
     async def work_step(ctx: Context, st: Counter, seconds: float) -> None:
-        probe.steps_started.append((ctx.id, st.state))
+        probe.step_began(ctx.id, st.state)
         probe.running[ctx.id] = probe.running.get(ctx.id, 0) + 1
         probe.total += 1
         probe.max_per_machine = max(probe.max_per_machine, probe.running[ctx.id])

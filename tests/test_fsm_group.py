@@ -90,11 +90,12 @@ def test_send_returns_only_when_durable(tmp_path: Path) -> None:
 
     async def main() -> None:
         store = LmdbStore(tmp_path)
-        g = make_group(store)
+        probe = Probe()
+        g = make_group(store, probe)
         await g.start()
         await g.begin(1, Counter())
         await g.send(1, Work(seconds=3600))  # a long step: later events stay queued
-        await asyncio.sleep(0.05)
+        await probe.started(1)
         await g.send(1, Add(uid=42))
         info = g.info(1)  # read straight from the store
         assert info is not None
@@ -248,7 +249,7 @@ def test_cancelling_event_cancels_running_step(tmp_path: Path) -> None:
             await g.start()
             await g.begin(1, Counter())
             await g.send(1, Work(seconds=3600))
-            await asyncio.sleep(0.05)
+            await probe.started(1)
             await g.send(1, Cancel())
             await asyncio.wait_for(g.idle(), 5)
             st = g.get(1)
@@ -288,13 +289,14 @@ def test_terminated_machine_is_final_and_dormant(tmp_path: Path) -> None:
 def test_restart_replans_live_machines_only(tmp_path: Path) -> None:
     async def first() -> None:
         store = LmdbStore(tmp_path)
-        g = make_group(store)
+        probe = Probe()
+        g = make_group(store, probe)
         await g.start()
         for i in range(5):
             await g.begin(i, Counter())
         await g.send(0, Finish())  # final: stays dormant
         await g.send(1, Work(seconds=3600))  # running at "crash" time
-        await asyncio.sleep(0.05)
+        await probe.started(1)
         await g.send(1, Add(uid=11))  # pending behind the step
         # Abandon the group as a crash would: no stop(), no flush.
         store.close()
