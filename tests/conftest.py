@@ -20,8 +20,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 T = TypeVar("T")
+
+# Property tests run real engines: an example's run time depends on the machine's load, so
+# it must never fail a test (deadline), nor should slow data generation (too_slow).
+settings.register_profile("sectorfsm", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "sectorfsm"))
 
 #: Seconds before a wait gives up. A hang guard, far above what any wait takes under load.
 HANG_GUARD = float(os.environ.get("SECTORFSM_TEST_HANG_GUARD", "120"))
@@ -234,14 +240,15 @@ def wait_for_line(child: Child, pattern: str, timeout: float = HANG_GUARD) -> re
 
 def until(
     check: Callable[[], T | None],
-    what: str,
+    what: str | Callable[[], str],
     timeout: float = HANG_GUARD,
     interval: float = 0.01,
 ) -> T:
     """Poll `check()` until it returns something other than None/False, and return that.
 
     For conditions no child prints (a file that grew, a record in a store). The poll
-    interval only sets how soon the change is noticed; `timeout` is a hang guard.
+    interval only sets how soon the change is noticed; `timeout` is a hang guard. `what`
+    (or what it returns, computed only on failure) names the condition.
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -249,5 +256,6 @@ def until(
         if found is not None and found is not False:
             return found
         if time.monotonic() > deadline:
-            pytest.fail(f"hang guard: {what} not seen in {timeout:g} s")
+            name = what if isinstance(what, str) else what()
+            pytest.fail(f"hang guard: {name} not seen in {timeout:g} s")
         time.sleep(interval)
