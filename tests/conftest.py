@@ -7,6 +7,7 @@ on a loaded machine a passing test finishes long before any of them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -259,3 +260,18 @@ def until(
             name = what if isinstance(what, str) else what()
             pytest.fail(f"hang guard: {name} not seen in {timeout:g} s")
         time.sleep(interval)
+
+
+async def settle(rounds: int = 3) -> None:
+    """Yield until the event loop has had nothing else to run for `rounds` turns.
+
+    For tests whose code under test runs entirely on the loop: once this returns, every
+    callback and task that was ready has run as far as it can without waiting on time or
+    I/O, however slow the machine.
+    """
+    loop = asyncio.get_running_loop()
+    idle = 0
+    while idle < rounds:
+        await asyncio.sleep(0)
+        # CPython's loops keep runnable callbacks in `_ready` (as the virtual clock knows).
+        idle = idle + 1 if not getattr(loop, "_ready", None) else 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
+from conftest import settle
+
 from sectorfsm.sched.filetypes import FileType
 from sectorfsm.sched.ledger import WorkerResources
 from sectorfsm.sched.lotus import ActiveResources
@@ -44,7 +46,7 @@ def test_lotus_promises_a_worker_more_than_it_has_and_balanced_does_not() -> Non
             )
             for n in range(6)
         ]
-        await asyncio.sleep(0.05)
+        await settle()
         promised = 6 - len(sched.queue)
         release.set()
         await asyncio.gather(*calls)

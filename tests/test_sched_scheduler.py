@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import settle
 
 from sectorfsm.fsm import VirtualClock
 from sectorfsm.sched.filetypes import FileType, space_needed
@@ -68,7 +69,7 @@ def test_tasks_spread_evenly_and_never_exceed_capacity() -> None:
             )
             for n in range(60)
         ]
-        await asyncio.sleep(0.05)
+        await settle()
         counts = Counter(seen)
         assert counts == {"a": 15, "b": 15, "c": 15}, counts
         assert len(sched.queue) == 15
@@ -121,7 +122,7 @@ def test_locality_wins_and_fetch_is_costed() -> None:
         strict = ExistingSelector(FileType.CACHE, allow_fetch=False)
         sched.disable("b", "maintenance")
         task = asyncio.create_task(sched.schedule(s, TaskType.PRE_COMMIT2, strict, None, work))
-        await asyncio.sleep(0.02)
+        await settle()
         diag = sched.diag()
         assert diag[0].reasons == {"a": "sector cache is on b", "b": "maintenance"}
         sched.enable("b")
@@ -147,7 +148,7 @@ def test_space_is_reserved_at_assignment() -> None:
             )
             for n in range(3)
         ]
-        await asyncio.sleep(0.02)
+        await settle()
         assert len(seen) == 2, "a third PC1 would overfill the path"
         assert sched.index.paths["a-ssd"].reserved == 2 * need
         assert sched.diag()[0].reasons["a"] == (
@@ -185,13 +186,13 @@ def test_policy_caps_drain_and_hot_reload(tmp_path: Path) -> None:
             )
             for n in range(4)
         ]
-        await asyncio.sleep(0.02)
+        await settle()
         assert len(seen) == 2
         assert sched.diag()[0].reasons["a"].startswith("PC1 cap 2 reached")
         # Raise the cap in the file: the scheduler picks it up without a restart.
         policy.write_text(json.dumps({"PreCommit1Max": 3, "ForceP1FromLocalAP": False}))
         sched.check_workers()
-        await asyncio.sleep(0.02)
+        await settle()
         assert len(seen) == 3
         # A broken edit keeps the last good policy and says why.
         policy.write_text("{ not json")
@@ -201,11 +202,11 @@ def test_policy_caps_drain_and_hot_reload(tmp_path: Path) -> None:
         # Drain: running work finishes, nothing new starts.
         policy.write_text(json.dumps({"PreCommit1Max": 9, "IsPlanOffline": True}))
         sched.check_workers()
-        await asyncio.sleep(0.02)
+        await settle()
         assert len(seen) == 3
         assert "draining" in sched.diag()[0].reasons["a"]
         release.set()
-        await asyncio.sleep(0.02)
+        await settle()
         assert len(seen) == 3 and len(sched.queue) == 1
         for c in calls:
             if not c.done():
@@ -235,7 +236,7 @@ def test_heartbeat_grace_disables_then_reenables() -> None:
         task = asyncio.create_task(
             sched.schedule(sector(1), TaskType.COMMIT2, TaskSelector(), None, work)
         )
-        await asyncio.sleep(0.01)
+        await settle()
         assert not task.done()
         assert sched.diag()[0].reasons["a"] == "missed heartbeats for 31 s"
         sched.heartbeat("a")
@@ -329,7 +330,7 @@ def test_cancel_queued_and_running_tasks_frees_everything() -> None:
         queued = asyncio.create_task(
             sched.schedule(sector(2), TaskType.PRE_COMMIT1, sel, None, work)
         )
-        await asyncio.sleep(0.01)
+        await settle()
         assert len(sched.queue) == 1
         queued.cancel()
         await asyncio.gather(queued, return_exceptions=True)
@@ -342,11 +343,11 @@ def test_cancel_queued_and_running_tasks_frees_everything() -> None:
         assert sched.index.paths["a-ssd"].reserved == 0
         # And by id, through the API: the hog runs, the second one waits and is cancelled.
         hog = asyncio.create_task(sched.schedule(sector(4), TaskType.PRE_COMMIT1, sel, None, work))
-        await asyncio.sleep(0.01)
+        await settle()
         queued2 = asyncio.create_task(
             sched.schedule(sector(3), TaskType.PRE_COMMIT1, sel, None, work)
         )
-        await asyncio.sleep(0.01)
+        await settle()
         (waiting,) = sched.queue
         assert waiting.sector == sector(3)
         assert sched.cancel(waiting.sched_id) and not sched.cancel(waiting.sched_id)
@@ -422,7 +423,7 @@ def test_diag_explains_every_worker() -> None:
                 hold(asyncio.Event(), []),
             )
         )
-        await asyncio.sleep(0.01)
+        await settle()
         (d,) = sched.diag()
         assert d.task == "PC1" and d.sector == "s-t01000-1"
         assert d.reasons == {
@@ -466,11 +467,11 @@ def test_a_decision_touches_only_what_changed() -> None:
             asyncio.create_task(sched.schedule(sector(n), TaskType.PRE_COMMIT1, sel, None, work))
             for n in range(2000)
         ]
-        await asyncio.sleep(0.05)
+        await settle()
         assert len(release) == 50 and len(sched.queue) == 1950
         before = sched.checks
         next(iter(release.values())).set()
-        await asyncio.sleep(0.02)
+        await settle()
         assert len(release) == 51
         assert sched.checks - before <= 3, "one freed slot re-tested more than its worker"
         for c in calls:
