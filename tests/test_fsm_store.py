@@ -325,7 +325,12 @@ def test_second_engine_process_is_refused(tmp_path: Path) -> None:
         assert child.stdin is not None
         child.stdin.write("\n")
         child.stdin.flush()
-        child.wait(timeout=30)
+        try:
+            child.wait(timeout=120)
+        finally:
+            if child.poll() is None:  # a hung child must not outlive the test
+                child.kill()
+                child.wait()
     assert child.returncode == 0
 
 

@@ -111,13 +111,12 @@ def test_a_failing_command_puts_the_tail_of_its_stderr_in_the_sector_log(tmp_pat
 
 def test_a_command_past_its_timeout_is_killed(tmp_path: Path) -> None:
     async def body() -> None:
-        options = _options(PC2=_python("import time; time.sleep(60)"))
+        # It would sleep far past the test's timeout: reaching the failed state proves the kill.
+        options = _options(PC2=_python("import time; time.sleep(3600)"))
         options["timeouts"] = {"PC2": 0.5}
         async with miner(tmp_path, sealer="command", sealer_options=options, config=FAST) as m:
             n = await m.pledge()
-            started = time.monotonic()
             info = await m.wait(n, "SealPreCommit2Failed", timeout=DAY)
-            assert time.monotonic() - started < 10
             trace = _trace(info, "SectorSealPreCommit2Failed")
             assert "timed out after 0.5 s and was killed" in trace
             assert m.sealer.backend.running == {}  # type: ignore[attr-defined]
@@ -133,19 +132,19 @@ def test_remove_kills_the_running_commands_whole_process_group(tmp_path: Path) -
         sh = shutil.which("sh")
         assert sh is not None
         options = _options(PC1=[sh, "-c", script])
+        # SIGKILL only after an hour: the remove must end the group with its SIGTERM.
+        options["kill_grace"] = 3600
         async with miner(tmp_path, sealer="command", sealer_options=options) as m:
             n = await m.pledge()
             await m.wait(n, "PreCommit1", timeout=DAY)
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 120  # a hang guard
             while not pids.exists():
                 assert time.monotonic() < deadline, "the PC1 command never started"
                 await asyncio.sleep(0.02)
             child, shell = (int(x) for x in pids.read_text().split())
             assert not _gone(child) and not _gone(shell)
-            started = time.monotonic()
             await m.remove(n)
             info = await m.wait(n, "Removed", timeout=DAY)
-            assert time.monotonic() - started < 4  # well before the 5 s SIGKILL grace
             assert _gone(shell) and _gone(child)  # the grandchild too: the group was killed
             assert "SectorPreCommit1" not in kinds(info)
             assert m.sealer.backend.running == {}  # type: ignore[attr-defined]
