@@ -76,6 +76,7 @@ class StateGroup(MachineRuntime, Generic[S]):
         final: Callable[[S], bool] | None = None,
         creating: Iterable[type] = (),
         cancelling: Iterable[type] = (),
+        cancels: Callable[[Any, S], bool] | None = None,
         clock: Clock | None = None,
         schema_version: int = 1,
         poll_interval: float = 0.2,
@@ -99,6 +100,9 @@ class StateGroup(MachineRuntime, Generic[S]):
         self._event_types = frozenset((*BUILTIN_EVENTS, *events))
         self._creating = frozenset(creating)
         self._cancelling = frozenset(cancelling)
+        #: Whether a `cancelling` event cancels the step running in the machine's state
+        #: (None: always), so a stray one never throws away work it had no business stopping.
+        self._cancels = cancels
         for cls in (*self._creating, *self._cancelling):
             if not self._codec.knows_event(cls):
                 raise ValueError(f"{cls.__name__} is not among the group's events")

@@ -71,6 +71,7 @@ class MachineRuntime:
     _begin_step: Callable[..., Awaitable[None] | None]
     _context: contextvars.Context
     _cancelling: frozenset[type]
+    _cancels: Callable[[Any, Any], bool] | None
     _creating: frozenset[type]
     _event_types: frozenset[type]
     _accepting: bool
@@ -176,7 +177,9 @@ class MachineRuntime:
             committer.on_commit(self._staged_committed, m, [seq])
         busy = m.planning or m.stepping
         if busy and type(event) in self._cancelling:
-            self._cancel_step(m)
+            cancels = self._cancels
+            if cancels is None or cancels(event, m.state):
+                self._cancel_step(m)
         if not busy:
             self._dirty[m.id] = m
 
