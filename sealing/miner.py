@@ -66,10 +66,10 @@ _META_MINER = requests.META_MINER
 _META_NEXT = requests.META_NEXT
 #: Seconds between looks at the request queue (the CLI's pledge and add-piece).
 REQUEST_POLL = 0.2
-#: States in which a SectorAddPiece is (or will be, once SectorStart applies) accepted.
+#: States in which a SectorAddPiece is accepted. A new sector (UndefinedSectorState) takes
+#: pieces only once its SectorStart is applied, and a CC one (SectorStartCC) never does.
 _TAKES_PIECES = frozenset(
     {
-        SectorState.UndefinedSectorState,
         SectorState.Empty,
         SectorState.WaitDeals,
         SectorState.AddPiece,
@@ -78,6 +78,11 @@ _TAKES_PIECES = frozenset(
 )
 #: States a sector will not leave on its own: `wait` stops there.
 STUCK_STATES = frozenset({SectorState.FailedUnrecoverable, SectorState.Removed})
+
+
+def _cancels(event: object, info: SectorInfo) -> bool:
+    """A retry cancels only a failed state's handler (its backoff), never a sealing one."""
+    return not isinstance(event, SectorRetryNow) or info.state in FAILED_STATES
 
 
 class SealingError(Exception):
@@ -146,6 +151,7 @@ class Miner:
             final=lambda info: info.state in DORMANT_STATES,
             creating=(SectorStart, SectorStartCC),
             cancelling=(SectorRemove, SectorTerminate, SectorForceState, SectorRetryNow),
+            cancels=_cancels,
             clock=clock,
         )
         self.sealing.group = self.group
@@ -258,11 +264,15 @@ class Miner:
         # Only live sectors are read: a million Proving sectors cost nothing at start.
         # An unreadable record is skipped here: `group.start` sets it aside in quarantine.
         for number, info in self.group.records.list_live(on_error=lambda *_: None):
-            if info.state in _TAKES_PIECES:
+            new = info.state is SectorState.UndefinedSectorState
+            if info.state in _TAKES_PIECES or new:
                 # Pieces still in the inbox are assigned too: count them, or the sector
                 # would be offered more than it can hold.
+                deal, pieces = self._queued(int(number))
+                if new and not deal:
+                    continue  # a CC sector (or one not started yet): never a deal sector
                 used = info.used_space()
-                for piece in self._queued_pieces(int(number)):
+                for piece in pieces:
                     used = aligned_end(used, piece.size)
                 self.sealing.open_sectors[int(number)] = used
         self.sealer.load(lambda n: SectorRef(self.miner_id, n, self.sector_size))
@@ -282,23 +292,29 @@ class Miner:
         await self.sched.stop()
         self.store.committer.remove_listener(self._changed.set)
 
-    def _queued_pieces(self, number: int) -> list[PendingPiece]:
+    def _queued(self, number: int) -> tuple[bool, list[PendingPiece]]:
+        """Whether a SectorStart waits in the sector's inbox, and the pieces queued there."""
         records = self.group.records
+        deal = False
         out: list[PendingPiece] = []
         for _, raw in records.pending(records.key(number)):
             event = records.codec.decode_event(raw, records.what(number, "inbox event"))
             if isinstance(event, SectorAddPiece):
                 out.extend(event.pieces)
-        return out
+            deal = deal or isinstance(event, SectorStart)
+        return deal, out
 
     def _plan(self, events: list[Any], info: SectorInfo) -> Any:
-        # Pieces sent to a sector that stopped taking them go to another sector, in this commit.
+        # Pieces sent to a sector that does not take them (a CC sector, one that started
+        # packing, or a new one before its SectorStart applies: that round plans nothing
+        # after it) go to another sector, in this commit.
         if info.state in _TAKES_PIECES:
             return self.sealing.plan(events, info)
         stray = [i for i, e in enumerate(events) if isinstance(e, SectorAddPiece) and e.pieces]
         if not stray:
             return self.sealing.plan(events, info)
-        self.sealing.open_sectors.pop(info.number, None)
+        if info.state is not SectorState.UndefinedSectorState:
+            self.sealing.open_sectors.pop(info.number, None)  # (a new deal sector stays open)
         emptied = [SectorAddPiece([]) if i in stray else e for i, e in enumerate(events)]
         step, processed = self.sealing.plan(emptied, info)
         # Only once the round is planned (it may raise and be re-planned), and only for the

@@ -5,6 +5,14 @@ It follows Lotus's `plan()` (`extern/storage-sealing/fsm.go@v1.11.3`) on the tab
 deviations listed there: an unexpected event is logged and consumed (the sector keeps going),
 a handler that raised is retried with backoff, and a spent retry budget parks the sector in
 FailedUnrecoverable.
+
+A round returns the state's handler only if it asks for a (new) run: the state changed, the
+engine's `Restart` or `StepFailed` was consumed, an operator's `update-state`, `remove`,
+`terminate` or (in a failed state) `retry` was (they cancel a running handler), or Committing
+got a new seed.
+A round that only rejects, ignores or folds in events returns None, so a stray event never
+re-runs a handler that is running or done (Lotus returns no handler for a rejected event, but
+re-runs it for an ignored one).
 """
 
 from __future__ import annotations
@@ -15,7 +23,14 @@ from typing import TYPE_CHECKING, Any
 
 from ..fsm import Context, Restart, StepFailed
 from . import graph
-from .events import SectorEvent, SectorRetriesExhausted, SectorRetryNow
+from .events import (
+    SectorEvent,
+    SectorForceState,
+    SectorRemove,
+    SectorRetriesExhausted,
+    SectorRetryNow,
+    SectorTerminate,
+)
 from .info import MESSAGE_LIMIT, LogEntry, SectorInfo, log_append
 from .states import FAILED_STATES, SectorState
 
@@ -26,6 +41,9 @@ log = logging.getLogger("sectorfsm.sealing")
 
 S = SectorState
 Handler = Callable[["Sealing", Context, SectorInfo], Awaitable[None]]
+#: Events that ask for the current state's handler to run again, even in the same state
+#: (`SectorRetryNow` only in a failed state: anywhere else it is rejected, and cancels nothing).
+_RERUNS = (Restart, StepFailed, SectorForceState, SectorRemove, SectorTerminate)
 
 
 class PlanError(Exception):
@@ -39,14 +57,14 @@ def plan(
     now = sealing.clock.now()
     before = info.state
     retries_before = info.retries
+    seed_before = (info.seed_epoch, info.seed_value)
     try:
         processed = _plan_state(events, info, now)
         error = None
     except PlanError as exc:
         processed, error = exc.args[1], str(exc.args[0])
-    # Every round starts the handler of the state it leaves the sector in, so a Restart that
-    # waits behind this batch is already served: left queued, it would start that handler a
-    # second time (after a crash: CommitWait sending SectorProving twice).
+    # A Restart right behind this batch is served by it: the round either starts the handler
+    # of the state it leaves the sector in, or (consuming the Restart) re-runs it.
     while processed < len(events) and isinstance(events[processed], Restart):
         processed += 1
     for ev in events[:processed]:
@@ -57,7 +75,18 @@ def plan(
     _bookkeep(sealing, events[:processed], info, before, retries_before, now)
     if info.state is S.PackingFailed:
         info.state = S.DealsExpired  # as Lotus's plan() does (PackingFailed is deprecated)
-    return sealing.step_for(info), processed
+    step = sealing.step_for(info)
+    if (
+        info.state is before
+        and (info.seed_epoch, info.seed_value) == seed_before
+        and not any(isinstance(ev, _RERUNS) for ev in events[:processed])
+        and not (
+            before in FAILED_STATES
+            and any(isinstance(ev, SectorRetryNow) for ev in events[:processed])
+        )
+    ):
+        return None, processed  # nothing asks for a new run (see the module docstring)
+    return step, processed
 
 
 def _plan_state(events: list[Any], info: SectorInfo, now: float) -> int:
