@@ -374,7 +374,7 @@ def test_a_step_cancelled_before_it_ever_ran_releases_its_machine(tmp_path: Path
         await group.send(1, Begin())
         await group.send(1, Abort())
         try:
-            await asyncio.wait_for(group.idle(), 2)
+            await asyncio.wait_for(group.idle(), 60)  # a hang guard: idle comes in ms
             idle = True
         except TimeoutError:
             idle = False
