@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from sealtools import miner, run
 
@@ -240,6 +240,9 @@ def _settled(info: SectorInfo) -> str | None:
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 @given(plan=injections_st)
+@example(plan=[(0.0, 0, "add-piece-empty")])  # rejected in Packing: re-ran the fillers
+@example(plan=[(62.0, 1, "retry")])  # a retry outside a failed state: cancelled PC1
+@example(plan=[(61.0, 0, "add-piece-with-piece")])  # the piece opens a new sector
 def test_stray_events_never_add_compute_jobs(plan: list[tuple[float, int, str]]) -> None:
     """Random stray events at random moments: at most one job per (sector, task, run owed)."""
     attempts = Attempts()
