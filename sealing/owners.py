@@ -5,8 +5,10 @@ store was lost and re-created would number its sectors from 1 again and write ov
 sector 1's files. So before a sector's files are first created on a storage path, a marker
 `<path>/owners/s-t0<miner>-<n>` records the miner, the sector number and the identity of the
 store that owns the sector (`LmdbStore.identity`, made when the store was created). Files are
-written only where the marker is ours; existing files with another marker, or with none, are
-refused. The marker goes when the sector's files are removed.
+written only where the marker is ours; existing files with another marker are refused, and so
+are unmarked files, unless this store's own files index records them on that path (a repo made
+before markers existed: its files are adopted and marked). The marker goes when the sector's
+files are removed.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ class Owners:
         self.store_id = store_id
         #: (path root, sector name) already checked or claimed in this process.
         self._claimed: set[tuple[Path, str]] = set()
+        #: (path id, sector number) that this store's files index records: unmarked files
+        #: there are this repo's own (written before markers existed) and are adopted.
+        self.recorded: set[tuple[str, int]] = set()
 
     def _mine(self, sector: SectorRef) -> dict[str, object]:
         return {"miner": self.miner, "sector": sector.number, "store": self.store_id}
@@ -62,7 +67,7 @@ class Owners:
             raise OwnerError(f"{where}: owner marker {marker} cannot be read: {exc}") from None
         if found is None:
             existing = [k for k in _KINDS if os.path.lexists(root / k / name)]
-            if existing:
+            if existing and (path_id, sector.number) not in self.recorded:
                 raise OwnerError(
                     f"{where}: {', '.join(existing)} files of {name} exist but no repo claims "
                     f"them (no {OWNERS}/{name}); refusing to write over them: move them away if "

@@ -170,6 +170,9 @@ class ScheduledSealer:
             self._files[number] = record
         if unreadable:
             self._set_aside(unreadable)
+        owners = getattr(getattr(self.backend, "storage", None), "owners", None)
+        if owners is not None:  # files this store records are its own, marked or not
+            owners.recorded = {(pid, n) for n, record in self._files.items() for pid in record}
         scan = getattr(self.backend, "scan_files", None)
         if scan is not None:
             self._reconcile(scan(), ref_of)

@@ -227,6 +227,26 @@ def test_sector_files_of_another_repo_are_never_written_over(tmp_path: Path) -> 
     assert _sealed_digest(sealed) == before
 
 
+
+def test_unmarked_files_that_the_store_records_are_adopted(tmp_path: Path) -> None:
+    """A repo from before owner markers goes on sealing in its own files (and marks them)."""
+    storage = tmp_path / "repo" / "storage"
+
+    async def precommit() -> None:
+        async with miner(tmp_path, sealer="reference") as m:
+            await m.wait(await m.pledge(), "WaitSeed", timeout=DAY)
+
+    run(precommit)
+    shutil.rmtree(storage / "owners")  # as a repo made before markers existed
+
+    async def finish() -> None:
+        async with miner(tmp_path, sealer="reference") as m:
+            await m.wait(1, "Proving", timeout=DAY)
+
+    run(finish)
+    assert (storage / "owners" / "s-t01000-1").exists()
+
+
 # -- the engine lock, with real engines --------------------------------------------------------
 
 
