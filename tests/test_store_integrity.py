@@ -227,7 +227,6 @@ def test_sector_files_of_another_repo_are_never_written_over(tmp_path: Path) -> 
     assert _sealed_digest(sealed) == before
 
 
-
 def test_unmarked_files_that_the_store_records_are_adopted(tmp_path: Path) -> None:
     """A repo from before owner markers goes on sealing in its own files (and marks them)."""
     storage = tmp_path / "repo" / "storage"
