@@ -126,7 +126,11 @@ def test_a_command_past_its_timeout_is_killed(tmp_path: Path) -> None:
 
 def test_remove_kills_the_running_commands_whole_process_group(tmp_path: Path) -> None:
     pids = tmp_path / "pids"
-    script = f"sleep 60 & echo $! > {pids}.tmp; echo $$ >> {pids}.tmp; mv {pids}.tmp {pids}; wait"
+    finished = tmp_path / "finished"  # written only if nothing killed the command
+    script = (
+        f"sleep 60 & echo $! > {pids}.tmp; echo $$ >> {pids}.tmp; mv {pids}.tmp {pids}; wait; "
+        f"touch {finished}"
+    )
 
     async def body() -> None:
         sh = shutil.which("sh")
@@ -145,6 +149,7 @@ def test_remove_kills_the_running_commands_whole_process_group(tmp_path: Path) -
             assert not _gone(child) and not _gone(shell)
             await m.remove(n)
             info = await m.wait(n, "Removed", timeout=DAY)
+            assert not finished.exists(), "the PC1 command ran to its end: remove did not kill it"
             assert _gone(shell) and _gone(child)  # the grandchild too: the group was killed
             assert "SectorPreCommit1" not in kinds(info)
             assert m.sealer.backend.running == {}  # type: ignore[attr-defined]
