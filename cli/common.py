@@ -25,6 +25,13 @@ DEFAULT_REPO = Path("~/.sectorfsm")
 REPO_ENV = "SECTORFSM_REPO"
 #: Sector numbers are stored as int64 (as Lotus's abi.SectorNumber is encoded on chain).
 MAX_SECTOR = (1 << 63) - 1
+#: A sector number argument: int64 (msgpack and LMDB keys), never negative.
+SectorArg = Annotated[
+    int,
+    typer.Argument(
+        min=0, max=MAX_SECTOR, metavar="SECTOR", help="The sector number.", show_default=False
+    ),
+]
 #: Longest file name component most file systems accept (NAME_MAX).
 _NAME_MAX = 255
 

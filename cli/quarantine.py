@@ -16,7 +16,17 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from .common import DEFAULT_REPO, JsonOption, ReallyOption, RepoOption, fail, open_repo
+from .common import (
+    DEFAULT_REPO,
+    Command,
+    Group,
+    JsonOption,
+    ReallyOption,
+    RepoOption,
+    SectorArg,
+    fail,
+    open_repo,
+)
 
 if TYPE_CHECKING:
     from ..fsm import GroupRecords, LmdbStore, MachineId
@@ -29,8 +39,8 @@ app = typer.Typer(
     name="quarantine",
     help="Records set aside because they could not be read: list, export, restore, drop.",
     no_args_is_help=True,
+    cls=Group,
 )
-SectorArg = Annotated[int, typer.Argument(min=0, metavar="SECTOR", help="The sector number.")]
 FileArg = Annotated[Path, typer.Argument(metavar="FILE", help="The record's bytes.")]
 
 
@@ -112,7 +122,7 @@ def row(bad: Corrupt) -> dict[str, Any]:
     }
 
 
-@app.command("list")
+@app.command("list", cls=Command)
 def list_(as_json: JsonOption = False, repo: RepoOption = DEFAULT_REPO) -> None:
     """Every quarantined record: unreadable sectors, inbox events and mailbox entries."""
     from ..fsm.codec import unpackb
@@ -139,7 +149,7 @@ def list_(as_json: JsonOption = False, repo: RepoOption = DEFAULT_REPO) -> None:
         typer.echo(f"{o['record']}: {o['reason']}")
 
 
-@app.command("export")
+@app.command("export", cls=Command)
 def export(sector: SectorArg, file: FileArg, repo: RepoOption = DEFAULT_REPO) -> None:
     """Write the unreadable record of SECTOR, byte for byte, to FILE."""
     with open_repo(repo) as store:
@@ -158,7 +168,7 @@ def _offline(store: LmdbStore) -> None:
         fail("an engine runs on this repo: stop it first (it owns the sector records)")
 
 
-@app.command("restore")
+@app.command("restore", cls=Command)
 def restore(
     sector: SectorArg,
     file: FileArg,
@@ -190,7 +200,7 @@ def restore(
     typer.echo(f"sector {sector} restored from {file}; the next `sectors run` resumes it")
 
 
-@app.command("drop")
+@app.command("drop", cls=Command)
 def drop(sector: SectorArg, really: ReallyOption = False, repo: RepoOption = DEFAULT_REPO) -> None:
     """Forget SECTOR's unreadable record and its pending events (its files stay on disk)."""
     from ..fsm.records import scan

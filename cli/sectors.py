@@ -17,10 +17,10 @@ import typer
 
 from .common import (
     DEFAULT_REPO,
-    MAX_SECTOR,
     JsonOption,
     ReallyOption,
     RepoOption,
+    SectorArg,
     engine_note,
     fail,
     open_repo,
@@ -32,12 +32,6 @@ if TYPE_CHECKING:
     from ..fsm import LmdbStore
     from ..sealing.info import SectorInfo
 
-SectorArg = Annotated[
-    int,
-    typer.Argument(
-        min=0, max=MAX_SECTOR, metavar="SECTOR", help="The sector number.", show_default=False
-    ),
-]
 #: Lotus's refusal without --really-do-it (remove, update-state).
 ADVANCED = (
     "this is a command for advanced users, only use it if you are sure of what you are "
