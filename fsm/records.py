@@ -30,6 +30,8 @@ S = TypeVar("S")
 _PAGE = 1000
 #: Called with `(id, raw_record, error)` for a record that cannot be read, instead of raising.
 OnError = Callable[[MachineId, bytes, RecordError], None]
+#: What `_decode_or_report` returns for a record it reported to `on_error`.
+_UNREADABLE: Any = object()
 #: Quarantine keys of machine records start with this.
 STATES_QUARANTINE = b"states/"
 
@@ -175,14 +177,8 @@ class GroupRecords(Generic[S]):
                         break
             for key, value in page:
                 mid = self.machine_id(key)[0]
-                try:
-                    state = self.decode(value, mid)[0]
-                except RecordError as exc:
-                    if on_error is None:
-                        raise
-                    on_error(mid, value, exc)
-                    continue
-                if filter is None or filter(state):
+                state = self._decode_or_report(value, mid, on_error)
+                if state is not _UNREADABLE and (filter is None or filter(state)):
                     yield mid, state
             if len(page) < page_size:
                 return
@@ -203,14 +199,19 @@ class GroupRecords(Generic[S]):
             raw = self.raw(self.key(mid))
             if raw is None:
                 continue
-            try:
-                state = self.decode(raw, mid)[0]
-            except RecordError as exc:
-                if on_error is None:
-                    raise
-                on_error(mid, raw, exc)
-                continue
-            yield mid, state
+            state = self._decode_or_report(raw, mid, on_error)
+            if state is not _UNREADABLE:
+                yield mid, state
+
+    def _decode_or_report(self, raw: bytes, mid: MachineId, on_error: OnError | None) -> Any:
+        """The record's state; `_UNREADABLE` once `on_error` was told it cannot be read."""
+        try:
+            return self.decode(raw, mid)[0]
+        except RecordError as exc:
+            if on_error is None:
+                raise
+            on_error(mid, raw, exc)
+            return _UNREADABLE
 
     # -- quarantine -------------------------------------------------------------------------
 
