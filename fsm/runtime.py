@@ -445,6 +445,7 @@ class MachineRuntime:
             if machines.get(m.id) is not m:
                 continue
             if step is None:
+                m.cancel_requested = False  # no step to cancel: it must not skip a later one
                 self._settle(m)
             else:
                 self._start_step(m, step)
@@ -460,6 +461,7 @@ class MachineRuntime:
         if step is not None and self._running and not self._stopping:
             self._start_step(m, step)
         else:
+            m.cancel_requested = False  # (as in `_start_rounds`)
             self._settle(m)
 
     # -- steps -------------------------------------------------------------------------------

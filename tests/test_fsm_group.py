@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -258,6 +259,48 @@ def test_cancelling_event_cancels_running_step(tmp_path: Path) -> None:
 
     run(main)
     assert probe.cancelled == [(1, True)]
+
+
+
+def test_a_cancel_that_finds_no_step_does_not_cancel_a_later_one(tmp_path: Path) -> None:
+    """A cancelling event that arrives while a round planning no step commits cancels nothing.
+
+    Before, its request lingered and skipped the step of whichever later round planned one
+    (a sector resumed by `retry` then sat in its failed state for ever).
+    """
+    probe = Probe()
+    gate = threading.Event()
+
+    async def main() -> None:
+        async with LmdbStore(tmp_path) as store:
+            g = make_group(store, probe)
+            await g.start()
+            await g.begin(1, Counter())
+            commit = store.committer._commit
+
+            def held(units: Any) -> Any:
+                gate.wait(60)  # (a hang guard: the test sets it)
+                return commit(units)
+
+            store.committer._commit = held  # type: ignore[method-assign]
+            added = asyncio.ensure_future(g.send(1, Add(uid=1)))  # its round plans no step
+            m = g._machines[1]
+            while not m.planning:
+                await asyncio.sleep(0)
+            cancel = asyncio.ensure_future(g.send(1, Cancel()))
+            while not m.events:
+                await asyncio.sleep(0)
+            gate.set()
+            await asyncio.gather(added, cancel)
+            await g.idle()
+            await g.send(1, Work(seconds=0))
+            await g.idle()
+            st = g.get(1)
+            assert st is not None and st.state == "Idle", st
+            await g.stop()
+
+    run(main)
+    assert [s for _, s in probe.steps_started] == ["Working"]
 
 
 def test_terminated_machine_is_final_and_dormant(tmp_path: Path) -> None:
