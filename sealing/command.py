@@ -295,8 +295,8 @@ class CommandBackend:
     async def _spawn(
         self, cmd: Command, env: dict[str, str], stdin: bytes, label: str, lock_fd: int
     ) -> bytes:
-        try:
-            proc = await asyncio.create_subprocess_exec(
+        starting = asyncio.ensure_future(
+            asyncio.create_subprocess_exec(
                 *cmd.argv,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
@@ -306,8 +306,18 @@ class CommandBackend:
                 pass_fds=(lock_fd,),  # the job holds the lock for as long as it lives
                 preexec_fn=die_with(os.getpid()),
             )
+        )
+        try:
+            proc = await asyncio.shield(starting)
         except OSError as exc:
             raise CommandError(f"{label}: cannot start: {exc}") from None
+        except BaseException:
+            # Cancelled while the command starts (remove, terminate, shutdown). Cancelling
+            # the start itself would kill only the leader and then wait for every pipe to
+            # close, which its children hold open: let it start, then end the whole group.
+            with contextlib.suppress(OSError):
+                await asyncio.shield(self._kill(await asyncio.shield(starting)))
+            raise
         record_job(lock_fd, proc.pid)  # for an engine that finds the lock held after a crash
         self.running[proc.pid] = label
         out, err = bytearray(), bytearray()

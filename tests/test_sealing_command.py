@@ -126,10 +126,12 @@ def test_a_command_past_its_timeout_is_killed(tmp_path: Path) -> None:
 
 def test_remove_kills_the_running_commands_whole_process_group(tmp_path: Path) -> None:
     pids = tmp_path / "pids"
-    finished = tmp_path / "finished"  # written only if nothing killed the command
+    finished = tmp_path / "finished"  # written only if something outlived the kill
+    # The background child (a subshell) finishes too if only the leader is killed, even
+    # one killed while it was still starting (its children then keep its pipes open).
     script = (
-        f"sleep 60 & echo $! > {pids}.tmp; echo $$ >> {pids}.tmp; mv {pids}.tmp {pids}; wait; "
-        f"touch {finished}"
+        f"(sleep 60; touch {finished}) & echo $! > {pids}.tmp; echo $$ >> {pids}.tmp; "
+        f"mv {pids}.tmp {pids}; wait; touch {finished}"
     )
 
     async def body() -> None:
