@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import settle
 from fsmtoy import (
     Add,
     Bad,
@@ -261,7 +262,6 @@ def test_cancelling_event_cancels_running_step(tmp_path: Path) -> None:
     assert probe.cancelled == [(1, True)]
 
 
-
 def test_a_cancel_that_finds_no_step_does_not_cancel_a_later_one(tmp_path: Path) -> None:
     """A cancelling event that arrives while a round planning no step commits cancels nothing.
 
@@ -285,11 +285,11 @@ def test_a_cancel_that_finds_no_step_does_not_cancel_a_later_one(tmp_path: Path)
             store.committer._commit = held  # type: ignore[method-assign]
             added = asyncio.ensure_future(g.send(1, Add(uid=1)))  # its round plans no step
             m = g._machines[1]
-            while not m.planning:
-                await asyncio.sleep(0)
+            await settle()  # the round is planned; its commit waits on the gate
+            assert m.planning
             cancel = asyncio.ensure_future(g.send(1, Cancel()))
-            while not m.events:
-                await asyncio.sleep(0)
+            await settle()
+            assert m.events  # queued behind the committing round
             gate.set()
             await asyncio.gather(added, cancel)
             await g.idle()
