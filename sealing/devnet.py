@@ -171,7 +171,14 @@ class DevnetChain:
         return self._head()
 
     def _head(self) -> int:
-        return int((self.clock.now() - self._genesis) // self.params.block_time)
+        now = self.clock.now()
+        head = int((now - self._genesis) // self.params.block_time)
+        # The division can round down across a boundary: `wait_epoch(e)` wakes at exactly
+        # `epoch_time(e)`, and the head must then be `e`, or a handler that waits for `e`
+        # and looks again would find it still ahead and (the wait being over) spin.
+        if self.epoch_time(head + 1) <= now:
+            head += 1
+        return head
 
     def epoch_time(self, epoch: int) -> float:
         """When `epoch` starts on the engine clock."""

@@ -277,3 +277,25 @@ def test_restart_keeps_a_full_sector_full(tmp_path: Path) -> None:
             assert "SectorAddPieceFailed" not in kinds(await m.wait(first, "Proving"))
 
     run(body)
+
+
+@pytest.mark.parametrize("block_time", [0.02, 0.08, 0.2, 0.3, 1.0, 9.9])
+def test_the_devnet_head_is_the_epoch_just_waited_for(tmp_path: Path, block_time: float) -> None:
+    """`wait_epoch(e)` wakes at the start of `e`: the head is then `e`, never `e - 1`.
+
+    Before, float division put the head one epoch back for most epochs at most block
+    times; a handler that waited for an epoch and looked again found it still ahead.
+    """
+    from sectorfsm.fsm import LmdbStore, VirtualClock
+    from sectorfsm.sealing.chain import ChainParams
+    from sectorfsm.sealing.devnet import DevnetChain
+
+    async def body() -> None:
+        clock = VirtualClock(start=1_600_000_123.456)
+        async with LmdbStore(tmp_path / "store", durability="nosync") as store:
+            chain = DevnetChain(store, clock, ChainParams.devnet(block_time), miner=1000)
+            for epoch in range(chain.head() + 1, chain.head() + 400, 7):
+                await chain.wait_epoch(epoch)
+                assert chain.head() == epoch
+
+    run(body)
