@@ -11,6 +11,7 @@ import asyncio
 import heapq
 import itertools
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Protocol, runtime_checkable
@@ -155,18 +156,28 @@ class VirtualClock:
             if not self._timers:
                 return
             settled = 0
-            while settled < 3:
-                await asyncio.sleep(0)
-                if self._holds:
-                    if self._released is None:
-                        self._released = asyncio.Event()
-                    self._released.clear()
-                    await self._released.wait()
-                    settled = 0
-                elif _loop_is_idle(loop):
-                    settled += 1
-                else:
-                    settled = 0
+            # Other virtual clocks on this loop wait for idleness the same way: each one's
+            # wake-up is a ready callback the others must not count, or they keep one
+            # another busy for ever (a leftover clock of an engine that closed, say).
+            settling = _SETTLING.setdefault(loop, set())
+            settling.add(self)
+            try:
+                while settled < 3:
+                    await asyncio.sleep(0)
+                    if self._holds:
+                        if self._released is None:
+                            self._released = asyncio.Event()
+                        self._released.clear()
+                        settling.discard(self)
+                        await self._released.wait()
+                        settling.add(self)
+                        settled = 0
+                    elif _loop_is_idle(loop, len(settling) - 1):
+                        settled += 1
+                    else:
+                        settled = 0
+            finally:
+                settling.discard(self)
             while self._timers and self._timers[0][2].done():
                 heapq.heappop(self._timers)
             if not self._timers:
@@ -176,9 +187,15 @@ class VirtualClock:
             self._fire_until(due)
 
 
-def _loop_is_idle(loop: asyncio.AbstractEventLoop) -> bool:
-    """True if no callback other than the caller is ready to run on `loop`."""
+#: The virtual clocks of each loop that are waiting for it to be idle.
+_SETTLING: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, set[VirtualClock]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _loop_is_idle(loop: asyncio.AbstractEventLoop, clocks: int = 0) -> bool:
+    """True if no callback but the caller and `clocks` other settling clocks is ready."""
     # CPython's loops keep runnable callbacks in `_ready`; other loops get a conservative
     # answer from the caller's repeated yields instead.
     ready = getattr(loop, "_ready", None)
-    return True if ready is None else len(ready) == 0
+    return True if ready is None else len(ready) <= clocks

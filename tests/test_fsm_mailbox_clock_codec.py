@@ -239,3 +239,15 @@ def test_codec_rejects_unsupported_types() -> None:
         RecordCodec(Opaque, [])
     with pytest.raises(TypeError, match="unions of non-primitive types are not encodable"):
         RecordCodec(Ambiguous, [])
+
+
+def test_two_virtual_clocks_on_one_loop_both_advance() -> None:
+    """Each clock's wait for idleness must not count the other's: they used to spin for ever."""
+
+    async def main() -> None:
+        a, b = VirtualClock(start=0.0), VirtualClock(start=0.0)
+        # (wait_for is a hang guard only: both sleeps end at once in real time)
+        await asyncio.wait_for(asyncio.gather(a.sleep(3600), b.sleep(7200)), 60)
+        assert (a.now(), b.now()) == (3600.0, 7200.0)
+
+    asyncio.run(main())
