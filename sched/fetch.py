@@ -10,6 +10,7 @@ time agree.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,12 @@ Transfer = Callable[["Job", str | None, int], Awaitable[None]]
 
 #: Lotus's `lotus-worker run --parallel-fetch-limit` default.
 PARALLEL_FETCH_LIMIT = 5
+
+#: Per scheduler, per worker: the fetches allowed at once. Kept here, not on the scheduler,
+#: because every `fetch_prepare` of one scheduler shares them and nothing else uses them.
+_SLOTS: weakref.WeakKeyDictionary[Scheduler, dict[str, asyncio.Semaphore]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def simulated_transfer(sched: Scheduler) -> Transfer:
@@ -63,7 +70,10 @@ def fetch_prepare(
 
 
 def _fetch_slots(sched: Scheduler, worker: str) -> asyncio.Semaphore:
-    slots = sched._fetch_slots.get(worker)
+    per_worker = _SLOTS.get(sched)
+    if per_worker is None:
+        per_worker = _SLOTS[sched] = {}
+    slots = per_worker.get(worker)
     if slots is None:
-        slots = sched._fetch_slots[worker] = asyncio.Semaphore(PARALLEL_FETCH_LIMIT)
+        slots = per_worker[worker] = asyncio.Semaphore(PARALLEL_FETCH_LIMIT)
     return slots

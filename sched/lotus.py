@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -124,7 +125,10 @@ class _Held:
 
 
 class LotusMode:
-    """Drives a `Scheduler`'s queue the way Lotus does (see the module docstring)."""
+    """The `CycleStrategy` that drives a `Scheduler`'s queue the way Lotus does (see above).
+
+    It keeps its own windows and active/preparing pools; the workers' ledgers stay unused.
+    """
 
     name = "lotus"
 
@@ -141,10 +145,10 @@ class LotusMode:
 
     # -- the scheduling cycle (trySched) ----------------------------------------------------
 
-    def cycle(self) -> None:
-        """One `trySched`: every queued task against every open window."""
+    def cycle(self, changed: Sequence[Worker], new_shapes: set[int]) -> None:
+        """One `trySched`: every queued task against every open window (whatever changed)."""
         sched = self.sched
-        workers = [w for w in sched._workers.values() if w.enabled]
+        workers = sched.enabled_workers()
         open_windows: list[Worker] = []
         for w in workers:
             st = self._st(w.name)
@@ -157,7 +161,7 @@ class LotusMode:
             self._process(w)
         if len(sched.queue) and sum(self._st(w.name).requested for w in workers) < requested:
             # A drained window makes Lotus's worker request a new one, which runs trySched.
-            sched._kick()
+            sched.request_cycle()
 
     def _try_sched(self, queue: list[Request], open_windows: list[Worker]) -> None:
         sched = self.sched
@@ -301,14 +305,14 @@ class LotusMode:
         st.active.add(held.task_type, held.need, res)
         st.preparing.free(held.task_type, held.need, res)
         held.where = "active"
-        self.sched._kick()
+        self.sched.request_cycle()
 
     def release(self, sched_id: int) -> None:
         """A task ended (or was cancelled): free what it held and let waiters retry."""
         held = self._held.pop(sched_id, None)
         if held is None:
             return
-        w = self.sched._workers.get(held.worker)
+        w = self.sched.find_worker(held.worker)
         if w is not None:
             self._free(w, held)
 

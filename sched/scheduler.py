@@ -1,34 +1,35 @@
-"""The scheduler: queue, workers, storage index and assigner, driven incrementally.
+"""The scheduler: queue, workers, storage index and a cycle strategy that places tasks.
 
-Invariant after every cycle: no queued request can be placed on any enabled worker. A cycle
-therefore only has to test what changed: requests of a new shape against every worker, and
-the head of every shape against the workers whose ledger, policy or state changed
-(`dirty`). That keeps one decision near-linear in queue + workers, where Lotus tests every
-queued task against every window on every event.
+The scheduler keeps the state (queue, workers and their ledgers, the storage index) and
+records what changed since the last cycle: workers whose ledger, policy or state changed
+(`_dirty`) and shapes that got their first request (`_unchecked`). Its `CycleStrategy`
+(`strategy.py`) decides, once per cycle, what goes where: `BalancedCycle` by default, which
+tests only what changed, or `LotusMode`, the Lotus baseline.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
 import logging
 import time
 from collections.abc import Awaitable, Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ..fsm.clock import Clock, RealClock
 from ..fsm.store import LmdbStore
 from .assigners import Assigner, Candidate, make_assigner, slots_for
+from .balanced import BalancedCycle
 from .filetypes import FileType
 from .ledger import Ledger, Phase, WorkerResources
 from .lotus import LotusMode
 from .policy import PolicyWatcher
-from .queue import Key, Request, RequestQueue
+from .queue import Request, RequestQueue
 from .resources import resource_spec
 from .rules import PolicyView, disk_units, policy_refusal, stage_cap
 from .selectors import Placement, Selector
 from .storage import SectorRef, StorageIndex
+from .strategy import CycleStrategy
 from .tasks import TaskType
 from .views import (
     JobSnapshot,
@@ -67,17 +68,6 @@ class Job:
         return await self.worker.run(self.sched_id, fn, *args)
 
 
-@dataclass(slots=True)
-class _Burst:
-    """Scored candidates of one shape during one cycle."""
-
-    turn: int
-    heap: list[tuple[tuple[float, float, float, int], int, int, Candidate]] = field(
-        default_factory=list
-    )
-    seq: int = 0
-
-
 class Scheduler:
     """Places sealing tasks on workers; see the module docstring for the cycle."""
 
@@ -90,9 +80,8 @@ class Scheduler:
         policy_poll_interval: float = 1.0,
     ) -> None:
         self.clock: Clock = clock or RealClock()
-        #: The `lotus` baseline replaces the whole cycle, not just the choice of worker.
-        self._lotus: LotusMode | None = LotusMode(self) if assigner == "lotus" else None
-        self.assigner: Assigner = make_assigner("balanced" if self._lotus else assigner)
+        lotus = assigner == "lotus"
+        self.assigner: Assigner = make_assigner("balanced" if lotus else assigner)
         self.index = index or StorageIndex()
         self.policy_poll_interval = policy_poll_interval
         self.queue = RequestQueue()
@@ -102,8 +91,6 @@ class Scheduler:
         #: The worker whose ledger holds each assigned task.
         self._held: dict[int, Worker] = {}
         self._policy_errors: dict[str, str | None] = {}
-        self._fetch_slots: dict[str, asyncio.Semaphore] = {}
-        self._fit_memo: dict[tuple[str, int, TaskType, int], bool] = {}
         #: Learned run time of each task type's work, in clock seconds.
         self._durations: dict[TaskType, float] = {}
         self._dirty: set[str] = set()
@@ -114,6 +101,8 @@ class Scheduler:
         #: Figures for benchmarks and tests.
         self.cycles = 0
         self.checks = 0
+        #: The `lotus` baseline replaces the whole cycle, not just the choice of worker.
+        self.strategy: CycleStrategy = LotusMode(self) if lotus else BalancedCycle(self)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -191,6 +180,18 @@ class Scheduler:
         w.enabled, w.disabled_reason = True, ""
         self._touch(name)
 
+    def enabled_workers(self) -> list[Worker]:
+        """The workers that take new work, in the order they were added."""
+        return [w for w in self._workers.values() if w.enabled]
+
+    def workers_for(self, task_type: TaskType) -> Sequence[Worker]:
+        """The registered workers that do `task_type`, enabled or not."""
+        return self._by_type.get(task_type, ())
+
+    def find_worker(self, name: str) -> Worker | None:
+        """A registered worker by name, or None."""
+        return self._workers.get(name)
+
     def files_changed(self, sector: SectorRef) -> None:
         """Sector files moved (the index changed): re-evaluate that sector's queued tasks."""
         for req in self.queue.for_sector(sector):
@@ -198,7 +199,7 @@ class Scheduler:
             self._enqueue(req)
         for w in self._workers.values():
             self._units.pop(w.name, None)
-        self._kick()
+        self.request_cycle()
 
     # -- scheduling -------------------------------------------------------------------------
 
@@ -233,7 +234,7 @@ class Scheduler:
         )
         while True:
             self._enqueue(req)
-            self._kick()
+            self.request_cycle()
             try:
                 worker_name, placement = await req.assigned
             except asyncio.CancelledError:
@@ -253,8 +254,7 @@ class Scheduler:
                 if sched_id in w.ledger.entries:
                     w.ledger.set_phase(sched_id, Phase.PREPARING)
                 await prepare(job)
-            if self._lotus is not None:
-                await self._lotus.before_work(job)
+            await self.strategy.before_work(job)
             job.phase = Phase.RUNNING
             job.work_started = self.clock.now()
             if sched_id in w.ledger.entries:
@@ -286,8 +286,7 @@ class Scheduler:
 
     def _release(self, sched_id: int) -> None:
         self._jobs.pop(sched_id, None)
-        if self._lotus is not None:
-            self._lotus.release(sched_id)
+        self.strategy.release(sched_id)
         w = self._held.pop(sched_id, None)
         if w is not None:
             w.jobs.discard(sched_id)
@@ -295,138 +294,31 @@ class Scheduler:
             self._units.pop(w.name, None)
             self._touch(w.name)
         self.index.release(sched_id)
-        self._kick()
+        self.request_cycle()
 
     def _touch(self, name: str) -> None:
         self._dirty.add(name)
-        self._kick()
+        self.request_cycle()
 
-    def _kick(self) -> None:
+    def request_cycle(self) -> None:
+        """Run a cycle soon (once, however many times it is asked before it runs)."""
         if not self._kicked:
             try:
                 asyncio.get_running_loop().call_soon(self._cycle)
             except RuntimeError:
-                return  # no loop yet: the first schedule() kicks
+                return  # no loop yet: the first schedule() asks again
             self._kicked = True
 
     def _cycle(self) -> None:
         self._kicked = False
         self.cycles += 1
-        if self._lotus is not None:
-            self._dirty.clear()
-            self._unchecked.clear()
-            self._lotus.cycle()
-            return
-        dirty = [w for n in self._dirty if (w := self._workers.get(n)) is not None and w.enabled]
-        unchecked, self._unchecked = self._unchecked, set()
+        changed = [w for n in self._dirty if (w := self._workers.get(n)) is not None and w.enabled]
+        new_shapes, self._unchecked = self._unchecked, set()
         self._dirty.clear()
-        # Valid for one cycle: resources refreshed by heartbeats do not bump ledger versions.
-        self._fit_memo.clear()
-        if not len(self.queue):
-            return
-        # Only heads that something could take now: every new shape, and, per (task type,
-        # size) that a changed worker could hold, that kind's shapes in priority order from the
-        # queue's index, for as long as some changed worker can still hold that kind.
-        queue = self.queue
-        heap: list[tuple[Key, int, int, tuple[TaskType, int] | None]] = []
-        seq = 0
-        for shape in unchecked:
-            head = queue.head(shape)
-            if head is not None:
-                seq += 1
-                heap.append((head.key, seq, shape, None))
-        borrowed: list[tuple[tuple[TaskType, int], Key, int]] = []
+        self.strategy.cycle(changed, new_shapes)
 
-        def advance(kind: tuple[TaskType, int]) -> None:
-            nonlocal seq
-            if not any(self._may_fit(w, *kind) for w in dirty):
-                return  # nothing of this kind fits the changed workers any more
-            entry = queue.take_head_entry(kind)
-            if entry is not None:
-                borrowed.append((kind, *entry))
-                seq += 1
-                heapq.heappush(heap, (entry[0], seq, entry[1], kind))
-
-        if dirty:
-            for k in queue.kinds():
-                advance(k)
-        heapq.heapify(heap)
-        from_index: set[int] = set()
-        bursts: dict[int, _Burst] = {}
-        while heap:
-            _, _, shape, kind = heapq.heappop(heap)
-            if kind is not None:
-                advance(kind)  # line up the kind's next shape before this one changes anything
-                if shape in from_index or shape in unchecked:
-                    continue  # a duplicate index entry, or handled as a new shape
-                from_index.add(shape)
-            if shape not in unchecked and not self._any_fit(shape, dirty):
-                continue  # the changed workers filled up meanwhile
-            req = queue.head(shape)
-            if req is None:
-                continue
-            burst = bursts.get(shape)
-            if burst is None:
-                pool = self._by_type.get(req.task_type, ()) if shape in unchecked else dirty
-                burst = bursts[shape] = self._burst(req, pool)
-            chosen = self._pick(req, burst)
-            if chosen is None:
-                continue  # this shape is blocked everywhere it was tested
-            self._assign(req, chosen)
-            nxt = queue.head(shape)
-            if nxt is not None:
-                self._offer(nxt, chosen.worker, burst)  # it may well take another
-                seq += 1
-                heapq.heappush(heap, (nxt.key, seq, shape, None))
-        for kind, key, shape in borrowed:
-            queue.give_back(kind, key, shape)
-
-    def _burst(self, req: Request, pool: Sequence[Worker]) -> _Burst:
-        """Score every worker of the pool once for this shape (reused while the cycle lasts)."""
-        burst = _Burst(self.assigner.turn(req.task_type))
-        for w in pool:
-            self._offer(req, w, burst)
-        return burst
-
-    def _offer(self, req: Request, w: Worker, burst: _Burst) -> None:
-        if not self._may_fit(w, req.task_type, req.sector.size):
-            self.checks += 1
-            return  # the usual answer in a deep queue: no need to say why in words
-        verdict = self._verdict(req, w)
-        if isinstance(verdict, Candidate):
-            score = self.assigner.score(req.task_type, verdict, burst.turn)
-            burst.seq += 1
-            heapq.heappush(burst.heap, (score, burst.seq, w.ledger.version, verdict))
-
-    def _pick(self, req: Request, burst: _Burst) -> Candidate | None:
-        # Within a cycle only the workers that got a task change: re-score just those.
-        while burst.heap:
-            _, _, version, cand = heapq.heappop(burst.heap)
-            w = cand.worker
-            if version == w.ledger.version:
-                self.assigner.chose(req.task_type, cand)
-                return cand
-            self._offer(req, w, burst)
-        return None
-
-    def _may_fit(self, w: Worker, task_type: TaskType, size: int) -> bool:
-        """A cheap, memoized yes/no on the worker and its ledger alone (no messages)."""
-        key = (w.name, w.ledger.version, task_type, size)
-        fits = self._fit_memo.get(key)
-        if fits is None:
-            if not (w.enabled and w.supports(task_type)):
-                fits = False
-            else:
-                need = resource_spec(task_type, size, w.spec.overrides)
-                fits = w.ledger.refusal(task_type, need) is None
-            self._fit_memo[key] = fits
-        return fits
-
-    def _any_fit(self, shape: int, workers: Sequence[Worker]) -> bool:
-        task_type, size = self.queue.kind(shape)
-        return any(self._may_fit(w, task_type, size) for w in workers)
-
-    def _verdict(self, req: Request, w: Worker) -> Candidate | str:
+    def verdict(self, req: Request, w: Worker) -> Candidate | str:
+        """Whether `w` can take `req` now: a candidate, or the reason it cannot, in words."""
         self.checks += 1
         if not w.enabled:
             return w.disabled_reason or "disabled"
@@ -491,7 +383,8 @@ class Scheduler:
                     best = (left, name)
         return best
 
-    def _assign(self, req: Request, c: Candidate) -> None:
+    def assign(self, req: Request, c: Candidate) -> None:
+        """Give `req` to the candidate's worker: its ledger holds the task from now on."""
         self.queue.remove(req.sched_id)
         w = c.worker
         w.ledger.add(req.sched_id, req.task_type, c.need)
@@ -573,7 +466,7 @@ class Scheduler:
                 break
             reasons: dict[str, str] = {}
             for w in self._workers.values():
-                v = self._verdict(req, w)
+                v = self.verdict(req, w)
                 reasons[w.name] = "could take it now" if isinstance(v, Candidate) else v
             out.append(
                 TaskDiag(req.sched_id, str(req.sector), req.task_type.short, req.priority, reasons)

@@ -111,7 +111,7 @@ def test_scheduler_never_overcommits_any_worker(
             sched.add_worker(WorkerSpec(f"w{i}", res, task_types=frozenset(TYPES)))
 
         async def work(job: object) -> None:
-            for w in sched._workers.values():
+            for w in sched.enabled_workers():
                 check_invariants(w.ledger)
             for _ in range(rng.randint(0, 3)):
                 await asyncio.sleep(0)
@@ -131,7 +131,7 @@ def test_scheduler_never_overcommits_any_worker(
         ]
         results = await asyncio.gather(*calls)
         assert results == [None] * len(calls)
-        for w in sched._workers.values():
+        for w in sched.enabled_workers():
             assert not w.ledger.entries
 
     asyncio.run(main())

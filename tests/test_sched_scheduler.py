@@ -75,12 +75,12 @@ def test_tasks_spread_evenly_and_never_exceed_capacity() -> None:
         assert len(sched.queue) == 15
         assert all(
             w.ledger.mem_min_used <= w.ledger.resources.mem_physical
-            for w in sched._workers.values()
+            for w in sched.enabled_workers()
         )
         release.set()
         results = await asyncio.gather(*calls)
         assert Counter(results) == {"a": 20, "b": 20, "c": 20}
-        assert not sched.queue and not sched._jobs
+        assert not sched.jobs()
 
     run(main)
 
@@ -198,7 +198,7 @@ def test_policy_caps_drain_and_hot_reload(tmp_path: Path) -> None:
         policy.write_text("{ not json")
         sched.check_workers()
         assert sched.workers()[0].policy_error is not None
-        assert sched._workers["a"].policy.pre_commit1_max == 3
+        assert sched.worker("a").policy.pre_commit1_max == 3
         # Drain: running work finishes, nothing new starts.
         policy.write_text(json.dumps({"PreCommit1Max": 9, "IsPlanOffline": True}))
         sched.check_workers()
@@ -301,7 +301,7 @@ def test_assigned_but_unstarted_task_is_requeued_when_its_worker_goes() -> None:
         sched.disable("a", "lost")
         sched.enable("b")
         assert await asyncio.wait_for(task, 1) == "b"
-        assert not sched._workers["a"].ledger.entries
+        assert not sched.worker("a").ledger.entries
 
     run(main)
 
@@ -338,7 +338,7 @@ def test_cancel_queued_and_running_tasks_frees_everything() -> None:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
         assert cancelled == [1]
-        w = sched._workers["a"]
+        w = sched.worker("a")
         assert not w.ledger.entries and w.ledger.mem_min_used == 0
         assert sched.index.paths["a-ssd"].reserved == 0
         # And by id, through the API: the hog runs, the second one waits and is cancelled.
@@ -370,7 +370,7 @@ def test_work_errors_go_back_to_the_caller_and_free_the_worker() -> None:
 
         with pytest.raises(RuntimeError, match="PC2 blew up"):
             await sched.schedule(sector(1), TaskType.PRE_COMMIT2, TaskSelector(), None, boom)
-        assert not sched._workers["a"].ledger.entries
+        assert not sched.worker("a").ledger.entries
 
         async def prepare(job: Job) -> None:
             raise OSError("fetch failed")
@@ -380,7 +380,7 @@ def test_work_errors_go_back_to_the_caller_and_free_the_worker() -> None:
 
         with pytest.raises(OSError, match="fetch failed"):
             await sched.schedule(sector(2), TaskType.PRE_COMMIT2, TaskSelector(), prepare, never)
-        assert not sched._workers["a"].ledger.entries
+        assert not sched.worker("a").ledger.entries
 
     run(main)
 
@@ -477,7 +477,7 @@ def test_a_decision_touches_only_what_changed() -> None:
         for c in calls:
             c.cancel()
         await asyncio.gather(*calls, return_exceptions=True)
-        assert not any(w.ledger.entries for w in sched._workers.values())
+        assert not any(w.ledger.entries for w in sched.enabled_workers())
 
     run(main)
 
