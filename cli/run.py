@@ -147,8 +147,6 @@ async def _run(repo: Path, cfg: RunConfig, pledge: int, until_proving: bool) -> 
 
 
 async def _supervise(miner: Miner, stop: asyncio.Event, until_proving: bool) -> int:
-    from ..sched.views import SNAPSHOT_KEY
-
     live = sys.stdout.isatty()
     view = _LiveView(miner) if live else _PlainLog(miner)
     tracked = _Tracked(miner, baseline=until_proving)
@@ -157,7 +155,7 @@ async def _supervise(miner: Miner, stop: asyncio.Event, until_proving: bool) -> 
     with view:
         while not stop.is_set():
             settled = miner.settled()  # before this tick's snapshot is staged
-            snapshot = _publish(miner, SNAPSHOT_KEY)
+            snapshot = miner.sched.publish(miner.store)
             sectors = tracked.refresh()
             view.update(sectors)
             note = refusal.update(snapshot)
@@ -178,7 +176,7 @@ async def _supervise(miner: Miner, stop: asyncio.Event, until_proving: bool) -> 
                     verdict = _settled_verdict(sectors)
                 if verdict is not None:
                     await miner.idle()
-                    _publish(miner, SNAPSHOT_KEY)
+                    miner.sched.publish(miner.store)
                     view.update(tracked.refresh())
                     code, message = verdict
                     view.final(message)
@@ -253,15 +251,6 @@ def _settled_verdict(sectors: list[SectorInfo]) -> tuple[int, str]:
         for s in waiting[:10]
     )
     return 1, f"nothing is running, but not every sector is Proving: {shown}"
-
-
-def _publish(miner: Miner, key: bytes) -> dict[str, Any]:
-    from ..fsm.codec import packb
-
-    snapshot = miner.sched.snapshot()
-    # Staged in the engine's group commit, so publishing never blocks the event loop.
-    miner.store.committer.put("meta", key, packb(snapshot))
-    return snapshot
 
 
 class _RefusalWatch:

@@ -486,9 +486,11 @@ class Scheduler:
         """A registered worker by name."""
         return self._worker(name)
 
-    def publish(self, store: LmdbStore) -> None:
-        """Write `snapshot()` into the store, for `sectors workers/jobs/sched-diag`."""
-        publish_snapshot(store, self.snapshot())
+    def publish(self, store: LmdbStore) -> dict[str, Any]:
+        """Stage `snapshot()` into the store's next commit, for `sectors workers/jobs/...`."""
+        snapshot = self.snapshot()
+        publish_snapshot(store, snapshot)
+        return snapshot
 
     def _worker(self, name: str) -> Worker:
         try:

@@ -101,9 +101,12 @@ SNAPSHOT_KEY = b"sched/snapshot"
 
 
 def publish_snapshot(store: LmdbStore, snapshot: dict[str, Any]) -> None:
-    """Store the scheduler's latest snapshot (one record, replaced each time)."""
-    raw = packb(snapshot)
-    store.write(lambda txn: txn.put(SNAPSHOT_KEY, raw, db=store.db("meta")))
+    """Stage the scheduler's latest snapshot (one record, replaced each time) for the store.
+
+    It goes into the engine's next group commit rather than a transaction of its own, so
+    publishing never blocks the event loop on a disk write (the daemon publishes every tick).
+    """
+    store.committer.put("meta", SNAPSHOT_KEY, packb(snapshot))
 
 
 def load_snapshot(store: LmdbStore) -> dict[str, Any] | None:

@@ -516,7 +516,7 @@ def test_fetch_moves_files_at_link_speed_and_updates_the_index() -> None:
     run(main)
 
 
-def test_snapshots_are_published_to_the_store(tmp_path: Path) -> None:
+def test_snapshots_are_staged_into_the_next_commit(tmp_path: Path) -> None:
     from sectorfsm.fsm import LmdbStore
     from sectorfsm.sched.views import load_snapshot
 
@@ -525,9 +525,11 @@ def test_snapshots_are_published_to_the_store(tmp_path: Path) -> None:
         sched.add_worker(spec("a"))
         with LmdbStore(tmp_path / "repo") as store:
             assert load_snapshot(store) is None
-            sched.publish(store)
+            published = sched.publish(store)
+            assert load_snapshot(store) is None  # staged: the loop never waits on the disk
+            await store.committer.flush()
             snap = load_snapshot(store)
-            assert snap is not None and snap["workers"][0]["name"] == "a"
+            assert snap == published and snap["workers"][0]["name"] == "a"
             assert snap["jobs"] == [] and isinstance(snap["at"], float)
 
     run(main)
