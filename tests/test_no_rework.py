@@ -18,9 +18,9 @@ from sectorfsm.fsm import LmdbStore, StepFailed
 from sectorfsm.sched import Job, TaskType
 from sectorfsm.sealing import SectorState, SectorStuckError, commp, requests
 from sectorfsm.sealing import miner as miner_module
-from sectorfsm.sealing.event_base import SectorEvent
 from sectorfsm.sealing.events import (
     SectorAddPiece,
+    SectorEvent,
     SectorFatalError,
     SectorFinalized,
     SectorPacked,
@@ -31,7 +31,7 @@ from sectorfsm.sealing.events import (
 from sectorfsm.sealing.info import SectorInfo
 from sectorfsm.sealing.miner import Miner
 from sectorfsm.sealing.pipeline import Sealing
-from sectorfsm.sealing.sim import SimBackend
+from sectorfsm.sealing.backends.sim import SimBackend
 from sectorfsm.sealing.states import FAILED_STATES
 from sectorfsm.sealing.store_view import store_path
 

@@ -1,21 +1,11 @@
-"""Every sector event of Lotus v1.11.3, with its `apply()` effects.
+"""The happy path of a sector, in the order of Lotus's `fsm_events.go@v1.11.3`.
 
-Lotus: `extern/storage-sealing/fsm_events.go@v1.11.3`.
+Creation and input, precommit, seed and commit, finalize: each event with its `apply()`
+effect on SectorInfo, and the failure events each step can send. Retries live in
+`recovery.py`, faults and termination in `proving.py`, global events in `global_events.py`.
 
-Events are frozen dataclasses. `apply(info, now)` mutates the SectorInfo the way Lotus's
-`apply` does; global events implement `apply_global(info) -> bool` instead (True: stop the
-batch). Events that carry an error have an `error` field; the log keeps it as the trace.
-
-Differences from Lotus (each also listed in `graph.DEVIATIONS`):
-
-* `SectorAddPiece` carries the pieces it assigns, so an assignment survives a crash.
-* `SectorRetryWaitDeals` (Lotus HEAD) lets AddPieceFailed retry through WaitDeals.
-* `SectorRetryNow` is the operator's `retry`; `SectorRetriesExhausted` gives a sector up to
-  FailedUnrecoverable when its retry budget is spent. A handler that raises reaches the
-  planner as the engine's `StepFailed` and is retried with backoff.
-
-The recovery events (retries, deals, faults, termination, removal) live in
-`events_recovery.py` and are re-exported here; the base class is in `event_base.py`.
+Ours, not Lotus's (listed in `graph.DEVIATIONS`): `SectorAddPiece` carries the pieces it
+assigns, so an assignment survives a crash.
 """
 
 from __future__ import annotations
@@ -23,173 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from .config import sector_size_of
-from .event_base import SectorEvent
-from .events_recovery import (
-    SectorFaultedFinal,
-    SectorFaultReported,
-    SectorFaulty,
-    SectorInvalidDealIDs,
-    SectorRemoved,
-    SectorRemoveFailed,
-    SectorRetryCommitWait,
-    SectorRetryComputeProof,
-    SectorRetryInvalidProof,
-    SectorRetryNow,
-    SectorRetryPreCommit,
-    SectorRetryPreCommitWait,
-    SectorRetrySealPreCommit1,
-    SectorRetrySealPreCommit2,
-    SectorRetryWaitSeed,
-    SectorTerminated,
-    SectorTerminateFailed,
-    SectorTerminating,
-    SectorUpdateDealIDs,
-)
-from .info import PendingPiece, Piece, SectorInfo
-from .states import SectorState
-
-__all__ = [
-    "ALL_EVENTS",
-    "EVENTS_BY_NAME",
-    "GLOBAL_EVENTS",
-    "SectorEvent",
-    "SectorAddPiece",
-    "SectorAddPieceFailed",
-    "SectorChainPreCommitFailed",
-    "SectorCommitAggregateSent",
-    "SectorCommitFailed",
-    "SectorCommitSubmitted",
-    "SectorCommitted",
-    "SectorComputeProofFailed",
-    "SectorDealsExpired",
-    "SectorFatalError",
-    "SectorFaultReported",
-    "SectorFaultedFinal",
-    "SectorFaulty",
-    "SectorFinalizeFailed",
-    "SectorFinalized",
-    "SectorForceState",
-    "SectorInvalidDealIDs",
-    "SectorOldTicket",
-    "SectorPacked",
-    "SectorPieceAdded",
-    "SectorPreCommit1",
-    "SectorPreCommit2",
-    "SectorPreCommitBatch",
-    "SectorPreCommitBatchSent",
-    "SectorPreCommitLanded",
-    "SectorPreCommitted",
-    "SectorProofReady",
-    "SectorProving",
-    "SectorRemove",
-    "SectorRemoveFailed",
-    "SectorRemoved",
-    "SectorRetriesExhausted",
-    "SectorRetryCommitWait",
-    "SectorRetryComputeProof",
-    "SectorRetryFinalize",
-    "SectorRetryInvalidProof",
-    "SectorRetryNow",
-    "SectorRetryPreCommit",
-    "SectorRetryPreCommitWait",
-    "SectorRetrySealPreCommit1",
-    "SectorRetrySealPreCommit2",
-    "SectorRetrySubmitCommit",
-    "SectorRetryWaitDeals",
-    "SectorRetryWaitSeed",
-    "SectorSealPreCommit1Failed",
-    "SectorSealPreCommit2Failed",
-    "SectorSeedReady",
-    "SectorStart",
-    "SectorStartCC",
-    "SectorStartPacking",
-    "SectorSubmitCommitAggregate",
-    "SectorTerminate",
-    "SectorTerminateFailed",
-    "SectorTerminated",
-    "SectorTerminating",
-    "SectorTicket",
-    "SectorTicketExpired",
-    "SectorUpdateDealIDs",
-]
-
-
-# -- global events (Lotus's globalMutator) -------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class SectorFatalError(SectorEvent):
-    """Logged only; nothing sends it (as in Lotus)."""
-
-    is_global: ClassVar[bool] = True
-    error: str = ""
-
-    def apply_global(self, info: SectorInfo) -> bool:
-        """Leave the state unchanged and stop the batch."""
-        return True
-
-
-@dataclass(frozen=True, slots=True)
-class SectorForceState(SectorEvent):
-    """`update-state`: move the sector to any state."""
-
-    is_global: ClassVar[bool] = True
-    state: SectorState = SectorState.UndefinedSectorState
-
-    def apply_global(self, info: SectorInfo) -> bool:
-        """Set the state."""
-        info.state = self.state
-        return True
-
-
-@dataclass(frozen=True, slots=True)
-class SectorTerminate(SectorEvent):
-    """Terminate the sector on chain (API `SectorTerminate`).
-
-    `retry` (ours) marks the one TerminateFailed sends, so it counts against the budget.
-    """
-
-    is_global: ClassVar[bool] = True
-    retry: bool = False
-
-    def apply_global(self, info: SectorInfo) -> bool:
-        """Go to Terminating."""
-        info.state = SectorState.Terminating
-        return True
-
-
-@dataclass(frozen=True, slots=True)
-class SectorRemove(SectorEvent):
-    """Remove the sector and its data (API `SectorRemove`, and handlers that give up).
-
-    `retry` (ours) marks the one RemoveFailed sends, so it counts against the budget.
-    """
-
-    is_global: ClassVar[bool] = True
-    retry: bool = False
-
-    def apply_global(self, info: SectorInfo) -> bool:
-        """Go to Removing."""
-        info.state = SectorState.Removing
-        return True
-
-
-@dataclass(frozen=True, slots=True)
-class SectorRetriesExhausted(SectorEvent):
-    """Ours: the retry budget is spent; park the sector, keeping its data, until `retry`."""
-
-    is_global: ClassVar[bool] = True
-    error: str = ""
-
-    def apply_global(self, info: SectorInfo) -> bool:
-        """Remember where the sector failed, then go to FailedUnrecoverable."""
-        if info.state is not SectorState.FailedUnrecoverable:
-            info.unrecoverable_from = info.state.value
-        info.state = SectorState.FailedUnrecoverable
-        info.last_err = self.error
-        return True
-
+from ..config import sector_size_of
+from ..info import PendingPiece, Piece, SectorInfo
+from .base import SectorEvent
 
 # -- creation and input --------------------------------------------------------------------
 
@@ -275,11 +101,6 @@ class SectorAddPieceFailed(SectorEvent):
     def apply(self, info: SectorInfo, now: float) -> None:
         """Keep the written pieces; forget the failed one."""
         _settle_pending(info, self.added, self.dropped)
-
-
-@dataclass(frozen=True, slots=True)
-class SectorRetryWaitDeals(SectorEvent):
-    """Lotus HEAD: AddPieceFailed goes back to WaitDeals."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -449,11 +270,6 @@ class SectorCommitFailed(SectorEvent):
 
 
 @dataclass(frozen=True, slots=True)
-class SectorRetrySubmitCommit(SectorEvent):
-    """Send the commit again."""
-
-
-@dataclass(frozen=True, slots=True)
 class SectorDealsExpired(SectorEvent):
     """A deal's start epoch passed before the sector was sealed."""
 
@@ -527,22 +343,7 @@ class SectorFinalized(SectorEvent):
 
 
 @dataclass(frozen=True, slots=True)
-class SectorRetryFinalize(SectorEvent):
-    """Finalize again."""
-
-
-@dataclass(frozen=True, slots=True)
 class SectorFinalizeFailed(SectorEvent):
     """Finalize failed."""
 
     error: str = ""
-
-
-#: Every sector event type, for the engine's codec. Order is irrelevant (tags are names).
-ALL_EVENTS: tuple[type[SectorEvent], ...] = tuple(
-    cls
-    for cls in list(globals().values())
-    if isinstance(cls, type) and issubclass(cls, SectorEvent) and cls is not SectorEvent
-)
-EVENTS_BY_NAME: dict[str, type[SectorEvent]] = {cls.__name__: cls for cls in ALL_EVENTS}
-GLOBAL_EVENTS: tuple[type[SectorEvent], ...] = tuple(c for c in ALL_EVENTS if c.is_global)

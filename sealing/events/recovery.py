@@ -1,18 +1,26 @@
-"""Recovery events: retries, deal-id recovery, faults, termination and removal.
+"""Recovery events: every `SectorRetry*`, and deal-id recovery.
 
-Lotus: `extern/storage-sealing/fsm_events.go@v1.11.3`.
+Lotus: `extern/storage-sealing/fsm_events.go@v1.11.3` ("Failed state recovery"), plus the
+retries Lotus lists along the normal path (SubmitCommit, Finalize) so that all live here.
 
-Split from `events.py` only for size; `events` re-exports all of them.
+Ours, not Lotus's (listed in `graph.DEVIATIONS`): `SectorRetryWaitDeals` comes from Lotus
+HEAD (AddPieceFailed retries through WaitDeals), and `SectorRetryNow` is the operator's
+`retry`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .event_base import SectorEvent
-from .info import SectorInfo
+from ..info import SectorInfo
+from .base import SectorEvent
 
 # -- retries ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SectorRetryWaitDeals(SectorEvent):
+    """Lotus HEAD: AddPieceFailed goes back to WaitDeals."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +72,16 @@ class SectorRetryInvalidProof(SectorEvent):
 
 
 @dataclass(frozen=True, slots=True)
+class SectorRetrySubmitCommit(SectorEvent):
+    """Send the commit again."""
+
+
+@dataclass(frozen=True, slots=True)
+class SectorRetryFinalize(SectorEvent):
+    """Finalize again."""
+
+
+@dataclass(frozen=True, slots=True)
 class SectorRetryNow(SectorEvent):
     """Ours: the operator's `retry` (skip the backoff; resume a FailedUnrecoverable sector)."""
 
@@ -99,68 +117,3 @@ class SectorUpdateDealIDs(SectorEvent):
             deal = info.pieces[index].deal
             if deal is not None:
                 deal.deal_id = deal_id
-
-
-# -- faults, termination, removal ----------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class SectorFaulty(SectorEvent):
-    """The sector's data is corrupted or gone."""
-
-
-@dataclass(frozen=True, slots=True)
-class SectorFaultReported(SectorEvent):
-    """A fault was declared on chain."""
-
-    report_msg: str = ""
-
-    def apply(self, info: SectorInfo, now: float) -> None:
-        """Remember the message."""
-        info.fault_report_msg = self.report_msg
-
-
-@dataclass(frozen=True, slots=True)
-class SectorFaultedFinal(SectorEvent):
-    """The fault declaration landed (no apply, as in Lotus)."""
-
-
-@dataclass(frozen=True, slots=True)
-class SectorTerminating(SectorEvent):
-    """The termination message went out (None: already terminated)."""
-
-    message: str | None = None
-
-    def apply(self, info: SectorInfo, now: float) -> None:
-        """Remember the message."""
-        info.terminate_message = self.message
-
-
-@dataclass(frozen=True, slots=True)
-class SectorTerminated(SectorEvent):
-    """The termination landed."""
-
-    terminated_at: int = 0
-
-    def apply(self, info: SectorInfo, now: float) -> None:
-        """Remember the epoch."""
-        info.terminated_at = self.terminated_at
-
-
-@dataclass(frozen=True, slots=True)
-class SectorTerminateFailed(SectorEvent):
-    """Termination failed."""
-
-    error: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class SectorRemoveFailed(SectorEvent):
-    """Removing the sector's data failed."""
-
-    error: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class SectorRemoved(SectorEvent):
-    """The sector's data is gone."""

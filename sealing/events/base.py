@@ -1,0 +1,106 @@
+"""The base of every sector event, and the registry the codec reads.
+
+Every subclass of `SectorEvent` registers itself under its class name when it is defined, so
+an event cannot be left out of the codec by forgetting to re-export it. The class name is the
+tag the store keeps (`fsm/codec.py` tags an event with its class name), hence two events with
+the same name are refused as soon as the second is defined.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ..info import SectorInfo
+
+#: Every sector event class by name (its stored tag), filled as each class is defined.
+EVENTS_BY_NAME: dict[str, type[SectorEvent]] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class SectorEvent:
+    """Base of sector events: `apply` does nothing unless an event overrides it."""
+
+    #: Lotus's `Ignorable`: skipped silently by a state with no edge for it.
+    ignorable: ClassVar[bool] = False
+    #: Global events are accepted in every state (Lotus's `globalMutator`,
+    #: `extern/storage-sealing/fsm_events.go@v1.11.3`).
+    is_global: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Zero-argument super() would name the class `slots=True` replaced: spell it out.
+        super(SectorEvent, cls).__init_subclass__(**kwargs)
+        _register(cls)
+
+    def apply(self, info: SectorInfo, now: float) -> None:
+        """Mutate `info` as Lotus's `apply()` does (default: nothing)."""
+
+    def apply_global(self, info: SectorInfo) -> bool:
+        """Global events only: mutate `info`; True stops the batch."""
+        raise TypeError(f"{type(self).__name__} is not a global event")
+
+    @property
+    def name(self) -> str:
+        """The event's Lotus name, e.g. `SectorPacked`."""
+        return type(self).__name__
+
+    def describe(self) -> tuple[str, str]:
+        """`(message, trace)` for the sector log: JSON of the fields, the error as trace."""
+        fields: dict[str, Any] = {}
+        trace = ""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "error":
+                trace = str(value)
+                continue
+            fields[f.name] = _jsonable(value)
+        return json.dumps({"User": fields}, separators=(",", ":"), sort_keys=True), trace
+
+
+def registered_events() -> tuple[type[SectorEvent], ...]:
+    """Every sector event class defined so far, in the order they were defined."""
+    return tuple(EVENTS_BY_NAME.values())
+
+
+def registered_global_events() -> tuple[type[SectorEvent], ...]:
+    """The registered events accepted in every state (Lotus's `globalMutator`)."""
+    return tuple(cls for cls in EVENTS_BY_NAME.values() if cls.is_global)
+
+
+def _register(cls: type[SectorEvent]) -> None:
+    name = cls.__name__
+    known = EVENTS_BY_NAME.get(name)
+    if known is not None and not _slotted_copy(cls, of=known):
+        raise TypeError(
+            f"two sector events are named {name!r} ({_where(known)} and {_where(cls)}): "
+            "the name is the tag the store keeps, so rename one"
+        )
+    EVENTS_BY_NAME[name] = cls
+
+
+def _slotted_copy(cls: type, of: type) -> bool:
+    """True if `cls` is the class `@dataclass(slots=True)` built to replace `of`.
+
+    That decorator defines the class a second time (so this hook runs twice per event), and
+    the copy shares the original's field table: a different class of the same name cannot.
+    """
+    fields = of.__dict__.get("__dataclass_fields__")
+    return fields is not None and cls.__dict__.get("__dataclass_fields__") is fields
+
+
+def _where(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.hex()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(value).items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
