@@ -19,9 +19,6 @@ from .workers import Worker
 #: Disk units of one sector's cache directory once SDR has started (about 14 x 32 GiB).
 CACHE_UNITS = 14
 
-#: The file whose presence makes a cache directory count (myScheduler's `localDiskUsed`).
-SDR_LAYER_FILE = "sc-02-data-layer-1.dat"
-
 
 class WorkerView(Protocol):
     """What the rules need to know about one worker right now (supplied by the scheduler)."""
@@ -179,10 +176,10 @@ def policy_refusal(
 
 
 # myScheduler's `localDiskUsed`. Each entry is one sector's file or directory on a path that
-# is not long-term storage (myScheduler skips CanStore paths), with whether it holds
-# `SDR_LAYER_FILE`; only a cache cares. A cache without the layer counts 0 because SDR has not
-# started filling it yet. Other file types (update, piece) count 0, as in myScheduler, which
-# only looks at the three sealing directories.
+# is not long-term storage (myScheduler skips CanStore paths), with whether it holds the SDR
+# layer file `sc-02-data-layer-1.dat`; only a cache cares. A cache without the layer counts 0
+# because SDR has not started filling it yet. Other file types (update, piece) count 0, as in
+# myScheduler, which only looks at the three sealing directories.
 def disk_units(files: Iterable[tuple[FileType, bool]]) -> tuple[int, int]:
     """`(disk_used, ap_disk_used)`: a cache with its layer 14, unsealed 1 (+1 AP), sealed 1."""
     used = ap_used = 0

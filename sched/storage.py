@@ -90,15 +90,6 @@ class StorageIndex:
         self.paths[path.id] = path
         self._of_worker[path.worker].append(path.id)
 
-    def drop_path(self, path_id: str) -> None:
-        """Forget a path and the files recorded on it."""
-        old = self.paths.pop(path_id, None)
-        if old is not None:
-            self._of_worker[old.worker].remove(path_id)
-        for key in self._by_path.pop(path_id, set()):
-            self._files[key].discard(path_id)
-            self._bytes.pop((*key, path_id), None)
-
     def worker_paths(self, worker: str) -> Iterator[StoragePath]:
         """The paths local to `worker`."""
         return (self.paths[pid] for pid in self._of_worker.get(worker, ()))

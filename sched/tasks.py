@@ -43,14 +43,6 @@ class TaskType(enum.StrEnum):
         """Lotus HEAD's priority order: lower is more urgent; unknown types are 0."""
         return _ORDER.get(self, 0)
 
-    def less(self, other: TaskType) -> bool:
-        """`self` is more urgent than `other`."""
-        return self.order < other.order
-
-    def much_less(self, other: TaskType) -> tuple[bool, bool]:
-        """`(exactly one of the two orders is negative, self.order < other.order)`."""
-        return (self.order < 0) != (other.order < 0), self.order < other.order
-
     @classmethod
     def parse(cls, text: str) -> TaskType:
         """A task type from its string, short name or enum name (case-insensitive short)."""
@@ -110,7 +102,6 @@ _BY_SHORT = {s: t for t, s in _SHORT.items()}
 
 #: Priority of sectors holding deal data (Lotus `DealSectorPriority`); CC sectors use 0.
 DEAL_SECTOR_PRIORITY = 1024
-DEFAULT_PRIORITY = 0
 
 
 def queue_key(

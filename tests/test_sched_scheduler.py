@@ -590,6 +590,7 @@ def test_queued_requests_are_indexed_by_sector() -> None:
             TaskType.PRE_COMMIT1,
             TaskType.COMMIT2,
         ]
+        assert sched.queue.shape_count() == 2  # one shape per task type here
         tasks[2].cancel()  # sector 2's PC1 leaves the queue
         await asyncio.sleep(0)
         assert [r.task_type for r in sched.queue.for_sector(sectors[1])] == [TaskType.COMMIT2]
