@@ -151,7 +151,7 @@ async def _supervise(miner: Miner, stop: asyncio.Event, until_proving: bool) -> 
     view = _LiveView(miner) if live else _PlainLog(miner)
     tracked = _Tracked(miner, baseline=until_proving)
     quiet = 0
-    refusal = _RefusalWatch()
+    refusal = RefusalWatch()
     with view:
         while not stop.is_set():
             settled = miner.settled()  # before this tick's snapshot is staged
@@ -253,7 +253,7 @@ def _settled_verdict(sectors: list[SectorInfo]) -> tuple[int, str]:
     return 1, f"nothing is running, but not every sector is Proving: {shown}"
 
 
-class _RefusalWatch:
+class RefusalWatch:
     """Says when the scheduler refuses every queued task while nothing runs, and why.
 
     Then no sector can move until the operator changes something (a worker, a path, the

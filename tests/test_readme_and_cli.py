@@ -148,7 +148,7 @@ def test_run_prints_a_refusal_that_holds_every_sector(tmp_path: Path) -> None:
 
 
 def test_refusals_are_reported_once_and_when_they_change() -> None:
-    from sectorfsm.cli.run import _RefusalWatch
+    from sectorfsm.cli.run import RefusalWatch
 
     def snap(reason: str | None, running: bool = False) -> dict[str, object]:
         diag = (
@@ -157,7 +157,7 @@ def test_refusals_are_reported_once_and_when_they_change() -> None:
         jobs = [{"worker": "w"}] if running else []
         return {"diag": diag, "jobs": jobs}
 
-    watch = _RefusalWatch()
+    watch = RefusalWatch()
     said = [
         watch.update(s)
         for s in (

@@ -15,7 +15,6 @@ from conftest import settle
 from sectorfsm.fsm import VirtualClock
 from sectorfsm.sched.filetypes import FileType, space_needed
 from sectorfsm.sched.ledger import WorkerResources
-from sectorfsm.sched.queue import Request
 from sectorfsm.sched.scheduler import Job, Scheduler, SchedulerError
 from sectorfsm.sched.selectors import AllocSelector, ExistingSelector, TaskSelector
 from sectorfsm.sched.storage import SectorRef, StoragePath
@@ -480,10 +479,6 @@ def test_a_decision_touches_only_what_changed() -> None:
         assert not any(w.ledger.entries for w in sched.enabled_workers())
 
     run(main)
-
-
-def test_request_type_is_exported() -> None:
-    assert Request.__slots__  # the queue record stays a slotted record
 
 
 def test_fetch_moves_files_at_link_speed_and_updates_the_index() -> None:
