@@ -1,14 +1,22 @@
-"""Every event's `apply()` effect on SectorInfo (Lotus `fsm_events.go@v1.11.3`), and globals."""
+"""Every event's `apply()` effect on SectorInfo (Lotus `fsm_events.go@v1.11.3`), globals,
+and the registry the codec reads (every event, once, under the tag the store keeps)."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import pkgutil
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from sectorfsm.sealing import events as ev
+from sectorfsm.sealing import graph
 from sectorfsm.sealing.info import DealInfo, PendingPiece, Piece, SectorInfo
 from sectorfsm.sealing.states import SectorState
+from sectorfsm.sealing.store_view import sector_codec
 
 DEAL = DealInfo(7, "bafypub", 100, 200)
 PIECE = Piece("baga-piece", 128, DEAL)
@@ -142,3 +150,195 @@ def test_log_message_keeps_errors_in_the_trace() -> None:
     assert message == '{"User":{}}' and trace == "boom"
     message, _ = ev.SectorTicket(b"\x01\x02", 3).describe()
     assert message == '{"User":{"ticket_epoch":3,"ticket_value":"0102"}}'
+
+
+# -- the registry ------------------------------------------------------------------------------
+
+#: The tags stored before events became a package (one per event class): a store written then
+#: must still decode, so none may be renamed or dropped.
+STORED_TAGS = frozenset(
+    [
+        "SectorAddPiece",
+        "SectorAddPieceFailed",
+        "SectorChainPreCommitFailed",
+        "SectorCommitAggregateSent",
+        "SectorCommitFailed",
+        "SectorCommitSubmitted",
+        "SectorCommitted",
+        "SectorComputeProofFailed",
+        "SectorDealsExpired",
+        "SectorFatalError",
+        "SectorFaultReported",
+        "SectorFaultedFinal",
+        "SectorFaulty",
+        "SectorFinalizeFailed",
+        "SectorFinalized",
+        "SectorForceState",
+        "SectorInvalidDealIDs",
+        "SectorOldTicket",
+        "SectorPacked",
+        "SectorPieceAdded",
+        "SectorPreCommit1",
+        "SectorPreCommit2",
+        "SectorPreCommitBatch",
+        "SectorPreCommitBatchSent",
+        "SectorPreCommitLanded",
+        "SectorPreCommitted",
+        "SectorProofReady",
+        "SectorProving",
+        "SectorRemove",
+        "SectorRemoveFailed",
+        "SectorRemoved",
+        "SectorRetriesExhausted",
+        "SectorRetryCommitWait",
+        "SectorRetryComputeProof",
+        "SectorRetryFinalize",
+        "SectorRetryInvalidProof",
+        "SectorRetryNow",
+        "SectorRetryPreCommit",
+        "SectorRetryPreCommitWait",
+        "SectorRetrySealPreCommit1",
+        "SectorRetrySealPreCommit2",
+        "SectorRetrySubmitCommit",
+        "SectorRetryWaitDeals",
+        "SectorRetryWaitSeed",
+        "SectorSealPreCommit1Failed",
+        "SectorSealPreCommit2Failed",
+        "SectorSeedReady",
+        "SectorStart",
+        "SectorStartCC",
+        "SectorStartPacking",
+        "SectorSubmitCommitAggregate",
+        "SectorTerminate",
+        "SectorTerminateFailed",
+        "SectorTerminated",
+        "SectorTerminating",
+        "SectorTicket",
+        "SectorTicketExpired",
+        "SectorUpdateDealIDs",
+    ]
+)
+
+#: Event records as the single-module `events.py` encoded them (msgpack, hex), with the event
+#: each must decode to: the tags and the field names of the stored format.
+STORED_RECORDS = [
+    (
+        ev.SectorAddPiece([PendingPiece("baga-p", 128, DealInfo(7, "bafypub", 100, 200))]),
+        "9301ae536563746f72416464506965636581a67069656365739184a970696563655f636964a6626167612d"
+        "70a473697a65cc80a46465616c85a76465616c5f696407ab7075626c6973685f636964a762616679707562"
+        "ab73746172745f65706f636864a9656e645f65706f6368ccc8ad6b6565705f756e7365616c6564c3a9646174"
+        "615f70617468c0",
+    ),
+    (
+        ev.SectorTicket(b"\x01\x02", 90),
+        "9301ac536563746f725469636b657482ac7469636b65745f76616c7565c4020102ac7469636b65745f6570"
+        "6f63685a",
+    ),
+    (
+        ev.SectorForceState(SectorState.WaitSeed),
+        "9301b0536563746f72466f726365537461746581a57374617465a85761697453656564",
+    ),
+    (ev.SectorRetryNow(), "9301ae536563746f7252657472794e6f7780"),
+    (ev.SectorRetryFinalize(), "9301b3536563746f72526574727946696e616c697a6580"),
+    (
+        ev.SectorUpdateDealIDs({0: 9}),
+        "9301b3536563746f725570646174654465616c49447381a775706461746573810009",
+    ),
+    (
+        ev.SectorTerminating(None),
+        "9301b1536563746f725465726d696e6174696e6781a76d657373616765c0",
+    ),
+    (
+        ev.SectorRetriesExhausted("spent"),
+        "9301b6536563746f725265747269657345786861757374656481a56572726f72a57370656e74",
+    ),
+]
+
+NEW_MODULE = """
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sectorfsm.sealing.events import SectorEvent
+from sectorfsm.sealing.info import SectorInfo
+
+
+@dataclass(frozen=True, slots=True)
+class SectorProbeOnly(SectorEvent):
+    note: str = ""
+
+    def apply(self, info: SectorInfo, now: float) -> None:
+        info.last_err = self.note
+"""
+
+
+def test_stored_tags_are_unchanged() -> None:
+    assert set(ev.EVENTS_BY_NAME) == STORED_TAGS
+    assert len(ev.ALL_EVENTS) == len(STORED_TAGS)
+
+
+@pytest.mark.parametrize(("event", "stored"), STORED_RECORDS, ids=lambda x: type(x).__name__)
+def test_records_stored_by_the_old_module_decode_and_encode_alike(
+    event: ev.SectorEvent, stored: str
+) -> None:
+    codec = sector_codec()
+    data = bytes.fromhex(stored)
+    assert codec.decode_event(data, "stored") == event
+    assert codec.encode_event(event) == data
+
+
+def test_the_registry_holds_each_exported_event_once_as_its_slotted_class() -> None:
+    exported = {
+        name: obj
+        for name in ev.__all__
+        if isinstance(obj := getattr(ev, name), type) and obj is not ev.SectorEvent
+    }
+    assert exported == ev.EVENTS_BY_NAME
+    # `@dataclass(slots=True)` defines each class twice: the registry keeps the second.
+    assert all("__slots__" in vars(cls) for cls in ev.ALL_EVENTS)
+    assert all(dataclasses.is_dataclass(cls) for cls in ev.ALL_EVENTS)
+
+
+def test_importing_the_package_imports_every_module_in_it() -> None:
+    modules = {m.name for m in pkgutil.iter_modules(ev.__path__)}
+    assert {"base", "lifecycle", "recovery", "proving", "global_events"} <= modules
+    assert all(f"{ev.__name__}.{name}" in sys.modules for name in modules)
+
+
+def test_every_event_the_graph_names_is_registered() -> None:
+    named = {e.event for e in graph.EDGES} - {graph.RESTART, graph.STEP_FAILED}
+    assert named and named <= set(ev.EVENTS_BY_NAME)
+
+
+def test_an_event_in_a_new_module_reaches_the_codec(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "probe_events.py").write_text(NEW_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        cls = importlib.import_module("probe_events").SectorProbeOnly
+        assert ev.EVENTS_BY_NAME["SectorProbeOnly"] is cls and cls in ev.ALL_EVENTS
+        assert "__slots__" in vars(cls)
+        codec = sector_codec()
+        event = cls("kept")
+        assert codec.decode_event(codec.encode_event(event), "probe") == event
+    finally:
+        ev.EVENTS_BY_NAME.pop("SectorProbeOnly", None)
+        sys.modules.pop("probe_events", None)
+    assert "SectorProbeOnly" not in {c.__name__ for c in ev.ALL_EVENTS}
+
+
+def test_a_second_event_with_a_taken_name_is_refused() -> None:
+    before = dict(ev.EVENTS_BY_NAME)
+    with pytest.raises(TypeError, match=r"two sector events are named 'SectorPacked'.*rename"):
+
+        @dataclasses.dataclass(frozen=True, slots=True)
+        class SectorPacked(ev.SectorEvent):
+            """A different event under a stored tag."""
+
+    with pytest.raises(TypeError, match="SectorRetryNow"):
+
+        class SectorRetryNow(ev.SectorEvent):
+            """Not even a dataclass yet: refused when the class is defined."""
+
+    assert before == ev.EVENTS_BY_NAME
