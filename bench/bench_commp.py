@@ -71,13 +71,13 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     args = ap.parse_args()
 
-    cores = commp._default_workers()
+    cores = commp.default_workers()
     workers = args.workers or cores
     total = (256 if args.quick else 1024) * MiB
     rounds = 5 if args.quick else 3
     block = os.urandom(BLOCK)
     double = memoryview(block + block)
-    np_used = commp.USE_NUMPY and commp._np() is not None
+    np_used = commp.USE_NUMPY and commp.numpy_module() is not None
     log(f"commp bench: {total // MiB} MiB, {workers} worker(s), {cores} core(s), numpy={np_used}")
 
     par: list[float] = []
@@ -101,7 +101,7 @@ def main() -> None:
         "bench": "commp",
         "quick": args.quick,
         "data_bytes": total,
-        "piece_padded_size": commp.padded_size(commp._fit_unpadded(total)),
+        "piece_padded_size": commp.padded_size(commp.fit_unpadded(total)),
         "piece_cid": cids.pop(),
         "cores": cores,
         "workers": workers,

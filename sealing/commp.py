@@ -55,7 +55,7 @@ _NAMES = {
 # the parent's share (a copy into shared memory, one request line) at ~1%.
 SERIAL_CHUNK = FR32_IN << 11
 PARALLEL_CHUNK = FR32_IN << 15
-LEAF_BLOCK = FR32_IN << 9  # the unit of hashing proper (see _subtree_root)
+LEAF_BLOCK = FR32_IN << 9  # the unit of hashing proper (see subtree_root)
 # Below this much data a process pool's start-up (~0.1-0.3 s) is not worth it.
 PARALLEL_MIN_BYTES = 48 << 20
 
@@ -69,7 +69,7 @@ _NUMPY: Any = False  # False: not looked up yet
 USE_NUMPY = True  # tests switch this off to check the pure-Python path gives the same bytes
 
 
-def _np() -> Any:
+def numpy_module() -> Any:
     """numpy if importable (the fast fr32 path), else None."""
     # Imported lazily (and through importlib, as numpy is optional): it costs ~0.1 s.
     global _NUMPY
@@ -121,7 +121,7 @@ def unpadded_size(padded: int) -> int:
     return padded - padded // FR32_OUT
 
 
-def _fit_unpadded(length: int) -> int:
+def fit_unpadded(length: int) -> int:
     """The smallest valid unpadded size holding `length` bytes."""
     blocks = max(1, -(-length // FR32_IN))
     return FR32_IN << (blocks - 1).bit_length()
@@ -146,7 +146,7 @@ def _splitter(width: int, count: int) -> struct.Struct:
 def _pad_blocks(data: bytes | memoryview) -> bytes:
     """fr32-pad whole 127-byte blocks (the caller checked the length)."""
     n = len(data) // FR32_IN
-    np = _np() if USE_NUMPY else None
+    np = numpy_module() if USE_NUMPY else None
     if np is None or n < 64:
         return b"".join(map(_pad_block, _splitter(FR32_IN, n).unpack(data)))
     # Bytes of quarter q start at bit 254q of the block = byte 31q + (6q // 8), shift 6q % 8.
@@ -221,7 +221,7 @@ def _hash_level(buf: bytes | bytearray) -> bytearray:
     return out
 
 
-def _subtree_root(data: bytes | bytearray | memoryview) -> bytes:
+def subtree_root(data: bytes | bytearray | memoryview) -> bytes:
     """Root of the full tree over `data`, 127 * 2^k bytes of unpadded data."""
     # Hashed in blocks of 64 KiB padded: their buffers and the ~2k small objects of a level
     # stay in cache and in already-mapped memory. Whole-chunk levels (MiBs) ran 20% slower,
@@ -230,7 +230,7 @@ def _subtree_root(data: bytes | bytearray | memoryview) -> bytes:
     buf: bytes | bytearray
     if len(mv) > LEAF_BLOCK:
         buf = b"".join(
-            [_subtree_root(mv[i : i + LEAF_BLOCK]) for i in range(0, len(mv), LEAF_BLOCK)]
+            [subtree_root(mv[i : i + LEAF_BLOCK]) for i in range(0, len(mv), LEAF_BLOCK)]
         )
     else:
         buf = _pad_blocks(mv)
@@ -345,7 +345,7 @@ class CommPHasher:
     def _subtree(self, data: bytes | bytearray | memoryview) -> None:
         pool = self._pool
         if pool is None:
-            self._stack.push(self._padded_chunk, _subtree_root(data))
+            self._stack.push(self._padded_chunk, subtree_root(data))
             return
         root = pool.submit_data(data)
         if root is not None:
@@ -374,7 +374,7 @@ class CommPHasher:
             raise ValueError("CommPHasher already finished")
         self._done = True
         try:
-            target = _fit_unpadded(self.length) if size is None else size
+            target = fit_unpadded(self.length) if size is None else size
             padded = padded_size(target)
             if self.length > target:
                 raise ValueError(
@@ -391,7 +391,7 @@ class CommPHasher:
             whole = min(self._chunk, target)
             tail = bytes(self._buf) + bytes(whole - len(self._buf))
             self._buf.clear()
-            self._stack.push(whole // FR32_IN * FR32_OUT, _subtree_root(tail))
+            self._stack.push(whole // FR32_IN * FR32_OUT, subtree_root(tail))
         return self._stack.fill_to(padded)
 
     def cid(self, size: int | None = None) -> str:
@@ -411,7 +411,8 @@ def _source_size(source: Any) -> int | None:
         return None
 
 
-def _default_workers() -> int:
+def default_workers() -> int:
+    """How many processes hash a large piece by default: the cores this process may use."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -451,7 +452,7 @@ def piece_cid(
         )
     if workers is None:
         big = (known if known is not None else size or 0) >= PARALLEL_MIN_BYTES
-        workers = _default_workers() if big else 1
+        workers = default_workers() if big else 1
     with CommPHasher(workers=workers) as hasher:
         if isinstance(source, str | os.PathLike):
             hasher._update_from_file(os.fsdecode(source), known or 0)

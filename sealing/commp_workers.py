@@ -17,7 +17,7 @@ from multiprocessing.shared_memory import SharedMemory
 from subprocess import PIPE
 from typing import IO, Any
 
-from .commp import NODE_SIZE, _subtree_root
+from .commp import NODE_SIZE, subtree_root
 
 
 class Workers:
@@ -132,7 +132,7 @@ def _worker_main() -> None:
                 assert shm.buf is not None
                 view = shm.buf[offset : offset + length]
                 try:
-                    root = _subtree_root(view)
+                    root = subtree_root(view)
                 finally:
                     view.release()
             else:
@@ -143,7 +143,7 @@ def _worker_main() -> None:
                 data = f.read(length)
                 if len(data) != length:
                     raise RuntimeError(f"{req['path']} shrank while its CommP was computed")
-                root = _subtree_root(data)
+                root = subtree_root(data)
             out.write(root)
             out.flush()
     finally:

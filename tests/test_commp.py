@@ -170,6 +170,13 @@ def test_zero_comms_match_the_go_commp_utils_table() -> None:
         assert piece_cid(bytes(payload)) == cid
 
 
+def test_subtree_root_is_the_unit_workers_hash() -> None:
+    # Worker processes hash aligned subtrees with it (a larger one than LEAF_BLOCK recurses).
+    for i in (0, 3, 12):
+        assert commp.subtree_root(bytes(127 << i)).hex() == ZERO_COMMS[i]
+    assert commp.fit_unpadded(128) == 254 and commp.default_workers() >= 1
+
+
 def test_commp_of_published_payloads() -> None:
     assert piece_cid(CAT + bytes(127 - len(CAT))) == CAT_CID
     assert piece_cid(CAT) == CAT_CID  # zero-filled to 127 bytes by default
@@ -178,7 +185,7 @@ def test_commp_of_published_payloads() -> None:
     for tail in (127 * 4, 4, 5):
         assert piece_cid(FRC69_0123 + bytes(tail)) == FRC69_0123_PADDED_CID
     for payload, padded, cid in HASHHASH_0XCC:
-        assert padded_size(commp._fit_unpadded(payload)) == padded
+        assert padded_size(commp.fit_unpadded(payload)) == padded
         assert piece_cid(b"\xcc" * payload) == cid, payload
 
 
@@ -251,7 +258,7 @@ def ref_commp(data: bytes, unpadded: int) -> bytes:
 @pytest.fixture(params=["numpy", "pure"])
 def fr32_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test with numpy's fr32 (when installed) and with the pure-Python one."""
-    if request.param == "numpy" and commp._np() is None:
+    if request.param == "numpy" and commp.numpy_module() is None:
         pytest.skip("numpy is not installed")
     monkeypatch.setattr(commp, "USE_NUMPY", request.param == "numpy")
     return str(request.param)
@@ -271,7 +278,7 @@ def test_commp_matches_the_textbook_tree(fr32_path: str) -> None:
     rng = random.Random(11)
     for length in (0, 1, 126, 127, 128, 1000, 4064, 4065, 127 * 600 + 3):
         data = rng.randbytes(length)
-        unpadded = commp._fit_unpadded(length)
+        unpadded = commp.fit_unpadded(length)
         expected = commitment_to_cid(ref_commp(data, unpadded))
         assert piece_cid(data) == expected, length
         # Small chunks: many subtrees, a partial tail, zero subtrees to fill.
@@ -303,7 +310,7 @@ def test_commp_stream_equals_one_shot(
     data: bytes, cuts: list[int], chunk_log: int, extra_levels: int
 ) -> None:
     bounds = sorted({0, len(data), *(c for c in cuts if c <= len(data))})
-    size = commp._fit_unpadded(len(data)) << extra_levels
+    size = commp.fit_unpadded(len(data)) << extra_levels
     with CommPHasher(chunk=127 << chunk_log) as h:
         for a, b in itertools.pairwise(bounds):
             h.update(data[a:b])
