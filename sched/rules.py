@@ -209,19 +209,23 @@ class PolicyView:
         self._sector_size = sector_size
 
     def stage_count(self, stage: str) -> int:
+        """Tasks of stage "AP"/"PC1"/"PC2"/"C2" the worker's ledger holds."""
         counts = self._worker.ledger.counts
         return sum(n for t, n in counts.items() if t in _CAPS and t.short == stage)
 
     @property
     def disk_used(self) -> int:
+        """Disk units held on the worker's local paths."""
         return self._units[0]
 
     @property
     def ap_disk_used(self) -> int:
+        """Unsealed-file units held on the worker's local paths."""
         return self._units[1]
 
     @property
     def out_of_space(self) -> bool:
+        """Whether no sealing path of the worker has room for a PC1's files."""
         # Out of space means: it has sealing paths, and none has room for a PC1's files.
         if not any(p.can_seal for p in self._index.worker_paths(self._worker.name)):
             return False
@@ -229,5 +233,6 @@ class PolicyView:
         return self._index.free_space(self._worker.name) < need
 
     def holds(self, sector: object, files: FileType) -> bool:
+        """Whether the worker's local paths hold all of `files` of `sector`."""
         assert isinstance(sector, SectorRef)
         return self._index.worker_holds(self._worker.name, sector, files)
