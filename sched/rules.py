@@ -225,7 +225,7 @@ class PolicyView:
 
     @property
     def out_of_space(self) -> bool:
-        """Whether no sealing path of the worker has room for a PC1's files."""
+        """True if the worker has sealing paths but too little free space for a PC1's files."""
         # Out of space means: it has sealing paths, and none has room for a PC1's files.
         if not any(p.can_seal for p in self._index.worker_paths(self._worker.name)):
             return False
