@@ -25,15 +25,15 @@ with its defects fixed (see docs/lotus-deviations.md):
 A group that is not started is a *client*: `send`/`begin` write to the store's mailbox, and
 whichever process runs the engine picks them up within `poll_interval` seconds.
 
-This module is the public face and the lifecycle; the work between commits (the event
-queue, planner rounds, steps) is in `fsm/runtime.py`, and running steps in `fsm/steps.py`.
+This module is the public face and the lifecycle. It owns a `MachineRuntime`
+(`fsm/runtime.py`: the event queue and the work between commits), which plans rounds with
+`fsm/rounds.py` and runs steps with `fsm/steps.py`; client writes come in through
+`fsm/mailbox.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import contextvars
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar
@@ -46,14 +46,12 @@ from .errors import (
     RecordError,
     StoreError,
 )
-from .events import BUILTIN_EVENTS, Restart
+from .events import BUILTIN_EVENTS
 from .keys import MachineId
-from .machine import Machine, MachineInfo, Step
+from .machine import MachineInfo, Step
 from .mailbox import MailboxReader
 from .records import GroupRecords, scan
-from .runtime import MachineRuntime, Machines
-from .steps import StepRunner, call
-from .steps import close as _close
+from .runtime import MachineRuntime
 from .store import LmdbStore
 
 log = logging.getLogger("sectorfsm.fsm")
@@ -62,7 +60,7 @@ S = TypeVar("S")
 Planner = Callable[[list[Any], S], "tuple[Step | None, int]"]
 
 
-class StateGroup(MachineRuntime, Generic[S]):
+class StateGroup(Generic[S]):
     """A named set of machines sharing a planner, a state type and a store."""
 
     def __init__(
@@ -93,51 +91,34 @@ class StateGroup(MachineRuntime, Generic[S]):
         self.poll_interval = poll_interval
         #: Start steps inline until they first wait (see `fsm.steps`); False: a Task each.
         self.eager_steps = eager_steps
-        self._begin_step = StepRunner().run if eager_steps else call
         self._codec: RecordCodec[S] = RecordCodec(
             state_type, (*BUILTIN_EVENTS, *events), schema_version
         )
         self._event_types = frozenset((*BUILTIN_EVENTS, *events))
         self._creating = frozenset(creating)
-        self._cancelling = frozenset(cancelling)
-        #: Whether a `cancelling` event cancels the step running in the machine's state
-        #: (None: always), so a stray one never throws away work it had no business stopping.
-        self._cancels = cancels
-        for cls in (*self._creating, *self._cancelling):
+        cancelling = frozenset(cancelling)
+        for cls in (*self._creating, *cancelling):
             if not self._codec.knows_event(cls):
                 raise ValueError(f"{cls.__name__} is not among the group's events")
         #: The persisted view of this group (reads work whether or not the group runs).
         self.records: GroupRecords[S] = GroupRecords(store, name, self._codec, final)
-        self._prefix = self.records.prefix
-        self._merge = self._committer.merge
-        self._final = final
-        self._encode_record = self.records.local_encoder()  # (used on the loop thread only)
-        self._encode_event = self._codec.encode_event
-        self._encode_step_event = self._codec.encode_step_event
-        #: Machines planned in the flush being built (merge mode: one commit callback for all),
-        #: and that flush's staged state writes.
-        self._planned: Machines | None = None
-        self._states: dict[bytes, Any] | None = None
-        self._context = contextvars.Context()
-        self._machines: dict[MachineId, Machine] = {}
-        self._dirty: dict[MachineId, Machine] = {}
-        # Containers swapped in and out every flush are reused rather than made anew: a big
-        # young container is traversed by every minor GC collection while it stays young.
-        self._dirty_spare: dict[MachineId, Machine] = {}
-        self._unstaged_spare: dict[MachineId, Machine] = {}
-        self._planned_list: Machines = []
-        #: Machines with sent events not staged for commit yet (see `_stage_sent`).
-        self._unstaged: dict[MachineId, Machine] = {}
-        self._seq = 0
-        self._running = False
-        self._stopping = False
-        #: Running and not stopping: local sends are accepted.
-        self._accepting = False
-        self._steps = 0
-        self._rounds = 0
-        self._waiters: list[asyncio.Future[None]] = []
+        #: The loaded machines and the engine work between commits (fsm/runtime.py).
+        self._runtime = MachineRuntime(
+            store,
+            self.records,
+            self._codec,
+            planner,
+            state_type,
+            self.clock,
+            event_types=self._event_types,
+            final=final,
+            creating=self._creating,
+            cancelling=cancelling,
+            cancels=cancels,
+            eager_steps=eager_steps,
+        )
         self._poller: asyncio.Task[None] | None = None
-        self._mailbox = MailboxReader(self)
+        self._mailbox = MailboxReader(self._runtime, self.set_aside)
         #: Ids whose stored record could not be read (set aside in quarantine at start).
         self.unreadable: dict[MachineId, str] = {}
 
@@ -146,11 +127,11 @@ class StateGroup(MachineRuntime, Generic[S]):
     @property
     def started(self) -> bool:
         """True between `start()` and `stop()`."""
-        return self._running
+        return self._runtime.running
 
     async def start(self) -> None:
         """Claim the repo for this process's engine and resume every live machine."""
-        if self._running:
+        if self._runtime.running:
             raise RuntimeError(f"group {self.name!r} is already started")
         self.store.lock_engine()
         try:
@@ -164,62 +145,30 @@ class StateGroup(MachineRuntime, Generic[S]):
             self.store.release_group(self.name)
             self.store.unlock_engine()
             raise
-        committer = self._committer
-        committer.add_hook(self._plan_dirty)
-        committer.add_hook(self._stage_sent, late=True)
-        committer.add_listener(self._notify)
-        committer.add_clock(self.clock)
-        self._running = True
-        self._stopping = False
-        self._accepting = True
-        # Steps run in copies of this context, as Tasks created here would.
-        self._context = contextvars.copy_context()
+        self._runtime.start()
         self._mailbox.ingest()
         self._poller = asyncio.get_running_loop().create_task(
-            self._mailbox.poll(), name=f"sectorfsm-mailbox-{self.name}"
+            self._mailbox.poll(self.poll_interval), name=f"sectorfsm-mailbox-{self.name}"
         )
-        committer.request_flush()
+        self._committer.request_flush()
 
     def _resume(self) -> None:
         pending: dict[MachineId, list[tuple[bytes, bytes]]] = {}
         live: list[MachineId] = []
         records = self.records
         with self.store.read() as txn:
-            for key, value in scan(txn, self.store.db("inbox"), self._prefix):
-                mid, end = records.machine_id(key)
-                self._seq = max(self._seq, int.from_bytes(key[end:], "big"))
-                pending.setdefault(mid, []).append((key, value))
-            for key in scan(txn, self.store.db("live"), self._prefix, values=False):
+            for key, value in scan(txn, self.store.db("inbox"), records.prefix):
+                pending.setdefault(records.machine_id(key)[0], []).append((key, value))
+            for key in scan(txn, self.store.db("live"), records.prefix, values=False):
                 live.append(records.machine_id(key)[0])
         bad: list[tuple[MachineId, bytes, str]] = []
         for mid in dict.fromkeys([*live, *pending]):
             try:
-                m = self._load(mid)
+                self._runtime.restore(mid, pending.get(mid, ()), self._mailbox.quarantine)
             except RecordError as exc:
                 raw = records.raw(records.key(mid))
                 if raw is not None:
                     bad.append((mid, raw, str(exc)))
-                continue
-            if m is None:
-                continue
-            if m is None:
-                continue
-            for key, raw in pending.get(mid, ()):
-                try:
-                    what = self.records.what(mid, "inbox event")
-                    event, from_step = self._codec.decode_inbox_event(raw, what)
-                except RecordError as exc:
-                    self._mailbox.quarantine("inbox", key, raw, str(exc))
-                    continue
-                seq = int.from_bytes(key[-8:], "big")
-                m.push(seq, event, 0)
-                if from_step:
-                    m.sent.append(seq)  # (the step that sent it is superseded like any other)
-            if not m.final:
-                m.push(0, Restart(), 0)
-                m.sent.append(0)  # served (dropped) by whichever step starts first
-            if m.events:
-                self._dirty[mid] = m
         if bad:
             self.set_aside(bad)
 
@@ -251,58 +200,28 @@ class StateGroup(MachineRuntime, Generic[S]):
 
     async def stop(self) -> None:
         """Cancel running steps, commit what is staged and release the repo."""
-        if not self._running:
+        runtime = self._runtime
+        if not runtime.running:
             return
-        self._stopping = True
-        self._accepting = False
+        runtime.refuse_events()
         if self._poller is not None:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
             self._poller = None
-        tasks = [m.task for m in self._machines.values() if m.task is not None]
-        for m in self._machines.values():
-            if m.task is not None:
-                self._cancel_step(m)
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for m in self._machines.values():
-            if m.step_coro is not None:  # (only if a task died without releasing its step)
-                with contextlib.suppress(RuntimeError):
-                    _close(m.step_coro)
-                m.step_coro = None
-        self._steps = 0
-        self._running = False
-        self._stage_sent()
-        committer = self._committer
-        committer.remove_hook(self._plan_dirty)
-        committer.remove_hook(self._stage_sent)
         try:
-            await committer.flush()
+            await runtime.stop()
         finally:
-            committer.remove_listener(self._notify)
-            committer.remove_clock(self.clock)
-            self._machines.clear()
-            self._dirty.clear()
-            self._unstaged.clear()
-            self._rounds = 0
             self.store.release_group(self.name)
             self.store.unlock_engine()
-            self._notify()
+            runtime.notify()
 
     async def idle(self) -> None:
         """Wait until no event is pending, no step runs and every write is committed."""
-        while not self._is_idle():
-            fut = asyncio.get_running_loop().create_future()
-            self._waiters.append(fut)
-            await fut
+        await self._runtime.wait_idle()
 
     def is_idle(self) -> bool:
         """True if no event is pending, no step runs and every write is committed."""
-        return self._is_idle()
-
-    def _is_idle(self) -> bool:
-        if not self._running:
-            return True
-        return not self._dirty and self._steps == 0 and self._rounds == 0 and self._committer.idle
+        return self._runtime.is_idle()
 
     # -- public operations ----------------------------------------------------------------
 
@@ -311,7 +230,7 @@ class StateGroup(MachineRuntime, Generic[S]):
         key = self.records.key(machine_id)
         if not isinstance(initial_state, self.state_type):
             raise TypeError(f"initial state must be a {self.state_type.__name__}")
-        if not self._running:
+        if not self._runtime.running:
             self._check_stoppable()
             final = self.records.is_final(initial_state)
             record = self.records.encode(initial_state, final, None)
@@ -320,13 +239,13 @@ class StateGroup(MachineRuntime, Generic[S]):
                 lambda txn: self.records.client_begin(txn, machine_id, key, record, final),
             )
             return
-        if machine_id in self._machines or self.records.raw(key) is not None:
+        if self._runtime.loaded(machine_id) or self.records.raw(key) is not None:
             raise MachineExistsError(f"{self.name} machine {machine_id!r} already exists")
         if self.records.quarantined(machine_id) is not None:
             raise MachineExistsError(
                 f"{self.name} machine {machine_id!r} exists but its record is in quarantine"
             )
-        self._create(machine_id, initial_state)
+        self._runtime.create(machine_id, initial_state)
         committer = self._committer
         waiter = committer.waiter()
         committer.end_unit()
@@ -336,7 +255,7 @@ class StateGroup(MachineRuntime, Generic[S]):
         """Deliver `event` to a machine; returns once the event is durable."""
         self.records.key(machine_id)
         self._check_encodable(machine_id, event)
-        if not self._running:
+        if not self._runtime.running:
             self._check_stoppable()
             raw = self._codec.encode_event(event)
             create = self.state_type if type(event) in self._creating else None
@@ -346,7 +265,7 @@ class StateGroup(MachineRuntime, Generic[S]):
             )
             return
         committer = self._committer
-        self._send_local(machine_id, event)
+        self._runtime.send(machine_id, event)
         waiter = committer.waiter()
         committer.end_unit()
         await waiter
@@ -358,7 +277,7 @@ class StateGroup(MachineRuntime, Generic[S]):
         running). Everything staged before the next `await` lands in the same transaction.
         """
         self._check_encodable(machine_id, event)
-        self._send_local(machine_id, event)
+        self._runtime.send(machine_id, event)
         return self._committer.waiter()
 
     def get(self, machine_id: MachineId) -> S | None:
@@ -414,12 +333,23 @@ class StateGroup(MachineRuntime, Generic[S]):
 
     def stats(self) -> dict[str, int]:
         """In-memory figures: loaded machines, running steps, queued events."""
-        return {
-            "loaded": len(self._machines),
-            "steps": self._steps,
-            "dirty": len(self._dirty),
-            "pending_events": sum(len(m.events) for m in self._machines.values()),
-        }
+        return self._runtime.stats()
+
+    def _check_encodable(self, machine_id: MachineId, event: object) -> None:
+        """Encode `event` now, so an event that cannot be stored fails its own send only."""
+        try:
+            self._codec.encode_event(event)
+        except (OverflowError, ValueError, TypeError) as exc:
+            if type(event) not in self._event_types:
+                raise  # (the codec's TypeError names the foreign event type)
+            error: type[Exception] = ValueError
+            why = str(exc)
+            if isinstance(exc, OverflowError) or "'int'" in why:
+                why = "an integer in it is outside the 64-bit range"  # (msgpack's limit)
+            elif isinstance(exc, TypeError):
+                error = TypeError
+            what = f"{type(event).__name__} for {self.name} machine {machine_id!r}"
+            raise error(f"{what} cannot be stored: {why}") from None
 
     # -- mailbox (writes from clients) ----------------------------------------------------
 

@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from .events import Restart
 from .keys import MachineId
 
 if TYPE_CHECKING:
@@ -14,6 +15,8 @@ if TYPE_CHECKING:
     from .runtime import MachineRuntime
 
 S = TypeVar("S")
+#: The longest error message a record keeps (a step's trace is cut to this too).
+MAX_ERROR = 4000
 
 
 class Context:
@@ -23,10 +26,10 @@ class Context:
     latest (see `send`).
     """
 
-    __slots__ = ("_gen", "_group", "_machine")
+    __slots__ = ("_gen", "_machine", "_runtime")
 
-    def __init__(self, group: MachineRuntime, machine: Machine, gen: int = 0) -> None:
-        self._group = group
+    def __init__(self, runtime: MachineRuntime, machine: Machine, gen: int = 0) -> None:
+        self._runtime = runtime
         self._machine = machine
         #: The machine's step generation when this step was started.
         self._gen = gen
@@ -39,7 +42,7 @@ class Context:
     @property
     def clock(self) -> Clock:
         """The group's clock; steps wait through it so virtual time works."""
-        return self._group.clock
+        return self._runtime.clock
 
     @property
     def cancelled(self) -> bool:
@@ -49,8 +52,7 @@ class Context:
     @property
     def superseded(self) -> bool:
         """True once a newer step of the machine started (or it became final, or was reloaded)."""
-        m = self._machine
-        return self._gen != m.gen or self._group._machines.get(m.id) is not m
+        return self._runtime.superseded(self._machine, self._gen)
 
     def send(self, event: object) -> None:
         """Queue `event` for this machine; it is planned after the current step returns.
@@ -60,20 +62,7 @@ class Context:
         From then on what it sends is dropped (and logged), and what it sent that is still
         queued is dropped too, so a late result never lands in a state it was not meant for.
         """
-        group = self._group
-        m = self._machine
-        if (
-            group._accepting
-            and type(event) in group._event_types
-            and group._machines.get(m.id) is m
-        ):
-            # The common case, without looking the machine up.
-            if self._gen == m.gen:
-                group._enqueue(m, event, None, True)
-            else:
-                group._superseded(m, event)
-        else:
-            group._send_from_step(m, event)
+        self._runtime.send_from_step(self._machine, self._gen, event)
 
 
 #: A step: `async def step(ctx, state_copy)`, or a plain function for work that never waits
@@ -114,7 +103,7 @@ class Machine:
         self.state = state
         #: Encoded record as last staged.
         self.record = record
-        #: False from `_create` until that record's commit lands (see `_begun`).
+        #: False from `MachineRuntime.create` until that record's commit lands.
         self.exists = True
         #: Queued events and their inbox sequence numbers (0: a signal that is never
         #: persisted); the inbox key is built only for an event that is ever written. Two
@@ -149,6 +138,10 @@ class Machine:
         self.last_error: str | None = None
         self.cancel_requested = False
 
+    def record_error(self, message: str) -> None:
+        """Note `message` as the machine's last error (written with its next state record)."""
+        self.last_error = message[:MAX_ERROR]
+
     def inbox_key(self, seq: int) -> bytes:
         """The `inbox` key of this machine's event number `seq`."""
         return self.key + seq.to_bytes(8, "big")
@@ -160,6 +153,12 @@ class Machine:
             self.batch_start = len(self.seqs)
         self.seqs.append(seq)
         self.events.append(event)
+
+    def push_restart(self) -> None:
+        """Queue `Restart` last, unless the machine is final (a resumed or reloaded machine)."""
+        if not self.final:
+            self.push(0, Restart(), 0)
+            self.sent.append(0)  # served (dropped) by whichever step starts first
 
     def queued_since(self, batch: int) -> int:
         """Index of the first queued event whose commit batch is `batch` or later.

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .codec import packb, unpackb
 from .errors import RecordError, StoreError
 
 if TYPE_CHECKING:
-    from .group import StateGroup
     from .keys import MachineId
     from .machine import Machine
+    from .runtime import MachineRuntime
+
+#: `StateGroup.set_aside`: moves unreadable machine records `(id, raw, reason)` to quarantine.
+SetAside = Callable[[list[tuple["MachineId", bytes, str]]], None]
 
 log = logging.getLogger("sectorfsm.fsm")
 
@@ -26,33 +30,38 @@ log = logging.getLogger("sectorfsm.fsm")
 class MailboxReader:
     """Ingests one group's mailbox entries (the group's engine-side half of client writes)."""
 
-    def __init__(self, group: StateGroup[Any]) -> None:
-        self.group = group
+    def __init__(self, runtime: MachineRuntime, set_aside: SetAside) -> None:
+        self._runtime = runtime
+        self._records = records = runtime.records
+        self._store = records.store
+        self._committer = records.store.committer
+        self._name = records.name
+        self._set_aside = set_aside
         #: Mailbox keys taken but not yet committed: the next poll must not take them again.
         self.ingesting: set[bytes] = set()
 
-    async def poll(self) -> None:
-        """Ingest the mailbox every `poll_interval` seconds, for as long as the group runs."""
-        g = self.group
+    async def poll(self, interval: float) -> None:
+        """Ingest the mailbox every `interval` seconds, for as long as the group runs."""
         while True:
-            await asyncio.sleep(g.poll_interval)
+            await asyncio.sleep(interval)
             try:
                 self.ingest()
             except StoreError as exc:
-                log.error("%s: reading the mailbox failed: %s", g.name, exc)
+                log.error("%s: reading the mailbox failed: %s", self._name, exc)
 
     def ingest(self) -> None:
         """Move this group's mailbox entries into its machines' inboxes (one commit)."""
-        g = self.group
+        records = self._records
         entries: list[tuple[bytes, bytes]] = []
-        with g.store.read() as txn:
-            mailbox = g.store.db("mailbox")
+        with self._store.read() as txn:
+            mailbox = self._store.db("mailbox")
             if txn.stat(mailbox)["entries"] == 0:
                 return
             for mkey, value in txn.cursor(db=mailbox):
                 if mkey not in self.ingesting:
                     entries.append((mkey, value))
-        committer = g._committer
+        committer = self._committer
+        codec = records.codec
         taken: list[bytes] = []
         for mkey, value in entries:
             try:
@@ -60,21 +69,21 @@ class MailboxReader:
             except Exception as exc:
                 self.quarantine("mailbox", mkey, value, f"corrupt mailbox entry: {exc}")
                 continue
-            if group != g.name:
+            if group != self._name:
                 continue
             try:
-                if not isinstance(key, bytes) or not key.startswith(g._prefix):
+                if not isinstance(key, bytes) or not key.startswith(records.prefix):
                     raise RecordError(f"mailbox entry {mkey!r} names a bad machine key")
-                mid = g.records.machine_id(key)[0]
-                event = g._codec.decode_event(raw, g.records.what(mid, "mailbox event"))
-                m = g._machines.get(mid) or self._load(mid)
+                mid = records.machine_id(key)[0]
+                event = codec.decode_event(raw, records.what(mid, "mailbox event"))
+                m = self._load(mid)
                 if m is None:
-                    raise RecordError(f"{g.records.what(mid, 'mailbox event')}: no such machine")
+                    raise RecordError(f"{records.what(mid, 'mailbox event')}: no such machine")
             except (RecordError, ValueError) as exc:
                 self.quarantine("mailbox", mkey, value, str(exc))
                 continue
             committer.delete("mailbox", mkey)
-            g._enqueue(m, event, raw)
+            self._runtime.deliver(m, event, raw)
             taken.append(mkey)
         if taken:
             self.ingesting.update(taken)
@@ -82,21 +91,19 @@ class MailboxReader:
             committer.end_unit()
 
     def _load(self, mid: MachineId) -> Machine | None:
-        """Load a machine for an event; an unreadable record is set aside, then re-raised."""
-        g = self.group
+        """The machine for an event (loaded if need be); an unreadable record is set aside."""
         try:
-            return g._load(mid)
+            return self._runtime.machine(mid)
         except RecordError as exc:
-            raw = g.records.raw(g.records.key(mid))
+            raw = self._records.raw(self._records.key(mid))
             if raw is not None:
-                g.set_aside([(mid, raw, str(exc))])
+                self._set_aside([(mid, raw, str(exc))])
             raise
 
     def quarantine(self, db: str, key: bytes, raw: bytes, why: str) -> None:
         """Move an unreadable inbox or mailbox record aside, keeping its bytes."""
-        g = self.group
-        log.error("%s: moving unreadable %s record %r to quarantine: %s", g.name, db, key, why)
-        committer = g._committer
+        log.error("%s: moving unreadable %s record %r to quarantine: %s", self._name, db, key, why)
+        committer = self._committer
         committer.put("quarantine", db.encode() + b"/" + key, packb([why, raw]))
         committer.delete(db, key)
         if db == "mailbox":  # the next poll must not see it again before this commits

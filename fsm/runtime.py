@@ -1,7 +1,7 @@
 """The in-memory runtime of a group's loaded machines: queue, planner rounds, steps.
 
-`StateGroup` (fsm/group.py) is the public face; this mixin holds the engine work it does
-between commits:
+`StateGroup` (fsm/group.py) is the public face and owns one `MachineRuntime`, which does the
+engine work between commits; `MachineSteps` (fsm/steps.py) runs the steps it plans:
 
 * **Queue.** A sent event is queued on its machine. In `group`/`nosync` mode it is staged for
   the inbox only if no planner round consumed it by the time its commit is taken, so an event
@@ -20,86 +20,271 @@ between commits:
 * **A failed commit.** Machines planned in it are reloaded from disk as after a crash, keeping
   the events sent since; events it carried for other machines are dropped from their queues,
   since their senders were told the send failed.
-
-Containers that are refilled every commit are reused rather than created anew: a big young
-container is traversed by every minor collection of the cyclic GC while it stays young.
+* **One commit in flight.** The committer takes a batch only once the previous one has landed
+  and its callbacks ran. The runtime relies on it: a commit's rounds are started (or
+  recovered) before the next commit's rounds are planned, and a failed commit is the latest
+  batch taken. `_plan_dirty` raises RuntimeError rather than plan over rounds still in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
-import traceback
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .commit import Committer
-from .errors import GroupStoppedError, RecordError, StoreError, Terminated, UnknownMachineError
-from .events import Restart, StepFailed
+from .errors import GroupStoppedError, RecordError, StoreError, UnknownMachineError
+from .events import Restart
 from .keys import MachineId
-from .machine import Context, Machine, Step
-from .steps import ResumedStep
-from .steps import close as _close
+from .machine import Machine, Step
+from .rounds import PlanFn, RoundPlanner, describe
+from .steps import MachineSteps
 
 if TYPE_CHECKING:
     from .clock import Clock
     from .codec import RecordCodec
     from .records import GroupRecords
+    from .store import LmdbStore
 
 log = logging.getLogger("sectorfsm.fsm")
 
-_MAX_ERROR = 4000
-Machines = list[Machine]  # (inside StateGroup, `list` is its own list() method)
+Machines = list[Machine]
 
 
 class MachineRuntime:
-    """Engine internals of `StateGroup`: see the module docstring."""
+    """A running group's loaded machines and the work between commits (module docstring)."""
 
-    # Set up by StateGroup.__init__/start().
-    name: str
-    planner: Callable[[list[Any], Any], tuple[Step | None, int]]
-    records: GroupRecords[Any]
-    _codec: RecordCodec[Any]
-    state_type: type
-    _committer: Committer
-    _merge: bool
-    _final: Callable[[Any], bool] | None
-    _encode_record: Callable[[Any, bool, str | None], bytes]
-    _encode_event: Callable[[object], bytes]
-    _encode_step_event: Callable[[object], bytes]
-    _begin_step: Callable[..., Awaitable[None] | None]
-    _context: contextvars.Context
-    _cancelling: frozenset[type]
-    _cancels: Callable[[Any, Any], bool] | None
-    _creating: frozenset[type]
-    _event_types: frozenset[type]
-    _accepting: bool
-    clock: Clock
-    _machines: dict[MachineId, Machine]
-    _dirty: dict[MachineId, Machine]
-    _dirty_spare: dict[MachineId, Machine]
-    _unstaged: dict[MachineId, Machine]
-    _unstaged_spare: dict[MachineId, Machine]
-    _planned: Machines | None
-    _planned_list: Machines
-    _states: dict[bytes, Any] | None
-    _waiters: list[asyncio.Future[None]]
-    _seq: int
-    _rounds: int
-    _steps: int
-    _running: bool
-    _stopping: bool
+    def __init__(
+        self,
+        store: LmdbStore,
+        records: GroupRecords[Any],
+        codec: RecordCodec[Any],
+        planner: PlanFn,
+        state_type: type,
+        clock: Clock,
+        *,
+        event_types: frozenset[type] = frozenset(),
+        final: Callable[[Any], bool] | None = None,
+        creating: frozenset[type] = frozenset(),
+        cancelling: frozenset[type] = frozenset(),
+        cancels: Callable[[Any, Any], bool] | None = None,
+        eager_steps: bool = True,
+    ) -> None:
+        self.name = records.name
+        self.records = records
+        self.clock = clock
+        self._codec = codec
+        self._round = RoundPlanner(planner, records, final)
+        self._state_type = state_type
+        self._committer = committer = store.committer
+        self._merge = committer.merge
+        self._encode_event = codec.encode_event
+        self._encode_step_event = codec.encode_step_event
+        self._event_types = event_types
+        self._creating = creating
+        self._cancelling = cancelling
+        #: Whether a `cancelling` event cancels the step running in the machine's state
+        #: (None: always), so a stray one never throws away work it had no business stopping.
+        self._cancels = cancels
+        self.steps = MachineSteps(self, records, committer, eager=eager_steps)
+        #: Machines planned in the flush being built (merge mode: one commit callback for all),
+        #: and that flush's staged state writes.
+        self._planned: Machines | None = None
+        self._states: dict[bytes, Any] | None = None
+        self._machines: dict[MachineId, Machine] = {}
+        self._dirty: dict[MachineId, Machine] = {}
+        # Containers swapped in and out every flush are reused rather than made anew: a big
+        # young container is traversed by every minor GC collection while it stays young.
+        self._dirty_spare: dict[MachineId, Machine] = {}
+        self._unstaged_spare: dict[MachineId, Machine] = {}
+        self._planned_list: Machines = []
+        #: Machines with sent events not staged for commit yet (see `_stage_sent`).
+        self._unstaged: dict[MachineId, Machine] = {}
+        self._seq = 0
+        self._running = False
+        self._stopping = False
+        #: Running and not stopping: local sends are accepted.
+        self._accepting = False
+        #: Rounds staged whose commit has not landed yet.
+        self._rounds = 0
+        self._waiters: list[asyncio.Future[None]] = []
 
-    def _notify(self) -> None:
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """True between `start()` and the end of `stop()`."""
+        return self._running
+
+    @property
+    def active(self) -> bool:
+        """Running and not stopping: rounds are planned and steps started."""
+        return self._running and not self._stopping
+
+    def restore(
+        self,
+        machine_id: MachineId,
+        entries: Sequence[tuple[bytes, bytes]],
+        quarantine: Callable[[str, bytes, bytes, str], None],
+    ) -> Machine | None:
+        """Load a machine at start with its inbox `entries`, then `Restart` (if not final).
+
+        Raises RecordError if its record cannot be read; unreadable events go to `quarantine`.
+        """
+        for key, _ in entries:  # (first: numbers stay unique even if the record is unreadable)
+            self._seq = max(self._seq, int.from_bytes(key[-8:], "big"))
+        m = self._load(machine_id)
+        if m is None:
+            return None
+        self._queue_pending(m, entries, quarantine)
+        m.push_restart()
+        if m.events:
+            self._dirty[machine_id] = m
+        return m
+
+    def _queue_pending(
+        self,
+        m: Machine,
+        entries: Iterable[tuple[bytes, bytes]],
+        quarantine: Callable[[str, bytes, bytes, str], None] | None = None,
+    ) -> None:
+        """Queue a machine's inbox entries as read from disk (unreadable ones: `quarantine`)."""
+        what = self.records.what(m.id, "inbox event")
+        for key, raw in entries:
+            try:
+                event, from_step = self._codec.decode_inbox_event(raw, what)
+            except RecordError as exc:
+                if quarantine is None:
+                    raise
+                quarantine("inbox", key, raw, str(exc))
+                continue
+            seq = int.from_bytes(key[-8:], "big")
+            m.push(seq, event, 0)
+            if from_step:
+                m.sent.append(seq)  # (the step that sent it is superseded like any other)
+
+    def start(self) -> None:
+        """Hook into the committer and accept events (after `restore`)."""
+        committer = self._committer
+        committer.add_hook(self._plan_dirty)
+        committer.add_hook(self._stage_sent, late=True)
+        committer.add_listener(self.notify)
+        committer.add_clock(self.clock)
+        self._running = True
+        self._stopping = False
+        self._accepting = True
+        # Steps run in copies of this context, as Tasks created here would.
+        self.steps.bind_context()
+
+    def refuse_events(self) -> None:
+        """Stop accepting events: the group is stopping."""
+        self._stopping = True
+        self._accepting = False
+
+    async def stop(self) -> None:
+        """Cancel running steps, commit what is staged and forget the loaded machines."""
+        await self.steps.stop(self._machines.values())
+        self._running = False
+        self._stage_sent()
+        committer = self._committer
+        committer.remove_hook(self._plan_dirty)
+        committer.remove_hook(self._stage_sent)
+        try:
+            await committer.flush()
+        finally:
+            committer.remove_listener(self.notify)
+            committer.remove_clock(self.clock)
+            self._machines.clear()
+            self._dirty.clear()
+            self._unstaged.clear()
+            self._rounds = 0
+
+    def is_idle(self) -> bool:
+        """True if no event is pending, no step runs and every write is committed."""
+        if not self._running:
+            return True
+        return (
+            not self._dirty
+            and self.steps.running == 0
+            and self._rounds == 0
+            and self._committer.idle
+        )
+
+    async def wait_idle(self) -> None:
+        """Wait until `is_idle()`."""
+        while not self.is_idle():
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            await fut
+
+    def notify(self) -> None:
+        """Wake `wait_idle` callers so they check again (after every commit)."""
         waiters, self._waiters = self._waiters, []
         for w in waiters:
             if not w.done():
                 w.set_result(None)
 
+    def stats(self) -> dict[str, int]:
+        """In-memory figures: loaded machines, running steps, queued events."""
+        return {
+            "loaded": len(self._machines),
+            "steps": self.steps.running,
+            "dirty": len(self._dirty),
+            "pending_events": sum(len(m.events) for m in self._machines.values()),
+        }
+
+    # -- what Context, the mailbox and the group call ----------------------------------------
+
+    def loaded(self, machine_id: MachineId) -> bool:
+        """True if the machine is in memory (it may not be committed yet)."""
+        return machine_id in self._machines
+
+    def machine(self, machine_id: MachineId) -> Machine | None:
+        """The loaded machine, else loaded from disk now; None if it does not exist."""
+        return self._machines.get(machine_id) or self._load(machine_id)
+
+    def deliver(self, m: Machine, event: object, raw: bytes) -> None:
+        """Queue a mailbox event already encoded as `raw` (its put joins the current commit)."""
+        self._enqueue(m, event, raw)
+
+    def superseded(self, m: Machine, gen: int) -> bool:
+        """True once a step started at generation `gen` of `m` is no longer its latest."""
+        return gen != m.gen or self._machines.get(m.id) is not m
+
+    def send_from_step(self, m: Machine, gen: int, event: object) -> None:
+        """`Context.send`: queue `event` unless the step that sends it was superseded."""
+        if self._accepting and type(event) in self._event_types:
+            if self._machines.get(m.id) is m and gen == m.gen:
+                self._enqueue(m, event, None, True)
+                return
+            # Superseded: a newer round started another step, or the machine was reloaded
+            # since (a failed commit, a restart of the group, or it went dormant when final).
+            self._superseded(m, event)
+            return
+        self.send(m.id, event)  # raises the error that says why
+
+    def queue_step_event(self, m: Machine, event: object) -> None:
+        """Queue an event on behalf of the machine's step (`StepFailed`)."""
+        self._enqueue(m, event, None, True)
+
+    def step_released(self, m: Machine) -> None:
+        """A step that ran in a Task ended: plan what it sent, wake idle waiters."""
+        if self._running and self._machines.get(m.id) is m:
+            self.settle(m)
+        self.notify()
+
+    def settle(self, m: Machine) -> None:
+        """A machine stopped being busy: plan its queued events, or let it go dormant."""
+        if m.events:
+            self._dirty[m.id] = m
+            self._committer.request_flush()
+        elif m.final and not m.busy:
+            del self._machines[m.id]  # dormant: lives on disk only
+
     # -- the event queue and its staging -----------------------------------------------------
 
-    def _send_local(self, machine_id: MachineId, event: object) -> None:
+    def send(self, machine_id: MachineId, event: object) -> None:
+        """Queue `event` for a machine, loading (or creating) it; raises if refused."""
         if not self._accepting:
             raise GroupStoppedError(f"group {self.name!r} is not running")
         if type(event) not in self._event_types:
@@ -110,41 +295,16 @@ class MachineRuntime:
             if m is None:
                 if type(event) not in self._creating:
                     raise UnknownMachineError(f"{self.name} has no machine {machine_id!r}")
-                m = self._create(machine_id)
+                m = self.create(machine_id)
         self._enqueue(m, event)
-
-    def _check_encodable(self, machine_id: MachineId, event: object) -> None:
-        """Encode `event` now, so an event that cannot be stored fails its own send only."""
-        try:
-            self._encode_event(event)
-        except (OverflowError, ValueError, TypeError) as exc:
-            if type(event) not in self._event_types:
-                raise  # (the codec's TypeError names the foreign event type)
-            error: type[Exception] = ValueError
-            why = str(exc)
-            if isinstance(exc, OverflowError) or "'int'" in why:
-                why = "an integer in it is outside the 64-bit range"  # (msgpack's limit)
-            elif isinstance(exc, TypeError):
-                error = TypeError
-            what = f"{type(event).__name__} for {self.name} machine {machine_id!r}"
-            raise error(f"{what} cannot be stored: {why}") from None
 
     def _superseded(self, m: Machine, event: object) -> None:
         log.info(
             "%s: machine %r: dropped %s, sent by a step that a newer one superseded",
             self.name,
             m.id,
-            _describe(event),
+            describe(event),
         )
-
-    def _send_from_step(self, m: Machine, event: object) -> None:
-        """`Context.send` when its machine is not the loaded one (or the send is refused)."""
-        if self._accepting and type(event) in self._event_types:
-            # The machine was reloaded since (a failed commit, a restart of the group, or it
-            # went dormant in a final state): the step that holds this Context is gone.
-            self._superseded(m, event)
-            return
-        self._send_local(m.id, event)  # raises the error that says why
 
     def _enqueue(
         self, m: Machine, event: object, raw: bytes | None = None, step: bool = False
@@ -179,17 +339,9 @@ class MachineRuntime:
         if busy and type(event) in self._cancelling:
             cancels = self._cancels
             if cancels is None or cancels(event, m.state):
-                self._cancel_step(m)
+                self.steps.cancel(m)
         if not busy:
             self._dirty[m.id] = m
-
-    def _cancel_step(self, m: Machine) -> None:
-        """Ask the machine's step, or the step its committing round will start, to stop."""
-        m.cancel_requested = True
-        if m.task is not None and m.started:
-            m.task.cancel()
-        # Otherwise the step's task has not begun (or its round is still being committed):
-        # `_run_step` (or `_rounds_committed`) sees the flag when it does.
 
     def _stage_machine(self, m: Machine) -> None:
         n = m.unstaged
@@ -228,10 +380,10 @@ class MachineRuntime:
 
     # -- loading and creating machines -------------------------------------------------------
 
-    def _create(self, machine_id: MachineId, state: Any = None) -> Machine:
+    def create(self, machine_id: MachineId, state: Any = None) -> Machine:
         """Stage a new machine's record; it exists once that commit lands (see `_begun`)."""
         if state is None:
-            state = self.state_type()
+            state = self._state_type()
         key = self.records.key(machine_id)
         final = self.records.is_final(state)
         record = self.records.encode(state, final, None)
@@ -276,87 +428,31 @@ class MachineRuntime:
         dirty = self._dirty
         if not dirty:
             return
-        self._dirty, self._dirty_spare = self._dirty_spare, dirty  # cleared below
-        machines = self._machines
         # Reused: the previous flush's rounds were all started before this flush could run.
         planned = self._planned_list
+        if planned:
+            # Two commits' rounds would overlap: the first commit's callback would start (or
+            # recover) the second's rounds too, before their state is on disk.
+            raise RuntimeError(
+                f"group {self.name!r}: rounds planned while the previous commit's rounds are "
+                "in flight (the committer must keep one commit in flight at a time)"
+            )
+        self._dirty, self._dirty_spare = self._dirty_spare, dirty  # cleared below
+        machines = self._machines
+        plan = self._round.plan
+        finish = self._finish_round
         if self._merge:
             self._planned = planned
             self._states = self._committer.staging("states")
         try:
             for m in dirty.values():
                 if not (m.planning or m.stepping) and m.events and machines.get(m.id) is m:
-                    self._plan(m)
+                    finish(m, *plan(m))
         finally:
             self._planned = self._states = None
             dirty.clear()
             if planned:
-                self._committer.on_commit(self._rounds_committed, planned)
-
-    def _plan(self, m: Machine, limit: int | None = None) -> None:
-        events = m.events[:limit]
-        terminated = False
-        try:
-            step, processed = self.planner(events, m.state)
-        except Terminated:
-            step, processed, terminated = None, len(events), True
-            if len(events) > 1:
-                log.warning(
-                    "%s: machine %r terminated with %d events unplanned",
-                    self.name,
-                    m.id,
-                    len(events) - 1,
-                )
-        except Exception as exc:
-            self._plan_failed(m, events, exc)
-            return
-        if not isinstance(processed, int) or not 0 <= processed <= len(events):
-            self._plan_failed(
-                m,
-                events,
-                ValueError(f"planner returned processed={processed!r} for {len(events)} events"),
-            )
-            return
-        if processed == 0 and step is None:
-            # Nothing consumed and nothing to wait for: go-statemachine would spin here.
-            processed = 1
-            self._record_error(m, f"planner did not consume event {_describe(events[0])}")
-        try:
-            final, record = self._seal(m, terminated)
-        except Exception as exc:  # (the final= predicate raised, or the state cannot be encoded)
-            self._plan_failed(m, events, exc)
-            return
-        self._finish_round(m, step, processed, final, record)
-
-    def _plan_failed(self, m: Machine, events: Sequence[object], exc: Exception) -> None:
-        # Undo whatever the planner mutated before raising.
-        m.state = self.records.decode(m.record, m.id)[0]
-        if len(events) > 1:
-            # One event of the batch is bad: plan the first alone, so only the culprit is dropped.
-            self._plan(m, limit=1)
-            return
-        log.warning(
-            "%s: machine %r: planner rejected %s: %s", self.name, m.id, _describe(events[0]), exc
-        )
-        self._record_error(
-            m, f"planner rejected {_describe(events[0])}: {type(exc).__name__}: {exc}"
-        )
-        try:
-            final, record = self._seal(m, False)
-        except Exception:
-            # Even the stored state cannot be sealed again: leave it as it is.
-            log.exception("%s: machine %r: cannot store its state", self.name, m.id)
-            final, record = m.final, m.record
-        self._finish_round(m, None, 1, final, record)
-
-    def _record_error(self, m: Machine, message: str) -> None:
-        m.last_error = message[:_MAX_ERROR]
-
-    def _seal(self, m: Machine, terminated: bool) -> tuple[bool, bytes]:
-        """The round's finality and record; raises if the state cannot be stored."""
-        final = self._final
-        is_final = terminated or (final is not None and bool(final(m.state)))
-        return is_final, self._encode_record(m.state, is_final, m.last_error)
+                self._committer.on_commit(self._batch_rounds_committed, planned)
 
     def _finish_round(
         self, m: Machine, step: Step | None, processed: int, final: bool, record: bytes
@@ -403,7 +499,7 @@ class MachineRuntime:
             m.next_step = step
             planned.append(m)
         else:
-            committer.on_commit(self._round_committed, m, step)
+            committer.on_commit(self._machine_round_committed, m, step)
             committer.end_unit()
 
     def _drop_superseded(self, m: Machine) -> None:
@@ -424,33 +520,33 @@ class MachineRuntime:
         if gone:
             m.discard(gone)
 
-    def _rounds_committed(self, planned: Machines, err: BaseException | None) -> None:
+    def _batch_rounds_committed(self, planned: Machines, err: BaseException | None) -> None:
+        # Cleared in any case: `_plan_dirty` refuses to plan while it holds rounds.
         try:
-            self._start_rounds(planned, err)
+            if err is not None or not self._running or self._stopping:
+                for m in planned:
+                    step, m.next_step = m.next_step, None
+                    self._machine_round_committed(m, step, err)
+                return
+            # The common case, inlined: every round landed, start each planned step.
+            self._rounds -= len(planned)
+            machines = self._machines
+            for m in planned:
+                m.planning = False
+                step, m.next_step = m.next_step, None
+                if machines.get(m.id) is not m:
+                    continue
+                if step is None:
+                    m.cancel_requested = False  # no step to cancel: it must not skip a later one
+                    self.settle(m)
+                else:
+                    self.steps.start(m, step)
         finally:
             planned.clear()
 
-    def _start_rounds(self, planned: Machines, err: BaseException | None) -> None:
-        if err is not None or not self._running or self._stopping:
-            for m in planned:
-                step, m.next_step = m.next_step, None
-                self._round_committed(m, step, err)
-            return
-        # The common case, inlined: every round landed, start each planned step.
-        self._rounds -= len(planned)
-        machines = self._machines
-        for m in planned:
-            m.planning = False
-            step, m.next_step = m.next_step, None
-            if machines.get(m.id) is not m:
-                continue
-            if step is None:
-                m.cancel_requested = False  # no step to cancel: it must not skip a later one
-                self._settle(m)
-            else:
-                self._start_step(m, step)
-
-    def _round_committed(self, m: Machine, step: Step | None, err: BaseException | None) -> None:
+    def _machine_round_committed(
+        self, m: Machine, step: Step | None, err: BaseException | None
+    ) -> None:
         m.planning = False
         self._rounds -= 1
         if self._machines.get(m.id) is not m:
@@ -459,55 +555,10 @@ class MachineRuntime:
             self._recover(m)
             return
         if step is not None and self._running and not self._stopping:
-            self._start_step(m, step)
+            self.steps.start(m, step)
         else:
-            m.cancel_requested = False  # (as in `_start_rounds`)
-            self._settle(m)
-
-    # -- steps -------------------------------------------------------------------------------
-
-    def _start_step(self, m: Machine, step: Step) -> None:
-        if m.cancel_requested:
-            # A cancelling event arrived while this round was being committed: skip the step.
-            m.cancel_requested = False
-            self._settle(m)
-            return
-        ctx = Context(self, m, m.gen)
-        context = self._context.copy()
-        m.stepping = True  # events the step sends wait until it returns
-        try:
-            # A deep copy, so nothing the step does to it can leak into the persisted state.
-            copy = self.records.decode_state(m.record, m.id)
-            pending = context.run(self._begin_step, step, ctx, copy)
-        except asyncio.CancelledError:
-            pending = None  # the step cancelled itself before waiting, as a Task would end
-        except Exception as exc:  # the step failed before it ever waited
-            pending = None
-            self._step_failed(m, exc)
-        except BaseException:
-            m.stepping = False
-            m.cancel_requested = False
-            self._settle(m)
-            raise
-        if pending is None:
-            # Finished without waiting: no Task was needed.
-            m.stepping = m.cancel_requested = False
-            self._settle(m)
-            return
-        self._steps += 1
-        m.started = False
-        m.step_coro = pending
-        m.task = asyncio.get_running_loop().create_task(self._run_step(m, pending), context=context)
-        if m.events:
-            # It sent events before it waited; `_enqueue` left the flush to its end.
-            self._committer.request_flush()
-
-    def _settle(self, m: Machine) -> None:
-        if m.events:
-            self._dirty[m.id] = m
-            self._committer.request_flush()
-        elif m.final and not m.busy:
-            del self._machines[m.id]  # dormant: lives on disk only
+            m.cancel_requested = False  # (as in `_batch_rounds_committed`)
+            self.settle(m)
 
     # -- a failed commit ---------------------------------------------------------------------
 
@@ -529,13 +580,7 @@ class MachineRuntime:
             return
         if fresh is None:
             return
-        for key, raw in self.records.pending(fresh.key):
-            what = self.records.what(m.id, "inbox event")
-            event, from_step = self._codec.decode_inbox_event(raw, what)
-            seq = int.from_bytes(key[-8:], "big")
-            fresh.push(seq, event, 0)
-            if from_step:
-                fresh.sent.append(seq)
+        self._queue_pending(fresh, self.records.pending(fresh.key))
         known = set(fresh.seqs)
         marked = set(m.sent)
         kept = 0
@@ -549,55 +594,6 @@ class MachineRuntime:
         # never more than were kept). Stage them now, before `Restart` ends the queue.
         fresh.unstaged = min(m.unstaged, kept)
         self._stage_machine(fresh)
-        if not fresh.final:
-            fresh.push(0, Restart(), 0)
-            fresh.sent.append(0)  # served (dropped) by whichever step starts first
+        fresh.push_restart()
         self._dirty[m.id] = fresh
         self._committer.request_flush()
-
-    def _step_failed(self, m: Machine, exc: BaseException) -> None:
-        trace = "".join(traceback.format_exception(exc))
-        message = f"{type(exc).__name__}: {exc}"
-        log.warning("%s: machine %r: step failed: %s", self.name, m.id, message)
-        self._record_error(m, f"step failed: {message}")
-        if self._running and not self._stopping:
-            failed = StepFailed(message[:_MAX_ERROR], trace[-_MAX_ERROR:])
-            self._enqueue(m, failed, None, True)
-
-    async def _run_step(self, m: Machine, pending: Awaitable[None]) -> None:
-        m.started = True
-        task = asyncio.current_task()
-        if m.cancel_requested and task is not None:
-            if type(pending) is ResumedStep:
-                # It ran up to its first wait already: cancel it there, as a Task would be.
-                task.cancel()
-            else:
-                _close(pending)  # it never ran: skip it altogether
-                self._release_step(m, task)
-                return
-        try:
-            await pending
-        except asyncio.CancelledError:
-            if not m.cancel_requested:
-                raise
-        except Exception as exc:
-            self._step_failed(m, exc)
-        finally:
-            # Release right away, so what the step sent joins the batch being planned now.
-            self._release_step(m, asyncio.current_task())
-
-    def _release_step(self, m: Machine, task: asyncio.Task[Any] | None) -> None:
-        if task is None or m.task is not task:
-            return  # already released
-        m.task = None
-        m.step_coro = None
-        m.stepping = False
-        m.cancel_requested = False
-        self._steps -= 1
-        if self._running and self._machines.get(m.id) is m:
-            self._settle(m)
-        self._notify()
-
-
-def _describe(event: object) -> str:
-    return type(event).__name__

@@ -13,13 +13,32 @@ Task created there would, so a context variable one step sets never leaks into a
 The one difference from a Task: on Python 3.11, `asyncio.current_task()` is None until the
 step first suspends, so `asyncio.timeout()` and `asyncio.TaskGroup` must be entered after an
 `await` (or the group created with `eager_steps=False`).
+
+`MachineSteps` runs the steps of one group's machines on top of that: one step at a time per
+machine, started once the round that planned it is committed, cancelled on request, and
+handed back to the runtime (`fsm/runtime.py`) when it ends.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import contextvars
+import logging
+import traceback
 import types
-from collections.abc import Awaitable, Callable, Generator
-from typing import Any
+from collections.abc import Awaitable, Callable, Generator, Iterable
+from typing import TYPE_CHECKING, Any
+
+from .events import StepFailed
+from .machine import MAX_ERROR, Context, Machine, Step
+
+if TYPE_CHECKING:
+    from .commit import Committer
+    from .records import GroupRecords
+    from .runtime import MachineRuntime
+
+log = logging.getLogger("sectorfsm.fsm")
 
 StepFn = Callable[..., Awaitable[None] | None]
 #: What a driver yields when the coroutine it delegates to has returned.
@@ -46,7 +65,7 @@ def _new_driver() -> Any:
     return driver
 
 
-__all__ = ["ResumedStep", "StepRunner", "call", "close"]
+__all__ = ["MachineSteps", "ResumedStep", "StepRunner", "call", "close"]
 
 
 class ResumedStep:
@@ -148,3 +167,133 @@ def close(awaitable: object) -> None:
     closer = getattr(awaitable, "close", None)
     if callable(closer):
         closer()
+
+
+class MachineSteps:
+    """The steps of one group's machines: started after their round commits, one per machine.
+
+    A step runs inline until its first real wait (`StepRunner`); only a step that waits gets
+    a Task. What a step sends is planned once it returns (`MachineRuntime.step_released`).
+    """
+
+    def __init__(
+        self,
+        runtime: MachineRuntime,
+        records: GroupRecords[Any],
+        committer: Committer,
+        *,
+        eager: bool = True,
+    ) -> None:
+        self._runtime = runtime
+        self._records = records
+        self._committer = committer
+        self._begin_step = StepRunner().run if eager else call
+        self._context = contextvars.Context()
+        #: Steps running in a Task (inline steps finish before anyone could count them).
+        self.running = 0
+
+    def bind_context(self) -> None:
+        """Run steps in copies of the current context from now on, as Tasks made here would."""
+        self._context = contextvars.copy_context()
+
+    def start(self, m: Machine, step: Step) -> None:
+        """Start the step its committed round planned (skipped if a cancel came meanwhile)."""
+        runtime = self._runtime
+        if m.cancel_requested:
+            # A cancelling event arrived while this round was being committed: skip the step.
+            m.cancel_requested = False
+            runtime.settle(m)
+            return
+        ctx = Context(runtime, m, m.gen)
+        context = self._context.copy()
+        m.stepping = True  # events the step sends wait until it returns
+        try:
+            # A deep copy, so nothing the step does to it can leak into the persisted state.
+            copy = self._records.decode_state(m.record, m.id)
+            pending = context.run(self._begin_step, step, ctx, copy)
+        except asyncio.CancelledError:
+            pending = None  # the step cancelled itself before waiting, as a Task would end
+        except Exception as exc:  # the step failed before it ever waited
+            pending = None
+            self._step_failed(m, exc)
+        except BaseException:
+            m.stepping = False
+            m.cancel_requested = False
+            runtime.settle(m)
+            raise
+        if pending is None:
+            # Finished without waiting: no Task was needed.
+            m.stepping = m.cancel_requested = False
+            runtime.settle(m)
+            return
+        self.running += 1
+        m.started = False
+        m.step_coro = pending
+        m.task = asyncio.get_running_loop().create_task(self._run_step(m, pending), context=context)
+        if m.events:
+            # It sent events before it waited; the runtime left the flush to its end.
+            self._committer.request_flush()
+
+    def cancel(self, m: Machine) -> None:
+        """Ask the machine's step, or the step its committing round will start, to stop."""
+        m.cancel_requested = True
+        if m.task is not None and m.started:
+            m.task.cancel()
+        # Otherwise the step's task has not begun (or its round is still being committed):
+        # `_run_step` (or the round's commit callback) sees the flag when it does.
+
+    async def stop(self, machines: Iterable[Machine]) -> None:
+        """Cancel every running step, wait for them, and close any left unreleased."""
+        machines = list(machines)
+        tasks = [m.task for m in machines if m.task is not None]
+        for m in machines:
+            if m.task is not None:
+                self.cancel(m)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for m in machines:
+            if m.step_coro is not None:  # (only if a task died without releasing its step)
+                with contextlib.suppress(RuntimeError):
+                    close(m.step_coro)
+                m.step_coro = None
+        self.running = 0
+
+    def _step_failed(self, m: Machine, exc: BaseException) -> None:
+        trace = "".join(traceback.format_exception(exc))
+        message = f"{type(exc).__name__}: {exc}"
+        log.warning("%s: machine %r: step failed: %s", self._runtime.name, m.id, message)
+        m.record_error(f"step failed: {message}")
+        if self._runtime.active:
+            failed = StepFailed(message[:MAX_ERROR], trace[-MAX_ERROR:])
+            self._runtime.queue_step_event(m, failed)
+
+    async def _run_step(self, m: Machine, pending: Awaitable[None]) -> None:
+        m.started = True
+        task = asyncio.current_task()
+        if m.cancel_requested and task is not None:
+            if type(pending) is ResumedStep:
+                # It ran up to its first wait already: cancel it there, as a Task would be.
+                task.cancel()
+            else:
+                close(pending)  # it never ran: skip it altogether
+                self._release_step(m, task)
+                return
+        try:
+            await pending
+        except asyncio.CancelledError:
+            if not m.cancel_requested:
+                raise
+        except Exception as exc:
+            self._step_failed(m, exc)
+        finally:
+            # Release right away, so what the step sent joins the batch being planned now.
+            self._release_step(m, asyncio.current_task())
+
+    def _release_step(self, m: Machine, task: asyncio.Task[Any] | None) -> None:
+        if task is None or m.task is not task:
+            return  # already released
+        m.task = None
+        m.step_coro = None
+        m.stepping = False
+        m.cancel_requested = False
+        self.running -= 1
+        self._runtime.step_released(m)

@@ -1,0 +1,101 @@
+"""A planner round: the planner folds a machine's queued events into its state.
+
+`RoundPlanner.plan` runs the group's planner on a loaded machine and encodes the state it
+leaves; the runtime (fsm/runtime.py) then stages that record and the inbox deletes in the
+current commit. A planner that raises, or returns nonsense, never kills the machine: the state
+is restored, the culprit event consumed and the error recorded (as go-statemachine would not).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from .errors import Terminated
+from .machine import Machine, Step
+
+if TYPE_CHECKING:
+    from .records import GroupRecords
+
+log = logging.getLogger("sectorfsm.fsm")
+
+#: What a round decides: `(step or None, events processed, final, encoded state record)`.
+Round = tuple["Step | None", int, bool, bytes]
+#: The planner: `(events, state) -> (step or None, events processed)`.
+PlanFn = Callable[[list[Any], Any], "tuple[Step | None, int]"]
+
+
+class RoundPlanner:
+    """Plans one machine at a time with the group's planner (see the module docstring)."""
+
+    def __init__(
+        self, planner: PlanFn, records: GroupRecords[Any], final: Callable[[Any], bool] | None
+    ) -> None:
+        self.name = records.name
+        self.records = records
+        self._planner = planner
+        self._final = final
+        self._encode_record = records.local_encoder()  # (used on the loop thread only)
+
+    def plan(self, m: Machine, limit: int | None = None) -> Round:
+        """Plan `m`'s queued events (the first `limit`): `(step, processed, final, record)`."""
+        events = m.events[:limit]
+        terminated = False
+        try:
+            step, processed = self._planner(events, m.state)
+        except Terminated:
+            step, processed, terminated = None, len(events), True
+            if len(events) > 1:
+                log.warning(
+                    "%s: machine %r terminated with %d events unplanned",
+                    self.name,
+                    m.id,
+                    len(events) - 1,
+                )
+        except Exception as exc:
+            return self._plan_failed(m, events, exc)
+        if not isinstance(processed, int) or not 0 <= processed <= len(events):
+            return self._plan_failed(
+                m,
+                events,
+                ValueError(f"planner returned processed={processed!r} for {len(events)} events"),
+            )
+        if processed == 0 and step is None:
+            # Nothing consumed and nothing to wait for: go-statemachine would spin here.
+            processed = 1
+            m.record_error(f"planner did not consume event {describe(events[0])}")
+        try:
+            final, record = self._encode_state_record(m, terminated)
+        except Exception as exc:  # (the final= predicate raised, or the state cannot be encoded)
+            return self._plan_failed(m, events, exc)
+        return step, processed, final, record
+
+    def _plan_failed(self, m: Machine, events: Sequence[object], exc: Exception) -> Round:
+        # Undo whatever the planner mutated before raising.
+        m.state = self.records.decode(m.record, m.id)[0]
+        if len(events) > 1:
+            # One event of the batch is bad: plan the first alone, so only the culprit is dropped.
+            return self.plan(m, limit=1)
+        log.warning(
+            "%s: machine %r: planner rejected %s: %s", self.name, m.id, describe(events[0]), exc
+        )
+        m.record_error(f"planner rejected {describe(events[0])}: {type(exc).__name__}: {exc}")
+        try:
+            final, record = self._encode_state_record(m, False)
+        except Exception:
+            # Even the stored state cannot be encoded again: leave it as it is.
+            log.exception("%s: machine %r: cannot store its state", self.name, m.id)
+            final, record = m.final, m.record
+        return None, 1, final, record
+
+    def _encode_state_record(self, m: Machine, terminated: bool) -> tuple[bool, bytes]:
+        """The round's finality and record; raises if the state cannot be stored."""
+        final = self._final
+        is_final = terminated or (final is not None and bool(final(m.state)))
+        return is_final, self._encode_record(m.state, is_final, m.last_error)
+
+
+def describe(event: object) -> str:
+    """An event's name, for log lines and recorded errors."""
+    return type(event).__name__
