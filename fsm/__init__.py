@@ -10,13 +10,15 @@ Quick tour::
     await group.idle()
     await group.stop()
 
-See `StateGroup` for the exact semantics.
+See `StateGroup` for the exact semantics, and `Committer` (reached as `store.committer`) for
+staging domain writes into the engine's current commit.
 """
 
 from typing import TYPE_CHECKING, Any
 
 from .clock import Clock, RealClock, VirtualClock
 from .codec import RecordCodec
+from .commit import Committer
 from .errors import (
     FsmError,
     GroupStoppedError,
@@ -50,6 +52,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "Clock",
+    "Committer",
     "Context",
     "FsmError",
     "GroupRecords",

@@ -4,7 +4,24 @@ Writes are staged as *units* (one `send`, one planner round). In `group` and `no
 units pending at a flush are merged into one LMDB transaction; a key that is put and deleted
 within the same transaction (an event consumed in the tick it arrived) is never written at
 all. In `sync` mode each unit is its own fsynced transaction. Commits run on one writer thread,
-so the loop keeps planning the next batch while the previous one is being fsynced.
+so the loop keeps planning the next batch while the previous one is being fsynced. One commit
+is in flight at a time: the next batch is taken only once the previous one's callbacks ran.
+
+**Staging into the current commit** is also the API for code outside the engine that must
+write its own records atomically with the engine's (a domain index next to a state change):
+`store.committer.put`/`delete` stage a write, `on_commit` a callback, and `waiter()` a future
+for the unit being built. What is staged from the loop thread before the next `await` (or
+before `end_unit()`) belongs to the same unit as the engine writes staged in that stretch, such
+as the event `StateGroup.post` queued, and therefore:
+
+* it lands in the same LMDB transaction as they do, or fails with them (never half of a unit);
+* a later write of a key in the unit replaces an earlier one;
+* `on_commit` callbacks and `waiter()` futures of the unit run once it is durable (fsynced,
+  unless the store is `nosync`), or failed, with the error; the committer never retries a
+  failed unit's writes (whoever staged them decides).
+
+`add_listener` runs a callback after every batch; `transactions` counts LMDB commits. All of
+it must be used on the event-loop thread the store's engine runs on.
 """
 
 from __future__ import annotations
@@ -53,7 +70,10 @@ class _Unit:
 
 
 class Committer:
-    """Stages writes and commits them in batches; one per store, bound to one event loop."""
+    """Stages writes and commits them in batches; one per store, bound to one event loop.
+
+    Reached as `LmdbStore.committer`; see the module docstring for what staging guarantees.
+    """
 
     def __init__(self, store: LmdbStore) -> None:
         self.store = store
@@ -85,7 +105,9 @@ class Committer:
     # -- staging --------------------------------------------------------------------------
 
     def put(self, db: str, key: bytes, value: Value, *, fresh: bool = False) -> None:
-        """Stage a put; `fresh` promises the key is not in the store yet (enables elision).
+        """Stage a put into the current commit; `fresh` promises the key is not stored yet.
+
+        A `fresh` put and a delete of the same key in one unit cancel out (neither is written).
 
         `value` may be `(encode, obj)`: it is encoded at commit time, and never if a delete of
         the same key in the same transaction cancels the put.
@@ -115,7 +137,7 @@ class Committer:
         return ops
 
     def delete(self, db: str, key: bytes) -> None:
-        """Stage a delete; a fresh put of the same key in this unit cancels out."""
+        """Stage a delete into the current commit; a fresh put of the key in it cancels out."""
         unit = self._units[-1]
         ops = unit.ops.get(db)
         if ops is None:
@@ -131,7 +153,11 @@ class Committer:
             self.request_flush()
 
     def on_commit(self, callback: CommitCallback, *args: Any) -> None:
-        """Call `callback(*args, error_or_None)` once the current unit is committed (or failed)."""
+        """Call `callback(*args, error_or_None)` once the current unit is durable (or failed).
+
+        Callbacks run on the loop thread in the order registered, before `waiter()` futures'
+        awaiting callers resume; one that raises is logged and does not stop the others.
+        """
         self._units[-1].callbacks.append((callback, args))
         if not self._scheduled:
             self.request_flush()
@@ -273,7 +299,9 @@ class Committer:
 
     def _commit(self, units: list[_Unit]) -> list[BaseException | None]:
         # In merge mode there is only ever one unit per batch, so one unit is one transaction.
-        dbs = self.store._dbs
+        # Handles are looked up before the write: opening a database needs its own transaction.
+        store = self.store
+        dbs = {name: store.db(name) for u in units for name in u.ops}
         results: list[BaseException | None] = []
         failed: BaseException | None = None
         for ops in (u.ops for u in units):

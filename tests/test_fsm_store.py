@@ -357,7 +357,7 @@ def test_async_context_manager_flushes(tmp_path: Path) -> None:
             g = make_group(store)
             await g.start()
             await g.begin(1, Counter())
-            g._send_local(1, Add(uid=1))  # staged, not awaited
+            g.post(1, Add(uid=1))  # staged, not awaited
             await g.stop()
 
     asyncio.run(main())
