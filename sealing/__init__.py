@@ -7,9 +7,11 @@ Quick tour::
         info = await miner.wait(n, "Proving")
         print(info.state, info.comm_r, [e.kind for e in info.log])
 
-`graph.py` is the whole transition table (and its documented differences from Lotus),
-`planner.py` folds events into `SectorInfo`, `handlers/` holds one module per phase,
-`devnet.py` is the *simulated* chain and `sim.py` the simulated sealer backend.
+`graph.py` is the whole lifecycle (the transition table, its documented differences from
+Lotus, the state -> handler map and every state set), `planner.py` folds events into
+`SectorInfo` and returns the handler to run, `input.py` is sector input (open deal sectors,
+piece assignment, sector numbers, the sealing limit), `handlers/` holds one module per phase,
+`devnet.py` is the *simulated* chain and `backends/` the sealer backends, by name.
 """
 
 from __future__ import annotations
@@ -21,15 +23,10 @@ if TYPE_CHECKING:
     from .chain import ChainParams, ExitCode
     from .config import RetryPolicy, SealingConfig
     from .devnet import DevnetChain
+    from .errors import NotFailedError, SealingError, SectorStuckError, UnknownSectorError
     from .graph import DEVIATIONS
     from .info import DealInfo, LogEntry, Piece, SectorInfo
-    from .miner import (
-        Miner,
-        NotFailedError,
-        SealingError,
-        SectorStuckError,
-        UnknownSectorError,
-    )
+    from .miner import Miner
     from .states import SectorState
 
 #: Where each public name lives; imported on first use, so the CLI's read-only commands
@@ -46,10 +43,10 @@ _HOME = {
     "Piece": "info",
     "SectorInfo": "info",
     "Miner": "miner",
-    "NotFailedError": "miner",
-    "SealingError": "miner",
-    "SectorStuckError": "miner",
-    "UnknownSectorError": "miner",
+    "NotFailedError": "errors",
+    "SealingError": "errors",
+    "SectorStuckError": "errors",
+    "UnknownSectorError": "errors",
     "SectorState": "states",
 }
 

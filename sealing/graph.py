@@ -1,37 +1,42 @@
-"""The sector state graph: Lotus v1.11.3's planner table (`fsmPlanners`), declared once.
+"""The sector lifecycle in one place: Lotus v1.11.3's planner table, handlers and state sets.
 
-Lotus: `extern/storage-sealing/fsm.go@v1.11.3` (the table, `planOne`, `planCommitting`, `final`) and
+Lotus: `extern/storage-sealing/fsm.go@v1.11.3` (the table, `planOne`, `planCommitting`, `final`
+and the state -> handler switch at the end of `plan()`) and
 `extern/storage-sealing/fsm_events.go@v1.11.3` (the events); the deviations are in `DEVIATIONS`
-below and in `docs/lotus-deviations.md`.
+below and in `docs/lotus-deviations.md`. `SectorState` and its Lotus groups are in `states.py`
+(Lotus's `sector_state.go`), with the two sets that the CLI's cheap read-only commands need
+(`FAILED_STATES`, `DORMANT_STATES`); they are re-exported here with every other set.
 
-`EDGES` is the whole table. It is loaded into one `transitions` machine (`MACHINE`, with no
-model attached: binding trigger methods to a million sectors would not scale), and the
-planner, `update-state` validation and the statechart export all read it from there.
+`EDGES` is the whole table, `PLANNERS` how each state plans a batch, `handlers()` the step each
+state runs. The table is also loaded into one `transitions` machine (`MACHINE`, with no model
+attached: binding trigger methods to a million sectors would not scale). It is there for what
+the library checks when it builds a machine (every source and dest is a declared state, no
+trigger is declared twice for one source) and for the statechart export; the planner reads
+the same edges from plain dicts built from it.
 
-Edge kinds (Lotus's planner building blocks `on`, `apply`, `onReturning` and `planCommitting`):
-
-* `on`: apply the event, go to `dest`, stop the batch.
-* `apply`: apply the event, stay, keep planning the batch.
-* `return`: apply, go to the state stored in `return_state` (RecoverDealIDs' `onReturning`).
-* `continue`: Committing only: apply, go to `dest`, keep planning the batch.
-* `no_apply`: Committing only: go to `dest` without calling `apply()`, stop.
-* `seed`: Committing only: a changed seed re-runs Committing; an identical one is ignored.
-* `resume`: ours: FailedUnrecoverable goes back to the failed state it gave up in.
-
-Global events (`source="*"`) are accepted in every state. How a state plans its batch is in
-`PLANNERS`: `plan_one`, `final` (only a global event is accepted) or `committing`.
+Edge kinds (Lotus's planner building blocks `on`, `apply`, `onReturning` and `planCommitting`)
+are `EdgeKind`; the planner dispatches on them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import enum
+import functools
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transitions import Machine, Transition
 
+from ..fsm import Context
 from .events import EVENTS_BY_NAME
-from .states import FAILED_STATES, SectorState
+from .info import SectorInfo
+from .states import DORMANT_STATES as DORMANT_STATES
+from .states import FAILED_STATES as FAILED_STATES
+from .states import SectorState
+
+if TYPE_CHECKING:
+    from .pipeline import Sealing
 
 S = SectorState
 
@@ -80,12 +85,65 @@ DEVIATIONS: dict[str, str] = {
     ),
 }
 
+
+class EdgeKind(enum.StrEnum):
+    """How the planner applies one edge (Lotus's `on`, `apply`, `onReturning`, ...)."""
+
+    #: Apply the event, go to `dest`, stop the batch.
+    ON = "on"
+    #: Apply the event, stay, keep planning the batch.
+    APPLY = "apply"
+    #: Apply, go to the state stored in `return_state` (RecoverDealIDs' `onReturning`).
+    RETURN = "return"
+    #: Committing only: apply, go to `dest`, keep planning the batch.
+    CONTINUE = "continue"
+    #: Committing only: go to `dest` without calling `apply()`, stop.
+    NO_APPLY = "no_apply"
+    #: Committing only: a changed seed re-runs Committing; an identical one is ignored.
+    SEED = "seed"
+    #: Ours: FailedUnrecoverable goes back to the failed state it gave up in.
+    RESUME = "resume"
+    #: Accepted in every state (`source` is None; Lotus's `globalMutator`).
+    GLOBAL = "global"
+
+
+#: Kinds whose target is not the edge's `dest`: they stay, or the target is decided at run time.
+RUNTIME_DEST_KINDS = frozenset({EdgeKind.APPLY, EdgeKind.RETURN, EdgeKind.RESUME})
+
+
+class PlannerKind(enum.StrEnum):
+    """How a state plans a batch (Lotus's `planOne`, `final`, `planCommitting`)."""
+
+    PLAN_ONE = "plan_one"
+    #: Only a global event is accepted.
+    FINAL = "final"
+    COMMITTING = "committing"
+
+
+# -- state sets ---------------------------------------------------------------------------------
+
 #: States the planner treats as Lotus's `final` (only a global event is accepted).
 FINAL_PLANNER_STATES = frozenset(
     {S.FaultReported, S.FaultedFinal, S.Removed, S.FailedUnrecoverable}
 )
 #: Where RecoverDealIDs may return (Lotus `ReturnState`), for the export.
 RETURN_STATES = (S.PreCommit1, S.PreCommitting, S.PreCommitFailed, S.CommitFailed)
+#: Where FailedUnrecoverable may resume (the failed state it gave up in), in a fixed order.
+RESUME_STATES = tuple(sorted(FAILED_STATES - {S.FailedUnrecoverable}))
+#: Lotus's toStatState staging bucket (v1.11.3), its MaxSealingSectors throttling input.
+STAGING_STATES: frozenset[SectorState] = frozenset(
+    {S.UndefinedSectorState, S.Empty, S.WaitDeals, S.AddPiece}
+)
+#: States in which a SectorAddPiece is accepted. A new sector (UndefinedSectorState) takes
+#: pieces only once its SectorStart is applied, and a CC one (SectorStartCC) never does.
+TAKES_PIECES = frozenset({S.Empty, S.WaitDeals, S.AddPiece, S.AddPieceFailed})
+#: States in which a deal sector stays open for new pieces (Lotus's `openSectors`); any other
+#: state closes it.
+OPEN_SECTOR_STATES = frozenset({S.WaitDeals, S.AddPiece, S.Empty})
+#: States a sector will not leave on its own: `Miner.wait` stops there.
+STUCK_STATES = frozenset({S.FailedUnrecoverable, S.Removed})
+#: States that use the interactive seed: a reorg past its epoch re-delivers it.
+SEED_STATES = frozenset({S.WaitSeed, S.Committing})
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +153,7 @@ class Edge:
     source: SectorState | None  # None: every state (a global event)
     event: str
     dest: SectorState | None  # None: stay, or decided at run time (return/resume)
-    kind: str = "on"
+    kind: EdgeKind = EdgeKind.ON
     deviation: str | None = None
 
 
@@ -104,19 +162,21 @@ def _on(source: S, event: str, dest: S) -> Edge:
 
 
 def _apply(source: S, event: str) -> Edge:
-    return Edge(source, event, None, "apply")
+    return Edge(source, event, None, EdgeKind.APPLY)
 
+
+K = EdgeKind
 
 # fmt: off
 EDGES: tuple[Edge, ...] = (
     # Lotus's global events (`globalMutator`, fsm_events.go) and ours
-    Edge(None, RESTART, None, "global"),
-    Edge(None, "SectorFatalError", None, "global"),
-    Edge(None, "SectorForceState", None, "global"),
-    Edge(None, "SectorTerminate", S.Terminating, "global"),
-    Edge(None, "SectorRemove", S.Removing, "global"),
-    Edge(None, "SectorRetriesExhausted", S.FailedUnrecoverable, "global", "unrecoverable"),
-    Edge(None, STEP_FAILED, None, "global", "step-failed"),
+    Edge(None, RESTART, None, K.GLOBAL),
+    Edge(None, "SectorFatalError", None, K.GLOBAL),
+    Edge(None, "SectorForceState", None, K.GLOBAL),
+    Edge(None, "SectorTerminate", S.Terminating, K.GLOBAL),
+    Edge(None, "SectorRemove", S.Removing, K.GLOBAL),
+    Edge(None, "SectorRetriesExhausted", S.FailedUnrecoverable, K.GLOBAL, "unrecoverable"),
+    Edge(None, STEP_FAILED, None, K.GLOBAL, "step-failed"),
 
     _on(S.UndefinedSectorState, "SectorStart", S.WaitDeals),
     _on(S.UndefinedSectorState, "SectorStartCC", S.Packing),
@@ -160,13 +220,13 @@ EDGES: tuple[Edge, ...] = (
     _on(S.PreCommitWait, "SectorRetryPreCommit", S.PreCommitting),
     _on(S.WaitSeed, "SectorSeedReady", S.Committing),
     _on(S.WaitSeed, "SectorChainPreCommitFailed", S.PreCommitFailed),
-    Edge(S.Committing, "SectorCommitted", S.SubmitCommit, "continue"),
-    Edge(S.Committing, "SectorProofReady", S.CommitFinalize, "continue"),
-    Edge(S.Committing, "SectorSeedReady", S.Committing, "seed"),
-    Edge(S.Committing, "SectorComputeProofFailed", S.ComputeProofFailed, "no_apply"),
-    Edge(S.Committing, "SectorSealPreCommit1Failed", S.SealPreCommit1Failed, "no_apply"),
-    Edge(S.Committing, "SectorCommitFailed", S.CommitFailed, "no_apply"),
-    Edge(S.Committing, "SectorRetryCommitWait", S.CommitWait, "no_apply"),
+    Edge(S.Committing, "SectorCommitted", S.SubmitCommit, K.CONTINUE),
+    Edge(S.Committing, "SectorProofReady", S.CommitFinalize, K.CONTINUE),
+    Edge(S.Committing, "SectorSeedReady", S.Committing, K.SEED),
+    Edge(S.Committing, "SectorComputeProofFailed", S.ComputeProofFailed, K.NO_APPLY),
+    Edge(S.Committing, "SectorSealPreCommit1Failed", S.SealPreCommit1Failed, K.NO_APPLY),
+    Edge(S.Committing, "SectorCommitFailed", S.CommitFailed, K.NO_APPLY),
+    Edge(S.Committing, "SectorRetryCommitWait", S.CommitWait, K.NO_APPLY),
     _on(S.CommitFinalize, "SectorFinalized", S.SubmitCommit),
     _on(S.CommitFinalize, "SectorFinalizeFailed", S.CommitFinalizeFailed),
     _on(S.SubmitCommit, "SectorCommitSubmitted", S.CommitWait),
@@ -184,9 +244,9 @@ EDGES: tuple[Edge, ...] = (
     _on(S.FinalizeSector, "SectorFinalized", S.Proving),
     _on(S.FinalizeSector, "SectorFinalizeFailed", S.FinalizeFailed),
 
-    Edge(S.AddPieceFailed, "SectorRetryWaitDeals", S.WaitDeals, "on", "addpiece-retry"),
-    Edge(S.AddPieceFailed, "SectorStartPacking", None, "apply", "addpiece-retry"),
-    Edge(S.AddPieceFailed, "SectorAddPiece", None, "apply", "addpiece-retry"),
+    Edge(S.AddPieceFailed, "SectorRetryWaitDeals", S.WaitDeals, K.ON, "addpiece-retry"),
+    Edge(S.AddPieceFailed, "SectorStartPacking", None, K.APPLY, "addpiece-retry"),
+    Edge(S.AddPieceFailed, "SectorAddPiece", None, K.APPLY, "addpiece-retry"),
     _on(S.SealPreCommit1Failed, "SectorRetrySealPreCommit1", S.PreCommit1),
     _on(S.SealPreCommit2Failed, "SectorRetrySealPreCommit1", S.PreCommit1),
     _on(S.SealPreCommit2Failed, "SectorRetrySealPreCommit2", S.PreCommit2),
@@ -213,7 +273,7 @@ EDGES: tuple[Edge, ...] = (
     _on(S.CommitFailed, "SectorInvalidDealIDs", S.RecoverDealIDs),
     _on(S.CommitFailed, "SectorTicketExpired", S.Removing),
     _on(S.FinalizeFailed, "SectorRetryFinalize", S.FinalizeSector),
-    Edge(S.RecoverDealIDs, "SectorUpdateDealIDs", None, "return"),
+    Edge(S.RecoverDealIDs, "SectorUpdateDealIDs", None, K.RETURN),
     _on(S.Proving, "SectorFaultReported", S.FaultReported),
     _on(S.Proving, "SectorFaulty", S.Faulty),
     _on(S.Terminating, "SectorTerminating", S.TerminateWait),
@@ -227,19 +287,81 @@ EDGES: tuple[Edge, ...] = (
 
     # ours: the operator's retry
     *(
-        Edge(s, "SectorRetryNow", None, "apply", "retry-now")
-        for s in sorted(FAILED_STATES - {S.FailedUnrecoverable})
+        Edge(s, "SectorRetryNow", None, K.APPLY, "retry-now")
+        for s in RESUME_STATES
     ),
-    Edge(S.FailedUnrecoverable, "SectorRetryNow", None, "resume", "retry-now"),
+    Edge(S.FailedUnrecoverable, "SectorRetryNow", None, K.RESUME, "retry-now"),
 )
 # fmt: on
 
 #: How each state plans a batch (Lotus's `planOne`, `final`, `planCommitting`). Every state has
 #: an entry.
-PLANNERS: dict[SectorState, str] = {
-    s: "final" if s in FINAL_PLANNER_STATES else "committing" if s is S.Committing else "plan_one"
+PLANNERS: dict[SectorState, PlannerKind] = {
+    s: PlannerKind.FINAL
+    if s in FINAL_PLANNER_STATES
+    else PlannerKind.COMMITTING
+    if s is S.Committing
+    else PlannerKind.PLAN_ONE
     for s in SectorState
 }
+
+#: A state's handler: the step the planner returns for it.
+Handler = Callable[["Sealing", Context, SectorInfo], Awaitable[None]]
+
+
+@functools.cache
+def handlers() -> Mapping[SectorState, Handler]:
+    """The handler of each state (Lotus `plan()`'s closing switch); states not listed have none.
+
+    The handler modules are imported on the first call, so what only reads the table (the
+    statechart export, an offline `sectors pledge`) does not load the sealer, the scheduler
+    and the chain they use.
+    """
+    from .handlers import failed, proving
+    from .handlers import sealing as happy
+
+    return {
+        S.Empty: happy.handle_wait_deals,
+        S.WaitDeals: happy.handle_wait_deals,
+        S.AddPiece: happy.handle_add_piece,
+        S.Packing: happy.handle_packing,
+        S.GetTicket: happy.handle_get_ticket,
+        S.PreCommit1: happy.handle_pre_commit1,
+        S.PreCommit2: happy.handle_pre_commit2,
+        S.PreCommitting: happy.handle_pre_committing,
+        S.SubmitPreCommitBatch: happy.handle_submit_pre_commit_batch,
+        S.PreCommitBatchWait: happy.handle_pre_commit_wait,
+        S.PreCommitWait: happy.handle_pre_commit_wait,
+        S.WaitSeed: happy.handle_wait_seed,
+        S.Committing: happy.handle_committing,
+        S.SubmitCommit: happy.handle_submit_commit,
+        S.SubmitCommitAggregate: happy.handle_submit_commit_aggregate,
+        S.CommitAggregateWait: happy.handle_commit_wait,
+        S.CommitWait: happy.handle_commit_wait,
+        S.CommitFinalize: happy.handle_finalize_sector,
+        S.FinalizeSector: happy.handle_finalize_sector,
+        S.AddPieceFailed: failed.handle_add_piece_failed,
+        S.SealPreCommit1Failed: failed.handle_seal_pre_commit1_failed,
+        S.SealPreCommit2Failed: failed.handle_seal_pre_commit2_failed,
+        S.PreCommitFailed: failed.handle_pre_commit_failed,
+        S.ComputeProofFailed: failed.handle_compute_proof_failed,
+        S.CommitFailed: failed.handle_commit_failed,
+        S.CommitFinalizeFailed: failed.handle_finalize_failed,
+        S.FinalizeFailed: failed.handle_finalize_failed,
+        S.DealsExpired: failed.handle_deals_expired,
+        S.RecoverDealIDs: failed.handle_recover_deal_ids,
+        S.Faulty: proving.handle_faulty,
+        S.FaultReported: proving.handle_fault_reported,
+        S.Terminating: proving.handle_terminating,
+        S.TerminateWait: proving.handle_terminate_wait,
+        S.TerminateFinality: proving.handle_terminate_finality,
+        S.TerminateFailed: failed.handle_terminate_failed,
+        S.Removing: proving.handle_removing,
+        S.RemoveFailed: failed.handle_remove_failed,
+    }
+
+
+# -- the `transitions` machine (validation and export) --------------------------------------------
 
 
 class SectorTransition(Transition):
@@ -270,7 +392,7 @@ def _build() -> Any:
         machine.add_transition(
             e.event,
             _state_name(e.source),
-            None if e.dest is None or e.kind in ("apply", "return", "resume") else e.dest.name,
+            None if e.dest is None or e.kind in RUNTIME_DEST_KINDS else e.dest.name,
             edge=e,
         )
     return machine
@@ -301,9 +423,11 @@ def edge(state: SectorState, event: str) -> Edge | None:
     return _EDGES_BY_STATE.get((state, event))
 
 
-def events_of(state: SectorState) -> list[str]:
-    """Event names with an edge out of `state` (globals excluded)."""
-    return [e for (s, e) in _EDGES_BY_STATE if s is state]
+#: Where edges whose target is decided at run time may lead, for the export.
+_RUNTIME_DESTS: dict[EdgeKind, tuple[SectorState, ...]] = {
+    EdgeKind.RETURN: RETURN_STATES,
+    EdgeKind.RESUME: RESUME_STATES,
+}
 
 
 def export_transitions() -> Iterator[tuple[str, str, str]]:
@@ -311,15 +435,11 @@ def export_transitions() -> Iterator[tuple[str, str, str]]:
     for e in EDGES:
         if e.source is None:
             yield "*", e.event, e.dest.name if e.dest is not None else "*"
-        elif e.kind == "return":
-            for r in RETURN_STATES:
-                yield e.source.name, e.event, r.name
-        elif e.kind == "resume":
-            for f in sorted(FAILED_STATES - {S.FailedUnrecoverable}):
-                yield e.source.name, e.event, f.name
+        elif e.kind in _RUNTIME_DESTS:
+            for dest in _RUNTIME_DESTS[e.kind]:
+                yield e.source.name, e.event, dest.name
         else:
-            dest = e.source if e.dest is None else e.dest
-            yield e.source.name, e.event, dest.name
+            yield e.source.name, e.event, (e.source if e.dest is None else e.dest).name
 
 
 def _check() -> None:

@@ -5,7 +5,8 @@
         info = await miner.wait(n, "Proving")
 
 Every mutating call returns once its event is durable. Sector numbers come from a counter that
-is committed together with the sector's first event.
+is committed together with the sector's first event (`input.py`, which also holds the open deal
+sectors and the sealing limit); the planner (`planner.py`) runs each state's handler.
 """
 
 from __future__ import annotations
@@ -31,12 +32,16 @@ from ..sched import (
 )
 from ..sched.config import check_workers
 from . import requests
+from .backends.sim import SimBackend
 from .chain import ChainParams
 from .config import SealingConfig, seal_proof_for
 from .devnet import DevnetChain
+from .errors import NotFailedError as NotFailedError
+from .errors import SealingError as SealingError
+from .errors import SectorStuckError as SectorStuckError
+from .errors import UnknownSectorError as UnknownSectorError
 from .events import (
     ALL_EVENTS,
-    SectorAddPiece,
     SectorForceState,
     SectorRemove,
     SectorRetryNow,
@@ -44,7 +49,9 @@ from .events import (
     SectorStartCC,
     SectorTerminate,
 )
-from .info import DealInfo, PendingPiece, SectorInfo, aligned_end
+from .graph import DORMANT_STATES, FAILED_STATES, STUCK_STATES
+from .info import DealInfo, PendingPiece, SectorInfo
+from .input import SectorInput
 from .options import (
     chain_params,
     check_scalars,
@@ -54,51 +61,22 @@ from .options import (
 )
 from .owners import adopt_storage
 from .pipeline import Sealing
+from .planner import Planner
 from .sealer import Backend, ScheduledSealer
-from .sim import SimBackend
-from .states import DORMANT_STATES, FAILED_STATES, SectorState, parse_state
+from .states import SectorState, parse_state
 from .store_view import GROUP
 
 log = logging.getLogger("sectorfsm.sealing")
 
 
 _META_MINER = requests.META_MINER
-_META_NEXT = requests.META_NEXT
 #: Seconds between looks at the request queue (the CLI's pledge and add-piece).
 REQUEST_POLL = 0.2
-#: States in which a SectorAddPiece is accepted. A new sector (UndefinedSectorState) takes
-#: pieces only once its SectorStart is applied, and a CC one (SectorStartCC) never does.
-_TAKES_PIECES = frozenset(
-    {
-        SectorState.Empty,
-        SectorState.WaitDeals,
-        SectorState.AddPiece,
-        SectorState.AddPieceFailed,
-    }
-)
-#: States a sector will not leave on its own: `wait` stops there.
-STUCK_STATES = frozenset({SectorState.FailedUnrecoverable, SectorState.Removed})
 
 
 def _cancels(event: object, info: SectorInfo) -> bool:
     """A retry cancels only a failed state's handler (its backoff), never a sealing one."""
     return not isinstance(event, SectorRetryNow) or info.state in FAILED_STATES
-
-
-class SealingError(Exception):
-    """Base of the facade's errors."""
-
-
-class UnknownSectorError(SealingError, LookupError):
-    """No sector has this number."""
-
-
-class NotFailedError(SealingError):
-    """`retry` on a sector that is not in a failed state."""
-
-
-class SectorStuckError(SealingError):
-    """`wait` saw the sector settle in a state it will not leave on its own."""
 
 
 def sim_worker(name: str = "sim-worker", capacity: int = 1 << 50) -> WorkerSpec:
@@ -134,6 +112,8 @@ class Miner:
         self.sched = sched
         self.sealer = sealer
         self.config = config
+        #: Open deal sectors, piece assignment, sector numbers and the sealing limit.
+        self.input = SectorInput(store, clock=clock, sector_size=sector_size, config=config)
         self.sealing = Sealing(
             miner=miner,
             sector_size=sector_size,
@@ -141,11 +121,12 @@ class Miner:
             chain=chain,
             sealer=sealer,
             config=config,
+            sector_input=self.input,
         )
         self.group: StateGroup[SectorInfo] = StateGroup(
             store,
             GROUP,
-            self._plan,
+            Planner(self.sealing),
             SectorInfo,
             events=ALL_EVENTS,
             final=lambda info: info.state in DORMANT_STATES,
@@ -155,8 +136,7 @@ class Miner:
             clock=clock,
         )
         self.sealing.group = self.group
-        self.sealing.reassign = self._assign
-        self._next = 0
+        self.input.attach(self.group)
         self._changed = asyncio.Event()
         self._server: asyncio.Task[None] | None = None
         self._serving: set[bytes] = set()
@@ -254,27 +234,7 @@ class Miner:
             store.close()
 
     async def _start(self) -> None:
-        with self.store.read() as txn:
-            raw = txn.get(_META_NEXT, db=self.store.db("meta"))
-        self._next = unpackb(raw) if raw is not None else 1
-        # Offline `sectors pledge` honours the limit of the engine that runs this repo.
-        limit = packb(self.config.max_sealing_sectors)
-        meta = self.store.db("meta")
-        self.store.write(lambda txn: txn.put(requests.META_MAX_SEALING, limit, db=meta))
-        # Only live sectors are read: a million Proving sectors cost nothing at start.
-        # An unreadable record is skipped here: `group.start` sets it aside in quarantine.
-        for number, info in self.group.records.list_live(on_error=lambda *_: None):
-            new = info.state is SectorState.UndefinedSectorState
-            if info.state in _TAKES_PIECES or new:
-                # Pieces still in the inbox are assigned too: count them, or the sector
-                # would be offered more than it can hold.
-                deal, pieces = self._queued(int(number))
-                if new and not deal:
-                    continue  # a CC sector (or one not started yet): never a deal sector
-                used = info.used_space()
-                for piece in pieces:
-                    used = aligned_end(used, piece.size)
-                self.sealing.open_sectors[int(number)] = used
+        self.input.load()
         self.sealer.load(lambda n: SectorRef(self.miner_id, n, self.sector_size))
         self.store.committer.add_listener(self._changed.set)
         await self.sched.start()  # policy-file hot reload and the heartbeat-grace monitor
@@ -291,38 +251,6 @@ class Miner:
         await self.group.stop()
         await self.sched.stop()
         self.store.committer.remove_listener(self._changed.set)
-
-    def _queued(self, number: int) -> tuple[bool, list[PendingPiece]]:
-        """Whether a SectorStart waits in the sector's inbox, and the pieces queued there."""
-        records = self.group.records
-        deal = False
-        out: list[PendingPiece] = []
-        for _, raw in records.pending(records.key(number)):
-            event = records.codec.decode_event(raw, records.what(number, "inbox event"))
-            if isinstance(event, SectorAddPiece):
-                out.extend(event.pieces)
-            deal = deal or isinstance(event, SectorStart)
-        return deal, out
-
-    def _plan(self, events: list[Any], info: SectorInfo) -> Any:
-        # Pieces sent to a sector that does not take them (a CC sector, one that started
-        # packing, or a new one before its SectorStart applies: that round plans nothing
-        # after it) go to another sector, in this commit.
-        if info.state in _TAKES_PIECES:
-            return self.sealing.plan(events, info)
-        stray = [i for i, e in enumerate(events) if isinstance(e, SectorAddPiece) and e.pieces]
-        if not stray:
-            return self.sealing.plan(events, info)
-        if info.state is not SectorState.UndefinedSectorState:
-            self.sealing.open_sectors.pop(info.number, None)  # (a new deal sector stays open)
-        emptied = [SectorAddPiece([]) if i in stray else e for i, e in enumerate(events)]
-        step, processed = self.sealing.plan(emptied, info)
-        # Only once the round is planned (it may raise and be re-planned), and only for the
-        # events it consumed: the others come back in a later round.
-        for i in stray:
-            if i < processed:
-                self._assign(events[i].pieces)
-        return step, processed
 
     # -- requests from other processes ---------------------------------------------------------
 
@@ -356,66 +284,26 @@ class Miner:
         op = request.get("op")
         if op == "pledge":
             count = int(request.get("count", 1))
-            self.check_sealing_limit(count)
-            numbers = []
-            for _ in range(count):
-                n = self._allocate()
-                self.group.post(n, SectorStartCC(n, seal_proof_for(self.sector_size)))
-                numbers.append(n)
-            return {"sectors": numbers}
+            return {"sectors": [n for n, _ in self.input.new_cc_sectors(count)]}
         if op == "add_piece":
             piece = self._pending_piece(
                 request["piece_cid"], int(request["size"]), request.get("data_path")
             )
-            [n] = self._assign([piece])
+            [n] = self.input.assign([piece])
             return {"sector": n, "deal": piece.deal.deal_id}
         raise ValueError(f"unknown request {op!r}")
 
     # -- sectors ------------------------------------------------------------------------------
 
-    def _allocate(self) -> int:
-        n = self._next
-        self._next += 1
-        # Staged with the sector's first event: the counter and the sector commit together.
-        self.store.committer.put("meta", _META_NEXT, packb(self._next))
-        return n
-
     def check_sealing_limit(self, adding: int = 1) -> None:
         """Lotus MaxSealingSectors: refuse to start `adding` more sectors over the limit."""
-        limit = self.config.max_sealing_sectors
-        if limit <= 0:
-            return
-        # Only live sectors can be sealing: read the live index, not the whole store.
-        sealing = len(self.group.records.live_ids())
-        if sealing + adding > limit:
-            raise SealingError(f"too many sectors sealing (curSealing: {sealing}, max: {limit})")
+        self.input.check_limit(adding)
 
     async def pledge(self) -> int:
         """Create a committed-capacity sector; returns its number once it is durable."""
-        self.check_sealing_limit()
-        n = self._allocate()
-        await self.group.post(n, SectorStartCC(n, seal_proof_for(self.sector_size)))
+        [(n, durable)] = self.input.new_cc_sectors(1)
+        await durable
         return n
-
-    def _assign(self, pieces: list[PendingPiece]) -> list[int]:
-        """Put each piece into an open deal sector with room, or a new one (no awaiting)."""
-        numbers = []
-        for piece in pieces:
-            target = None
-            for n, used in self.sealing.open_sectors.items():
-                if aligned_end(used, piece.size) <= self.sector_size:
-                    target = n
-                    break
-            if target is None:
-                target = self._allocate()
-                self.group.post(target, SectorStart(target, seal_proof_for(self.sector_size)))
-                self.sealing.open_sectors[target] = 0
-            self.sealing.open_sectors[target] = aligned_end(
-                self.sealing.open_sectors[target], piece.size
-            )
-            self.group.post(target, SectorAddPiece([piece]))
-            numbers.append(target)
-        return numbers
 
     async def add_piece(
         self,
@@ -433,7 +321,7 @@ class Miner:
         epochs from now and lasting `duration` epochs.
         """
         piece = self._pending_piece(piece_cid, size, data_path, deal, start_in, duration)
-        [n] = self._assign([piece])
+        [n] = self.input.assign([piece])
         await self.store.committer.waiter()
         return n
 
@@ -557,7 +445,7 @@ class Miner:
         """True when nothing will happen without new input: no event, step, timer or request."""
         return (
             self.group.is_idle()
-            and not self.sealing.has_timers()
+            and not self.input.has_timers()
             and not requests.pending(self.store)
         )
 

@@ -1,7 +1,7 @@
-"""The sector planner: folds a batch of events into SectorInfo and picks the next handler.
+"""The sector planner: folds a batch of events into SectorInfo and returns the next handler.
 
-It follows Lotus's `plan()` (`extern/storage-sealing/fsm.go@v1.11.3`) on the table in
-`graph.py`, with the
+`Planner` is what the sectors' `StateGroup` calls. It follows Lotus's `plan()`
+(`extern/storage-sealing/fsm.go@v1.11.3`) on the table and handler map in `graph.py`, with the
 deviations listed there: an unexpected event is logged and consumed (the sector keeps going),
 a handler that raised is retried with backoff, and a spent retry budget parks the sector in
 FailedUnrecoverable.
@@ -13,17 +13,22 @@ got a new seed.
 A round that only rejects, ignores or folds in events returns None, so a stray event never
 re-runs a handler that is running or done (Lotus returns no handler for a rejected event, but
 re-runs it for an ignored one).
+
+Deal pieces sent to a sector that no longer takes them are re-routed to another sector
+(through `input.py`) in the same commit.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..fsm import Context, Restart, StepFailed
+from ..fsm import Context, Restart, Step, StepFailed
 from . import graph
 from .events import (
+    SectorAddPiece,
     SectorEvent,
     SectorForceState,
     SectorRemove,
@@ -31,8 +36,9 @@ from .events import (
     SectorRetryNow,
     SectorTerminate,
 )
+from .graph import FAILED_STATES, EdgeKind, Handler, PlannerKind
 from .info import MESSAGE_LIMIT, LogEntry, SectorInfo, log_append
-from .states import FAILED_STATES, SectorState
+from .states import SectorState
 
 if TYPE_CHECKING:
     from .pipeline import Sealing
@@ -40,7 +46,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("sectorfsm.sealing")
 
 S = SectorState
-Handler = Callable[["Sealing", Context, SectorInfo], Awaitable[None]]
 #: Events that ask for the current state's handler to run again, even in the same state
 #: (`SectorRetryNow` only in a failed state: anywhere else it is rejected, and cancels nothing).
 _RERUNS = (Restart, StepFailed, SectorForceState, SectorRemove, SectorTerminate)
@@ -50,52 +55,82 @@ class PlanError(Exception):
     """A batch the planner refuses (logged in the sector log; the event is consumed)."""
 
 
-def plan(
-    sealing: Sealing, events: list[Any], info: SectorInfo
-) -> tuple[Callable[[Context, SectorInfo], Awaitable[None]] | None, int]:
-    """Plan one batch: `(step or None, number of events consumed)`."""
-    now = sealing.clock.now()
-    before = info.state
-    retries_before = info.retries
-    seed_before = (info.seed_epoch, info.seed_value)
-    try:
-        processed = _plan_state(events, info, now)
-        error = None
-    except PlanError as exc:
-        processed, error = exc.args[1], str(exc.args[0])
-    # A Restart right behind this batch is served by it: the round either starts the handler
-    # of the state it leaves the sector in, or (consuming the Restart) re-runs it.
-    while processed < len(events) and isinstance(events[processed], Restart):
-        processed += 1
-    for ev in events[:processed]:
-        _log_event(info, ev, now)
-    if error is not None:
-        log.warning("sector %d: %s", info.number, error)
-        log_append(info, LogEntry(int(now), "error;PlanError", f"state machine error: {error}"))
-    _bookkeep(sealing, events[:processed], info, before, retries_before, now)
-    if info.state is S.PackingFailed:
-        info.state = S.DealsExpired  # as Lotus's plan() does (PackingFailed is deprecated)
-    step = sealing.step_for(info)
-    if (
-        info.state is before
-        and (info.seed_epoch, info.seed_value) == seed_before
-        and not any(isinstance(ev, _RERUNS) for ev in events[:processed])
-        and not (
-            before in FAILED_STATES
-            and any(isinstance(ev, SectorRetryNow) for ev in events[:processed])
-        )
-    ):
-        return None, processed  # nothing asks for a new run (see the module docstring)
-    return step, processed
+class Planner:
+    """The sectors' planner: plans a batch of events and returns the state's handler to run."""
 
+    def __init__(self, sealing: Sealing) -> None:
+        self.sealing = sealing
+        self._handlers = graph.handlers()
 
-def _plan_state(events: list[Any], info: SectorInfo, now: float) -> int:
-    kind = graph.PLANNERS[info.state]
-    if kind == "final":
-        return _plan_final(events, info)
-    if kind == "committing":
-        return _plan_committing(events, info, now)
-    return _plan_one(events, info, now)
+    def __call__(self, events: list[Any], info: SectorInfo) -> tuple[Step | None, int]:
+        """Plan one batch: `(step or None, number of events consumed)`, re-routing stray pieces.
+
+        Pieces sent to a sector that does not take them (a CC sector, one that started
+        packing, or a new one before its SectorStart applies: that round plans nothing after
+        it) go to another sector, in this commit.
+        """
+        if info.state in graph.TAKES_PIECES:
+            return self.plan(events, info)
+        stray = [i for i, e in enumerate(events) if isinstance(e, SectorAddPiece) and e.pieces]
+        if not stray:
+            return self.plan(events, info)
+        if info.state is not S.UndefinedSectorState:
+            self.sealing.input.leave(info.number)  # (a new deal sector stays open)
+        emptied = [SectorAddPiece([]) if i in stray else e for i, e in enumerate(events)]
+        step, processed = self.plan(emptied, info)
+        # Only once the round is planned (it may raise and be re-planned), and only for the
+        # events it consumed: the others come back in a later round.
+        for i in stray:
+            if i < processed:
+                self.sealing.input.assign(events[i].pieces)
+        return step, processed
+
+    def plan(self, events: list[Any], info: SectorInfo) -> tuple[Step | None, int]:
+        """Plan one batch as Lotus's `plan()` does: `(step or None, events consumed)`."""
+        sealing = self.sealing
+        now = sealing.clock.now()
+        before = info.state
+        retries_before = info.retries
+        seed_before = (info.seed_epoch, info.seed_value)
+        try:
+            processed = _PLANNERS[graph.PLANNERS[info.state]](events, info, now)
+            error = None
+        except PlanError as exc:
+            processed, error = exc.args[1], str(exc.args[0])
+        # A Restart right behind this batch is served by it: the round either starts the
+        # handler of the state it leaves the sector in, or (consuming the Restart) re-runs it.
+        while processed < len(events) and isinstance(events[processed], Restart):
+            processed += 1
+        for ev in events[:processed]:
+            _log_event(info, ev, now)
+        if error is not None:
+            log.warning("sector %d: %s", info.number, error)
+            log_append(info, LogEntry(int(now), "error;PlanError", f"state machine error: {error}"))
+        _bookkeep(sealing, events[:processed], info, before, retries_before, now)
+        if info.state is S.PackingFailed:
+            info.state = S.DealsExpired  # as Lotus's plan() does (PackingFailed is deprecated)
+        step = self.step(info)
+        if (
+            info.state is before
+            and (info.seed_epoch, info.seed_value) == seed_before
+            and not any(isinstance(ev, _RERUNS) for ev in events[:processed])
+            and not (
+                before in FAILED_STATES
+                and any(isinstance(ev, SectorRetryNow) for ev in events[:processed])
+            )
+        ):
+            return None, processed  # nothing asks for a new run (see the module docstring)
+        return step, processed
+
+    def step(self, info: SectorInfo) -> Step | None:
+        """The step for the sector's (new) state, or None when there is nothing to do."""
+        handler = self._handlers.get(info.state)
+        if handler is None:
+            self.sealing.forget(info.number)
+            return None
+        if info.state not in graph.OPEN_SECTOR_STATES:
+            self.sealing.input.leave(info.number)
+        return functools.partial(run_handler, self.sealing, handler)
 
 
 def _global(ev: Any, info: SectorInfo) -> bool | None:
@@ -125,34 +160,31 @@ def _plan_one(events: list[Any], info: SectorInfo, now: float) -> int:
             if getattr(ev, "ignorable", False):
                 continue
             raise _unexpected(info, ev, i)
-        if e.kind == "apply":
-            ev.apply(info, now)
-            continue
-        if e.kind == "return":
-            ev.apply(info, now)
-            if not info.return_state:
-                raise PlanError("return state not set", i + 1)
-            info.state, info.return_state = S(info.return_state), ""
-            return i + 1
-        if e.kind == "resume":
-            ev.apply(info, now)
-            target = info.unrecoverable_from
-            info.state = S(target) if target else S.SealPreCommit1Failed
-            info.unrecoverable_from = ""
-            return i + 1
         ev.apply(info, now)
-        assert e.dest is not None
-        info.state = e.dest
+        match e.kind:
+            case EdgeKind.APPLY:
+                continue
+            case EdgeKind.RETURN:
+                if not info.return_state:
+                    raise PlanError("return state not set", i + 1)
+                info.state, info.return_state = S(info.return_state), ""
+            case EdgeKind.RESUME:
+                target = info.unrecoverable_from
+                info.state = S(target) if target else S.SealPreCommit1Failed
+                info.unrecoverable_from = ""
+            case _:
+                assert e.dest is not None
+                info.state = e.dest
         return i + 1
     return len(events)
 
 
-def _plan_final(events: list[Any], info: SectorInfo) -> int:
+def _plan_final(events: list[Any], info: SectorInfo, now: float) -> int:
     ev = events[0]
     if _global(ev, info) is not None:
         return 1
     e = graph.edge(info.state, _name(ev))
-    if e is not None and e.kind == "resume":
+    if e is not None and e.kind is EdgeKind.RESUME:
         return _plan_one(events[:1], info, 0.0)
     raise PlanError(f"didn't expect any events in state {info.state.name}, got {_name(ev)}", 1)
 
@@ -169,19 +201,27 @@ def _plan_committing(events: list[Any], info: SectorInfo, now: float) -> int:
         e = graph.edge(S.Committing, _name(ev))
         if e is None:
             raise PlanError(f"planCommitting got event of unknown type {_name(ev)}", i + 1)
-        if e.kind == "seed":
+        if e.kind is EdgeKind.SEED:
             if ev.seed_epoch == info.seed_epoch and ev.seed_value == info.seed_value:
                 continue  # the same seed again: nothing changed
             ev.apply(info, now)
             info.state = S.Committing
             return i + 1
-        if e.kind == "continue":
+        if e.kind is EdgeKind.CONTINUE:
             ev.apply(info, now)
         assert e.dest is not None
         info.state = e.dest
-        if e.kind == "no_apply":
+        if e.kind is EdgeKind.NO_APPLY:
             return i + 1
     return len(events)
+
+
+#: How each planner kind plans a batch: `(events, info, now) -> events consumed`.
+_PLANNERS: dict[PlannerKind, Callable[[list[Any], SectorInfo, float], int]] = {
+    PlannerKind.PLAN_ONE: _plan_one,
+    PlannerKind.FINAL: _plan_final,
+    PlannerKind.COMMITTING: _plan_committing,
+}
 
 
 def _bookkeep(

@@ -19,14 +19,13 @@ from ..fsm.codec import packb, unpackb
 from .config import seal_proof_for
 from .events import SectorStartCC
 from .info import SectorInfo
+from .input import check_sealing_limit, stored_limit, take_numbers
 from .store_view import sector_records
 
 DB = "requests"
 _PENDING = b"q/"
 _DONE = b"done/"
 META_MINER = b"sealing/miner"
-META_NEXT = b"sealing/next_sector"
-META_MAX_SEALING = b"sealing/max_sealing_sectors"
 
 
 def submit(store: LmdbStore, request: dict[str, Any]) -> bytes:
@@ -88,7 +87,9 @@ def pledge_offline(store: LmdbStore, count: int) -> list[int] | None:
     allocate numbers concurrently. Each sector's record exists at once, in
     UndefinedSectorState with its number; its SectorStartCC waits in the mailbox until the
     next `sectors run`. Raises `ValueError` for a repo that no engine ever opened (its
-    sector size is not known yet).
+    sector size is not known yet), and `SealingLimitError` (a `ValueError`) where the
+    engine's `pledge` would refuse too: numbers and the limit are the engine's, from
+    `input.py`.
     """
     ident = identity(store)
     if ident is None:
@@ -101,16 +102,8 @@ def pledge_offline(store: LmdbStore, count: int) -> list[int] | None:
         return None
     try:
         records = sector_records(store)
-        with store.read() as txn:
-            raw_limit = txn.get(META_MAX_SEALING, db=store.db("meta"))
         # The limit of the engine that last ran here (its config is not ours to read).
-        max_sealing = int(unpackb(raw_limit)) if raw_limit is not None else 0
-        if max_sealing > 0:
-            sealing = len(records.live_ids())
-            if sealing + count > max_sealing:
-                raise ValueError(
-                    f"too many sectors sealing (curSealing: {sealing}, max: {max_sealing})"
-                )
+        check_sealing_limit(records, stored_limit(store), count)
         codec = records.codec
         proof = seal_proof_for(ident[1])
         meta = store.db("meta")
@@ -118,15 +111,12 @@ def pledge_offline(store: LmdbStore, count: int) -> list[int] | None:
             store.db(name)  # opened before the write transaction that uses them
 
         def create(txn: Any) -> list[int]:
-            raw = txn.get(META_NEXT, db=meta)
-            first = unpackb(raw) if raw is not None else 1
-            numbers = list(range(first, first + count))
+            numbers = take_numbers(txn, meta, count)
             for n in numbers:
                 event = codec.encode_event(SectorStartCC(n, proof))
                 # The record carries its number from the start, so every reader shows this
                 # sector as itself (in WaitingForEngine) until the engine applies the event.
                 records.client_send(txn, n, event, functools.partial(SectorInfo, number=n))
-            txn.put(META_NEXT, packb(first + count), db=meta)
             return numbers
 
         return store.write(create)

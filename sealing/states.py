@@ -1,7 +1,11 @@
-"""The 42 `SectorState`s of Lotus v1.11.3, grouped as Lotus groups them.
+"""The 42 `SectorState`s of Lotus v1.11.3, grouped as Lotus groups them (its `sector_state.go`).
 
 String values equal the names, so stored records, the CLI and `update-state` speak Lotus's
 language. `FailedUnrecoverable` is reachable here (Lotus never enters it): see `graph.py`.
+
+The lifecycle's state sets are in `graph.py`; the two defined here are the ones the CLI's
+read-only commands need (`retry` checks FAILED_STATES, the store view DORMANT_STATES), which
+must not load the graph, the events or the handlers. `graph.py` re-exports them.
 """
 
 from __future__ import annotations
@@ -123,11 +127,6 @@ FAILED_STATES: frozenset[SectorState] = frozenset(GROUPS["error_modes"]) | {
 #: States whose machines stay dormant on disk across restarts (nothing to resume).
 DORMANT_STATES: frozenset[SectorState] = frozenset(
     {S.Proving, S.Removed, S.FailedUnrecoverable, S.FaultedFinal, S.FaultReported}
-)
-
-#: Lotus's toStatState buckets (v1.11.3), used for MaxSealingSectors throttling.
-STAGING_STATES: frozenset[SectorState] = frozenset(
-    {S.UndefinedSectorState, S.Empty, S.WaitDeals, S.AddPiece}
 )
 
 

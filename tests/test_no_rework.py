@@ -18,6 +18,7 @@ from sectorfsm.fsm import LmdbStore, StepFailed
 from sectorfsm.sched import Job, TaskType
 from sectorfsm.sealing import SectorState, SectorStuckError, commp, requests
 from sectorfsm.sealing import miner as miner_module
+from sectorfsm.sealing.backends.sim import SimBackend
 from sectorfsm.sealing.events import (
     SectorAddPiece,
     SectorEvent,
@@ -30,8 +31,7 @@ from sectorfsm.sealing.events import (
 )
 from sectorfsm.sealing.info import SectorInfo
 from sectorfsm.sealing.miner import Miner
-from sectorfsm.sealing.pipeline import Sealing
-from sectorfsm.sealing.backends.sim import SimBackend
+from sectorfsm.sealing.planner import Planner
 from sectorfsm.sealing.states import FAILED_STATES
 from sectorfsm.sealing.store_view import store_path
 
@@ -177,9 +177,9 @@ class Attempts:
         self.results: defaultdict[int, list[SectorEvent]] = defaultdict(list)
 
     def wrap(self, plan: Any) -> Any:
-        def counted(sealing: Sealing, events: list[Any], info: SectorInfo) -> Any:
+        def counted(planner: Planner, events: list[Any], info: SectorInfo) -> Any:
             before = info.state
-            step, processed = plan(sealing, events, info)
+            step, processed = plan(planner, events, info)
             done = events[:processed]
             if info.state is not before or any(isinstance(e, StepFailed) for e in done):
                 self.runs[(info.number, info.state)] += 1
@@ -277,5 +277,5 @@ def test_stray_events_never_add_compute_jobs(plan: list[tuple[float, int, str]])
 
     with pytest.MonkeyPatch.context() as mp, tempfile.TemporaryDirectory() as tmp:
         mp.setattr(miner_module, "SimBackend", CountingSim)
-        mp.setattr(Sealing, "plan", attempts.wrap(Sealing.plan))
+        mp.setattr(Planner, "plan", attempts.wrap(Planner.plan))
         run(lambda: body(Path(tmp) / "repo"))

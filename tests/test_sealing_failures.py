@@ -21,7 +21,7 @@ from sectorfsm.sealing.chain import ExitCode
 from sectorfsm.sealing.events import SectorPacked, SectorTicket
 from sectorfsm.sealing.info import DealInfo, SectorInfo
 from sectorfsm.sealing.miner import SectorStuckError
-from sectorfsm.sealing.planner import plan
+from sectorfsm.sealing.planner import Planner
 from sectorfsm.sealing.states import SectorState
 
 DAY = 86400.0
@@ -405,7 +405,7 @@ def test_committing_consumes_an_unknown_event_instead_of_looping(tmp_path: Path)
     async def body() -> None:
         async with miner(tmp_path) as m:
             info = SectorInfo(state=SectorState.Committing, number=7)
-            _step, processed = plan(m.sealing, [SectorTicket(b"t", 1)], info)
+            _step, processed = Planner(m.sealing).plan([SectorTicket(b"t", 1)], info)
             assert processed == 1  # Lotus returns 0 here and re-plans forever
             assert info.state is SectorState.Committing
             assert "planCommitting got event of unknown type SectorTicket" in info.log[-1].message
@@ -421,7 +421,7 @@ def test_a_restart_queued_behind_an_event_is_served_by_that_round(tmp_path: Path
         async with miner(tmp_path) as m:
             # After a crash: the event the step sent is in the inbox, Restart comes after it.
             info = SectorInfo(state=SectorState.CommitWait, number=3)
-            step, processed = plan(m.sealing, [SectorProving(), Restart()], info)
+            step, processed = Planner(m.sealing).plan([SectorProving(), Restart()], info)
             assert processed == 2  # else FinalizeSector's handler would start twice
             assert info.state is SectorState.FinalizeSector and step is not None
 
@@ -445,7 +445,7 @@ def test_one_failed_piece_drops_only_itself(tmp_path: Path) -> None:
             backend.add_piece = flaky
             cids = [commp.piece_cid(bytes([i]) * 100) for i in range(3)]
             # Assigned in one tick: one AddPiece step handles all three.
-            numbers = m._assign([m._pending_piece(c, 128, None) for c in cids])
+            numbers = m.input.assign([m._pending_piece(c, 128, None) for c in cids])
             await m.store.committer.waiter()
             assert len(set(numbers)) == 1
             info = await m.wait(numbers[0], "Proving", timeout=10 * DAY)

@@ -269,7 +269,7 @@ def test_restart_keeps_a_full_sector_full(tmp_path: Path) -> None:
             first = await m.add_piece(a, 128)
             assert await m.add_piece(b, 1024) == first  # 128 + 896 padding + 1024 = full
         async with miner(tmp_path, clock=clock, config=SLOW_SEAL) as m:
-            assert m.sealing.open_sectors[first] == 2048
+            assert m.input.open_sectors[first] == 2048
             other = await m.add_piece(c, 512)
             assert other != first
             info = await m.wait(other, "Proving", timeout=10 * DAY)

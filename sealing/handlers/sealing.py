@@ -89,7 +89,7 @@ async def handle_wait_deals(s: Sealing, ctx: Context, info: SectorInfo) -> None:
         ctx.send(SectorStartPacking())
         return
     if info.creation_time == 0:
-        s.open_sector(info)
+        s.input.open_sector(info)
         return
     seal_at = info.creation_time + s.config.wait_deals_delay
     # A deal must be sealed before it starts: never wait past its safe sealing time.
@@ -97,11 +97,11 @@ async def handle_wait_deals(s: Sealing, ctx: Context, info: SectorInfo) -> None:
     if starts:
         safe_epoch = min(starts) - s.config.start_epoch_sealing_buffer
         seal_at = min(seal_at, s.chain.epoch_time(safe_epoch))
-    s.open_sector(info)
+    s.input.open_sector(info)
     if s.clock.now() >= seal_at:
         ctx.send(SectorStartPacking())
         return
-    s.arm_timer(info.number, seal_at, ctx, SectorStartPacking())
+    s.input.arm_timer(info.number, seal_at, ctx, SectorStartPacking())
 
 
 def required_padding(existing: list[int], size: int) -> list[int]:
@@ -165,7 +165,7 @@ async def handle_add_piece(s: Sealing, ctx: Context, info: SectorInfo) -> None:
                     f"the data gives {written.piece_cid}"
                 )
         except Exception as exc:
-            s.reassign(moved)
+            s.input.assign(moved)
             ctx.send(
                 SectorAddPieceFailed(
                     f"writing piece {piece.piece_cid} (deal {piece.deal.deal_id}): {exc}",
@@ -176,13 +176,13 @@ async def handle_add_piece(s: Sealing, ctx: Context, info: SectorInfo) -> None:
             return
         added.append(Piece(piece.piece_cid, piece.size, piece.deal))
         existing.append(piece.size)
-    s.reassign(moved)  # staged with the event below: the move commits atomically
+    s.input.assign(moved)  # staged with the event below: the move commits atomically
     ctx.send(SectorPieceAdded(added, moved))
 
 
 async def handle_packing(s: Sealing, ctx: Context, info: SectorInfo) -> None:
     """Fill the rest of the sector with zero pieces."""
-    s.close_sector(info.number)
+    s.input.close_sector(info.number)
     used = sum(p.size for p in info.pieces)
     rem = commp.unpadded_size(info.sector_size) - used * 127 // 128
     fillers: list[Piece] = []
