@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..sealing import graph
-from ..sealing.states import FAILED_STATES, SectorState, group_of
+from ..sealing.graph import FAILED_STATES, EdgeKind
+from ..sealing.states import SectorState, group_of
 
 #: A transition as `(source, event, dest)` state names (enum member names).
 Triple = tuple[str, str, str]
@@ -33,20 +34,22 @@ PATH = "#0969da"
 DEVIATION = "#8250df"
 MUTED = "#afb8c1"
 
+#: The kind of the one loop that stands for FailedUnrecoverable's resumes (drawing only).
+RESUME_ANY = "resume_any"
 #: How an arrow's kind is spelled after its event in labels ("on" and globals say nothing).
 KIND_NOTES: dict[str, str] = {
-    "on": "",
-    "global": "",
-    "apply": "apply",
-    "return": "return",
-    "resume": "resume",
-    "continue": "continue",
-    "no_apply": "no apply",
-    "seed": "new seed",
-    "resume_any": "resume: the failed state it gave up in",
+    EdgeKind.ON: "",
+    EdgeKind.GLOBAL: "",
+    EdgeKind.APPLY: "apply",
+    EdgeKind.RETURN: "return",
+    EdgeKind.RESUME: "resume",
+    EdgeKind.CONTINUE: "continue",
+    EdgeKind.NO_APPLY: "no apply",
+    EdgeKind.SEED: "new seed",
+    RESUME_ANY: "resume: the failed state it gave up in",
 }
 #: Kinds whose target is decided at run time (drawn dashed).
-RUNTIME_KINDS = frozenset({"return", "resume", "resume_any"})
+RUNTIME_KINDS = frozenset({EdgeKind.RETURN, EdgeKind.RESUME, RESUME_ANY})
 
 TITLE = "Sector lifecycle: Lotus v1.11.3 planner table as sectorfsm runs it"
 LEGEND = (
@@ -117,10 +120,10 @@ class Chart:
         out = [a for a in self.globals if not (a.source == ANY and a.dest == ANY)]
         folded: set[tuple[str, str]] = set()
         for a in self.arrows:
-            if a.kind == "resume" and not a.steps:
+            if a.kind == EdgeKind.RESUME and not a.steps:
                 if (a.source, a.event) not in folded:
                     folded.add((a.source, a.event))
-                    out.append(Arrow(a.source, a.event, a.source, "resume_any", a.deviation))
+                    out.append(Arrow(a.source, a.event, a.source, RESUME_ANY, a.deviation))
                 continue
             out.append(a)
         return out
@@ -178,7 +181,9 @@ def build(highlight: Sequence[Triple] | None = None) -> Chart:
         expected = None if g is None else _global_dest(g, source)
         if g is None or expected not in (None, dest):
             raise ValueError(f"highlight {source} --{event}--> {dest} is not an edge of the graph")
-        arrows.append(Arrow(source, event, dest, "global", g.deviation, tuple(taken_steps), True))
+        arrows.append(
+            Arrow(source, event, dest, EdgeKind.GLOBAL, g.deviation, tuple(taken_steps), True)
+        )
     visited = {name for source, _, dest in path for name in (source, dest)}
     states = tuple(
         StateView(

@@ -7,7 +7,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 from ..sealing import graph
-from ..sealing.states import FAILED_STATES, SectorState
+from ..sealing.graph import EdgeKind
+from ..sealing.states import SectorState
 from .model import FORCE_STATE, Triple
 
 S = SectorState
@@ -16,8 +17,6 @@ S = SectorState
 _EXHAUSTED = "SectorRetriesExhausted"
 #: The event whose message names where RecoverDealIDs will return.
 _INVALID_DEAL_IDS = "SectorInvalidDealIDs"
-#: Where FailedUnrecoverable may resume, in a fixed order for the look-ahead.
-_RESUME_STATES = tuple(sorted(FAILED_STATES - {S.FailedUnrecoverable}))
 #: How many later events the look-ahead replays to choose a run-time target.
 _LOOKAHEAD = 8
 
@@ -67,7 +66,7 @@ def _follows(state: SectorState, later: Sequence[tuple[str, dict[str, Any]]]) ->
             break
         count += 1
         if e.dest is None:  # apply stays; return/resume: stop guessing there
-            if e.kind != "apply":
+            if e.kind is not EdgeKind.APPLY:
                 break
         else:
             state = e.dest
@@ -114,17 +113,17 @@ def path_from_log(log: Iterable[LogEntryLike]) -> list[Triple]:
             e = graph.edge(state, event)
             if e is None:
                 continue
-            if e.kind == "apply":
+            if e.kind is EdgeKind.APPLY:
                 dest = state
-            elif e.kind == "return":
+            elif e.kind is EdgeKind.RETURN:
                 dest = return_to
                 if dest is None:
                     dest = _guess(graph.RETURN_STATES, events[i + 1 :])
                 return_to = None
-            elif e.kind == "resume":
+            elif e.kind is EdgeKind.RESUME:
                 dest = gave_up_in
                 if dest is None:
-                    dest = _guess(_RESUME_STATES, events[i + 1 :])
+                    dest = _guess(graph.RESUME_STATES, events[i + 1 :])
                 gave_up_in = None
             else:
                 dest = e.dest

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from xml.sax.saxutils import quoteattr
 
+from ..sealing.graph import EdgeKind
 from .model import ANY, FORCE_STATE, GENERATED, TITLE, Arrow, Chart, StateView
 
 SCXML_NS = "http://www.w3.org/2005/07/scxml"
@@ -42,7 +43,7 @@ def _transition(a: Arrow, *, target: str | None, extra: dict[str, str] | None = 
     attrs.update(extra or {})
     if target is not None:
         attrs["target"] = target
-    if a.kind not in ("on", "global"):
+    if a.kind not in (EdgeKind.ON, EdgeKind.GLOBAL):
         attrs["sfsm:kind"] = a.kind
     if a.deviation is not None:
         attrs["sfsm:deviation"] = a.deviation
@@ -109,7 +110,7 @@ def to_scxml(chart: Chart) -> str:
         if guarded:
             inner.append(f"<!-- {state.name} is a <final>: its own events are guarded here. -->")
         for a in guarded:
-            target = None if a.kind == "apply" else a.dest
+            target = None if a.kind == EdgeKind.APPLY else a.dest
             inner.append(_transition(a, target=target, extra={"cond": f"In('{state.name}')"}))
     for state in chart.states:
         attrs = _state_attrs(state)
@@ -121,13 +122,13 @@ def to_scxml(chart: Chart) -> str:
             inner.append(_tag("state", attrs))
             continue
         inner.append(_tag("state", attrs, close=False))
-        if any(a.kind == "return" for a in arrows):
+        if any(a.kind == EdgeKind.RETURN for a in arrows):
             inner.append(
                 "  <!-- The engine returns to the state SectorInvalidDealIDs stored"
                 " (return_state). -->"
             )
         for a in arrows:
-            target = None if a.kind == "apply" else a.dest
+            target = None if a.kind == EdgeKind.APPLY else a.dest
             inner.append("  " + _transition(a, target=target))
         inner.append("</state>")
     body += ["  " + line for line in inner]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..sealing.graph import EdgeKind
 from .model import (
     ANY,
     ANY_FILL,
@@ -108,7 +109,7 @@ def _dot_edge(chart: Chart, a: Arrow) -> str:
     attrs: dict[str, str | float] = {"label": a.label()}
     if a.kind in RUNTIME_KINDS:
         attrs["style"] = "dashed"
-    elif a.source == a.dest and a.kind == "apply":
+    elif a.source == a.dest and a.kind == EdgeKind.APPLY:
         attrs["style"] = "dotted"
     if a.steps:
         attrs.update(color=PATH, fontcolor=PATH, penwidth=2.5)
@@ -182,7 +183,7 @@ def _puml_arrow(chart: Chart, a: Arrow) -> str:
         style.append(DEVIATION.upper())
     if a.kind in RUNTIME_KINDS:
         style.append("dashed")
-    elif a.source == a.dest and a.kind == "apply":
+    elif a.source == a.dest and a.kind == EdgeKind.APPLY:
         style.append("dotted")
     arrow = f"-[{','.join(style)}]->" if style else "-->"
     source, dest = _any_id(a.source, _ANY_ID), _any_id(a.dest, _ANY_ID)
