@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from sectorfsm.sealing import graph
+from sectorfsm.sealing import graph, states
 from sectorfsm.sealing.graph import DEVIATIONS, EDGES, FINAL_PLANNER_STATES, PLANNERS, Edge
 from sectorfsm.sealing.states import FAILED_STATES, SectorState
 
@@ -252,3 +254,57 @@ def test_export_transitions_expands_runtime_targets() -> None:
     assert resumes == {s.name for s in FAILED_STATES - {S.FailedUnrecoverable}}
     assert ("*", "SectorTerminate", "Terminating") in triples
     assert ("*", "SectorForceState", "*") in triples
+
+
+def test_edge_and_planner_kinds_are_enums() -> None:
+    assert all(isinstance(e.kind, graph.EdgeKind) for e in EDGES)
+    assert all(isinstance(p, graph.PlannerKind) for p in PLANNERS.values())
+    # Stored and exported as their Lotus-style names: the values never change.
+    assert [k.value for k in graph.EdgeKind] == [
+        "on", "apply", "return", "continue", "no_apply", "seed", "resume", "global"
+    ]  # fmt: skip
+    assert {k.value for k in graph.PlannerKind} == {"plan_one", "final", "committing"}
+    assert {e.kind for e in EDGES if e.source is None} == {graph.EdgeKind.GLOBAL}
+
+
+def test_every_state_that_works_has_a_handler_and_the_others_none() -> None:
+    handlers = graph.handlers()
+    idle = set(SectorState) - set(handlers)
+    # Nothing to do: not started, sealed, or parked until an operator acts. PackingFailed
+    # never runs: the planner moves it on to DealsExpired, as Lotus's plan() does.
+    assert idle == {
+        S.UndefinedSectorState,
+        S.Proving,
+        S.FaultedFinal,
+        S.Removed,
+        S.FailedUnrecoverable,
+        S.PackingFailed,
+    }
+    assert idle >= graph.STUCK_STATES  # `wait` gives up there: nothing would move it on
+    assert all(callable(h) for h in handlers.values())
+
+
+def test_the_piece_sets_agree_with_the_table() -> None:
+    takes = {s for s in SectorState if graph.edge(s, "SectorAddPiece") is not None}
+    assert takes == graph.TAKES_PIECES
+    # An open deal sector is one that takes pieces and is not parked after a failed write.
+    assert graph.TAKES_PIECES - {S.AddPieceFailed} == graph.OPEN_SECTOR_STATES
+    assert graph.OPEN_SECTOR_STATES <= graph.STAGING_STATES
+    assert tuple(sorted(FAILED_STATES - {S.FailedUnrecoverable})) == graph.RESUME_STATES
+    # The cheap sets the CLI reads from states.py are the graph's own.
+    assert graph.FAILED_STATES is FAILED_STATES
+    assert graph.DORMANT_STATES is states.DORMANT_STATES
+
+
+def test_reading_the_graph_loads_neither_handlers_nor_scheduler() -> None:
+    code = (
+        "import sys\n"
+        "from sectorfsm.sealing import graph\n"
+        "list(graph.export_transitions())\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('sectorfsm.sealing.handlers',"
+        " 'sectorfsm.sched', 'sectorfsm.sealing.sealer'))))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.strip() == "[]"
