@@ -44,7 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel
+from pydantic import AfterValidator, BaseModel, BeforeValidator
+from pydantic_core import PydanticCustomError
 
 from ..sched import parse_sector_size
 from ..sealing.chain import BlockTime
@@ -52,7 +53,7 @@ from ..validation import TABLE, ConfigError, Count, validate
 
 #: Seconds per epoch of the embedded devnet: a pledge reaches Proving in seconds.
 DEFAULT_BLOCK_TIME = 0.2
-DEFAULT_SEALER = "reference"  # as _MinerTable.sealer
+DEFAULT_SEALER = "reference"
 
 
 class RunConfigError(ValueError):
@@ -66,12 +67,26 @@ def _sector_size(value: str | int) -> str | int:
     return value
 
 
+def _sealer(value: object) -> object:
+    """A registered sealer name, refused as a choice among them (the registry is the list)."""
+    from ..sealing.backends import sealers
+
+    names = sealers()
+    if value not in names:
+        *most, last = (repr(n) for n in names)
+        choices = f"{', '.join(most)} or {last}" if most else last
+        raise PydanticCustomError(
+            "literal_error", "Input should be {expected}", {"expected": choices}
+        )
+    return value
+
+
 class _MinerTable(BaseModel):
     model_config = TABLE
 
     id: Count = 1000
     sector_size: Annotated[str | int, AfterValidator(_sector_size)] = "2KiB"
-    sealer: Literal["sim", "reference", "command"] = "reference"
+    sealer: Annotated[str, BeforeValidator(_sealer)] = DEFAULT_SEALER
     chain: Literal["devnet", "mainnet"] = "devnet"
     block_time: BlockTime | None = None
 

@@ -4,7 +4,7 @@
 Configure it for every task, e.g. `{"commands": {t: ["/path/to/command_sealer.py"] for t in
 ("AP", "PC1", "PC2", "C1", "C2", "FIN")}}`; it reads the task from SECTORFSM_TASK, its inputs
 from the environment and a JSON object on stdin, and prints a JSON result on stdout
-(examples/README.md and `sectorfsm.sealing.command` describe the contract).
+(examples/README.md and `sectorfsm.sealing.backends.command` describe the contract).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sectorfsm.sealing import reference
+from sectorfsm.sealing.backends import files, reference
 
 
 def run(task: str, env: dict[str, str], req: dict[str, Any]) -> dict[str, Any]:
@@ -46,10 +46,10 @@ def run(task: str, env: dict[str, str], req: dict[str, Any]) -> dict[str, Any]:
         reference.finalize(cache, unsealed, req["keep_unsealed"])
         return {}
     if task == "RELEASE_UNSEALED":
-        reference.remove_files([unsealed])
+        files.remove_files([unsealed])
         return {}
     if task == "REMOVE":
-        reference.remove_files([unsealed, sealed, cache])
+        files.remove_files([unsealed, sealed, cache])
         return {}
     raise ValueError(f"unknown task {task!r}")
 

@@ -24,8 +24,6 @@ from ..validation import MAX_INT, ConfigError
 from .chain import ChainParams
 from .config import SealingConfig
 
-#: Sealer backends `Miner.open` knows.
-SEALERS = ("sim", "reference", "command")
 DURABILITY = ("group", "sync", "nosync")
 #: Block time of `chain="devnet"` when the sealer's work fits it.
 DEVNET_BLOCK_TIME = 1.0
@@ -38,8 +36,9 @@ _WINDOW_OVERHEAD = 20
 
 def check_scalars(*, miner: object, sim_time_scale: object, sealer: object) -> None:
     """The plain arguments: a ValueError naming the first bad one."""
-    if sealer not in SEALERS:
-        raise ValueError(f"unknown sealer backend {sealer!r} (available: {', '.join(SEALERS)})")
+    from .backends import factory
+
+    factory(sealer)  # the sealers are the backend registry's
     if not isinstance(miner, int) or isinstance(miner, bool) or not 0 <= miner <= MAX_INT:
         raise ValueError(f"miner: must be an actor id from 0 to 2^63-1, got {miner!r}")
     if (
@@ -63,7 +62,7 @@ def make_clock(clock: str | Clock) -> Clock:
 
 def sim_seal_seconds(sector_size: int, time_scale: float = 1.0) -> tuple[float, float]:
     """The sim sealer's (PreCommit1 + PreCommit2, Commit1 + Commit2) seconds for a size."""
-    from .sim import SimBackend
+    from .backends.sim import SimBackend
 
     sim = SimBackend(RealClock(), 0, time_scale=time_scale)
     return (

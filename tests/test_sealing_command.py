@@ -17,8 +17,9 @@ import pytest
 from conftest import Spawner, until
 from sealtools import kinds, miner, run
 
-from sectorfsm.sealing import commp, reference
-from sectorfsm.sealing.command import CommandBackend, CommandConfigError
+from sectorfsm.sealing import commp
+from sectorfsm.sealing.backends import sectorfile
+from sectorfsm.sealing.backends.command import CommandBackend, CommandConfigError
 from sectorfsm.sealing.info import SectorInfo
 from sectorfsm.sealing.miner import Miner
 
@@ -81,8 +82,8 @@ def test_cc_and_deal_sectors_reach_proving_through_the_example(tmp_path: Path) -
             assert dinfo.comm_d == commp.unsealed_cid(SECTOR, pieces)
             unsealed, sealed, cache = _files(tmp_path, deal)
             raw = unsealed.read_bytes()  # kept for the deal
-            assert reference.fr32_unpad(raw[:1024])[:900] == data
-            assert reference.read_sealed(sealed, SECTOR)["comm_r"] == dinfo.comm_r
+            assert sectorfile.fr32_unpad(raw[:1024])[:900] == data
+            assert sectorfile.read_sealed(sealed, SECTOR)["comm_r"] == dinfo.comm_r
             assert not _files(tmp_path, cc)[0].exists()  # a CC sector's unsealed copy goes
             # No RELEASE_UNSEALED command: the engine deletes the file itself.
             await m.sealer.release_unsealed(m.sealing.ref(dinfo))

@@ -42,12 +42,12 @@ from sealtools import HAPPY
 from sectorfsm.fsm import LmdbStore, RealClock, StateGroup
 from sectorfsm.sched import TaskType
 from sectorfsm.sealing import graph
+from sectorfsm.sealing.backends.sim import SimBackend
 from sectorfsm.sealing.chain import ExitCode
 from sectorfsm.sealing.devnet import DevnetChain
 from sectorfsm.sealing.events import ALL_EVENTS, EVENTS_BY_NAME
 from sectorfsm.sealing.info import SectorInfo
 from sectorfsm.sealing.miner import GROUP
-from sectorfsm.sealing.sim import SimBackend
 from sectorfsm.sealing.states import SectorState
 
 S = SectorState

@@ -22,8 +22,9 @@ from sectorfsm.sched import (
     WorkerSpec,
     detect_resources,
 )
-from sectorfsm.sealing import backends, commp, proofs, reference
-from sectorfsm.sealing.backends import StorageError, default_workers, disk_space
+from sectorfsm.sealing import commp, proofs
+from sectorfsm.sealing.backends import StorageError, default_workers, files, reference, sectorfile
+from sectorfsm.sealing.backends.files import disk_space
 from sectorfsm.sealing.info import SectorInfo
 from sectorfsm.sealing.miner import Miner, SectorStuckError
 
@@ -73,7 +74,7 @@ def test_cc_sector_has_real_files_at_each_stage_and_remove_deletes_them(tmp_path
             # After PreCommit2: the unsealed and sealed files and the cache with its scratch.
             assert unsealed.stat().st_size == SECTOR and sealed.stat().st_size == SECTOR
             assert (cache / "sc-02-data-layer-1.dat").exists() and (cache / "t_aux").exists()
-            record = reference.read_sealed(sealed, SECTOR)
+            record = sectorfile.read_sealed(sealed, SECTOR)
             info = m.status(n)
             assert record["comm_r"] == info.comm_r and record["comm_d"] == info.comm_d
             info = await m.wait(n, "Proving", timeout=DAY)
@@ -122,11 +123,11 @@ def test_deal_sector_commitments_come_from_the_data_in_the_unsealed_file(tmp_pat
             unsealed, sealed, _ = _files(_storage(tmp_path), n)
             raw = unsealed.read_bytes()
             assert len(raw) == SECTOR
-            assert reference.fr32_unpad(raw[:1024]) == first + bytes(1016 - 1000)
-            assert reference.fr32_unpad(raw[1024:1536]) == second + bytes(508 - 300)
+            assert sectorfile.fr32_unpad(raw[:1024]) == first + bytes(1016 - 1000)
+            assert sectorfile.fr32_unpad(raw[1024:1536]) == second + bytes(508 - 300)
             assert raw[1536:] == bytes(512)
             # CommD is the CommP of the whole sector's data.
-            assert commp.piece_cid(reference.fr32_unpad(raw)) == info.comm_d
+            assert commp.piece_cid(sectorfile.fr32_unpad(raw)) == info.comm_d
             await m.sealer.release_unsealed(m.sealing.ref(info))
             assert not unsealed.exists() and sealed.exists()
             assert not m.sealer.holds(m.sealing.ref(info), FileType.UNSEALED)
@@ -183,7 +184,7 @@ def test_corrupt_sealed_file_fails_the_proof_then_reseals(tmp_path: Path) -> Non
             # rewrites the sealed file and the sector proves.
             info = await m.wait(n, "Proving", timeout=DAY)
             assert "SectorSealPreCommit1Failed" in kinds(info)
-            assert reference.read_sealed(sealed, SECTOR)["comm_r"] == info.comm_r
+            assert sectorfile.read_sealed(sealed, SECTOR)["comm_r"] == info.comm_r
 
     run(body)
 
@@ -195,10 +196,10 @@ def test_replaced_sealed_file_gives_a_proof_the_chain_rejects(tmp_path: Path) ->
             info = await m.wait(n, "WaitSeed", timeout=DAY)
             _, sealed, _ = _files(_storage(tmp_path), n)
             # A well-formed sealed file, but sealed with another ticket (or another sector's).
-            record = reference.read_sealed(sealed, SECTOR)
+            record = sectorfile.read_sealed(sealed, SECTOR)
             assert info.comm_d is not None
             other = proofs.sealed_cid(1000, n, info.comm_d, b"\x01" * 32)
-            reference.write_sealed(sealed, {**record, "comm_r": other}, SECTOR)
+            sectorfile.write_sealed(sealed, {**record, "comm_r": other}, SECTOR)
             info = await m.wait(n, "ComputeProofFailed", timeout=DAY)
             assert "invalid proof" in _trace(info, "SectorComputeProofFailed")
             # Failed proofs lead to a reseal, whose PreCommit2 rewrites the sealed file.
@@ -235,14 +236,14 @@ def test_cancelling_threaded_file_work_waits_for_the_thread_to_stop() -> None:
         try:
             while True:
                 time.sleep(0.005)
-                backends.check_stop(stop)  # raises TaskStopped once cancelled
+                files.check_stop(stop)  # raises TaskStopped once cancelled
         finally:
             time.sleep(0.05)  # slow to wind down: the cancellation must wait for it
             stopped.set()
 
     async def body() -> None:
         clock = VirtualClock()
-        task = asyncio.ensure_future(backends.run_in_thread(clock, work))
+        task = asyncio.ensure_future(files.run_in_thread(clock, work))
         await asyncio.to_thread(started.wait, 10)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -273,7 +274,7 @@ def test_add_piece_is_idempotent_and_a_filler_clears_a_failed_piece(tmp_path: Pa
     with unsealed.open("r+b") as f:
         f.seek(1500)
         f.write(b"\x01")
-    with pytest.raises(reference.SectorFileError, match="should be zero"):
+    with pytest.raises(sectorfile.SectorFileError, match="should be zero"):
         reference.pre_commit1(unsealed, tmp_path / "cache", SECTOR, b"t" * 32, pieces)
 
 
@@ -282,11 +283,11 @@ def test_fr32_unpad_inverts_fr32_pad(numpy: bool, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(commp, "USE_NUMPY", numpy)
     data = os.urandom(127 * 100)
     padded = commp.fr32_pad(data)
-    assert reference.fr32_unpad(padded) == data
+    assert sectorfile.fr32_unpad(padded) == data
     bad = bytearray(padded)
     bad[31 + 128 * 70] |= 0x80
     with pytest.raises(ValueError, match="padding bits"):
-        reference.fr32_unpad(bytes(bad))
+        sectorfile.fr32_unpad(bytes(bad))
 
 
 def test_unusable_storage_path_fails_open_clearly(tmp_path: Path) -> None:

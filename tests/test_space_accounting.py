@@ -221,13 +221,13 @@ def test_storage_path_under_proc_is_a_one_line_error(tmp_path: Path) -> None:
 def test_read_only_or_full_storage_path_is_a_one_line_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int, says: str
 ) -> None:
-    from sectorfsm.sealing import backends
+    from sectorfsm.sealing.backends import files
 
     def refuse(*args: Any, **kw: Any) -> Any:
         raise OSError(err, os.strerror(err))
 
     storage = tmp_path / "disk"
-    monkeypatch.setattr(backends.tempfile, "mkstemp", refuse)  # the probe write
+    monkeypatch.setattr(files.tempfile, "mkstemp", refuse)  # the probe write
     code, out = _run_cli(tmp_path, str(storage))
     assert code == 1
     [line] = out.strip().splitlines()

@@ -13,7 +13,7 @@ Configuration, as `Miner.open(..., sealer="command", sealer_options=...)`::
         "timeouts": {"PC1": 86400},        # per-task overrides
         "kill_grace": 5,                   # seconds between SIGTERM and SIGKILL
         "env": {"FIL_PROOFS_USE_GPU": "1"},  # added to every command's environment
-        "storage": {"local": "storage"},   # path id -> directory (see backends.py)
+        "storage": {"local": "storage"},   # path id -> directory (see files.py)
     }
 
 A command may be a list (argv) or a string (split like a shell would, without a shell).
@@ -65,17 +65,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..fsm import Clock
-from ..sched import FileType, SectorRef, TaskType
-from . import commp
-from .backends import SectorPaths, Storage, run_in_thread
-from .info import PendingPiece, Piece
+from ...fsm import Clock
+from ...sched import FileType, SectorRef, TaskType, WorkerSpec
+from .. import commp
+from ..info import PendingPiece, Piece
+from ..sealer import PreCommit2Out
+from .files import (
+    SectorPaths,
+    Storage,
+    check_roots,
+    check_storage,
+    local_workers,
+    remove_files,
+    run_in_thread,
+    scan_sector_files,
+)
 from .joblock import LOCKS, JobLockError, die_with, job_lock, record_job, take_over
-from .reference import remove_files, scan_sector_files
-from .sealer import PreCommit2Out
 
 if TYPE_CHECKING:
-    from ..sched import Job
+    from ...sched import Job
 
 #: Tasks that need a command, by their Lotus short name.
 REQUIRED = ("AP", "PC1", "PC2", "C1", "C2", "FIN")
@@ -189,6 +197,27 @@ def parse_commands(options: Mapping[str, Any]) -> dict[str, Command]:
     return commands
 
 
+@dataclass(frozen=True, slots=True)
+class CommandOptions:
+    """`sealer_options` of the command backend, checked (storage aside)."""
+
+    commands: dict[str, Command]
+    kill_grace: float
+    env: dict[str, str]
+
+
+def parse_options(options: Mapping[str, Any]) -> CommandOptions:
+    """The commands, kill grace and environment of `options`; raises CommandConfigError."""
+    commands = parse_commands(options)
+    grace = _seconds("kill_grace", options.get("kill_grace", DEFAULT_KILL_GRACE))
+    env = options.get("env") or {}
+    if not isinstance(env, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+    ):
+        raise CommandConfigError(f"env must map names to strings: {env!r}")
+    return CommandOptions(commands, grace, dict(env))
+
+
 class CommandBackend:
     """Runs each task's configured executable; files live under the storage `roots`."""
 
@@ -221,7 +250,7 @@ class CommandBackend:
         return tuple(self.storage.roots)
 
     def scan_files(self) -> dict[tuple[str, int, FileType], int]:
-        """This miner's sector files on disk (see `reference.scan_sector_files`)."""
+        """This miner's sector files on disk (see `files.scan_sector_files`)."""
         return scan_sector_files(self.storage.roots, self.miner)
 
     @classmethod
@@ -229,14 +258,10 @@ class CommandBackend:
         cls, clock: Clock, miner: int, roots: Mapping[str, Path], options: Mapping[str, Any]
     ) -> CommandBackend:
         """Build from `sealer_options` (see the module docstring); raises CommandConfigError."""
-        commands = parse_commands(options)
-        grace = _seconds("kill_grace", options.get("kill_grace", DEFAULT_KILL_GRACE))
-        env = options.get("env") or {}
-        if not isinstance(env, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in env.items()
-        ):
-            raise CommandConfigError(f"env must map names to strings: {env!r}")
-        return cls(clock, miner, roots, commands, kill_grace=grace, env=env)
+        parsed = parse_options(options)
+        return cls(
+            clock, miner, roots, parsed.commands, kill_grace=parsed.kill_grace, env=parsed.env
+        )
 
     # -- running a command ---------------------------------------------------------------
 
@@ -455,6 +480,39 @@ class CommandBackend:
         # No job runs on a removed sector's files any more: its lock file can go.
         self.lock_path(sector).unlink(missing_ok=True)
         self._sector_locks.pop(sector.number, None)
+
+
+class CommandFactory:
+    """The registry's `command`: operator executables per task, files under the storage paths."""
+
+    name = "command"
+    keeps_files = True
+
+    def check(
+        self, repo: Path, options: Mapping[str, Any], workers: Sequence[WorkerSpec] | None
+    ) -> None:
+        """The storage directories are given well; every task has a runnable command."""
+        check_storage(repo, options, workers)
+        parse_options(options)
+
+    def create(
+        self,
+        *,
+        clock: Clock,
+        miner: int,
+        repo: Path,
+        options: Mapping[str, Any],
+        time_scale: float,
+    ) -> CommandBackend:
+        """A `CommandBackend`, its storage directories created."""
+        roots = check_storage(repo, options, None)
+        backend = CommandBackend.from_options(clock, miner, roots, options)
+        check_roots(roots)
+        return backend
+
+    def default_workers(self, repo: Path) -> list[WorkerSpec]:
+        """One local worker whose one path is `<repo>/storage` (`files.local_workers`)."""
+        return local_workers(repo)
 
 
 async def _feed(stream: asyncio.StreamWriter, data: bytes) -> None:

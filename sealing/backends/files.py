@@ -1,7 +1,6 @@
-"""Choosing a file-based sealer backend, its default worker, and its storage paths.
+"""What the file-based sealer backends share: storage paths, sector files, thread work.
 
-`Miner.open(sealer="reference" | "command")` calls `default_workers` (unless it is given
-workers) and `make_backend`. Both backends keep sector files in Lotus's layout under storage
+The `reference` and `command` backends keep sector files in Lotus's layout under storage
 directories, one per storage path id of the scheduler: `sealer_options["storage"]` maps path
 ids to directories (relative ones are under the repo; `sectors run` fills it from each
 `[[workers.paths]]`'s `path`), and the default worker's one path, `"local"`, is
@@ -28,18 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..fsm import Clock
-from ..sched import SectorRef, StoragePath, WorkerSpec, local_worker
-from .owners import OwnerError, Owners
+from ...fsm import Clock
+from ...sched import FileType, SectorRef, StoragePath, WorkerSpec, local_worker
+from ..owners import OwnerError, Owners
 
 if TYPE_CHECKING:
-    from ..sched import Placement
-    from .sealer import Backend
+    from ...sched import Placement
 
 T = TypeVar("T")
 
-#: The file-based backends (`sim` is built by `Miner.open` itself).
-BACKENDS = ("reference", "command")
 #: The default worker's name and its one storage path id.
 LOCAL_WORKER = "local"
 LOCAL_PATH = "local"
@@ -286,13 +282,64 @@ async def run_in_thread(clock: Clock, fn: Callable[..., T], *args: Any) -> T:
         clock.release()
 
 
-# ---------------------------------------------------------------------------- the factory
+# ---------------------------------------------------------------------------- sector files
+
+_KIND_TYPES = {"unsealed": FileType.UNSEALED, "sealed": FileType.SEALED, "cache": FileType.CACHE}
 
 
-def default_workers(sealer: str, repo: Path) -> list[WorkerSpec]:
+def scan_sector_files(
+    roots: Mapping[str, Path], miner: int
+) -> dict[tuple[str, int, FileType], int]:
+    """`(path id, sector number, file type) -> bytes` of this miner's sector files on disk.
+
+    Bytes are apparent sizes (a cache directory sums its files), the space the files take
+    once fully written, as Lotus's overhead factors count it.
+    """
+    prefix = f"s-t0{miner}-"
+    found: dict[tuple[str, int, FileType], int] = {}
+    for pid, root in roots.items():
+        for kind, ftype in _KIND_TYPES.items():
+            try:
+                entries = list(os.scandir(root / kind))
+            except OSError:
+                continue  # no such directory yet, or unreadable: nothing to count there
+            for entry in entries:
+                number = entry.name.removeprefix(prefix)
+                if number == entry.name or not number.isdigit():
+                    continue  # another miner's file, a temporary file, or not a sector file
+                found[(pid, int(number), ftype)] = _apparent_size(Path(entry.path))
+    return found
+
+
+def _apparent_size(path: Path) -> int:
+    try:
+        if not path.is_dir() or path.is_symlink():
+            return path.lstat().st_size
+        return sum(p.lstat().st_size for p in path.rglob("*") if not p.is_dir())
+    except OSError:
+        return 0  # deleted meanwhile
+
+
+def delete(path: Path) -> None:
+    """Delete a file, or a directory with everything in it; a missing one is no error."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_files(paths: Sequence[Path], *, stop: threading.Event | None = None) -> None:
+    """Delete sector files and cache directories (and a sealed file left mid-write)."""
+    for path in paths:
+        delete(path)
+        delete(path.with_name(f".{path.name}.tmp"))
+
+
+# ---------------------------------------------------------------------------- for the registry
+
+
+def local_workers(repo: Path) -> list[WorkerSpec]:
     """One in-process worker on this host with one storage path, `"local"` at `<repo>/storage`."""
-    if sealer not in BACKENDS:
-        raise ValueError(f"unknown sealer backend {sealer!r} (file-based: {', '.join(BACKENDS)})")
     root = repo / "storage"
     check_root(LOCAL_PATH, root)
     capacity, used = disk_space(root)
@@ -300,28 +347,16 @@ def default_workers(sealer: str, repo: Path) -> list[WorkerSpec]:
     return [local_worker(LOCAL_WORKER, paths=(path,))]
 
 
-def make_backend(
-    sealer: str, *, clock: Clock, miner: int, repo: Path, options: Mapping[str, Any]
-) -> Backend:
-    """The `reference` or `command` backend, its storage directories checked."""
-    roots = storage_roots(repo, options)
-    if sealer == "reference":
-        from .reference import ReferenceBackend
-
-        unknown = sorted(set(options) - {"storage"})
-        if unknown:
-            raise ValueError(f"unknown option(s) for the reference sealer: {', '.join(unknown)}")
-        _check_roots(roots)
-        return ReferenceBackend(clock, miner, roots)
-    if sealer == "command":
-        from .command import CommandBackend
-
-        backend = CommandBackend.from_options(clock, miner, roots, options)
-        _check_roots(roots)
-        return backend
-    raise ValueError(f"unknown sealer backend {sealer!r} (file-based: {', '.join(BACKENDS)})")
+def check_storage(
+    repo: Path, options: Mapping[str, Any], workers: Sequence[WorkerSpec] | None
+) -> dict[str, Path]:
+    """The storage roots `options` give, and every declared worker's path among them."""
+    if workers is not None:
+        check_worker_paths(workers, repo, options)
+    return storage_roots(repo, options)
 
 
-def _check_roots(roots: Mapping[str, Path]) -> None:
+def check_roots(roots: Mapping[str, Path]) -> None:
+    """`check_root` for each storage path: create its directories, fail clearly if unusable."""
     for pid, root in roots.items():
         check_root(pid, root)

@@ -13,15 +13,18 @@ verifies them and a wrong ticket or seed is caught.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from ..fsm import Clock
-from ..fsm.codec import packb, unpackb
-from ..sched import Job, SectorRef, TaskType
-from . import commp
-from .info import PendingPiece, Piece
-from .proofs import porep_proof, sealed_cid
-from .sealer import PreCommit2Out
+from ...fsm import Clock
+from ...fsm.codec import packb, unpackb
+from ...sched import Job, SectorRef, StoragePath, TaskType, WorkerResources, WorkerSpec
+from .. import commp
+from ..info import PendingPiece, Piece
+from ..proofs import porep_proof, sealed_cid
+from ..sealer import PreCommit2Out
 
 _32G = 32 << 30
 
@@ -138,3 +141,41 @@ class SimBackend:
         if self.faults.fail_remove > 0:
             self.faults.fail_remove -= 1
             raise SimTaskError(f"simulated removal failure for sector {sector}")
+
+
+def sim_worker(name: str = "sim-worker", capacity: int = 1 << 50) -> WorkerSpec:
+    """A simulated worker: big enough for any sector size, with one sealing+storage path."""
+    return WorkerSpec(
+        name=name,
+        resources=WorkerResources(cpus=128, mem_physical=2 << 40, mem_swap=0, gpus=("sim-gpu",)),
+        paths=(StoragePath(f"{name}-path", name, capacity, can_seal=True, can_store=True),),
+        needs_heartbeats=False,
+    )
+
+
+class SimFactory:
+    """The registry's `sim`: no files, no options, one big simulated worker."""
+
+    name = "sim"
+    keeps_files = False
+
+    def check(
+        self, repo: Path, options: Mapping[str, Any], workers: Sequence[WorkerSpec] | None
+    ) -> None:
+        """Nothing to refuse: the sim sealer reads no options and needs no directories."""
+
+    def create(
+        self,
+        *,
+        clock: Clock,
+        miner: int,
+        repo: Path,
+        options: Mapping[str, Any],
+        time_scale: float,
+    ) -> SimBackend:
+        """A `SimBackend` whose durations are scaled by `time_scale`."""
+        return SimBackend(clock, miner, time_scale=time_scale)
+
+    def default_workers(self, repo: Path) -> list[WorkerSpec]:
+        """One `sim_worker`."""
+        return [sim_worker()]
