@@ -31,6 +31,8 @@ ORDER = [*STAGES, "Proving"]
 
 @dataclass(slots=True)
 class DemoSector:
+    """One demo sector: its stage, retries, and when it started and reached Proving."""
+
     state: str = "Packing"
     retries: int = 0
     started_at: float = 0.0
@@ -39,6 +41,8 @@ class DemoSector:
 
 @dataclass(frozen=True, slots=True)
 class StageDone:
+    """The event that a demo sector finished `stage`."""
+
     stage: str
 
 
