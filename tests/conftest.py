@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -275,3 +275,8 @@ async def settle(rounds: int = 3) -> None:
         await asyncio.sleep(0)
         # CPython's loops keep runnable callbacks in `_ready` (as the virtual clock knows).
         idle = idle + 1 if not getattr(loop, "_ready", None) else 0
+
+
+def run(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run an async test body (a coroutine function taking no arguments) on a fresh loop."""
+    return asyncio.run(fn())

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+
+from conftest import run as run  # re-exported: the sealing tests import it from here
 
 from sectorfsm.sealing.info import SectorInfo
 from sectorfsm.sealing.miner import Miner
@@ -29,11 +30,6 @@ HAPPY = (
     "SectorProving",
     "SectorFinalized",
 )
-
-
-def run(fn: Callable[[], Awaitable[Any]]) -> Any:
-    """Run an async test body."""
-    return asyncio.run(fn())  # type: ignore[arg-type]
 
 
 @contextlib.asynccontextmanager

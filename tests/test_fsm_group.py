@@ -5,20 +5,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import settle
+from conftest import run, settle
 from fsmtoy import (
     Add,
     Bad,
     Cancel,
     Counter,
     Crash,
-    Done,
     Finish,
     Open,
     Probe,
@@ -28,20 +26,14 @@ from fsmtoy import (
 )
 
 from sectorfsm.fsm import (
-    Context,
     GroupStoppedError,
     LmdbStore,
     MachineExistsError,
-    Restart,
     StateGroup,
     StepFailed,
     UnknownMachineError,
     VirtualClock,
 )
-
-
-def run(fn: Callable[[], Awaitable[Any]]) -> Any:
-    return asyncio.run(fn())  # type: ignore[arg-type]
 
 
 def test_begin_send_get_has_info(tmp_path: Path) -> None:
@@ -515,11 +507,6 @@ def test_ten_thousand_concurrent_machines(tmp_path: Path) -> None:
     run(main)
 
 
-def test_done_is_a_plain_event() -> None:
-    # Guards the toy domain itself: Done carries no fields, so it encodes to an empty map.
-    assert Done() == Done()
-
-
 def test_plain_function_steps_run_inline(tmp_path: Path) -> None:
     """A step may be a plain function: it runs inline after the commit, without a Task."""
     seen: list[int] = []
@@ -559,119 +546,3 @@ def test_plain_function_steps_run_inline(tmp_path: Path) -> None:
 
     run(main)
     assert seen == [1, 2, 3]
-
-
-# -- superseded steps: their results never reach a state they were not meant for --------------
-
-
-@dataclass(slots=True)
-class Job:
-    phase: str = ""
-    results: list[str] = field(default_factory=list)
-    restarts: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class Begin:
-    tag: str
-    results: int = 1  # how many results its step sends before it waits on the gate
-
-
-@dataclass(frozen=True, slots=True)
-class Result:
-    tag: str
-
-
-def job_group(store: LmdbStore, gate: asyncio.Event, ctxs: list[Context]) -> StateGroup[Job]:
-    def step_for(tag: str, results: int) -> Any:
-        async def step(ctx: Context, st: Job) -> None:
-            ctxs.append(ctx)
-            for i in range(results - 1):
-                ctx.send(Result(f"{tag}{i}"))
-            await gate.wait()
-            ctx.send(Result(tag))
-
-        return step
-
-    def planner(events: list[Any], st: Job) -> tuple[Any, int]:
-        for i, ev in enumerate(events):
-            if isinstance(ev, Begin):
-                st.phase = ev.tag
-                return step_for(ev.tag, ev.results), i + 1
-            if isinstance(ev, Result):
-                st.results.append(ev.tag)
-                if ev.tag.endswith("0"):  # a0 moves the job on: a new step
-                    return step_for(f"{ev.tag}+", 1), i + 1
-                continue
-            if isinstance(ev, Restart):
-                st.restarts += 1
-                return step_for(st.phase, 1), i + 1
-        return None, len(events)
-
-    return StateGroup(store, "jobs", planner, Job, events=[Begin, Result])
-
-
-def test_a_superseded_steps_results_are_dropped_now_and_later(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    async def main() -> None:
-        gate = asyncio.Event()
-        ctxs: list[Context] = []
-        async with LmdbStore(tmp_path) as store:
-            g = job_group(store, gate, ctxs)
-            await g.start()
-            await g.begin(1, Job())
-            await g.send(1, Begin("a"))
-            await g.send(1, Begin("b"))  # queued behind step a, ahead of its result
-            gate.set()
-            await g.idle()
-            # Begin b superseded step a: its result, queued behind, was dropped.
-            st = g.get(1)
-            assert st is not None and st.phase == "b" and st.results == ["b"]
-            first = ctxs[0]
-            assert first.superseded and not ctxs[-1].superseded
-            first.send(Result("late"))  # a callback of step a, long after
-            await g.idle()
-            st = g.get(1)
-            assert st is not None and st.results == ["b"]
-            info = g.info(1)
-            assert info is not None and info.pending_events == 0 and info.last_error is None
-            await g.stop()
-
-    with caplog.at_level(logging.INFO, logger="sectorfsm.fsm"):
-        run(main)
-    stale = [r.getMessage() for r in caplog.records if "superseded" in r.getMessage()]
-    assert len(stale) == 2 and all("dropped Result" in m for m in stale)
-
-
-def test_a_superseded_steps_results_are_dropped_after_a_crash_too(tmp_path: Path) -> None:
-    async def first() -> None:
-        store = LmdbStore(tmp_path)
-        g = job_group(store, asyncio.Event(), [])
-        await g.start()
-        await g.begin(1, Job())
-        await g.send(1, Begin("a", results=3))  # sends a0 and a1, then waits for ever
-        await store.committer.flush()
-        info = g.info(1)
-        assert info is not None and info.pending_events == 2  # a0, a1 on disk
-        store.close()  # a crash: no stop(), no flush
-
-    async def second() -> None:
-        gate = asyncio.Event()
-        ctxs: list[Context] = []
-        async with LmdbStore(tmp_path) as store:
-            g = job_group(store, gate, ctxs)
-            await g.start()
-            # a0 applied (it starts the next step), a1 superseded by that step, and the
-            # Restart behind them already served: it starts no second step.
-            gate.set()
-            await g.idle()
-            st = g.get(1)
-            assert st is not None and st.results == ["a0", "a0+"] and st.restarts == 0
-            assert len(ctxs) == 1
-            info = g.info(1)
-            assert info is not None and info.pending_events == 0
-            await g.stop()
-
-    run(first)
-    run(second)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import settle
+from conftest import run, settle
 
 from sectorfsm.fsm import VirtualClock
 from sectorfsm.sched.filetypes import FileType, space_needed
@@ -25,10 +25,6 @@ GIB = 1 << 30
 TIB = 1 << 40
 S32 = 32 << 30
 BIG = WorkerResources(cpus=64, mem_physical=1024 * GIB, mem_swap=0, gpus=("g0",))
-
-
-def run(fn: Callable[[], Awaitable[Any]]) -> Any:
-    return asyncio.run(fn())  # type: ignore[arg-type]
 
 
 def spec(name: str, res: WorkerResources = BIG, **kw: Any) -> WorkerSpec:

@@ -1,0 +1,306 @@
+"""The record codec: round trips, its plain-dataclass fast paths, and its errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from fsmtoy import Note
+
+from sectorfsm.fsm import RecordCodec, RecordError
+from sectorfsm.fsm.codec import packb, unpackb
+
+# -- plain-dataclass fast paths -------------------------------------------------------------
+
+
+@dataclass
+class Lean:
+    """Every field decodes as msgpack hands it over: both codec fast paths apply."""
+
+    name: str = ""
+    nums: list[int] = field(default_factory=list)
+    grid: list[list[int]] = field(default_factory=list)
+    note: str | None = None
+    count: int = 0
+
+
+@dataclass
+class Flat:
+    """Like `Lean` plus a dict field (decoded through a converter: the slow decode path)."""
+
+    name: str = ""
+    nums: list[int] = field(default_factory=list)
+    grid: list[list[int]] = field(default_factory=list)
+    tags: dict[str, int] = field(default_factory=dict)
+    note: str | None = None
+    count: int = 0
+
+
+def _through_bytes(payload: Any) -> Any:
+    return unpackb(packb(payload))
+
+
+def test_plain_dataclass_fast_paths_share_nothing_between_decodes() -> None:
+    lean: RecordCodec[Lean] = RecordCodec(Lean, [])
+    obj = Lean("a", [1, 2], [[3], [4, 5]], None, 7)
+    payload = lean.encode_state_fields(obj)
+    # Encoder fast path: the instance dict is the payload (no copy).
+    assert payload is obj.__dict__
+    raw = packb(payload)
+    fresh = unpackb(raw)
+    back = lean.decode_state_fields(fresh)
+    assert back == obj and type(back) is Lean
+    # Decoder fast path: a complete record becomes the instance dict.
+    assert back.__dict__ is fresh
+
+    one, two = (lean.decode_state_fields(unpackb(raw)) for _ in range(2))
+    one.nums.append(99)
+    one.grid[0].append(99)
+    one.count = -1
+    assert two == obj, "decodes of one record share mutable state"
+    assert obj == Lean("a", [1, 2], [[3], [4, 5]], None, 7)
+
+
+@pytest.mark.parametrize("note", [None, "n"])
+def test_plain_dataclass_with_list_dict_optional_fields_round_trips(note: str | None) -> None:
+    codec: RecordCodec[Flat] = RecordCodec(Flat, [])
+    obj = Flat("a", [1, 2], [[3], []], {"x": 1, "y": -2}, note, 7)
+    raw = packb(codec.encode_state_fields(obj))
+    back = codec.decode_state_fields(unpackb(raw))
+    assert back == obj and type(back) is Flat
+    other = codec.decode_state_fields(unpackb(raw))
+    back.tags["z"] = 3
+    back.grid[1].append(1)
+    assert other == obj
+
+
+def test_extra_instance_attribute_is_not_encoded() -> None:
+    codec: RecordCodec[Flat] = RecordCodec(Flat, [])
+    obj = Flat("a", [1])
+    obj.extra = 1  # type: ignore[attr-defined]
+    payload = codec.encode_state_fields(obj)
+    assert set(payload) == {f.name for f in dataclasses.fields(Flat)}
+    back = codec.decode_state_fields(_through_bytes(payload))
+    assert back == obj and not hasattr(back, "extra")
+    assert obj.extra == 1  # type: ignore[attr-defined]  # the instance itself is untouched
+
+
+@dataclass
+class Single:
+    n: int = 0
+
+
+def test_extra_attribute_on_a_single_field_dataclass_is_not_encoded() -> None:
+    codec: RecordCodec[Single] = RecordCodec(Single, [])
+    obj = Single(3)
+    obj.extra = 1  # type: ignore[attr-defined]
+    assert codec.encode_state_fields(obj) == {"n": 3}
+
+
+def test_record_missing_a_field_decodes_with_its_default() -> None:
+    codec: RecordCodec[Flat] = RecordCodec(Flat, [])
+    older = _through_bytes({"name": "old", "count": 2})  # written before nums/grid/... existed
+    back = codec.decode_state_fields(older)
+    assert back == Flat("old", count=2)
+    again = codec.decode_state_fields(_through_bytes({"name": "old"}))
+    back.nums.append(1)
+    assert again.nums == [], "a default_factory list was shared between decodes"
+
+
+@dataclass
+class Normalised:
+    name: str = ""
+    runs: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.name = self.name.strip().lower()
+        self.runs.append(len(self.runs))
+
+
+@dataclass(slots=True)
+class Slotted:
+    a: int = 0
+    xs: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Frozen:
+    a: int = 0
+    label: str = ""
+    xs: tuple[int, ...] = ()
+
+
+def test_post_init_slots_and_frozen_dataclasses_round_trip() -> None:
+    post: RecordCodec[Normalised] = RecordCodec(Normalised, [])
+    payload = _through_bytes(post.encode_state_fields(Normalised(" AB ")))
+    assert payload == {"name": "ab", "runs": [0]}
+    # A complete record, yet __post_init__ must still run (no dict-install shortcut).
+    back = post.decode_state_fields(payload)
+    assert back.name == "ab" and back.runs == [0, 1], "__post_init__ did not run on decode"
+    back = post.decode_state_fields(_through_bytes({"name": " CD", "runs": [7]}))
+    assert back.name == "cd" and back.runs == [7, 1]
+
+    slotted: RecordCodec[Slotted] = RecordCodec(Slotted, [])
+    s = Slotted(1, [2, 3])
+    assert slotted.decode_state_fields(_through_bytes(slotted.encode_state_fields(s))) == s
+
+    frozen: RecordCodec[Frozen] = RecordCodec(Frozen, [])
+    f = Frozen(1, "x", (2, 3))
+    fb = frozen.decode_state_fields(_through_bytes(frozen.encode_state_fields(f)))
+    assert fb == f and hash(fb) == hash(f) and fb.xs == (2, 3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fb.a = 2  # type: ignore[misc]
+
+
+def test_unknown_field_raises_record_error_naming_it() -> None:
+    codec: RecordCodec[Flat] = RecordCodec(Flat, [Note])
+    complete = codec.encode_state_fields(Flat())
+    with pytest.raises(RecordError, match=r"unknown field\(s\) \['bogus'\] for Flat"):
+        codec.decode_state_fields(_through_bytes({**complete, "bogus": 1}))
+    with pytest.raises(RecordError, match=r"rec 9: unknown field\(s\) \['zzz'\] for Note"):
+        codec.decode_event(packb([1, "Note", {"uid": 1, "zzz": 0}]), "rec 9")
+    with pytest.raises(RecordError, match="expected a mapping for Flat"):
+        codec.decode_state_fields([1, 2])
+
+
+@dataclass
+class WithInit:
+    n: int = 0
+    m: int = 0
+
+    def __init__(self, n: int = 0, m: int = 0) -> None:  # a hand-written __init__
+        self.n = n
+        self.m = m
+        self.total = n + m
+
+
+def test_dataclass_with_its_own_init_runs_it_on_decode() -> None:
+    codec: RecordCodec[WithInit] = RecordCodec(WithInit, [])
+    back = codec.decode_state_fields(_through_bytes(codec.encode_state_fields(WithInit(2, 3))))
+    assert (back.n, back.m) == (2, 3)
+    assert getattr(back, "total", None) == 5
+
+
+class _YieldingDict(dict[str, Any]):
+    """msgpack packs a dict subclass through `.items()`: this lets other threads in mid-pack."""
+
+    def items(self) -> Any:
+        for kv in super().items():
+            time.sleep(0)  # releases the GIL
+            yield kv
+
+
+def test_packb_is_safe_from_many_threads() -> None:
+    """Packers are per thread: concurrent packs never mix up their buffers."""
+    threads, per_thread = 4, 5_000
+    errors: list[str] = []
+    start = threading.Barrier(threads)
+
+    def work(t: int) -> None:
+        start.wait()
+        for i in range(per_thread):
+            obj: list[Any] = [t, i, f"t{t}-{i}" * (i % 7), {"k": [i] * (i % 5)}, b"\x00" * (i % 11)]
+            if i % 20 == 0:
+                # A pack that is suspended half-way while other threads pack: a Packer
+                # shared between threads garbles both outputs.
+                obj.append(_YieldingDict(a=t, b=[i] * (i % 4), c=f"x{i}"))
+            try:
+                back = unpackb(packb(obj))
+            except Exception as exc:
+                errors.append(f"thread {t} item {i}: {exc!r}")
+                return
+            if back != obj:
+                errors.append(f"thread {t} item {i}: {back!r}")
+                return
+
+    pool = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for th in pool:
+        th.start()
+    for th in pool:
+        th.join()
+    assert errors == []
+
+
+# -- types, errors -------------------------------------------------------------------------
+
+
+class Color(enum.StrEnum):
+    RED = "Red"
+    BLUE = "Blue"
+
+
+@dataclass(slots=True)
+class Piece:
+    size: int
+    cid: str | None = None
+
+
+@dataclass(slots=True)
+class Rich:
+    color: Color = Color.RED
+    pieces: list[Piece] = field(default_factory=list)
+    by_name: dict[str, Piece] = field(default_factory=dict)
+    pair: tuple[int, str] = (0, "")
+    blob: bytes = b""
+    maybe: Piece | None = None
+    ratio: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Moved:
+    to: Color
+    piece: Piece
+
+
+def test_codec_round_trips_nested_types() -> None:
+    codec: RecordCodec[Rich] = RecordCodec(Rich, [Moved])
+    state = Rich(
+        Color.BLUE,
+        [Piece(2048, "baga"), Piece(4096)],
+        {"x": Piece(1)},
+        (3, "t"),
+        b"\x00\xff",
+        Piece(9),
+        1.0,
+    )
+    back = codec.decode_state_fields(codec.encode_state_fields(state))
+    assert back == state and isinstance(back.color, Color) and isinstance(back.pieces[0], Piece)
+    assert isinstance(back.ratio, float)
+    ev = Moved(Color.RED, Piece(5, "c"))
+    assert codec.decode_event(codec.encode_event(ev), "test") == ev
+
+
+def test_codec_errors_name_the_record() -> None:
+    codec: RecordCodec[Rich] = RecordCodec(Rich, [Moved])
+    with pytest.raises(RecordError, match="rec 1: corrupt event record"):
+        codec.decode_event(b"\xc1\xc1", "rec 1")
+    with pytest.raises(RecordError, match="rec 2: unknown event type 'Nope'"):
+        from sectorfsm.fsm.codec import packb
+
+        codec.decode_event(packb([1, "Nope", {}]), "rec 2")
+    with pytest.raises(RecordError, match="rec 3: event schema version 9"):
+        codec.decode_event(packb([9, "Moved", {}]), "rec 3")
+    with pytest.raises(RecordError, match="rec 4: cannot rebuild event Moved"):
+        codec.decode_event(packb([1, "Moved", {"to": "Green", "piece": {"size": 1}}]), "rec 4")
+    with pytest.raises(TypeError, match="not a registered event type"):
+        codec.encode_event(Piece(1))
+
+
+def test_codec_rejects_unsupported_types() -> None:
+    @dataclass
+    class Opaque:
+        when: object = None
+
+    @dataclass
+    class Ambiguous:
+        either: int | Piece = 0
+
+    with pytest.raises(TypeError, match="not supported by the msgpack record codec"):
+        RecordCodec(Opaque, [])
+    with pytest.raises(TypeError, match="unions of non-primitive types are not encodable"):
+        RecordCodec(Ambiguous, [])
