@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import enum
 import threading
 import time
@@ -224,6 +225,43 @@ def test_packb_is_safe_from_many_threads() -> None:
     for th in pool:
         th.join()
     assert errors == []
+
+
+@dataclass(slots=True)
+class SlotBase:
+    a: int = 1
+
+
+@dataclass
+class PlainOnSlots(SlotBase):
+    """Not slotted itself (it has a __dict__), but its base keeps `a` in a slot."""
+
+    b: int = 2
+
+
+def test_plain_subclass_of_a_slots_dataclass_round_trips() -> None:
+    """No dict fast path when a field lives in a base class's slot."""
+    codec = RecordCodec(PlainOnSlots, [])
+    st = PlainOnSlots(a=5, b=6)
+    back = codec.decode_state_fields(unpackb(packb(codec.encode_state_fields(st))))
+    assert back == st
+    own = codec.own_state_decoder(unpackb(packb(codec.encode_state_fields(st))))
+    assert own == st
+
+
+def test_list_field_holding_a_set_still_encodes() -> None:
+    """A `list[int]` field passes through the codec as it is; a set in it is packed as a list."""
+
+    @dataclass
+    class Listy:
+        seen: list[int] = field(default_factory=list)
+
+    codec = RecordCodec(Listy, [])
+    st = Listy(seen={3, 1})  # type: ignore[arg-type]
+    back = codec.decode_state_fields(unpackb(packb(codec.encode_state_fields(st))))
+    assert sorted(back.seen) == [1, 3]
+    with pytest.raises(TypeError, match="can not serialize 'date'"):
+        packb({"when": datetime.date(2024, 1, 1)})
 
 
 # -- types, errors -------------------------------------------------------------------------

@@ -9,11 +9,9 @@ flight at a time, as the runtime relies on.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +19,7 @@ import pytest
 from conftest import run, settle
 from fsmtoy import Go, Hop, InboxSpy, Note, Rec, make_rec_group, pending_on_disk, state
 
-from sectorfsm.fsm import Context, LmdbStore, RecordCodec
-from sectorfsm.fsm.codec import packb, unpackb
+from sectorfsm.fsm import Context, LmdbStore
 
 # -- lazily staged sent events --------------------------------------------------------------
 
@@ -257,43 +254,6 @@ def test_failed_commit_keeps_events_sent_while_it_was_in_flight(tmp_path: Path, 
         assert sightings.count(1) == (0 if busy else 1)
 
     run(main)
-
-
-@dataclass(slots=True)
-class SlotBase:
-    a: int = 1
-
-
-@dataclass
-class PlainOnSlots(SlotBase):
-    """Not slotted itself (it has a __dict__), but its base keeps `a` in a slot."""
-
-    b: int = 2
-
-
-def test_plain_subclass_of_a_slots_dataclass_round_trips() -> None:
-    """No dict fast path when a field lives in a base class's slot."""
-    codec = RecordCodec(PlainOnSlots, [])
-    st = PlainOnSlots(a=5, b=6)
-    back = codec.decode_state_fields(unpackb(packb(codec.encode_state_fields(st))))
-    assert back == st
-    own = codec.own_state_decoder(unpackb(packb(codec.encode_state_fields(st))))
-    assert own == st
-
-
-def test_list_field_holding_a_set_still_encodes() -> None:
-    """A `list[int]` field passes through the codec as it is; a set in it is packed as a list."""
-
-    @dataclass
-    class Listy:
-        seen: list[int] = field(default_factory=list)
-
-    codec = RecordCodec(Listy, [])
-    st = Listy(seen={3, 1})  # type: ignore[arg-type]
-    back = codec.decode_state_fields(unpackb(packb(codec.encode_state_fields(st))))
-    assert sorted(back.seen) == [1, 3]
-    with pytest.raises(TypeError, match="can not serialize 'date'"):
-        packb({"when": datetime.date(2024, 1, 1)})
 
 
 # -- an event that cannot be stored fails its own send only --------------------------------
