@@ -25,14 +25,12 @@ from ..fsm.store import DURABILITIES
 from ..sched import (
     Scheduler,
     SectorRef,
-    StoragePath,
-    WorkerResources,
     WorkerSpec,
     parse_sector_size,
 )
 from ..sched.config import check_workers
 from . import requests
-from .backends.sim import SimBackend
+from .backends import default_workers, make_backend
 from .chain import ChainParams
 from .config import SealingConfig, seal_proof_for
 from .devnet import DevnetChain
@@ -62,7 +60,7 @@ from .options import (
 from .owners import adopt_storage
 from .pipeline import Sealing
 from .planner import Planner
-from .sealer import Backend, ScheduledSealer
+from .sealer import ScheduledSealer
 from .states import SectorState, parse_state
 from .store_view import GROUP
 
@@ -77,16 +75,6 @@ REQUEST_POLL = 0.2
 def _cancels(event: object, info: SectorInfo) -> bool:
     """A retry cancels only a failed state's handler (its backoff), never a sealing one."""
     return not isinstance(event, SectorRetryNow) or info.state in FAILED_STATES
-
-
-def sim_worker(name: str = "sim-worker", capacity: int = 1 << 50) -> WorkerSpec:
-    """A simulated worker: big enough for any sector size, with one sealing+storage path."""
-    return WorkerSpec(
-        name=name,
-        resources=WorkerResources(cpus=128, mem_physical=2 << 40, mem_swap=0, gpus=("sim-gpu",)),
-        paths=(StoragePath(f"{name}-path", name, capacity, can_seal=True, can_store=True),),
-        needs_heartbeats=False,
-    )
 
 
 class Miner:
@@ -185,17 +173,18 @@ class Miner:
         if specs is not None:
             check_workers(specs, size)
         root = Path(repo)
-        # The backend checks its options before anything is created: a bad config leaves
-        # no trace; a good one creates the storage directories.
-        backend: Backend
-        if sealer == "sim":
-            backend = SimBackend(the_clock, miner, time_scale=sim_time_scale)
-        else:
-            from .backends import check_worker_paths, make_backend
-
-            if specs is not None:
-                check_worker_paths(specs, root, options)
-            backend = make_backend(sealer, clock=the_clock, miner=miner, repo=root, options=options)
+        # The backend checks its options (and the declared workers' storage paths) before
+        # anything is created: a bad config leaves no trace; a good one creates the storage
+        # directories.
+        backend = make_backend(
+            sealer,
+            clock=the_clock,
+            miner=miner,
+            repo=root,
+            options=options,
+            time_scale=sim_time_scale,
+            workers=specs,
+        )
         store = _open_store(root, durability)
         try:
             # Claim the repo first: a second engine is refused before it touches the store.
@@ -204,11 +193,7 @@ class Miner:
             _check_identity(store, miner, size)
             devnet = DevnetChain(store, the_clock, params, miner=miner)
             sched = Scheduler(clock=the_clock)
-            if specs is None and sealer == "sim":
-                specs = [sim_worker()]
-            elif specs is None:
-                from .backends import default_workers
-
+            if specs is None:
                 specs = default_workers(sealer, root)
                 check_workers(specs, size)
             for spec in specs:

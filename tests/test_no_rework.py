@@ -17,7 +17,7 @@ from sealtools import miner, run
 from sectorfsm.fsm import LmdbStore, StepFailed
 from sectorfsm.sched import Job, TaskType
 from sectorfsm.sealing import SectorState, SectorStuckError, commp, requests
-from sectorfsm.sealing import miner as miner_module
+from sectorfsm.sealing.backends import sim as sim_module
 from sectorfsm.sealing.backends.sim import SimBackend
 from sectorfsm.sealing.events import (
     SectorAddPiece,
@@ -93,7 +93,7 @@ class CountingSim(SimBackend):
 @pytest.fixture
 def counting(monkeypatch: pytest.MonkeyPatch) -> type[CountingSim]:
     """Make `Miner.open(sealer="sim")` use the counting backend."""
-    monkeypatch.setattr(miner_module, "SimBackend", CountingSim)
+    monkeypatch.setattr(sim_module, "SimBackend", CountingSim)
     return CountingSim
 
 
@@ -276,6 +276,6 @@ def test_stray_events_never_add_compute_jobs(plan: list[tuple[float, int, str]])
                 assert total <= owed, (number, task, total, owed, m.status(number).log)
 
     with pytest.MonkeyPatch.context() as mp, tempfile.TemporaryDirectory() as tmp:
-        mp.setattr(miner_module, "SimBackend", CountingSim)
+        mp.setattr(sim_module, "SimBackend", CountingSim)
         mp.setattr(Planner, "plan", attempts.wrap(Planner.plan))
         run(lambda: body(Path(tmp) / "repo"))
