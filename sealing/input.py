@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..fsm import Clock, Context, GroupRecords, GroupStoppedError, LmdbStore, StateGroup
 from ..fsm.codec import packb, unpackb
@@ -22,8 +22,11 @@ from .config import SealingConfig, seal_proof_for
 from .errors import SealingLimitError
 from .events import SectorAddPiece, SectorEvent, SectorStart, SectorStartCC
 from .graph import TAKES_PIECES
-from .info import PendingPiece, SectorInfo, aligned_end
+from .info import DealInfo, PendingPiece, SectorInfo, aligned_end
 from .states import SectorState
+
+if TYPE_CHECKING:
+    from .devnet import DevnetChain
 
 #: `meta` key of the next free sector number (committed with the first event of its sector).
 META_NEXT = b"sealing/next_sector"
@@ -59,6 +62,32 @@ def check_sealing_limit(records: GroupRecords[SectorInfo], limit: int, adding: i
     sealing = len(records.live_ids())
     if sealing + adding > limit:
         raise SealingLimitError(f"too many sectors sealing (curSealing: {sealing}, max: {limit})")
+
+
+def pending_piece(
+    chain: DevnetChain,
+    sector_size: int,
+    piece_cid: str,
+    size: int,
+    data_path: str | None,
+    deal: DealInfo | None = None,
+    start_in: int = 10_000,
+    duration: int = 518_400,
+) -> PendingPiece:
+    """A checked deal piece; without `deal`, one is published on `chain` for it first."""
+    from . import commp
+
+    commp.unpadded_size(size)  # validates the padded size
+    commp.parse_piece_cid(piece_cid)  # validates the CID
+    if size > sector_size:
+        raise ValueError(f"a piece of {size} bytes does not fit a {sector_size}-byte sector")
+    if deal is None:
+        head = chain.head()
+        proposal = chain.publish_deal(piece_cid, size, head + start_in, head + start_in + duration)
+        deal = DealInfo(
+            proposal.deal_id, proposal.publish_cid, proposal.start_epoch, proposal.end_epoch
+        )
+    return PendingPiece(piece_cid, size, deal, data_path)
 
 
 class SectorInput:

@@ -48,8 +48,8 @@ from .events import (
     SectorTerminate,
 )
 from .graph import DORMANT_STATES, FAILED_STATES, STUCK_STATES
-from .info import DealInfo, PendingPiece, SectorInfo
-from .input import SectorInput
+from .info import DealInfo, SectorInfo
+from .input import SectorInput, pending_piece
 from .options import (
     chain_params,
     check_scalars,
@@ -68,8 +68,6 @@ log = logging.getLogger("sectorfsm.sealing")
 
 
 _META_MINER = requests.META_MINER
-#: Seconds between looks at the request queue (the CLI's pledge and add-piece).
-REQUEST_POLL = 0.2
 
 
 def _cancels(event: object, info: SectorInfo) -> bool:
@@ -126,8 +124,8 @@ class Miner:
         self.sealing.group = self.group
         self.input.attach(self.group)
         self._changed = asyncio.Event()
-        self._server: asyncio.Task[None] | None = None
-        self._serving: set[bytes] = set()
+        #: Executes what `sectors pledge`/`add-piece` queue from other processes.
+        self.requests = requests.RequestServer(store, self.input, chain)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -224,61 +222,20 @@ class Miner:
         self.store.committer.add_listener(self._changed.set)
         await self.sched.start()  # policy-file hot reload and the heartbeat-grace monitor
         await self.group.start()
-        self.serve_requests()
-        self._server = asyncio.get_running_loop().create_task(self._serve())
+        self.requests.start()
 
     async def _stop(self) -> None:
-        if self._server is not None:
-            self._server.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._server
+        await self.requests.stop()
         self.sealing.close()
         await self.group.stop()
         await self.sched.stop()
         self.store.committer.remove_listener(self._changed.set)
 
-    # -- requests from other processes ---------------------------------------------------------
-
-    async def _serve(self) -> None:
-        while True:
-            await asyncio.sleep(REQUEST_POLL)
-            try:
-                self.serve_requests()
-            except Exception:
-                log.exception("serving queued requests")
+    # -- sectors ------------------------------------------------------------------------------
 
     def serve_requests(self) -> int:
-        """Execute queued pledge/add-piece requests; each commits with its sector events."""
-        done = 0
-        for rid, request in requests.pending(self.store):
-            if rid in self._serving:
-                continue  # executed, its commit is on the way
-            self._serving.add(rid)
-            try:
-                result = self._execute(request)
-            except (ValueError, SealingError) as exc:
-                # The CLI that queued it may be gone: the log is where the operator sees it.
-                log.error("queued request %s failed: %s", request, exc)
-                result = {"error": str(exc)}
-            requests.stage_done(self.store, rid, result)
-            self.store.committer.on_commit(lambda rid, err: self._serving.discard(rid), rid)
-            done += 1
-        return done
-
-    def _execute(self, request: dict[str, Any]) -> dict[str, Any]:
-        op = request.get("op")
-        if op == "pledge":
-            count = int(request.get("count", 1))
-            return {"sectors": [n for n, _ in self.input.new_cc_sectors(count)]}
-        if op == "add_piece":
-            piece = self._pending_piece(
-                request["piece_cid"], int(request["size"]), request.get("data_path")
-            )
-            [n] = self.input.assign([piece])
-            return {"sector": n, "deal": piece.deal.deal_id}
-        raise ValueError(f"unknown request {op!r}")
-
-    # -- sectors ------------------------------------------------------------------------------
+        """Execute queued pledge/add-piece requests now; each commits with its sector events."""
+        return self.requests.serve()
 
     def check_sealing_limit(self, adding: int = 1) -> None:
         """Lotus MaxSealingSectors: refuse to start `adding` more sectors over the limit."""
@@ -305,40 +262,12 @@ class Miner:
         Without `deal`, a deal for the piece is published on the devnet, starting `start_in`
         epochs from now and lasting `duration` epochs.
         """
-        piece = self._pending_piece(piece_cid, size, data_path, deal, start_in, duration)
+        piece = pending_piece(
+            self.chain, self.sector_size, piece_cid, size, data_path, deal, start_in, duration
+        )
         [n] = self.input.assign([piece])
         await self.store.committer.waiter()
         return n
-
-    def _pending_piece(
-        self,
-        piece_cid: str,
-        size: int,
-        data_path: str | None,
-        deal: DealInfo | None = None,
-        start_in: int = 10_000,
-        duration: int = 518_400,
-    ) -> PendingPiece:
-        from . import commp
-
-        commp.unpadded_size(size)  # validates the padded size
-        commp.parse_piece_cid(piece_cid)  # validates the CID
-        if size > self.sector_size:
-            raise ValueError(
-                f"a piece of {size} bytes does not fit a {self.sector_size}-byte sector"
-            )
-        if deal is None:
-            head = self.chain.head()
-            proposal = self.chain.publish_deal(
-                piece_cid, size, head + start_in, head + start_in + duration
-            )
-            deal = DealInfo(
-                proposal.deal_id,
-                proposal.publish_cid,
-                proposal.start_epoch,
-                proposal.end_epoch,
-            )
-        return PendingPiece(piece_cid, size, deal, data_path)
 
     def _get(self, number: int) -> SectorInfo:
         if not isinstance(number, int) or isinstance(number, bool) or number < 0:

@@ -5,27 +5,42 @@ the engine's sector-number counter and its open-sector bookkeeping, so those req
 queued in the `requests` sub-database instead. The engine polls it; executing a request, the
 sector events it causes, deleting the request and writing its result all land in one commit,
 so a request is executed exactly once even across crashes.
+
+The CLI side is `submit`/`take_result` (and `pledge_offline` while no engine runs); the
+engine side is `RequestServer`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
+import logging
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..fsm import LmdbStore
 from ..fsm.codec import packb, unpackb
 from .config import seal_proof_for
+from .errors import SealingError
 from .events import SectorStartCC
 from .info import SectorInfo
-from .input import check_sealing_limit, stored_limit, take_numbers
+from .input import check_sealing_limit, pending_piece, stored_limit, take_numbers
 from .store_view import sector_records
+
+if TYPE_CHECKING:
+    from .devnet import DevnetChain
+    from .input import SectorInput
+
+log = logging.getLogger("sectorfsm.sealing")
 
 DB = "requests"
 _PENDING = b"q/"
 _DONE = b"done/"
 META_MINER = b"sealing/miner"
+#: Seconds between looks at the request queue (the CLI's pledge and add-piece).
+POLL = 0.2
 
 
 def submit(store: LmdbStore, request: dict[str, Any]) -> bytes:
@@ -122,3 +137,70 @@ def pledge_offline(store: LmdbStore, count: int) -> list[int] | None:
         return store.write(create)
     finally:
         store.unlock_writer()
+
+
+class RequestServer:
+    """The engine side: executes queued requests, each in one commit with its sector events."""
+
+    def __init__(self, store: LmdbStore, sector_input: SectorInput, chain: DevnetChain) -> None:
+        self.store = store
+        self.input = sector_input
+        self.chain = chain
+        self._serving: set[bytes] = set()  # executed, their commit is on the way
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Serve what is queued now, then poll every `POLL` seconds until `stop`."""
+        self.serve()
+        self._task = asyncio.get_running_loop().create_task(self._poll())
+
+    async def stop(self) -> None:
+        """Stop polling (a request being executed has already been staged whole)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(POLL)
+            try:
+                self.serve()
+            except Exception:
+                log.exception("serving queued requests")
+
+    def serve(self) -> int:
+        """Execute every queued request not already executed; returns how many."""
+        done = 0
+        for rid, request in pending(self.store):
+            if rid in self._serving:
+                continue
+            self._serving.add(rid)
+            try:
+                result = self._execute(request)
+            except (ValueError, SealingError) as exc:
+                # The CLI that queued it may be gone: the log is where the operator sees it.
+                log.error("queued request %s failed: %s", request, exc)
+                result = {"error": str(exc)}
+            stage_done(self.store, rid, result)
+            self.store.committer.on_commit(lambda rid, err: self._serving.discard(rid), rid)
+            done += 1
+        return done
+
+    def _execute(self, request: dict[str, Any]) -> dict[str, Any]:
+        op = request.get("op")
+        if op == "pledge":
+            count = int(request.get("count", 1))
+            return {"sectors": [n for n, _ in self.input.new_cc_sectors(count)]}
+        if op == "add_piece":
+            piece = pending_piece(
+                self.chain,
+                self.input.sector_size,
+                request["piece_cid"],
+                int(request["size"]),
+                request.get("data_path"),
+            )
+            [n] = self.input.assign([piece])
+            return {"sector": n, "deal": piece.deal.deal_id}
+        raise ValueError(f"unknown request {op!r}")

@@ -30,6 +30,7 @@ from sectorfsm.sealing.events import (
     SectorStartPacking,
 )
 from sectorfsm.sealing.info import SectorInfo
+from sectorfsm.sealing.input import pending_piece
 from sectorfsm.sealing.miner import Miner
 from sectorfsm.sealing.planner import Planner
 from sectorfsm.sealing.states import FAILED_STATES
@@ -200,7 +201,7 @@ def _stray(m: Miner, attempts: Attempts, number: int, kind: str) -> object | Non
         return SectorAddPiece([])
     if kind == "add-piece-with-piece":
         cid = commp.piece_cid(b"stray piece for %d" % number * 4)
-        return SectorAddPiece([m._pending_piece(cid, 128, None)])
+        return SectorAddPiece([pending_piece(m.chain, m.sector_size, cid, 128, None)])
     if kind == "duplicate-result":
         seen = attempts.results[number]
         return seen[-1] if seen else None

@@ -20,6 +20,7 @@ from sectorfsm.sealing import commp
 from sectorfsm.sealing.chain import ExitCode
 from sectorfsm.sealing.events import SectorPacked, SectorTicket
 from sectorfsm.sealing.info import DealInfo, SectorInfo
+from sectorfsm.sealing.input import pending_piece
 from sectorfsm.sealing.miner import SectorStuckError
 from sectorfsm.sealing.planner import Planner
 from sectorfsm.sealing.states import SectorState
@@ -445,7 +446,9 @@ def test_one_failed_piece_drops_only_itself(tmp_path: Path) -> None:
             backend.add_piece = flaky
             cids = [commp.piece_cid(bytes([i]) * 100) for i in range(3)]
             # Assigned in one tick: one AddPiece step handles all three.
-            numbers = m.input.assign([m._pending_piece(c, 128, None) for c in cids])
+            numbers = m.input.assign(
+                [pending_piece(m.chain, m.sector_size, c, 128, None) for c in cids]
+            )
             await m.store.committer.waiter()
             assert len(set(numbers)) == 1
             info = await m.wait(numbers[0], "Proving", timeout=10 * DAY)
