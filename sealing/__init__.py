@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .graph import DEVIATIONS
     from .info import DealInfo, LogEntry, Piece, SectorInfo
     from .miner import Miner
+    from .notify import Gap, StateChange, Subscription
     from .states import SectorState
 
 #: Where each public name lives; imported on first use, so the CLI's read-only commands
@@ -48,6 +49,9 @@ _HOME = {
     "SectorStuckError": "errors",
     "UnknownSectorError": "errors",
     "SectorState": "states",
+    "Gap": "notify",
+    "StateChange": "notify",
+    "Subscription": "notify",
 }
 
 __all__ = [
@@ -56,6 +60,7 @@ __all__ = [
     "DealInfo",
     "DevnetChain",
     "ExitCode",
+    "Gap",
     "LogEntry",
     "Miner",
     "NotFailedError",
@@ -66,6 +71,8 @@ __all__ = [
     "SectorInfo",
     "SectorState",
     "SectorStuckError",
+    "StateChange",
+    "Subscription",
     "UnknownSectorError",
 ]
 

@@ -50,6 +50,7 @@ from .events import (
 from .graph import DORMANT_STATES, FAILED_STATES, STUCK_STATES
 from .info import DealInfo, SectorInfo
 from .input import SectorInput, pending_piece
+from .notify import StateChanges, Subscription
 from .options import (
     chain_params,
     check_scalars,
@@ -100,6 +101,8 @@ class Miner:
         self.config = config
         #: Open deal sectors, piece assignment, sector numbers and the sealing limit.
         self.input = SectorInput(store, clock=clock, sector_size=sector_size, config=config)
+        #: State-change subscriptions (`subscribe`), fed by the planner once rounds commit.
+        self.changes = StateChanges(store.committer.on_commit)
         self.sealing = Sealing(
             miner=miner,
             sector_size=sector_size,
@@ -112,7 +115,7 @@ class Miner:
         self.group: StateGroup[SectorInfo] = StateGroup(
             store,
             GROUP,
-            Planner(self.sealing),
+            Planner(self.sealing, self.changes),
             SectorInfo,
             events=ALL_EVENTS,
             final=lambda info: info.state in DORMANT_STATES,
@@ -226,12 +229,22 @@ class Miner:
 
     async def _stop(self) -> None:
         await self.requests.stop()
+        self.changes.close()
         self.sealing.close()
         await self.group.stop()
         await self.sched.stop()
         self.store.committer.remove_listener(self._changed.set)
 
     # -- sectors ------------------------------------------------------------------------------
+
+    def subscribe(self, maxsize: int = 1000) -> Subscription:
+        """State changes as they become durable: `async for change in miner.subscribe()`.
+
+        Yields `StateChange(sector, before, after, event)`, and `Gap(missed)` where a slow
+        consumer's buffer of `maxsize` overflowed (the engine never waits for a subscriber).
+        Iteration ends when the engine stops or the subscription is closed.
+        """
+        return self.changes.subscribe(maxsize)
 
     def serve_requests(self) -> int:
         """Execute queued pledge/add-piece requests now; each commits with its sector events."""

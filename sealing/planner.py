@@ -38,6 +38,7 @@ from .events import (
 )
 from .graph import FAILED_STATES, EdgeKind, Handler, PlannerKind
 from .info import MESSAGE_LIMIT, LogEntry, SectorInfo, log_append
+from .notify import StateChange, StateChanges
 from .states import SectorState
 
 if TYPE_CHECKING:
@@ -58,9 +59,11 @@ class PlanError(Exception):
 class Planner:
     """The sectors' planner: plans a batch of events and returns the state's handler to run."""
 
-    def __init__(self, sealing: Sealing) -> None:
+    def __init__(self, sealing: Sealing, changes: StateChanges | None = None) -> None:
         self.sealing = sealing
         self._handlers = graph.handlers()
+        #: Subscribers to state changes (`Miner.subscribe`), told once a round is durable.
+        self.changes = changes
 
     def __call__(self, events: list[Any], info: SectorInfo) -> tuple[Step | None, int]:
         """Plan one batch: `(step or None, number of events consumed)`, re-routing stray pieces.
@@ -109,6 +112,11 @@ class Planner:
         _bookkeep(sealing, events[:processed], info, before, retries_before, now)
         if info.state is S.PackingFailed:
             info.state = S.DealsExpired  # as Lotus's plan() does (PackingFailed is deprecated)
+        changes = self.changes
+        if changes is not None and changes.active and info.state is not before and processed:
+            changes.staged(
+                StateChange(info.number, before, info.state, _name(events[processed - 1]))
+            )
         step = self.step(info)
         if (
             info.state is before
