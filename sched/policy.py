@@ -13,6 +13,14 @@ Two sets of defaults, on purpose:
   myScheduler's default (`MYSCHEDULER_DEFAULTS`), so an omitted `PreCommit1Max` is 0 and PC1 is
   *disabled*, and ForceP1FromLocalAP / ForceP2FromLocalP1 are on. `null` for a stage cap means
   "no cap" (myScheduler has no way to say that).
+
+`AllowDelay` (seconds; myScheduler's default 3, 0 = off) is defined here because myScheduler's
+manual only says it "delays the first round of assignment": the delay starts when a task the
+worker held is released (finished, failed or cancelled), and until `allow_delay` seconds of the
+scheduler's clock have passed the worker takes no new AP/PC1/PC2/C1/C2. So the scheduling round
+that the release itself triggers never refills the worker: the finished sector's next task and
+the other workers' releases reach the queue first, and the freed slot goes to the most urgent
+of them rather than to whichever task was queued when the slot opened (`rules.delay_refusal`).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import re
 import tempfile
@@ -31,6 +40,7 @@ from pathlib import Path
 from typing import Literal
 
 __all__ = [
+    "MINER_POLICY_FILE",
     "MYSCHEDULER_DEFAULTS",
     "PolicyError",
     "PolicyWatcher",
@@ -64,7 +74,7 @@ class PolicyError(ValueError):
         super().__init__(f"{where}: {detail}")
 
 
-_Kind = Literal["str", "cap", "units", "bool"]
+_Kind = Literal["str", "cap", "units", "bool", "seconds"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,11 +98,12 @@ _FIELDS = (
     _Field("IsPlanOffline", "is_plan_offline", "bool"),
     _Field("AllowP2C2Parallel", "allow_p2c2_parallel", "bool"),
     _Field("IgnoreOutOfSpace", "ignore_out_of_space", "bool"),
+    _Field("AllowDelay", "allow_delay", "seconds"),
 )
 _BY_KEY = {k: f for f in _FIELDS for k in (f.camel, f.snake)}
-# myScheduler's own file has these; they steer its auto-pledge, which this package leaves to
-# the operator, so a file copied from a myScheduler worker must still load.
-_IGNORED = frozenset({"AutoPledgeDiff", "auto_pledge_diff", "AllowDelay", "allow_delay"})
+# myScheduler's own file has this; it steers its auto-pledge, which is not a placement rule,
+# so a file copied from a myScheduler worker must still load.
+_IGNORED = frozenset({"AutoPledgeDiff", "auto_pledge_diff"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +111,8 @@ class WorkerPolicy:
     """One worker's operator policy; the defaults mean "no policy file: no restrictions".
 
     Stage caps: None = no cap, 0 = stage disabled on this worker. Disk holds are in
-    myScheduler's units (`disk_units`); 0 = unlimited.
+    myScheduler's units (`disk_units`); 0 = unlimited. `allow_delay`: seconds a worker
+    takes no new work after one of its tasks is released (see the module docstring); 0 = off.
     """
 
     worker_name: str = ""
@@ -116,16 +128,22 @@ class WorkerPolicy:
     is_plan_offline: bool = False
     allow_p2c2_parallel: bool = True
     ignore_out_of_space: bool = False
+    allow_delay: float = 0.0
 
     def __post_init__(self) -> None:
         for f in _FIELDS:
             value = getattr(self, f.snake)
-            if f.kind != "bool" and isinstance(value, int) and value < 0:
+            if f.kind != "bool" and isinstance(value, (int, float)) and value < 0:
                 raise ValueError(f"{f.snake} must be >= 0, not {value}")
 
     def as_myscheduler(self) -> dict[str, object]:
         """This policy under myScheduler's key names, in its file's order (None caps as null)."""
         return {f.camel: getattr(self, f.snake) for f in _FIELDS}
+
+
+#: The miner-side policy file, in the repo directory: myScheduler's policy for "external"
+#: workers (any build it can schedule), applied to every worker without a policy file of its own.
+MINER_POLICY_FILE = "testOpenSource.json"
 
 
 #: What myScheduler assumes for a key its file leaves out (and writes on first start).
@@ -143,6 +161,7 @@ MYSCHEDULER_DEFAULTS = WorkerPolicy(
     is_plan_offline=False,
     allow_p2c2_parallel=False,
     ignore_out_of_space=False,
+    allow_delay=3.0,
 )
 
 
@@ -153,6 +172,7 @@ _EXPECTED: dict[_Kind, str] = {
     "cap": "expected a whole number >= 0 (0 disables the stage) or null (no cap)",
     "units": "expected a whole number of disk units >= 0 (0 = unlimited)",
     "bool": "expected true or false",
+    "seconds": "expected a number of seconds >= 0 (0 = no delay)",
 }
 
 
@@ -172,6 +192,11 @@ def _valid(kind: _Kind, value: object) -> bool:
         return isinstance(value, bool)
     if kind == "cap" and value is None:
         return True
+    if kind == "seconds":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        # NaN and infinity are not a delay anyone means (TOML can spell both).
+        return math.isfinite(value) and value >= 0
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
@@ -197,7 +222,7 @@ def parse_policy(data: Mapping[str, object], *, source: str = "<policy>") -> Wor
         if not _valid(field.kind, value):
             raise PolicyError(source, f"{key} = {_show(value)}: {_EXPECTED[field.kind]}", key=key)
         given[field.snake] = key
-        values[field.snake] = value
+        values[field.snake] = float(value) if field.kind == "seconds" else value  # type: ignore[arg-type]
     return dataclasses.replace(MYSCHEDULER_DEFAULTS, **values)  # type: ignore[arg-type]
 
 
@@ -294,9 +319,18 @@ def load_policy(path: str | os.PathLike[str]) -> WorkerPolicy:
     return _parse_text(str(p), _decode(str(p), p.read_bytes()), toml=toml)
 
 
+def _whole(value: object) -> object:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def _render_defaults(*, toml: bool) -> str:
     # AutoPledgeDiff is ignored here but written, so the file is the one myScheduler writes.
-    fields = {**MYSCHEDULER_DEFAULTS.as_myscheduler(), "AutoPledgeDiff": 0}
+    # AllowDelay goes last, where the manual's table lists it.
+    fields = MYSCHEDULER_DEFAULTS.as_myscheduler()
+    delay = fields.pop("AllowDelay")
+    fields = {**fields, "AutoPledgeDiff": 0, "AllowDelay": delay}
+    # Whole seconds as myScheduler writes them (`3`, not `3.0`).
+    fields = {k: _whole(v) for k, v in fields.items()}
     if not toml:
         return json.dumps(fields, indent=2) + "\n"
     # JSON's spellings of these strings, numbers and booleans are also valid TOML.

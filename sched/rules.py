@@ -175,6 +175,25 @@ def policy_refusal(
     return None
 
 
+def delay_refusal(
+    policy: WorkerPolicy, task: TaskType, released_at: float | None, now: float
+) -> str | None:
+    """Why `AllowDelay` holds new `task`s off this worker at `now`; None = allowed.
+
+    `released_at` is when a task the worker held was last released (None: never); the
+    worker takes no new governed task until `policy.allow_delay` seconds after it.
+    """
+    if task not in _DRAINED or released_at is None or policy.allow_delay <= 0:
+        return None
+    waited = now - released_at
+    if waited >= policy.allow_delay:
+        return None
+    return (
+        f"a task was released here {waited:.1f}s ago; new work waits "
+        f"{policy.allow_delay:g}s (AllowDelay)"
+    )
+
+
 # myScheduler's `localDiskUsed`. Each entry is one sector's file or directory on a path that
 # is not long-term storage (myScheduler skips CanStore paths), with whether it holds the SDR
 # layer file `sc-02-data-layer-1.dat`; only a cache cares. A cache without the layer counts 0

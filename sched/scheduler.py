@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from ..fsm.clock import Clock, RealClock
@@ -26,7 +27,7 @@ from .lotus import LotusMode
 from .policy import PolicyWatcher
 from .queue import Request, RequestQueue
 from .resources import resource_spec
-from .rules import PolicyView, disk_units, policy_refusal, stage_cap
+from .rules import PolicyView, delay_refusal, disk_units, policy_refusal, stage_cap
 from .selectors import Placement, Selector
 from .storage import SectorRef, StorageIndex
 from .strategy import CycleStrategy
@@ -98,6 +99,12 @@ class Scheduler:
         self._kicked = False
         self._units: dict[str, tuple[int, int]] = {}
         self._monitor: asyncio.Task[None] | None = None
+        #: When a task each worker held was last released: the start of its `AllowDelay`.
+        self._released_at: dict[str, float] = {}
+        #: One pending "the delay is over, test this worker again" per delayed worker.
+        self._wakers: dict[str, asyncio.Task[None]] = {}
+        #: The miner-side policy (`testOpenSource.json`) of workers without a file of their own.
+        self.miner_policy: PolicyWatcher | None = None
         #: Figures for benchmarks and tests.
         self.cycles = 0
         self.checks = 0
@@ -117,6 +124,10 @@ class Scheduler:
             self._monitor.cancel()
             await asyncio.gather(self._monitor, return_exceptions=True)
             self._monitor = None
+        for waker in self._wakers.values():
+            waker.cancel()
+        await asyncio.gather(*self._wakers.values(), return_exceptions=True)
+        self._wakers.clear()
 
     # -- workers ----------------------------------------------------------------------------
 
@@ -125,7 +136,9 @@ class Scheduler:
         if spec.name in self._workers:
             self.remove_worker(spec.name)
         watcher = PolicyWatcher(spec.policy_file) if spec.policy_file is not None else None
-        if watcher is not None:
+        if watcher is None:
+            watcher = self.miner_policy
+        else:
             watcher.poll()
             if watcher.error:
                 log.error("worker %s: %s", spec.name, watcher.error)
@@ -154,6 +167,22 @@ class Scheduler:
         for t in w.spec.task_types:
             self._by_type[t].remove(w)
         self._units.pop(name, None)
+        waker = self._wakers.pop(name, None)
+        if waker is not None:
+            waker.cancel()
+
+    def use_miner_policy(self, path: Path) -> PolicyWatcher:
+        """Apply the policy file at `path` to every worker without its own, now and later."""
+        watcher = PolicyWatcher(path)
+        if watcher.error:
+            log.error("miner policy: %s", watcher.error)
+        self.miner_policy = watcher
+        for w in self._workers.values():
+            if w.spec.policy_file is None:
+                w.watcher = watcher
+                self._units.pop(w.name, None)
+                self._touch(w.name)
+        return watcher
 
     def heartbeat(self, name: str, resources: WorkerResources | None = None) -> None:
         """A sign of life from a worker, optionally with fresh resource figures."""
@@ -292,9 +321,31 @@ class Scheduler:
             w.jobs.discard(sched_id)
             w.ledger.free(sched_id)
             self._units.pop(w.name, None)
+            self._start_delay(w)
             self._touch(w.name)
         self.index.release(sched_id)
         self.request_cycle()
+
+    def _start_delay(self, w: Worker) -> None:
+        """Start `w`'s AllowDelay, and test it again once the delay is over."""
+        self._released_at[w.name] = now = self.clock.now()
+        delay = w.policy.allow_delay if w.watcher is not None else 0.0
+        if delay <= 0:
+            return
+        old = self._wakers.pop(w.name, None)
+        if old is not None:
+            old.cancel()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._wakers[w.name] = loop.create_task(self._wake(w.name, now + delay))
+
+    async def _wake(self, name: str, when: float) -> None:
+        await self.clock.sleep_until(when)
+        self._wakers.pop(name, None)
+        if name in self._workers:
+            self._touch(name)
 
     def _touch(self, name: str) -> None:
         self._dirty.add(name)
@@ -334,6 +385,10 @@ class Scheduler:
             if refusal is not None:
                 if w.watcher.error:  # the operator may think their last edit is in force
                     return f"{refusal} (last good policy kept: {w.watcher.error})"
+                return refusal
+            released = self._released_at.get(w.name)
+            refusal = delay_refusal(policy, req.task_type, released, self.clock.now())
+            if refusal is not None:
                 return refusal
         need = resource_spec(req.task_type, req.sector.size, w.spec.overrides)
         refusal = w.ledger.refusal(req.task_type, need)
@@ -417,9 +472,14 @@ class Scheduler:
     def check_workers(self) -> None:
         """Disable workers past their heartbeat grace and pick up policy edits."""
         now = self.clock.now()
+        # The miner policy is shared by many workers: read it once, tell each of them.
+        polled: dict[int, bool] = {}
         for w in list(self._workers.values()):
             if w.watcher is not None:
-                if w.watcher.poll():
+                key = id(w.watcher)
+                if key not in polled:
+                    polled[key] = w.watcher.poll()
+                if polled[key]:
                     log.info("worker %s: policy reloaded from %s", w.name, w.watcher.path)
                     self._touch(w.name)
                 error = w.watcher.error

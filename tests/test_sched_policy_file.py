@@ -85,6 +85,7 @@ def test_parse_myscheduler_names() -> None:
         is_plan_offline=True,
         allow_p2c2_parallel=True,
         ignore_out_of_space=True,
+        allow_delay=3.0,  # omitted: myScheduler's default
     )
 
 
@@ -102,6 +103,7 @@ def test_parse_snake_names_and_mixed() -> None:
     )
     assert (got.worker_name, got.commit2_max, got.disk_hold_max) == ("c2-box", 2, 40)
     assert (got.force_p2_from_local_p1, got.allow_p2c2_parallel) == (False, True)
+    assert got.allow_delay == 1.0
 
 
 def test_omitted_keys_take_myscheduler_defaults_not_the_dataclass_ones() -> None:
@@ -125,7 +127,7 @@ def test_null_cap_means_no_cap() -> None:
 def test_as_myscheduler_round_trips() -> None:
     policy = pol(worker_name="x", pre_commit1_max=3, disk_hold_max=9, is_plan_offline=True)
     assert parse_policy(policy.as_myscheduler()) == policy
-    assert list(MYSCHEDULER_DEFAULTS.as_myscheduler()) == list(DOC_FILE)[:-1]
+    assert list(MYSCHEDULER_DEFAULTS.as_myscheduler()) == [*list(DOC_FILE)[:-1], "AllowDelay"]
 
 
 @pytest.mark.parametrize(
@@ -262,8 +264,9 @@ def test_load_missing_file_is_an_os_error(tmp_path: Path) -> None:
 def test_write_default(tmp_path: Path) -> None:
     p = tmp_path / "myscheduler.json"
     assert write_default(p) is True
-    assert json.loads(p.read_text()) == DOC_FILE
-    assert list(json.loads(p.read_text())) == list(DOC_FILE)  # myScheduler's order
+    written = {**DOC_FILE, "AllowDelay": 3}  # the manual lists AllowDelay last, default 3
+    assert json.loads(p.read_text()) == written
+    assert list(json.loads(p.read_text())) == list(written)  # myScheduler's order
     assert load_policy(p) == MYSCHEDULER_DEFAULTS
     assert p.stat().st_mode & 0o777 == 0o644
     p.write_text('{"PreCommit1Max": 4}')
