@@ -30,6 +30,8 @@ from .common import (
 )
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from ..sealing.info import SectorInfo
     from ..sealing.miner import Miner
     from .runconfig import RunConfig
@@ -136,6 +138,7 @@ async def _run(repo: Path, cfg: RunConfig, pledge: int, until_proving: bool) -> 
                 f"{cfg.sector_size} sectors, SIMULATED {cfg.chain} chain "
                 f"({miner.chain.params.block_time:g}s epochs)"
             )
+            _use_miner_policy(miner, repo, console)
             for _ in range(pledge):
                 n = await miner.pledge()
                 console.print(f"Created CC sector: {n}")
@@ -144,6 +147,19 @@ async def _run(repo: Path, cfg: RunConfig, pledge: int, until_proving: bool) -> 
         raise _Outcome(1, f"{exc}") from None
     except (StoreError, SealingError, StorageError, ValueError, OSError) as exc:
         raise _Outcome(1, str(exc)) from None
+
+
+def _use_miner_policy(miner: Miner, repo: Path, console: Console) -> None:
+    """Apply the repo's `testOpenSource.json` (if any, hot-reloaded) to workers without a file."""
+    from ..sched.policy import MINER_POLICY_FILE
+
+    watcher = miner.sched.use_miner_policy(repo / MINER_POLICY_FILE)
+    covered = [w.name for w in miner.sched.enabled_workers() if w.spec.policy_file is None]
+    if watcher.error:
+        console.print(f"miner policy: {watcher.error}", style="yellow", markup=False)
+    elif watcher.path.exists():
+        names = ", ".join(covered) or "none yet"
+        console.print(f"miner policy {watcher.path} applies to workers: {names}", markup=False)
 
 
 async def _supervise(miner: Miner, stop: asyncio.Event, until_proving: bool) -> int:

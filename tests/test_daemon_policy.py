@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -37,6 +38,7 @@ OPEN = {
     "Commit2Max": None,
     "ForceP1FromLocalAP": False,
     "ForceP2FromLocalP1": False,
+    "AllowDelay": 0,
 }
 #: Long enough for a loaded machine; the daemon re-reads the file within a second or two.
 RELOAD_GUARD = 60.0
@@ -98,6 +100,49 @@ def test_policy_edits_reach_the_running_daemon(spawn: Spawner, tmp_path: Path) -
         assert _state(spawn, repo, 1) == "PreCommit1"
         # A good edit, no restart: the held sectors go on to Proving.
         policy.write_text(json.dumps(OPEN))
+        for n in (1, 2):
+            daemon.wait_for_line(rf"sector {n}: .*-> Proving\b", RELOAD_GUARD, anywhere=True)
+        daemon.interrupt()
+        assert daemon.finish() == 0, daemon.describe()
+    finally:
+        daemon.kill_group()
+
+
+def test_miner_policy_file_reaches_workers_without_their_own(
+    spawn: Spawner, tmp_path: Path
+) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text(CONFIG.replace('policy = "myscheduler.json"\n', ""))
+    repo = tmp_path / "repo"
+    init = spawn.run(
+        [sys.executable, "-m", "sectorfsm", "init", "--config", str(config)], env=_env(repo)
+    )
+    assert init.returncode == 0, init.stderr
+    miner = repo / "testOpenSource.json"
+    miner.write_text(json.dumps({**OPEN, "PreCommit1Max": 0}))
+    daemon = spawn.python(
+        "-m", "sectorfsm", "run", "--config", config, "--pledge", "2", env=_env(repo)
+    )
+    try:
+        shown = re.escape(str(miner))
+        daemon.wait_for_line(rf"miner policy {shown} applies to workers: w1", anywhere=True)
+        for n in (1, 2):
+            daemon.wait_for_line(rf"sector {n}: .*-> PreCommit1\b", anywhere=True)
+        until(
+            lambda: _pc1_reasons(spawn, repo, "PC1 disabled on this worker"),
+            "PC1 held by the miner policy in sched-diag",
+            interval=0.2,
+        )
+        miner.write_text("[1, 2]")
+        reason = until(
+            lambda: _pc1_reasons(spawn, repo, "last good policy kept"),
+            "the rejected miner-policy edit in sched-diag",
+            timeout=RELOAD_GUARD,
+            interval=0.2,
+        )
+        assert f"{miner}: expected a JSON object" in reason, reason
+        assert _state(spawn, repo, 1) == "PreCommit1"
+        miner.write_text(json.dumps(OPEN))
         for n in (1, 2):
             daemon.wait_for_line(rf"sector {n}: .*-> Proving\b", RELOAD_GUARD, anywhere=True)
         daemon.interrupt()
