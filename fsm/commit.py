@@ -20,8 +20,9 @@ as the event `StateGroup.post` queued, and therefore:
   unless the store is `nosync`), or failed, with the error; the committer never retries a
   failed unit's writes (whoever staged them decides).
 
-`add_listener` runs a callback after every batch; `transactions` counts LMDB commits. All of
-it must be used on the event-loop thread the store's engine runs on.
+`add_listener` runs a callback after every batch; `transactions` counts LMDB commits and
+`observe_commits` times them. All of it must be used on the event-loop thread the store's
+engine runs on.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import asyncio
 import concurrent.futures
 import contextvars
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -101,6 +103,7 @@ class Committer:
         self.units_committed = 0
         #: LMDB transactions committed (one per batch in group mode, one per unit in sync mode).
         self.transactions = 0
+        self._observers: list[Callable[[float], None]] = []
 
     # -- staging --------------------------------------------------------------------------
 
@@ -202,6 +205,14 @@ class Committer:
         """Undo `add_listener`."""
         if listener in self._listeners:
             self._listeners.remove(listener)
+
+    def observe_commits(self, observer: Callable[[float], None]) -> None:
+        """Call `observer(seconds)` with each LMDB commit's duration, on the writer thread.
+
+        It runs off the event loop, after the write, so the engine never waits for it; it
+        must be thread-safe and quick (a histogram observation).
+        """
+        self._observers.append(observer)
 
     def add_clock(self, clock: Clock) -> None:
         """Hold `clock` busy while a commit is in flight, so virtual time waits for the disk."""
@@ -329,8 +340,11 @@ class Committer:
 
             try:
                 if any(ops.values()):
+                    started = time.perf_counter()
                     self.store.write(apply)
                     self.transactions += 1
+                    for observe in self._observers:
+                        _observe(observe, time.perf_counter() - started)
                 results.append(None)
             except BaseException as exc:  # handed to the callers, never swallowed
                 results.append(exc)
@@ -392,3 +406,11 @@ class Committer:
         for w in waiters:
             if not w.done():
                 w.set_result(None)
+
+
+def _observe(observer: Callable[[float], None], seconds: float) -> None:
+    """Call an observer; a broken one is logged, never taken for a failed commit."""
+    try:
+        observer(seconds)
+    except Exception:
+        log.exception("commit observer failed")

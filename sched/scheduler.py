@@ -105,6 +105,7 @@ class Scheduler:
         self._wakers: dict[str, asyncio.Task[None]] = {}
         #: The miner-side policy (`testOpenSource.json`) of workers without a file of their own.
         self.miner_policy: PolicyWatcher | None = None
+        self._job_listeners: list[Callable[[Job, float], None]] = []
         #: Figures for benchmarks and tests.
         self.cycles = 0
         self.checks = 0
@@ -293,6 +294,19 @@ class Scheduler:
             return result
         finally:
             self._release(sched_id)
+            if job.work_started is not None:
+                self._job_done(job, self.clock.now() - job.work_started)
+
+    def add_job_listener(self, listener: Callable[[Job, float], None]) -> None:
+        """Call `listener(job, seconds)` when a job's work ends, done or failed (metrics)."""
+        self._job_listeners.append(listener)
+
+    def _job_done(self, job: Job, seconds: float) -> None:
+        for listener in self._job_listeners:
+            try:
+                listener(job, seconds)
+            except Exception:  # an observer must not turn a finished job into a failed one
+                log.exception("job listener failed")
 
     def cancel(self, sched_id: int) -> bool:
         """Cancel a queued task by id (its `schedule` call raises CancelledError)."""

@@ -99,8 +99,11 @@ class DevnetChain:
         self._allocated: set[int] = set()
         self._receipts: dict[str, Receipt] = {}
         self._reorg_listeners: list[Callable[[int], None]] = []
+        self._receipt_listeners: list[Callable[[str, Receipt], None]] = []
         self._fee = 1_000_000_000
         self.params, self._genesis = self._load(params)
+        #: Messages sent before this start are replayed, not executed anew: not reported.
+        self._replayed = len(self._order)
 
     # -- persistence ------------------------------------------------------------------------
 
@@ -218,6 +221,10 @@ class DevnetChain:
         """Call `listener(from_epoch)` after each reorg."""
         self._reorg_listeners.append(listener)
 
+    def on_receipt(self, listener: Callable[[str, Receipt], None]) -> None:
+        """Call `listener(method, receipt)` as each message sent since the start executes."""
+        self._receipt_listeners.append(listener)
+
     # -- deals ------------------------------------------------------------------------------
 
     def publish_deal(
@@ -285,8 +292,11 @@ class DevnetChain:
             m = self._messages[self._order[self._applied]]
             if m.include_epoch > head:
                 break
-            self._receipts[m.cid] = self._execute(m)
+            receipt = self._receipts[m.cid] = self._execute(m)
             self._applied += 1
+            if self._applied > self._replayed:
+                for listener in self._receipt_listeners:
+                    listener(m.method, receipt)
 
     def _execute(self, m: _Message) -> Receipt:
         if m.forced_exit is not None:

@@ -50,6 +50,7 @@ from .events import (
 from .graph import DORMANT_STATES, FAILED_STATES, STUCK_STATES
 from .info import DealInfo, SectorInfo
 from .input import SectorInput, pending_piece
+from .metrics import EngineMetrics
 from .notify import StateChanges, Subscription
 from .options import (
     chain_params,
@@ -129,6 +130,8 @@ class Miner:
         self._changed = asyncio.Event()
         #: Executes what `sectors pledge`/`add-piece` queue from other processes.
         self.requests = requests.RequestServer(store, self.input, chain)
+        #: Prometheus metrics (`metrics.registry`): what `sectors run --metrics` serves.
+        self.metrics = EngineMetrics(self)
 
     # -- lifecycle ---------------------------------------------------------------------------
 

@@ -8,17 +8,24 @@ Each subscription has a bounded buffer, so a slow consumer never stalls the engi
 full, changes are dropped and counted, and the consumer reads one `Gap(missed=N)` in their
 place, in order, before the changes that came after. Without subscribers a round costs
 nothing more than an attribute check.
+
+In-process listeners (`StateChanges.add_listener`, used by the metrics) are different: they
+are called synchronously, once per durable change, with nothing buffered or dropped, so they
+must be quick (a counter increment) and must not block.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from .states import SectorState
+
+log = logging.getLogger("sectorfsm.sealing.notify")
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,11 +113,21 @@ class StateChanges:
         # only once the round that made it is durable.
         self._on_commit = on_commit
         self._subscriptions: list[Subscription] = []
+        self._listeners: list[Callable[[StateChange], None]] = []
 
     @property
     def active(self) -> bool:
         """True when someone is listening (the planner skips all work otherwise)."""
-        return bool(self._subscriptions)
+        return bool(self._subscriptions or self._listeners)
+
+    def add_listener(self, listener: Callable[[StateChange], None]) -> None:
+        """Call `listener(change)` on the loop thread for every durable change (never dropped)."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[StateChange], None]) -> None:
+        """Undo `add_listener`."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
 
     def subscribe(self, maxsize: int = 1000) -> Subscription:
         """A new subscription buffering up to `maxsize` changes."""
@@ -127,6 +144,11 @@ class StateChanges:
     def _committed(self, change: StateChange, err: Any) -> None:
         if err is not None:
             return
+        for listener in self._listeners:
+            try:
+                listener(change)
+            except Exception:  # one broken listener must not starve the others
+                log.exception("state-change listener failed")
         for sub in self._subscriptions:
             sub.put(change)
 
