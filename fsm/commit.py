@@ -35,6 +35,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .counts import add as add_int
+
 if TYPE_CHECKING:
     from .clock import Clock
     from .store import LmdbStore
@@ -50,21 +52,24 @@ _SPARE_UNITS = 4
 
 
 class _Unit:
-    __slots__ = ("callbacks", "fresh", "futures", "ops")
+    __slots__ = ("adds", "callbacks", "fresh", "futures", "ops")
 
     def __init__(self) -> None:
         # Per-database maps, so staging a write allocates no key tuple (less GC pressure).
         self.ops: dict[str, dict[bytes, Value | None]] = {}
         self.fresh: dict[str, set[bytes]] = {}
+        #: Per-database sums to add to stored integers (`Committer.add`).
+        self.adds: dict[str, dict[bytes, int]] = {}
         self.callbacks: list[tuple[CommitCallback, tuple[Any, ...]]] = []
         self.futures: list[asyncio.Future[None]] = []
 
     def empty(self) -> bool:
-        return not (self.callbacks or self.futures or any(self.ops.values()))
+        return not (self.callbacks or self.futures or any(self.ops.values()) or self.adds)
 
     def reset(self) -> None:
         for ops in self.ops.values():
             ops.clear()
+        self.adds.clear()
         for fresh in self.fresh.values():
             fresh.clear()
         self.callbacks.clear()
@@ -152,6 +157,19 @@ class Committer:
             del ops[key]
         else:
             ops[key] = None
+        if not self._scheduled:
+            self.request_flush()
+
+    def add(self, db: str, key: bytes, delta: int) -> None:
+        """Stage adding `delta` to the msgpack int under `key` (absent: 0; 0 deletes it).
+
+        Applied inside the commit's transaction to the value found there, so another
+        process's additions between commits are never overwritten (`fsm/counts.py`).
+        """
+        adds = self._units[-1].adds.get(db)
+        if adds is None:
+            adds = self._units[-1].adds[db] = {}
+        adds[key] = adds.get(key, 0) + delta
         if not self._scheduled:
             self.request_flush()
 
@@ -312,17 +330,21 @@ class Committer:
         # In merge mode there is only ever one unit per batch, so one unit is one transaction.
         # Handles are looked up before the write: opening a database needs its own transaction.
         store = self.store
-        dbs = {name: store.db(name) for u in units for name in u.ops}
+        dbs = {name: store.db(name) for u in units for name in (*u.ops, *u.adds)}
         results: list[BaseException | None] = []
         failed: BaseException | None = None
-        for ops in (u.ops for u in units):
+        for ops, adds in ((u.ops, u.adds) for u in units):
             if failed is not None:
                 # Sync mode: a later unit may build on a failed one (a round that consumed
                 # the event whose put just failed), so the rest of the batch fails with it.
                 results.append(failed)
                 continue
 
-            def apply(txn: Any, ops: dict[str, dict[bytes, Value | None]] = ops) -> None:
+            def apply(
+                txn: Any,
+                ops: dict[str, dict[bytes, Value | None]] = ops,
+                adds: dict[str, dict[bytes, int]] = adds,
+            ) -> None:
                 delete = txn.delete
                 for name, writes in ops.items():
                     db = dbs[name]
@@ -337,9 +359,13 @@ class Committer:
                         for key, value in writes.items()
                         if value is not None
                     )
+                for name, sums in adds.items():
+                    for key, delta in sums.items():
+                        if delta:
+                            add_int(txn, dbs[name], key, delta)
 
             try:
-                if any(ops.values()):
+                if adds or any(ops.values()):
                     started = time.perf_counter()
                     self.store.write(apply)
                     self.transactions += 1

@@ -21,6 +21,9 @@ with its defects fixed (see docs/lotus-deviations.md):
   consumes that one event; it neither kills the machine nor loops.
 * On `start()`, machines in non-final states are re-planned with their pending events and
   then `Restart`. Final machines stay on disk, costing no memory, until an event arrives.
+* With `count_by` (state -> str), the group keeps how many machines have each key in the
+  commit that writes each state (`counts()` reads them without a scan; fsm/counts.py), and
+  checks them at `start()`.
 
 A group that is not started is a *client*: `send`/`begin` write to the store's mailbox, and
 whichever process runs the engine picks them up within `poll_interval` seconds.
@@ -76,6 +79,7 @@ class StateGroup(Generic[S]):
         cancelling: Iterable[type] = (),
         cancels: Callable[[Any, S], bool] | None = None,
         clock: Clock | None = None,
+        count_by: Callable[[S], str] | None = None,
         schema_version: int = 1,
         poll_interval: float = 0.2,
         eager_steps: bool = True,
@@ -101,7 +105,7 @@ class StateGroup(Generic[S]):
             if not self._codec.knows_event(cls):
                 raise ValueError(f"{cls.__name__} is not among the group's events")
         #: The persisted view of this group (reads work whether or not the group runs).
-        self.records: GroupRecords[S] = GroupRecords(store, name, self._codec, final)
+        self.records: GroupRecords[S] = GroupRecords(store, name, self._codec, final, count_by)
         #: The loaded machines and the engine work between commits (fsm/runtime.py).
         self._runtime = MachineRuntime(
             store,
@@ -162,15 +166,23 @@ class StateGroup(Generic[S]):
             for key in scan(txn, self.store.db("live"), records.prefix, values=False):
                 live.append(records.machine_id(key)[0])
         bad: list[tuple[MachineId, bytes, str]] = []
+        counts = records.counts
+        known: dict[MachineId, str] = {}
         for mid in dict.fromkeys([*live, *pending]):
             try:
-                self._runtime.restore(mid, pending.get(mid, ()), self._mailbox.quarantine)
+                m = self._runtime.restore(mid, pending.get(mid, ()), self._mailbox.quarantine)
             except RecordError as exc:
                 raw = records.raw(records.key(mid))
                 if raw is not None:
                     bad.append((mid, raw, str(exc)))
+                continue
+            if counts is not None and m is not None:
+                known[mid] = m.counted = counts.key_of(m.state)
         if bad:
             self.set_aside(bad)
+        if counts is not None:
+            # O(live): the live half is checked against what was just loaded.
+            counts.check(records, known)
 
     def set_aside(self, bad: list[tuple[MachineId, bytes, str]]) -> None:
         """Move unreadable machine records `(id, raw, reason)` to quarantine (one commit).
@@ -189,6 +201,8 @@ class StateGroup(Generic[S]):
                     records.set_aside(txn, mid, raw, why)
 
         self.store.write(move)
+        if records.counts is not None and self._runtime.running:
+            records.counts.check(records, {})  # (set_aside left them to be rebuilt)
         for mid, _, why in bad:
             log.error(
                 "group %s: machine %r set aside in quarantine (its record is kept): %s",
@@ -330,6 +344,18 @@ class StateGroup(Generic[S]):
             value = getattr(state, field)
             counts[value] = counts.get(value, 0) + 1
         return counts
+
+    def counts(self) -> dict[str, int]:
+        """Machines per `count_by` key, final or not (read from the stored counts: no scan).
+
+        Before the engine first made them exact (a store written by a version without counts,
+        or a record just quarantined), they come from a full scan instead.
+        """
+        counts = self.records.counts
+        if counts is None:
+            raise ValueError(f"group {self.name!r} has no count_by: it keeps no counts")
+        stored = counts.read()
+        return stored if stored is not None else counts.scanned(self.records)
 
     def stats(self) -> dict[str, int]:
         """In-memory figures: loaded machines, running steps, queued events."""

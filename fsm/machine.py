@@ -77,6 +77,7 @@ class Machine:
         "batch",
         "batch_start",
         "cancel_requested",
+        "counted",
         "events",
         "exists",
         "final",
@@ -137,6 +138,8 @@ class Machine:
         self.final = False
         self.last_error: str | None = None
         self.cancel_requested = False
+        #: The group's `count_by` key of the stored state (None: not computed yet).
+        self.counted: str | None = None
 
     def record_error(self, message: str) -> None:
         """Note `message` as the machine's last error (written with its next state record)."""

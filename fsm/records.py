@@ -9,6 +9,7 @@ and a NUL):
 * `mailbox` ``<seq:8>`` -> msgpack ``[group, state_key, encoded_event]``, written by clients
 * `quarantine` ``<db>/<key>`` -> msgpack ``[reason, raw_bytes]``: records set aside because
   they cannot be read (a machine's is ``states/<group>\\0<id>``), kept for recovery
+* `counts` machines per `count_by` key, for a group that has one (fsm/counts.py)
 
 Everything here is synchronous and safe to call from any thread or process.
 """
@@ -21,6 +22,7 @@ from typing import Any, Generic, TypeVar
 import msgpack
 
 from .codec import RecordCodec, new_packer, packb, unpackb
+from .counts import GroupCounts
 from .errors import MachineExistsError, RecordError, UnknownMachineError
 from .keys import MachineId, id_key, seq_key, split_id
 from .machine import MachineInfo
@@ -49,12 +51,15 @@ class GroupRecords(Generic[S]):
         name: str,
         codec: RecordCodec[S],
         final: Callable[[S], bool] | None,
+        count_by: Callable[[S], str] | None = None,
     ) -> None:
         self.store = store
         self.name = name
         self.codec = codec
         self.final = final
         self.prefix = name.encode() + b"\x00"
+        #: Machines per `count_by` key, kept with every write (None: the group counts nothing).
+        self.counts = GroupCounts(store, name, count_by) if count_by is not None else None
         # The codec's compiled functions, bound once: records are encoded on every transition.
         self._schema = codec.schema_version
         self._state_enc = codec.state_encoder
@@ -248,6 +253,8 @@ class GroupRecords(Generic[S]):
         txn.put(self.quarantine_key(machine_id), packb([why, raw]), db=self.store.db("quarantine"))
         txn.delete(key, db=self.store.db("states"))
         txn.delete(key, db=self.store.db("live"))
+        if self.counts is not None:
+            self.counts.forget(txn)  # its count key is unknown: the engine rebuilds the counts
 
     def restore(self, txn: Any, machine_id: MachineId, raw: bytes) -> None:
         """In `txn`: put a (repaired) record back in place of the quarantined one.
@@ -257,6 +264,10 @@ class GroupRecords(Generic[S]):
         state, final, _ = self.decode(raw, machine_id)
         final = final or self.is_final(state)
         key = self.key(machine_id)
+        if self.counts is not None:
+            if txn.get(key, db=self.store.db("states")) is not None:
+                self.counts.forget(txn)  # (it replaces a record: the engine recounts)
+            self.counts.add_in(txn, state, final, 1)
         txn.put(key, raw, db=self.store.db("states"))
         if final:
             txn.delete(key, db=self.store.db("live"))
@@ -272,9 +283,18 @@ class GroupRecords(Generic[S]):
     # -- client writes (any process; the engine ingests the mailbox) ------------------------
 
     def client_begin(
-        self, txn: Any, machine_id: MachineId, key: bytes, record: bytes, final: bool
+        self,
+        txn: Any,
+        machine_id: MachineId,
+        key: bytes,
+        record: bytes,
+        final: bool,
+        state: S | None = None,
     ) -> None:
-        """Create a machine record in `txn`; `MachineExistsError` if the id is taken."""
+        """Create a machine record in `txn`; `MachineExistsError` if the id is taken.
+
+        `state` is the record's (decoded from it when not given, if the group counts).
+        """
         if txn.get(key, db=self.store.db("states")) is not None:
             raise MachineExistsError(f"{self.name} machine {machine_id!r} already exists")
         if txn.get(STATES_QUARANTINE + key, db=self.store.db("quarantine")) is not None:
@@ -285,6 +305,10 @@ class GroupRecords(Generic[S]):
         txn.put(key, record, db=self.store.db("states"))
         if not final:
             txn.put(key, b"", db=self.store.db("live"))
+        if self.counts is not None:
+            if state is None:
+                state = self.decode(record, machine_id)[0]
+            self.counts.add_in(txn, state, final, 1)
 
     def client_send(
         self, txn: Any, machine_id: MachineId, raw: bytes, create: Callable[[], S] | None
@@ -298,7 +322,8 @@ class GroupRecords(Generic[S]):
                 raise UnknownMachineError(f"{self.name} has no machine {machine_id!r}")
             state = create()
             final = self.is_final(state)
-            self.client_begin(txn, machine_id, key, self.encode(state, final, None), final)
+            record = self.encode(state, final, None)
+            self.client_begin(txn, machine_id, key, record, final, state)
         counters = self.store.db("counters")
         last = txn.get(b"mailbox_seq", db=counters)
         seq = (int.from_bytes(last, "big") if last else 0) + 1

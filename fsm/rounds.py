@@ -37,11 +37,22 @@ class RoundPlanner:
         self._planner = planner
         self._final = final
         self._encode_record = records.local_encoder()  # (used on the loop thread only)
+        self._counts = records.counts
+
+    def created(self, m: Machine) -> None:
+        """Count a machine whose record the current commit creates (if the group counts)."""
+        counts = self._counts
+        if counts is not None:
+            m.counted = counts.key_of(m.state)
+            counts.stage(m.counted, m.final, 1)
 
     def plan(self, m: Machine, limit: int | None = None) -> Round:
         """Plan `m`'s queued events (the first `limit`): `(step, processed, final, record)`."""
         events = m.events[:limit]
         terminated = False
+        counts = self._counts
+        if counts is not None and m.counted is None:
+            m.counted = counts.key_of(m.state)  # before the planner changes the state
         try:
             step, processed = self._planner(events, m.state)
         except Terminated:
@@ -93,7 +104,16 @@ class RoundPlanner:
         """The round's finality and record; raises if the state cannot be stored."""
         final = self._final
         is_final = terminated or (final is not None and bool(final(m.state)))
-        return is_final, self._encode_record(m.state, is_final, m.last_error)
+        record = self._encode_record(m.state, is_final, m.last_error)
+        counts = self._counts
+        if counts is not None and record != m.record:
+            # Staged in the round's own commit: the count moves with the state record.
+            name = counts.key_of(m.state)
+            old = m.counted
+            if old is not None:
+                counts.moved(old, m.final, name, is_final)
+            m.counted = name
+        return is_final, record
 
 
 def describe(event: object) -> str:

@@ -388,13 +388,13 @@ class MachineRuntime:
         final = self.records.is_final(state)
         record = self.records.encode(state, final, None)
         m = Machine(machine_id, key, state, record)
-        m.final = final
-        m.exists = False
+        m.final, m.exists = final, False
         self._machines[machine_id] = m
         committer = self._committer
         committer.put("states", key, record, fresh=True)
         if not final:
             committer.put("live", key, b"", fresh=True)
+        self._round.created(m)
         committer.on_commit(self._begun, m)
         return m
 

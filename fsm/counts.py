@@ -1,0 +1,221 @@
+"""Per-key machine counts, kept in the commit of every transition (`StateGroup(count_by=...)`).
+
+A group given `count_by` (state -> a short string, e.g. the state's name) keeps, in the
+`counts` sub-database, how many of its machines have each key, split by finality:
+
+* ``<group>\\0L<key>`` -> msgpack int: machines not final whose `count_by` is `<key>`
+* ``<group>\\0F<key>`` -> msgpack int: final machines whose `count_by` is `<key>`
+* ``<group>\\0`` -> msgpack int `COUNTS_VERSION`: present while the counts are exact
+
+Every write that changes a machine's key or finality adds its +1/-1 in the same transaction
+(the engine through `Committer.add`, clients through `add`), so reading a count is a few key
+reads, never a scan, and a crash cannot make them drift: they commit or vanish with the state.
+What the counts cannot follow (a record set aside in quarantine because it cannot be read, so
+its key is unknown) removes the marker; the engine then rebuilds them from a full scan. At
+every start the engine also checks the live half against the live index it loads anyway, so
+the start stays O(live machines) while a stored count that disagrees is logged and repaired.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from .codec import packb, unpackb
+from .errors import RecordError, StoreError
+
+if TYPE_CHECKING:
+    from .keys import MachineId
+    from .records import GroupRecords
+    from .store import LmdbStore
+
+log = logging.getLogger("sectorfsm.fsm.counts")
+
+#: The sub-database holding every counting group's counts.
+COUNTS_DB = "counts"
+#: Version of the counts layout; the marker holds it while the counts are exact.
+COUNTS_VERSION = 1
+_LIVE = b"L"
+_FINAL = b"F"
+_VERSION = packb(COUNTS_VERSION)
+
+
+def add(txn: Any, db: Any, key: bytes, delta: int) -> None:
+    """Add `delta` to the msgpack int under `key` in write transaction `txn` (0: deleted)."""
+    raw = txn.get(key, db=db)
+    value = (int(unpackb(raw)) if raw is not None else 0) + delta
+    if value:
+        txn.put(key, packb(value), db=db)
+    elif raw is not None:
+        txn.delete(key, db=db)
+
+
+class GroupCounts:
+    """One group's counts: the keys, the staging of changes, the readers and the start check."""
+
+    def __init__(self, store: LmdbStore, name: str, count_by: Callable[[Any], str]) -> None:
+        self.store = store
+        self.key_of = count_by
+        self.marker = name.encode() + b"\x00"
+        self._live = self.marker + _LIVE
+        self._final = self.marker + _FINAL
+        self._add = store.committer.add
+
+    def entry(self, name: str, final: bool) -> bytes:
+        """The `counts` key of machines with count key `name` and this finality."""
+        return (self._final if final else self._live) + name.encode()
+
+    # -- writes ----------------------------------------------------------------------------
+
+    def stage(self, name: str, final: bool, delta: int) -> None:
+        """Stage `delta` for `(name, final)` into the engine's current commit."""
+        self._add(COUNTS_DB, self.entry(name, final), delta)
+
+    def moved(self, old: str, was_final: bool, new: str, final: bool) -> None:
+        """Stage one machine moving from `(old, was_final)` to `(new, final)`."""
+        if old != new or was_final != final:
+            add = self._add
+            add(COUNTS_DB, self.entry(old, was_final), -1)
+            add(COUNTS_DB, self.entry(new, final), 1)
+
+    def add_in(self, txn: Any, state: Any, final: bool, delta: int) -> None:
+        """In write transaction `txn`: count one machine in `state` (`delta` +1 or -1)."""
+        add(txn, self.store.db(COUNTS_DB), self.entry(self.key_of(state), final), delta)
+
+    def forget(self, txn: Any) -> None:
+        """In `txn`: the counts are no longer exact (the engine rebuilds them)."""
+        txn.delete(self.marker, db=self.store.db(COUNTS_DB))
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def stored(self, txn: Any) -> tuple[dict[str, int], dict[str, int]] | None:
+        """`(live, final)` counts by key as stored in `txn`; None if they are not exact."""
+        from .records import scan
+
+        db = self.store.db(COUNTS_DB)
+        if txn.get(self.marker, db=db) is None:
+            return None
+        live: dict[str, int] = {}
+        final: dict[str, int] = {}
+        start = len(self.marker) + 1
+        for key, value in scan(txn, db, self.marker, start=self._final):
+            (final if key[start - 1 : start] == _FINAL else live)[key[start:].decode()] = int(
+                unpackb(value)
+            )
+        return live, final
+
+    def read(self) -> dict[str, int] | None:
+        """Machines per key (final or not), as stored; None if the counts are not exact."""
+        try:
+            with self.store.read() as txn:
+                split = self.stored(txn)
+        except StoreError:  # a read-only store written before counts existed
+            return None
+        if split is None:
+            return None
+        return dict(Counter(split[0]) + Counter(split[1]))
+
+    def scanned(self, records: GroupRecords[Any]) -> dict[str, int]:
+        """Machines per key by a full scan of the records (unreadable ones skipped)."""
+        counts: Counter[str] = Counter()
+        for _, state in records.list(on_error=lambda *_: None):
+            counts[self.key_of(state)] += 1
+        return dict(counts)
+
+    # -- the start check -------------------------------------------------------------------
+
+    def check(self, records: GroupRecords[Any], known: Mapping[MachineId, str]) -> str:
+        """Make the stored counts exact, in one write transaction; say what was done.
+
+        `known` gives the keys of live machines the engine already decoded. With the marker in
+        place only the live half is compared with the live index (O(live)); without it (a new
+        store, or a record quarantined) every record is scanned once.
+        """
+        db = self.store.db(COUNTS_DB)
+        for name in ("states", "live"):
+            self.store.db(name)
+
+        def run(txn: Any) -> str:
+            split = self.stored(txn)
+            if split is None:
+                return self._rebuild(txn, db, records)
+            live = self._live_scan(txn, records, known)
+            if live == split[0]:
+                return "ok"
+            self._replace(txn, db, self._live, split[0], live)
+            return f"live counts repaired: stored {_diff(split[0], live)}"
+
+        outcome = self.store.write(run)
+        if outcome.startswith("live counts repaired"):
+            log.error("group %s: %s", records.name, outcome)
+        elif outcome != "ok":
+            log.warning("group %s: %s", records.name, outcome)
+        return outcome
+
+    def _live_scan(
+        self, txn: Any, records: GroupRecords[Any], known: Mapping[MachineId, str]
+    ) -> dict[str, int]:
+        from .records import scan
+
+        counts: Counter[str] = Counter()
+        states = self.store.db("states")
+        for key in scan(txn, self.store.db("live"), records.prefix, values=False):
+            mid = records.machine_id(key)[0]
+            name = known.get(mid)
+            if name is None:  # created by a client since the engine read the live index
+                raw = txn.get(key, db=states)
+                try:
+                    name = self.key_of(records.decode(raw, mid)[0]) if raw is not None else None
+                except RecordError:
+                    name = None
+            if name is not None:
+                counts[name] += 1
+        return dict(counts)
+
+    def _rebuild(self, txn: Any, db: Any, records: GroupRecords[Any]) -> str:
+        from .records import scan
+
+        live: Counter[str] = Counter()
+        final: Counter[str] = Counter()
+        for key, raw in scan(txn, self.store.db("states"), records.prefix):
+            mid = records.machine_id(key)[0]
+            try:
+                state, is_final, _ = records.decode(raw, mid)
+            except RecordError:
+                continue  # not counted, as readers skip it; the engine sets it aside
+            is_final = is_final or records.is_final(state)
+            (final if is_final else live)[self.key_of(state)] += 1
+        old_live, old_final = (
+            self._raw_half(txn, db, self._live),
+            self._raw_half(txn, db, self._final),
+        )
+        self._replace(txn, db, self._live, old_live, dict(live))
+        self._replace(txn, db, self._final, old_final, dict(final))
+        txn.put(self.marker, _VERSION, db=db)
+        return f"counts rebuilt from a scan of {sum(live.values()) + sum(final.values())} records"
+
+    def _raw_half(self, txn: Any, db: Any, prefix: bytes) -> dict[str, int]:
+        from .records import scan
+
+        return {key[len(prefix) :].decode(): int(unpackb(v)) for key, v in scan(txn, db, prefix)}
+
+    def _replace(
+        self, txn: Any, db: Any, prefix: bytes, old: Mapping[str, int], new: Mapping[str, int]
+    ) -> None:
+        for name in old.keys() - new.keys():
+            txn.delete(prefix + name.encode(), db=db)
+        for name, n in new.items():
+            if old.get(name) != n:
+                txn.put(prefix + name.encode(), packb(n), db=db)
+
+
+def _diff(stored: Mapping[str, int], actual: Mapping[str, int]) -> str:
+    """`key: stored -> actual` for every key that differs."""
+    names = sorted(stored.keys() | actual.keys())
+    return ", ".join(
+        f"{n or '<empty>'}: {stored.get(n, 0)} -> {actual.get(n, 0)}"
+        for n in names
+        if stored.get(n, 0) != actual.get(n, 0)
+    )
