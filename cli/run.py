@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from ..sealing.info import SectorInfo
+    from ..sealing.metrics import MetricsServer
     from ..sealing.miner import Miner
     from .runconfig import RunConfig
 
@@ -62,17 +63,42 @@ def run(
         ),
     ] = False,
     repo: RepoOption = DEFAULT_REPO,
+    metrics: Annotated[
+        str | None,
+        typer.Option(
+            "--metrics",
+            metavar="HOST:PORT",
+            help="Serve Prometheus metrics at http://HOST:PORT/metrics ([metrics] listen).",
+        ),
+    ] = None,
 ) -> None:
     """Run the sealing engine, scheduler, local workers and the simulated devnet."""
     cfg = _config(config)
     root = repo_path(repo)
+    # Bound before the engine starts: a bad address or a taken port changes nothing.
+    server = _metrics_server(metrics or cfg.metrics_listen)
     try:
-        code = asyncio.run(_run(root, cfg, pledge, until_proving))
+        code = asyncio.run(_run(root, cfg, pledge, until_proving, server))
     except _Outcome as out:
         if out.code:
             fail(str(out), out.code)
         code = 0
+    finally:
+        if server is not None:
+            server.close()
     raise typer.Exit(code)
+
+
+def _metrics_server(listen: str | None) -> MetricsServer | None:
+    """The Prometheus endpoint, listening already (nothing is served until a miner runs)."""
+    if listen is None:
+        return None
+    from ..sealing.metrics import MetricsError, MetricsServer
+
+    try:
+        return MetricsServer(listen)
+    except MetricsError as exc:
+        fail(str(exc))
 
 
 ConfigOption = Annotated[
@@ -120,7 +146,13 @@ async def _init(repo: Path, cfg: RunConfig) -> None:
         raise _Outcome(1, str(exc)) from None
 
 
-async def _run(repo: Path, cfg: RunConfig, pledge: int, until_proving: bool) -> int:
+async def _run(
+    repo: Path,
+    cfg: RunConfig,
+    pledge: int,
+    until_proving: bool,
+    server: MetricsServer | None = None,
+) -> int:
     from ..fsm import StoreError, StoreLockedError
     from ..sealing.backends import StorageError
     from ..sealing.miner import Miner, SealingError
@@ -139,6 +171,9 @@ async def _run(repo: Path, cfg: RunConfig, pledge: int, until_proving: bool) -> 
                 f"({miner.chain.params.block_time:g}s epochs)"
             )
             _use_miner_policy(miner, repo, console)
+            if server is not None:
+                server.attach(miner.metrics.registry)
+                console.print(f"metrics: http://{server.address}/metrics", markup=False)
             for _ in range(pledge):
                 n = await miner.pledge()
                 console.print(f"Created CC sector: {n}")

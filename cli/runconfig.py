@@ -22,6 +22,9 @@ timeout = 3600
 [sealer.commands]
 PC1 = ["/opt/sealer/pc1"]
 
+[metrics]                   # off by default; `sectors run --metrics HOST:PORT` overrides
+listen = "127.0.0.1:9283"   # serve Prometheus metrics at http://127.0.0.1:9283/metrics
+
 [[workers]]                 # see sched/config.py; default: one local worker
 name = "local"
 cpus = 8
@@ -91,17 +94,35 @@ class _MinerTable(BaseModel):
     block_time: BlockTime | None = None
 
 
+def _listen(value: str) -> str:
+    """A `HOST:PORT` the metrics server can be asked to bind (checked again when it binds)."""
+    from ..sealing.metrics import LISTEN_FORMAT, MetricsError, parse_listen
+
+    try:
+        parse_listen(value)
+    except MetricsError:
+        raise PydanticCustomError("listen", LISTEN_FORMAT) from None
+    return value
+
+
+class _MetricsTable(BaseModel):
+    model_config = TABLE
+
+    listen: Annotated[str, AfterValidator(_listen)] | None = None
+
+
 class _RunFile(BaseModel):
     model_config = TABLE
 
     miner: _MinerTable = _MinerTable()
+    metrics: _MetricsTable = _MetricsTable()
     # Checked by their own schemas (SealingConfig, sched.config, the sealer backend).
     sealing: dict[str, Any] = {}
     sealer: dict[str, Any] = {}
     workers: list[Any] | None = None
 
 
-_NOUNS = {"": "section", "miner": "[miner] key"}
+_NOUNS = {"": "section", "miner": "[miner] key", "metrics": "[metrics] key"}
 
 
 @dataclass(slots=True)
@@ -118,6 +139,8 @@ class RunConfig:
     sealing: dict[str, Any] = field(default_factory=dict)
     sealer_options: dict[str, Any] = field(default_factory=dict)
     workers: list[Any] | None = None
+    #: `[metrics] listen`: where `sectors run` serves Prometheus metrics (None: nowhere).
+    metrics_listen: str | None = None
     source: str = "embedded defaults"
 
     def open_kwargs(self) -> dict[str, Any]:
@@ -180,6 +203,7 @@ def _convert(raw: dict[str, Any], where: str, base: Path) -> RunConfig:
         block_time=miner.block_time,
         sealing=parsed.sealing,
         sealer_options=parsed.sealer,
+        metrics_listen=parsed.metrics.listen,
         source=where,
     )
     size = parse_sector_size(cfg.sector_size)

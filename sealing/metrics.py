@@ -48,6 +48,10 @@ COMMIT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.
                   0.5, 1.0, 2.5)  # fmt: skip
 
 
+#: What a metrics address must look like (the config error quotes it).
+LISTEN_FORMAT = "expected HOST:PORT with a port from 0 to 65535"
+
+
 class MetricsError(ValueError):
     """A metrics address that cannot be served (malformed, or the port is taken)."""
 
@@ -315,14 +319,12 @@ def _storage(miner: Miner) -> Iterator[Metric]:
 def parse_listen(listen: str) -> tuple[str, int]:
     """`HOST:PORT` (`[::1]:9283` for IPv6; port 0: any free one) -> (host, port)."""
     if not isinstance(listen, str):
-        raise MetricsError(f"metrics address: expected HOST:PORT, got {listen!r}")
+        raise MetricsError(f"metrics address: {LISTEN_FORMAT}, got {listen!r}")
     host, sep, port_text = listen.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
-        raise MetricsError(
-            f"metrics address: expected HOST:PORT with a port from 0 to 65535, got {listen!r}"
-        )
+        raise MetricsError(f"metrics address: {LISTEN_FORMAT}, got {listen!r}")
     return host, int(port_text)
 
 
@@ -356,6 +358,8 @@ class MetricsServer:
         self._thread: threading.Thread = thread
         #: The port actually bound (the one asked for, or the one chosen for port 0).
         self.port = int(server.server_address[1])
+        #: `HOST:PORT` as bound, for URLs (`[::1]:9283` for IPv6).
+        self.address = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     def attach(self, registry: CollectorRegistry) -> None:
         """Serve `registry` (a miner's `metrics.registry`) from now on."""
