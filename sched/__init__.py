@@ -18,7 +18,14 @@ from .ledger import Ledger, Phase, WorkerResources
 from .policy import PolicyError, PolicyWatcher, WorkerPolicy, load_policy, parse_policy
 from .resources import ResourceConfigError, Resources, parse_overrides, resource_spec
 from .scheduler import Job, Scheduler, SchedulerError
-from .selectors import AllocSelector, ExistingSelector, MoveSelector, Placement, TaskSelector
+from .selectors import (
+    AllocSelector,
+    ExistingSelector,
+    MoveSelector,
+    PinnedSelector,
+    Placement,
+    TaskSelector,
+)
 from .storage import SectorRef, StorageIndex, StoragePath
 from .tasks import DEAL_SECTOR_PRIORITY, TaskType
 from .views import JobSnapshot, TaskDiag, WorkerSnapshot, load_snapshot
@@ -41,6 +48,7 @@ __all__ = [
     "Ledger",
     "MoveSelector",
     "Phase",
+    "PinnedSelector",
     "Placement",
     "PolicyError",
     "PolicyWatcher",

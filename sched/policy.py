@@ -74,7 +74,7 @@ class PolicyError(ValueError):
         super().__init__(f"{where}: {detail}")
 
 
-_Kind = Literal["str", "cap", "units", "bool", "seconds"]
+_Kind = Literal["str", "cap", "units", "bool", "seconds", "count"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,12 +98,12 @@ _FIELDS = (
     _Field("IsPlanOffline", "is_plan_offline", "bool"),
     _Field("AllowP2C2Parallel", "allow_p2c2_parallel", "bool"),
     _Field("IgnoreOutOfSpace", "ignore_out_of_space", "bool"),
+    _Field("AutoPledgeDiff", "auto_pledge_diff", "count"),
     _Field("AllowDelay", "allow_delay", "seconds"),
 )
 _BY_KEY = {k: f for f in _FIELDS for k in (f.camel, f.snake)}
-# myScheduler's own file has this; it steers its auto-pledge, which is not a placement rule,
-# so a file copied from a myScheduler worker must still load.
-_IGNORED = frozenset({"AutoPledgeDiff", "auto_pledge_diff"})
+# Not a placement rule: `sealing/autopledge.py` reads it (the rules never do).
+_IGNORED: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +129,9 @@ class WorkerPolicy:
     allow_p2c2_parallel: bool = True
     ignore_out_of_space: bool = False
     allow_delay: float = 0.0
+    #: Auto-pledge for this worker when its AP + PC1 in flight falls more than this below
+    #: PreCommit1Max (0 = off; the rule is `sealing/autopledge.py`'s).
+    auto_pledge_diff: int = 0
 
     def __post_init__(self) -> None:
         for f in _FIELDS:
@@ -173,6 +176,7 @@ _EXPECTED: dict[_Kind, str] = {
     "units": "expected a whole number of disk units >= 0 (0 = unlimited)",
     "bool": "expected true or false",
     "seconds": "expected a number of seconds >= 0 (0 = no delay)",
+    "count": "expected a whole number >= 0 (0 = off)",
 }
 
 

@@ -89,8 +89,10 @@ class Scheduler:
         self._workers: dict[str, Worker] = {}
         self._by_type: dict[TaskType, list[Worker]] = {}
         self._jobs: dict[int, Job] = {}
-        #: The worker whose ledger holds each assigned task.
+        #: The worker whose ledger holds each assigned task, and its sector.
         self._held: dict[int, Worker] = {}
+        self._held_task: dict[int, tuple[SectorRef, TaskType]] = {}
+        self._cycle_listeners: list[Callable[[], None]] = []
         self._policy_errors: dict[str, str | None] = {}
         #: Learned run time of each task type's work, in clock seconds.
         self._durations: dict[TaskType, float] = {}
@@ -330,6 +332,7 @@ class Scheduler:
     def _release(self, sched_id: int) -> None:
         self._jobs.pop(sched_id, None)
         self.strategy.release(sched_id)
+        self._held_task.pop(sched_id, None)
         w = self._held.pop(sched_id, None)
         if w is not None:
             w.jobs.discard(sched_id)
@@ -381,6 +384,24 @@ class Scheduler:
         new_shapes, self._unchecked = self._unchecked, set()
         self._dirty.clear()
         self.strategy.cycle(changed, new_shapes)
+        for listener in self._cycle_listeners:  # cheap and never raising: they defer work
+            listener()
+
+    def add_cycle_listener(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` after every scheduling cycle (auto-pledge re-evaluates there)."""
+        self._cycle_listeners.append(listener)
+
+    def tasks_of(
+        self, types: frozenset[TaskType]
+    ) -> list[tuple[SectorRef, TaskType, str | None, bool]]:
+        """`(sector, type, worker, held)`: held ones name their worker, queued ones their pin."""
+        pins = [
+            (r, getattr(r.selector, "worker", None)) for r in self.queue if r.task_type in types
+        ]
+        held = [
+            (s, t, self._held[i].name, True) for i, (s, t) in self._held_task.items() if t in types
+        ]
+        return [(r.sector, r.task_type, pin, False) for r, pin in pins] + held
 
     def verdict(self, req: Request, w: Worker) -> Candidate | str:
         """Whether `w` can take `req` now: a candidate, or the reason it cannot, in words."""
@@ -459,6 +480,7 @@ class Scheduler:
         w.ledger.add(req.sched_id, req.task_type, c.need)
         w.jobs.add(req.sched_id)
         self._held[req.sched_id] = w
+        self._held_task[req.sched_id] = (req.sector, req.task_type)
         if c.placement.path is not None and c.placement.reserve:
             self.index.reserve(req.sched_id, c.placement.path, c.placement.reserve)
         self._units.pop(w.name, None)

@@ -169,5 +169,24 @@ class MoveSelector:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class PinnedSelector:
+    """Only `worker` may take the task (`pledge --per-worker`, auto-pledge); `inner` places it."""
+
+    inner: Selector
+    worker: str
+
+    def check(self, sector: SectorRef, worker: Worker, index: StorageIndex) -> Verdict:
+        """Refuse every other worker; on the pinned one, `inner` decides."""
+        if worker.name != self.worker:
+            return f"sector is pinned to worker {self.worker}"
+        return self.inner.check(sector, worker, index)
+
+    def shape(self, sector: SectorRef) -> object | None:
+        """The inner shape, per pinned worker."""
+        inner = self.inner.shape(sector)
+        return None if inner is None else ("pinned", self.worker, inner)
+
+
 def _names(files: FileType) -> str:
     return "+".join(f.dirname for f in files.each())

@@ -112,6 +112,8 @@ class SealingConfig:
     aggregate_above_base_fee: Count = 150_000_000
 
     start_epoch_sealing_buffer: Count = 480
+    #: Auto-pledge for workers whose policy sets AutoPledgeDiff (`sealing/autopledge.py`).
+    auto_pledge: Flag = True
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
     def __post_init__(self) -> None:

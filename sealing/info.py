@@ -123,6 +123,11 @@ class SectorInfo:
     #: The failed state a FailedUnrecoverable sector gave up in (`retry` resumes it there).
     unrecoverable_from: str = ""
 
+    # Pledge tools (`sealing/autopledge.py`): the worker this CC sector's AddPiece is pinned
+    # to ("" = any), and whether auto-pledge created it.
+    ap_worker: str = ""
+    auto_pledged: bool = False
+
     # Debug
     last_err: str = ""
     log: list[LogEntry] = field(default_factory=list)

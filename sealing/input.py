@@ -171,14 +171,16 @@ class SectorInput:
         self.store.committer.put("meta", META_NEXT, packb(self._next))
         return n
 
-    def new_cc_sectors(self, count: int) -> list[tuple[int, asyncio.Future[None]]]:
-        """Start `count` committed-capacity sectors (within the limit): numbers and durability."""
+    def new_cc_sectors(
+        self, count: int, *, worker: str = "", auto: bool = False
+    ) -> list[tuple[int, asyncio.Future[None]]]:
+        """Start `count` CC sectors (within the limit), AddPiece pinned to `worker` if set."""
         self.check_limit(count)
         proof = seal_proof_for(self.sector_size)
         out = []
         for _ in range(count):
             n = self.allocate()
-            out.append((n, self.group.post(n, SectorStartCC(n, proof))))
+            out.append((n, self.group.post(n, SectorStartCC(n, proof, worker, auto))))
         return out
 
     # -- deal pieces ------------------------------------------------------------------------

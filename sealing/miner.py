@@ -30,6 +30,7 @@ from ..sched import (
 )
 from ..sched.config import check_workers
 from . import requests
+from .autopledge import AutoPledger, PledgePlan, execute_plan, plan_pledge
 from .backends import default_workers, make_backend
 from .chain import ChainParams
 from .config import SealingConfig, seal_proof_for
@@ -129,7 +130,9 @@ class Miner:
         self.input.attach(self.group)
         self._changed = asyncio.Event()
         #: Executes what `sectors pledge`/`add-piece` queue from other processes.
-        self.requests = requests.RequestServer(store, self.input, chain)
+        self.requests = requests.RequestServer(store, self.input, chain, sched)
+        #: Keeps AutoPledgeDiff workers fed (`sealing/autopledge.py`).
+        self.autopledge = AutoPledger(sched, self.input, store, enabled=config.auto_pledge)
         #: Prometheus metrics (`metrics.registry`): what `sectors run --metrics` serves.
         self.metrics = EngineMetrics(self)
 
@@ -229,8 +232,10 @@ class Miner:
         await self.sched.start()  # policy-file hot reload and the heartbeat-grace monitor
         await self.group.start()
         self.requests.start()
+        self.autopledge.start()
 
     async def _stop(self) -> None:
+        self.autopledge.stop()
         await self.requests.stop()
         self.changes.close()
         self.sealing.close()
@@ -262,6 +267,27 @@ class Miner:
         [(n, durable)] = self.input.new_cc_sectors(1)
         await durable
         return n
+
+    async def pledge_fill(self, *, dry_run: bool = False) -> PledgePlan:
+        """Pledge one CC sector per free AP slot (myScheduler `mypledge`), each pinned there.
+
+        Returns the per-worker count and the sectors created (none with `dry_run`); its
+        `stopped` says when MaxSealingSectors cut it short.
+        """
+        return await self._pledge_plan("fill", dry_run)
+
+    async def pledge_per_worker(self, *, dry_run: bool = False) -> PledgePlan:
+        """One CC sector per eligible AP worker, its AddPiece pinned there (`mypledgeonce`)."""
+        return await self._pledge_plan("per-worker", dry_run)
+
+    async def _pledge_plan(self, mode: str, dry_run: bool) -> PledgePlan:
+        limit = self.config.max_sealing_sectors
+        plan = plan_pledge(self.sched, self.group, limit, self.sector_size, mode)
+        plan.dry_run = dry_run
+        if not dry_run:
+            futures = execute_plan(plan, self.input)
+            await asyncio.gather(*futures)
+        return plan
 
     async def add_piece(
         self,

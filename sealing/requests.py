@@ -30,6 +30,7 @@ from .input import check_sealing_limit, pending_piece, stored_limit, take_number
 from .store_view import sector_records
 
 if TYPE_CHECKING:
+    from ..sched import Scheduler
     from .devnet import DevnetChain
     from .input import SectorInput
 
@@ -142,10 +143,18 @@ def pledge_offline(store: LmdbStore, count: int) -> list[int] | None:
 class RequestServer:
     """The engine side: executes queued requests, each in one commit with its sector events."""
 
-    def __init__(self, store: LmdbStore, sector_input: SectorInput, chain: DevnetChain) -> None:
+    def __init__(
+        self,
+        store: LmdbStore,
+        sector_input: SectorInput,
+        chain: DevnetChain,
+        sched: Scheduler | None = None,
+    ) -> None:
         self.store = store
         self.input = sector_input
         self.chain = chain
+        #: Counts AP slots for `pledge --fill/--per-worker`.
+        self.sched = sched
         self._serving: set[bytes] = set()  # executed, their commit is on the way
         self._task: asyncio.Task[None] | None = None
 
@@ -193,6 +202,22 @@ class RequestServer:
         if op == "pledge":
             count = int(request.get("count", 1))
             return {"sectors": [n for n, _ in self.input.new_cc_sectors(count)]}
+        if op == "pledge_plan":
+            from .autopledge import execute_plan, plan_pledge
+
+            if self.sched is None:
+                raise ValueError("this engine has no scheduler to count AP slots with")
+            plan = plan_pledge(
+                self.sched,
+                self.input.group,
+                self.input.config.max_sealing_sectors,
+                self.input.sector_size,
+                str(request.get("mode")),
+            )
+            plan.dry_run = bool(request.get("dry_run"))
+            if not plan.dry_run:
+                execute_plan(plan, self.input)
+            return {"plan": plan.to_dict()}
         if op == "add_piece":
             piece = pending_piece(
                 self.chain,

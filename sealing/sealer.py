@@ -23,6 +23,7 @@ from ..sched import (
     ExistingSelector,
     FileType,
     Job,
+    PinnedSelector,
     Scheduler,
     SectorRef,
     TaskSelector,
@@ -49,9 +50,15 @@ class Sealer(Protocol):
     """What the handlers ask of a sealer (Lotus `SectorManager`, v1.11.3 calls)."""
 
     async def add_piece(
-        self, sector: SectorRef, existing: list[int], size: int, piece: PendingPiece | None
+        self,
+        sector: SectorRef,
+        existing: list[int],
+        size: int,
+        piece: PendingPiece | None,
+        *,
+        worker: str = "",
     ) -> Piece:
-        """Write a piece (None: zeros, a filler) after `existing` padded sizes."""
+        """Write a piece (None: zeros, a filler) after `existing` sizes, on `worker` if set."""
         ...
 
     async def seal_pre_commit1(
@@ -297,13 +304,24 @@ class ScheduledSealer:
         return await self.sched.schedule(ref, task, selector, prepare, work, priority=priority)
 
     async def add_piece(
-        self, sector: SectorRef, existing: list[int], size: int, piece: PendingPiece | None
+        self,
+        sector: SectorRef,
+        existing: list[int],
+        size: int,
+        piece: PendingPiece | None,
+        *,
+        worker: str = "",
     ) -> Piece:
-        """AddPiece: a new sector allocates its unsealed file; later pieces go where it is."""
+        """AddPiece: a new sector allocates its unsealed file; later pieces go where it is.
+
+        `worker` pins it to that worker (the sector's `ap_worker`): it waits for that one.
+        """
         first = not self.holds(sector, FileType.UNSEALED)
         selector: Any = (
             AllocSelector(FileType.UNSEALED) if first else ExistingSelector(FileType.UNSEALED)
         )
+        if worker:
+            selector = PinnedSelector(selector, worker)
 
         async def work(job: Job) -> Piece:
             out = await self.backend.add_piece(job, existing, size, piece)

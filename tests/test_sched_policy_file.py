@@ -127,7 +127,7 @@ def test_null_cap_means_no_cap() -> None:
 def test_as_myscheduler_round_trips() -> None:
     policy = pol(worker_name="x", pre_commit1_max=3, disk_hold_max=9, is_plan_offline=True)
     assert parse_policy(policy.as_myscheduler()) == policy
-    assert list(MYSCHEDULER_DEFAULTS.as_myscheduler()) == [*list(DOC_FILE)[:-1], "AllowDelay"]
+    assert list(MYSCHEDULER_DEFAULTS.as_myscheduler()) == [*list(DOC_FILE), "AllowDelay"]
 
 
 @pytest.mark.parametrize(

@@ -26,12 +26,18 @@ class SectorStart(SectorEvent):
 
     id: int = 0
     sector_type: int = 0
+    #: Pin the sector's AddPiece to this worker ("" = any), for `pledge --per-worker`.
+    worker: str = ""
+    #: Created by auto-pledge (shown in `status`).
+    auto: bool = False
 
     def apply(self, info: SectorInfo, now: float) -> None:
-        """Set number and proof type."""
+        """Set number, proof type and the AddPiece pin."""
         info.number = self.id
         info.sector_type = self.sector_type
         info.sector_size = sector_size_of(self.sector_type)
+        info.ap_worker = self.worker
+        info.auto_pledged = self.auto
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,12 +46,18 @@ class SectorStartCC(SectorEvent):
 
     id: int = 0
     sector_type: int = 0
+    #: Pin the sector's AddPiece to this worker ("" = any), for `pledge --per-worker`.
+    worker: str = ""
+    #: Created by auto-pledge (shown in `status`).
+    auto: bool = False
 
     def apply(self, info: SectorInfo, now: float) -> None:
-        """Set number and proof type."""
+        """Set number, proof type and the AddPiece pin."""
         info.number = self.id
         info.sector_type = self.sector_type
         info.sector_size = sector_size_of(self.sector_type)
+        info.ap_worker = self.worker
+        info.auto_pledged = self.auto
 
 
 @dataclass(frozen=True, slots=True)

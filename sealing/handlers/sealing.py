@@ -189,7 +189,7 @@ async def handle_packing(s: Sealing, ctx: Context, info: SectorInfo) -> None:
     ref = s.ref(info)
     existing = [p.size for p in info.pieces]
     for size in fillers_from_rem(rem):
-        filler = await s.sealer.add_piece(ref, existing, size, None)
+        filler = await s.sealer.add_piece(ref, existing, size, None, worker=info.ap_worker)
         if filler.piece_cid != commp.zero_piece_cid(size):
             raise CheckError(f"filler of {size} bytes has CommP {filler.piece_cid}")
         fillers.append(filler)

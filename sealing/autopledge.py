@@ -1,0 +1,350 @@
+"""Pledge tools and auto-pledge: myScheduler's `mypledge`, `mypledgeonce` and `AutoPledgeDiff`.
+
+Free AddPiece slots (`ap_slots`), for `sectors pledge --fill`: over the workers that do AP,
+are enabled, not draining (IsPlanOffline) and not over their disk quota (DiskHoldMax,
+APDiskHoldMax), a worker's free slots are its `AddPieceMax` minus the AP work held there
+(assigned, preparing or running) or queued pinned to it. A worker without a cap (no policy
+file, or `AddPieceMax: null`) counts how many more APs its ledger admits (CPU, memory).
+
+Auto-pledge (`AutoPledger`), the rule the seed leaves undefined:
+
+- A worker takes part when its policy has `AutoPledgeDiff: N` with N > 0 and a numeric
+  `PreCommit1Max: P` > 0, and `[sealing] auto_pledge` is on (the default).
+- Its pipeline in flight is its AP + PC1 tasks held or queued pinned to it, plus the CC
+  sectors pinned to it that have not reached the scheduler yet.
+- When `P - in_flight > N`, the engine pledges `P - in_flight` CC sectors pinned to it
+  (back to full), as many as MaxSealingSectors allows (the log says when it stopped them).
+- It never pledges for a worker that is disabled, draining, has AP disabled
+  (`AddPieceMax: 0`) or is over its disk quota.
+- The rule is evaluated after every scheduling cycle, at most once per event-loop turn: a
+  task released, a worker added, enabled or with a reloaded policy all run a cycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..fsm.codec import packb, unpackb
+from ..sched import Scheduler, TaskType, resource_spec
+from ..sched.rules import disk_units
+from .states import SectorState
+
+if TYPE_CHECKING:
+    from ..fsm import LmdbStore, StateGroup
+    from ..sched.workers import Worker
+    from .info import SectorInfo
+    from .input import SectorInput
+
+log = logging.getLogger("sectorfsm.sealing")
+
+#: `meta` key of the auto-pledge state per worker, for `sectors workers` in another process.
+META_AUTOPLEDGE = b"sealing/autopledge"
+#: A worker without an AddPieceMax is never counted for more APs than this.
+RESOURCE_ROOM_LIMIT = 64
+_AP = frozenset({TaskType.ADD_PIECE})
+_AP_PC1 = frozenset({TaskType.ADD_PIECE, TaskType.PRE_COMMIT1})
+#: States of a pinned CC sector before its AddPiece reaches the scheduler.
+_BEFORE_AP = frozenset({SectorState.UndefinedSectorState, SectorState.Packing})
+#: States in which an auto-pledged sector still counts in its worker's AP + PC1 pipeline.
+_FEEDING = frozenset(
+    {
+        SectorState.UndefinedSectorState,
+        SectorState.Packing,
+        SectorState.GetTicket,
+        SectorState.PreCommit1,
+    }
+)
+
+
+@dataclass(slots=True)
+class WorkerSlots:
+    """One AP-capable worker as `pledge --fill/--per-worker` counted it."""
+
+    worker: str
+    #: AddPieceMax (None: no cap, the worker's resources decide).
+    cap: int | None
+    #: AP work held there or queued pinned to it.
+    in_use: int
+    free: int
+    #: Why it gets nothing ("" when it takes part).
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+def _refusal(w: Worker, index: Any) -> str:
+    """Why `w` takes no new AP (disabled, draining, AP off, over its disk quota), or ""."""
+    if not w.enabled:
+        return f"disabled: {w.disabled_reason or 'disabled'}"
+    if w.watcher is None:
+        return ""
+    policy = w.policy
+    if policy.is_plan_offline:
+        return "draining (IsPlanOffline)"
+    if policy.add_piece_max == 0:
+        return "AP disabled (AddPieceMax = 0)"
+    used, ap_used = disk_units((f, True) for _, f in index.local_files(w.name))
+    if policy.disk_hold_max > 0 and used + 1 > policy.disk_hold_max:
+        return f"over disk quota: {used}+1 > {policy.disk_hold_max} units (DiskHoldMax)"
+    if policy.ap_disk_hold_max > 0 and ap_used + 1 > policy.ap_disk_hold_max:
+        return f"over disk quota: {ap_used}+1 > {policy.ap_disk_hold_max} units (APDiskHoldMax)"
+    return ""
+
+
+def _resource_room(w: Worker, sector_size: int) -> int:
+    """How many more APs the worker's ledger admits (no cap: its resources decide)."""
+    need = resource_spec(TaskType.ADD_PIECE, sector_size, w.spec.overrides)
+    ledger = copy.deepcopy(w.ledger)
+    room = 0
+    while room < RESOURCE_ROOM_LIMIT and ledger.refusal(TaskType.ADD_PIECE, need) is None:
+        ledger.add(-1 - room, TaskType.ADD_PIECE, need)
+        room += 1
+    return room
+
+
+def waiting_pins(group: StateGroup[SectorInfo], seen: set[int]) -> Counter[str]:
+    """Pinned CC sectors per worker whose AddPiece is not in the scheduler yet (a live scan)."""
+    out: Counter[str] = Counter()
+    for n, info in group.records.list_live(on_error=lambda *_: None):
+        if info.ap_worker and info.state in _BEFORE_AP and int(n) not in seen:
+            out[info.ap_worker] += 1
+    return out
+
+
+def ap_slots(
+    sched: Scheduler, sector_size: int, group: StateGroup[SectorInfo] | None = None
+) -> list[WorkerSlots]:
+    """Free AddPiece slots per AP-capable worker (see the module docstring).
+
+    With `group`, pinned sectors that have not reached the scheduler yet count as queued.
+    """
+    held: Counter[str] = Counter()
+    queued: Counter[str] = Counter()
+    seen = set()
+    for sector, _, worker, is_held in sched.tasks_of(_AP):
+        seen.add(sector.number)
+        if worker is not None:
+            (held if is_held else queued)[worker] += 1
+    if group is not None:
+        queued.update(waiting_pins(group, seen))
+    out = []
+    for w in sched.workers_for(TaskType.ADD_PIECE):
+        in_use = held[w.name] + queued[w.name]
+        cap = w.policy.add_piece_max if w.watcher is not None else None
+        note = _refusal(w, sched.index)
+        if note:
+            free = 0
+        elif cap is None:
+            free = max(0, _resource_room(w, sector_size) - queued[w.name])
+        else:
+            free = max(0, cap - in_use)
+        out.append(WorkerSlots(w.name, cap, in_use, free, note))
+    return out
+
+
+def sealing_headroom(group: StateGroup[SectorInfo], limit: int) -> int | None:
+    """How many more sectors MaxSealingSectors allows (None: no limit)."""
+    if limit <= 0:
+        return None
+    return max(0, limit - len(group.records.live_ids()))
+
+
+@dataclass(slots=True)
+class PledgePlan:
+    """What `pledge --fill/--per-worker` counted per worker, and the sectors it created."""
+
+    mode: str  # "fill" or "per-worker"
+    slots: list[WorkerSlots]
+    #: Sectors per worker the count asked for, and those MaxSealingSectors let through.
+    wanted: dict[str, int]
+    granted: dict[str, int]
+    #: Why fewer than wanted were created ("" when all were).
+    stopped: str = ""
+    sectors: list[int] = field(default_factory=list)
+    dry_run: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+def plan_pledge(
+    sched: Scheduler, group: StateGroup[SectorInfo], limit: int, sector_size: int, mode: str
+) -> PledgePlan:
+    """Count for `pledge --fill` (free AP slots) or `--per-worker` (one per eligible worker)."""
+    if mode not in ("fill", "per-worker"):
+        raise ValueError(f"pledge mode must be 'fill' or 'per-worker', not {mode!r}")
+    slots = ap_slots(sched, sector_size, group)
+    if mode == "fill":
+        wanted = {s.worker: s.free for s in slots if s.free > 0}
+    else:
+        wanted = {s.worker: 1 for s in slots if not s.note}
+    headroom = sealing_headroom(group, limit)
+    granted: dict[str, int] = {}
+    left = headroom
+    for name, n in wanted.items():
+        take = n if left is None else min(n, left)
+        if take > 0:
+            granted[name] = take
+        if left is not None:
+            left -= take
+    total, made = sum(wanted.values()), sum(granted.values())
+    stopped = ""
+    if made < total:
+        stopped = (
+            f"MaxSealingSectors ({limit}) stopped it at {made} of {total} sector(s) "
+            f"({limit - (headroom or 0)} sealing)"
+        )
+    return PledgePlan(mode, slots, wanted, granted, stopped)
+
+
+def execute_plan(plan: PledgePlan, sector_input: SectorInput) -> list[asyncio.Future[None]]:
+    """Create the plan's sectors, each pinned to its worker; returns their durability."""
+    futures = []
+    for name, n in plan.granted.items():
+        for number, durable in sector_input.new_cc_sectors(n, worker=name):
+            plan.sectors.append(number)
+            futures.append(durable)
+    return futures
+
+
+def _swallow(fut: asyncio.Future[None]) -> None:
+    # The pledge is staged; a failed commit stops the engine and is reported there.
+    if not fut.cancelled():
+        fut.exception()
+
+
+class AutoPledger:
+    """Keeps each `AutoPledgeDiff` worker's AP + PC1 pipeline fed (rule: module docstring)."""
+
+    def __init__(
+        self,
+        sched: Scheduler,
+        sector_input: SectorInput,
+        store: LmdbStore,
+        *,
+        enabled: bool,
+    ) -> None:
+        self.sched = sched
+        self.input = sector_input
+        self.store = store
+        self.enabled = enabled
+        #: CC sectors pledged here whose AddPiece is not in the scheduler yet: number -> worker.
+        self._pending: dict[int, str] = {}
+        self._due = False
+        self._running = False
+        self._state: dict[str, dict[str, Any]] = {}
+        #: Sectors created, for tests and the log.
+        self.pledged = 0
+
+    def start(self) -> None:
+        """Evaluate after every scheduling cycle from now on (and once now)."""
+        self._running = True
+        self.sched.add_cycle_listener(self._cycle_done)
+        self._cycle_done()
+
+    def stop(self) -> None:
+        """Stop pledging (the scheduler keeps the listener, which then does nothing)."""
+        self._running = False
+
+    def _cycle_done(self) -> None:
+        if self._running and not self._due:
+            self._due = True
+            asyncio.get_running_loop().call_soon(self._run)
+
+    def _run(self) -> None:
+        self._due = False
+        if not self._running:
+            return
+        try:
+            self.evaluate()
+        except Exception:
+            log.exception("auto-pledge")
+
+    def state(self) -> dict[str, dict[str, Any]]:
+        """Per worker: diff, PC1 cap, in flight, whether it is active, and why not."""
+        return dict(self._state)
+
+    def evaluate(self) -> int:
+        """Apply the rule once to every worker; returns how many sectors it pledged."""
+        flight = self._in_flight()
+        state: dict[str, dict[str, Any]] = {}
+        limit = self.input.config.max_sealing_sectors
+        headroom = sealing_headroom(self.input.group, limit)
+        made = 0
+        for w in self.sched.workers_for(TaskType.ADD_PIECE):
+            diff = w.policy.auto_pledge_diff if w.watcher is not None else 0
+            if diff <= 0:
+                continue
+            cap = w.policy.pre_commit1_max
+            now = flight[w.name]
+            entry: dict[str, Any] = {"diff": diff, "pc1_max": cap, "in_flight": now}
+            state[w.name] = entry
+            note = _refusal(w, self.sched.index)
+            if not self.enabled:
+                note = "off ([sealing] auto_pledge = false)"
+            elif not note and not cap:
+                note = "needs a PreCommit1Max > 0"
+            entry["note"] = note
+            entry["active"] = not note
+            if note or cap is None or cap - now <= diff:
+                continue
+            want = cap - now
+            if headroom is not None and want > headroom:
+                log.info(
+                    "auto-pledge for %s: MaxSealingSectors stops it at %d of %d sector(s)",
+                    w.name,
+                    headroom,
+                    want,
+                )
+                entry["note"] = (
+                    f"stopped by MaxSealingSectors ({self.input.config.max_sealing_sectors})"
+                )
+                want = headroom
+            if want <= 0:
+                continue
+            for n, durable in self.input.new_cc_sectors(want, worker=w.name, auto=True):
+                durable.add_done_callback(_swallow)
+                self._pending[n] = w.name
+            if headroom is not None:
+                headroom -= want
+            made += want
+            entry["in_flight"] = now + want
+            log.info("auto-pledge: %d CC sector(s) for %s", want, w.name)
+        self.pledged += made
+        if state != self._state:
+            self._state = state
+            self.store.committer.put("meta", META_AUTOPLEDGE, packb(state))
+        return made
+
+    def _in_flight(self) -> Counter[str]:
+        """AP + PC1 held or queued pinned per worker, plus pledged sectors between tasks."""
+        flight: Counter[str] = Counter()
+        seen = set()
+        for sector, _, worker, _ in self.sched.tasks_of(_AP_PC1):
+            seen.add(sector.number)
+            if worker is not None:
+                flight[worker] += 1
+        for n, worker in list(self._pending.items()):
+            info = self.input.group.get(n)
+            # None: its first event is staged, not yet durable.
+            if info is not None and info.state not in _FEEDING:
+                del self._pending[n]  # past PC1, failed or removed: no longer this rule's
+            elif n not in seen:
+                flight[worker] += 1  # between tasks (before AP, or AP done and PC1 not queued)
+        return flight
+
+
+def load_state(store: LmdbStore) -> dict[str, dict[str, Any]]:
+    """The auto-pledge state the engine last published (empty before any)."""
+    with store.read() as txn:
+        raw = txn.get(META_AUTOPLEDGE, db=store.db("meta"))
+    data = unpackb(raw) if raw is not None else {}
+    return data if isinstance(data, dict) else {}

@@ -1,0 +1,128 @@
+"""`pledge --fill/--per-worker` (myScheduler's `mypledge`/`mypledgeonce`) from Python and the CLI.
+
+Each test runs a sim miner on the virtual clock with workers whose myscheduler.json caps AP.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sealtools import miner, run
+
+from sectorfsm.sched import FileType, SectorRef
+from sectorfsm.sealing.backends.sim import sim_worker
+from sectorfsm.sealing.miner import Miner
+
+#: Every stage open; PC1 stays where AP wrote the unsealed file, so the file shows where AP ran.
+OPEN: dict[str, Any] = {
+    "AddPieceMax": None,
+    "PreCommit1Max": None,
+    "PreCommit2Max": None,
+    "Commit2Max": None,
+    "ForceP1FromLocalAP": True,
+    "ForceP2FromLocalP1": False,
+    "AllowDelay": 0,
+}
+
+
+def workers(tmp_path: Path, **policies: dict[str, Any]) -> list[Any]:
+    """Sim workers named after the keywords, each with its own policy file."""
+    out = []
+    for name, policy in policies.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({**OPEN, **policy}))
+        spec = sim_worker(name)
+        spec.policy_file = path
+        out.append(spec)
+    return out
+
+
+def ap_worker(m: Miner, n: int) -> set[str]:
+    """Where the sector's unsealed file (written by AddPiece) is."""
+    return m.sched.index.holders(SectorRef(m.miner_id, n, m.sector_size), FileType.UNSEALED)
+
+
+def test_fill_counts_free_ap_slots_per_worker_and_pins_each_sector(tmp_path: Path) -> None:
+    specs = workers(
+        tmp_path,
+        a={"AddPieceMax": 3},
+        b={"AddPieceMax": 2},
+        off={"AddPieceMax": 4, "IsPlanOffline": True},
+        noap={"AddPieceMax": 0},
+    )
+
+    async def main() -> None:
+        async with miner(tmp_path, workers=specs) as m:
+            dry = await m.pledge_fill(dry_run=True)
+            free = {s.worker: (s.free, s.note) for s in dry.slots}
+            assert free == {
+                "a": (3, ""),
+                "b": (2, ""),
+                "off": (0, "draining (IsPlanOffline)"),
+                "noap": (0, "AP disabled (AddPieceMax = 0)"),
+            }
+            assert dry.sectors == [] and list(m.list()) == []
+
+            plan = await m.pledge_fill()
+            assert plan.granted == {"a": 3, "b": 2} and len(plan.sectors) == 5
+            pins = {n: m.status(n).ap_worker for n in plan.sectors}
+            assert sorted(pins.values()) == ["a", "a", "a", "b", "b"]
+            # The pledged sectors hold the slots: a second fill finds none.
+            again = await m.pledge_fill(dry_run=True)
+            assert {s.worker: s.free for s in again.slots}["a"] == 0
+            assert sum(s.free for s in again.slots) == 0
+            for n, worker in pins.items():
+                await m.wait(n, "PreCommit2", timeout=3600)
+                assert ap_worker(m, n) == {worker}
+
+    run(main)
+
+
+def test_per_worker_pins_one_sector_to_each_worker_even_when_another_is_idler(
+    tmp_path: Path,
+) -> None:
+    # `idle` has more free AP slots, so an unpinned AP would go there; the pin wins.
+    specs = workers(tmp_path, busy={"AddPieceMax": 1}, idle={"AddPieceMax": 8})
+
+    async def main() -> None:
+        async with miner(tmp_path, workers=specs) as m:
+            plan = await m.pledge_per_worker()
+            assert plan.granted == {"busy": 1, "idle": 1}
+            by_worker = {m.status(n).ap_worker: n for n in plan.sectors}
+            for worker, n in by_worker.items():
+                await m.wait(n, "PreCommit2", timeout=3600)
+                assert ap_worker(m, n) == {worker}
+
+    run(main)
+
+
+def test_fill_stops_at_max_sealing_sectors_and_says_so(tmp_path: Path) -> None:
+    specs = workers(tmp_path, a={"AddPieceMax": 3}, b={"AddPieceMax": 3})
+
+    async def main() -> None:
+        async with miner(tmp_path, workers=specs, config={"max_sealing_sectors": 4}) as m:
+            await m.pledge()
+            plan = await m.pledge_fill()
+            assert len(plan.sectors) == 3
+            assert plan.stopped.startswith("MaxSealingSectors (4) stopped it at 3 of 6")
+
+    run(main)
+
+
+def test_pin_survives_in_the_record_and_old_records_decode(tmp_path: Path) -> None:
+    from sectorfsm.sealing.info import SectorInfo
+
+    assert SectorInfo().ap_worker == "" and SectorInfo().auto_pledged is False
+    specs = workers(tmp_path, a={"AddPieceMax": 1})
+
+    async def main() -> None:
+        async with miner(tmp_path, workers=specs) as m:
+            [n] = (await m.pledge_per_worker()).sectors
+        async with miner(tmp_path, workers=specs) as m:
+            assert m.status(n).ap_worker == "a"
+            await m.wait(n, "PreCommit2", timeout=3600)
+            assert ap_worker(m, n) == {"a"}
+
+    run(main)
