@@ -216,6 +216,12 @@ def list_(
         bool,
         typer.Option("--all", "--show-removed", help="Include Removed sectors."),
     ] = False,
+    summary: Annotated[
+        bool,
+        typer.Option(
+            "--summary", help="Only the counts per state and per Lotus state group (no scan)."
+        ),
+    ] = False,
     as_json: JsonOption = False,
     repo: RepoOption = DEFAULT_REPO,
 ) -> None:
@@ -223,6 +229,35 @@ def list_(
     from ..sealing.states import SectorState
     from ..sealing.store_view import display_state, sector_records
 
+    if summary:
+        if states is not None or show_all:
+            fail("--summary counts every sector: it takes no --states or --all")
+        from ..sealing.input import stored_limit
+        from ..sealing.stats import sector_counts, sector_stats
+        from ..sealing.store_view import WAITING_FOR_ENGINE
+
+        with open_repo(repo) as store:
+            counts = sector_counts(sector_records(store, events=False))
+            limit = stored_limit(store)
+        stats = sector_stats(counts)
+        undefined = SectorState.UndefinedSectorState.name
+        named = {WAITING_FOR_ENGINE if k == undefined else k: n for k, n in counts.items()}
+        if as_json:
+            doc = {"states": named, "groups": stats.as_dict(), "max_sealing_sectors": limit}
+            typer.echo(json.dumps(doc, indent=2))
+            return
+        # Lotus's `lotus-miner info` "Sectors:" block: the total, then each state in use.
+        typer.echo(f"Sectors:\n\tTotal: {stats.total}")
+        for name, n in named.items():
+            if n:
+                typer.echo(f"\t{name}: {n}")
+        typer.echo("Groups:")
+        for name, n in stats.as_dict().items():
+            if name not in ("total", "cur_sealing"):
+                typer.echo(f"\t{name}: {n}")
+        cap = f"max {limit}" if limit > 0 else "no MaxSealingSectors"
+        typer.echo(f"\tcurSealing: {stats.cur_sealing} ({cap})")
+        return
     wanted = None if states is None else _wanted_states(states)
     hidden = 0
     from .quarantine import corrupt_sectors, row

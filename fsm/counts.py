@@ -81,8 +81,19 @@ class GroupCounts:
             add(COUNTS_DB, self.entry(new, final), 1)
 
     def add_in(self, txn: Any, state: Any, final: bool, delta: int) -> None:
-        """In write transaction `txn`: count one machine in `state` (`delta` +1 or -1)."""
-        add(txn, self.store.db(COUNTS_DB), self.entry(self.key_of(state), final), delta)
+        """In write transaction `txn`, before the record is written: count one machine.
+
+        The counts of a group with no record yet are exact by definition: the first write
+        marks them so, and readers of a repo no engine ran on need no scan either.
+        """
+        db = self.store.db(COUNTS_DB)
+        if txn.get(self.marker, db=db) is None and not self._any_record(txn):
+            txn.put(self.marker, _VERSION, db=db)
+        add(txn, db, self.entry(self.key_of(state), final), delta)
+
+    def _any_record(self, txn: Any) -> bool:
+        cur = txn.cursor(db=self.store.db("states"))
+        return bool(cur.set_range(self.marker)) and bytes(cur.key()).startswith(self.marker)
 
     def forget(self, txn: Any) -> None:
         """In `txn`: the counts are no longer exact (the engine rebuilds them)."""

@@ -302,13 +302,13 @@ class GroupRecords(Generic[S]):
             raise MachineExistsError(
                 f"{self.name} machine {machine_id!r} exists but its record is in quarantine"
             )
-        txn.put(key, record, db=self.store.db("states"))
-        if not final:
-            txn.put(key, b"", db=self.store.db("live"))
         if self.counts is not None:
             if state is None:
                 state = self.decode(record, machine_id)[0]
             self.counts.add_in(txn, state, final, 1)
+        txn.put(key, record, db=self.store.db("states"))
+        if not final:
+            txn.put(key, b"", db=self.store.db("live"))
 
     def client_send(
         self, txn: Any, machine_id: MachineId, raw: bytes, create: Callable[[], S] | None

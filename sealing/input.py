@@ -24,6 +24,7 @@ from .events import SectorAddPiece, SectorEvent, SectorStart, SectorStartCC
 from .graph import TAKES_PIECES
 from .info import DealInfo, PendingPiece, SectorInfo, aligned_end
 from .states import SectorState
+from .stats import sector_counts, sector_stats
 
 if TYPE_CHECKING:
     from .devnet import DevnetChain
@@ -58,8 +59,8 @@ def check_sealing_limit(records: GroupRecords[SectorInfo], limit: int, adding: i
     """Lotus MaxSealingSectors: `SealingLimitError` if `adding` more sectors would pass `limit`."""
     if limit <= 0:
         return
-    # Only live sectors can be sealing: read the live index, not the whole store.
-    sealing = len(records.live_ids())
+    # Lotus's curSealing, from the counts kept with every transition: no scan of the store.
+    sealing = sector_stats(sector_counts(records)).cur_sealing
     if sealing + adding > limit:
         raise SealingLimitError(f"too many sectors sealing (curSealing: {sealing}, max: {limit})")
 

@@ -65,7 +65,8 @@ from .pipeline import Sealing
 from .planner import Planner
 from .sealer import ScheduledSealer
 from .states import SectorState, parse_state
-from .store_view import GROUP
+from .stats import SectorStats, sector_counts, sector_stats
+from .store_view import GROUP, state_key
 
 log = logging.getLogger("sectorfsm.sealing")
 
@@ -125,6 +126,7 @@ class Miner:
             cancelling=(SectorRemove, SectorTerminate, SectorForceState, SectorRetryNow),
             cancels=_cancels,
             clock=clock,
+            count_by=state_key,
         )
         self.sealing.group = self.group
         self.input.attach(self.group)
@@ -318,6 +320,14 @@ class Miner:
         if info is None:
             raise UnknownSectorError(f"sector {number} not found")
         return info
+
+    def sector_counts(self) -> dict[str, int]:
+        """Sectors per state name, every SectorState present (counts kept per commit: no scan)."""
+        return sector_counts(self.group.records)
+
+    def sector_stats(self) -> SectorStats:
+        """Lotus's SectorStats: sectors per group (staging, sealing, failed, proving, removed)."""
+        return sector_stats(self.sector_counts())
 
     def status(self, number: int) -> SectorInfo:
         """The sector's persisted info; `UnknownSectorError` if there is no such sector."""

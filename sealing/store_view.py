@@ -29,6 +29,11 @@ def display_state(info: SectorInfo) -> str:
     return info.state.value
 
 
+def state_key(info: SectorInfo) -> str:
+    """The sectors' count key (`StateGroup(count_by=...)`): the stored state value."""
+    return info.state.value
+
+
 def store_path(repo: Path) -> Path:
     """Where a repo keeps its LMDB store."""
     return Path(repo) / "store"
@@ -46,7 +51,9 @@ def sector_codec(events: bool = True) -> RecordCodec[SectorInfo]:
 def sector_records(store: LmdbStore, *, events: bool = True) -> GroupRecords[SectorInfo]:
     """The sectors' records in `store`; `events=False` for readers (imports less)."""
     codec = sector_codec(events)
-    return GroupRecords(store, GROUP, codec, lambda info: info.state in DORMANT_STATES)
+    return GroupRecords(
+        store, GROUP, codec, lambda info: info.state in DORMANT_STATES, count_by=state_key
+    )
 
 
 def read_sector(repo: Path, number: int) -> SectorInfo | None:

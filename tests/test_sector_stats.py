@@ -8,6 +8,7 @@ checked at start and rebuilt when missing. The sealing side: `Miner.sector_count
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter as Tally
 from pathlib import Path
@@ -16,10 +17,19 @@ from typing import Any
 import pytest
 from conftest import run
 from fsmtoy import Add, Counter, Finish, Open, Work, make_group
+from sealtools import miner
+from test_cli_sectors import invoke
 
 from sectorfsm.fsm import LmdbStore, StateGroup
 from sectorfsm.fsm.codec import packb
 from sectorfsm.fsm.counts import COUNTS_DB
+from sectorfsm.sealing import requests
+from sectorfsm.sealing.errors import SealingLimitError
+from sectorfsm.sealing.info import SectorInfo
+from sectorfsm.sealing.input import check_sealing_limit
+from sectorfsm.sealing.states import SectorState
+from sectorfsm.sealing.stats import SectorStats, StatGroup, sector_counts, sector_stats, stat_group
+from sectorfsm.sealing.store_view import sector_records, store_path
 
 
 def by_state(st: Counter) -> str:
@@ -148,3 +158,86 @@ def test_quarantine_and_restore_keep_the_counts_exact(tmp_path: Path) -> None:
             assert stored(g) == scan(g) == {"Idle": 2, "Closed": 1}
 
     run(body)
+
+
+# -- sectors ---------------------------------------------------------------------------------
+
+DAY = 86400.0
+
+
+def test_lotus_groups_of_states() -> None:
+    assert stat_group(SectorState.WaitDeals) is StatGroup.staging
+    assert stat_group(SectorState.UndefinedSectorState) is StatGroup.staging
+    assert stat_group(SectorState.PreCommit1) is StatGroup.sealing
+    assert stat_group(SectorState.FinalizeSector) is StatGroup.sealing
+    # v1.11.3 files AddPieceFailed and every other unnamed state under failed.
+    assert stat_group(SectorState.AddPieceFailed) is StatGroup.failed
+    assert stat_group(SectorState.FailedUnrecoverable) is StatGroup.failed
+    assert stat_group(SectorState.Proving) is StatGroup.proving
+    assert stat_group(SectorState.TerminateWait) is StatGroup.proving
+    assert stat_group(SectorState.Removed) is StatGroup.removed
+    stats = sector_stats({"WaitDeals": 1, "PreCommit1": 2, "PreCommitFailed": 3, "Proving": 4})
+    assert (stats.staging, stats.sealing, stats.failed, stats.proving) == (1, 2, 3, 4)
+    assert stats.total == 10 and stats.cur_sealing == 6  # Lotus curSealing
+
+
+def test_miner_counts_match_a_scan_and_the_cli_summary(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with miner(tmp_path) as m:
+            a, b = await m.pledge(), await m.pledge()
+            await m.wait(a, "Proving", timeout=DAY)
+            await m.wait(b, "Proving", timeout=DAY)
+            counts = m.sector_counts()
+            assert set(counts) == {s.name for s in SectorState}  # every state, zeros too
+            truth = Tally(info.state.name for _, info in m.group.list())
+            assert {k: n for k, n in counts.items() if n} == dict(truth) == {"Proving": 2}
+            assert m.sector_stats() == SectorStats(0, 0, 0, 2, 0, 2)
+
+    run(body)
+    # An offline pledge (no engine) counts its WaitingForEngine sector in its own commit.
+    with LmdbStore(store_path(tmp_path / "repo")) as store:
+        assert requests.pledge_offline(store, 1) == [3]
+        records = sector_records(store, events=False)
+        counts = sector_counts(records)
+        assert counts["UndefinedSectorState"] == 1 and counts["Proving"] == 2
+    code, out = invoke(tmp_path / "repo", "list", "--summary")
+    assert code == 0, out
+    assert "Sectors:\n\tTotal: 3\n\tWaitingForEngine: 1\n\tProving: 2\n" in out
+    assert "\tstaging: 1\n" in out and "\tproving: 2\n" in out
+    assert "curSealing: 1 (no MaxSealingSectors)" in out
+    code, out = invoke(tmp_path / "repo", "list", "--summary", "--json")
+    doc = json.loads(out)
+    assert doc["states"]["WaitingForEngine"] == 1 and doc["states"]["PreCommit1"] == 0
+    assert doc["groups"] == {
+        "staging": 1,
+        "sealing": 0,
+        "failed": 0,
+        "proving": 2,
+        "removed": 0,
+        "total": 3,
+        "cur_sealing": 1,
+    }
+    code, out = invoke(tmp_path / "repo", "list", "--summary", "--states", "Proving")
+    assert code != 0 and "takes no --states" in out and "Traceback" not in out
+
+
+def test_the_sealing_limit_reads_the_counts_not_the_store(tmp_path: Path) -> None:
+    with LmdbStore(tmp_path / "store") as store:
+        records = sector_records(store)
+        for n in (1, 2):  # two sectors pledged offline, waiting for the engine (staging)
+            info = SectorInfo(number=n)
+            record = records.encode(info, False, None)
+            store.write(
+                lambda txn, n=n, info=info, record=record: records.client_begin(
+                    txn, n, records.key(n), record, False, info
+                )
+            )
+
+        def no_scan(*_: object, **__: object) -> Any:
+            raise AssertionError("MaxSealingSectors must not scan the sectors")
+
+        records.live_ids = no_scan  # type: ignore[method-assign]
+        records.list = no_scan  # type: ignore[method-assign]
+        check_sealing_limit(records, 3, 1)
+        with pytest.raises(SealingLimitError, match=r"curSealing: 2, max: 3"):
+            check_sealing_limit(records, 3, 2)
