@@ -47,6 +47,11 @@ EXPECTED = {
         "wrote svg statechart to lifecycle.svg",
     ],
     "Embedding: `sectorfsm.Miner`": ["Proving 1 True"],
+    "Monitoring": [
+        "metrics: http://127.0.0.1:",
+        "all 2 sector(s) are Proving",
+        'sectorfsm_sectors{state="Proving"} 1.0',
+    ],
     "The engine (`sectorfsm.fsm`)": ["Order(state='Done', paid=10)"],
     "The scheduler (`sectorfsm.sched`)": [
         "PC1 s-t01000-2 {'pc1-box': 'needs 56 GiB RAM",
