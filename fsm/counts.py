@@ -205,7 +205,8 @@ class GroupCounts:
         self._replace(txn, db, self._live, old_live, dict(live))
         self._replace(txn, db, self._final, old_final, dict(final))
         txn.put(self.marker, _VERSION, db=db)
-        return f"counts rebuilt from a scan of {sum(live.values()) + sum(final.values())} records"
+        scanned = sum(live.values()) + sum(final.values())
+        return f"counts rebuilt from a scan of {scanned} records" if scanned else "ok"
 
     def _raw_half(self, txn: Any, db: Any, prefix: bytes) -> dict[str, int]:
         from .records import scan

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import random
 from collections import Counter as Tally
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import run
+from conftest import Child, Spawner, run
 from fsmtoy import Add, Counter, Finish, Open, Work, make_group
 from sealtools import miner
 from test_cli_sectors import invoke
+from test_crash import load_domain
 
 from sectorfsm.fsm import LmdbStore, StateGroup
 from sectorfsm.fsm.codec import packb
@@ -241,3 +244,123 @@ def test_the_sealing_limit_reads_the_counts_not_the_store(tmp_path: Path) -> Non
         check_sealing_limit(records, 3, 1)
         with pytest.raises(SealingLimitError, match=r"curSealing: 2, max: 3"):
             check_sealing_limit(records, 3, 2)
+
+
+# -- crashes ---------------------------------------------------------------------------------
+
+CHILD = r'''
+"""Child of tests/test_sector_stats.py: an engine (or a client) moving boxes between states."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import sys
+from dataclasses import dataclass
+
+from sectorfsm.fsm import LmdbStore, StateGroup
+
+STATES = ["New", "A", "B", "C", "Done"]
+
+
+@dataclass(slots=True)
+class Box:
+    state: str = "New"
+    moves: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    to: str
+
+
+def planner(events: list[object], st: Box) -> tuple[None, int]:
+    for ev in events:
+        if isinstance(ev, Move):
+            st.state = ev.to
+            st.moves += 1
+    return None, len(events)
+
+
+def make_group(store: LmdbStore) -> StateGroup[Box]:
+    return StateGroup(store, "box", planner, Box, events=[Move], creating=[Move],
+                      final=lambda st: st.state == "Done", count_by=lambda st: st.state,
+                      poll_interval=0.02)
+
+
+async def main(mode: str, repo: str, seed: int) -> None:
+    logging.basicConfig(stream=sys.stdout, level=logging.WARNING, format="LOG %(message)s")
+    rng = random.Random(seed)
+    store = LmdbStore(repo)
+    group = make_group(store)
+    if mode != "client":
+        await group.start()
+    print("ready", flush=True)
+    if mode == "clean":
+        await group.idle()
+        await group.stop()
+        store.close()
+        print("done", flush=True)
+        return
+    # Engine: boxes 0-299 (new ones created by their first Move); client: boxes from 1000.
+    base, span = (0, 300) if mode == "engine" else (1000, 100)
+    sent = 0
+
+    async def sender() -> None:
+        nonlocal sent
+        while True:
+            await group.send(base + rng.randrange(span), Move(rng.choice(STATES)))
+            sent += 1
+            if sent % 100 == 0:
+                print(f"sent {sent}", flush=True)
+
+    await asyncio.wait_for(asyncio.gather(*(sender() for _ in range(8))), 120)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+'''
+
+
+def counts_and_scan(script: Path, repo: Path) -> tuple[dict[str, int] | None, dict[str, int]]:
+    """The stored counts and a full scan of the boxes, read in this process (no engine)."""
+    domain = load_domain(script)
+    with LmdbStore(repo) as store:
+        group = domain.make_group(store)
+        scanned = dict(Tally(st.state for _, st in group.list()))
+        return group.records.counts.read(), scanned
+
+
+def test_counts_equal_a_full_scan_after_random_kill_9s(spawn: Spawner, tmp_path: Path) -> None:
+    seed = int(os.environ.get("CRASH_SEED") or random.randrange(2**32))
+    rng = random.Random(seed)
+    script = tmp_path / "counts_child.py"
+    script.write_text(CHILD)
+    repo = tmp_path / "repo"
+
+    def child(mode: str, n: int) -> Child:
+        return spawn.python(script, mode, repo, str(seed + n), name=mode, cwd=tmp_path)
+
+    engines = []
+    for n in range(5):
+        engine = child("engine", n)
+        engine.wait_for_line(r"^ready$")
+        engines.append(engine)
+        client = child("client", 100 + n) if n % 2 else None
+        if client is not None:
+            client.wait_for_line(r"^ready$")
+        # Killed at a random point of the work: after 100-600 acknowledged sends.
+        engine.wait_for_line(rf"^sent {rng.randrange(1, 7) * 100}$")
+        engine.kill()
+        if client is not None:
+            client.kill()
+        stored_counts, scanned = counts_and_scan(script, repo)
+        assert stored_counts == scanned, f"after kill {n} (CRASH_SEED={seed})"
+    clean = child("clean", 99)
+    assert clean.finish() == 0 and clean.output().endswith("done\n"), clean.describe()
+    # No start ever found a count to repair: they never drifted.
+    for proc in [*engines, clean]:
+        assert "LOG" not in proc.output(), f"{proc.describe()} (CRASH_SEED={seed})"
+    stored_counts, scanned = counts_and_scan(script, repo)
+    assert stored_counts == scanned and sum(scanned.values()) > 100, f"CRASH_SEED={seed}"
