@@ -120,6 +120,8 @@ def status_dict(info: SectorInfo) -> dict[str, Any]:
         "retries_spent": info.retries,
         "retry_at": info.retry_at or None,
         "unrecoverable_from": info.unrecoverable_from or None,
+        "ap_worker": info.ap_worker or None,
+        "auto_pledged": info.auto_pledged,
         "log": [
             {"timestamp": e.timestamp, "kind": e.kind, "message": e.message, "trace": e.trace}
             for e in info.log
@@ -162,6 +164,10 @@ def status(
         lines.append(f"Next retry:\t{_go_time(int(info.retry_at))} (retry {info.retries + 1})")
     if info.unrecoverable_from:
         lines.append(f"Gave up in:\t{info.unrecoverable_from} (`sectors retry` resumes it)")
+    if info.auto_pledged:
+        lines.append(f"Pledged:\tauto-pledge for worker {info.ap_worker}")
+    elif info.ap_worker:
+        lines.append(f"AddPiece on:\t{info.ap_worker} (pinned)")
     if log:
         lines.append("--------\nEvent Log:")
         for i, e in enumerate(info.log):
@@ -414,16 +420,82 @@ def _unanswered(store: LmdbStore) -> str:
     return "the engine stopped before answering: the next `sectors run` executes it"
 
 
+#: `pledge --fill/--per-worker` count the engine's live scheduler: without one, nothing to count.
+NEEDS_ENGINE = (
+    "--fill and --per-worker count the running engine's free AddPiece slots: "
+    "start `sectors run` first (nothing was pledged)"
+)
+
+
+def _print_plan(plan: dict[str, Any]) -> None:
+    """What a fill/per-worker pledge counted per worker, what it created, and what stopped it."""
+    for s in plan["slots"]:
+        cap = "no cap" if s["cap"] is None else f"AddPieceMax {s['cap']}"
+        wanted = plan["wanted"].get(s["worker"], 0)
+        line = f"{s['worker']}: {cap}, AP in use {s['in_use']}, free {s['free']}, pledge {wanted}"
+        typer.echo(line + (f" ({s['note']})" if s["note"] else ""))
+    if plan["stopped"]:
+        typer.echo(f"stopped: {plan['stopped']}")
+    if plan["dry_run"]:
+        typer.echo(f"dry run: would pledge {sum(plan['granted'].values())} sector(s)")
+        return
+    pins = [w for w, n in plan["granted"].items() for _ in range(n)]
+    for n, worker in zip(plan["sectors"], pins, strict=True):
+        typer.echo(f"Created CC sector: {n} (AddPiece pinned to {worker})")
+
+
+def _pledge_plan(store: LmdbStore, mode: str, dry_run: bool, as_json: bool) -> None:
+    """Queue a fill/per-worker pledge for the running engine and print its answer."""
+    from ..sealing import requests
+
+    if not store.engine_locked_elsewhere():
+        fail(NEEDS_ENGINE)
+    rid = requests.submit(store, {"op": "pledge_plan", "mode": mode, "dry_run": dry_run})
+    result = _wait_result(store, rid)
+    if result is None:
+        typer.echo(f"queued a {mode} pledge; {_unanswered(store)}")
+        return
+    if "error" in result:
+        fail(result["error"])
+    if as_json:
+        typer.echo(json.dumps(result["plan"], indent=2))
+    else:
+        _print_plan(result["plan"])
+
+
 def pledge(
     count: Annotated[int, typer.Option("--count", "-n", min=1, max=10_000)] = 1,
+    fill: Annotated[
+        bool, typer.Option("--fill", help="One CC sector per free AP slot (mypledge).")
+    ] = False,
+    per_worker: Annotated[
+        bool,
+        typer.Option("--per-worker", help="One CC sector per AP worker, pinned (mypledgeonce)."),
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="With --fill/--per-worker: only print the count.")
+    ] = False,
+    as_json: JsonOption = False,
     repo: RepoOption = DEFAULT_REPO,
 ) -> None:
-    """Create committed-capacity sectors (durable even when no engine is running)."""
+    """Create committed-capacity sectors (durable even when no engine is running).
+
+    --fill and --per-worker need a running engine: they count its scheduler's free slots.
+    """
     from ..fsm import StoreError
     from ..sealing import requests
     from ..sealing.store_view import WAITING_FOR_ENGINE
 
+    if fill and per_worker:
+        fail("--fill and --per-worker are exclusive: pick one")
+    if dry_run and not (fill or per_worker):
+        fail("--dry-run goes with --fill or --per-worker")
+    if (fill or per_worker) and count != 1:
+        fail("--count does not go with --fill/--per-worker: they count the sectors themselves")
     with open_repo(repo, write=True) as store:
+        if fill or per_worker:
+            _pledge_plan(store, "fill" if fill else "per-worker", dry_run, as_json)
+            return
         try:
             numbers = requests.pledge_offline(store, count)
         except (ValueError, StoreError) as exc:  # StoreFullError: a full disk, nothing written

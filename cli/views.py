@@ -41,16 +41,50 @@ def _size(n: float) -> str:
     return f"{n:.1f}EiB"
 
 
+def _with_auto_pledge(repo: Any, workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each worker with the engine's auto-pledge state for it (None: AutoPledgeDiff unset)."""
+    from ..sealing.autopledge import load_state
+
+    with open_repo(repo) as store:
+        state = load_state(store)
+    return [{**w, "auto_pledge": state.get(w["name"])} for w in workers]
+
+
+def _caps(caps: dict[str, int | None]) -> str:
+    """`AP:2 PC1:4 PC2:- C2:1` (- = no cap); `-` without a policy."""
+    return " ".join(f"{k}:{'-' if v is None else v}" for k, v in caps.items()) or "-"
+
+
+def _auto(state: dict[str, Any] | None) -> str:
+    if state is None:
+        return "-"
+    head = f"diff {state['diff']}, {state['in_flight']}/{state['pc1_max']} in flight"
+    return head + (f" ({state['note']})" if state.get("note") else " (active)")
+
+
 def workers(as_json: JsonOption = False, repo: RepoOption = DEFAULT_REPO) -> None:
-    """Workers with their tasks, resources in use, free space and state."""
+    """Workers with their caps, tasks in flight, resources in use, auto-pledge and state."""
     snap, age = _snapshot(repo)
+    rows = _with_auto_pledge(repo, snap["workers"])
     if as_json:
-        typer.echo(json.dumps({"age_s": round(age, 3), "workers": snap["workers"]}, indent=2))
+        typer.echo(json.dumps({"age_s": round(age, 3), "workers": rows}, indent=2))
         return
     from rich.table import Table
 
-    table = Table("Worker", "State", "Tasks", "CPU", "Memory", "GPU", "Free", "Util", box=None)
-    for w in snap["workers"]:
+    table = Table(
+        "Worker",
+        "State",
+        "Caps",
+        "Tasks",
+        "CPU",
+        "Memory",
+        "GPU",
+        "Free",
+        "Util",
+        "Auto-pledge",
+        box=None,
+    )
+    for w in rows:
         state = "[green]enabled[/]" if w["enabled"] else f"[red]disabled[/] {w['disabled_reason']}"
         if w.get("policy_error"):
             state += f" [yellow](policy: {w['policy_error']})[/]"
@@ -58,12 +92,14 @@ def workers(as_json: JsonOption = False, repo: RepoOption = DEFAULT_REPO) -> Non
         table.add_row(
             w["name"],
             state,
+            _caps(w.get("caps", {})),
             tasks,
             f"{w['cpus_used']}/{w['cpus']}",
             f"{_size(w['mem_used'])}/{_size(w['mem_physical'])}",
             f"{w['gpus_used']:g}/{w['gpus']}",
             _size(w["free_space"]),
             f"{100 * w['utilization']:.0f}%",
+            _auto(w["auto_pledge"]),
         )
     console = out_console()
     console.print(table)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..fsm.codec import packb, unpackb
 from ..fsm.store import LmdbStore
+from .rules import stage_cap
 from .storage import SectorRef, StorageIndex
 from .tasks import TaskType
 from .workers import Worker
@@ -38,6 +39,9 @@ class WorkerSnapshot(_Snapshot):
     free_space: int
     heartbeat_age_s: float
     policy_error: str | None
+    #: Stage caps of its policy ("AP", "PC1", "PC2", "C2"; None: no cap); {}: no policy.
+    caps: dict[str, int | None] = field(default_factory=dict)
+    auto_pledge_diff: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +86,12 @@ def worker_snapshot(w: Worker, index: StorageIndex, now: float) -> WorkerSnapsho
         free_space=index.free_space(w.name),
         heartbeat_age_s=round(now - w.last_heartbeat, 3),
         policy_error=w.watcher.error if w.watcher is not None else None,
+        caps={t.short: stage_cap(w.policy, t) for t in _CAPPED} if w.watcher is not None else {},
+        auto_pledge_diff=w.policy.auto_pledge_diff,
     )
+
+
+_CAPPED = (TaskType.ADD_PIECE, TaskType.PRE_COMMIT1, TaskType.PRE_COMMIT2, TaskType.COMMIT2)
 
 
 def job_snapshot(

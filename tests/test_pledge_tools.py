@@ -6,9 +6,13 @@ Each test runs a sim miner on the virtual clock with workers whose myscheduler.j
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+from conftest import Spawner, until
 from sealtools import miner, run
 
 from sectorfsm.sched import FileType, SectorRef
@@ -126,3 +130,76 @@ def test_pin_survives_in_the_record_and_old_records_decode(tmp_path: Path) -> No
             assert ap_worker(m, n) == {"a"}
 
     run(main)
+
+
+# --- the CLI, against a running daemon -------------------------------------------------------
+
+CONFIG = """\
+[miner]
+sealer = "sim"
+block_time = 0.1
+
+[sealing]
+auto_pledge = true
+
+[[workers]]
+name = "w1"
+cpus = 8
+memory = "16GiB"
+policy = "myscheduler.json"
+
+[[workers.paths]]
+id = "w1-ssd"
+capacity = "1TiB"
+seal = true
+store = true
+"""
+
+
+def _cli(spawn: Spawner, repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "SECTORFSM_REPO": str(repo), "COLUMNS": "200"}
+    return spawn.run([sys.executable, "-m", "sectorfsm", *args], env=env)
+
+
+def test_cli_fill_needs_an_engine_then_counts_and_pins(spawn: Spawner, tmp_path: Path) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text(CONFIG)
+    # PC1 held, so sector 1 leaves its AP slot and stays: the count below is deterministic.
+    (tmp_path / "myscheduler.json").write_text(
+        json.dumps({**OPEN, "AddPieceMax": 2, "PreCommit1Max": 0})
+    )
+    repo = tmp_path / "repo"
+    init = _cli(spawn, repo, "init", "--config", str(config))
+    assert init.returncode == 0, init.stderr
+    refused = _cli(spawn, repo, "pledge", "--fill")
+    assert refused.returncode != 0 and "start `sectors run` first" in refused.stderr
+    assert "nothing was pledged" in refused.stderr
+    assert _cli(spawn, repo, "pledge", "--fill", "--per-worker").returncode != 0
+
+    env = {**os.environ, "SECTORFSM_REPO": str(repo), "COLUMNS": "200"}
+    daemon = spawn.python("-m", "sectorfsm", "run", "--config", config, "--pledge", "1", env=env)
+    try:
+        daemon.wait_for_line(r"sector 1: .*-> PreCommit1\b", anywhere=True)
+        dry = _cli(spawn, repo, "pledge", "--fill", "--dry-run")
+        assert dry.returncode == 0, dry.stderr
+        assert "w1: AddPieceMax 2, AP in use 0, free 2, pledge 2" in dry.stdout
+        assert "dry run: would pledge 2 sector(s)" in dry.stdout
+        done = _cli(spawn, repo, "pledge", "--fill", "--json")
+        plan = json.loads(done.stdout)
+        assert plan["granted"] == {"w1": 2} and plan["sectors"] == [2, 3]
+        status = _cli(spawn, repo, "status", "2")
+        assert "AddPiece on:\tw1 (pinned)" in status.stdout, status.stdout
+        until(lambda: _workers(spawn, repo).get("caps"), "caps in the workers snapshot")
+        w1 = _workers(spawn, repo)
+        assert w1["caps"] == {"AP": 2, "PC1": 0, "PC2": None, "C2": None}
+        assert w1["auto_pledge"] is None  # no AutoPledgeDiff
+        daemon.interrupt()
+        assert daemon.finish() == 0, daemon.describe()
+    finally:
+        daemon.kill_group()
+
+
+def _workers(spawn: Spawner, repo: Path) -> dict[str, Any]:
+    out = _cli(spawn, repo, "workers", "--json")
+    [w1] = json.loads(out.stdout)["workers"]
+    return w1  # type: ignore[no-any-return]

@@ -1,0 +1,127 @@
+"""Auto-pledge (`AutoPledgeDiff`) on the virtual clock: kept fed, MaxSealingSectors, draining.
+
+Each test waits on what it checks (the pledger's count, a sector's state), never on time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+from sealtools import miner, run
+
+from sectorfsm.sealing.backends.sim import sim_worker
+from sectorfsm.sealing.miner import Miner
+from sectorfsm.sealing.states import SectorState
+
+OPEN: dict[str, Any] = {
+    "AddPieceMax": None,
+    "PreCommit1Max": None,
+    "PreCommit2Max": None,
+    "Commit2Max": None,
+    "ForceP1FromLocalAP": True,
+    "ForceP2FromLocalP1": False,
+    "AllowDelay": 0,
+}
+#: An auto-pledged sector still counts in its worker's AP + PC1 pipeline in these states.
+FEEDING = {
+    SectorState.UndefinedSectorState,
+    SectorState.Packing,
+    SectorState.GetTicket,
+    SectorState.PreCommit1,
+}
+
+
+def policy_file(tmp_path: Path, **policy: Any) -> Path:
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps({**OPEN, **policy}))
+    return path
+
+
+def worker(path: Path) -> Any:
+    spec = sim_worker("a")
+    spec.policy_file = path
+    return spec
+
+
+async def pledged(m: Miner, count: int) -> None:
+    """Wait, state change by state change, until auto-pledge has made `count` durable sectors."""
+    sub = m.subscribe()
+    try:
+        for _ in range(10_000):  # hang guard, in state changes
+            if len(auto_sectors(m)) >= count:
+                return
+            await asyncio.wait_for(anext(sub), timeout=60)
+        raise AssertionError(f"auto-pledge made {m.autopledge.pledged}, not {count}")
+    finally:
+        sub.close()
+
+
+def auto_sectors(m: Miner) -> list[Any]:
+    return [info for info in m.list() if info.auto_pledged]
+
+
+def test_keeps_the_worker_fed_to_pc1_max(tmp_path: Path) -> None:
+    path = policy_file(tmp_path, PreCommit1Max=3, AutoPledgeDiff=1)
+
+    async def main() -> None:
+        async with miner(tmp_path, workers=[worker(path)]) as m:
+            await pledged(m, 3)
+            first = auto_sectors(m)
+            assert [(i.ap_worker, i.auto_pledged) for i in first] == [("a", True)] * 3
+            assert m.autopledge.state()["a"]["in_flight"] == 3
+            assert m.autopledge.pledged == 3  # full: nothing more until work leaves PC1
+            # Two sectors leaving PC1 put it 2 below PreCommit1Max (more than 1): it refills
+            # back to 3, and never goes past it.
+            await pledged(m, 5)
+            feeding = [i for i in auto_sectors(m) if i.state in FEEDING]
+            assert len(feeding) == 3
+            assert sum(m.status(i.number).state not in FEEDING for i in first) >= 2
+
+    run(main)
+
+
+def test_stops_at_max_sealing_sectors(tmp_path: Path) -> None:
+    path = policy_file(tmp_path, PreCommit1Max=4, AutoPledgeDiff=1)
+
+    async def main() -> None:
+        config = {"max_sealing_sectors": 2}
+        async with miner(tmp_path, workers=[worker(path)], config=config) as m:
+            await pledged(m, 2)
+            assert len(auto_sectors(m)) == 2
+            state = m.autopledge.state()["a"]
+            assert state["note"] == "stopped by MaxSealingSectors (2)"
+            assert m.autopledge.evaluate() == 0  # the limit still holds it
+
+    run(main)
+
+
+def test_pauses_while_draining_and_resumes(tmp_path: Path) -> None:
+    path = policy_file(tmp_path, PreCommit1Max=2, AutoPledgeDiff=1, IsPlanOffline=True)
+
+    async def main() -> None:
+        async with miner(tmp_path, workers=[worker(path)]) as m:
+            assert m.autopledge.evaluate() == 0
+            assert m.autopledge.state()["a"]["note"] == "draining (IsPlanOffline)"
+            assert auto_sectors(m) == []
+            path.write_text(json.dumps({**OPEN, "PreCommit1Max": 2, "AutoPledgeDiff": 1}))
+            m.sched.check_workers()  # the policy reload runs a cycle, which re-evaluates
+            await pledged(m, 2)
+            assert [i.ap_worker for i in auto_sectors(m)] == ["a", "a"]
+            assert m.autopledge.state()["a"]["active"] is True
+
+    run(main)
+
+
+def test_global_switch_off_pledges_nothing(tmp_path: Path) -> None:
+    path = policy_file(tmp_path, PreCommit1Max=2, AutoPledgeDiff=1)
+
+    async def main() -> None:
+        async with miner(tmp_path, workers=[worker(path)], config={"auto_pledge": False}) as m:
+            assert m.autopledge.evaluate() == 0
+            assert m.autopledge.state()["a"]["note"].startswith("off")
+            assert auto_sectors(m) == []
+
+    run(main)
