@@ -31,7 +31,8 @@ from .. import __version__
 from ..sched import Job, TaskType
 from .chain import Receipt
 from .notify import StateChange
-from .states import FAILED_STATES, SectorState
+from .states import FAILED_STATES
+from .stats import sector_stats
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -158,10 +159,25 @@ class _ScrapeCollector(Collector):
     def _read(self) -> list[Metric]:
         m = self._miner
         out: list[Metric] = [_build_info()]
-        sectors = GaugeMetricFamily("sectorfsm_sectors", "Sectors in each state.", labels=["state"])
-        for state, n in _sector_counts(m).items():
+        # The engine keeps these counts per commit: reading them is no scan of the sectors.
+        counts = m.sector_counts()
+        sectors = GaugeMetricFamily(
+            "sectorfsm_sectors",
+            "Sectors in each state (every state, zeros included).",
+            labels=["state"],
+        )
+        for state, n in counts.items():
             sectors.add_metric([state], n)
         out.append(sectors)
+        groups = GaugeMetricFamily(
+            "sectorfsm_sectors_in_group",
+            "Sectors per Lotus SectorStats group (staging, sealing, failed, proving, removed).",
+            labels=["group"],
+        )
+        for group, n in sector_stats(counts).as_dict().items():
+            if group not in ("total", "cur_sealing"):
+                groups.add_metric([group], n)
+        out.append(groups)
         committer = m.store.committer
         out.append(
             CounterMetricFamily(
@@ -188,17 +204,6 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
-
-
-def _sector_counts(miner: Miner) -> dict[str, int]:
-    """Sectors per state, every state present (zeros included) so graphs have no gaps."""
-    counts = {s.value: 0 for s in SectorState}
-    counter: Callable[[], dict[str, int]] | None = getattr(miner, "sector_counts", None)
-    if counter is not None:
-        counts.update({str(k): v for k, v in counter().items()})
-    else:  # (a scan: until the incremental counts are in)
-        counts.update({str(k): v for k, v in miner.group.count_by("state").items()})
-    return counts
 
 
 def _build_info() -> Metric:

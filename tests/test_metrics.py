@@ -65,8 +65,10 @@ def test_a_pledge_to_proving_shows_in_every_family(tmp_path: Path) -> None:
         assert total(got, "sectorfsm_sectors") == 2
         assert value(got, "sectorfsm_sectors", state="Proving") == 2
         assert {dict(ls)["state"] for n, ls in got if n == "sectorfsm_sectors"} == {
-            s.value for s in SectorState
+            s.name for s in SectorState
         }
+        assert value(got, "sectorfsm_sectors_in_group", group="proving") == 2
+        assert total(got, "sectorfsm_sectors_in_group") == 2
         assert total(got, "sectorfsm_sector_transitions_total", state="Proving") == 2
         assert total(got, "sectorfsm_sector_transitions_total", event="SectorStartCC") == 2
         assert total(got, "sectorfsm_sector_failures_total") == 0
