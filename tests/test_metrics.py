@@ -239,3 +239,29 @@ def test_a_port_in_use_is_one_clear_line() -> None:
     msg = str(err.value)
     assert msg.startswith(f"metrics address 127.0.0.1:{port}: cannot listen there")
     assert "in use" in msg and "\n" not in msg
+
+
+def test_broken_observers_neither_fail_jobs_nor_commits(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*args: object) -> None:
+        raise RuntimeError("observer bug")
+
+    async def body() -> None:
+        async with miner(tmp_path) as m:
+            m.sched.add_job_listener(broken)
+            m.store.committer.observe_commits(broken)
+            n = await m.pledge()
+            await m.wait(n, "Proving")  # no job failed, no commit was refused
+            await m.idle()
+            got = scrape(m)
+            assert m.status(n).retries == 0
+        # The metrics' own observers, registered first, still saw everything.
+        assert value(got, "sectorfsm_sectors", state="Proving") == 1
+        assert total(got, "sectorfsm_sector_failures_total") == 0
+        assert total(got, "sectorfsm_sched_job_duration_seconds_count") >= 6
+
+    with caplog.at_level(logging.ERROR):
+        run(body)
+    assert "job listener failed" in caplog.text
+    assert "commit observer failed" in caplog.text
