@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import logging
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -33,6 +34,7 @@ from ..fsm.codec import packb, unpackb
 from ..sched import Scheduler, TaskType, resource_spec
 from ..sched.rules import disk_units
 from .states import SectorState
+from .stats import sector_counts, sector_stats
 
 if TYPE_CHECKING:
     from ..fsm import LmdbStore, StateGroup
@@ -153,7 +155,8 @@ def sealing_headroom(group: StateGroup[SectorInfo], limit: int) -> int | None:
     """How many more sectors MaxSealingSectors allows (None: no limit)."""
     if limit <= 0:
         return None
-    return max(0, limit - len(group.records.live_ids()))
+    # The same count as `input.check_sealing_limit` (Lotus's curSealing), kept per commit.
+    return max(0, limit - sector_stats(sector_counts(group.records)).cur_sealing)
 
 
 @dataclass(slots=True)
@@ -215,12 +218,6 @@ def execute_plan(plan: PledgePlan, sector_input: SectorInput) -> list[asyncio.Fu
     return futures
 
 
-def _swallow(fut: asyncio.Future[None]) -> None:
-    # The pledge is staged; a failed commit stops the engine and is reported there.
-    if not fut.cancelled():
-        fut.exception()
-
-
 class AutoPledger:
     """Keeps each `AutoPledgeDiff` worker's AP + PC1 pipeline fed (rule: module docstring)."""
 
@@ -238,6 +235,8 @@ class AutoPledger:
         self.enabled = enabled
         #: CC sectors pledged here whose AddPiece is not in the scheduler yet: number -> worker.
         self._pending: dict[int, str] = {}
+        #: Pledged here, first event not durable yet (not in the per-state counts).
+        self._staged: set[int] = set()
         self._due = False
         self._running = False
         self._state: dict[str, dict[str, Any]] = {}
@@ -253,6 +252,12 @@ class AutoPledger:
     def stop(self) -> None:
         """Stop pledging (the scheduler keeps the listener, which then does nothing)."""
         self._running = False
+
+    def _durable(self, number: int, fut: asyncio.Future[None]) -> None:
+        self._staged.discard(number)
+        # A failed commit stops the engine and is reported there.
+        if not fut.cancelled():
+            fut.exception()
 
     def _cycle_done(self) -> None:
         if self._running and not self._due:
@@ -278,6 +283,8 @@ class AutoPledger:
         state: dict[str, dict[str, Any]] = {}
         limit = self.input.config.max_sealing_sectors
         headroom = sealing_headroom(self.input.group, limit)
+        if headroom is not None:  # the counts see a sector once its first event is durable
+            headroom = max(0, headroom - len(self._staged))
         made = 0
         for w in self.sched.workers_for(TaskType.ADD_PIECE):
             diff = w.policy.auto_pledge_diff if w.watcher is not None else 0
@@ -311,7 +318,8 @@ class AutoPledger:
             if want <= 0:
                 continue
             for n, durable in self.input.new_cc_sectors(want, worker=w.name, auto=True):
-                durable.add_done_callback(_swallow)
+                self._staged.add(n)
+                durable.add_done_callback(functools.partial(self._durable, n))
                 self._pending[n] = w.name
             if headroom is not None:
                 headroom -= want
