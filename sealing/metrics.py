@@ -1,7 +1,9 @@
 """Prometheus metrics of one engine: `Miner.metrics.registry`, served by `sectors run --metrics`.
 
-Counters and histograms are fed by hooks as things happen (durable state changes, finished
-scheduler jobs, executed chain messages, LMDB commits, the latter timed on the writer thread).
+`Miner.metrics` builds this on first use, so an engine nobody monitors pays nothing per
+transition. From then on, counters and histograms are fed by hooks as things happen (durable
+state changes, finished scheduler jobs, executed chain messages, LMDB commits, the latter
+timed on the writer thread).
 Everything that is a level (sectors per state, the queue, the workers' load, free space,
 transactions so far) is read when Prometheus scrapes, by `_ScrapeCollector`, so nothing is
 done per transition that a scrape can do. The scrape runs on the HTTP server's thread and

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..fsm import Clock, LmdbStore, StateGroup
 from ..fsm.codec import packb, unpackb
@@ -51,7 +52,6 @@ from .events import (
 from .graph import DORMANT_STATES, FAILED_STATES, STUCK_STATES
 from .info import DealInfo, SectorInfo
 from .input import SectorInput, pending_piece
-from .metrics import EngineMetrics
 from .notify import StateChanges, Subscription
 from .options import (
     chain_params,
@@ -67,6 +67,9 @@ from .sealer import ScheduledSealer
 from .states import SectorState, parse_state
 from .stats import SectorStats, sector_counts, sector_stats
 from .store_view import GROUP, state_key
+
+if TYPE_CHECKING:
+    from .metrics import EngineMetrics
 
 log = logging.getLogger("sectorfsm.sealing")
 
@@ -135,8 +138,6 @@ class Miner:
         self.requests = requests.RequestServer(store, self.input, chain, sched)
         #: Keeps AutoPledgeDiff workers fed (`sealing/autopledge.py`).
         self.autopledge = AutoPledger(sched, self.input, store, enabled=config.auto_pledge)
-        #: Prometheus metrics (`metrics.registry`): what `sectors run --metrics` serves.
-        self.metrics = EngineMetrics(self)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -246,6 +247,17 @@ class Miner:
         self.store.committer.remove_listener(self._changed.set)
 
     # -- sectors ------------------------------------------------------------------------------
+
+    @functools.cached_property
+    def metrics(self) -> EngineMetrics:
+        """Prometheus metrics (`metrics.registry`, the one `sectors run --metrics` serves).
+
+        Created on first use, on the engine's loop: counters count from then on, and an
+        engine nobody monitors pays nothing per transition.
+        """
+        from .metrics import EngineMetrics  # (prometheus_client only for those who use it)
+
+        return EngineMetrics(self)
 
     def subscribe(self, maxsize: int = 1000) -> Subscription:
         """State changes as they become durable: `async for change in miner.subscribe()`.

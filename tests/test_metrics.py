@@ -50,6 +50,23 @@ def scrape(m: Miner) -> Samples:
     return samples(generate_latest(m.metrics.registry).decode())
 
 
+def test_metrics_start_at_first_use_and_cost_nothing_before(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with miner(tmp_path) as m:
+            assert not m.changes.active  # no listener: the planner builds no change
+            n = await m.pledge()
+            await m.wait(n, "Proving")
+            got = scrape(m)
+            assert m.changes.active and m.metrics is m.metrics
+            assert value(got, "sectorfsm_sectors", state="Proving") == 1  # levels: always
+            assert total(got, "sectorfsm_sector_transitions_total") == 0  # counted from now
+            n = await m.pledge()
+            await m.wait(n, "Proving")
+            assert total(scrape(m), "sectorfsm_sector_transitions_total", state="Proving") == 1
+
+    run(body)
+
+
 def test_a_pledge_to_proving_shows_in_every_family(tmp_path: Path) -> None:
     async def body() -> None:
         async with miner(tmp_path) as m:
@@ -92,6 +109,7 @@ def test_a_pledge_to_proving_shows_in_every_family(tmp_path: Path) -> None:
 def test_failures_and_retries_are_counted_by_state_and_event(tmp_path: Path) -> None:
     async def body() -> None:
         async with miner(tmp_path, config=FAST) as m:
+            assert m.metrics.registry is m.metrics.registry  # counting starts at first use
             m.chain.faults.message_exits["PreCommitSector"] = [ExitCode.ErrIllegalArgument]
             n = await m.pledge()
             await m.wait(n, "Proving", timeout=86400.0)
@@ -127,6 +145,7 @@ def test_failures_and_retries_are_counted_by_state_and_event(tmp_path: Path) -> 
 def test_a_restart_does_not_count_replayed_chain_messages(tmp_path: Path) -> None:
     async def body() -> None:
         async with miner(tmp_path) as m:
+            scrape(m)
             n = await m.pledge()
             await m.wait(n, "Proving")
             assert total(scrape(m), "sectorfsm_chain_messages_total") >= 2
@@ -249,6 +268,7 @@ def test_broken_observers_neither_fail_jobs_nor_commits(
 
     async def body() -> None:
         async with miner(tmp_path) as m:
+            scrape(m)  # the metrics' observers come first
             m.sched.add_job_listener(broken)
             m.store.committer.observe_commits(broken)
             n = await m.pledge()
@@ -256,7 +276,7 @@ def test_broken_observers_neither_fail_jobs_nor_commits(
             await m.idle()
             got = scrape(m)
             assert m.status(n).retries == 0
-        # The metrics' own observers, registered first, still saw everything.
+        # The metrics' own observers still saw everything.
         assert value(got, "sectorfsm_sectors", state="Proving") == 1
         assert total(got, "sectorfsm_sector_failures_total") == 0
         assert total(got, "sectorfsm_sched_job_duration_seconds_count") >= 6
