@@ -173,6 +173,18 @@ class Committer:
         if not self._scheduled:
             self.request_flush()
 
+    def adding(self, db: str) -> dict[bytes, int]:
+        """The current unit's sums for `db`, for hot loops run inside a pre-commit hook.
+
+        Adding to `key` there is `add(db, key, delta)` without the bookkeeping, valid (as with
+        `staging`) only until the hook returns.
+        """
+        unit = self._units[-1]
+        adds = unit.adds.get(db)
+        if adds is None:
+            adds = unit.adds[db] = {}
+        return adds
+
     def on_commit(self, callback: CommitCallback, *args: Any) -> None:
         """Call `callback(*args, error_or_None)` once the current unit is durable (or failed).
 

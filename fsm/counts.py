@@ -61,24 +61,30 @@ class GroupCounts:
         self.marker = name.encode() + b"\x00"
         self._live = self.marker + _LIVE
         self._final = self.marker + _FINAL
-        self._add = store.committer.add
+        self._committer = store.committer
+        #: `entries[final][name]`: the `counts` key, made once per key, so the engine compares
+        #: a machine's old and new entries by identity.
+        self.entries: tuple[dict[str, bytes], dict[str, bytes]] = ({}, {})
 
     def entry(self, name: str, final: bool) -> bytes:
         """The `counts` key of machines with count key `name` and this finality."""
-        return (self._final if final else self._live) + name.encode()
+        table = self.entries[final]
+        key = table.get(name)
+        if key is None:
+            key = table[name] = (self._final if final else self._live) + name.encode()
+        return key
 
     # -- writes ----------------------------------------------------------------------------
 
-    def stage(self, name: str, final: bool, delta: int) -> None:
-        """Stage `delta` for `(name, final)` into the engine's current commit."""
-        self._add(COUNTS_DB, self.entry(name, final), delta)
+    def stage(self, entry: bytes, delta: int) -> None:
+        """Stage `delta` for a `counts` key into the engine's current commit."""
+        self._committer.add(COUNTS_DB, entry, delta)
 
-    def moved(self, old: str, was_final: bool, new: str, final: bool) -> None:
-        """Stage one machine moving from `(old, was_final)` to `(new, final)`."""
-        if old != new or was_final != final:
-            add = self._add
-            add(COUNTS_DB, self.entry(old, was_final), -1)
-            add(COUNTS_DB, self.entry(new, final), 1)
+    def moved(self, old: bytes, new: bytes) -> None:
+        """Stage one machine moving between two `counts` keys (from a pre-commit hook)."""
+        adds = self._committer.adding(COUNTS_DB)
+        adds[old] = adds.get(old, 0) - 1
+        adds[new] = adds.get(new, 0) + 1
 
     def add_in(self, txn: Any, state: Any, final: bool, delta: int) -> None:
         """In write transaction `txn`, before the record is written: count one machine.

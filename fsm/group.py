@@ -177,7 +177,8 @@ class StateGroup(Generic[S]):
                     bad.append((mid, raw, str(exc)))
                 continue
             if counts is not None and m is not None:
-                known[mid] = m.counted = counts.key_of(m.state)
+                known[mid] = name = counts.key_of(m.state)
+                m.counted = counts.entry(name, m.final)
         if bad:
             self.set_aside(bad)
         if counts is not None:
@@ -250,7 +251,9 @@ class StateGroup(Generic[S]):
             record = self.records.encode(initial_state, final, None)
             await asyncio.to_thread(
                 self.store.write,
-                lambda txn: self.records.client_begin(txn, machine_id, key, record, final),
+                lambda txn: self.records.client_begin(
+                    txn, machine_id, key, record, final, initial_state
+                ),
             )
             return
         if self._runtime.loaded(machine_id) or self.records.raw(key) is not None:

@@ -138,8 +138,8 @@ class Machine:
         self.final = False
         self.last_error: str | None = None
         self.cancel_requested = False
-        #: The group's `count_by` key of the stored state (None: not computed yet).
-        self.counted: str | None = None
+        #: The `counts` entry the stored state is counted under (None: not computed yet).
+        self.counted: bytes | None = None
 
     def record_error(self, message: str) -> None:
         """Note `message` as the machine's last error (written with its next state record)."""

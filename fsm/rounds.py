@@ -43,8 +43,8 @@ class RoundPlanner:
         """Count a machine whose record the current commit creates (if the group counts)."""
         counts = self._counts
         if counts is not None:
-            m.counted = counts.key_of(m.state)
-            counts.stage(m.counted, m.final, 1)
+            m.counted = counts.entry(counts.key_of(m.state), m.final)
+            counts.stage(m.counted, 1)
 
     def plan(self, m: Machine, limit: int | None = None) -> Round:
         """Plan `m`'s queued events (the first `limit`): `(step, processed, final, record)`."""
@@ -52,7 +52,8 @@ class RoundPlanner:
         terminated = False
         counts = self._counts
         if counts is not None and m.counted is None:
-            m.counted = counts.key_of(m.state)  # before the planner changes the state
+            # Before the planner changes the state.
+            m.counted = counts.entry(counts.key_of(m.state), m.final)
         try:
             step, processed = self._planner(events, m.state)
         except Terminated:
@@ -106,13 +107,15 @@ class RoundPlanner:
         is_final = terminated or (final is not None and bool(final(m.state)))
         record = self._encode_record(m.state, is_final, m.last_error)
         counts = self._counts
-        if counts is not None and record != m.record:
+        if counts is not None:
             # Staged in the round's own commit: the count moves with the state record.
             name = counts.key_of(m.state)
+            entry = counts.entries[is_final].get(name) or counts.entry(name, is_final)
             old = m.counted
-            if old is not None:
-                counts.moved(old, m.final, name, is_final)
-            m.counted = name
+            if entry is not old:
+                if old is not None:
+                    counts.moved(old, entry)
+                m.counted = entry
         return is_final, record
 
 
