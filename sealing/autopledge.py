@@ -239,6 +239,7 @@ class AutoPledger:
         self._staged: set[int] = set()
         self._due = False
         self._running = False
+        self._limited = False
         self._state: dict[str, dict[str, Any]] = {}
         #: Sectors created, for tests and the log.
         self.pledged = 0
@@ -247,11 +248,19 @@ class AutoPledger:
         """Evaluate after every scheduling cycle from now on (and once now)."""
         self._running = True
         self.sched.add_cycle_listener(self._cycle_done)
+        self.store.committer.add_listener(self._committed)
         self._cycle_done()
 
     def stop(self) -> None:
         """Stop pledging (the scheduler keeps the listener, which then does nothing)."""
         self._running = False
+        self.store.committer.remove_listener(self._committed)
+
+    def _committed(self) -> None:
+        # Held back by MaxSealingSectors: a sector reaching Proving frees room without any
+        # scheduling cycle, so commits re-evaluate too (only while the limit holds it).
+        if self._limited:
+            self._cycle_done()
 
     def _durable(self, number: int, fut: asyncio.Future[None]) -> None:
         self._staged.discard(number)
@@ -286,6 +295,7 @@ class AutoPledger:
         if headroom is not None:  # the counts see a sector once its first event is durable
             headroom = max(0, headroom - len(self._staged))
         made = 0
+        self._limited = False
         for w in self.sched.workers_for(TaskType.ADD_PIECE):
             diff = w.policy.auto_pledge_diff if w.watcher is not None else 0
             if diff <= 0:
@@ -311,9 +321,8 @@ class AutoPledger:
                     headroom,
                     want,
                 )
-                entry["note"] = (
-                    f"stopped by MaxSealingSectors ({self.input.config.max_sealing_sectors})"
-                )
+                entry["note"] = f"stopped by MaxSealingSectors ({limit})"
+                self._limited = True
                 want = headroom
             if want <= 0:
                 continue
