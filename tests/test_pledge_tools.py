@@ -116,9 +116,15 @@ def test_fill_stops_at_max_sealing_sectors_and_says_so(tmp_path: Path) -> None:
 
 
 def test_pin_survives_in_the_record_and_old_records_decode(tmp_path: Path) -> None:
+    from sectorfsm.fsm.codec import RecordCodec
+    from sectorfsm.sealing.events import ALL_EVENTS
     from sectorfsm.sealing.info import SectorInfo
 
-    assert SectorInfo().ap_worker == "" and SectorInfo().auto_pledged is False
+    codec: RecordCodec[SectorInfo] = RecordCodec(SectorInfo, ALL_EVENTS)
+    fields = codec.encode_state_fields(SectorInfo(number=7, ap_worker="a", auto_pledged=True))
+    older = {k: v for k, v in fields.items() if k not in ("ap_worker", "auto_pledged")}
+    back = codec.decode_state_fields(older)  # a record written before the pin existed
+    assert (back.number, back.ap_worker, back.auto_pledged) == (7, "", False)
     specs = workers(tmp_path, a={"AddPieceMax": 1})
 
     async def main() -> None:
