@@ -190,6 +190,8 @@ def test_cli_fill_needs_an_engine_then_counts_and_pins(spawn: Spawner, tmp_path:
         assert dry.returncode == 0, dry.stderr
         assert "w1: AddPieceMax 2, AP in use 0, free 2, pledge 2" in dry.stdout
         assert "dry run: would pledge 2 sector(s)" in dry.stdout
+        once = _cli(spawn, repo, "pledge", "--per-worker", "--dry-run")
+        assert "pledge 1" in once.stdout and "would pledge 1 sector(s)" in once.stdout
         done = _cli(spawn, repo, "pledge", "--fill", "--json")
         plan = json.loads(done.stdout)
         assert plan["granted"] == {"w1": 2} and plan["sectors"] == [2, 3]
