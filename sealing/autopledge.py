@@ -288,6 +288,16 @@ class AutoPledger:
 
     def evaluate(self) -> int:
         """Apply the rule once to every worker; returns how many sectors it pledged."""
+        workers = [
+            w
+            for w in self.sched.workers_for(TaskType.ADD_PIECE)
+            if w.watcher is not None and w.policy.auto_pledge_diff > 0
+        ]
+        if not workers:  # the common case, after every cycle: cost nothing
+            if self._state:
+                self._state = {}
+                self.store.committer.put("meta", META_AUTOPLEDGE, packb({}))
+            return 0
         flight = self._in_flight()
         state: dict[str, dict[str, Any]] = {}
         limit = self.input.config.max_sealing_sectors
@@ -296,10 +306,8 @@ class AutoPledger:
             headroom = max(0, headroom - len(self._staged))
         made = 0
         self._limited = False
-        for w in self.sched.workers_for(TaskType.ADD_PIECE):
-            diff = w.policy.auto_pledge_diff if w.watcher is not None else 0
-            if diff <= 0:
-                continue
+        for w in workers:
+            diff = w.policy.auto_pledge_diff
             cap = w.policy.pre_commit1_max
             now = flight[w.name]
             entry: dict[str, Any] = {"diff": diff, "pc1_max": cap, "in_flight": now}
