@@ -436,7 +436,11 @@ class _LiveView:
 
         from ..sealing.store_view import display_state
 
-        counts = Counter(display_state(s) for s in sectors)
+        # The whole repo's counts, kept per commit (no scan however many sectors are Proving).
+        counts: Counter[str] = Counter()
+        for state, n in self.miner.sector_counts().items():
+            if n:
+                counts[_shown(state)] += n
         summary = (
             "  ".join(f"[{state_colour(k)}]{k}[/] {v}" for k, v in sorted(counts.items()))
             or "no sectors yet: `sectors pledge` from another terminal"
