@@ -46,6 +46,12 @@ EXPECTED = {
         "Removed",
         "wrote svg statechart to lifecycle.svg",
     ],
+    "Cluster certificates": [
+        "created CA certs/ca.pem",
+        "kept the existing CA certs/ca.pem",
+        "created fin-box.pem and fin-box.key",
+        "c2-box.key",
+    ],
     "Embedding: `sectorfsm.Miner`": ["Proving 1 True"],
     "Monitoring": [
         "metrics: http://127.0.0.1:",
