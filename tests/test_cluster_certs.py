@@ -231,7 +231,11 @@ def test_plain_tcp_off_loopback_needs_insecure_and_then_warns(address: str, wher
 
 @pytest.mark.parametrize(
     ("address", "message"),
-    [("udp://127.0.0.1:1", "unsupported scheme"), ("tcp://127.0.0.1:port", "bad address")],
+    [
+        ("udp://127.0.0.1:1", "unsupported scheme"),
+        ("tcp://127.0.0.1:port", "bad address"),
+        ("tls://10.0.0.1:99999", "bad address"),
+    ],
 )
 def test_malformed_addresses_are_refused(address: str, message: str) -> None:
     for insecure in (False, True):

@@ -13,6 +13,7 @@ nothing.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import re
@@ -340,6 +341,7 @@ def make_certs(
         for path in created:
             path.unlink(missing_ok=True)
         if made_dir:
-            directory.rmdir()
+            with contextlib.suppress(OSError):
+                directory.rmdir()
         raise CertError(f"cannot write in {directory}: {e.strerror or e}") from None
     return CertReport(directory, not has_ca, tuple(new), tuple(existing), tuple(warnings))

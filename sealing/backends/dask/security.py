@@ -104,9 +104,9 @@ def check_address(address: str, *, insecure: bool = False) -> str | None:
         scheme = "tcp"  # Dask's default for a bare host:port
         address = f"tcp://{address}"
     scheme = scheme.lower()
-    if scheme == "inproc" or scheme in _SECURE:
+    if scheme == "inproc":  # in-process queues: no network at all
         return None
-    if scheme not in _PLAIN:
+    if scheme not in _SECURE | _PLAIN:
         raise AddressError(f"unsupported scheme in {address!r}: use tls://HOST:PORT")
     try:
         parts = urlsplit(address)
@@ -114,7 +114,7 @@ def check_address(address: str, *, insecure: bool = False) -> str | None:
         parts.port  # noqa: B018 (parsing it is the check)
     except ValueError as e:
         raise AddressError(f"bad address {address!r}: {e}") from None
-    if host and _is_loopback(host):
+    if scheme in _SECURE or (host and _is_loopback(host)):
         return None
     where = host or "every interface"
     if not insecure:
