@@ -78,7 +78,12 @@ def test_a_worker_with_a_cluster_certificate_joins_and_runs_a_task(
         joins = Joins()
         engine = engine_security(cluster)
         async with Scheduler(
-            host="127.0.0.1", port=0, protocol="tls", dashboard=False, security=engine
+            host="127.0.0.1",
+            port=0,
+            protocol="tls",
+            dashboard=False,
+            dashboard_address="127.0.0.1:0",  # its HTTP server still starts: keep it local
+            security=engine,
         ) as s:
             assert s.address.startswith("tls://127.0.0.1:")
             s.add_plugin(joins, name="joins")
@@ -117,6 +122,7 @@ def test_a_worker_signed_by_another_ca_is_refused_and_never_joins(
                 port=0,
                 protocol="tls",
                 dashboard=False,
+                dashboard_address="127.0.0.1:0",
                 security=engine_security(cluster),
             ) as s:
                 s.add_plugin(joins, name="joins")
