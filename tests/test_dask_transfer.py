@@ -1,0 +1,336 @@
+"""Sector files moved worker to worker over Dask comms (sealing/backends/dask/transfer.py).
+
+An in-process Scheduler and two in-process Workers on 127.0.0.1, each with its own temp
+storage root and a `FileServer` plugin: the bytes cross a real TCP connection between the
+workers. Faults are injected in the source's handler (a dropped connection after a chunk was
+read, a chunk damaged in flight), and the source counts every byte it reads from disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import filecmp
+import os
+import tracemalloc
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from distributed import Client, Scheduler, Worker
+from distributed.comm import CommClosedError
+
+from sectorfsm.sealing.backends.dask.transfer import (
+    FileServer,
+    PathRefused,
+    SourceChanged,
+    TransferError,
+    fetch_here,
+    pull,
+)
+
+#: Seconds before a wait gives up: a hang guard, far above what a pass takes under load.
+DEADLINE = 60.0
+MiB = 1 << 20
+
+
+class Faulty(FileServer):
+    """A source whose `read` handler drops the connection or damages data at chosen offsets."""
+
+    def __init__(self, roots: Any) -> None:
+        super().__init__(roots)
+        #: Offsets whose next read is served from disk, then the connection dropped (once each).
+        self.drop_once: set[int] = set()
+        #: Reads at or past this offset are served from disk, then the connection dropped.
+        self.drop_from: int | None = None
+        #: Offsets whose next reply has one byte flipped after its CRC was computed.
+        self.damage_once: set[int] = set()
+
+    async def read(self, path: str, offset: int, size: int, tid: str, ident: list[int]) -> Any:
+        """Serve as usual, then inject the fault planned for `offset`."""
+        rep = await super().read(path, offset, size, tid, ident)
+        if offset in self.drop_once or (self.drop_from is not None and offset >= self.drop_from):
+            self.drop_once.discard(offset)
+            raise CommClosedError(f"injected: connection dropped after the chunk at {offset}")
+        if offset in self.damage_once:
+            self.damage_once.discard(offset)
+            data = bytearray(rep["data"])
+            data[len(data) // 2] ^= 0xFF
+            rep["data"] = bytes(data)
+        return rep
+
+
+@dataclass
+class Env:
+    """Two workers on one scheduler; `src` serves `src_root`, `dst` owns `dst_root`."""
+
+    scheduler: Scheduler
+    src: Worker
+    dst: Worker
+    server: Faulty
+    src_root: Path
+    dst_root: Path
+
+
+@asynccontextmanager
+async def cluster(tmp_path: Path) -> AsyncIterator[Env]:
+    """A scheduler and two workers with separate storage roots, all closed on the way out."""
+    src_root, dst_root = tmp_path / "src-root", tmp_path / "dst-root"
+    src_root.mkdir()
+    dst_root.mkdir()
+    server = Faulty([src_root])
+    async with Scheduler(host="127.0.0.1", port=0, dashboard_address=":0") as s:
+        common: dict[str, Any] = {
+            "host": "127.0.0.1",
+            "nthreads": 2,
+            "memory_limit": 0,
+            "dashboard": False,
+        }
+        async with (
+            Worker(s.address, name="src", plugins=(server,), **common) as a,
+            Worker(s.address, name="dst", plugins=(FileServer([dst_root]),), **common) as b,
+        ):
+            yield Env(s, a, b, server, src_root, dst_root)
+
+
+def blob(path: Path, size: int) -> Path:
+    """Write `size` bytes that differ from chunk to chunk (a misplaced chunk would show)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 4 * MiB)
+            f.write(os.urandom(n))
+            left -= n
+    return path
+
+
+def same(a: Path, b: Path) -> bool:
+    """Byte-for-byte equality, read in blocks."""
+    return filecmp.cmp(a, b, shallow=False)
+
+
+def test_a_large_file_and_a_cache_tree_arrive_byte_identical(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with cluster(tmp_path) as env:
+            sealed = blob(env.src_root / "sealed" / "s-t01000-1", 48 * MiB)
+            cache = env.src_root / "cache" / "s-t01000-1"
+            blob(cache / "p_aux", 64)
+            blob(cache / "t_aux", 1000)
+            blob(cache / "sc-02-data-tree-r-last-0.dat", 3 * MiB + 17)
+            blob(cache / "sub" / "deep" / "layer", 5 * MiB)
+            (cache / "empty").write_bytes(b"")
+            (cache / "nothing-here").mkdir()
+            dest = env.dst_root / "sealed" / "s-t01000-1"
+            async with Client(env.scheduler.address, asynchronous=True) as c:
+                # As the backend will run it: a task pinned to the destination worker.
+                fut = c.submit(
+                    fetch_here,
+                    env.src.address,
+                    str(sealed),
+                    str(dest),
+                    job="fetch-1",
+                    workers=[env.dst.address],
+                    allow_other_workers=False,
+                    pure=False,
+                )
+                got = await asyncio.wait_for(fut, DEADLINE)
+            assert same(sealed, dest)
+            assert got["size"] == got["fetched"] == 48 * MiB and got["retries"] == 0
+            assert sorted(p.name for p in dest.parent.iterdir()) == ["s-t01000-1"]  # no .part
+            # Never more than one chunk read at a time, and each byte read once.
+            assert env.server.max_read == 8 * MiB
+            assert env.server.bytes_read == 48 * MiB
+
+            seen: list[tuple[int, int]] = []
+            tree = env.dst_root / "cache" / "s-t01000-1"
+            res = await pull(
+                env.dst.rpc,
+                env.src.address,
+                str(cache),
+                tree,
+                chunk=MiB,
+                progress=lambda d, t: seen.append((d, t)),
+            )
+            files = sorted(p.relative_to(cache) for p in cache.rglob("*"))
+            assert sorted(p.relative_to(tree) for p in tree.rglob("*")) == files
+            for rel in files:
+                assert (cache / rel).is_dir() or same(cache / rel, tree / rel), rel
+            assert res.files == 5 and res.size == 8 * MiB + 17 + 1064
+            assert seen[-1] == (res.size, res.size)
+            assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+            assert not (env.dst_root / "cache" / "s-t01000-1.part").exists()
+
+    asyncio.run(body())
+
+
+def test_memory_stays_bounded_by_the_chunk_size(tmp_path: Path) -> None:
+    chunk = 2 * MiB
+
+    async def body() -> None:
+        async with cluster(tmp_path) as env:
+            src = blob(env.src_root / "f", 40 * MiB)
+            tracemalloc.start()
+            try:
+                await pull(env.dst.rpc, env.src.address, str(src), env.dst_root / "f", chunk=chunk)
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            assert same(src, env.dst_root / "f")
+            assert env.server.max_read == chunk
+            # Source and destination share this process: a few chunks in flight, not the file.
+            assert peak < 8 * chunk, f"peak {peak / MiB:.1f} MiB for a 40 MiB file"
+
+    asyncio.run(body())
+
+
+def test_a_dropped_connection_resumes_without_rereading_verified_chunks(tmp_path: Path) -> None:
+    chunk, size = 4 * MiB, 40 * MiB
+
+    async def body() -> None:
+        async with cluster(tmp_path) as env:
+            src = blob(env.src_root / "sealed" / "s", size)
+            dest = env.dst_root / "sealed" / "s"
+            seen: list[int] = []
+
+            # Dropped once mid-transfer: retried at once, only the lost chunk is read again.
+            env.server.drop_once = {5 * chunk}
+            res = await pull(
+                env.dst.rpc,
+                env.src.address,
+                str(src),
+                dest,
+                chunk=chunk,
+                backoff=0.001,
+                progress=lambda d, t: seen.append(d),
+            )
+            assert same(src, dest) and res.retries == 1
+            assert env.server.bytes_read == size + chunk
+            assert seen[-1] == size and seen == sorted(seen)
+
+            # The source keeps dropping from chunk 6 on: the pull gives up with one clear error
+            # and leaves the verified part file behind...
+            dest2 = env.dst_root / "sealed" / "s2"
+            env.server.bytes_read = 0
+            env.server.drop_from = 6 * chunk
+            with pytest.raises(TransferError, match="gave up after 3 failed attempts in a row"):
+                await pull(
+                    env.dst.rpc,
+                    env.src.address,
+                    str(src),
+                    dest2,
+                    chunk=chunk,
+                    attempts=3,
+                    backoff=0.001,
+                )
+            part = dest2.with_name("s2.part")
+            assert part.stat().st_size == 6 * chunk and not dest2.exists()
+            assert env.server.bytes_read == 6 * chunk + 3 * chunk
+
+            # ...and the next pull starts from it: nothing verified is served again, and the
+            # source's running sha256 still covers the whole file (no second full read).
+            env.server.drop_from = None
+            env.server.bytes_read = 0
+            seen.clear()
+            res = await pull(
+                env.dst.rpc,
+                env.src.address,
+                str(src),
+                dest2,
+                chunk=chunk,
+                progress=lambda d, t: seen.append(d),
+            )
+            assert same(src, dest2) and not part.exists()
+            assert env.server.bytes_read == size - 6 * chunk
+            assert res.fetched == size - 6 * chunk
+            assert seen[0] == 6 * chunk and seen[-1] == size
+
+    asyncio.run(body())
+
+
+def test_a_damaged_chunk_is_detected_and_fetched_again(tmp_path: Path) -> None:
+    chunk, size = 4 * MiB, 40 * MiB
+
+    async def body() -> None:
+        async with cluster(tmp_path) as env:
+            src = blob(env.src_root / "f", size)
+            env.server.damage_once = {2 * chunk, size - chunk}  # the last one carries the sha256
+            res = await pull(
+                env.dst.rpc,
+                env.src.address,
+                str(src),
+                env.dst_root / "f",
+                chunk=chunk,
+                backoff=0.001,
+            )
+            assert same(src, env.dst_root / "f")
+            assert res.retries == 2 and env.server.damage_once == set()
+            assert env.server.bytes_read == size + 2 * chunk
+
+    asyncio.run(body())
+
+
+def test_paths_outside_the_roots_are_refused(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with cluster(tmp_path) as env:
+            outside = blob(tmp_path / "secret", 100)
+            (env.src_root / "link").symlink_to(outside)
+            (env.src_root / "dirlink").symlink_to(tmp_path)
+            blob(env.src_root / "ok", 10)
+            bad = [
+                str(outside),
+                "/etc/passwd",
+                f"{env.src_root}/../secret",
+                f"{env.src_root}/sub/../ok",  # inside, but '..' is refused outright
+                str(env.src_root / "link"),
+                str(env.src_root / "dirlink" / "secret"),
+                "ok",
+                "",
+            ]
+            for path in bad:
+                with pytest.raises(PathRefused):
+                    await pull(env.dst.rpc, env.src.address, path, env.dst_root / "x")
+                assert list(env.dst_root.iterdir()) == [], path
+            assert env.server.bytes_read == 0
+            # The destination worker writes only under its own roots.
+            async with Client(env.scheduler.address, asynchronous=True) as c:
+                fut = c.submit(
+                    fetch_here,
+                    env.src.address,
+                    str(env.src_root / "ok"),
+                    str(tmp_path / "elsewhere"),
+                    workers=[env.dst.address],
+                    allow_other_workers=False,
+                    pure=False,
+                )
+                with pytest.raises(PathRefused, match="outside this worker's storage roots"):
+                    await asyncio.wait_for(fut, DEADLINE)
+            assert not (tmp_path / "elsewhere").exists()
+
+    asyncio.run(body())
+
+
+def test_a_source_file_that_changes_midway_fails_clearly(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with cluster(tmp_path) as env:
+            src = blob(env.src_root / "f", 4 * MiB)
+
+            def grow(done: int, total: int) -> None:
+                if done == MiB:
+                    with open(src, "ab") as f:
+                        f.write(b"more")
+
+            with pytest.raises(SourceChanged, match="changed on the source worker"):
+                await pull(
+                    env.dst.rpc,
+                    env.src.address,
+                    str(src),
+                    env.dst_root / "f",
+                    chunk=MiB,
+                    progress=grow,
+                )
+            assert not (env.dst_root / "f").exists()
+
+    asyncio.run(body())
