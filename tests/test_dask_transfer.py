@@ -107,6 +107,16 @@ def blob(path: Path, size: int) -> Path:
     return path
 
 
+def sparse(path: Path, size: int, data: dict[int, int]) -> Path:
+    """A file of `size` bytes, holes except for random bytes at each offset: length in `data`."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, n in data.items():
+            f.seek(offset)
+            f.write(os.urandom(n))
+    return path
+
+
 def same(a: Path, b: Path) -> bool:
     """Byte-for-byte equality, read in blocks."""
     return filecmp.cmp(a, b, shallow=False)
@@ -332,5 +342,24 @@ def test_a_source_file_that_changes_midway_fails_clearly(tmp_path: Path) -> None
                     progress=grow,
                 )
             assert not (env.dst_root / "f").exists()
+
+    asyncio.run(body())
+
+
+def test_holes_in_a_sparse_file_cross_as_holes(tmp_path: Path) -> None:
+    chunk, size = MiB, 24 * MiB
+
+    async def body() -> None:
+        async with cluster(tmp_path) as env:
+            # Data in chunk 3 and at the very end, holes elsewhere.
+            src = sparse(env.src_root / "unsealed", size, {3 * chunk + 100: 5000, size - 10: 10})
+            if os.stat(src).st_blocks * 512 >= size:
+                pytest.skip("this filesystem does not keep holes")
+            dest = env.dst_root / "unsealed"
+            res = await pull(env.dst.rpc, env.src.address, str(src), dest, chunk=chunk)
+            assert same(src, dest)
+            assert res.fetched == 2 * chunk and res.holes == size - 2 * chunk
+            assert env.server.bytes_read == 2 * chunk
+            assert os.stat(dest).st_blocks * 512 <= 4 * chunk  # still sparse
 
     asyncio.run(body())

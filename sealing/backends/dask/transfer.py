@@ -1,6 +1,6 @@
 """Sector files moved worker to worker over Dask comms, without a shared filesystem.
 
-Lotus's Fetch step (`storage/sectorstorage/stores/remote.go@v1.11.3`) pulls a sector's files
+Lotus's Fetch step (`extern/sector-storage/stores/remote.go@v1.11.3`) pulls a sector's files
 from the worker that holds them over HTTP; here the source worker serves them through two comm
 handlers that the `FileServer` worker plugin registers (`sectorfsm_stat`, `sectorfsm_read`, and
 `sectorfsm_digest` as a fallback), and the destination worker pulls (`pull`, or `fetch_here` as
@@ -15,12 +15,15 @@ a Dask task pinned to the destination):
   under `NAME.part/` until every file is in;
 * a dropped connection, a timeout or a corrupted chunk is retried with exponential backoff, a
   bounded number of consecutive times; a later pull resumes from the `.part` file's verified
-  length (its `NAME.part.src` stamp says which source version those bytes came from).
+  length (its `NAME.part.src` stamp says which source version those bytes came from);
+* a chunk that is a hole in a sparse source file (as most of an unsealed sector is) crosses as
+  its length and stays a hole at the destination.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
 import os
@@ -124,6 +127,15 @@ def _ident(st: os.stat_result) -> list[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
+def _hole(fd: int, offset: int, n: int) -> bool:
+    """Whether the `n` bytes at `offset` hold no data (SEEK_DATA finds none before their end)."""
+    try:
+        return os.lseek(fd, offset, os.SEEK_DATA) >= offset + n
+    except OSError as e:
+        # ENXIO: no data past `offset`; anything else: the filesystem cannot say, so read.
+        return e.errno == errno.ENXIO
+
+
 class FileServer(WorkerPlugin):
     """Worker plugin serving files under the worker's storage roots to other workers."""
 
@@ -218,13 +230,19 @@ class FileServer(WorkerPlugin):
     def _read(self, real: Path, offset: int, size: int, tid: str, ident: list[int]) -> Any:
         session = self._session(tid)
         with session.lock, self._open(real, ident) as f:
-            f.seek(offset)
-            data = f.read(size)
-            self._count(len(data))
-            session.feed(offset, data)
-            end = offset + len(data) >= ident[0]
+            n = max(0, min(size, ident[0] - offset))
+            if n and _hole(f.fileno(), offset, n):
+                # A hole in a sparse file (an unsealed sector mostly is) crosses as its length.
+                session.feed(offset, bytes(n))
+                data, hole = b"", n
+            else:
+                f.seek(offset)
+                data, hole = f.read(n), 0
+                self._count(len(data))
+                session.feed(offset, data)
+            end = offset + len(data) + hole >= ident[0]
             digest = session.hasher.hexdigest() if end and session.covered else None
-        return {"data": data, "crc32": zlib.crc32(data), "sha256": digest}
+        return {"data": data, "hole": hole, "crc32": zlib.crc32(data), "sha256": digest}
 
     @staticmethod
     def _open(real: Path, ident: list[int]) -> BinaryIO:
@@ -256,11 +274,13 @@ class FileServer(WorkerPlugin):
 
 @dataclass(slots=True)
 class Fetched:
-    """What one pull did: `fetched` bytes crossed the wire, of `size` in `files` files."""
+    """What one pull did: of `size` bytes in `files` files, `fetched` crossed the wire and
+    `holes` were recreated as holes (sparse files)."""
 
     path: Path
     size: int
     fetched: int = 0
+    holes: int = 0
     files: int = 0
     retries: int = 0
     sha256: str | None = None
@@ -357,7 +377,12 @@ def _open_part(part: Path, verified: int, chunk: int) -> tuple[BinaryIO, _Hasher
     return f, hasher
 
 
-def _write(f: BinaryIO, offset: int, data: bytes, hasher: _Hasher) -> None:
+def _write(f: BinaryIO, offset: int, data: bytes | int, hasher: _Hasher) -> None:
+    """Write `data` at `offset`, or extend the file by a hole of `data` bytes."""
+    if isinstance(data, int):
+        f.truncate(offset + data)  # chunks arrive in order, so this extends by a hole
+        hasher.update(bytes(data))
+        return
     f.seek(offset)
     f.write(data)
     hasher.update(data)
@@ -371,6 +396,13 @@ def _place(part: Path, stampfile: Path, dest: Path) -> None:
 
 async def _pull_file(p: _Pull, src: str, ident: list[int], dest: Path) -> None:
     """Pull one file into `dest` through `dest.part`, resuming what an earlier pull verified."""
+    try:
+        await _pull_file_into(p, src, ident, dest)
+    except OSError as e:  # local I/O only: `_Pull.call` turns the source's into TransferErrors
+        raise TransferError(f"{dest}: cannot write the fetched file: {e}") from e
+
+
+async def _pull_file_into(p: _Pull, src: str, ident: list[int], dest: Path) -> None:
     size = ident[0]
     part = dest.with_name(dest.name + ".part")
     stampfile = dest.with_name(dest.name + ".part.src")
@@ -386,13 +418,16 @@ async def _pull_file(p: _Pull, src: str, ident: list[int], dest: Path) -> None:
                 rep = await p.call(
                     src, READ_OP, path=src, offset=offset, size=want, tid=tid, ident=ident
                 )
-                data = rep["data"]
-                if len(data) != want or zlib.crc32(data) != rep["crc32"]:
+                data, hole = rep["data"], rep["hole"]
+                if len(data) + hole != want or zlib.crc32(data) != rep["crc32"]:
                     await p.failed(src, _Corrupt(f"chunk at {offset} arrived damaged"))
                     continue
-                await asyncio.to_thread(_write, f, offset, data, hasher)
+                await asyncio.to_thread(_write, f, offset, data or hole, hasher)
                 offset += want
-                p.result.fetched += want
+                if hole:
+                    p.result.holes += want
+                else:
+                    p.result.fetched += want
                 digest = rep["sha256"] or None
                 p.advanced(want)
             if digest is None:
@@ -522,6 +557,7 @@ async def fetch_here(
         "path": str(got.path),
         "size": got.size,
         "fetched": got.fetched,
+        "holes": got.holes,
         "files": got.files,
         "retries": got.retries,
         "sha256": got.sha256,
