@@ -23,6 +23,7 @@ from distributed import Client, Scheduler, Worker
 from distributed.comm import CommClosedError
 
 from sectorfsm.sealing.backends.dask.transfer import (
+    PROGRESS_TOPIC,
     FileServer,
     PathRefused,
     SourceChanged,
@@ -117,6 +118,15 @@ def sparse(path: Path, size: int, data: dict[int, int]) -> Path:
     return path
 
 
+def flip(path: Path, offset: int) -> None:
+    """Invert the byte at `offset` of `path` in place."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0xFF]))
+
+
 def same(a: Path, b: Path) -> bool:
     """Byte-for-byte equality, read in blocks."""
     return filecmp.cmp(a, b, shallow=False)
@@ -135,6 +145,14 @@ def test_a_large_file_and_a_cache_tree_arrive_byte_identical(tmp_path: Path) -> 
             (cache / "nothing-here").mkdir()
             dest = env.dst_root / "sealed" / "s-t01000-1"
             async with Client(env.scheduler.address, asynchronous=True) as c:
+                reported = asyncio.Event()
+
+                def on_progress(event: tuple[float, dict[str, Any]]) -> None:
+                    msg = event[1]
+                    if msg["job"] == "fetch-1" and msg["done"] == msg["total"] == 48 * MiB:
+                        reported.set()
+
+                c.subscribe_topic(PROGRESS_TOPIC, on_progress)
                 # As the backend will run it: a task pinned to the destination worker.
                 fut = c.submit(
                     fetch_here,
@@ -147,6 +165,7 @@ def test_a_large_file_and_a_cache_tree_arrive_byte_identical(tmp_path: Path) -> 
                     pure=False,
                 )
                 got = await asyncio.wait_for(fut, DEADLINE)
+                await asyncio.wait_for(reported.wait(), DEADLINE)  # progress reached the total
             assert same(sealed, dest)
             assert got["size"] == got["fetched"] == 48 * MiB and got["retries"] == 0
             assert sorted(p.name for p in dest.parent.iterdir()) == ["s-t01000-1"]  # no .part
@@ -361,5 +380,30 @@ def test_holes_in_a_sparse_file_cross_as_holes(tmp_path: Path) -> None:
             assert res.fetched == 2 * chunk and res.holes == size - 2 * chunk
             assert env.server.bytes_read == 2 * chunk
             assert os.stat(dest).st_blocks * 512 <= 4 * chunk  # still sparse
+
+    asyncio.run(body())
+
+
+def test_a_part_file_damaged_on_disk_fails_the_whole_file_check_and_starts_over(
+    tmp_path: Path,
+) -> None:
+    chunk, size = MiB, 8 * MiB
+
+    async def body() -> None:
+        async with cluster(tmp_path) as env:
+            src = blob(env.src_root / "f", size)
+            dest = env.dst_root / "f"
+            env.server.drop_from = 4 * chunk
+            with pytest.raises(TransferError, match="gave up"):
+                await pull(env.dst.rpc, env.src.address, str(src), dest, chunk=chunk, attempts=1)
+            flip(dest.with_name("f.part"), chunk + 7)  # bit rot in a chunk verified on arrival
+            env.server.drop_from = None
+            env.server.bytes_read = 0
+            res = await pull(
+                env.dst.rpc, env.src.address, str(src), dest, chunk=chunk, backoff=0.001
+            )
+            assert same(src, dest) and res.retries == 1
+            # The rest of the file, then all of it again after the mismatch.
+            assert env.server.bytes_read == size - 4 * chunk + size
 
     asyncio.run(body())
