@@ -1,0 +1,62 @@
+"""The child process of one job on a Dask worker: `python -m ...dask.child JOBDIR`.
+
+It reads `JOBDIR/spec` (msgpack: an importable function path `module:name` and its
+arguments), calls the function and writes its msgpack-encoded result to `JOBDIR/result`
+(atomically: a result file is complete or absent). A failure prints its traceback to stderr
+(the worker keeps the tail) and exits 1. Nothing else: the registry in `jobs.py` owns the
+job record.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+SPEC = "spec"
+RESULT = "result"
+
+
+def resolve(path: str) -> Callable[..., Any]:
+    """The function named by `module:qualname` (imported here, in the child)."""
+    module, _, qualname = path.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"{path} is not callable")
+    return obj  # type: ignore[no-any-return]
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that a reader sees all of it or no file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+
+
+def main(argv: list[str]) -> int:
+    """Run the job in `argv[1]`; 0 when its result is written, 1 when it failed."""
+    jobdir = Path(argv[1])
+    try:
+        func, args = msgpack.unpackb((jobdir / SPEC).read_bytes(), raw=False)
+        result = resolve(func)(*args)
+        write_atomic(jobdir / RESULT, msgpack.packb(result, use_bin_type=True))
+    except BaseException:  # whatever it was, the worker shows its last line
+        traceback.print_exc()
+        sys.stderr.flush()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

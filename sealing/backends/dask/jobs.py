@@ -1,0 +1,485 @@
+"""The worker-side job registry: each sealing job runs once, in a child process we can kill.
+
+Dask cannot stop a running task (`Future.cancel()` leaves its thread and its subprocess
+running) and cannot re-attach a restarted client to running work: a resubmitted key waits
+for the orphaned run and then runs again. So the work itself runs in a child process owned
+by a `WorkerPlugin`, under a job id chosen by the engine (one per attempt, e.g. `PC1-s12-a3`),
+with a record on the worker's disk. Lotus's manager keeps work IDs and call results for the
+same reason (`extern/sector-storage/manager_calltracker.go@v1.11.3`).
+
+* `run_job` is the Dask task the engine submits (pinned, `pure=False`, key per attempt). The
+  first run of an id starts the child and waits for it; a second run of the same id (the
+  engine restarted and resubmitted) attaches to the running child, or returns the stored
+  result, or raises the stored error. The child is never started twice.
+* A result nobody collected stays on disk until `ack` deletes it.
+* `kill` (through `client.run`, on the worker's event loop, 2-5 ms) sends SIGTERM to the
+  child's process group, SIGKILL after a grace, and the waiting task raises `JobCancelled`.
+* The child gets SIGKILL when the worker dies (`PR_SET_PDEATHSIG`); a worker that starts
+  again finds the record still `running` and marks it failed: it is never re-run silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import hashlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dask.config
+import msgpack
+from distributed import Client, Future, Worker, WorkerPlugin, get_worker
+
+from ..joblock import die_with
+from .child import RESULT, SPEC, write_atomic
+
+#: The plugin's name on every worker.
+PLUGIN = "sectors-jobs"
+#: The Dask config key of the directory that holds job records (one subdirectory per worker name).
+STATE_DIR_KEY = "sectors.jobs-dir"
+#: Seconds between SIGTERM and SIGKILL when a job is killed.
+KILL_GRACE = 5.0
+#: Bytes of the child's output kept for its error message.
+TAIL = 4096
+RECORD = "record"
+OUTPUT = "output"
+_CHILD = "sectorfsm.sealing.backends.dask.child"
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_FUNC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+
+
+class JobState(enum.StrEnum):
+    """Where a job is: running, or finished one of three ways."""
+
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class JobSpecError(ValueError):
+    """A job that cannot be started as asked (bad id, function path or arguments)."""
+
+
+class JobError(RuntimeError):
+    """A job that did not give a result; `str()` is one line the engine can show."""
+
+    def __init__(self, job_id: str, detail: str) -> None:
+        super().__init__(f"job {job_id} {detail}")
+        self.job_id = job_id
+        self.detail = detail
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Rebuild from the two fields (Dask pickles the error back to the engine)."""
+        return (type(self), (self.job_id, self.detail))
+
+
+class JobFailed(JobError):
+    """The child failed, or died with its worker; `detail` ends with its stderr's last line."""
+
+
+class JobCancelled(JobError):
+    """The job was killed by request (or cancelled before it started)."""
+
+
+@dataclass(slots=True)
+class JobRecord:
+    """A job as its worker's disk knows it."""
+
+    job_id: str
+    func: str
+    state: JobState
+    #: The child's pid (also its process group); 0 before it started.
+    pid: int = 0
+    started: float = 0.0
+    finished: float = 0.0
+    exit_code: int | None = None
+    #: One line: why it failed or was cancelled.
+    error: str = ""
+    #: sha256 of the function path and arguments, so an id is never reused for other work.
+    digest: str = ""
+
+    def encode(self) -> bytes:
+        """The record as msgpack."""
+        return msgpack.packb(dataclasses.asdict(self), use_bin_type=True)  # type: ignore[no-any-return]
+
+    @classmethod
+    def decode(cls, raw: bytes) -> JobRecord:
+        """A record from `encode`'s bytes."""
+        fields = msgpack.unpackb(raw, raw=False)
+        fields["state"] = JobState(fields["state"])
+        return cls(**fields)
+
+
+@dataclass(slots=True)
+class _Active:
+    proc: subprocess.Popen[bytes]
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    #: Set before the child is signalled: how its end is recorded if it leaves no result.
+    ending: tuple[JobState, str] | None = None
+
+
+def check_job_id(job_id: object) -> str:
+    """`job_id` if it can name a job directory, else a one-line `JobSpecError`."""
+    if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
+        raise JobSpecError(
+            f"bad job id {job_id!r}: use 1-128 letters, digits, '.', '_' or '-' (e.g. PC1-s12-a3)"
+        )
+    return job_id
+
+
+def encode_spec(func: object, args: object) -> bytes:
+    """The child's spec file for `func(*args)`, or a one-line `JobSpecError`."""
+    if not isinstance(func, str) or not _FUNC.fullmatch(func):
+        raise JobSpecError(f"bad job function {func!r}: give an importable 'module:function'")
+    if not isinstance(args, list | tuple):
+        raise JobSpecError(f"bad job arguments for {func}: a list, not {type(args).__name__}")
+    try:
+        return msgpack.packb([func, list(args)], use_bin_type=True)  # type: ignore[no-any-return]
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise JobSpecError(f"job arguments for {func} are not msgpack-encodable: {exc}") from None
+
+
+class JobTable:
+    """The jobs of one worker: records under `root`, children running now in memory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._lock = threading.Lock()
+        self._active: dict[str, _Active] = {}
+
+    # ------------------------------------------------------------------ records
+
+    def _dir(self, job_id: str) -> Path:
+        return self.root / job_id
+
+    def _read(self, job_id: str) -> JobRecord | None:
+        try:
+            raw = (self._dir(job_id) / RECORD).read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            return JobRecord.decode(raw)
+        except (ValueError, TypeError, KeyError) as exc:
+            error = f"failed: its record on the worker is unreadable ({exc})"
+            return JobRecord(job_id, "", JobState.FAILED, error=error)
+
+    def _write(self, record: JobRecord) -> None:
+        write_atomic(self._dir(record.job_id) / RECORD, record.encode())
+
+    def records(self) -> list[JobRecord]:
+        """Every job this worker has a record of, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = [r for d in self.root.iterdir() if (r := self._read(d.name)) is not None]
+        return sorted(found, key=lambda r: (r.started, r.job_id))
+
+    def recover(self) -> None:
+        """At worker start: a job left `running` by the previous worker process is failed.
+
+        Its child died with that worker (`PR_SET_PDEATHSIG`); one whose result file was
+        complete is done after all. Nothing is re-run.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            for record in self.records():
+                if record.state is not JobState.RUNNING or record.job_id in self._active:
+                    continue
+                _kill_stray(record.pid, self._dir(record.job_id))
+                if (self._dir(record.job_id) / RESULT).exists():
+                    record.state = JobState.DONE
+                else:
+                    record.state = JobState.FAILED
+                    record.error = (
+                        "failed: its worker stopped while it ran (the child died with it); "
+                        "not re-run"
+                    )
+                record.finished = time.time()
+                self._write(record)
+
+    # ------------------------------------------------------------------ running
+
+    def run(self, job_id: str, func: str, args: list[Any]) -> Any:
+        """Run job `job_id` once and return its result (or raise its `JobError`).
+
+        If the job is running, wait for it; if it finished, answer from its record.
+        """
+        check_job_id(job_id)
+        spec = encode_spec(func, args)
+        digest = hashlib.sha256(spec).hexdigest()
+        owner = False
+        with self._lock:
+            active = self._active.get(job_id)
+            if active is None:
+                record = self._read(job_id)
+                if record is None:
+                    active = self._start(job_id, func, spec, digest)
+                    owner = True
+                elif record.digest and record.digest != digest:
+                    raise JobSpecError(
+                        f"job id {job_id} already names another job ({record.func}); "
+                        "use a new id per attempt"
+                    )
+        if owner:
+            assert active is not None
+            self._finish(job_id, active, active.proc.wait())
+        elif active is not None:
+            active.done.wait()
+        return self.outcome(job_id)
+
+    def _start(self, job_id: str, func: str, spec: bytes, digest: str) -> _Active:
+        jobdir = self._dir(job_id)
+        jobdir.mkdir(parents=True)
+        record = JobRecord(job_id, func, JobState.RUNNING, started=time.time(), digest=digest)
+        write_atomic(jobdir / SPEC, spec)
+        self._write(record)
+        try:
+            with open(jobdir / OUTPUT, "wb") as out:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", _CHILD, str(jobdir)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=out,
+                    start_new_session=True,  # kill reaches whatever the job starts
+                    preexec_fn=die_with(os.getpid()),  # SIGKILL when the worker dies
+                )
+        except OSError as exc:
+            record.state, record.error = JobState.FAILED, f"failed: cannot start its child: {exc}"
+            record.finished = time.time()
+            self._write(record)
+            raise JobFailed(job_id, record.error) from None
+        record.pid = proc.pid
+        self._write(record)
+        active = _Active(proc)
+        self._active[job_id] = active
+        return active
+
+    def _finish(self, job_id: str, active: _Active, rc: int) -> None:
+        with self._lock:
+            record = self._read(job_id) or JobRecord(job_id, "", JobState.RUNNING)
+            record.exit_code, record.finished = rc, time.time()
+            if rc == 0 and (self._dir(job_id) / RESULT).exists():
+                record.state, record.error = JobState.DONE, ""
+            elif active.ending is not None:
+                record.state, record.error = active.ending
+            else:
+                record.state = JobState.FAILED
+                record.error = f"failed ({_exit(rc)}): {_last_line(self._dir(job_id) / OUTPUT)}"
+            self._write(record)
+            del self._active[job_id]
+            active.done.set()
+
+    def outcome(self, job_id: str) -> Any:
+        """A finished job's result, or its error raised; `JobError` if it is unknown."""
+        record = self._read(job_id)
+        if record is None:
+            raise JobFailed(job_id, "failed: this worker has no record of it (acknowledged?)")
+        if record.state is JobState.DONE:
+            raw = (self._dir(job_id) / RESULT).read_bytes()
+            return msgpack.unpackb(raw, raw=False, strict_map_key=False)
+        if record.state is JobState.CANCELLED:
+            raise JobCancelled(job_id, record.error)
+        if record.state is JobState.FAILED:
+            raise JobFailed(job_id, record.error)
+        raise JobFailed(job_id, "failed: still marked running but no child runs it")
+
+    # ------------------------------------------------------------------ control
+
+    async def kill(self, job_id: str, grace: float = KILL_GRACE) -> JobState:
+        """Kill a running job (SIGTERM, SIGKILL after `grace` s); the job's state after.
+
+        A job not started yet gets a `cancelled` record, so a late run of it raises
+        `JobCancelled` instead of starting it. A finished job keeps its record.
+        """
+        check_job_id(job_id)
+        with self._lock:
+            active = self._active.get(job_id)
+            if active is None:
+                record = self._read(job_id)
+                if record is not None:
+                    return record.state
+                self._dir(job_id).mkdir(parents=True)
+                now = time.time()
+                error = "cancelled before it started"
+                self._write(JobRecord(job_id, "", JobState.CANCELLED, 0, now, now, error=error))
+                return JobState.CANCELLED
+            active.ending = (JobState.CANCELLED, "cancelled: killed by request")
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            _signal_group(active.proc.pid, sig)
+            if await asyncio.to_thread(active.done.wait, grace):
+                break
+        record = self._read(job_id)
+        return record.state if record is not None else JobState.CANCELLED
+
+    def ack(self, job_id: str) -> bool:
+        """Forget a finished job (its result was collected); False if there is no record."""
+        check_job_id(job_id)
+        with self._lock:
+            if job_id in self._active:
+                raise JobSpecError(f"job {job_id} is running: kill it before acknowledging it")
+            if not self._dir(job_id).is_dir():
+                return False
+            shutil.rmtree(self._dir(job_id))
+            return True
+
+    def close(self) -> None:
+        """The worker is closing: SIGKILL every child; their jobs are recorded failed."""
+        with self._lock:
+            running = list(self._active.values())
+            for active in running:
+                active.ending = (JobState.FAILED, "failed: its worker closed while it ran")
+        for active in running:
+            _signal_group(active.proc.pid, signal.SIGKILL)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+def _kill_stray(pid: int, jobdir: Path) -> None:
+    """SIGKILL a child that outlived its worker (no `PR_SET_PDEATHSIG`), if `pid` is it."""
+    if pid <= 0:
+        return
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return  # gone (or no /proc: nothing to check it against)
+    if str(jobdir).encode() in cmdline.split(b"\0"):
+        _signal_group(pid, signal.SIGKILL)
+
+
+def _exit(rc: int) -> str:
+    if rc < 0:
+        return f"killed by {signal.Signals(-rc).name}"
+    return f"exit code {rc}"
+
+
+def _last_line(output: Path) -> str:
+    """The last non-blank line the child printed (a traceback ends with the exception)."""
+    try:
+        with open(output, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - TAIL))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return "no output"
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"
+
+
+# ---------------------------------------------------------------------- on the worker
+
+
+class JobRegistry(WorkerPlugin):
+    """The `WorkerPlugin` that holds a worker's `JobTable`.
+
+    Records live in `state_dir/<worker name>` (default: the `sectors.jobs-dir` Dask config
+    key, else the temp directory), so a worker restarted under the same name finds them.
+    Idempotent: a restarted engine registering it again keeps the running table.
+    """
+
+    name = PLUGIN
+    idempotent = True
+
+    def __init__(self, state_dir: str | None = None) -> None:
+        self.state_dir = state_dir
+        self.table: JobTable | None = None
+
+    def setup(self, worker: Worker) -> None:
+        """Open this worker's records and fail the jobs its previous process left running."""
+        base = self.state_dir or dask.config.get(STATE_DIR_KEY, None)
+        root = Path(base) if base else Path(tempfile.gettempdir()) / PLUGIN
+        self.table = JobTable(root / re.sub(r"[^A-Za-z0-9._-]", "_", str(worker.name)))
+        self.table.recover()
+
+    def teardown(self, worker: Worker) -> None:
+        """Kill the running children: a job never outlives its worker."""
+        if self.table is not None:
+            self.table.close()
+
+
+def table_of(worker: Worker) -> JobTable:
+    """The worker's `JobTable`; a clear error if the plugin is not installed there."""
+    plugin = worker.plugins.get(PLUGIN)
+    if not isinstance(plugin, JobRegistry) or plugin.table is None:
+        raise RuntimeError(f"the {PLUGIN} plugin is not installed on worker {worker.name}")
+    return plugin.table
+
+
+def run_job(job_id: str, func: str, args: list[Any]) -> Any:
+    """The Dask task: run (or attach to) job `job_id` on this worker; its result."""
+    return table_of(get_worker()).run(job_id, func, args)
+
+
+async def kill_job(job_id: str, grace: float, dask_worker: Worker) -> str:
+    """For `client.run`: kill job `job_id` on this worker; its state after."""
+    return str(await table_of(dask_worker).kill(job_id, grace))
+
+
+def ack_job(job_id: str, dask_worker: Worker) -> bool:
+    """For `client.run`: forget job `job_id` on this worker."""
+    return table_of(dask_worker).ack(job_id)
+
+
+def list_jobs(dask_worker: Worker) -> list[dict[str, Any]]:
+    """For `client.run`: every job record on this worker, as dicts."""
+    return [dataclasses.asdict(r) for r in table_of(dask_worker).records()]
+
+
+# ---------------------------------------------------------------------- on the engine
+
+
+async def install(client: Client, state_dir: str | None = None) -> None:
+    """Register the job registry on every worker, now and joining later (async client)."""
+    await client.register_plugin(JobRegistry(state_dir))
+
+
+def submit(client: Client, address: str, job_id: str, func: str, args: list[Any]) -> Future[Any]:
+    """Submit job `job_id` (`func(*args)` in a child) pinned to the worker at `address`.
+
+    The Dask key is the job id. Checks the job before anything reaches the cluster.
+    """
+    check_job_id(job_id)
+    encode_spec(func, args)
+    return client.submit(
+        run_job,
+        job_id,
+        func,
+        list(args),
+        key=job_id,
+        workers=[address],
+        allow_other_workers=False,
+        pure=False,
+    )
+
+
+async def kill(client: Client, address: str, job_id: str, grace: float = KILL_GRACE) -> JobState:
+    """Kill job `job_id` on the worker at `address` (async client); its state after."""
+    check_job_id(job_id)
+    answer = await client.run(kill_job, job_id, grace, workers=[address])
+    return JobState(answer[address])
+
+
+async def ack(client: Client, address: str, job_id: str) -> bool:
+    """Delete job `job_id`'s record and result on the worker at `address` (async client)."""
+    check_job_id(job_id)
+    answer = await client.run(ack_job, job_id, workers=[address])
+    return bool(answer[address])
+
+
+async def jobs(client: Client, address: str) -> list[JobRecord]:
+    """Every job record on the worker at `address` (async client)."""
+    answer = await client.run(list_jobs, workers=[address])
+    return [JobRecord(**{**r, "state": JobState(r["state"])}) for r in answer[address]]
