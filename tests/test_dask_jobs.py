@@ -1,0 +1,319 @@
+"""The Dask worker's job registry: each job runs once, in a child a kill really stops.
+
+The Dask tests run a real scheduler in the test's event loop and real `dask worker`
+processes on 127.0.0.1; job functions come from tests/jobfuncs.py and count their runs in
+a file. Every wait is on something observable (a worker joined, a count line, a pid gone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dask.config
+import pytest
+from conftest import HANG_GUARD, Child, Spawner, run
+from distributed import Client, Scheduler
+
+from sectorfsm.sealing.backends.dask import jobs
+from sectorfsm.sealing.backends.dask.jobs import (
+    JobCancelled,
+    JobFailed,
+    JobRecord,
+    JobSpecError,
+    JobState,
+    JobTable,
+)
+
+TESTS = Path(__file__).resolve().parent
+GATE = "jobfuncs:gate"
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
+    return env
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie nobody reaped yet counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def lines(path: Path) -> list[str]:
+    """The lines of `path` (none if it does not exist yet)."""
+    return path.read_text().splitlines() if path.exists() else []
+
+
+async def eventually(check: Callable[[], Any], what: str, guard: float = HANG_GUARD) -> Any:
+    """Poll `check()` (sync or async) until it returns something truthy; `guard` s at most."""
+    deadline = time.monotonic() + guard
+    while True:
+        found = check()
+        if inspect.isawaitable(found):
+            found = await found
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            pytest.fail(f"hang guard: {what} not seen in {guard:g} s")
+        await asyncio.sleep(0.01)
+
+
+@dataclass
+class Cluster:
+    """A scheduler in this loop, an async client, and `dask worker` processes."""
+
+    spawn: Spawner
+    scheduler: Scheduler
+    client: Client
+    state: Path
+
+    def worker(self, name: str) -> Child:
+        """Start a `dask worker` process (no nanny) named `name`."""
+        args = [
+            "-m",
+            "distributed.cli.dask_worker",
+            self.scheduler.address,
+            *("--name", name, "--nthreads", "4", "--memory-limit", "0"),
+            *("--no-nanny", "--no-dashboard", "--host", "127.0.0.1"),
+        ]
+        return self.spawn.python(*args, name=name, env=_env())
+
+    async def address(self, name: str) -> str:
+        """The address of the worker named `name`, once it has joined."""
+
+        def find() -> str | None:
+            return next((a for a, w in self.scheduler.workers.items() if w.name == name), None)
+
+        found: str = await eventually(find, f"worker {name} joining")
+        return found
+
+
+@contextlib.asynccontextmanager
+async def cluster(spawn: Spawner, tmp: Path) -> AsyncIterator[Cluster]:
+    """A scheduler that fails a task as its worker dies, and a client with the registry."""
+    config = {
+        "distributed.scheduler.allowed-failures": 0,
+        "distributed.scheduler.work-stealing": False,
+    }
+    with dask.config.set(config):
+        async with (
+            Scheduler(host="127.0.0.1", port=0, dashboard=False) as scheduler,
+            Client(scheduler.address, asynchronous=True) as client,
+        ):
+            await jobs.install(client, str(tmp / "jobs"))
+            try:
+                yield Cluster(spawn, scheduler, client, tmp / "jobs")
+            finally:
+                spawn.close()  # the workers go before the scheduler
+
+
+def in_cluster(spawn: Spawner, tmp: Path, body: Callable[[Cluster], Awaitable[None]]) -> None:
+    """Run `body` against a fresh cluster on a fresh event loop."""
+
+    async def main() -> None:
+        async with cluster(spawn, tmp) as c:
+            await body(c)
+
+    run(main)
+
+
+# ---------------------------------------------------------------------- without Dask
+
+
+def test_bad_input_is_one_line_and_changes_nothing(tmp_path: Path) -> None:
+    table = JobTable(tmp_path / "jobs")
+    cases: list[tuple[str, str, Any]] = [
+        ("../escape", "jobfuncs:add", []),
+        ("", "jobfuncs:add", []),
+        ("PC1-s1-a1", "jobfuncs.add", []),
+        ("PC1-s1-a1", "jobfuncs:add", "not a list"),
+        ("PC1-s1-a1", "jobfuncs:add", [object()]),
+    ]
+    for job_id, func, args in cases:
+        with pytest.raises(JobSpecError) as err:
+            table.run(job_id, func, args)
+        assert "\n" not in str(err.value)
+        with pytest.raises(JobSpecError):
+            jobs.submit(None, "tcp://127.0.0.1:1", job_id, func, args)  # type: ignore[arg-type]
+    assert not (tmp_path / "jobs").exists()
+    assert table.ack("PC1-s9-a1") is False
+    with pytest.raises(JobSpecError):
+        table.ack("a/b")
+
+
+def test_a_job_left_running_by_a_dead_worker_is_failed_not_rerun(tmp_path: Path) -> None:
+    table = JobTable(tmp_path / "jobs")
+    (tmp_path / "jobs" / "PC1-s1-a1").mkdir(parents=True)
+    left = JobRecord("PC1-s1-a1", GATE, JobState.RUNNING, pid=0, started=1.0)
+    (tmp_path / "jobs" / "PC1-s1-a1" / "record").write_bytes(left.encode())
+    table.recover()
+    (record,) = table.records()
+    assert record.state is JobState.FAILED and "not re-run" in record.error
+    count = tmp_path / "count"
+    with pytest.raises(JobFailed, match="its worker stopped while it ran"):
+        table.run("PC1-s1-a1", GATE, [str(count), str(tmp_path / "go"), 1])
+    assert not count.exists()
+
+
+def test_a_job_id_is_never_reused_for_other_work(tmp_path: Path) -> None:
+    table = JobTable(tmp_path / "jobs")
+    (tmp_path / "jobs" / "AP-s1-a1").mkdir(parents=True)
+    done = JobRecord("AP-s1-a1", "jobfuncs:add", JobState.DONE, digest="0" * 64)
+    (tmp_path / "jobs" / "AP-s1-a1" / "record").write_bytes(done.encode())
+    with pytest.raises(JobSpecError, match="already names another job"):
+        table.run("AP-s1-a1", "jobfuncs:add", ["count", 9, 9])
+    assert table.records() == [done]
+
+
+# ---------------------------------------------------------------------- real Dask
+
+
+def test_run_a_job_get_its_result_keep_it_until_ack(spawn: Spawner, tmp_path: Path) -> None:
+    count = tmp_path / "count"
+
+    async def body(c: Cluster) -> None:
+        c.worker("w1")
+        addr = await c.address("w1")
+        fut = jobs.submit(c.client, addr, "AP-s1-a1", "jobfuncs:add", [str(count), 2, 3])
+        assert await fut == 5
+        fut.release()  # once the scheduler forgets the key, a resubmit is a new task
+        await eventually(lambda: "AP-s1-a1" not in c.scheduler.tasks, "the key forgotten")
+        (record,) = await jobs.jobs(c.client, addr)
+        assert record.job_id == "AP-s1-a1" and record.state is JobState.DONE
+
+        async def again() -> Any:
+            fut = jobs.submit(c.client, addr, "AP-s1-a1", "jobfuncs:add", [str(count), 2, 3])
+            return await fut
+
+        assert await again() == 5  # from the record: the child did not run again
+        assert len(lines(count)) == 1
+
+        failing = jobs.submit(c.client, addr, "PC1-s1-a1", "jobfuncs:boom", ["no ticket"])
+        with pytest.raises(JobFailed) as err:
+            await failing
+        assert str(err.value) == "job PC1-s1-a1 failed (exit code 1): ValueError: no ticket"
+
+        assert await jobs.ack(c.client, addr, "AP-s1-a1") is True
+        assert [r.job_id for r in await jobs.jobs(c.client, addr)] == ["PC1-s1-a1"]
+        assert await jobs.ack(c.client, addr, "AP-s1-a1") is False
+
+    in_cluster(spawn, tmp_path, body)
+
+
+def test_kill_stops_the_child_and_the_task_ends_cancelled(spawn: Spawner, tmp_path: Path) -> None:
+    count, stubborn = tmp_path / "count", tmp_path / "stubborn"
+
+    async def body(c: Cluster) -> None:
+        c.worker("w1")
+        addr = await c.address("w1")
+        never = str(tmp_path / "never")
+        fut = jobs.submit(c.client, addr, "PC1-s2-a1", GATE, [str(count), never, 0])
+        await eventually(lambda: lines(count), "the job's child starting")
+        (record,) = await jobs.jobs(c.client, addr)
+        assert record.state is JobState.RUNNING and alive(record.pid)
+
+        started = time.monotonic()
+        assert await jobs.kill(c.client, addr, "PC1-s2-a1") is JobState.CANCELLED
+        with pytest.raises(JobCancelled, match="killed by request"):
+            await fut
+        assert time.monotonic() - started < 5.0  # SIGTERM ends it: no grace period spent
+        assert not alive(record.pid)
+
+        # a child that ignores SIGTERM gets SIGKILL after the grace
+        fut = jobs.submit(c.client, addr, "PC1-s3-a1", "jobfuncs:stubborn", [str(stubborn)])
+        await eventually(lambda: lines(stubborn), "the stubborn child starting")
+        assert await jobs.kill(c.client, addr, "PC1-s3-a1", grace=0.2) is JobState.CANCELLED
+        with pytest.raises(JobCancelled):
+            await fut
+        records = {r.job_id: r for r in await jobs.jobs(c.client, addr)}
+        assert records["PC1-s3-a1"].exit_code == -signal.SIGKILL
+
+        # killed before it started: a late run raises instead of starting it
+        assert await jobs.kill(c.client, addr, "PC1-s4-a1") is JobState.CANCELLED
+        late = jobs.submit(c.client, addr, "PC1-s4-a1", GATE, [str(count), never, 0])
+        with pytest.raises(JobCancelled, match="before it started"):
+            await late
+        assert len(lines(count)) == 1
+
+    in_cluster(spawn, tmp_path, body)
+
+
+ENGINE = """
+import sys
+from distributed import Client
+from sectorfsm.sealing.backends.dask import jobs
+client = Client(sys.argv[1])
+fut = jobs.submit(client, sys.argv[2], "PC1-s5-a1", "jobfuncs:gate", sys.argv[3:5] + [42])
+print("submitted", flush=True)
+print("result", fut.result(), flush=True)
+"""
+
+
+def test_engine_killed_mid_job_the_child_runs_once(spawn: Spawner, tmp_path: Path) -> None:
+    count, release = tmp_path / "count", tmp_path / "release"
+
+    async def body(c: Cluster) -> None:
+        c.worker("w1")
+        addr = await c.address("w1")
+        args = [str(count), str(release)]
+        clients = set(c.scheduler.clients)
+        engine = spawn.python("-c", ENGINE, c.scheduler.address, addr, *args, env=_env())
+        await eventually(lambda: lines(count), "the job's child starting")
+        engine.kill()  # kill -9 of the engine: its client connection drops mid-job
+        await eventually(lambda: set(c.scheduler.clients) == clients, "its client gone")
+
+        fut = jobs.submit(c.client, addr, "PC1-s5-a1", GATE, [*args, 42])
+        (record,) = await jobs.jobs(c.client, addr)
+        assert record.state is JobState.RUNNING and alive(record.pid)
+        release.touch()
+        assert await fut == 42
+        assert len(lines(count)) == 1  # one child, its result handed to the new engine
+        (record,) = await jobs.jobs(c.client, addr)
+        assert record.state is JobState.DONE  # kept until the engine acknowledges it
+
+    in_cluster(spawn, tmp_path, body)
+
+
+def test_worker_restart_reports_the_running_job_failed(spawn: Spawner, tmp_path: Path) -> None:
+    count = tmp_path / "count"
+
+    async def body(c: Cluster) -> None:
+        worker = c.worker("w1")
+        addr = await c.address("w1")
+        args = [str(count), str(tmp_path / "never"), 0]
+        fut = jobs.submit(c.client, addr, "PC1-s6-a1", GATE, args)
+        await eventually(lambda: lines(count), "the job's child starting")
+        (record,) = await jobs.jobs(c.client, addr)
+
+        worker.kill()  # kill -9 of the worker process alone: the child dies with it
+        with pytest.raises(Exception, match="died"):  # KilledWorker
+            await fut
+        fut.release()  # Dask would hand the errored task back to a resubmit of a key still held
+        await eventually(lambda: "PC1-s6-a1" not in c.scheduler.tasks, "the key forgotten")
+        await eventually(lambda: not alive(record.pid), "the child dying with its worker")
+        await eventually(lambda: not c.scheduler.workers, "the worker leaving")
+
+        c.worker("w1")  # restarted under the same name: the registry is installed again
+        addr = await c.address("w1")
+        (record,) = await jobs.jobs(c.client, addr)
+        assert record.state is JobState.FAILED
+        assert "its worker stopped while it ran" in record.error
+        again = jobs.submit(c.client, addr, "PC1-s6-a1", GATE, args)
+        with pytest.raises(JobFailed, match="not re-run"):
+            await again
+        assert len(lines(count)) == 1
+
+    in_cluster(spawn, tmp_path, body)
