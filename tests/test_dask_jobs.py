@@ -12,6 +12,7 @@ import contextlib
 import inspect
 import os
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from typing import Any
 
 import dask.config
 import pytest
-from conftest import HANG_GUARD, Child, Spawner, run
+from conftest import HANG_GUARD, Child, Spawner, run, until
 from distributed import Client, Scheduler
 
 from sectorfsm.sealing.backends.dask import jobs
@@ -176,6 +177,38 @@ def test_a_job_id_is_never_reused_for_other_work(tmp_path: Path) -> None:
     with pytest.raises(JobSpecError, match="already names another job"):
         table.run("AP-s1-a1", "jobfuncs:add", ["count", 9, 9])
     assert table.records() == [done]
+
+
+def test_a_running_job_attaches_refuses_ack_and_dies_on_kill(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYTHONPATH", _env()["PYTHONPATH"])
+    table = JobTable(tmp_path / "jobs")
+    count, never = tmp_path / "count", tmp_path / "never"
+    args = [str(count), str(never), 7]
+    outcomes: list[BaseException] = []
+
+    def run_one() -> None:
+        try:
+            table.run("PC1-s7-a1", GATE, args)
+        except JobCancelled as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=run_one) for _ in range(2)]
+    try:
+        for thread in threads:
+            thread.start()
+        until(lambda: lines(count) or None, "the job's child starting")
+        with pytest.raises(JobSpecError, match="is running: kill it"):
+            table.ack("PC1-s7-a1")
+        assert asyncio.run(table.kill("PC1-s7-a1")) is JobState.CANCELLED
+    finally:
+        table.close()  # whatever happened, no child outlives the test
+        for thread in threads:
+            thread.join(HANG_GUARD)
+    assert len(outcomes) == 2  # the second run attached to the first one's child
+    assert len(lines(count)) == 1
+    assert table.ack("PC1-s7-a1") is True and table.records() == []
 
 
 # ---------------------------------------------------------------------- real Dask

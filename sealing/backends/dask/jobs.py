@@ -183,7 +183,8 @@ class JobTable:
         """Every job this worker has a record of, oldest first."""
         if not self.root.is_dir():
             return []
-        found = [r for d in self.root.iterdir() if (r := self._read(d.name)) is not None]
+        dirs = (d for d in self.root.iterdir() if d.is_dir())
+        found = [r for d in dirs if (r := self._read(d.name)) is not None]
         return sorted(found, key=lambda r: (r.started, r.job_id))
 
     def recover(self) -> None:
@@ -241,7 +242,8 @@ class JobTable:
 
     def _start(self, job_id: str, func: str, spec: bytes, digest: str) -> _Active:
         jobdir = self._dir(job_id)
-        jobdir.mkdir(parents=True)
+        jobdir.mkdir(parents=True, exist_ok=True)  # left without a record by a crash: reuse
+        (jobdir / RESULT).unlink(missing_ok=True)
         record = JobRecord(job_id, func, JobState.RUNNING, started=time.time(), digest=digest)
         write_atomic(jobdir / SPEC, spec)
         self._write(record)
@@ -310,7 +312,7 @@ class JobTable:
                 record = self._read(job_id)
                 if record is not None:
                     return record.state
-                self._dir(job_id).mkdir(parents=True)
+                self._dir(job_id).mkdir(parents=True, exist_ok=True)
                 now = time.time()
                 error = "cancelled before it started"
                 self._write(JobRecord(job_id, "", JobState.CANCELLED, 0, now, now, error=error))
