@@ -451,7 +451,9 @@ async def install(client: Client, state_dir: str | None = None) -> None:
 def submit(client: Client, address: str, job_id: str, func: str, args: list[Any]) -> Future[Any]:
     """Submit job `job_id` (`func(*args)` in a child) pinned to the worker at `address`.
 
-    The Dask key is the job id. Checks the job before anything reaches the cluster.
+    The Dask key is the job id. Checks the job before anything reaches the cluster. Release
+    a finished future before resubmitting its id: Dask hands a key that is still held back
+    as the same task, error included, without running anything.
     """
     check_job_id(job_id)
     encode_spec(func, args)
