@@ -25,6 +25,7 @@ from .filetypes import FileType
 from .ledger import Ledger, Phase, WorkerResources
 from .lotus import LotusMode
 from .policy import PolicyWatcher
+from .pushed import PolicySource
 from .queue import Request, RequestQueue
 from .resources import resource_spec
 from .rules import PolicyView, delay_refusal, disk_units, policy_refusal, stage_cap
@@ -36,7 +37,7 @@ from .views import (
     JobSnapshot,
     TaskDiag,
     WorkerSnapshot,
-    job_snapshot,
+    job_snapshots,
     publish_snapshot,
     worker_snapshot,
 )
@@ -186,6 +187,13 @@ class Scheduler:
                 self._units.pop(w.name, None)
                 self._touch(w.name)
         return watcher
+
+    def use_policy(self, name: str, source: PolicySource) -> None:
+        """Make `source` (e.g. what a remote worker pushes) the policy of worker `name`."""
+        w = self._worker(name)
+        w.watcher = source
+        self._units.pop(name, None)
+        self._touch(name)
 
     def heartbeat(self, name: str, resources: WorkerResources | None = None) -> None:
         """A sign of life from a worker, optionally with fresh resource figures."""
@@ -541,18 +549,7 @@ class Scheduler:
 
     def jobs(self) -> list[JobSnapshot]:
         """Every task holding a worker, and every queued one."""
-        now = self.clock.now()
-        held = [
-            job_snapshot(
-                j.sched_id, j.sector, j.task_type, j.worker.name, j.phase.value, now - j.started_at
-            )
-            for j in self._jobs.values()
-        ]
-        queued = [
-            job_snapshot(r.sched_id, r.sector, r.task_type, None, "queued", now - r.enqueued_at)
-            for r in self.queue
-        ]
-        return held + queued
+        return job_snapshots(self._jobs.values(), self.queue, self.clock.now())
 
     def diag(self, limit: int | None = None) -> list[TaskDiag]:
         """For each queued task (most urgent first), why each worker did not take it."""

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from ..fsm.codec import packb, unpackb
 from ..fsm.store import LmdbStore
+from .queue import Request
 from .rules import stage_cap
 from .storage import SectorRef, StorageIndex
 from .tasks import TaskType
@@ -42,6 +44,18 @@ class WorkerSnapshot(_Snapshot):
     #: Stage caps of its policy ("AP", "PC1", "PC2", "C2"; None: no cap); {}: no policy.
     caps: dict[str, int | None] = field(default_factory=dict)
     auto_pledge_diff: int = 0
+    #: What a remote worker's backend says of it (host, address, free space, policy); None
+    #: for an in-process worker.
+    remote: dict[str, Any] | None = None
+
+
+@runtime_checkable
+class RemoteBackend(Protocol):
+    """A worker backend on another machine, which can describe that machine."""
+
+    def describe(self) -> dict[str, Any]:
+        """Plain data for `sectors workers` (host, address, last heartbeat, free space...)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +102,7 @@ def worker_snapshot(w: Worker, index: StorageIndex, now: float) -> WorkerSnapsho
         policy_error=w.watcher.error if w.watcher is not None else None,
         caps={t.short: stage_cap(w.policy, t) for t in _CAPPED} if w.watcher is not None else {},
         auto_pledge_diff=w.policy.auto_pledge_diff,
+        remote=w.backend.describe() if isinstance(w.backend, RemoteBackend) else None,
     )
 
 
@@ -104,6 +119,36 @@ def job_snapshot(
 ) -> JobSnapshot:
     """Snapshot one job."""
     return JobSnapshot(sched_id, str(sector), task_type.short, worker, phase, round(age_s, 3))
+
+
+class _Held(Protocol):
+    sched_id: int
+    sector: SectorRef
+    task_type: TaskType
+    started_at: float
+
+    @property
+    def worker(self) -> Worker: ...
+
+    @property
+    def phase(self) -> Any: ...
+
+
+def job_snapshots(
+    held: Iterable[_Held], queued: Iterable[Request], now: float
+) -> list[JobSnapshot]:
+    """Snapshot the jobs holding workers, then the queued requests."""
+    out = [
+        job_snapshot(
+            j.sched_id, j.sector, j.task_type, j.worker.name, j.phase.value, now - j.started_at
+        )
+        for j in held
+    ]
+    out += [
+        job_snapshot(r.sched_id, r.sector, r.task_type, None, "queued", now - r.enqueued_at)
+        for r in queued
+    ]
+    return out
 
 
 SNAPSHOT_KEY = b"sched/snapshot"

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from .ledger import Ledger, WorkerResources
-from .policy import PolicyWatcher, WorkerPolicy
+from .policy import WorkerPolicy
+from .pushed import PolicySource
 from .resources import ResourceOverrides
 from .storage import StoragePath
 from .tasks import TaskType
@@ -157,7 +158,7 @@ class Worker:
     enabled: bool = True
     #: Why the worker is disabled, for `workers()` and `diag()`.
     disabled_reason: str = ""
-    watcher: PolicyWatcher | None = None
+    watcher: PolicySource | None = None
     #: Ids of the jobs that hold resources here.
     jobs: set[int] = field(default_factory=set)
 
