@@ -16,6 +16,11 @@ same reason (`extern/sector-storage/manager_calltracker.go@v1.11.3`).
   child's process group, SIGKILL after a grace, and the waiting task raises `JobCancelled`.
 * The child gets SIGKILL when the worker dies (`PR_SET_PDEATHSIG`); a worker that starts
   again finds the record still `running` and marks it failed: it is never re-run silently.
+* Inside `sectors worker` (`hold_jobs`), the tables are per process, not per `Worker`: a
+  Worker that closes because its scheduler went away detaches its waiting tasks and leaves
+  the children running, and the next Worker of the process re-attaches to the same table.
+  Each child is started and reaped by a thread of its own, so `PR_SET_PDEATHSIG` (which
+  follows the thread that forked) never fires when a Dask pool thread goes away.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,12 +129,18 @@ class JobRecord:
         return cls(**fields)
 
 
+class JobDetached(JobError):
+    """The worker that waited for the job closed; the job still runs (resubmit to attach)."""
+
+
 @dataclass(slots=True)
 class _Active:
     proc: subprocess.Popen[bytes]
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     #: Set before the child is signalled: how its end is recorded if it leaves no result.
     ending: tuple[JobState, str] | None = None
+    #: One event per task waiting for this job: set when it ends or the waiters detach.
+    waiters: list[threading.Event] = dataclasses.field(default_factory=list)
 
 
 def check_job_id(job_id: object) -> str:
@@ -220,25 +232,33 @@ class JobTable:
         check_job_id(job_id)
         spec = encode_spec(func, args)
         digest = hashlib.sha256(spec).hexdigest()
-        owner = False
+        wake = threading.Event()
         with self._lock:
             active = self._active.get(job_id)
             if active is None:
                 record = self._read(job_id)
                 if record is None:
                     active = self._start(job_id, func, spec, digest)
-                    owner = True
                 elif record.digest and record.digest != digest:
                     raise JobSpecError(
                         f"job id {job_id} already names another job ({record.func}); "
                         "use a new id per attempt"
                     )
-        if owner:
-            assert active is not None
-            self._finish(job_id, active, active.proc.wait())
-        elif active is not None:
-            active.done.wait()
+            if active is not None:
+                active.waiters.append(wake)
+        if active is not None:
+            wake.wait()
+            if not active.done.is_set():
+                raise JobDetached(job_id, "still runs, but its task ended: submit it again")
         return self.outcome(job_id)
+
+    def detach(self) -> None:
+        """End every task waiting for a job; the children keep running."""
+        with self._lock:
+            for active in self._active.values():
+                for wake in active.waiters:
+                    wake.set()
+                active.waiters.clear()
 
     def _start(self, job_id: str, func: str, spec: bytes, digest: str) -> _Active:
         jobdir = self._dir(job_id)
@@ -247,6 +267,30 @@ class JobTable:
         record = JobRecord(job_id, func, JobState.RUNNING, started=time.time(), digest=digest)
         write_atomic(jobdir / SPEC, spec)
         self._write(record)
+        started = threading.Event()
+        box: list[_Active | OSError] = []
+        watcher = threading.Thread(
+            target=self._watch, args=(job_id, started, box), name=f"job-{job_id}", daemon=True
+        )
+        watcher.start()
+        started.wait()
+        if isinstance(box[0], OSError):
+            record.state, record.error = (
+                JobState.FAILED,
+                f"failed: cannot start its child: {box[0]}",
+            )
+            record.finished = time.time()
+            self._write(record)
+            raise JobFailed(job_id, record.error) from None
+        active = box[0]
+        record.pid = active.proc.pid
+        self._write(record)
+        self._active[job_id] = active
+        return active
+
+    def _watch(self, job_id: str, started: threading.Event, box: list[_Active | OSError]) -> None:
+        """Start the child, then reap it: this thread lives exactly as long as the child."""
+        jobdir = self._dir(job_id)
         try:
             with open(jobdir / OUTPUT, "wb") as out:
                 proc = subprocess.Popen(
@@ -258,15 +302,13 @@ class JobTable:
                     preexec_fn=die_with(os.getpid()),  # SIGKILL when the worker dies
                 )
         except OSError as exc:
-            record.state, record.error = JobState.FAILED, f"failed: cannot start its child: {exc}"
-            record.finished = time.time()
-            self._write(record)
-            raise JobFailed(job_id, record.error) from None
-        record.pid = proc.pid
-        self._write(record)
+            box.append(exc)
+            started.set()
+            return
         active = _Active(proc)
-        self._active[job_id] = active
-        return active
+        box.append(active)
+        started.set()
+        self._finish(job_id, active, proc.wait())
 
     def _finish(self, job_id: str, active: _Active, rc: int) -> None:
         with self._lock:
@@ -280,8 +322,11 @@ class JobTable:
                 record.state = JobState.FAILED
                 record.error = f"failed ({_exit(rc)}): {_last_line(self._dir(job_id) / OUTPUT)}"
             self._write(record)
-            del self._active[job_id]
+            self._active.pop(job_id, None)
             active.done.set()
+            for wake in active.waiters:
+                wake.set()
+            active.waiters.clear()
 
     def outcome(self, job_id: str) -> Any:
         """A finished job's result, or its error raised; `JobError` if it is unknown."""
@@ -336,14 +381,20 @@ class JobTable:
             shutil.rmtree(self._dir(job_id))
             return True
 
-    def close(self) -> None:
-        """The worker is closing: SIGKILL every child; their jobs are recorded failed."""
+    def close(self, wait: float = 0.0) -> None:
+        """The worker is closing: SIGKILL every child; their jobs are recorded failed.
+
+        Waits up to `wait` seconds for the records to be written.
+        """
         with self._lock:
             running = list(self._active.values())
             for active in running:
                 active.ending = (JobState.FAILED, "failed: its worker closed while it ran")
         for active in running:
             _signal_group(active.proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + wait
+        for active in running:
+            active.done.wait(max(0.0, deadline - time.monotonic()))
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -384,6 +435,42 @@ def _last_line(output: Path) -> str:
 # ---------------------------------------------------------------------- on the worker
 
 
+_tables: dict[Path, JobTable] = {}
+_tables_lock = threading.Lock()
+_held = False
+
+
+@contextlib.contextmanager
+def hold_jobs(wait: float = 5.0) -> Iterator[None]:
+    """Keep job tables per process while inside: closing a Worker leaves its children running.
+
+    For `sectors worker`, which replaces its Worker when the scheduler goes away. On exit
+    every child of the process is killed (waiting up to `wait` s for their records).
+    """
+    global _held
+    _held = True
+    try:
+        yield
+    finally:
+        _held = False
+        with _tables_lock:
+            tables = list(_tables.values())
+            _tables.clear()
+        for table in tables:
+            table.close(wait)
+
+
+def _table(root: Path) -> JobTable:
+    """The table of `root`: shared by the process's Workers under `hold_jobs`."""
+    if not _held:
+        return JobTable(root)
+    with _tables_lock:
+        table = _tables.get(root)
+        if table is None:
+            table = _tables[root] = JobTable(root)
+        return table
+
+
 class JobRegistry(WorkerPlugin):
     """The `WorkerPlugin` that holds a worker's `JobTable`.
 
@@ -403,12 +490,16 @@ class JobRegistry(WorkerPlugin):
         """Open this worker's records and fail the jobs its previous process left running."""
         base = self.state_dir or dask.config.get(STATE_DIR_KEY, None)
         root = Path(base) if base else Path(tempfile.gettempdir()) / PLUGIN
-        self.table = JobTable(root / re.sub(r"[^A-Za-z0-9._-]", "_", str(worker.name)))
+        self.table = _table(root / re.sub(r"[^A-Za-z0-9._-]", "_", str(worker.name)))
         self.table.recover()
 
     def teardown(self, worker: Worker) -> None:
-        """Kill the running children: a job never outlives its worker."""
-        if self.table is not None:
+        """Kill the running children (under `hold_jobs`: only detach the waiting tasks)."""
+        if self.table is None:
+            return
+        if _held:
+            self.table.detach()
+        else:
             self.table.close()
 
 
