@@ -47,6 +47,7 @@ from typing import Any
 import dask.config
 import msgpack
 from distributed import Client, Future, Worker, WorkerPlugin, get_worker
+from distributed.core import Status
 
 from ..joblock import die_with
 from .child import RESULT, SPEC, write_atomic
@@ -498,7 +499,9 @@ class JobRegistry(WorkerPlugin):
         if self.table is None:
             return
         if _held:
-            self.table.detach()
+            # Replaced by an engine registering the plugin again: its tasks still wait.
+            if worker.status in (Status.closing, Status.closed):
+                self.table.detach()
         else:
             self.table.close()
 
