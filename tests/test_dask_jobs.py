@@ -17,16 +17,20 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import dask.config
 import pytest
 from conftest import HANG_GUARD, Child, Spawner, run, until
 from distributed import Client, Scheduler
+from distributed.core import Status
 
 from sectorfsm.sealing.backends.dask import jobs
 from sectorfsm.sealing.backends.dask.jobs import (
     JobCancelled,
+    JobDetached,
+    JobError,
     JobFailed,
     JobRecord,
     JobSpecError,
@@ -209,6 +213,63 @@ def test_a_running_job_attaches_refuses_ack_and_dies_on_kill(
     assert len(outcomes) == 2  # the second run attached to the first one's child
     assert len(lines(count)) == 1
     assert table.ack("PC1-s7-a1") is True and table.records() == []
+
+
+def test_under_hold_jobs_a_closing_worker_detaches_and_the_next_one_attaches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYTHONPATH", _env()["PYTHONPATH"])
+    count, release = tmp_path / "count", tmp_path / "release"
+    args = [str(count), str(release), 42]
+    outcomes: list[object] = []
+    state = str(tmp_path / "jobs")
+
+    def worker() -> Any:
+        return SimpleNamespace(name="w1", status=Status.running)
+
+    def wait_in_task(table: JobTable, job_id: str, job_args: list[Any]) -> threading.Thread:
+        def body() -> None:
+            try:
+                outcomes.append(table.run(job_id, GATE, job_args))
+            except JobError as exc:
+                outcomes.append(exc)
+
+        thread = threading.Thread(target=body)
+        thread.start()
+        return thread
+
+    with jobs.hold_jobs(wait=HANG_GUARD):
+        first, w1 = jobs.JobRegistry(state), worker()
+        first.setup(w1)
+        assert first.table is not None
+        task = wait_in_task(first.table, "PC1-s1-a1", args)
+        until(lambda: lines(count) or None, "the job's child starting")
+        (pid,) = map(int, lines(count))
+
+        again = jobs.JobRegistry(state)  # an engine registering the plugin again
+        first.teardown(w1)
+        again.setup(w1)
+        assert again.table is first.table and task.is_alive()
+
+        w1.status = Status.closing  # the scheduler went away: the Worker closes
+        again.teardown(w1)
+        task.join(HANG_GUARD)
+        assert isinstance(outcomes[0], JobDetached) and alive(pid)
+
+        nxt = jobs.JobRegistry(state)  # the next Worker of the process
+        nxt.setup(worker())
+        assert nxt.table is first.table
+        release.touch()
+        assert nxt.table.run("PC1-s1-a1", GATE, args) == 42
+        assert lines(count) == [str(pid)]
+
+        task = wait_in_task(nxt.table, "PC1-s2-a1", [str(count), str(tmp_path / "no"), 0])
+        until(lambda: len(lines(count)) == 2 or None, "the second job's child starting")
+        second = int(lines(count)[1])
+    # Leaving hold_jobs (the `sectors worker` process exiting) kills what still runs.
+    task.join(HANG_GUARD)
+    assert not alive(second)
+    assert isinstance(outcomes[1], JobFailed) and "worker closed" in str(outcomes[1])
 
 
 # ---------------------------------------------------------------------- real Dask
