@@ -1,0 +1,132 @@
+"""The scheduler's handle on one remote `sectors worker`: a `WorkerBackend` over Dask.
+
+Each job is submitted through the worker's job registry (`jobs.submit`), pinned to the
+worker's current address with a key of its own per attempt, so it runs in a child process
+there that `kill` really stops (`Future.cancel()` would leave it running). When membership
+sees the worker leave, every job still waiting on it fails at once, so its sector retries
+elsewhere instead of waiting for Dask to notice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+from distributed import Client
+
+from . import jobs
+from .identity import PolicyReport, WorkerHeartbeat, WorkerIdentity
+
+log = logging.getLogger("sectorfsm.cluster")
+
+
+class RemoteWorkerLost(RuntimeError):
+    """The worker a job ran on left the cluster before the job finished."""
+
+
+def function_path(fn: Callable[..., Any]) -> str:
+    """`module:qualname` of a module-level function (what the worker's child imports)."""
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if not module or "<" in qualname:
+        raise ValueError(f"{fn!r} is not a module-level function: a remote worker cannot run it")
+    return f"{module}:{qualname}"
+
+
+class DaskWorkerBackend:
+    """Runs a worker's jobs on its machine, through Dask and the worker's job registry."""
+
+    def __init__(self, client: Client, address: str, identity: WorkerIdentity, host: str) -> None:
+        self.client = client
+        self.address = address
+        self.identity = identity
+        self.host = host
+        #: Per engine start: a job id never names work of an earlier run of the engine.
+        self.epoch = secrets.token_hex(3)
+        self.last_seen: float | None = None
+        self.free: dict[str, int] = {}
+        self.policy: PolicyReport = identity.policy
+        self.jobs: dict[str, str] = {}
+        self.lost_reason: str | None = None
+        self._lost = asyncio.Event()
+        self._running: dict[int, str] = {}
+
+    @property
+    def name(self) -> str:
+        """The worker's name."""
+        return self.identity.name
+
+    def job_key(self, job_id: int) -> str:
+        """The Dask key and registry id of the scheduler's job `job_id` on this worker."""
+        return f"j{job_id}-{self.epoch}"
+
+    def beat(self, heartbeat: WorkerHeartbeat, last_seen: float) -> None:
+        """Record what the worker said on its latest heartbeat."""
+        self.last_seen = last_seen
+        self.free = dict(heartbeat.free)
+        self.policy = heartbeat.policy
+        self.jobs = dict(heartbeat.jobs)
+
+    def lost(self, reason: str) -> None:
+        """The worker left: fail every job waiting on it, and refuse new ones."""
+        self.lost_reason = reason
+        self._lost.set()
+
+    async def submit(self, job_id: int, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn(*args)` in a child process on the worker; its result or its error."""
+        if self.lost_reason is not None:
+            raise RemoteWorkerLost(f"worker {self.name} {self.lost_reason}")
+        key = self.job_key(job_id)
+        future = jobs.submit(self.client, self.address, key, function_path(fn), list(args))
+        self._running[job_id] = key
+
+        async def result() -> Any:
+            return await future
+
+        waiting = asyncio.ensure_future(result())
+        lost = asyncio.ensure_future(self._lost.wait())
+        try:
+            await asyncio.wait({waiting, lost}, return_when=asyncio.FIRST_COMPLETED)
+            if not waiting.done():
+                raise RemoteWorkerLost(f"worker {self.name} {self.lost_reason}")
+            value = waiting.result()
+        finally:
+            for t in (waiting, lost):
+                t.cancel()
+            await asyncio.gather(waiting, lost, return_exceptions=True)
+            self._running.pop(job_id, None)
+            future.release()  # type: ignore[no-untyped-call]
+        # The result is in the engine's hands now: the worker may forget it.
+        with contextlib.suppress(Exception):
+            await jobs.ack(self.client, self.address, key)
+        return value
+
+    async def kill(self, job_id: int) -> None:
+        """Kill the job's child on the worker (nothing if it already ended or the worker left)."""
+        key = self._running.get(job_id)
+        if key is None or self.lost_reason is not None:
+            return
+        try:
+            await jobs.kill(self.client, self.address, key)
+        except Exception as exc:  # the worker may be gone: then so is the child (PDEATHSIG)
+            log.warning("worker %s: could not kill job %s: %s", self.name, key, exc)
+
+    def describe(self) -> dict[str, Any]:
+        """Host, address, heartbeat, free space and policy, for `sectors workers`."""
+        return {
+            "host": self.host,
+            "address": self.address,
+            "backend": self.identity.backend,
+            "last_heartbeat": self.last_seen,
+            "heartbeat_age_s": None
+            if self.last_seen is None
+            else round(max(0.0, time.time() - self.last_seen), 3),
+            "free": dict(self.free),
+            "policy": self.policy.to_wire(),
+            "jobs": dict(self.jobs),
+            "lost": self.lost_reason,
+        }
