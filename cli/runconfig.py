@@ -25,6 +25,14 @@ PC1 = ["/opt/sealer/pc1"]
 [metrics]                   # off by default; `sectors run --metrics HOST:PORT` overrides
 listen = "127.0.0.1:9283"   # serve Prometheus metrics at http://127.0.0.1:9283/metrics
 
+[cluster]                   # optional: remote `sectors worker` machines over Dask
+listen = "tls://0.0.0.0:8786"   # run a Dask scheduler inside the engine, or instead:
+# scheduler = "tls://HOST:8786" # connect to one started with `dask scheduler`
+certs = "certs"             # `sectors cluster certs` directory (relative to this file)
+insecure = false            # allow plain tcp:// off loopback (anyone reaching it runs code)
+local_worker = true         # keep the in-process worker as well
+worker_ttl = 60             # seconds without a heartbeat before Dask drops a worker
+
 [[workers]]                 # see sched/config.py; default: one local worker
 name = "local"
 cpus = 8
@@ -52,7 +60,7 @@ from pydantic_core import PydanticCustomError
 
 from ..sched import parse_sector_size
 from ..sealing.chain import BlockTime
-from ..validation import TABLE, ConfigError, Count, validate
+from ..validation import TABLE, ConfigError, Count, Flag, PositiveSeconds, validate
 
 #: Seconds per epoch of the embedded devnet: a pledge reaches Proving in seconds.
 DEFAULT_BLOCK_TIME = 0.2
@@ -111,18 +119,57 @@ class _MetricsTable(BaseModel):
     listen: Annotated[str, AfterValidator(_listen)] | None = None
 
 
+class _ClusterTable(BaseModel):
+    model_config = TABLE
+
+    listen: str | None = None
+    scheduler: str | None = None
+    certs: str | None = None
+    insecure: Flag = False
+    local_worker: Flag = True
+    worker_ttl: PositiveSeconds = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """`[cluster]`: where remote workers meet the engine, and how they are authenticated."""
+
+    #: Run a Dask scheduler in the engine's process on this address...
+    listen: str | None = None
+    #: ...or connect to this external one (exactly one of the two is set).
+    scheduler: str | None = None
+    #: The `sectors cluster certs` directory; None: plain (loopback or `insecure`) only.
+    certs: Path | None = None
+    insecure: bool = False
+    local_worker: bool = True
+    worker_ttl: float = 60.0
+    #: The warning to print when `insecure` lets a plain address through.
+    warning: str | None = None
+
+    @property
+    def address(self) -> str:
+        """The scheduler address: the one to listen on, or the one to connect to."""
+        return self.listen or self.scheduler or ""
+
+
 class _RunFile(BaseModel):
     model_config = TABLE
 
     miner: _MinerTable = _MinerTable()
     metrics: _MetricsTable = _MetricsTable()
+    cluster: _ClusterTable | None = None
     # Checked by their own schemas (SealingConfig, sched.config, the sealer backend).
     sealing: dict[str, Any] = {}
     sealer: dict[str, Any] = {}
     workers: list[Any] | None = None
 
 
-_NOUNS = {"": "section", "miner": "[miner] key", "metrics": "[metrics] key"}
+_NOUNS = {
+    "": "section",
+    "miner": "[miner] key",
+    "metrics": "[metrics] key",
+    "cluster": "[cluster] key",
+}
 
 
 @dataclass(slots=True)
@@ -141,6 +188,8 @@ class RunConfig:
     workers: list[Any] | None = None
     #: `[metrics] listen`: where `sectors run` serves Prometheus metrics (None: nowhere).
     metrics_listen: str | None = None
+    #: `[cluster]`: remote workers over Dask (None: everything runs in this process).
+    cluster: ClusterConfig | None = None
     source: str = "embedded defaults"
 
     def open_kwargs(self) -> dict[str, Any]:
@@ -204,6 +253,7 @@ def _convert(raw: dict[str, Any], where: str, base: Path) -> RunConfig:
         sealing=parsed.sealing,
         sealer_options=parsed.sealer,
         metrics_listen=parsed.metrics.listen,
+        cluster=_cluster(parsed.cluster, where, base) if parsed.cluster is not None else None,
         source=where,
     )
     size = parse_sector_size(cfg.sector_size)
@@ -226,6 +276,45 @@ def _convert(raw: dict[str, Any], where: str, base: Path) -> RunConfig:
         if conflict:
             raise ConfigError(f"{where}: [miner] block_time: {conflict.removeprefix('chain: ')}")
     return cfg
+
+
+def _cluster(table: _ClusterTable, where: str, base: Path) -> ClusterConfig:
+    """Check `[cluster]` (addresses, certificates) without importing Dask."""
+    from ..sealing.backends.dask.certs import ENGINE, CertError
+    from ..sealing.backends.dask.security import AddressError, check_address, tls_files
+
+    if (table.listen is None) == (table.scheduler is None):
+        raise ConfigError(
+            f"{where}: [cluster]: give exactly one of listen (run a scheduler here) "
+            "or scheduler (connect to one)"
+        )
+    key = "listen" if table.listen is not None else "scheduler"
+    address = table.listen or table.scheduler or ""
+    try:
+        warning = check_address(address, insecure=table.insecure)
+    except AddressError as exc:
+        raise ConfigError(f"{where}: [cluster] {key}: {exc}") from None
+    certs = None
+    if table.certs is not None:
+        certs = (base / table.certs).expanduser()
+        try:
+            tls_files(certs, ENGINE)
+        except CertError as exc:
+            raise ConfigError(f"{where}: [cluster] certs: {exc}") from None
+    elif address.lower().startswith(("tls://", "wss://")):
+        raise ConfigError(
+            f"{where}: [cluster] certs: {address} needs the cluster certificates "
+            "(certs = DIR made by `sectors cluster certs`)"
+        )
+    return ClusterConfig(
+        listen=table.listen,
+        scheduler=table.scheduler,
+        certs=certs,
+        insecure=table.insecure,
+        local_worker=table.local_worker,
+        worker_ttl=table.worker_ttl,
+        warning=warning,
+    )
 
 
 def _with_directories(
