@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     from ..sealing.info import SectorInfo
     from ..sealing.metrics import MetricsServer
     from ..sealing.miner import Miner
-    from .runconfig import RunConfig
+    from .runconfig import ClusterConfig, RunConfig
 
 #: How often the view refreshes and snapshots are published (seconds, real time).
 TICK = 0.5
@@ -174,14 +175,53 @@ async def _run(
             if server is not None:
                 server.attach(miner.metrics.registry)
                 console.print(f"metrics: http://{server.address}/metrics", markup=False)
-            for _ in range(pledge):
-                n = await miner.pledge()
-                console.print(f"Created CC sector: {n}")
-            return await _supervise(miner, stop, until_proving)
+            async with contextlib.AsyncExitStack() as stack:
+                extra = None
+                if cfg.cluster is not None:
+                    extra = await _start_cluster(stack, miner, cfg.cluster, console)
+                for _ in range(pledge):
+                    n = await miner.pledge()
+                    console.print(f"Created CC sector: {n}")
+                return await _supervise(miner, stop, until_proving, extra)
     except StoreLockedError as exc:
         raise _Outcome(1, f"{exc}") from None
     except (StoreError, SealingError, StorageError, ValueError, OSError) as exc:
         raise _Outcome(1, str(exc)) from None
+
+
+async def _start_cluster(
+    stack: contextlib.AsyncExitStack, miner: Miner, cluster: ClusterConfig, console: Console
+) -> Callable[[], dict[str, Any]]:
+    """Run or join the Dask cluster for `[cluster]`; what to add to each published snapshot."""
+    from ..sealing.backends.dask.certs import CertError
+    from ..sealing.backends.dask.membership import open_cluster
+    from ..sealing.backends.dask.security import engine_security
+
+    if cluster.warning:
+        console.print(f"warning: {cluster.warning}", style="yellow", markup=False)
+    try:
+        security = engine_security(cluster.certs) if cluster.certs is not None else None
+    except CertError as exc:
+        raise _Outcome(1, f"[cluster] certs: {exc}") from None
+    if not cluster.local_worker:
+        for w in miner.sched.workers():  # only the in-process workers exist yet
+            miner.sched.remove_worker(w.name)
+    try:
+        joined = await stack.enter_async_context(
+            open_cluster(
+                miner.sched,
+                listen=cluster.listen,
+                scheduler=cluster.scheduler,
+                security=security,
+                worker_ttl=cluster.worker_ttl,
+                say=lambda line: console.print(f"cluster: {line}", markup=False),
+            )
+        )
+    except (OSError, TimeoutError) as exc:
+        raise _Outcome(1, f"cluster: cannot start at {cluster.address}: {exc}") from None
+    how = "running" if joined.scheduler is not None else "connected to"
+    console.print(f"cluster: Dask scheduler {how} {joined.address}", markup=False)
+    return joined.membership.snapshot
 
 
 def _use_miner_policy(miner: Miner, repo: Path, console: Console) -> None:
@@ -197,7 +237,23 @@ def _use_miner_policy(miner: Miner, repo: Path, console: Console) -> None:
         console.print(f"miner policy {watcher.path} applies to workers: {names}", markup=False)
 
 
-async def _supervise(miner: Miner, stop: asyncio.Event, until_proving: bool) -> int:
+def _publish(miner: Miner, extra: Callable[[], dict[str, Any]] | None) -> dict[str, Any]:
+    """Publish the scheduler's snapshot, with the cluster's view of remote workers if any."""
+    if extra is None:
+        return miner.sched.publish(miner.store)
+    from ..sched.views import publish_snapshot
+
+    snapshot = {**miner.sched.snapshot(), "cluster": extra()}
+    publish_snapshot(miner.store, snapshot)
+    return snapshot
+
+
+async def _supervise(
+    miner: Miner,
+    stop: asyncio.Event,
+    until_proving: bool,
+    extra: Callable[[], dict[str, Any]] | None = None,
+) -> int:
     live = sys.stdout.isatty()
     view = _LiveView(miner) if live else _PlainLog(miner)
     tracked = _Tracked(miner, baseline=until_proving)
@@ -206,7 +262,7 @@ async def _supervise(miner: Miner, stop: asyncio.Event, until_proving: bool) -> 
     with view:
         while not stop.is_set():
             settled = miner.settled()  # before this tick's snapshot is staged
-            snapshot = miner.sched.publish(miner.store)
+            snapshot = _publish(miner, extra)
             sectors = tracked.refresh()
             view.update(sectors)
             note = refusal.update(snapshot)
@@ -227,7 +283,7 @@ async def _supervise(miner: Miner, stop: asyncio.Event, until_proving: bool) -> 
                     verdict = _settled_verdict(sectors)
                 if verdict is not None:
                     await miner.idle()
-                    miner.sched.publish(miner.store)
+                    _publish(miner, extra)
                     view.update(tracked.refresh())
                     code, message = verdict
                     view.final(message)

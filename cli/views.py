@@ -66,8 +66,10 @@ def workers(as_json: JsonOption = False, repo: RepoOption = DEFAULT_REPO) -> Non
     """Workers with their caps, tasks in flight, resources in use, auto-pledge and state."""
     snap, age = _snapshot(repo)
     rows = _with_auto_pledge(repo, snap["workers"])
+    refused = snap.get("cluster", {}).get("refused", {})
     if as_json:
-        typer.echo(json.dumps({"age_s": round(age, 3), "workers": rows}, indent=2))
+        shown = {"age_s": round(age, 3), "workers": rows, "refused": refused}
+        typer.echo(json.dumps(shown, indent=2))
         return
     from rich.table import Table
 
@@ -103,7 +105,39 @@ def workers(as_json: JsonOption = False, repo: RepoOption = DEFAULT_REPO) -> Non
         )
     console = out_console()
     console.print(table)
+    remote = _remote_table([w for w in rows if w.get("remote")])
+    if remote is not None:
+        console.print(remote)
+    for address, why in sorted(refused.items()):
+        console.print(f"worker at {address} {why}", style="red", markup=False, highlight=False)
     console.print(_age_line(age), style="dim")
+
+
+def _remote_table(rows: list[dict[str, Any]]) -> Any:
+    """Host, address, heartbeat, free space and policy of each remote worker (None: none)."""
+    if not rows:
+        return None
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table("Remote worker", "Host", "Address", "Heartbeat", "Free", "Policy", box=None)
+    for w in rows:
+        r = w["remote"]
+        beat = r.get("heartbeat_age_s")
+        free = " ".join(f"{k}:{_size(v)}" for k, v in sorted(r.get("free", {}).items())) or "-"
+        policy = r.get("policy") or {}
+        text = policy.get("file") or "none"
+        if policy.get("error"):
+            text += f" (error: {policy['error']})"
+        table.add_row(
+            Text(w["name"]),
+            Text(r.get("host") or "-"),
+            Text(r.get("address") or "-"),
+            "-" if beat is None else f"{beat:.1f}s ago",
+            Text(free),
+            Text(text),
+        )
+    return table
 
 
 def jobs(as_json: JsonOption = False, repo: RepoOption = DEFAULT_REPO) -> None:
