@@ -249,3 +249,34 @@ def test_a_killed_workers_job_fails_within_seconds_and_retries_elsewhere(
         assert Phase.RUNNING  # the phases the scheduler reports are its own
 
     in_cluster(tmp_path, body)
+
+
+def test_an_external_scheduler_feeds_membership_through_its_topic(
+    spawn: Spawner, tmp_path: Path
+) -> None:
+    port_file = tmp_path / "scheduler.json"
+    spawn.python(
+        *("-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0"),
+        *("--no-dashboard", "--scheduler-file", str(port_file)),
+        name="dask-scheduler",
+    )
+
+    def written() -> str | None:
+        try:  # the file may be caught half written
+            return str(json.loads(port_file.read_text())["address"])
+        except (OSError, ValueError, KeyError):
+            return None
+
+    async def main() -> None:
+        address = await eventually(written, "the scheduler's address file")
+        sched = Scheduler()
+        said: list[str] = []
+        async with open_cluster(sched, scheduler=address, say=said.append) as cluster:
+            assert cluster.scheduler is None and cluster.address == address
+            child = start_worker(spawn, address, "ext", identity("ext", (TaskType.COMMIT2,)))
+            await eventually(lambda: sched.find_worker("ext"), "ext registered")
+            child.kill()
+            await eventually(lambda: sched.find_worker("ext") is None, "ext removed")
+        assert said[0].startswith("worker ext joined") and said[1].startswith("worker ext left")
+
+    run(main)
