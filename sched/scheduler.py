@@ -34,6 +34,7 @@ from .storage import SectorRef, StorageIndex
 from .strategy import CycleStrategy
 from .tasks import TaskType
 from .views import (
+    DepartedLog,
     JobSnapshot,
     TaskDiag,
     WorkerSnapshot,
@@ -109,6 +110,7 @@ class Scheduler:
         #: The miner-side policy (`testOpenSource.json`) of workers without a file of their own.
         self.miner_policy: PolicyWatcher | None = None
         self._job_listeners: list[Callable[[Job, float], None]] = []
+        self.departed = DepartedLog(self)  # `diag` says "lost N s ago" for a remote worker
         #: Figures for benchmarks and tests.
         self.cycles = 0
         self.checks = 0
@@ -168,6 +170,7 @@ class Scheduler:
             raise SchedulerError(f"no worker named {name!r}")
         w.enabled = False
         w.disabled_reason = "removed"
+        self.departed.record(w)
         for t in w.spec.task_types:
             self._by_type[t].remove(w)
         self._units.pop(name, None)
@@ -426,8 +429,8 @@ class Scheduler:
             view = PolicyView(w, self.index, units, req.sector.size)
             refusal = policy_refusal(policy, req.task_type, req.sector, view)
             if refusal is not None:
-                if w.watcher.error:  # the operator may think their last edit is in force
-                    return f"{refusal} (last good policy kept: {w.watcher.error})"
+                if err := w.watcher.error:  # the operator may think their last edit is in force
+                    return f"{refusal} (policy file error, last good policy kept: {err})"
                 return refusal
             released = self._released_at.get(w.name)
             refusal = delay_refusal(policy, req.task_type, released, self.clock.now())
@@ -561,6 +564,7 @@ class Scheduler:
             for w in self._workers.values():
                 v = self.verdict(req, w)
                 reasons[w.name] = "could take it now" if isinstance(v, Candidate) else v
+            reasons.update(self.departed.reasons(req.task_type, self._workers))
             out.append(
                 TaskDiag(req.sched_id, str(req.sector), req.task_type.short, req.priority, reasons)
             )

@@ -68,6 +68,8 @@ class JobSnapshot(_Snapshot):
     worker: str | None
     phase: str
     age_s: float
+    #: The host of the remote worker the job runs on; None: in-process worker, or queued.
+    host: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,9 +118,17 @@ def job_snapshot(
     worker: str | None,
     phase: str,
     age_s: float,
+    host: str | None = None,
 ) -> JobSnapshot:
     """Snapshot one job."""
-    return JobSnapshot(sched_id, str(sector), task_type.short, worker, phase, round(age_s, 3))
+    return JobSnapshot(sched_id, str(sector), task_type.short, worker, phase, round(age_s, 3), host)
+
+
+def _host(w: Worker) -> str | None:
+    if not isinstance(w.backend, RemoteBackend):
+        return None
+    host = w.backend.describe().get("host")
+    return str(host) if host else None
 
 
 class _Held(Protocol):
@@ -140,7 +150,13 @@ def job_snapshots(
     """Snapshot the jobs holding workers, then the queued requests."""
     out = [
         job_snapshot(
-            j.sched_id, j.sector, j.task_type, j.worker.name, j.phase.value, now - j.started_at
+            j.sched_id,
+            j.sector,
+            j.task_type,
+            j.worker.name,
+            j.phase.value,
+            now - j.started_at,
+            _host(j.worker),
         )
         for j in held
     ]
@@ -149,6 +165,78 @@ def job_snapshots(
         for r in queued
     ]
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class Departed:
+    """A remote worker that left the cluster: `sched-diag` says so instead of forgetting it."""
+
+    name: str
+    at: float
+    why: str
+    task_types: frozenset[TaskType]
+    #: An in-process worker removed on purpose (e.g. `local_worker = false`) is not "lost".
+    remote: bool
+
+
+class _Clocked(Protocol):
+    """What `DepartedLog` reads from its scheduler."""
+
+    @property
+    def index(self) -> StorageIndex: ...
+
+    @property
+    def clock(self) -> _Clock: ...
+
+
+class _Clock(Protocol):
+    def now(self) -> float: ...
+
+
+def _ago(seconds: float) -> str:
+    s = max(0.0, seconds)
+    if s < 120:
+        return f"{s:.0f} s"
+    return f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+class DepartedLog:
+    """Workers removed during this run, so `diag` can say why they take nothing.
+
+    A remote worker that did the task and left is "lost N s ago"; a name whose storage
+    paths the index still declares, with no worker of that name in the cluster (nor one
+    that left during this run), is "not connected".
+    """
+
+    __slots__ = ("_sched", "gone")
+
+    def __init__(self, sched: _Clocked) -> None:
+        self._sched = sched
+        self.gone: dict[str, Departed] = {}
+
+    def record(self, w: Worker) -> None:
+        """Worker `w` was removed from the scheduler just now."""
+        backend = w.backend
+        remote = isinstance(backend, RemoteBackend)
+        lost = backend.describe().get("lost") if isinstance(backend, RemoteBackend) else None
+        why = str(lost or "left the cluster")
+        tasks = frozenset(w.spec.task_types)
+        self.gone[w.name] = Departed(w.name, self._sched.clock.now(), why, tasks, remote)
+
+    def reasons(self, task: TaskType, present: Iterable[str]) -> dict[str, str]:
+        """Why workers the scheduler cannot reach do not take `task`, by name."""
+        here = set(present)
+        now = self._sched.clock.now()
+        out: dict[str, str] = {}
+        for d in self.gone.values():
+            if d.remote and d.name not in here and task in d.task_types:
+                out[d.name] = f"lost {_ago(now - d.at)} ago ({d.why})"
+        for p in self._sched.index.paths.values():
+            name = p.worker
+            if name is None or name in here or name in self.gone or name in out:
+                continue
+            out[name] = "not connected: its storage paths are declared but it is not in the cluster"
+        return out
 
 
 SNAPSHOT_KEY = b"sched/snapshot"
