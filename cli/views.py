@@ -140,23 +140,37 @@ def _remote_table(rows: list[dict[str, Any]]) -> Any:
     return table
 
 
+def _elapsed(seconds: float) -> str:
+    """`12.3s`, `4m05s`, `2h03m`: how long a job has been in its state."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    return f"{minutes // 60}h{minutes % 60:02d}m"
+
+
 def jobs(as_json: JsonOption = False, repo: RepoOption = DEFAULT_REPO) -> None:
-    """Tasks running on workers and tasks waiting in the queue."""
+    """Tasks on workers (worker, host, phase, time in it) and tasks waiting in the queue."""
     snap, age = _snapshot(repo)
     if as_json:
         typer.echo(json.dumps({"age_s": round(age, 3), "jobs": snap["jobs"]}, indent=2))
         return
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table("ID", "Sector", "Task", "Worker", "State", "Time", box=None)
+    table = Table("ID", "Sector", "Task", "Worker", "Host", "State", "Time", box=None)
     for j in snap["jobs"]:
+        # A remote host is what the worker reported about itself: shown as text, never markup.
+        host = j.get("host") or ("local" if j["worker"] else "-")
         table.add_row(
             str(j["sched_id"]),
             j["sector"],
             j["task"],
-            j["worker"] or "-",
+            Text(j["worker"] or "-"),
+            Text(host),
             j["phase"],
-            f"{j['age_s']:.1f}s",
+            _elapsed(j["age_s"]),
         )
     console = out_console()
     console.print(table)
@@ -177,7 +191,8 @@ def sched_diag(as_json: JsonOption = False, repo: RepoOption = DEFAULT_REPO) -> 
             f"[bold]{d['task']}[/] {d['sector']} (id {d['sched_id']}, prio {d['priority']})"
         )
         for worker, why in sorted(d["reasons"].items()):
-            console.print(f"  {worker}: {why}")
+            # Reasons quote policy files and worker names: text, not rich markup.
+            console.print(f"  {worker}: {why}", markup=False, highlight=False)
     console.print(_age_line(age), style="dim")
 
 
