@@ -10,7 +10,6 @@ elsewhere instead of waiting for Dask to notice.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import time
@@ -78,10 +77,22 @@ class DaskWorkerBackend:
 
     async def submit(self, job_id: int, fn: Callable[..., Any], *args: Any) -> Any:
         """Run `fn(*args)` in a child process on the worker; its result or its error."""
+        key = self.job_key(job_id)
+        value = await self.call(job_id, key, function_path(fn), list(args))
+        # The result is in the engine's hands now: the worker may forget it.
+        await self.ack(key)
+        return value
+
+    async def call(self, job_id: int, key: str, func: str, args: list[Any]) -> Any:
+        """Run job `key` (`func(*args)`) on the worker and return its result, NOT acked.
+
+        The worker keeps the result until `ack(key)`, so an engine that dies before it
+        recorded the result gets it again by submitting the same key. Cancelling the caller
+        kills the job there.
+        """
         if self.lost_reason is not None:
             raise RemoteWorkerLost(f"worker {self.name} {self.lost_reason}")
-        key = self.job_key(job_id)
-        future = jobs.submit(self.client, self.address, key, function_path(fn), list(args))
+        future = jobs.submit(self.client, self.address, key, func, args)
         self._running[job_id] = key
 
         async def result() -> Any:
@@ -93,17 +104,25 @@ class DaskWorkerBackend:
             await asyncio.wait({waiting, lost}, return_when=asyncio.FIRST_COMPLETED)
             if not waiting.done():
                 raise RemoteWorkerLost(f"worker {self.name} {self.lost_reason}")
-            value = waiting.result()
+            return waiting.result()
+        except asyncio.CancelledError:
+            await asyncio.shield(self.kill(job_id))
+            raise
         finally:
             for t in (waiting, lost):
                 t.cancel()
             await asyncio.gather(waiting, lost, return_exceptions=True)
             self._running.pop(job_id, None)
             future.release()  # type: ignore[no-untyped-call]
-        # The result is in the engine's hands now: the worker may forget it.
-        with contextlib.suppress(Exception):
+
+    async def ack(self, key: str) -> None:
+        """Let the worker forget job `key`'s record and result (best effort)."""
+        if self.lost_reason is not None:
+            return
+        try:
             await jobs.ack(self.client, self.address, key)
-        return value
+        except Exception as exc:  # the record stays on the worker's disk: only space is lost
+            log.warning("worker %s: could not acknowledge job %s: %s", self.name, key, exc)
 
     async def kill(self, job_id: int) -> None:
         """Kill the job's child on the worker (nothing if it already ended or the worker left)."""
