@@ -49,6 +49,7 @@ from ....sched.policy import PolicyWatcher
 from ....sched.workers import detect_resources
 from ....validation import TABLE, ConfigError, validate
 from . import jobs
+from .adapter import export_roots
 from .certs import CertError
 from .identity import (
     IDENTITY_KEY,
@@ -320,6 +321,7 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
     delay = BACKOFF_MIN
     roots = list(config.directories.values())
     config.state_dir.mkdir(parents=True, exist_ok=True)
+    export_roots(config.directories)  # the job children translate path ids with these
     # An engine that registers the job plugin again must find the same records.
     with dask.config.set({jobs.STATE_DIR_KEY: str(config.state_dir)}), jobs.hold_jobs():
         while not stop.is_set():
