@@ -23,6 +23,7 @@ from ..sched import (
     ExistingSelector,
     FileType,
     Job,
+    MoveSelector,
     PinnedSelector,
     Scheduler,
     SectorRef,
@@ -154,6 +155,9 @@ class ScheduledSealer:
         self._db = store.db(FILES_DB)
         #: Per sector number: path id -> (file types, bytes accounted on that path).
         self._files: dict[int, dict[str, list[int]]] = {}
+        bind = getattr(backend, "bind", None)
+        if bind is not None:  # a remote backend finds files through the index, records in store
+            bind(sched, store)
 
     # -- storage bookkeeping -------------------------------------------------------------
 
@@ -276,7 +280,8 @@ class ScheduledSealer:
 
     def _fetch(self, files: FileType) -> Callable[[Job], Awaitable[None]]:
         """A `prepare` that moves `files` to the job's worker and records where they went."""
-        move = fetch_prepare(self.sched, files)
+        make = getattr(self.backend, "fetcher", None)  # a backend that really moves files
+        move = fetch_prepare(self.sched, files, make(files) if make is not None else None)
 
         async def prepare(job: Job) -> None:
             await move(job)
@@ -414,6 +419,33 @@ class ScheduledSealer:
         if not self.holds(sector, FileType.CACHE):
             return  # already finalized and moved, or nothing was ever sealed
         await self._run(sector, TaskType.FINALIZE, ExistingSelector(FileType.CACHE), work, False)
+        if getattr(self.backend, "moves_to_store", False):
+            await self._move_to_store(sector, keep_unsealed)
+
+    async def _move_to_store(self, sector: SectorRef, keep_unsealed: bool) -> None:
+        """Move the finalized files to a long-term storage path (Lotus's `TTFetch` after FIN).
+
+        As `FinalizeSector` in `extern/sector-storage/manager.go@v1.11.3`: a second task, on
+        any worker that reaches a `store` path, fetches the sealed file and the cache there.
+        """
+        files = FileType.CACHE | FileType.SEALED
+        if keep_unsealed and self.holds(sector, FileType.UNSEALED):
+            files |= FileType.UNSEALED
+        index = self.sched.index
+        if all(index.paths[pid].can_store for pid in index.find_sector(sector, files)):
+            return
+        move = self.backend.move_to_store  # type: ignore[attr-defined]
+
+        async def work(job: Job) -> None:
+            target = job.placement.path
+            assert target is not None  # MoveSelector always names the storage path
+            await move(job, files)
+            index.move_sector(sector, files, target)
+            here = index.sector_bytes(sector).get(target, {})
+            index.consume(job.sched_id, target, sum(here[f] for f in files.each() if f in here))
+            self._persist(sector)
+
+        await self._run(sector, TaskType.FETCH, MoveSelector(files), work, False)
 
     async def release_unsealed(self, sector: SectorRef) -> None:
         """Delete the unsealed copy (no worker needed)."""
