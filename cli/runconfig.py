@@ -4,7 +4,7 @@
 [miner]
 id = 1000
 sector_size = "2KiB"
-sealer = "reference"        # sim | reference | command
+sealer = "reference"        # sim | reference | command | dask (needs [cluster])
 chain = "devnet"            # devnet (simulated, fast) | mainnet (simulated, mainnet timings)
 block_time = 0.2            # devnet only: seconds per epoch (default: 0.2, longer if the
                             # sim sealer's sector size needs it; see sealing/options.py)
@@ -210,7 +210,12 @@ class RunConfig:
             "config": self.sealing or None,
             "workers": self.workers,
             "miner": self.miner,
-            "sealer_options": self.sealer_options,
+            "sealer_options": (
+                # The dask sealer's factory refuses to start without a cluster to run on.
+                {**self.sealer_options, "cluster": self.cluster is not None}
+                if self.sealer == "dask"
+                else self.sealer_options
+            ),
         }
 
 

@@ -39,7 +39,10 @@ def _worker(memory: str = "64GiB", extra: str = "") -> str:
         ("[miner]\nchain = 'mainnet'\nblock_time = 5.0", "only the devnet's can be chosen"),
         ("[miner]\nid = 99999999999999999999", "[miner] id: must be less than or equal to"),
         ("[miner]\nid = -1", "[miner] id: must be greater than or equal to 0, got -1"),
-        ("[miner]\nsealer = 'fast'", "[miner] sealer: must be 'sim', 'reference' or 'command'"),
+        (
+            "[miner]\nsealer = 'fast'",
+            "[miner] sealer: must be 'sim', 'reference', 'command' or 'dask'",
+        ),
         ("[miner]\nsector_size = '3KiB'", "[miner] sector_size:"),
         ("[miner]\nnope = 1", "unknown [miner] key(s) nope"),
         ("miner = 3", "miner: must be a table, got 3"),

@@ -64,11 +64,12 @@ def _open(repo: Path, sealer: str) -> None:
 
 
 def test_the_builtin_backends_are_registered_in_their_listed_order() -> None:
-    assert sealers() == ("sim", "reference", "command")
+    assert sealers() == ("sim", "reference", "command", "dask")
     assert {name: f.keeps_files for name, f in REGISTRY.items()} == {
         "sim": False,
         "reference": True,
         "command": True,
+        "dask": False,
     }
 
 
@@ -95,12 +96,12 @@ def test_an_unknown_name_lists_exactly_the_registered_ones(
         _open(repo, "bogus")
     listed = ", ".join(sealers())
     assert str(err.value) == f"unknown sealer backend 'bogus' (available: {listed})"
-    assert listed == "sim, reference, command, fake"
+    assert listed == "sim, reference, command, dask, fake"
     assert not repo.exists()
     with pytest.raises(RunConfigError) as bad:
         load_run_config(_run_config(tmp_path, "bogus"))
     assert str(bad.value).endswith(
-        "[miner] sealer: must be 'sim', 'reference', 'command' or 'fake', got 'bogus'"
+        "[miner] sealer: must be 'sim', 'reference', 'command', 'dask' or 'fake', got 'bogus'"
     )
     for call in (lambda: default_workers("bogus", repo), lambda: _make("bogus", repo, {})):
         with pytest.raises(
@@ -112,7 +113,7 @@ def test_an_unknown_name_lists_exactly_the_registered_ones(
 def test_a_name_is_registered_once() -> None:
     with pytest.raises(ValueError, match="'sim' is registered already"):
         register(REGISTRY["sim"])
-    assert sealers() == ("sim", "reference", "command")
+    assert sealers() == ("sim", "reference", "command", "dask")
 
 
 def _make(sealer: str, repo: Path, options: dict[str, Any], **kw: Any) -> Any:

@@ -12,9 +12,10 @@ Each backend module defines a small factory that the registry holds under the ba
 
 `sim` (`sim.py`) only takes time; `reference` (`reference.py`, on `sectorfile.py`'s format)
 writes real sector files; `command` (`command.py`, with `joblock.py`) runs an operator's
-executables. The two file backends share `files.py`. A backend added later registers its
-factory here; its module must import cheaply (heavy dependencies are imported in `create`),
-since listing the names imports every factory.
+executables; `dask` (`dask/sealer.py`) runs the reference sealer's work on remote `sectors
+worker`s and needs `[cluster]`. The two file backends share `files.py`. A backend added later
+registers its factory here; its module must import cheaply (heavy dependencies are imported in
+`create`), since listing the names imports every factory.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ...sched import WorkerSpec
 from .command import CommandFactory
+from .dask.sealer import DaskFactory
 from .files import StorageError, StorageFullError, check_worker_paths
 from .reference import ReferenceFactory
 from .sim import SimFactory
@@ -92,6 +94,7 @@ def register(backend: BackendFactory) -> None:
 register(SimFactory())
 register(ReferenceFactory())
 register(CommandFactory())
+register(DaskFactory())
 
 
 def sealers() -> tuple[str, ...]:

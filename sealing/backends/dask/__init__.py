@@ -1,2 +1,2 @@
-"""The `dask` sealer backend: remote workers on Dask distributed (work in progress: the pieces below
-are built and tested; the backend is not registered yet)."""
+"""The `dask` sealer backend: remote `sectors worker`s on Dask distributed (`sealer.py` is the
+backend the registry holds; the modules beside it are its pieces)."""
