@@ -19,8 +19,10 @@ same reason (`extern/sector-storage/manager_calltracker.go@v1.11.3`).
 * Inside `sectors worker` (`hold_jobs`), the tables are per process, not per `Worker`: a
   Worker that closes because its scheduler went away detaches its waiting tasks and leaves
   the children running, and the next Worker of the process re-attaches to the same table.
-  Each child is started and reaped by a thread of its own, so `PR_SET_PDEATHSIG` (which
-  follows the thread that forked) never fires when a Dask pool thread goes away.
+  Each child is waited for by a thread of its own.
+* Children are forked by the table's warm `Spawner` (`spawner.py`: its own process group,
+  `PR_SET_PDEATHSIG` on the spawner, which has it on the worker), so a job does not pay for a
+  fresh interpreter; a fresh `python -m ...dask.child` is the fallback if it cannot start.
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -49,8 +50,8 @@ import msgpack
 from distributed import Client, Future, Worker, WorkerPlugin, get_worker
 from distributed.core import Status
 
-from ..joblock import die_with
 from .child import RESULT, SPEC, write_atomic
+from .spawner import SpawnedChild, Spawner, popen_child
 
 #: The plugin's name on every worker.
 PLUGIN = "sectors-jobs"
@@ -62,7 +63,6 @@ KILL_GRACE = 5.0
 TAIL = 4096
 RECORD = "record"
 OUTPUT = "output"
-_CHILD = "sectorfsm.sealing.backends.dask.child"
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _FUNC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 
@@ -136,7 +136,7 @@ class JobDetached(JobError):
 
 @dataclass(slots=True)
 class _Active:
-    proc: subprocess.Popen[bytes]
+    proc: subprocess.Popen[bytes] | SpawnedChild
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     #: Set before the child is signalled: how its end is recorded if it leaves no result.
     ending: tuple[JobState, str] | None = None
@@ -172,6 +172,7 @@ class JobTable:
         self.root = root
         self._lock = threading.Lock()
         self._active: dict[str, _Active] = {}
+        self._spawner = Spawner()
 
     # ------------------------------------------------------------------ records
 
@@ -292,20 +293,16 @@ class JobTable:
     def _watch(self, job_id: str, started: threading.Event, box: list[_Active | OSError]) -> None:
         """Start the child, then reap it: this thread lives exactly as long as the child."""
         jobdir = self._dir(job_id)
+        proc: subprocess.Popen[bytes] | SpawnedChild
         try:
-            with open(jobdir / OUTPUT, "wb") as out:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", _CHILD, str(jobdir)],
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=out,
-                    start_new_session=True,  # kill reaches whatever the job starts
-                    preexec_fn=die_with(os.getpid()),  # SIGKILL when the worker dies
-                )
-        except OSError as exc:
-            box.append(exc)
-            started.set()
-            return
+            proc = self._spawner.start(jobdir)
+        except OSError:
+            try:
+                proc = popen_child(jobdir)  # no spawner: a fresh interpreter
+            except OSError as exc:
+                box.append(exc)
+                started.set()
+                return
         active = _Active(proc)
         box.append(active)
         started.set()
@@ -396,6 +393,7 @@ class JobTable:
         deadline = time.monotonic() + wait
         for active in running:
             active.done.wait(max(0.0, deadline - time.monotonic()))
+        self._spawner.close()
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -404,14 +402,19 @@ def _signal_group(pid: int, sig: int) -> None:
 
 
 def _kill_stray(pid: int, jobdir: Path) -> None:
-    """SIGKILL a child that outlived its worker (no `PR_SET_PDEATHSIG`), if `pid` is it."""
+    """SIGKILL a child that outlived its worker (no `PR_SET_PDEATHSIG`), if `pid` is it.
+
+    A forked child is known by its stdout (the job's output file), an exec'd one by its
+    command line.
+    """
     if pid <= 0:
         return
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        stdout = os.readlink(f"/proc/{pid}/fd/1")
     except OSError:
         return  # gone (or no /proc: nothing to check it against)
-    if str(jobdir).encode() in cmdline.split(b"\0"):
+    if str(jobdir).encode() in cmdline.split(b"\0") or stdout == str(jobdir / OUTPUT):
         _signal_group(pid, signal.SIGKILL)
 
 

@@ -1,0 +1,278 @@
+"""A warm per-worker process that forks each job's child, so a job does not start a Python.
+
+A fresh interpreter for every job costs 50-250 ms of start-up and imports; a fork of a
+process that has them loaded costs about a millisecond. `Spawner` (in the worker) starts
+`python -m ...dask.spawner` once, from a thread of its own that lives as long as it, with
+`PR_SET_PDEATHSIG`, so the spawner dies with the worker. For each job the worker writes
+`start SEQ JOBDIR`; the spawner forks a child that
+calls `setsid()` (its own process group: a kill reaches whatever the job starts), arms
+`PR_SET_PDEATHSIG` on the spawner (so it dies with the spawner, hence with the worker),
+points stdout and stderr at `JOBDIR/output` and runs `child.main`. The spawner answers
+`started SEQ PID` (or `error SEQ REASON`) and, once it reaped the child, `exit PID RC`
+(`RC` as `Popen.returncode`: negative for a signal). If the spawner dies, its children die
+with it and every child still running is reported killed by SIGKILL; the next job starts a
+new spawner.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from ..joblock import die_with
+from . import child
+
+#: Modules the spawner imports before its first fork, so that no job child imports them:
+#: the `dask` sealer's job functions (`adapter.py`) and what they use.
+PRELOAD = ("sectorfsm.sealing.backends.dask.adapter",)
+_MODULE = "sectorfsm.sealing.backends.dask.spawner"
+_CHILD = "sectorfsm.sealing.backends.dask.child"
+OUTPUT = "output"
+
+
+class SpawnedChild:
+    """A job child forked by the spawner: its pid (also its process group) and its end."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._done = threading.Event()
+
+    def wait(self) -> int:
+        """Block until the child ended; its exit code (negative: killed by that signal)."""
+        self._done.wait()
+        assert self.returncode is not None
+        return self.returncode
+
+    def ended(self, rc: int) -> None:
+        """Record the child's end (called by the spawner's reader)."""
+        if self.returncode is None:
+            self.returncode = rc
+            self._done.set()
+
+
+class Spawner:
+    """The worker's side: starts the spawner process on first use, asks it for children."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._seq = 0
+        self._pending: dict[int, tuple[threading.Event, list[SpawnedChild | str]]] = {}
+        self._children: dict[int, SpawnedChild] = {}
+
+    def start(self, jobdir: Path) -> SpawnedChild:
+        """Fork the child of the job in `jobdir`; `OSError` if it cannot be started."""
+        answered = threading.Event()
+        box: list[SpawnedChild | str] = []
+        with self._lock:
+            proc = self._proc if self._proc is not None else self._launch()
+            self._seq += 1
+            seq = self._seq
+            self._pending[seq] = (answered, box)
+            assert proc.stdin is not None
+            try:
+                proc.stdin.write(f"start {seq} {jobdir}\n".encode())
+                proc.stdin.flush()
+            except OSError as exc:
+                self._pending.pop(seq, None)
+                raise OSError(f"the job spawner is gone ({exc})") from None
+        answered.wait()
+        if isinstance(box[0], str):
+            raise OSError(box[0])
+        return box[0]
+
+    def close(self) -> None:
+        """Stop the spawner (its remaining children die with it)."""
+        with self._lock:
+            proc, self._proc = self._proc, None
+        if proc is not None and proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()  # EOF: the spawner exits
+
+    def _launch(self) -> subprocess.Popen[bytes]:
+        """Start the spawner from a thread that then reads its answers until it ends."""
+        started = threading.Event()
+        box: list[subprocess.Popen[bytes] | OSError] = []
+        thread = threading.Thread(
+            target=self._run, args=(started, box), name="job-spawner", daemon=True
+        )
+        thread.start()
+        started.wait()
+        if isinstance(box[0], OSError):
+            raise OSError(f"cannot start the job spawner: {box[0]}")
+        self._proc = box[0]
+        return box[0]
+
+    def _run(self, started: threading.Event, box: list[subprocess.Popen[bytes] | OSError]) -> None:
+        """Start the spawner, then read its answers: this thread lives exactly as long as it."""
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", _MODULE],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                start_new_session=True,  # a terminal's Ctrl-C is the worker's to handle
+                preexec_fn=die_with(os.getpid()),  # SIGKILL when the worker dies
+            )
+        except OSError as exc:
+            box.append(exc)
+            started.set()
+            return
+        box.append(proc)
+        started.set()
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            self._answer(line.decode(errors="replace").split(" ", 2))
+        proc.wait()
+        with self._lock:
+            if self._proc is proc:
+                self._proc = None
+            pending, self._pending = self._pending, {}
+            children, self._children = self._children, {}
+        for answered, reply in pending.values():
+            reply.append(f"the job spawner ended ({_exit(proc.returncode)})")
+            answered.set()
+        for spawned in children.values():
+            spawned.ended(-signal.SIGKILL)  # PR_SET_PDEATHSIG: they died with the spawner
+
+    def _answer(self, words: list[str]) -> None:
+        """Handle one line of the spawner's: `started`, `error` or `exit`."""
+        kind, first, rest = [*words, "", ""][:3]
+        rest = rest.rstrip("\n")
+        if kind == "exit":
+            with self._lock:
+                spawned = self._children.pop(int(first), None)
+            if spawned is not None:
+                spawned.ended(int(rest))
+            return
+        with self._lock:
+            answered, box = self._pending.pop(int(first), (None, []))
+            if kind == "started":
+                spawned = SpawnedChild(int(rest))
+                self._children[spawned.pid] = spawned
+                box.append(spawned)
+            else:
+                box.append(rest or "the job spawner refused the job")
+        if answered is not None:
+            answered.set()
+
+
+def popen_child(jobdir: Path) -> subprocess.Popen[bytes]:
+    """Start the job's child as a fresh interpreter (when the spawner cannot)."""
+    with open(jobdir / OUTPUT, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", _CHILD, str(jobdir)],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,  # kill reaches whatever the job starts
+            preexec_fn=die_with(os.getpid()),  # SIGKILL when the worker dies
+        )
+
+
+def _exit(rc: int | None) -> str:
+    if rc is not None and rc < 0:
+        return f"killed by {signal.Signals(-rc).name}"
+    return f"exit code {rc}"
+
+
+# ---------------------------------------------------------------------- in the spawner
+
+
+def _fork(jobdir: str, wakeup: tuple[int, int], arm: Callable[[], None] | None) -> int:
+    """Fork the job's child; its pid in the spawner (the child never returns)."""
+    out = os.open(os.path.join(jobdir, OUTPUT), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(out)
+        raise
+    if pid:
+        os.close(out)
+        return pid
+    rc = 1
+    try:
+        os.setsid()
+        if arm is not None:
+            arm()
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        for fd in (null, out, *wakeup):
+            os.close(fd)
+        rc = child.main(["child", jobdir])
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:
+        with contextlib.suppress(BaseException):
+            traceback.print_exc()
+            sys.stderr.flush()
+    finally:
+        os._exit(rc)
+
+
+def _reap() -> None:
+    """Report every child that ended."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        os.write(1, f"exit {pid} {os.waitstatus_to_exitcode(status)}\n".encode())
+
+
+def main() -> int:
+    """The spawner's loop: fork a child per `start` line until stdin closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for name in PRELOAD:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    wakeup = os.pipe()
+    for fd in wakeup:
+        os.set_blocking(fd, False)
+    signal.set_wakeup_fd(wakeup[1])
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    arm = die_with(os.getpid())  # made once: the forked child only calls it
+    selector = selectors.DefaultSelector()
+    selector.register(0, selectors.EVENT_READ)
+    selector.register(wakeup[0], selectors.EVENT_READ)
+    pending = b""
+    while True:
+        for key, _ in selector.select():
+            if key.fd == wakeup[0]:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(wakeup[0], 4096)
+                continue
+            data = os.read(0, 65536)
+            if not data:
+                return 0  # the worker closed us: the children die with this process
+            pending += data
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                _, seq, jobdir = line.decode().split(" ", 2)
+                try:
+                    pid = _fork(jobdir, wakeup, arm)
+                except OSError as exc:
+                    os.write(1, f"error {seq} cannot fork the job's child: {exc}\n".encode())
+                else:
+                    os.write(1, f"started {seq} {pid}\n".encode())
+        _reap()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""The job registry's warm spawner: job children are forked, not started as fresh interpreters.
+
+Each child is forked by one long-lived spawner per table (its own session, dying with the
+spawner, which dies with the worker); a spawner that dies takes its running children with it
+and the next job gets a new one; without a spawner a job still runs, as a fresh interpreter.
+Job functions are `os` functions (what the child sees) and tests/jobfuncs.py's `gate`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import HANG_GUARD, until
+
+from sectorfsm.sealing.backends.dask import spawner
+from sectorfsm.sealing.backends.dask.jobs import JobFailed, JobTable
+
+TESTS = Path(__file__).resolve().parent
+
+
+def parent_of(pid: int) -> int:
+    """The parent pid of `pid` (0 once it is gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    return int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("PPid:")))
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def test_children_are_forked_by_one_warm_spawner_in_their_own_session(tmp_path: Path) -> None:
+    table = JobTable(tmp_path / "jobs")
+    try:
+        first = table.run("AP-s1-a1", "os:getppid", [])
+        second = table.run("AP-s2-a1", "os:getppid", [])
+        session = table.run("AP-s3-a1", "os:getsid", [0])
+        assert first == second != os.getpid()  # one spawner forked both, not the worker
+        assert parent_of(first) == os.getpid()  # the spawner is the worker's child
+        pids = {r.job_id: r.pid for r in table.records()}
+        assert session == pids["AP-s3-a1"]  # its own session, so a kill reaches its group
+    finally:
+        table.close()
+    until(lambda: not alive(first) or None, "the spawner ending with its table")
+
+
+def test_a_dead_spawner_takes_its_children_and_the_next_job_gets_a_new_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(TESTS))
+    table = JobTable(tmp_path / "jobs")
+    count = tmp_path / "count"
+    errors: list[BaseException] = []
+
+    def gated() -> None:
+        try:
+            table.run("PC1-s1-a1", "jobfuncs:gate", [str(count), str(tmp_path / "never"), 1])
+        except JobFailed as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=gated)
+    try:
+        thread.start()
+        started = until(lambda: count.exists() and count.read_text().split(), "the job's child")
+        child = int(started[0])
+        old = parent_of(child)
+        assert old not in (0, os.getpid())  # the spawner, never the test itself
+        os.kill(old, signal.SIGKILL)
+        thread.join(HANG_GUARD)
+        assert [str(e) for e in errors] == ["job PC1-s1-a1 failed (killed by SIGKILL): no output"]
+        until(lambda: not alive(child) or None, "the child dying with its spawner")
+        assert table.run("AP-s2-a1", "os:getppid", []) not in (old, os.getpid())
+    finally:
+        table.close()
+        thread.join(HANG_GUARD)
+
+
+def test_without_a_spawner_the_job_runs_in_a_fresh_interpreter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(spawner, "_MODULE", "sectorfsm.no_such_spawner")
+    table = JobTable(tmp_path / "jobs")
+    try:
+        assert table.run("AP-s1-a1", "os:getppid", []) == os.getpid()
+        with pytest.raises(JobFailed, match=r"failed \(exit code 1\): ValueError: invalid literal"):
+            table.run("AP-s2-a1", "builtins:int", ["bad"])
+    finally:
+        table.close()
