@@ -14,12 +14,13 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import HANG_GUARD, until
+from conftest import HANG_GUARD, Spawner, until
 
-from sectorfsm.sealing.backends.dask import spawner
+from sectorfsm.sealing.backends.dask import jobs, spawner
 from sectorfsm.sealing.backends.dask.jobs import JobFailed, JobTable
 
 TESTS = Path(__file__).resolve().parent
+SPAWNER = b"sectorfsm.sealing.backends.dask.spawner"
 
 
 def parent_of(pid: int) -> int:
@@ -53,6 +54,49 @@ def test_children_are_forked_by_one_warm_spawner_in_their_own_session(tmp_path: 
     finally:
         table.close()
     until(lambda: not alive(first) or None, "the spawner ending with its table")
+
+
+def spawners_of(pid: int) -> list[int]:
+    """The job spawner processes whose parent is `pid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and parent_of(int(entry.name)) == pid:
+            try:
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if SPAWNER in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+def test_a_table_opened_on_a_worker_has_its_spawner_before_any_job(tmp_path: Path) -> None:
+    with jobs.hold_jobs():
+        table = jobs.open_table(tmp_path, "box/1")
+        assert table.root == tmp_path / "box_1"
+        (warm,) = spawners_of(os.getpid())  # started with the table, no job yet
+        assert jobs.open_table(tmp_path, "box/1") is table  # the same table, no second spawner
+        assert spawners_of(os.getpid()) == [warm]
+        assert table.run("AP-s1-a1", "os:getppid", []) == warm  # the first job is a fork
+    until(lambda: not alive(warm) or None, "the spawner ending with hold_jobs")
+
+
+def test_sectors_worker_starts_its_spawner_before_the_first_job(
+    spawn: Spawner, tmp_path: Path
+) -> None:
+    from test_dask_worker import connect, free_port, joined, scheduler, setup_files, worker
+
+    box = setup_files(tmp_path)
+    sched, address = scheduler(spawn, free_port())
+    proc = worker(spawn, "--scheduler", address, "--config", "worker.toml", cwd=box)
+    address_of_worker, _ = joined(sched, "from-file")
+    (warm,) = spawners_of(proc.pid)  # right after it joined, before any job
+    with connect(address) as client:
+        fut = jobs.submit(client, address_of_worker, "AP-s1-a1", "os:getppid", [])
+        assert fut.result(timeout=HANG_GUARD) == warm  # the first job is forked by it
+    proc.popen.send_signal(signal.SIGTERM)
+    assert proc.finish() == 0
+    until(lambda: not alive(warm) or None, "the spawner ending with the worker")
 
 
 def test_a_dead_spawner_takes_its_children_and_the_next_job_gets_a_new_one(

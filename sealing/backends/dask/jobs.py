@@ -21,8 +21,9 @@ same reason (`extern/sector-storage/manager_calltracker.go@v1.11.3`).
   the children running, and the next Worker of the process re-attaches to the same table.
   Each child is waited for by a thread of its own.
 * Children are forked by the table's warm `Spawner` (`spawner.py`: its own process group,
-  `PR_SET_PDEATHSIG` on the spawner, which has it on the worker), so a job does not pay for a
-  fresh interpreter; a fresh `python -m ...dask.child` is the fallback if it cannot start.
+  `PR_SET_PDEATHSIG` on the spawner, which has it on the worker), started with the table on a
+  worker, so no job (the first included) pays for a fresh interpreter; a fresh
+  `python -m ...dask.child` is the fallback if it cannot start.
 """
 
 from __future__ import annotations
@@ -173,6 +174,10 @@ class JobTable:
         self._lock = threading.Lock()
         self._active: dict[str, _Active] = {}
         self._spawner = Spawner()
+
+    def warm(self) -> None:
+        """Start the job spawner now, before any job (a no-op while it runs)."""
+        self._spawner.warm()
 
     # ------------------------------------------------------------------ records
 
@@ -464,15 +469,16 @@ def hold_jobs(wait: float = 5.0) -> Iterator[None]:
             table.close(wait)
 
 
-def _table(root: Path) -> JobTable:
-    """The table of `root`: shared by the process's Workers under `hold_jobs`."""
+def open_table(base: Path, name: str) -> JobTable:
+    """Worker `name`'s table under `base`, its spawner started (shared under `hold_jobs`)."""
+    root = base / re.sub(r"[^A-Za-z0-9._-]", "_", name)
     if not _held:
-        return JobTable(root)
-    with _tables_lock:
-        table = _tables.get(root)
-        if table is None:
-            table = _tables[root] = JobTable(root)
-        return table
+        table = JobTable(root)
+    else:
+        with _tables_lock:
+            table = _tables.get(root) or _tables.setdefault(root, JobTable(root))
+    table.warm()
+    return table
 
 
 class JobRegistry(WorkerPlugin):
@@ -494,7 +500,7 @@ class JobRegistry(WorkerPlugin):
         """Open this worker's records and fail the jobs its previous process left running."""
         base = self.state_dir or dask.config.get(STATE_DIR_KEY, None)
         root = Path(base) if base else Path(tempfile.gettempdir()) / PLUGIN
-        self.table = _table(root / re.sub(r"[^A-Za-z0-9._-]", "_", str(worker.name)))
+        self.table = open_table(root, str(worker.name))
         self.table.recover()
 
     def teardown(self, worker: Worker) -> None:

@@ -3,7 +3,9 @@
 A fresh interpreter for every job costs 50-250 ms of start-up and imports; a fork of a
 process that has them loaded costs about a millisecond. `Spawner` (in the worker) starts
 `python -m ...dask.spawner` once, from a thread of its own that lives as long as it, with
-`PR_SET_PDEATHSIG`, so the spawner dies with the worker. For each job the worker writes
+`PR_SET_PDEATHSIG`, so the spawner dies with the worker. `warm()` starts it before any job
+(the table does so as soon as its worker has it), so that even the first job is a fork; a
+spawner that died is started again by the next job. For each job the worker writes
 `start SEQ JOBDIR`; the spawner forks a child that
 calls `setsid()` (its own process group: a kill reaches whatever the job starts), arms
 `PR_SET_PDEATHSIG` on the spawner (so it dies with the spawner, hence with the worker),
@@ -61,7 +63,7 @@ class SpawnedChild:
 
 
 class Spawner:
-    """The worker's side: starts the spawner process on first use, asks it for children."""
+    """The worker's side: starts the spawner process (`warm` or first job), asks it for children."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -69,6 +71,7 @@ class Spawner:
         self._seq = 0
         self._pending: dict[int, tuple[threading.Event, list[SpawnedChild | str]]] = {}
         self._children: dict[int, SpawnedChild] = {}
+        self._closed = False
 
     def start(self, jobdir: Path) -> SpawnedChild:
         """Fork the child of the job in `jobdir`; `OSError` if it cannot be started."""
@@ -91,9 +94,32 @@ class Spawner:
             raise OSError(box[0])
         return box[0]
 
-    def close(self) -> None:
-        """Stop the spawner (its remaining children die with it)."""
+    @property
+    def pid(self) -> int | None:
+        """The spawner process's pid while it runs, else None."""
+        proc = self._proc
+        return proc.pid if proc is not None else None
+
+    def warm(self) -> bool:
+        """Start the spawner now unless it runs or was closed; False if it cannot start.
+
+        Only the process start is waited for (a few ms): its imports happen in it meanwhile.
+        A spawner that cannot start is no error here: each job then falls back as before.
+        """
         with self._lock:
+            if self._closed:
+                return False
+            if self._proc is None:
+                try:
+                    self._launch()
+                except OSError:
+                    return False
+            return True
+
+    def close(self) -> None:
+        """Stop the spawner (its remaining children die with it); `warm` no longer starts it."""
+        with self._lock:
+            self._closed = True
             proc, self._proc = self._proc, None
         if proc is not None and proc.stdin is not None:
             with contextlib.suppress(OSError):

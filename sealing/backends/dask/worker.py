@@ -324,6 +324,7 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
     export_roots(config.directories)  # the job children translate path ids with these
     # An engine that registers the job plugin again must find the same records.
     with dask.config.set({jobs.STATE_DIR_KEY: str(config.state_dir)}), jobs.hold_jobs():
+        jobs.open_table(config.state_dir, config.name)  # its spawner warms up while we connect
         while not stop.is_set():
             worker = Worker(
                 config.scheduler,
