@@ -67,6 +67,8 @@ class DaskSealer:
         self._store: LmdbStore | None = None
         self._attempts: dict[str, int] = {}
         self._acks: set[asyncio.Task[None]] = set()
+        #: Sector -> (the worker that left with its unsealed file, that file's path id).
+        self._lost_unsealed: dict[int, tuple[str, str]] = {}
 
     def bind(self, sched: Scheduler, store: LmdbStore) -> None:
         """Called by `ScheduledSealer`: the storage index and the store the sealer records in."""
@@ -204,6 +206,9 @@ class DaskSealer:
         """PreCommit1 on the worker (its unsealed file fetched there first if need be)."""
         spec = [[p.piece_cid, p.size] for p in pieces]
         unsealed, cache = self._loc(job, FileType.UNSEALED), self._loc(job, FileType.CACHE)
+        lost = self._lost_unsealed.pop(job.sector.number, None)
+        if lost is not None:
+            await self._rebuild_unsealed(job, pieces, unsealed, *lost)
         out = await self._call(
             job, adapter.pre_commit1, unsealed, cache, job.sector.size, ticket, spec
         )
@@ -217,6 +222,39 @@ class DaskSealer:
             job, adapter.pre_commit2, self.miner, n.number, n.size, pc1out, sealed, cache
         )
         return PreCommit2Out(str(comm_r), str(comm_d))
+
+    async def _rebuild_unsealed(
+        self, job: Job, pieces: list[Piece], unsealed: Loc, holder: str, source: str
+    ) -> None:
+        """Write a lost unsealed file again on the job's worker: only filler pieces can be.
+
+        A committed-capacity sector's unsealed file is its filler pieces, zeros, so PC1 can
+        start over on another worker. Deal data exists only in the lost file: the index
+        points at it again and PC1 fails until its worker is back (as Lotus's would).
+        """
+        if any(p.deal is not None for p in pieces):
+            self.sched.index.move_sector(job.sector, FileType.UNSEALED, source)
+            raise DaskSealerError(
+                f"sector {job.sector}: its unsealed file, with deal data, is on worker "
+                f"{holder}, which left the cluster"
+            )
+        from .backend import function_path
+
+        remote = self._remote(job.worker)
+        func = function_path(adapter.add_piece)
+        offset = 0
+        for i, piece in enumerate(pieces):
+            key = f"AP-s{job.sector.number}-rebuild{i}-{secrets.token_hex(3)}"
+            args: list[Any] = [unsealed, job.sector.size, offset, piece.size, None]
+            await remote.call(job.sched_id, key, func, args)
+            await remote.ack(key)
+            offset += piece.size
+        log.warning(
+            "sector %s: unsealed file lost with worker %s; filler pieces rewritten on %s",
+            job.sector,
+            holder,
+            remote.name,
+        )
 
     async def commit1(
         self, job: Job, ticket: bytes, seed: bytes, pieces: list[Piece], cids: PreCommit2Out
@@ -252,6 +290,14 @@ class DaskSealer:
 
         async def transfer(job: Job, source: str | None, nbytes: int) -> None:
             if job.placement.path is None:
+                return
+            if files == FileType.UNSEALED and source and self.sched.find_worker(source) is None:
+                # Its worker (`source`) left with it: PreCommit1 decides, knowing the pieces,
+                # whether it can be rebuilt here (see `_rebuild_unsealed`).
+                index = self.sched.index
+                held = index.find_sector(job.sector, files)
+                pid = next(p for p in held if index.paths[p].worker == source)
+                self._lost_unsealed[job.sector.number] = (source, pid)
                 return
             await self.move(job.sector, files, job.worker.name, job.placement.path)
 
