@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from distributed import Client
+from distributed.scheduler import KilledWorker
 
 from . import jobs
 from .identity import PolicyReport, WorkerHeartbeat, WorkerIdentity
@@ -104,7 +105,12 @@ class DaskWorkerBackend:
             await asyncio.wait({waiting, lost}, return_when=asyncio.FIRST_COMPLETED)
             if not waiting.done():
                 raise RemoteWorkerLost(f"worker {self.name} {self.lost_reason}")
-            return waiting.result()
+            try:
+                return waiting.result()
+            except KilledWorker:  # Dask's message names the address only: say which worker
+                raise RemoteWorkerLost(
+                    f"worker {self.name} ({self.address}) died while running job {key}"
+                ) from None
         except asyncio.CancelledError:
             await asyncio.shield(self.kill(job_id))
             raise
