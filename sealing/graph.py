@@ -134,6 +134,33 @@ RESUME_STATES = tuple(sorted(FAILED_STATES - {S.FailedUnrecoverable}))
 STAGING_STATES: frozenset[SectorState] = frozenset(
     {S.UndefinedSectorState, S.Empty, S.WaitDeals, S.AddPiece}
 )
+#: Lotus's sstSealing bucket (v1.11.3 `toStatState`).
+SEALING_STATES: frozenset[SectorState] = frozenset(
+    {
+        S.Packing,
+        S.GetTicket,
+        S.PreCommit1,
+        S.PreCommit2,
+        S.PreCommitting,
+        S.PreCommitWait,
+        S.SubmitPreCommitBatch,
+        S.PreCommitBatchWait,
+        S.WaitSeed,
+        S.Committing,
+        S.CommitFinalize,
+        S.SubmitCommit,
+        S.CommitWait,
+        S.SubmitCommitAggregate,
+        S.CommitAggregateWait,
+        S.FinalizeSector,
+    }
+)
+#: Lotus's sstProving bucket without the remove states.
+PROVING_STATES: frozenset[SectorState] = frozenset(
+    {S.Proving, S.Terminating, S.TerminateWait, S.TerminateFinality, S.TerminateFailed}
+)
+#: The remove states Lotus counts as proving, reported on their own.
+REMOVED_STATES: frozenset[SectorState] = frozenset({S.Removing, S.Removed})
 #: States in which a SectorAddPiece is accepted. A new sector (UndefinedSectorState) takes
 #: pieces only once its SectorStart is applied, and a CC one (SectorStartCC) never does.
 TAKES_PIECES = frozenset({S.Empty, S.WaitDeals, S.AddPiece, S.AddPieceFailed})

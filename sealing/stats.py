@@ -16,14 +16,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .graph import STAGING_STATES
+from .graph import PROVING_STATES, REMOVED_STATES, SEALING_STATES, STAGING_STATES
 from .states import SectorState
 
 if TYPE_CHECKING:
     from ..fsm import GroupRecords
     from .info import SectorInfo
-
-S = SectorState
 
 
 class StatGroup(enum.StrEnum):
@@ -34,35 +32,6 @@ class StatGroup(enum.StrEnum):
     failed = "failed"
     proving = "proving"
     removed = "removed"
-
-
-#: Lotus's sstSealing bucket (v1.11.3 `toStatState`).
-SEALING_STATES: frozenset[SectorState] = frozenset(
-    {
-        S.Packing,
-        S.GetTicket,
-        S.PreCommit1,
-        S.PreCommit2,
-        S.PreCommitting,
-        S.PreCommitWait,
-        S.SubmitPreCommitBatch,
-        S.PreCommitBatchWait,
-        S.WaitSeed,
-        S.Committing,
-        S.CommitFinalize,
-        S.SubmitCommit,
-        S.CommitWait,
-        S.SubmitCommitAggregate,
-        S.CommitAggregateWait,
-        S.FinalizeSector,
-    }
-)
-#: Lotus's sstProving bucket without the remove states.
-PROVING_STATES: frozenset[SectorState] = frozenset(
-    {S.Proving, S.Terminating, S.TerminateWait, S.TerminateFinality, S.TerminateFailed}
-)
-#: The remove states Lotus counts as proving, reported on their own.
-REMOVED_STATES: frozenset[SectorState] = frozenset({S.Removing, S.Removed})
 
 
 def stat_group(state: SectorState) -> StatGroup:
