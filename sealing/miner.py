@@ -157,6 +157,7 @@ class Miner:
         durability: str = "group",
         sim_time_scale: float = 1.0,
         sealer_options: dict[str, Any] | None = None,
+        assigner: str = "balanced",
     ) -> AsyncIterator[Miner]:
         """Open (or create) a miner repo and run its engine until the block exits.
 
@@ -202,7 +203,7 @@ class Miner:
             adopt_storage(store, backend, miner)  # (before a new repo records its identity)
             _check_identity(store, miner, size)
             devnet = DevnetChain(store, the_clock, params, miner=miner)
-            sched = Scheduler(clock=the_clock)
+            sched = Scheduler(clock=the_clock, assigner=assigner)
             if specs is None:
                 specs = default_workers(sealer, root)
                 check_workers(specs, size)

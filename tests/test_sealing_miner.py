@@ -12,6 +12,7 @@ from sealtools import kinds, miner, run
 import sectorfsm
 from sectorfsm.fsm import LmdbStore
 from sectorfsm.sched import TaskType
+from sectorfsm.sched.lotus import LotusMode
 from sectorfsm.sealing import (
     NotFailedError,
     SealingError,
@@ -93,11 +94,25 @@ def test_open_refuses_bad_config(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="unknown sealing option"):
             async with miner(tmp_path, config={"wait_deal_delay": 1}):
                 pass
+        with pytest.raises(ValueError, match="unknown assigner 'nope'"):
+            async with miner(tmp_path, assigner="nope"):
+                pass
+        assert not (tmp_path / "repo").exists()  # refused before anything was created
         async with miner(tmp_path) as m:
             await m.pledge()
         with pytest.raises(SealingError, match="2048-byte sectors"):
             async with miner(tmp_path, sector_size="8MiB"):
                 pass
+
+    run(body)
+
+
+def test_the_lotus_assigner_seals_a_sector(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with miner(tmp_path, assigner="lotus") as m:
+            assert isinstance(m.sched.strategy, LotusMode)
+            n = await m.pledge()
+            assert (await m.wait(n, "Proving")).state.name == "Proving"
 
     run(body)
 
