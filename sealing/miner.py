@@ -29,6 +29,7 @@ from ..sched import (
     WorkerSpec,
     parse_sector_size,
 )
+from ..sched.assigners import make_assigner
 from ..sched.config import check_workers
 from . import requests
 from .autopledge import AutoPledger, PledgePlan, execute_plan, plan_pledge
@@ -166,9 +167,11 @@ class Miner:
         work fits the ticket deadlines (about 10 s epochs for 32 GiB sectors, 20 s for
         64 GiB); explicit `ChainParams` that cannot fit them are refused, naming the block
         time that would (see `sealing/options.py`). Declared `workers` must be able to run
-        every sealing task on this sector size.
+        every sealing task on this sector size. `assigner` picks the scheduler's placement:
+        `balanced` (the default) or `lotus` (Lotus's window assigner, the baseline).
         """
         check_scalars(miner=miner, sim_time_scale=sim_time_scale, sealer=sealer)
+        make_assigner("balanced" if assigner == "lotus" else assigner)  # a bad name: ValueError
         if durability not in DURABILITIES:
             raise ValueError(f"durability: must be one of {DURABILITIES}, got {durability!r}")
         the_clock = make_clock(clock)
