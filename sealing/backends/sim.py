@@ -5,6 +5,12 @@ minutes), doubled for 64 GiB and scaled linearly below, with a small floor so ti
 still take a visible moment. Time passes on the scheduler's clock, so on a virtual clock a
 day of sealing takes milliseconds.
 
+Per-worker duration tables (option `durations`: `{worker: {task short name: seconds for a
+32 GiB sector}}`, scaled like the defaults) model faster hardware for `sectors simulate`; a
+worker can be lost (`lose_worker`): its running tasks fail at once, as a crashed box's would.
+Fetches between workers take bytes / the slower link, and the bytes moved are counted per
+(source, destination) pair in `fetched`.
+
 Outputs are deterministic: CommD is the real unsealed CID of the pieces (computed from their
 commitments, no data hashed), CommR and the proof come from `proofs.py`, so `DevnetChain`
 verifies them and a wrong ticket or seed is caught.
@@ -12,6 +18,7 @@ verifies them and a wrong ticket or seed is caught.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +27,18 @@ from typing import Any
 
 from ...fsm import Clock
 from ...fsm.codec import packb, unpackb
-from ...sched import Job, SectorRef, StoragePath, TaskType, WorkerResources, WorkerSpec
+from ...sched import (
+    FileType,
+    Job,
+    Scheduler,
+    SectorRef,
+    StoragePath,
+    TaskType,
+    WorkerResources,
+    WorkerSpec,
+    simulated_transfer,
+)
+from ...sched.fetch import Transfer
 from .. import commp
 from ..info import PendingPiece, Piece
 from ..proofs import porep_proof, sealed_cid
@@ -55,29 +73,107 @@ class SimFaults:
     fail_remove: int = 0
 
 
+#: Per worker name: seconds per task for a 32 GiB sector, where it differs from the defaults.
+WorkerDurations = Mapping[str, Mapping[TaskType, float]]
+
+
+def parse_durations(value: object) -> dict[str, dict[TaskType, float]]:
+    """The `durations` option: `{worker: {task short name: seconds}}`; ValueError if malformed."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"sealer_options durations: must map workers to tables, got {value!r}")
+    out: dict[str, dict[TaskType, float]] = {}
+    for worker, table in value.items():
+        if not isinstance(table, Mapping):
+            raise ValueError(f"sealer_options durations.{worker}: must map task names to seconds")
+        tasks: dict[TaskType, float] = {}
+        for key, seconds in table.items():
+            task = key if isinstance(key, TaskType) else TaskType.parse(str(key))
+            ok = isinstance(seconds, int | float) and not isinstance(seconds, bool)
+            if not ok or not 0 < seconds < 1e9:
+                raise ValueError(
+                    f"sealer_options durations.{worker}.{key}: must be seconds > 0, got {seconds!r}"
+                )
+            tasks[task] = float(seconds)
+        out[str(worker)] = tasks
+    return out
+
+
 class SimBackend:
     """A backend that only takes time and returns deterministic commitments."""
 
     name = "sim"
 
-    def __init__(self, clock: Clock, miner: int, *, time_scale: float = 1.0, floor: float = 0.01):
+    def __init__(
+        self,
+        clock: Clock,
+        miner: int,
+        *,
+        time_scale: float = 1.0,
+        floor: float = 0.01,
+        durations: WorkerDurations | None = None,
+    ):
         self.clock = clock
         self.miner = miner
         self.time_scale = time_scale
         self.floor = floor
         self.faults = SimFaults()
+        #: Per-worker overrides of `DURATIONS_32G` (faster or slower hardware).
+        self.durations: dict[str, dict[TaskType, float]] = {
+            w: dict(t) for w, t in (durations or {}).items()
+        }
         #: Tasks run, by type (for tests and the demo).
         self.runs: dict[TaskType, int] = {}
+        #: Bytes fetched, per (source worker or "shared", destination worker).
+        self.fetched: dict[tuple[str, str], int] = {}
+        self._sched: Scheduler | None = None
+        #: Per worker: resolved when the worker is lost, failing the tasks running there.
+        self._lost: dict[str, asyncio.Future[None]] = {}
 
-    def duration(self, task: TaskType, sector_size: int) -> float:
-        """Simulated seconds for `task` on a sector of `sector_size` bytes."""
-        base = DURATIONS_32G.get(task, 60.0) * sector_size / _32G
-        return max(self.floor, base * self.time_scale)
+    def duration(self, task: TaskType, sector_size: int, worker: str | None = None) -> float:
+        """Simulated seconds for `task` on a sector of `sector_size` bytes (on `worker`)."""
+        table = self.durations.get(worker, {}) if worker is not None else {}
+        per_32g = table.get(task, DURATIONS_32G.get(task, 60.0))
+        return max(self.floor, per_32g * sector_size / _32G * self.time_scale)
+
+    def bind(self, sched: Scheduler, store: object) -> None:
+        """Remember the scheduler: fetches are timed by its workers' links."""
+        self._sched = sched
+
+    def fetcher(self, files: FileType) -> Transfer:
+        """A transfer that takes bytes / the slower link and counts the bytes per pair."""
+        if self._sched is None:
+            raise RuntimeError("the sim backend fetches only once bound to a scheduler")
+        move = simulated_transfer(self._sched)
+
+        async def transfer(job: Job, source: str | None, nbytes: int) -> None:
+            await move(job, source, nbytes)
+            pair = (source or "shared", job.worker.name)
+            self.fetched[pair] = self.fetched.get(pair, 0) + nbytes
+
+        return transfer
+
+    def lose_worker(self, worker: str) -> None:
+        """Fail every task running on `worker` now, as a crash of the box would."""
+        lost = self._lost.pop(worker, None)
+        if lost is not None and not lost.done():
+            lost.set_result(None)
 
     async def _work(self, job: Job) -> None:
         task = job.task_type
+        worker = job.worker.name
         self.runs[task] = self.runs.get(task, 0) + 1
-        await self.clock.sleep(self.duration(task, job.sector.size))
+        lost = self._lost.get(worker)
+        if lost is None:
+            lost = self._lost[worker] = asyncio.get_running_loop().create_future()
+        sleeping = asyncio.ensure_future(
+            self.clock.sleep(self.duration(task, job.sector.size, worker))
+        )
+        try:
+            await asyncio.wait((sleeping, lost), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeping.cancel()
+        if not sleeping.done() or sleeping.cancelled():
+            raise SimTaskError(f"simulated {task.short} lost with worker {worker}")
         left = self.faults.fail_tasks.get(task, 0)
         if left > 0:
             self.faults.fail_tasks[task] = left - 1
@@ -154,7 +250,7 @@ def sim_worker(name: str = "sim-worker", capacity: int = 1 << 50) -> WorkerSpec:
 
 
 class SimFactory:
-    """The registry's `sim`: no files, no options, one big simulated worker."""
+    """The registry's `sim`: no files, one big simulated worker; options: `durations`."""
 
     name = "sim"
     keeps_files = False
@@ -162,7 +258,9 @@ class SimFactory:
     def check(
         self, repo: Path, options: Mapping[str, Any], workers: Sequence[WorkerSpec] | None
     ) -> None:
-        """Nothing to refuse: the sim sealer reads no options and needs no directories."""
+        """Only `durations` is read (per-worker task seconds); it needs no directories."""
+        if "durations" in options:
+            parse_durations(options["durations"])
 
     def create(
         self,
@@ -174,7 +272,8 @@ class SimFactory:
         time_scale: float,
     ) -> SimBackend:
         """A `SimBackend` whose durations are scaled by `time_scale`."""
-        return SimBackend(clock, miner, time_scale=time_scale)
+        durations = parse_durations(options.get("durations", {}))
+        return SimBackend(clock, miner, time_scale=time_scale, durations=durations)
 
     def default_workers(self, repo: Path) -> list[WorkerSpec]:
         """One `sim_worker`."""

@@ -1,0 +1,212 @@
+"""The analytic bound: sectors per day of the stage with the least capacity, and why.
+
+Per stage, each worker that runs it contributes `slots / seconds per sector`, where `slots` is
+how many tasks of the stage its own ledger admits at once on an idle worker (memory, swap,
+threads, GPUs, MAX_CONCURRENT) capped by its policy (`PreCommit1Max`, ...), and the seconds
+per sector are the task's duration plus the fetch that brings its input from another worker
+(the task holds its slot while its files arrive, as in Lotus). A fetch is counted where the
+worker does not run the stage that writes the input (AP for PC1's unsealed file, PC1 for PC2's
+cache and sealed files); it takes bytes / the slower of the two links, and at most
+`PARALLEL_FETCH_LIMIT` fetches run at once per worker. The bound is the least of the stages:
+no placement finishes sectors faster. It ignores resources that two stages share on one box
+and time spent on no worker (chain delays, batching), which add latency, not a rate limit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+
+from ..sched import FileType, Ledger, TaskType, WorkerPolicy, WorkerSpec, resource_spec
+from ..sched.fetch import PARALLEL_FETCH_LIMIT
+from ..sched.filetypes import space_needed
+from ..sched.rules import stage_cap
+
+__all__ = ["STAGES", "Bound", "StageBound", "WorkerStage", "bottleneck_sentence", "bound"]
+
+#: The pipeline's stages in order (GET is not a stage: fetches are counted in the stage).
+STAGES = (
+    TaskType.ADD_PIECE,
+    TaskType.PRE_COMMIT1,
+    TaskType.PRE_COMMIT2,
+    TaskType.COMMIT1,
+    TaskType.COMMIT2,
+    TaskType.FINALIZE,
+)
+#: A stage's input that may come from another worker, and the stage that writes it.
+_INPUT: dict[TaskType, tuple[FileType, TaskType]] = {
+    TaskType.PRE_COMMIT1: (FileType.UNSEALED, TaskType.ADD_PIECE),
+    TaskType.PRE_COMMIT2: (FileType.CACHE | FileType.SEALED, TaskType.PRE_COMMIT1),
+}
+#: More tasks at once than any real box runs: the stage is not limited there.
+UNBOUNDED = 1000
+#: Stages within this fraction of the least capacity limit together.
+TIE = 0.01
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStage:
+    """One worker's share of one stage."""
+
+    worker: str
+    #: Tasks at once (None: more than any box runs, not a limit).
+    slots: int | None
+    seconds: float
+    fetch_seconds: float
+    #: Sectors per day this worker can carry through the stage (None: unlimited).
+    per_day: float | None
+    #: The fetch limit (PARALLEL_FETCH_LIMIT over the fetch time) caps it, not the slots.
+    link_bound: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StageBound:
+    """A stage's capacity: the sum of its workers'."""
+
+    task: TaskType
+    workers: tuple[WorkerStage, ...]
+    per_day: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Bound:
+    """Per-stage capacity and the least of them."""
+
+    stages: dict[TaskType, StageBound]
+    per_day: float
+    #: The stages that limit (the least, and any within `TIE` of it), in pipeline order.
+    limiting: tuple[TaskType, ...]
+    inputs: dict[str, float] = field(default_factory=dict)
+
+
+def max_slots(spec: WorkerSpec, task: TaskType, sector_size: int, policy: WorkerPolicy) -> int:
+    """Tasks of one type an idle `spec` admits at once (its ledger), capped by its policy."""
+    if task not in spec.task_types:
+        return 0
+    ledger = Ledger(replace(spec.resources, mem_used=0, mem_swap_used=0))
+    need = resource_spec(task, sector_size, spec.overrides)
+    n = 0
+    while n < UNBOUNDED and ledger.refusal(task, need) is None:
+        ledger.add(n, task, need)
+        n += 1
+    cap = stage_cap(policy, task)
+    return n if cap is None else min(n, cap)
+
+
+def bound(
+    workers: Iterable[WorkerSpec],
+    sector_size: int,
+    seconds: Mapping[str, Mapping[TaskType, float]],
+    policies: Mapping[str, WorkerPolicy],
+) -> Bound:
+    """The bound for these workers; `seconds[worker][task]` is the task's duration there."""
+    specs = list(workers)
+    stages: dict[TaskType, StageBound] = {}
+    for task in STAGES:
+        shares = []
+        for spec in specs:
+            slots = max_slots(spec, task, sector_size, policies.get(spec.name, WorkerPolicy()))
+            if slots == 0:
+                continue
+            dur = seconds[spec.name][task]
+            fetch = _fetch_seconds(spec, task, sector_size, specs)
+            if slots >= UNBOUNDED:
+                shares.append(WorkerStage(spec.name, None, dur, fetch, None))
+                continue
+            rate = slots / (dur + fetch) * 86400
+            link_bound = False
+            if fetch > 0 and PARALLEL_FETCH_LIMIT / fetch * 86400 < rate:
+                rate, link_bound = PARALLEL_FETCH_LIMIT / fetch * 86400, True
+            shares.append(WorkerStage(spec.name, slots, dur, fetch, rate, link_bound))
+        total: float | None = 0.0
+        for share in shares:
+            total = None if total is None or share.per_day is None else total + share.per_day
+        stages[task] = StageBound(task, tuple(shares), total if shares else 0.0)
+    finite = {t: s.per_day for t, s in stages.items() if s.per_day is not None}
+    least = min(finite.values()) if finite else 0.0
+    limiting = tuple(t for t, v in finite.items() if v <= least * (1 + TIE))
+    return Bound(stages, least, limiting)
+
+
+def _fetch_seconds(
+    spec: WorkerSpec, task: TaskType, sector_size: int, specs: list[WorkerSpec]
+) -> float:
+    """Seconds to bring the stage's input here, 0 when this worker writes it itself."""
+    if task not in _INPUT:
+        return 0.0
+    files, writer = _INPUT[task]
+    if writer in spec.task_types:
+        return 0.0
+    sources = [s.bandwidth for s in specs if writer in s.task_types and s is not spec]
+    if not sources:
+        return 0.0
+    link = min(spec.bandwidth, max(sources))
+    return space_needed(files, sector_size) / link
+
+
+def bottleneck_sentence(
+    b: Bound, busy: Mapping[tuple[str, TaskType], float]
+) -> tuple[str, dict[str, object]]:
+    """The bottleneck in words, and its figures: the stage, its busiest worker, one more slot.
+
+    `busy[(worker, task)]` is the fraction of that worker's slots of the stage in use over
+    the steady window. One more slot on the busiest worker of the limiting stage adds what
+    the new least capacity gains over the old (0 when another stage limits as much).
+    """
+    if not b.limiting:
+        return "no stage limits the rate (every stage is unbounded)", {}
+    parts = []
+    figures: dict[str, object] = {"stages": [t.short for t in b.limiting]}
+    gains: dict[str, float] = {}
+    for task in b.limiting:
+        stage = b.stages[task]
+        limited = [w for w in stage.workers if w.per_day is not None]
+        top = max(limited, key=lambda w: (busy.get((w.worker, task), 0.0), w.per_day or 0.0))
+        pct = round(100 * busy.get((top.worker, task), 0.0))
+        gain = _one_more_slot(b, task, top)
+        gains[task.short] = gain
+        link = ""
+        if top.fetch_seconds > 0:
+            link = f" ({_hours(top.fetch_seconds)} of each task is the fetch of its input)"
+        parts.append((task, top, pct, gain, link))
+        figures[task.short] = {"worker": top.worker, "busy": pct / 100, "gain_per_day": gain}
+    if len(parts) == 1:
+        task, top, pct, gain, link = parts[0]
+        what = "fetch slot" if top.link_bound else f"{task.short} slot"
+        return (
+            f"{task.short} on {top.worker} is the bottleneck: {pct}% busy{link}; "
+            f"one more {what} adds ~{gain:.1f} sectors/day"
+        ), figures
+    names = " and ".join(f"{t.short} on {top.worker} ({pct}% busy)" for t, top, pct, _, _ in parts)
+    return (
+        f"{names} are balanced bottlenecks: one more slot of one alone adds "
+        f"~{max(gains.values()):.1f} sectors/day; add to both"
+    ), figures
+
+
+def _one_more_slot(b: Bound, task: TaskType, share: WorkerStage) -> float:
+    stage = b.stages[task]
+    if stage.per_day is None or share.slots is None or share.per_day is None:
+        return 0.0
+    if share.link_bound:
+        extra = 86400 / share.fetch_seconds
+    else:
+        extra = 86400 / (share.seconds + share.fetch_seconds)
+    others = [s.per_day for t, s in b.stages.items() if t is not task and s.per_day is not None]
+    new = min([stage.per_day + extra, *others])
+    return round(max(0.0, new - b.per_day), 1)
+
+
+def _hours(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.0f} min"
+
+
+def describe_stage(stage: StageBound) -> str:
+    """One line per stage for the console: capacity and its workers' slots."""
+    cap = "unlimited" if stage.per_day is None else f"{stage.per_day:.1f}/day"
+    each = ", ".join(
+        f"{w.worker} x{w.slots if w.slots is not None else 'inf'}" for w in stage.workers
+    )
+    return f"{stage.task.short}: {cap} ({each})"

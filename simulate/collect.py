@@ -1,0 +1,131 @@
+"""What one simulated run records, each at O(1) per event: no scan of the sectors anywhere.
+
+Three feeds: the miner's state changes (`Miner.subscribe`: sectors reaching Proving, failures
+and retries by state), the scheduler's job listener (slot time per worker and stage, split
+into sample buckets; queue wait per task type), and a sampler every `sample` seconds (disk use
+per storage path, sectors per state from the kept counters).
+
+A task's queue wait is from the sector's last milestone (its last state change, or the end of
+its previous task, whichever is later) to the task being placed on a worker: C2 waits from the
+end of C1, not from the sector entering Committing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass, field
+
+from ..sched import Job, TaskType
+from ..sealing.miner import Miner
+from ..sealing.notify import Gap
+from ..sealing.states import FAILED_STATES, SectorState
+
+__all__ = ["Collector", "percentile"]
+
+
+@dataclass(slots=True)
+class Collector:
+    """Feeds one run's figures; `start` at t0, `sample` per tick, `stop` at the end."""
+
+    miner: Miner
+    t0: float
+    sample: float
+    #: When each sector reached Proving (seconds since t0), in order.
+    proving: list[float] = field(default_factory=list)
+    failures: dict[str, int] = field(default_factory=dict)
+    retries: dict[str, int] = field(default_factory=dict)
+    #: (worker, task) -> seconds of slot time per sample bucket.
+    busy: dict[tuple[str, TaskType], dict[int, float]] = field(default_factory=dict)
+    #: (worker, task) -> seconds of fetch time (the slot held while the input arrives).
+    fetch_seconds: dict[tuple[str, TaskType], float] = field(default_factory=dict)
+    tasks_done: dict[tuple[str, TaskType], int] = field(default_factory=dict)
+    waits: dict[TaskType, list[float]] = field(default_factory=dict)
+    #: path id -> bytes stored or reserved, per sample.
+    disk: dict[str, list[int]] = field(default_factory=dict)
+    #: state name -> sectors, per sample (only states that ever held a sector).
+    states: dict[str, list[int]] = field(default_factory=dict)
+    samples: int = 0
+    missed: int = 0
+    _milestone: dict[int, float] = field(default_factory=dict)
+    _watcher: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Subscribe to state changes and to the scheduler's finished jobs."""
+        subscription = self.miner.subscribe(maxsize=1 << 20)
+        self._watcher = asyncio.get_running_loop().create_task(self._watch(subscription))
+        self.miner.sched.add_job_listener(self._job_done)
+
+    async def stop(self) -> None:
+        """Stop watching (the engine's own stop ends the subscription too)."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+            self._watcher = None
+
+    def now(self) -> float:
+        """Seconds since the run began."""
+        return self.miner.clock.now() - self.t0
+
+    async def _watch(self, subscription: object) -> None:
+        async for change in subscription:  # type: ignore[attr-defined]
+            if isinstance(change, Gap):
+                self.missed += change.missed
+                continue
+            now = self.now()
+            self._milestone[change.sector] = now
+            after: SectorState = change.after
+            if after is SectorState.Proving:
+                self.proving.append(now)
+            if after in FAILED_STATES:
+                self.failures[after.name] = self.failures.get(after.name, 0) + 1
+            if change.before in FAILED_STATES and after not in FAILED_STATES:
+                name = change.before.name
+                self.retries[name] = self.retries.get(name, 0) + 1
+
+    def _job_done(self, job: Job, seconds: float) -> None:
+        end = self.now()
+        placed = job.started_at - self.t0
+        key = (job.worker.name, job.task_type)
+        self._add_busy(key, placed, end)
+        if job.work_started is not None:
+            fetch = max(0.0, job.work_started - job.started_at)
+            self.fetch_seconds[key] = self.fetch_seconds.get(key, 0.0) + fetch
+        self.tasks_done[key] = self.tasks_done.get(key, 0) + 1
+        since = self._milestone.get(job.sector.number, placed)
+        self.waits.setdefault(job.task_type, []).append(max(0.0, placed - since))
+        self._milestone[job.sector.number] = end
+
+    def _add_busy(self, key: tuple[str, TaskType], start: float, end: float) -> None:
+        buckets = self.busy.setdefault(key, {})
+        t = start
+        while t < end:
+            i = int(t // self.sample)
+            edge = min(end, (i + 1) * self.sample)
+            buckets[i] = buckets.get(i, 0.0) + (edge - t)
+            t = edge
+
+    def take_sample(self) -> None:
+        """Record disk use per path and sectors per state now."""
+        n = self.samples
+        for pid, path in sorted(self.miner.sched.index.paths.items()):
+            self.disk.setdefault(pid, [0] * n).append(path.stored + path.reserved)
+        for state, count in self.miner.sector_counts().items():
+            if count or state in self.states:
+                self.states.setdefault(state, [0] * n).append(count)
+        self.samples += 1
+
+    def busy_between(self, key: tuple[str, TaskType], start: float, end: float) -> float:
+        """Slot seconds of (worker, task) in whole sample buckets within [start, end)."""
+        first, last = math.ceil(start / self.sample), int(end // self.sample)
+        buckets = self.busy.get(key, {})
+        return sum(buckets.get(i, 0.0) for i in range(first, last))
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank `q`-th percentile (0 < q <= 100) of `values` (0.0 when empty)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
