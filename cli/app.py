@@ -11,7 +11,7 @@ import typer
 from typer.core import TyperCommand
 
 from .. import __version__
-from . import cluster, quarantine, run, sectors, statechart, views, worker
+from . import cluster, quarantine, run, sectors, simulate, statechart, views, worker
 from .common import REPO_ENV, Command, Group
 
 app = typer.Typer(
@@ -122,6 +122,7 @@ views.register(app)
 statechart.register(app)
 cluster.register(app)
 worker.register(app)
+simulate.register(app)
 for _info in app.registered_commands:
     if _info.cls is None or _info.cls is TyperCommand:
         _info.cls = Command

@@ -5,6 +5,10 @@ and retries by state), the scheduler's job listener (slot time per worker and st
 into sample buckets; queue wait per task type), and a sampler every `sample` seconds (disk use
 per storage path, sectors per state from the kept counters).
 
+A task's slot time is its work plus the fetch of its input (the sim sealer reports each
+fetch's duration); time a task spends assigned but waiting for its worker (the `lotus`
+baseline queues tasks in a worker's window) is queue wait, not slot time.
+
 A task's queue wait is from the sector's last milestone (its last state change, or the end of
 its previous task, whichever is later) to the task being placed on a worker: C2 waits from the
 end of C1, not from the sector entering Committing.
@@ -17,6 +21,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..sched import Job, TaskType
+from ..sealing.backends.sim import SimBackend
 from ..sealing.miner import Miner
 from ..sealing.notify import Gap
 from ..sealing.states import FAILED_STATES, SectorState
@@ -48,6 +53,8 @@ class Collector:
     samples: int = 0
     missed: int = 0
     _milestone: dict[int, float] = field(default_factory=dict)
+    #: Fetch seconds of jobs whose work has not ended yet, by scheduler id.
+    _fetching: dict[int, float] = field(default_factory=dict)
     _watcher: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -55,6 +62,9 @@ class Collector:
         subscription = self.miner.subscribe(maxsize=1 << 20)
         self._watcher = asyncio.get_running_loop().create_task(self._watch(subscription))
         self.miner.sched.add_job_listener(self._job_done)
+        backend = self.miner.sealer.backend
+        if isinstance(backend, SimBackend):
+            backend.on_fetch = self._fetched
 
     async def stop(self) -> None:
         """Stop watching (the engine's own stop ends the subscription too)."""
@@ -83,13 +93,16 @@ class Collector:
                 name = change.before.name
                 self.retries[name] = self.retries.get(name, 0) + 1
 
+    def _fetched(self, job: Job, seconds: float) -> None:
+        self._fetching[job.sched_id] = self._fetching.get(job.sched_id, 0.0) + seconds
+
     def _job_done(self, job: Job, seconds: float) -> None:
         end = self.now()
         placed = job.started_at - self.t0
         key = (job.worker.name, job.task_type)
-        self._add_busy(key, placed, end)
-        if job.work_started is not None:
-            fetch = max(0.0, job.work_started - job.started_at)
+        fetch = self._fetching.pop(job.sched_id, 0.0)
+        self._add_busy(key, end - seconds - fetch, end)
+        if fetch:
             self.fetch_seconds[key] = self.fetch_seconds.get(key, 0.0) + fetch
         self.tasks_done[key] = self.tasks_done.get(key, 0) + 1
         since = self._milestone.get(job.sector.number, placed)

@@ -131,6 +131,10 @@ def run_summary(r: RunResult) -> dict[str, Any]:
             }
         util[w.name] = per_task
     text, figures = bottleneck_sentence(b, steady_busy)
+    offered = r.pledged / r.days if r.days else 0.0
+    if r.pledged and offered < b.per_day * 0.97:
+        # Fewer sectors came in than the cluster can seal: demand, not a stage, sets the rate.
+        text += f"; but only {offered:.1f} sectors/day came in: the pledge plan limits first"
     waits = {
         t.short: {
             "count": len(v),

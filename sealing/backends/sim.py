@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,6 +125,8 @@ class SimBackend:
         self.runs: dict[TaskType, int] = {}
         #: Bytes fetched, per (source worker or "shared", destination worker).
         self.fetched: dict[tuple[str, str], int] = {}
+        #: Called as `on_fetch(job, seconds)` after each fetch (`sectors simulate` counts them).
+        self.on_fetch: Callable[[Job, float], None] | None = None
         self._sched: Scheduler | None = None
         #: Per worker: resolved when the worker is lost, failing the tasks running there.
         self._lost: dict[str, asyncio.Future[None]] = {}
@@ -146,9 +148,12 @@ class SimBackend:
         move = simulated_transfer(self._sched)
 
         async def transfer(job: Job, source: str | None, nbytes: int) -> None:
+            began = self.clock.now()
             await move(job, source, nbytes)
             pair = (source or "shared", job.worker.name)
             self.fetched[pair] = self.fetched.get(pair, 0) + nbytes
+            if self.on_fetch is not None:
+                self.on_fetch(job, self.clock.now() - began)
 
         return transfer
 
