@@ -48,9 +48,14 @@ class Faulty(FileServer):
         self.drop_from: int | None = None
         #: Offsets whose next reply has one byte flipped after its CRC was computed.
         self.damage_once: set[int] = set()
+        #: Reads at or past this offset wait for `gate` (a transfer held mid-way).
+        self.gate_from: int | None = None
+        self.gate = asyncio.Event()
 
     async def read(self, path: str, offset: int, size: int, tid: str, ident: list[int]) -> Any:
         """Serve as usual, then inject the fault planned for `offset`."""
+        if self.gate_from is not None and offset >= self.gate_from:
+            await self.gate.wait()
         rep = await super().read(path, offset, size, tid, ident)
         if offset in self.drop_once or (self.drop_from is not None and offset >= self.drop_from):
             self.drop_once.discard(offset)
@@ -405,5 +410,121 @@ def test_a_part_file_damaged_on_disk_fails_the_whole_file_check_and_starts_over(
             assert same(src, dest) and res.retries == 1
             # The rest of the file, then all of it again after the mismatch.
             assert env.server.bytes_read == size - 4 * chunk + size
+
+    asyncio.run(body())
+
+
+def test_a_retried_fetch_finds_its_finished_copy_and_copies_nothing(tmp_path: Path) -> None:
+    size = 12 * MiB
+
+    async def body() -> None:
+        async with cluster(tmp_path) as env:
+            src = blob(env.src_root / "sealed" / "s-t01000-1", size)
+            dest = env.dst_root / "sealed" / "s-t01000-1"
+            await pull(env.dst.rpc, env.src.address, str(src), dest, chunk=MiB)
+            before = os.stat(dest)
+            env.server.bytes_read = 0
+            seen: list[tuple[int, int]] = []
+            # The copy finished, then the engine died before it recorded the move: the same
+            # fetch again succeeds without copying (the source reads the file once, to hash it).
+            res = await pull(
+                env.dst.rpc,
+                env.src.address,
+                str(src),
+                dest,
+                chunk=MiB,
+                progress=lambda d, t: seen.append((d, t)),
+            )
+            assert res.kept and not res.replaced and res.fetched == 0 and res.files == 1
+            assert env.server.bytes_read == size and env.server.max_read == 8 * MiB
+            after = os.stat(dest)
+            assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+            assert seen == [(size, size)]
+            # As the Dask task the sealer runs, too.
+            async with Client(env.scheduler.address, asynchronous=True) as c:
+                fut = c.submit(
+                    fetch_here,
+                    env.src.address,
+                    str(src),
+                    str(dest),
+                    workers=[env.dst.address],
+                    allow_other_workers=False,
+                    pure=False,
+                )
+                got = await asyncio.wait_for(fut, DEADLINE)
+            assert got["kept"] and got["fetched"] == 0
+
+    asyncio.run(body())
+
+
+def test_a_copy_with_other_content_is_replaced_through_the_part_file(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with cluster(tmp_path) as env:
+            src = blob(env.src_root / "sealed" / "s-t01000-1", 6 * MiB)
+            dest = env.dst_root / "sealed" / "s-t01000-1"
+            for damage in ("flip", "short"):
+                await pull(env.dst.rpc, env.src.address, str(src), dest, chunk=MiB)
+                if damage == "flip":
+                    flip(dest, 3 * MiB + 5)  # same size, other bytes
+                else:
+                    os.truncate(dest, MiB)
+                # The source's copy is served again into `.part`, then renamed over the old one.
+                env.server.drop_from = 4 * MiB
+                with pytest.raises(TransferError, match="gave up"):
+                    await pull(env.dst.rpc, env.src.address, str(src), dest, chunk=MiB, attempts=1)
+                assert dest.with_name("s-t01000-1.part").stat().st_size == 4 * MiB
+                assert not same(src, dest)  # the old copy stays until the new one is whole
+                env.server.drop_from = None
+                res = await pull(env.dst.rpc, env.src.address, str(src), dest, chunk=MiB)
+                assert res.replaced and not res.kept and res.fetched == 2 * MiB, damage
+                assert same(src, dest)
+                assert sorted(p.name for p in dest.parent.iterdir()) == ["s-t01000-1"]
+                dest.unlink()
+
+    asyncio.run(body())
+
+
+def test_a_different_file_at_the_destination_is_never_overwritten(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with cluster(tmp_path) as env:
+            src = blob(env.src_root / "sealed" / "s-t01000-1", MiB)
+            other = blob(env.dst_root / "sealed" / "s-t01000-2", 2 * MiB)
+            kept = other.read_bytes()
+            with pytest.raises(TransferError, match="is not a copy of s-t01000-1: not overwritten"):
+                await pull(env.dst.rpc, env.src.address, str(src), other)
+            (env.dst_root / "cache" / "s-t01000-1").mkdir(parents=True)
+            with pytest.raises(TransferError, match="exists and is not a file like s-t01000-1"):
+                await pull(
+                    env.dst.rpc, env.src.address, str(src), env.dst_root / "cache" / "s-t01000-1"
+                )
+            assert other.read_bytes() == kept
+            assert sorted(p.name for p in other.parent.iterdir()) == ["s-t01000-2"]
+            assert env.server.bytes_read == 0
+
+    asyncio.run(body())
+
+
+def test_a_cache_tree_fetched_again_is_kept_or_mended(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with cluster(tmp_path) as env:
+            cache = env.src_root / "cache" / "s-t01000-1"
+            blob(cache / "p_aux", 64)
+            blob(cache / "tree-r-last-0.dat", 3 * MiB)
+            blob(cache / "sub" / "layer", 2 * MiB)
+            tree = env.dst_root / "cache" / "s-t01000-1"
+            await pull(env.dst.rpc, env.src.address, str(cache), tree, chunk=MiB)
+            res = await pull(env.dst.rpc, env.src.address, str(cache), tree, chunk=MiB)
+            assert res.kept and res.fetched == 0 and res.files == 3
+            # One file damaged, one left over from something else: mended, the stray removed,
+            # and only the damaged file crosses again.
+            flip(tree / "sub" / "layer", 10)
+            (tree / "stray").write_bytes(b"x")
+            res = await pull(env.dst.rpc, env.src.address, str(cache), tree, chunk=MiB)
+            assert res.replaced and res.fetched == 2 * MiB
+            files = sorted(p.relative_to(cache) for p in cache.rglob("*"))
+            assert sorted(p.relative_to(tree) for p in tree.rglob("*")) == files
+            for rel in files:
+                assert (cache / rel).is_dir() or same(cache / rel, tree / rel), rel
+            assert not tree.with_name("s-t01000-1.part").exists()
 
     asyncio.run(body())

@@ -23,250 +23,56 @@ a Dask task pinned to the destination):
 from __future__ import annotations
 
 import asyncio
-import errno
 import hashlib
-import json
+import logging
 import os
-import stat
-import threading
-import time
-import uuid
+import shutil
 import zlib
-from collections import OrderedDict
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO, Protocol
+from typing import Any
 
-from distributed import WorkerPlugin, get_worker
-from distributed.worker import Worker
+from distributed import get_worker
 
-#: Bytes per chunk unless the caller says otherwise.
-CHUNK = 8 << 20
-#: The largest chunk a source serves: a client cannot make it hold a whole file in memory.
-MAX_CHUNK = 64 << 20
-#: The worker plugin's name and its comm handlers.
-PLUGIN_NAME = "sectorfsm-files"
-STAT_OP = "sectorfsm_stat"
-READ_OP = "sectorfsm_read"
-DIGEST_OP = "sectorfsm_digest"
-#: The event topic `fetch_here` reports progress on.
-PROGRESS_TOPIC = "sectorfsm-transfer"
+from .fileserver import (
+    CHUNK,
+    DIGEST_OP,
+    MAX_CHUNK,
+    PLUGIN_NAME,
+    READ_OP,
+    STAT_OP,
+    FileServer,
+    PathRefused,
+    SourceChanged,
+    TransferError,
+    confine,
+)
+from .partfile import fsync_dir, open_part, place, resume, sha256_of, write_at
+from .progress import PROGRESS_TOPIC, Reporter
+
+__all__ = [
+    "CHUNK",
+    "PLUGIN_NAME",
+    "PROGRESS_TOPIC",
+    "FileServer",
+    "Fetched",
+    "PathRefused",
+    "SourceChanged",
+    "TransferError",
+    "confine",
+    "fetch_here",
+    "pull",
+]
+
+log = logging.getLogger("sectorfsm.cluster")
+
 #: Backoff between retries doubles up to this many seconds.
 MAX_BACKOFF = 5.0
 
 Progress = Callable[[int, int], None]
 #: A file of a directory tree: its path relative to the tree and its [size, mtime_ns].
 _Entry = tuple[PurePosixPath, list[int]]
-
-
-class TransferError(RuntimeError):
-    """A transfer failed for good: the message says which file and why."""
-
-
-class PathRefused(TransferError):
-    """The path is not under one of the worker's storage roots."""
-
-
-class SourceChanged(TransferError):
-    """The source file changed (size or mtime) while it was being pulled."""
-
-
-class _Hasher(Protocol):
-    def update(self, data: bytes, /) -> None: ...
-    def copy(self) -> _Hasher: ...
-    def hexdigest(self) -> str: ...
-
-
-def confine(roots: Iterable[Path], path: str) -> Path:
-    """The real path of absolute `path` if it lies under one of `roots`, else `PathRefused`."""
-    if not isinstance(path, str) or not path or "\0" in path:
-        raise PathRefused(f"bad path {path!r}")
-    if not os.path.isabs(path):
-        raise PathRefused(f"{path!r} is not an absolute path")
-    if ".." in PurePosixPath(path).parts:
-        raise PathRefused(f"{path!r}: '..' is not allowed")
-    # realpath resolves symlinks, so a link inside a root that points elsewhere is caught here.
-    real = Path(os.path.realpath(path))
-    for root in roots:
-        if real.is_relative_to(os.path.realpath(root)):
-            return real
-    raise PathRefused(f"{path!r} is outside this worker's storage roots")
-
-
-@dataclass(slots=True)
-class _Session:
-    """A source's running sha256 over one transfer's chunks, served in order."""
-
-    hasher: _Hasher = field(default_factory=hashlib.sha256)
-    pos: int = 0
-    covered: bool = True
-    # The hasher before each recent chunk: a chunk whose reply was lost is served again.
-    snaps: dict[int, _Hasher] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def feed(self, offset: int, data: bytes) -> None:
-        """Add the chunk at `offset` to the running digest, rewinding to a recent snapshot."""
-        if offset == 0:
-            self.hasher, self.pos, self.covered, self.snaps = hashlib.sha256(), 0, True, {}
-        elif offset != self.pos:
-            if offset in self.snaps:
-                self.hasher, self.pos = self.snaps[offset].copy(), offset
-            else:
-                self.covered = False
-        if not self.covered:
-            return
-        self.snaps[offset] = self.hasher.copy()
-        for old in sorted(self.snaps)[:-2]:
-            del self.snaps[old]
-        self.hasher.update(data)
-        self.pos = offset + len(data)
-
-
-def _ident(st: os.stat_result) -> list[int]:
-    return [st.st_size, st.st_mtime_ns]
-
-
-def _hole(fd: int, offset: int, n: int) -> bool:
-    """Whether the `n` bytes at `offset` hold no data (SEEK_DATA finds none before their end)."""
-    try:
-        return os.lseek(fd, offset, os.SEEK_DATA) >= offset + n
-    except OSError as e:
-        # ENXIO: no data past `offset`; anything else: the filesystem cannot say, so read.
-        return e.errno == errno.ENXIO
-
-
-class FileServer(WorkerPlugin):
-    """Worker plugin serving files under the worker's storage roots to other workers."""
-
-    name = PLUGIN_NAME
-    idempotent = True
-
-    def __init__(self, roots: Iterable[str | os.PathLike[str]], *, max_sessions: int = 64) -> None:
-        """Serve files under `roots` (directories); keep at most `max_sessions` digests going."""
-        self.roots = tuple(Path(r) for r in roots)
-        if not self.roots:
-            raise ValueError("FileServer needs at least one storage root")
-        self.max_sessions = max_sessions
-        #: Every byte read from disk (chunks and fallback digests), and the largest single read.
-        self.bytes_read = 0
-        self.max_read = 0
-        self._sessions: OrderedDict[str, _Session] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickle the configuration only (the plugin travels to workers by pickle)."""
-        return {"roots": self.roots, "max_sessions": self.max_sessions}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Rebuild from `__getstate__`'s configuration, with fresh counters."""
-        self.__init__(state["roots"], max_sessions=state["max_sessions"])  # type: ignore[misc]
-
-    def setup(self, worker: Worker) -> None:
-        """Register the comm handlers on `worker`."""
-        worker.handlers[STAT_OP] = self.stat
-        worker.handlers[READ_OP] = self.read
-        worker.handlers[DIGEST_OP] = self.digest
-
-    def teardown(self, worker: Worker) -> None:
-        """Remove the comm handlers."""
-        for op in (STAT_OP, READ_OP, DIGEST_OP):
-            worker.handlers.pop(op, None)
-
-    def confine(self, path: str) -> Path:
-        """The real path of `path` if it is under one of this worker's roots."""
-        return confine(self.roots, path)
-
-    async def stat(self, path: str) -> dict[str, Any]:
-        """Handler: a file's size and mtime, or a directory tree's files and subdirectories."""
-        return await asyncio.to_thread(self._stat, self.confine(path))
-
-    def _stat(self, real: Path) -> dict[str, Any]:
-        try:
-            st = real.stat()
-        except FileNotFoundError:
-            raise TransferError(f"{real}: no such file on the source worker") from None
-        if stat.S_ISREG(st.st_mode):
-            return {"kind": "file", "path": str(real), "ident": _ident(st)}
-        if not stat.S_ISDIR(st.st_mode):
-            raise TransferError(f"{real}: not a regular file or directory")
-        files: list[dict[str, Any]] = []
-        dirs: list[str] = []
-        for top, subdirs, names in os.walk(real):
-            for name in sorted(subdirs + names):
-                full = Path(top, name)
-                rel = full.relative_to(real).as_posix()
-                st = full.lstat()
-                if stat.S_ISLNK(st.st_mode):
-                    raise TransferError(f"{full}: symlinks are not served in a directory tree")
-                if stat.S_ISDIR(st.st_mode):
-                    dirs.append(rel)
-                elif stat.S_ISREG(st.st_mode):
-                    files.append({"rel": rel, "ident": _ident(st)})
-                else:
-                    raise TransferError(f"{full}: not a regular file or directory")
-        return {"kind": "dir", "path": str(real), "files": files, "dirs": dirs}
-
-    async def read(self, path: str, offset: int, size: int, tid: str, ident: list[int]) -> Any:
-        """Handler: `size` bytes at `offset`, their CRC-32, and the file's sha256 at the end."""
-        if not isinstance(offset, int) or not isinstance(size, int) or offset < 0 or size <= 0:
-            raise TransferError(f"bad read request: offset {offset!r}, size {size!r}")
-        real = self.confine(path)
-        return await asyncio.to_thread(self._read, real, offset, min(size, MAX_CHUNK), tid, ident)
-
-    def _session(self, tid: str) -> _Session:
-        with self._lock:
-            session = self._sessions.pop(tid, None) or _Session()
-            self._sessions[tid] = session
-            while len(self._sessions) > self.max_sessions:
-                self._sessions.popitem(last=False)
-            return session
-
-    def _count(self, n: int) -> None:
-        with self._lock:
-            self.bytes_read += n
-            self.max_read = max(self.max_read, n)
-
-    def _read(self, real: Path, offset: int, size: int, tid: str, ident: list[int]) -> Any:
-        session = self._session(tid)
-        with session.lock, self._open(real, ident) as f:
-            n = max(0, min(size, ident[0] - offset))
-            if n and _hole(f.fileno(), offset, n):
-                # A hole in a sparse file (an unsealed sector mostly is) crosses as its length.
-                session.feed(offset, bytes(n))
-                data, hole = b"", n
-            else:
-                f.seek(offset)
-                data, hole = f.read(n), 0
-                self._count(len(data))
-                session.feed(offset, data)
-            end = offset + len(data) + hole >= ident[0]
-            digest = session.hasher.hexdigest() if end and session.covered else None
-        return {"data": data, "hole": hole, "crc32": zlib.crc32(data), "sha256": digest}
-
-    @staticmethod
-    def _open(real: Path, ident: list[int]) -> BinaryIO:
-        try:
-            f = open(real, "rb")  # noqa: SIM115 (closed by the caller's with)
-        except FileNotFoundError:
-            raise TransferError(f"{real}: no such file on the source worker") from None
-        if _ident(os.fstat(f.fileno())) != list(ident):
-            f.close()
-            raise SourceChanged(f"{real} changed on the source worker during the transfer")
-        return f
-
-    async def digest(self, path: str, ident: list[int]) -> dict[str, Any]:
-        """Handler: the whole file's sha256, read again (when no in-order session has it)."""
-        real = self.confine(path)
-        return {"sha256": await asyncio.to_thread(self._digest, real, ident)}
-
-    def _digest(self, real: Path, ident: list[int]) -> str:
-        hasher = hashlib.sha256()
-        with self._open(real, ident) as f:
-            while data := f.read(CHUNK):
-                self._count(len(data))
-                hasher.update(data)
-        return hasher.hexdigest()
 
 
 # ------------------------------------------------------------------------------- the pulling side
@@ -284,6 +90,10 @@ class Fetched:
     files: int = 0
     retries: int = 0
     sha256: str | None = None
+    #: The destination held the source's content already: nothing was copied.
+    kept: bool = False
+    #: The destination held other content, replaced by the source's.
+    replaced: bool = False
 
 
 class _Corrupt(Exception):
@@ -338,62 +148,6 @@ def _safe_rel(rel: str) -> PurePosixPath:
     return p
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _resume(part: Path, stampfile: Path, stamp: dict[str, Any], chunk: int) -> tuple[int, str]:
-    """The verified length of `part` for this source version (0 if none) and its transfer id."""
-    try:
-        old = json.loads(stampfile.read_text())
-    except (OSError, ValueError):
-        old = None
-    if isinstance(old, dict) and {k: old.get(k) for k in stamp} == stamp and part.exists():
-        # Only verified chunks are written; rounding down drops a chunk a crash left half-written.
-        verified = part.stat().st_size // chunk * chunk
-        return verified, str(old.get("tid", uuid.uuid4().hex))
-    tid = uuid.uuid4().hex
-    part.unlink(missing_ok=True)
-    stampfile.write_text(json.dumps({**stamp, "tid": tid}))
-    return 0, tid
-
-
-def _open_part(part: Path, verified: int, chunk: int) -> tuple[BinaryIO, _Hasher]:
-    """`part` opened for writing after its `verified` bytes, and their sha256 (read again)."""
-    f = open(part, "r+b" if verified else "w+b")  # noqa: SIM115 (the caller closes it)
-    f.truncate(verified)
-    hasher = hashlib.sha256()
-    left = verified
-    while left > 0:
-        data = f.read(min(chunk, left))
-        if not data:
-            break
-        hasher.update(data)
-        left -= len(data)
-    return f, hasher
-
-
-def _write(f: BinaryIO, offset: int, data: bytes | int, hasher: _Hasher) -> None:
-    """Write `data` at `offset`, or extend the file by a hole of `data` bytes."""
-    if isinstance(data, int):
-        f.truncate(offset + data)  # chunks arrive in order, so this extends by a hole
-        hasher.update(bytes(data))
-        return
-    f.seek(offset)
-    f.write(data)
-    hasher.update(data)
-
-
-def _place(part: Path, stampfile: Path, dest: Path) -> None:
-    os.rename(part, dest)
-    stampfile.unlink(missing_ok=True)
-    _fsync_dir(dest.parent)
-
-
 async def _pull_file(p: _Pull, src: str, ident: list[int], dest: Path) -> None:
     """Pull one file into `dest` through `dest.part`, resuming what an earlier pull verified."""
     try:
@@ -407,8 +161,8 @@ async def _pull_file_into(p: _Pull, src: str, ident: list[int], dest: Path) -> N
     part = dest.with_name(dest.name + ".part")
     stampfile = dest.with_name(dest.name + ".part.src")
     stamp = {"source": src, "size": size, "mtime_ns": ident[1]}
-    verified, tid = await asyncio.to_thread(_resume, part, stampfile, stamp, p.chunk)
-    f, hasher = await asyncio.to_thread(_open_part, part, verified, p.chunk)
+    verified, tid = await asyncio.to_thread(resume, part, stampfile, stamp, p.chunk)
+    f, hasher = await asyncio.to_thread(open_part, part, verified, p.chunk)
     try:
         p.advanced(verified)
         offset, digest = verified, None
@@ -422,7 +176,7 @@ async def _pull_file_into(p: _Pull, src: str, ident: list[int], dest: Path) -> N
                 if len(data) + hole != want or zlib.crc32(data) != rep["crc32"]:
                     await p.failed(src, _Corrupt(f"chunk at {offset} arrived damaged"))
                     continue
-                await asyncio.to_thread(_write, f, offset, data or hole, hasher)
+                await asyncio.to_thread(write_at, f, offset, data or hole, hasher)
                 offset += want
                 if hole:
                     p.result.holes += want
@@ -442,15 +196,76 @@ async def _pull_file_into(p: _Pull, src: str, ident: list[int], dest: Path) -> N
         await asyncio.to_thread(os.fsync, f.fileno())
     finally:
         f.close()
-    await asyncio.to_thread(_place, part, stampfile, dest)
+    await asyncio.to_thread(place, part, stampfile, dest)
     p.result.files += 1
     p.result.sha256 = digest
 
 
-def _prepare(target: Path) -> None:
-    if target.exists():
-        raise TransferError(f"{target} already exists")
-    target.parent.mkdir(parents=True, exist_ok=True)
+def _local(target: Path) -> tuple[str | None, dict[str, int]]:
+    """What is at `target`: "file", "dir", "other" or None, and its files' sizes by rel path."""
+    if not os.path.lexists(target):
+        return None, {}
+    if target.is_symlink() or not (target.is_file() or target.is_dir()):
+        return "other", {}
+    if target.is_file():
+        return "file", {"": target.stat().st_size}
+    files = {
+        q.relative_to(target).as_posix(): q.stat().st_size
+        for q in target.rglob("*")
+        if q.is_file() or q.is_symlink()
+    }
+    return "dir", files
+
+
+async def _same(p: _Pull, src: str, ident: list[int], local: Path, size: int | None) -> bool:
+    """Whether `local` (of `size` bytes, None: absent) holds what `src` holds: size, sha256."""
+    if size != ident[0]:
+        return False
+    theirs = (await p.call(src, DIGEST_OP, path=src, ident=ident))["sha256"]
+    return bool(await asyncio.to_thread(sha256_of, local) == theirs)
+
+
+async def _already_there(p: _Pull, info: dict[str, Any], target: Path) -> bool | None:
+    """None if `target` is absent; True if it is already a copy of the source; else False.
+
+    A retried fetch whose copy finished before a crash finds its file in place. A copy with
+    other content is replaced (through the `.part` path, renamed over it at the end) only
+    when it is the same sector file; a file of another name is never overwritten.
+    """
+    kind, sizes = await asyncio.to_thread(_local, target)
+    if kind is None:
+        return None
+    name = PurePosixPath(info["path"]).name
+    if name != target.name:
+        raise TransferError(f"{target} exists and is not a copy of {name}: not overwritten")
+    if kind != info["kind"]:
+        raise TransferError(f"{target} exists and is not a {info['kind']} like {name}")
+    if kind == "file":
+        if await _same(p, info["path"], info["ident"], target, sizes[""]):
+            return True
+    else:
+        wanted = {_safe_rel(f["rel"]).as_posix(): f["ident"] for f in info["files"]}
+        good = [
+            rel
+            for rel, ident in wanted.items()
+            if await _same(p, f"{info['path']}/{rel}", ident, target / rel, sizes.get(rel))
+        ]
+        if len(good) == len(wanted) and set(sizes) == set(wanted):
+            return True
+        await asyncio.to_thread(_salvage_tree, target, good)
+    log.warning("%s exists with other content than %s on the source: replacing it", target, name)
+    p.result.replaced = True
+    return False
+
+
+def _salvage_tree(target: Path, good: list[str]) -> None:
+    """Keep the verified files of an old copy of a tree as finished files of its staging."""
+    staging = target.with_name(target.name + ".part")
+    if not staging.exists():
+        for rel in good:
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.rename(target / rel, staging / rel)
+    shutil.rmtree(target)
 
 
 def _stage_tree(staging: Path, dirs: list[PurePosixPath], files: list[_Entry]) -> list[bool]:
@@ -467,7 +282,7 @@ def _stage_tree(staging: Path, dirs: list[PurePosixPath], files: list[_Entry]) -
 
 def _finish_tree(staging: Path, target: Path) -> None:
     os.rename(staging, target)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 async def pull(
@@ -484,7 +299,9 @@ async def pull(
 ) -> Fetched:
     """Pull the file or directory tree `path` on worker `source` into `dest` on this machine.
 
-    `rpc` is the local worker's connection pool (`worker.rpc`). `dest` must not exist yet.
+    `rpc` is the local worker's connection pool (`worker.rpc`). A `dest` that exists already
+    is kept if it holds the source's content (`kept`), else replaced (`replaced`), see
+    `_already_there`.
     """
     if chunk <= 0 or chunk > MAX_CHUNK:
         raise ValueError(f"chunk must be 1..{MAX_CHUNK} bytes, got {chunk}")
@@ -492,15 +309,22 @@ async def pull(
         raise ValueError(f"attempts must be at least 1, got {attempts}")
     target = Path(dest)
     p = _Pull(rpc(source), attempts, backoff, request_timeout, chunk, progress, Fetched(target, 0))
-    await asyncio.to_thread(_prepare, target)
     info = await p.call(path, STAT_OP, path=path)
+    files = [(_safe_rel(f["rel"]), f["ident"]) for f in info.get("files", [])]
     if info["kind"] == "file":
         p.result.size = info["ident"][0]
+    else:
+        p.result.size = sum(ident[0] for _, ident in files)
+    if await _already_there(p, info, target):
+        p.result.kept = True
+        p.result.files = len(files) if info["kind"] == "dir" else 1
+        p.advanced(p.result.size)
+        return p.result
+    await asyncio.to_thread(target.parent.mkdir, parents=True, exist_ok=True)
+    if info["kind"] == "file":
         await _pull_file(p, info["path"], info["ident"], target)
         return p.result
-    files = [(_safe_rel(f["rel"]), f["ident"]) for f in info["files"]]
     dirs = [_safe_rel(d) for d in info["dirs"]]
-    p.result.size = sum(ident[0] for _, ident in files)
     staging = target.with_name(target.name + ".part")
     finished = await asyncio.to_thread(_stage_tree, staging, dirs, files)
     for (rel, ident), done in zip(files, finished, strict=True):
@@ -526,33 +350,30 @@ async def fetch_here(
 ) -> dict[str, Any]:
     """Dask task for the destination worker: pull `path` from `source` to `dest` under its roots.
 
-    Progress goes to the worker's event log on topic `PROGRESS_TOPIC` (at most once a second,
-    and at the end), tagged with `job`.
+    Progress goes to the worker's event log on topic `PROGRESS_TOPIC` (see `progress.py`),
+    tagged with `job`, and ends with a last report, also when the pull fails.
     """
     worker = get_worker()
     server = worker.plugins.get(PLUGIN_NAME)
     if not isinstance(server, FileServer):
         raise TransferError(f"worker {worker.address} has no {PLUGIN_NAME} plugin (no roots)")
     target = server.confine(dest)
-    last = 0.0
-
-    def report(done: int, total: int) -> None:
-        nonlocal last
-        now = time.monotonic()
-        if done >= total or now - last >= 1.0:
-            last = now
-            worker.log_event(PROGRESS_TOPIC, {"job": job, "done": done, "total": total})
-
-    got = await pull(
-        worker.rpc,
-        source,
-        path,
-        target,
-        chunk=chunk,
-        attempts=attempts,
-        backoff=backoff,
-        progress=report,
-    )
+    report = Reporter(job, lambda msg: worker.log_event(PROGRESS_TOPIC, msg))
+    try:
+        got = await pull(
+            worker.rpc,
+            source,
+            path,
+            target,
+            chunk=chunk,
+            attempts=attempts,
+            backoff=backoff,
+            progress=report,
+        )
+    except BaseException as exc:
+        report.end(str(exc) or type(exc).__name__)
+        raise
+    report.end()
     return {
         "path": str(got.path),
         "size": got.size,
@@ -561,4 +382,6 @@ async def fetch_here(
         "files": got.files,
         "retries": got.retries,
         "sha256": got.sha256,
+        "kept": got.kept,
+        "replaced": got.replaced,
     }
