@@ -23,6 +23,7 @@ from .assigners import Assigner, Candidate, make_assigner, slots_for
 from .balanced import BalancedCycle
 from .filetypes import FileType
 from .ledger import Ledger, Phase, WorkerResources
+from .liveness import Liveness, is_late_reason
 from .lotus import LotusMode
 from .policy import PolicyWatcher
 from .pushed import PolicySource
@@ -111,6 +112,9 @@ class Scheduler:
         self.miner_policy: PolicyWatcher | None = None
         self._job_listeners: list[Callable[[Job, float], None]] = []
         self.departed = DepartedLog(self)  # `diag` says "lost N s ago" for a remote worker
+        self.liveness = Liveness(self.clock, self.disable)
+        #: The heartbeat grace of remote workers (`[cluster] heartbeat_grace`); None: theirs.
+        self.remote_grace: float | None = None
         #: Figures for benchmarks and tests.
         self.cycles = 0
         self.checks = 0
@@ -141,6 +145,8 @@ class Scheduler:
         """Register a worker (its paths join the storage index); re-adding replaces it."""
         if spec.name in self._workers:
             self.remove_worker(spec.name)
+        if spec.remote and self.remote_grace is not None:
+            spec.heartbeat_grace = self.remote_grace
         watcher = PolicyWatcher(spec.policy_file) if spec.policy_file is not None else None
         if watcher is None:
             watcher = self.miner_policy
@@ -174,6 +180,7 @@ class Scheduler:
         for t in w.spec.task_types:
             self._by_type[t].remove(w)
         self._units.pop(name, None)
+        self.liveness.wake(name)
         waker = self._wakers.pop(name, None)
         if waker is not None:
             waker.cancel()
@@ -205,17 +212,17 @@ class Scheduler:
         if resources is not None:
             w.ledger.resources = resources
             w.spec.resources = resources
-        if not w.enabled and w.disabled_reason.startswith("missed heartbeats"):
+        if not w.enabled and is_late_reason(w.disabled_reason):
             log.info("worker %s is back", name)
-            w.enabled = True
-            w.disabled_reason = ""
+            w.enabled, w.disabled_reason = True, ""
+        self.liveness.wake(name)
         self._touch(name)
 
     def disable(self, name: str, reason: str) -> None:
         """Take no new work on `name` (its assigned, unstarted tasks go back to the queue)."""
         w = self._worker(name)
-        w.enabled = False
-        w.disabled_reason = reason
+        w.enabled, w.disabled_reason = False, reason
+        self.liveness.wake(name)
 
     def enable(self, name: str) -> None:
         """Undo `disable`."""
@@ -280,14 +287,15 @@ class Scheduler:
             self.request_cycle()
             try:
                 worker_name, placement = await req.assigned
+                w = self._workers.get(worker_name)
+                ready = w is not None and await self.liveness.ready(w, self._workers.get)
             except asyncio.CancelledError:
                 if self.queue.remove(sched_id) is None and req.assigned.done():
                     self._release(sched_id)
                 raise
-            w = self._workers.get(worker_name)
-            if w is not None and w.enabled:
+            if w is not None and ready:
                 break
-            # The worker went away between assignment and start: queue the task again.
+            # The worker went away, or went silent, before the task started: queue it again.
             self._release(sched_id)
             req.assigned = loop.create_future()
         job = Job(sched_id, sector, task_type, w, placement, Phase.PREPARING, self.clock.now())
@@ -508,17 +516,11 @@ class Scheduler:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self.policy_poll_interval)
-            # A worker that runs in this process is alive while this loop runs: only remote
-            # workers can miss heartbeats.
-            now = self.clock.now()
-            for w in self._workers.values():
-                if isinstance(w.backend, InProcessBackend):
-                    w.last_heartbeat = now
+            self.liveness.refresh_local(self._workers.values())
             self.check_workers()
 
     def check_workers(self) -> None:
         """Disable workers past their heartbeat grace and pick up policy edits."""
-        now = self.clock.now()
         # The miner policy is shared by many workers: read it once, tell each of them.
         polled: dict[int, bool] = {}
         for w in list(self._workers.values()):
@@ -538,10 +540,7 @@ class Scheduler:
                             w.name,
                             error,
                         )
-            late = now - w.last_heartbeat
-            if w.spec.needs_heartbeats and w.enabled and late > w.spec.heartbeat_grace:
-                log.warning("worker %s missed heartbeats for %.0f s: disabled", w.name, late)
-                self.disable(w.name, f"missed heartbeats for {late:.0f} s")
+        self.liveness.check(list(self._workers.values()))
 
     # -- views ------------------------------------------------------------------------------
 

@@ -99,6 +99,9 @@ class WorkerSpec:
     bandwidth: float = 1.25e9
     #: Workers that never miss heartbeats (in-process) need none.
     needs_heartbeats: bool = True
+    #: Work reaches it over a network (a `sectors worker`): it starts there only on a fresh
+    #: heartbeat, and the cluster's heartbeat grace applies (`liveness.py`).
+    remote: bool = False
 
 
 def detect_resources(gpus: tuple[str, ...] = ()) -> WorkerResources:
