@@ -203,6 +203,7 @@ async def _start_cluster(
         security = engine_security(cluster.certs) if cluster.certs is not None else None
     except CertError as exc:
         raise _Outcome(1, f"[cluster] certs: {exc}") from None
+    miner.sched.remote_grace = cluster.heartbeat_grace
     if not cluster.local_worker:
         for w in miner.sched.workers():  # only the in-process workers exist yet
             miner.sched.remove_worker(w.name)

@@ -32,6 +32,7 @@ certs = "certs"             # `sectors cluster certs` directory (relative to thi
 insecure = false            # allow plain tcp:// off loopback (anyone reaching it runs code)
 local_worker = true         # keep the in-process worker as well
 worker_ttl = 60             # seconds without a heartbeat before Dask drops a worker
+heartbeat_grace = 30        # seconds before the scheduler disables a silent worker (< worker_ttl)
 
 [[workers]]                 # see sched/config.py; default: one local worker
 name = "local"
@@ -128,6 +129,7 @@ class _ClusterTable(BaseModel):
     insecure: Flag = False
     local_worker: Flag = True
     worker_ttl: PositiveSeconds = 60.0
+    heartbeat_grace: PositiveSeconds | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +145,9 @@ class ClusterConfig:
     insecure: bool = False
     local_worker: bool = True
     worker_ttl: float = 60.0
+    #: Seconds without a heartbeat before the scheduler disables a remote worker (its unstarted
+    #: tasks go elsewhere); shorter than `worker_ttl`, after which Dask drops the worker.
+    heartbeat_grace: float = 30.0
     #: The warning to print when `insecure` lets a plain address through.
     warning: str | None = None
 
@@ -311,6 +316,14 @@ def _cluster(table: _ClusterTable, where: str, base: Path) -> ClusterConfig:
             f"{where}: [cluster] certs: {address} needs the cluster certificates "
             "(certs = DIR made by `sectors cluster certs`)"
         )
+    grace = table.heartbeat_grace
+    if grace is None:
+        grace = min(30.0, table.worker_ttl / 2)
+    elif grace >= table.worker_ttl:
+        raise ConfigError(
+            f"{where}: [cluster] heartbeat_grace: {grace:g} s must be shorter than worker_ttl "
+            f"({table.worker_ttl:g} s), after which Dask drops a silent worker"
+        )
     return ClusterConfig(
         listen=table.listen,
         scheduler=table.scheduler,
@@ -318,6 +331,7 @@ def _cluster(table: _ClusterTable, where: str, base: Path) -> ClusterConfig:
         insecure=table.insecure,
         local_worker=table.local_worker,
         worker_ttl=table.worker_ttl,
+        heartbeat_grace=grace,
         warning=warning,
     )
 

@@ -236,6 +236,7 @@ class WorkerIdentity:
             paths=paths,
             overrides=parse_overrides(self.overrides) if self.overrides else None,
             policy_file=None,
+            remote=True,
         )
 
 
