@@ -306,6 +306,10 @@ class ScheduledSealer:
         prepare: Callable[[Job], Awaitable[Any]] | None = None,
     ) -> R:
         priority = DEAL_SECTOR_PRIORITY if deals else 0
+        running_on = getattr(self.backend, "running_on", None)
+        pinned = running_on(ref.number, task.short) if running_on is not None else None
+        if pinned is not None:  # an attempt still runs there (the engine restarted under it)
+            selector = PinnedSelector(selector, pinned)
         return await self.sched.schedule(ref, task, selector, prepare, work, priority=priority)
 
     async def add_piece(

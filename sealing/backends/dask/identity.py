@@ -13,6 +13,9 @@ extra["sectorfsm"] = {
     "paths": [{"id": "nvme", "path": "/mnt/nvme", "capacity": 8796093022208,
                "seal": True, "store": False}],
     "policy": POLICY,
+    # The sector files under its paths when it started (named as the dask sealer writes
+    # them: `{path}/{kind}/s-t0{miner}-{number}`), so the engine can reconcile its index.
+    "files": [{"path": "nvme", "kind": "sealed", "name": "s-t01000-7", "size": 2048}],
 }
 metrics["sectorfsm"] = {"free": {"nvme": 123}, "policy": POLICY, "jobs": {"PC1-s1-a1": "running"}}
 POLICY = {"file": "/etc/sectors/myscheduler.json" | None,
@@ -80,6 +83,14 @@ class _Policy(BaseModel):
     loaded_at: Annotated[float, Field(allow_inf_nan=False)] | None = None
 
 
+class _Held(BaseModel):
+    model_config = _WIRE
+    path: _Name
+    kind: Literal["unsealed", "sealed", "cache"]
+    name: _Name
+    size: _Int
+
+
 class _Identity(BaseModel):
     model_config = _WIRE
     version: Literal[1]
@@ -90,6 +101,7 @@ class _Identity(BaseModel):
     overrides: dict[str, Any] = {}
     paths: list[_Path] = []
     policy: _Policy = _Policy()
+    files: list[_Held] = []
 
 
 class _Heartbeat(BaseModel):
@@ -148,6 +160,18 @@ class WorkerPathInfo:
     store: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class HeldFile:
+    """A sector file the worker found under one of its paths (named, sized, not hashed)."""
+
+    path_id: str
+    #: "unsealed", "sealed" or "cache" (the directory it is in).
+    kind: str
+    #: The sector's name, `s-t0{miner}-{number}`.
+    name: str
+    size: int
+
+
 @dataclass(slots=True)
 class WorkerIdentity:
     """What a `sectors worker` declares once, when it joins the cluster."""
@@ -160,11 +184,13 @@ class WorkerIdentity:
     overrides: dict[str, Any] = field(default_factory=dict)
     paths: tuple[WorkerPathInfo, ...] = ()
     policy: PolicyReport = field(default_factory=PolicyReport)
+    #: The sector files under its paths when it joined.
+    files: tuple[HeldFile, ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
-        """The identity as the `startup_information` dict."""
+        """The identity as the `startup_information` dict (`files` only when it holds some)."""
         r = self.resources
-        return {
+        wire: dict[str, Any] = {
             "version": VERSION,
             "name": self.name,
             "backend": self.backend,
@@ -188,6 +214,12 @@ class WorkerIdentity:
             ],
             "policy": self.policy.to_wire(),
         }
+        if self.files:
+            wire["files"] = [
+                {"path": f.path_id, "kind": f.kind, "name": f.name, "size": f.size}
+                for f in self.files
+            ]
+        return wire
 
     @classmethod
     def from_wire(cls, data: object) -> WorkerIdentity:
@@ -210,6 +242,9 @@ class WorkerIdentity:
         dupes = sorted({i for i in ids if ids.count(i) > 1})
         if dupes:
             raise ValueError(f"{where}: paths: duplicate path id(s) {dupes}")
+        strays = sorted({f.path for f in m.files} - set(ids))
+        if strays:
+            raise ValueError(f"{where}: files: on undeclared path id(s) {strays}")
         r = m.resources
         return cls(
             name=m.name,
@@ -221,6 +256,7 @@ class WorkerIdentity:
             overrides=dict(m.overrides),
             paths=tuple(WorkerPathInfo(p.id, p.path, p.capacity, p.seal, p.store) for p in m.paths),
             policy=_policy(m.policy),
+            files=tuple(HeldFile(f.path, f.kind, f.name, f.size) for f in m.files),
         )
 
     def to_spec(self) -> WorkerSpec:

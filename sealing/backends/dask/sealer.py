@@ -8,6 +8,10 @@ the scheduler's storage index (kept and persisted by `ScheduledSealer`), so:
 * a job id is `{task}-s{sector}-a{attempt}`; the attempt of each (sector, task) is stored in
   the engine's store (`ATTEMPTS_DB`) and advances when a try ended, so an engine that died
   while a job ran submits the same id again and gets that job's result, never a second run;
+* the worker an attempt was submitted to is stored (durably, before the job exists) until the
+  attempt ends: a restarted engine pins the task to that worker (`running_on`) and waits for
+  it to rejoin, as Lotus's manager waits on work it tracks instead of scheduling it again
+  (`extern/sector-storage/manager.go@v1.11.3`, `getWork`/`waitWork`);
 * a result is acknowledged (the worker may forget it) only once the commit that records the
   event carrying it is durable (`store.committer.on_commit`);
 * files a task needs on another worker are pulled worker to worker (`transfer.fetch_here`,
@@ -43,7 +47,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sectorfsm.cluster")
 
-#: Sub-database of the engine's store: `{sector}/{task}` -> the attempt its next job gets.
+#: Sub-database of the engine's store: `{sector}/{task}` -> the attempt its next job gets, and
+#: `{sector}/{task}@` -> the worker that attempt was submitted to, until it ends.
 ATTEMPTS_DB = "daskattempts"
 
 Loc = list[str]
@@ -66,6 +71,7 @@ class DaskSealer:
         self._sched: Scheduler | None = None
         self._store: LmdbStore | None = None
         self._attempts: dict[str, int] = {}
+        self._where: dict[str, str | None] = {}
         self._acks: set[asyncio.Task[None]] = set()
         #: Sector -> (the worker that left with its unsealed file, that file's path id).
         self._lost_unsealed: dict[int, tuple[str, str]] = {}
@@ -137,11 +143,37 @@ class DaskSealer:
             self._attempts[key] = int(unpackb(raw)) if raw is not None else 1
         return self._attempts[key]
 
+    def running_on(self, number: int, task: str) -> str | None:
+        """The worker the current attempt of `task` on sector `number` was submitted to.
+
+        None unless that attempt was submitted and has not ended (an engine restarted while
+        it ran): the scheduler then pins the task there, so the same job id reaches the
+        worker that holds its record and never starts on another one.
+        """
+        key = self._attempt_key(number, task)
+        if key not in self._where:
+            with self.store.read() as txn:
+                raw = txn.get(f"{key}@".encode(), db=self.store.db(ATTEMPTS_DB))
+            self._where[key] = str(unpackb(raw)) if raw is not None else None
+        return self._where[key]
+
+    async def _submitted_to(self, number: int, task: str, worker: str) -> None:
+        """Record, durably, that the current attempt goes to `worker` (before it exists)."""
+        if self.running_on(number, task) == worker:
+            return  # an engine restarted under it: the record stands
+        key = self._attempt_key(number, task)
+        self._where[key] = worker
+        self.store.committer.put(ATTEMPTS_DB, f"{key}@".encode(), packb(worker))
+        await self.store.committer.waiter()
+
     def _spend(self, number: int, task: str) -> None:
         """The current attempt ended: the next one gets a new id (staged with the event)."""
         key = self._attempt_key(number, task)
         self._attempts[key] = self.attempt(number, task) + 1
         self.store.committer.put(ATTEMPTS_DB, key.encode(), packb(self._attempts[key]))
+        if self.running_on(number, task) is not None:
+            self._where[key] = None
+            self.store.committer.delete(ATTEMPTS_DB, f"{key}@".encode())
 
     def _ack_after_commit(self, remote: DaskWorkerBackend, key: str) -> None:
         def committed(error: BaseException | None) -> None:
@@ -159,6 +191,7 @@ class DaskSealer:
         remote = self._remote(job.worker)
         task, number = job.task_type.short, job.sector.number
         key = f"{task}-s{number}-a{self.attempt(number, task)}"
+        await self._submitted_to(number, task, remote.name)
         self.clock.hold()  # real work elsewhere: a virtual clock must not jump meanwhile
         try:
             value = await remote.call(job.sched_id, key, function_path(fn), list(args))

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import shutil
 import signal
@@ -54,6 +55,7 @@ from .certs import CertError
 from .identity import (
     IDENTITY_KEY,
     METRICS_KEY,
+    HeldFile,
     PolicyReport,
     WorkerHeartbeat,
     WorkerIdentity,
@@ -286,8 +288,10 @@ class WorkerRuntime:
         self._said = error
 
     def identity(self, worker: Worker) -> dict[str, Any]:
-        """For `startup_information`: the identity, with the policy as read now."""
+        """For `startup_information`: the identity, with the policy and the files as now."""
         self.config.identity.policy = self.policy()
+        # Each (re)join reports what is on disk now: files may have gone while it was away.
+        self.config.identity.files = held_files(self.config.directories)
         return self.config.identity.to_wire()
 
     def heartbeat(self, worker: Worker) -> dict[str, Any]:
@@ -305,6 +309,38 @@ class WorkerRuntime:
         except RuntimeError:
             states = {}
         return WorkerHeartbeat(free, self.policy(), states).to_wire()
+
+
+#: A sector file's name as the dask sealer writes it: `s-t0{miner}-{number}`.
+_SECTOR_NAME = re.compile(r"s-t0\d+-\d+")
+
+
+def held_files(directories: dict[str, Path]) -> tuple[HeldFile, ...]:
+    """The sector files under each path's `unsealed`, `sealed` and `cache` directories.
+
+    Names and apparent sizes only (a cache directory sums its files): cheap enough for every
+    join. Partial copies (`.part`) and other names are not sector files and are skipped.
+    """
+    found: list[HeldFile] = []
+    for path_id, root in sorted(directories.items()):
+        for kind in ("unsealed", "sealed", "cache"):
+            try:
+                entries = sorted(os.scandir(root / kind), key=lambda e: e.name)
+            except OSError:
+                continue  # not created yet (nothing written there), or unreadable
+            for entry in entries:
+                if _SECTOR_NAME.fullmatch(entry.name):
+                    found.append(HeldFile(path_id, kind, entry.name, _size(Path(entry.path))))
+    return tuple(found)
+
+
+def _size(path: Path) -> int:
+    try:
+        if path.is_symlink() or not path.is_dir():
+            return path.lstat().st_size
+        return sum(p.lstat().st_size for p in path.rglob("*") if not p.is_dir())
+    except OSError:
+        return 0  # deleted while we looked
 
 
 async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
