@@ -216,6 +216,7 @@ async def _start_cluster(
                 security=security,
                 worker_ttl=cluster.worker_ttl,
                 say=lambda line: console.print(f"cluster: {line}", markup=False),
+                on_join=miner.sealer.worker_joined,  # its files reconciled with the index
             )
         )
     except (OSError, TimeoutError) as exc:

@@ -6,17 +6,23 @@ selector, so the scheduler really places every compute step; the work itself is 
 *backend* (`sim` here; `reference` and `command` run real files and executables). The sealer
 also keeps the storage index in step with where each sector's files are, and persists it, so
 a restarted engine knows where its sectors live.
+
+Files on a remote worker's paths are known only once that worker joins: their records are
+kept meanwhile and applied then, and the index is reconciled with the files the worker
+reports (`worker_joined`). A recorded file found gone is dropped, and the sector's next task
+that needs it fails with the reason, as Lotus's does when its files cannot be found: the
+sector goes down its `*Failed` state's retries.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from ..fsm import LmdbStore
-from ..fsm.codec import packb, unpackb
+from ..fsm.codec import packb
 from ..sched import (
     DEAL_SECTOR_PRIORITY,
     AllocSelector,
@@ -32,11 +38,18 @@ from ..sched import (
     fetch_prepare,
     space_needed,
 )
+from .filesrecord import files_union, parse_files_record, split_bytes
 from .info import PendingPiece, Piece
 
 log = logging.getLogger("sectorfsm.sealing")
 R = TypeVar("R")
 FILES_DB = "sectorfiles"
+#: A sector file's kind, as a worker names its directory, -> its type.
+_KINDS = {f.dirname: f for f in (FileType.UNSEALED, FileType.SEALED, FileType.CACHE)}
+
+
+class SectorFilesLost(RuntimeError):
+    """A task needs a sector file that was found gone (the message names file, path, when)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +168,12 @@ class ScheduledSealer:
         self._db = store.db(FILES_DB)
         #: Per sector number: path id -> (file types, bytes accounted on that path).
         self._files: dict[int, dict[str, list[int]]] = {}
+        #: The part of those records on paths not declared yet (a remote worker's, until it
+        #: joins): kept as they are, and applied to the index by `worker_joined`.
+        self._pending: dict[int, dict[str, list[int]]] = {}
+        #: Per sector number: file type -> why it is known to be gone (cleared once rewritten).
+        self._lost: dict[int, dict[FileType, str]] = {}
+        self._ref_of: Callable[[int], SectorRef] | None = None
         bind = getattr(backend, "bind", None)
         if bind is not None:  # a remote backend finds files through the index, records in store
             bind(sched, store)
@@ -169,16 +188,19 @@ class ScheduledSealer:
         unreadable: list[tuple[bytes, bytes, str]] = []
         for key, raw in rows:
             try:
-                number, record = _files_record(key, raw)
+                number, record = parse_files_record(key, raw)
             except ValueError as exc:
                 unreadable.append((key, raw, str(exc)))
                 continue
             ref = ref_of(number)
             for path_id, (files, nbytes) in record.items():
                 if path_id not in index.paths:
-                    continue  # the path is gone from the config: the files are unreachable
+                    # A remote worker's path (until it joins), or one gone from the config.
+                    self._pending.setdefault(number, {})[path_id] = [files, nbytes]
+                    continue
                 index.add_sector(ref, FileType(files), path_id, split_bytes(files, nbytes, ref))
             self._files[number] = record
+        self._ref_of = ref_of
         if unreadable:
             self._set_aside(unreadable)
         owners = getattr(getattr(self.backend, "storage", None), "owners", None)
@@ -186,7 +208,47 @@ class ScheduledSealer:
             owners.recorded = {(pid, n) for n, record in self._files.items() for pid in record}
         scan = getattr(self.backend, "scan_files", None)
         if scan is not None:
-            self._reconcile(scan(), ref_of)
+            scanned = {p for p in getattr(self.backend, "path_ids", ()) if p in index.paths}
+            self._reconcile(scan(), ref_of, scanned, "", "the engine started")
+
+    def worker_joined(
+        self, worker: str, path_ids: Collection[str], held: Iterable[tuple[str, str, str, int]]
+    ) -> None:
+        """`worker` joined holding `held` (path id, kind, name, size) under `path_ids`.
+
+        The records kept for its paths go into the index, which is then reconciled with
+        what it reported: files gone are dropped (their sector's next task fails, naming
+        them), files never recorded are logged and counted.
+        """
+        ref_of = self._ref_of
+        if ref_of is None:
+            return  # nothing loaded, so nothing recorded to reconcile
+        index = self.sched.index
+        mine = {pid for pid in path_ids if pid in index.paths}
+        applied = []
+        for number, pending in list(self._pending.items()):
+            ref = ref_of(number)
+            for pid in [p for p in pending if p in mine]:
+                files, nbytes = pending.pop(pid)
+                index.add_sector(ref, FileType(files), pid, split_bytes(files, nbytes, ref))
+                applied.append(ref)
+            if not pending:
+                del self._pending[number]
+        prefix = f"s-t0{ref_of(0).miner}-"
+        on_disk: dict[tuple[str, int, FileType], int] = {}
+        for pid, kind, name, size in held:
+            digits, f = name.removeprefix(prefix), _KINDS.get(kind)
+            if pid in mine and f is not None and digits != name and digits.isdigit():
+                on_disk[(pid, int(digits), f)] = size
+        log.info(
+            "worker %s joined: %d files records applied, %d sector files reported",
+            worker,
+            len(applied),
+            len(on_disk),
+        )
+        self._reconcile(on_disk, ref_of, mine, f" of worker {worker}", f"{worker} joined")
+        for ref in applied:
+            self.sched.files_changed(ref)  # tasks waiting for these files can be placed now
 
     def _set_aside(self, unreadable: list[tuple[bytes, bytes, str]]) -> None:
         """Move unreadable files records to quarantine (bytes kept) and go on without them.
@@ -208,15 +270,21 @@ class ScheduledSealer:
             log.error("sector files record %r set aside in quarantine: %s", key, why)
 
     def _reconcile(
-        self, on_disk: Mapping[tuple[str, int, FileType], int], ref_of: Callable[[int], SectorRef]
+        self,
+        on_disk: Mapping[tuple[str, int, FileType], int],
+        ref_of: Callable[[int], SectorRef],
+        scanned: Collection[str],
+        where: str,
+        when: str,
     ) -> None:
-        """Make the index agree with the disk: drop vanished files, count unknown ones.
+        """Make the index agree with the disk on the `scanned` paths.
 
-        A recorded sealed file may be missing while its unfinalized cache is there:
-        PreCommit1 reserves it and PreCommit2 writes it, so it stays counted.
+        Vanished files are dropped and remembered as lost (`where` names their worker,
+        `when` the moment they were missed); unknown ones are counted. A recorded sealed
+        file may be missing while its unfinalized cache is there: PreCommit1 reserves it
+        and PreCommit2 writes it, so it stays counted.
         """
         index = self.sched.index
-        scanned = {pid for pid in getattr(self.backend, "path_ids", ()) if pid in index.paths}
         changed: set[int] = set()
         for number in list(self._files):
             ref = ref_of(number)
@@ -236,8 +304,13 @@ class ScheduledSealer:
                         and (pid, number, FileType.CACHE) in on_disk
                     ):
                         continue
-                    log.warning("sector %s: its %s file on %s is gone", ref, f.dirname, pid)
+                    why = (
+                        f"sector {ref}: its {f.dirname} file on path {pid}{where} is gone "
+                        f"(not there when {when})"
+                    )
+                    log.warning("%s", why)
                     index.remove_sector(ref, f, pid)
+                    self._lost.setdefault(number, {})[f] = why
                     changed.add(number)
         for (pid, number, f), nbytes in on_disk.items():
             ref = ref_of(number)
@@ -245,6 +318,7 @@ class ScheduledSealer:
                 continue
             log.warning("sector %s: found an unrecorded %s file on %s", ref, f.dirname, pid)
             index.add_sector(ref, f, pid, {f: nbytes})
+            self._found(ref, f)
             changed.add(number)
         for number in sorted(changed):
             self._persist(ref_of(number))
@@ -252,9 +326,10 @@ class ScheduledSealer:
     def _persist(self, ref: SectorRef) -> None:
         """Write the sector's files record from the index (which counts the bytes)."""
         record = {
-            pid: [int(_union(held)), sum(held.values())]
+            pid: [int(files_union(held)), sum(held.values())]
             for pid, held in self.sched.index.sector_bytes(ref).items()
         }
+        record.update(self._pending.get(ref.number, {}))  # what is still to be applied
         key = str(ref.number).encode()
         if record:
             self._files[ref.number] = record
@@ -270,9 +345,32 @@ class ScheduledSealer:
             return
         index = self.sched.index
         index.add_sector(ref, files, path_id)
+        self._found(ref, files)
         if owner is not None:  # the task's reservation for these files is now stored bytes
             index.consume(owner, path_id, space_needed(files, ref.size))
         self._persist(ref)
+
+    def _found(self, ref: SectorRef, files: FileType) -> None:
+        """`files` of the sector exist again: they are no longer lost."""
+        lost = self._lost.get(ref.number)
+        if lost is None:
+            return
+        for f in files.each():
+            lost.pop(f, None)
+        if not lost:
+            del self._lost[ref.number]
+
+    def _require(self, ref: SectorRef, files: FileType) -> None:
+        """Fail at once, with the reason, if one of `files` was found gone (and not since)."""
+        lost = self._lost.get(ref.number)
+        if not lost:
+            return
+        have = FileType.NONE
+        for held in self.sched.index.find_sector(ref, files).values():
+            have |= held
+        for f in files.each():
+            if f in lost and not f & have:
+                raise SectorFilesLost(lost[f])
 
     def _drop_files(self, ref: SectorRef, files: FileType) -> None:
         self.sched.index.remove_sector(ref, files)
@@ -325,6 +423,8 @@ class ScheduledSealer:
 
         `worker` pins it to that worker (the sector's `ap_worker`): it waits for that one.
         """
+        if existing:
+            self._require(sector, FileType.UNSEALED)
         first = not self.holds(sector, FileType.UNSEALED)
         selector: Any = (
             AllocSelector(FileType.UNSEALED) if first else ExistingSelector(FileType.UNSEALED)
@@ -344,6 +444,7 @@ class ScheduledSealer:
         self, sector: SectorRef, ticket: bytes, pieces: list[Piece], deals: bool
     ) -> bytes:
         """PreCommit1: allocate cache+sealed, with the unsealed file fetched if elsewhere."""
+        self._require(sector, FileType.UNSEALED)
 
         async def work(job: Job) -> bytes:
             out = await self.backend.pre_commit1(job, ticket, pieces)
@@ -369,6 +470,7 @@ class ScheduledSealer:
     ) -> PreCommit2Out:
         """PreCommit2 where the cache is (fetching it is allowed, as in Lotus)."""
         files = FileType.CACHE | FileType.SEALED
+        self._require(sector, files)
 
         async def work(job: Job) -> PreCommit2Out:
             return await self.backend.pre_commit2(job, pc1out)
@@ -397,6 +499,7 @@ class ScheduledSealer:
             return await self.backend.commit1(job, ticket, seed, pieces, cids)
 
         files = FileType.CACHE | FileType.SEALED
+        self._require(sector, files)
         return await self._run(
             sector, TaskType.COMMIT1, ExistingSelector(files, allow_fetch=False), work, deals
         )
@@ -420,6 +523,7 @@ class ScheduledSealer:
                 self.sched.index.remove_sector(sector, FileType.UNSEALED)
             self._persist(sector)
 
+        self._require(sector, FileType.CACHE | FileType.SEALED)
         if not self.holds(sector, FileType.CACHE):
             return  # already finalized and moved, or nothing was ever sealed
         await self._run(sector, TaskType.FINALIZE, ExistingSelector(FileType.CACHE), work, False)
@@ -459,53 +563,10 @@ class ScheduledSealer:
     async def remove(self, sector: SectorRef) -> None:
         """Delete every file of the sector and forget it in the index."""
         await self.backend.remove(sector)
+        # Files on a worker that never came back are its to report (then counted as unknown).
+        self._pending.pop(sector.number, None)
+        self._lost.pop(sector.number, None)
         self._drop_files(sector, FileType.UNSEALED | FileType.SEALED | FileType.CACHE)
-
-
-def _union(held: Mapping[FileType, int]) -> FileType:
-    out = FileType.NONE
-    for f in held:
-        out |= f
-    return out
-
-
-def split_bytes(files: int, nbytes: int, ref: SectorRef) -> dict[FileType, int]:
-    """A persisted per-path byte total split back over its files.
-
-    Exact for totals the index wrote from Lotus's sizes (sealing or finalized); any other
-    total (sizes measured on disk) is shared in proportion to the sealing sizes.
-    """
-    kinds = list(FileType(files).each())
-    for finalized in (False, True):
-        sizes = {f: space_needed(f, ref.size, finalized=finalized) for f in kinds}
-        if sum(sizes.values()) == nbytes:
-            return sizes
-    weights = {f: space_needed(f, ref.size) for f in kinds}
-    total = sum(weights.values()) or 1
-    out = {f: nbytes * w // total for f, w in weights.items()}
-    if kinds:
-        out[kinds[-1]] += nbytes - sum(out.values())
-    return out
-
-
-def _files_record(key: bytes, raw: bytes) -> tuple[int, dict[str, list[int]]]:
-    """`(sector number, {path id: [file types, bytes]})` of a files record; ValueError names it."""
-    what = f"sector files record {key!r}"
-    try:
-        number = int(key)
-        record = unpackb(raw)
-    except Exception as exc:
-        raise ValueError(f"{what} is corrupt ({str(exc) or type(exc).__name__})") from None
-    ok = isinstance(record, dict) and all(
-        isinstance(pid, str)
-        and isinstance(v, list)
-        and len(v) == 2
-        and all(isinstance(x, int) for x in v)
-        for pid, v in record.items()
-    )
-    if not ok:
-        raise ValueError(f"{what} is not a map of path ids to [file types, bytes]")
-    return number, record
 
 
 def _pc1_selector(sealer: ScheduledSealer, sector: SectorRef) -> Any:

@@ -9,6 +9,8 @@ a poll every `beat` seconds, reconciles the scheduler with Dask's worker list:
 * join: the worker's identity (`startup_information["sectorfsm"]`) becomes a `WorkerSpec`
   added under the worker's name with a `DaskWorkerBackend` on its current address; a worker
   with a malformed identity (or none) is refused with a log line and a reason for the views;
+  the sector files it reports go to `on_join` (the sealer reconciles its index with them:
+  `ScheduledSealer.worker_joined`) before any task can be placed on it;
 * heartbeat (`metrics["sectorfsm"]`): `sched.heartbeat`, free space per path into the
   storage index, and the policy the worker read from its own file;
 * leave: `sched.remove_worker`, and the jobs still waiting on it fail at once.
@@ -42,6 +44,8 @@ log = logging.getLogger("sectorfsm.cluster")
 BEAT = 1.0
 
 Infos = Callable[[], Awaitable[dict[str, dict[str, Any]]]]
+#: `(worker name, its path ids, the files it holds as (path id, kind, name, size))`.
+OnJoin = Callable[[str, list[str], list[tuple[str, str, str, int]]], None]
 
 
 def dask_config(worker_ttl: float, *, secure: bool) -> dict[str, Any]:
@@ -88,6 +92,8 @@ class Membership:
     members: dict[str, DaskWorkerBackend] = field(default_factory=dict)
     #: Address -> why the worker there was refused.
     refused: dict[str, str] = field(default_factory=dict)
+    #: Told of each worker that joined and the sector files it reported.
+    on_join: OnJoin | None = None
 
     async def run(self, beat: float = BEAT) -> None:
         """Reconcile on every event, and every `beat` seconds."""
@@ -132,6 +138,14 @@ class Membership:
         backend = DaskWorkerBackend(self.client, address, identity, str(info.get("host", "")))
         self.sched.add_worker(identity.to_spec(), backend)
         self.members[address] = backend
+        if self.on_join is not None:
+            # Before this returns to the loop: no task is placed on the worker until its
+            # files are in the index (and those it lost are out of it).
+            held = [(f.path_id, f.kind, f.name, f.size) for f in identity.files]
+            try:
+                self.on_join(identity.name, [p.id for p in identity.paths], held)
+            except Exception:  # the worker is in; a failed reconcile is logged, not fatal
+                log.exception("worker %s: reconciling its files failed", identity.name)
         if identity.policy.file is not None:
             pushed = PushedPolicy(identity.policy.file)
             p = identity.policy
@@ -207,8 +221,12 @@ async def open_cluster(
     worker_ttl: float = 60.0,
     say: Callable[[str], None] = print,
     beat: float = BEAT,
+    on_join: OnJoin | None = None,
 ) -> AsyncIterator[Cluster]:
-    """Run (`listen`) or join (`scheduler`) the Dask cluster; membership runs until exit."""
+    """Run (`listen`) or join (`scheduler`) the Dask cluster; membership runs until exit.
+
+    `on_join` hears of every worker that joins and the sector files it holds.
+    """
     if (listen is None) == (scheduler is None):
         raise ValueError("give exactly one of listen or scheduler")
     queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
@@ -230,7 +248,7 @@ async def open_cluster(
                 client.subscribe_topic(  # type: ignore[no-untyped-call]
                     "all", lambda event: _on_topic(queue, event)
                 )
-            membership = Membership(sched, client, infos, say, queue)
+            membership = Membership(sched, client, infos, say, queue, on_join=on_join)
             task = asyncio.get_running_loop().create_task(membership.run(beat))
             try:
                 await membership.reconcile()
