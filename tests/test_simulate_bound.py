@@ -1,0 +1,168 @@
+"""`sectors simulate` checked against hand arithmetic: small clusters whose rate is known.
+
+Each cluster seals 32 GiB sectors on the mainnet chain (30 s epochs) for a few simulated days,
+with batching off so sectors reach Proving as they are sealed. The steady rate is measured
+after the warm-up (the pipeline's fill-up time is excluded, see `summary.steady_rate`) and
+must be within 3% of the bound worked out here by hand; the report must name the stage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sectorfsm.sched import TaskType
+from sectorfsm.simulate import load_simulate_config, parse_what_if, run_all, summary
+from sectorfsm.simulate.summary import steady_rate
+
+HEAD = """
+[sealing]
+batch_pre_commits = false
+aggregate_commits = false
+
+[simulate]
+assigners = ["balanced"]
+[simulate.pledge]
+mode = "rate"
+per_day = {per_day}
+"""
+
+BOX = """
+[[workers]]
+name = "{name}"
+cpus = 64
+memory = "1TiB"
+gpus = ["g"]
+tasks = {tasks}
+{extra}
+resources = {{ {resources} }}
+[[workers.paths]]
+id = "{name}-nvme"
+capacity = "1PiB"
+store = true
+"""
+
+ALL = '["AP", "PC1", "PC2", "C1", "C2", "FIN"]'
+DAY = 86400
+
+
+def _box(name: str, tasks: str = ALL, resources: str = "", extra: str = "") -> str:
+    return BOX.format(name=name, tasks=tasks, resources=resources, extra=extra)
+
+
+def _simulate(
+    tmp_path: Path, text: str, days: float, what_ifs: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    path = tmp_path / "cluster.toml"
+    path.write_text(text)
+    cfg = load_simulate_config(path)
+    wis = [parse_what_if(w, cfg) for w in what_ifs]
+    results = asyncio.run(run_all(cfg, wis, days, seed=1))
+    return summary(cfg, days, 1, [w.label for w in wis], results)
+
+
+def _close(run: dict[str, Any], expected: float) -> None:
+    assert run["bound"]["per_day"] == pytest.approx(expected, rel=1e-3)
+    steady = run["sectors"]["steady_per_day"]
+    assert steady is not None
+    assert abs(steady / expected - 1) <= 0.03, (steady, expected)
+    assert run["sectors"]["steady_window_hours"] >= 24  # measured over a day at least
+
+
+def test_one_stage_clearly_the_bottleneck(tmp_path: Path) -> None:
+    # 2 PC1 slots x 3.5 h: 2 / 3.5 * 24 = 13.714 sectors/day; every other stage is far faster.
+    text = HEAD.format(per_day=15) + _box("box", resources="PC1_32G_MAX_CONCURRENT = 2")
+    out = _simulate(tmp_path, text, days=3)
+    [run] = out["runs"]
+    _close(run, 2 / 3.5 * 24)
+    assert run["bound"]["limiting"] == ["PC1"]
+    assert run["bottleneck"]["text"].startswith("PC1 on box is the bottleneck: 100% busy")
+    assert "one more PC1 slot adds ~6.9 sectors/day" in run["bottleneck"]["text"]
+    pc1 = run["utilisation"]["workers"]["box"]["PC1"]
+    assert pc1["slots"] == 2 and pc1["steady"] == pytest.approx(1.0, abs=0.02)
+    assert run["failures"]["by_state"] == {}
+
+
+def test_two_balanced_stages(tmp_path: Path) -> None:
+    # PC1: 2 slots x 3.5 h = 13.714/day; C2 on its own box: 1 slot x 1.75 h = 13.714/day.
+    text = (
+        HEAD.format(per_day=15)
+        + '[simulate.worker_durations.c2-box]\nC2 = "1.75h"\n'
+        + _box("box", '["AP", "PC1", "PC2", "C1", "FIN"]', "PC1_32G_MAX_CONCURRENT = 2")
+        + _box("c2-box", '["C2"]', "C2_32G_MAX_CONCURRENT = 1")
+    )
+    out = _simulate(tmp_path, text, days=3)
+    [run] = out["runs"]
+    _close(run, 24 / 1.75)
+    assert run["bound"]["limiting"] == ["PC1", "C2"]
+    text_ = run["bottleneck"]["text"]
+    assert "PC1 on box" in text_ and "C2 on c2-box" in text_ and "balanced bottlenecks" in text_
+    # Adding to one of two balanced stages gains nothing.
+    assert "adds ~0.0 sectors/day" in text_
+
+
+def test_link_bound_fetch(tmp_path: Path) -> None:
+    # PC1 runs only on pc1-box, AP only on ap-box: each PC1 first fetches the 32 GiB unsealed
+    # file over a 2.727 MB/s link, 3.5 h, holding its slot: 2 slots / 7 h = 6.857/day.
+    link = 32 * 2**30 / 12600
+    text = (
+        HEAD.format(per_day=8)
+        + _box("ap-box", '["AP"]')
+        + _box(
+            "pc1-box",
+            '["PC1", "PC2", "C1", "C2", "FIN"]',
+            "PC1_32G_MAX_CONCURRENT = 2",
+            extra=f"bandwidth = {link}",
+        )
+    )
+    out = _simulate(tmp_path, text, days=4)
+    [run] = out["runs"]
+    _close(run, 2 / 7 * 24)
+    pc1 = run["bound"]["stages"]["PC1"]["workers"]["pc1-box"]
+    assert pc1["fetch_seconds"] == pytest.approx(12600, rel=1e-6)
+    assert run["bottleneck"]["text"].startswith("PC1 on pc1-box is the bottleneck")
+    assert "3.5 h of each task is the fetch of its input" in run["bottleneck"]["text"]
+    [pair] = run["fetch"]["pairs"]
+    assert (pair["from"], pair["to"]) == ("ap-box", "pc1-box")
+    assert pair["bytes"] % (32 * 2**30) == 0 and pair["bytes"] >= 20 * 32 * 2**30
+
+
+def test_what_if_policy_and_added_worker_change_the_bound(tmp_path: Path) -> None:
+    text = HEAD.format(per_day=10) + _box("box", resources="PC1_32G_MAX_CONCURRENT = 2")
+    out = _simulate(
+        tmp_path, text, days=0.5, what_ifs=("policy box PreCommit1Max=1", "add-worker box")
+    )
+    bounds = {r["variant"]: r["bound"]["per_day"] for r in out["runs"]}
+    assert bounds == pytest.approx(
+        {"baseline": 13.714, "policy box PreCommit1Max=1": 6.857, "add-worker box": 27.429},
+        rel=1e-3,
+    )
+    added = next(r for r in out["runs"] if r["variant"] == "add-worker box")
+    assert "box-2" in added["utilisation"]["workers"]
+    assert [c["variant"] for c in out["comparison"]] == [
+        "policy box PreCommit1Max=1",
+        "add-worker box",
+    ]
+
+
+def test_steady_rate_counts_bursts_between_the_first_and_last() -> None:
+    # Two sectors every 3.5 h, the window opening mid-burst-interval: exactly 2 / 3.5 h.
+    times = [t * 12600.0 for t in range(1, 20) for _ in range(2)]
+    rate, hours = steady_rate(times, 20000.0, 200000.0)
+    assert rate == pytest.approx(2 / 3.5 * 24)
+    assert hours == pytest.approx((15 - 2) * 3.5)
+    assert steady_rate([5.0], 0.0, 10.0) == (None, 0.0)
+
+
+def test_sim_backend_runs_a_worker_at_its_own_durations() -> None:
+    from sectorfsm.fsm import VirtualClock
+    from sectorfsm.sealing.backends.sim import DURATIONS_32G, SimBackend
+
+    sim = SimBackend(VirtualClock(), 1000, durations={"fast": {TaskType.PRE_COMMIT1: 3600.0}})
+    size = 32 << 30
+    assert sim.duration(TaskType.PRE_COMMIT1, size, "fast") == 3600.0
+    assert sim.duration(TaskType.PRE_COMMIT1, size, "other") == DURATIONS_32G[TaskType.PRE_COMMIT1]
+    assert sim.duration(TaskType.PRE_COMMIT1, size // 2, "fast") == 1800.0
