@@ -56,6 +56,7 @@ from sectorfsm.sched.storage import SectorRef
 from sectorfsm.sched.tasks import TaskType
 from sectorfsm.sealing.backends.dask import jobs
 from sectorfsm.sealing.backends.dask.backend import DaskWorkerBackend, function_path
+from sectorfsm.sealing.backends.dask.jobrecord import encode_spec
 from sectorfsm.sealing.backends.dask.membership import Cluster, open_cluster
 
 START = time.perf_counter()
@@ -255,7 +256,7 @@ def child_start(root: Path, runs: int = 5) -> dict[str, float]:
     """
     jobdir = root / "child-probe"
     jobdir.mkdir()
-    (jobdir / "spec").write_bytes(jobs.encode_spec("builtins:abs", [-1]))
+    (jobdir / "spec").write_bytes(encode_spec("builtins:abs", [-1]))
 
     def timed(argv: list[str]) -> float:
         xs = []

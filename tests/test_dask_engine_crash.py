@@ -36,11 +36,12 @@ from typing import Any
 
 import pytest
 from conftest import Child, Spawner, until
-from test_dask_sealing import _Remote
 
 from sectorfsm.fsm import LmdbStore, RealClock
 from sectorfsm.fsm.codec import packb
 from sectorfsm.sched import SectorRef, TaskType
+from sectorfsm.sealing.backends.dask.backend import DaskWorkerBackend
+from sectorfsm.sealing.backends.dask.identity import PolicyReport
 from sectorfsm.sealing.backends.dask.sealer import ATTEMPTS_DB, DaskSealer
 
 HOLD_PC1 = """
@@ -277,7 +278,8 @@ def test_the_worker_of_an_attempt_is_durable_before_its_job_and_cleared_after(
     tmp_path: Path,
 ) -> None:
     """What pins a restarted engine's task: on disk before the job exists, gone once it ended."""
-    remote = _Remote()
+    ident: Any = SimpleNamespace(name="w", policy=PolicyReport())
+    remote = DaskWorkerBackend(None, "tcp://127.0.0.1:1", ident, "127.0.0.1")  # type: ignore[arg-type]
     job: Any = SimpleNamespace(
         sched_id=1,
         sector=SectorRef(1000, 5, 2048),
@@ -292,7 +294,6 @@ def test_the_worker_of_an_attempt_is_durable_before_its_job_and_cleared_after(
                 with store.read() as txn:
                     return txn.get(b"5/C2@", db=store.db(ATTEMPTS_DB))
 
-            remote.probe = where
             sealer = DaskSealer(RealClock(), 1000)
             sealer.bind(None, store)  # type: ignore[arg-type]
             assert sealer.running_on(5, "C2") is None
@@ -302,7 +303,11 @@ def test_the_worker_of_an_attempt_is_durable_before_its_job_and_cleared_after(
                 calls.append((key, where(), sealer.running_on(5, "C2")))
                 return b"proof"
 
+            async def ack(key: str) -> None:
+                pass
+
             remote.call = call  # type: ignore[method-assign]
+            remote.ack = ack  # type: ignore[method-assign]
             await sealer.commit2(job, b"c1")
             assert calls == [("C2-s5-a1", packb("w"), "w")]
             await store.committer.flush()

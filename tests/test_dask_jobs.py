@@ -27,7 +27,7 @@ from distributed import Client, Scheduler
 from distributed.core import Status
 
 from sectorfsm.sealing.backends.dask import jobs
-from sectorfsm.sealing.backends.dask.jobs import (
+from sectorfsm.sealing.backends.dask.jobrecord import (
     JobCancelled,
     JobDetached,
     JobError,
@@ -35,8 +35,8 @@ from sectorfsm.sealing.backends.dask.jobs import (
     JobRecord,
     JobSpecError,
     JobState,
-    JobTable,
 )
+from sectorfsm.sealing.backends.dask.jobs import JobTable
 
 TESTS = Path(__file__).resolve().parent
 GATE = "jobfuncs:gate"

@@ -17,7 +17,8 @@ import pytest
 from conftest import HANG_GUARD, Spawner, until
 
 from sectorfsm.sealing.backends.dask import jobs, spawner
-from sectorfsm.sealing.backends.dask.jobs import JobFailed, JobTable
+from sectorfsm.sealing.backends.dask.jobrecord import JobFailed
+from sectorfsm.sealing.backends.dask.jobs import JobTable
 
 TESTS = Path(__file__).resolve().parent
 SPAWNER = b"sectorfsm.sealing.backends.dask.spawner"

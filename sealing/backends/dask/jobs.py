@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import enum
 import hashlib
 import os
 import re
@@ -52,6 +51,16 @@ from distributed import Client, Future, Worker, WorkerPlugin, get_worker
 from distributed.core import Status
 
 from .child import RESULT, SPEC, write_atomic
+from .jobrecord import (
+    JobCancelled,
+    JobDetached,
+    JobFailed,
+    JobRecord,
+    JobSpecError,
+    JobState,
+    check_job_id,
+    encode_spec,
+)
 from .spawner import SpawnedChild, Spawner, popen_child
 
 #: The plugin's name on every worker.
@@ -64,75 +73,6 @@ KILL_GRACE = 5.0
 TAIL = 4096
 RECORD = "record"
 OUTPUT = "output"
-_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_FUNC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
-
-
-class JobState(enum.StrEnum):
-    """Where a job is: running, or finished one of three ways."""
-
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-class JobSpecError(ValueError):
-    """A job that cannot be started as asked (bad id, function path or arguments)."""
-
-
-class JobError(RuntimeError):
-    """A job that did not give a result; `str()` is one line the engine can show."""
-
-    def __init__(self, job_id: str, detail: str) -> None:
-        super().__init__(f"job {job_id} {detail}")
-        self.job_id = job_id
-        self.detail = detail
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        """Rebuild from the two fields (Dask pickles the error back to the engine)."""
-        return (type(self), (self.job_id, self.detail))
-
-
-class JobFailed(JobError):
-    """The child failed, or died with its worker; `detail` ends with its stderr's last line."""
-
-
-class JobCancelled(JobError):
-    """The job was killed by request (or cancelled before it started)."""
-
-
-@dataclass(slots=True)
-class JobRecord:
-    """A job as its worker's disk knows it."""
-
-    job_id: str
-    func: str
-    state: JobState
-    #: The child's pid (also its process group); 0 before it started.
-    pid: int = 0
-    started: float = 0.0
-    finished: float = 0.0
-    exit_code: int | None = None
-    #: One line: why it failed or was cancelled.
-    error: str = ""
-    #: sha256 of the function path and arguments, so an id is never reused for other work.
-    digest: str = ""
-
-    def encode(self) -> bytes:
-        """The record as msgpack."""
-        return msgpack.packb(dataclasses.asdict(self), use_bin_type=True)  # type: ignore[no-any-return]
-
-    @classmethod
-    def decode(cls, raw: bytes) -> JobRecord:
-        """A record from `encode`'s bytes."""
-        fields = msgpack.unpackb(raw, raw=False)
-        fields["state"] = JobState(fields["state"])
-        return cls(**fields)
-
-
-class JobDetached(JobError):
-    """The worker that waited for the job closed; the job still runs (resubmit to attach)."""
 
 
 @dataclass(slots=True)
@@ -143,27 +83,6 @@ class _Active:
     ending: tuple[JobState, str] | None = None
     #: One event per task waiting for this job: set when it ends or the waiters detach.
     waiters: list[threading.Event] = dataclasses.field(default_factory=list)
-
-
-def check_job_id(job_id: object) -> str:
-    """`job_id` if it can name a job directory, else a one-line `JobSpecError`."""
-    if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
-        raise JobSpecError(
-            f"bad job id {job_id!r}: use 1-128 letters, digits, '.', '_' or '-' (e.g. PC1-s12-a3)"
-        )
-    return job_id
-
-
-def encode_spec(func: object, args: object) -> bytes:
-    """The child's spec file for `func(*args)`, or a one-line `JobSpecError`."""
-    if not isinstance(func, str) or not _FUNC.fullmatch(func):
-        raise JobSpecError(f"bad job function {func!r}: give an importable 'module:function'")
-    if not isinstance(args, list | tuple):
-        raise JobSpecError(f"bad job arguments for {func}: a list, not {type(args).__name__}")
-    try:
-        return msgpack.packb([func, list(args)], use_bin_type=True)  # type: ignore[no-any-return]
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise JobSpecError(f"job arguments for {func} are not msgpack-encodable: {exc}") from None
 
 
 class JobTable:
