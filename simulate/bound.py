@@ -15,7 +15,7 @@ and time spent on no worker (chain delays, batching), which add latency, not a r
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from ..sched import FileType, Ledger, TaskType, WorkerPolicy, WorkerSpec, resource_spec
 from ..sched.fetch import PARALLEL_FETCH_LIMIT
@@ -76,7 +76,9 @@ class Bound:
     per_day: float
     #: The stages that limit (the least, and any within `TIE` of it), in pipeline order.
     limiting: tuple[TaskType, ...]
-    inputs: dict[str, float] = field(default_factory=dict)
+    #: Workers whose limiting slots leave no room for their other stages (shared memory,
+    #: threads or GPUs): there the bound counts some resources twice and may be loose.
+    shared: tuple[str, ...] = ()
 
 
 def max_slots(spec: WorkerSpec, task: TaskType, sector_size: int, policy: WorkerPolicy) -> int:
@@ -125,7 +127,49 @@ def bound(
     finite = {t: s.per_day for t, s in stages.items() if s.per_day is not None}
     least = min(finite.values()) if finite else 0.0
     limiting = tuple(t for t, v in finite.items() if v <= least * (1 + TIE))
-    return Bound(stages, least, limiting)
+    shared = tuple(
+        spec.name for spec in specs if not _fits_together(spec, sector_size, stages, limiting)
+    )
+    return Bound(stages, least, limiting, shared)
+
+
+def _fits_together(
+    spec: WorkerSpec,
+    sector_size: int,
+    stages: Mapping[TaskType, StageBound],
+    limiting: tuple[TaskType, ...],
+) -> bool:
+    """Whether `spec` admits its slots of the limiting stages at once plus one of each other.
+
+    A box whose limiting slots leave no room for its other stages' tasks (a GPU shared by PC2
+    and C2 when C2 limits) cannot reach the bound; other stages may share among themselves.
+    """
+    base: list[tuple[TaskType, int]] = []
+    for task in limiting:
+        share = next((w for w in stages[task].workers if w.worker == spec.name), None)
+        if share is not None and share.slots is not None:
+            base.append((task, share.slots))
+    if not base:
+        return True
+    others = [t for t in STAGES if t in spec.task_types and t not in limiting]
+    return (
+        all(_admits(spec, sector_size, [*base, (t, 1)]) for t in others)
+        if others
+        else (_admits(spec, sector_size, base))
+    )
+
+
+def _admits(spec: WorkerSpec, sector_size: int, wanted: list[tuple[TaskType, int]]) -> bool:
+    ledger = Ledger(replace(spec.resources, mem_used=0, mem_swap_used=0))
+    n = 0
+    for task, count in wanted:
+        need = resource_spec(task, sector_size, spec.overrides)
+        for _ in range(count):
+            if ledger.refusal(task, need) is not None:
+                return False
+            ledger.add(n, task, need)
+            n += 1
+    return True
 
 
 def _fetch_seconds(
@@ -170,17 +214,24 @@ def bottleneck_sentence(
             link = f" ({_hours(top.fetch_seconds)} of each task is the fetch of its input)"
         parts.append((task, top, pct, gain, link))
         figures[task.short] = {"worker": top.worker, "busy": pct / 100, "gain_per_day": gain}
+    loose = ""
+    if b.shared:
+        # The per-stage figures assume each stage has its box to itself.
+        loose = (
+            f" (the bound may be loose: {', '.join(b.shared)} cannot run its limiting slots "
+            "and its other stages at once)"
+        )
     if len(parts) == 1:
         task, top, pct, gain, link = parts[0]
         what = "fetch slot" if top.link_bound else f"{task.short} slot"
         return (
             f"{task.short} on {top.worker} is the bottleneck: {pct}% busy{link}; "
-            f"one more {what} adds ~{gain:.1f} sectors/day"
+            f"one more {what} adds ~{gain:.1f} sectors/day{loose}"
         ), figures
     names = " and ".join(f"{t.short} on {top.worker} ({pct}% busy)" for t, top, pct, _, _ in parts)
     return (
         f"{names} are balanced bottlenecks: one more slot of one alone adds "
-        f"~{max(gains.values()):.1f} sectors/day; add to both"
+        f"~{max(gains.values()):.1f} sectors/day; add to both{loose}"
     ), figures
 
 

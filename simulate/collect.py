@@ -51,6 +51,8 @@ class Collector:
     #: state name -> sectors, per sample (only states that ever held a sector).
     states: dict[str, list[int]] = field(default_factory=dict)
     samples: int = 0
+    #: Sectors seen to start, whoever created them.
+    started: int = 0
     missed: int = 0
     _milestone: dict[int, float] = field(default_factory=dict)
     #: Fetch seconds of jobs whose work has not ended yet, by scheduler id.
@@ -83,6 +85,8 @@ class Collector:
                 self.missed += change.missed
                 continue
             now = self.now()
+            if change.sector not in self._milestone:
+                self.started += 1  # (pledged by the plan, or by auto-pledge)
             self._milestone[change.sector] = now
             after: SectorState = change.after
             if after is SectorState.Proving:

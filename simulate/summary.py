@@ -16,6 +16,7 @@ Schema (times are simulated seconds or hours from the start of the run; rates pe
           "warmup_hours": float,       # fill-up time excluded from the steady figures
           "sectors": {
             "pledged": int, "refused": int,   # pledges made / refused (MaxSealingSectors)
+            "started": int,                   # sectors started (the plan's, auto-pledge's)
             "proving_total": int,             # sectors that reached Proving in the run
             "proving_per_day": [int],         # per simulated day
             "steady_per_day": float | null,   # rate between the first and the last sector to
@@ -26,6 +27,8 @@ Schema (times are simulated seconds or hours from the start of the run; rates pe
             "per_day": float,                 # the least stage capacity
             "ratio": float | null,            # steady_per_day / per_day
             "limiting": [str],                # the stages at the bound (task short names)
+            "shared": [str],                  # workers that cannot hold all their stages'
+                                              # slots at once: the bound may be loose there
             "stages": {TASK: {"per_day": float | null,       # null: unlimited
                               "workers": {WORKER: {"slots": int | null, "seconds": float,
                                                    "fetch_seconds": float,
@@ -131,8 +134,8 @@ def run_summary(r: RunResult) -> dict[str, Any]:
             }
         util[w.name] = per_task
     text, figures = bottleneck_sentence(b, steady_busy)
-    offered = r.pledged / r.days if r.days else 0.0
-    if r.pledged and offered < b.per_day * 0.97:
+    offered = c.started / r.days if r.days else 0.0
+    if c.started and offered < b.per_day * 0.97:
         # Fewer sectors came in than the cluster can seal: demand, not a stage, sets the rate.
         text += f"; but only {offered:.1f} sectors/day came in: the pledge plan limits first"
     waits = {
@@ -161,6 +164,7 @@ def run_summary(r: RunResult) -> dict[str, Any]:
         "sectors": {
             "pledged": r.pledged,
             "refused": r.refused,
+            "started": c.started,
             "proving_total": len(c.proving),
             "proving_per_day": per_day,
             "steady_per_day": _r(steady),
@@ -170,6 +174,7 @@ def run_summary(r: RunResult) -> dict[str, Any]:
             "per_day": round(b.per_day, 3),
             "ratio": _r(steady / b.per_day) if steady is not None and b.per_day else None,
             "limiting": [t.short for t in b.limiting],
+            "shared": list(b.shared),
             "stages": {
                 t.short: {
                     "per_day": _r(s.per_day),

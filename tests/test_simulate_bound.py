@@ -166,3 +166,18 @@ def test_sim_backend_runs_a_worker_at_its_own_durations() -> None:
     assert sim.duration(TaskType.PRE_COMMIT1, size, "fast") == 3600.0
     assert sim.duration(TaskType.PRE_COMMIT1, size, "other") == DURATIONS_32G[TaskType.PRE_COMMIT1]
     assert sim.duration(TaskType.PRE_COMMIT1, size // 2, "fast") == 1800.0
+
+
+def test_a_box_whose_stages_share_its_gpu_is_flagged_as_a_loose_bound(tmp_path: Path) -> None:
+    # Per stage, PC1 (2 x 3.5 h) and C2 (1 x 1.75 h) both allow 13.714/day, but the box's one
+    # GPU serves PC2 and C2 in turn: the report must say the bound is loose there.
+    text = (
+        HEAD.format(per_day=15)
+        + '[simulate.worker_durations.box]\nC2 = "1.75h"\n'
+        + _box("box", resources="PC1_32G_MAX_CONCURRENT = 2, C2_32G_MAX_CONCURRENT = 1")
+    )
+    out = _simulate(tmp_path, text, days=2)
+    [run] = out["runs"]
+    assert run["bound"]["shared"] == ["box"]
+    assert "the bound may be loose: box cannot run" in run["bottleneck"]["text"]
+    assert run["sectors"]["steady_per_day"] < run["bound"]["per_day"] * 0.97
