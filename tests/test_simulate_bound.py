@@ -181,3 +181,32 @@ def test_a_box_whose_stages_share_its_gpu_is_flagged_as_a_loose_bound(tmp_path: 
     assert run["bound"]["shared"] == ["box"]
     assert "the bound may be loose: box cannot run" in run["bottleneck"]["text"]
     assert run["sectors"]["steady_per_day"] < run["bound"]["per_day"] * 0.97
+
+
+@pytest.mark.parametrize(
+    ("plan", "policy"),
+    [
+        ('mode = "auto"', True),  # AutoPledgeDiff in the worker's policy keeps PC1 fed
+        ('mode = "fill"\nevery_hours = 12', False),
+        ('mode = "deals"\ndeals_per_day = 12', False),
+    ],
+)
+def test_every_pledge_plan_brings_sectors_to_proving(
+    tmp_path: Path, plan: str, policy: bool
+) -> None:
+    extra = ""
+    if policy:
+        (tmp_path / "box.json").write_text(
+            '{"AddPieceMax": 2, "PreCommit1Max": 2, "PreCommit2Max": 1, "Commit2Max": 1, '
+            '"AutoPledgeDiff": 1, "AllowP2C2Parallel": true}'
+        )
+        extra = 'policy = "box.json"'
+    text = HEAD.replace('mode = "rate"\nper_day = {per_day}', plan) + _box(
+        "box", resources="PC1_32G_MAX_CONCURRENT = 2", extra=extra
+    )
+    out = _simulate(tmp_path, text, days=1.5)
+    [run] = out["runs"]
+    assert run["sectors"]["started"] >= 10
+    assert run["sectors"]["proving_total"] >= 5
+    if policy:
+        assert run["sectors"]["pledged"] == 0  # every sector came from auto-pledge
