@@ -24,12 +24,13 @@ import jobfuncs
 import pytest
 from conftest import HANG_GUARD, Spawner, run, settle
 from test_dask_engine import eventually
-from test_dask_views import _repo_with
 from typer.testing import CliRunner
 
 from sectorfsm.cli.app import app
 from sectorfsm.cli.runconfig import RunConfigError, load_run_config
 from sectorfsm.fsm import VirtualClock
+from sectorfsm.fsm.codec import packb
+from sectorfsm.fsm.store import LmdbStore
 from sectorfsm.sched import Scheduler
 from sectorfsm.sched.ledger import Phase, WorkerResources
 from sectorfsm.sched.liveness import start_window
@@ -37,8 +38,10 @@ from sectorfsm.sched.scheduler import Job
 from sectorfsm.sched.selectors import TaskSelector
 from sectorfsm.sched.storage import SectorRef
 from sectorfsm.sched.tasks import TaskType
+from sectorfsm.sched.views import SNAPSHOT_KEY
 from sectorfsm.sched.workers import Worker, WorkerSpec
 from sectorfsm.sealing.backends.dask.membership import Cluster, open_cluster
+from sectorfsm.sealing.store_view import store_path
 
 TESTS = Path(__file__).resolve().parent
 GIB = 1 << 30
@@ -166,6 +169,17 @@ def _env() -> dict[str, str]:
     return env
 
 
+def published(tmp: Path, snapshot: dict[str, Any]) -> Path:
+    """A repo whose store holds `snapshot` as the scheduler's latest (what `sectors run` does)."""
+    repo = tmp / "repo"
+    store = LmdbStore(store_path(repo))
+    try:
+        store.write(lambda txn: txn.put(SNAPSHOT_KEY, packb(snapshot), db=store.db("meta")))
+    finally:
+        store.close()
+    return repo
+
+
 def _cli(repo: Path, *args: str) -> Any:
     shown = CliRunner().invoke(app, [*args, "--json", "--repo", str(repo)])
     assert shown.exit_code == 0, shown.output
@@ -248,7 +262,7 @@ def test_a_frozen_worker_is_disabled_its_unstarted_task_runs_elsewhere_and_it_co
         assert v.disabled_reason.startswith("no heartbeat for "), v.disabled_reason
         assert _phases(v) == {Phase.RUNNING: 1}
         await eventually(lambda: sched.diag(), "the task back in the queue")
-        repo = _repo_with(tmp_path, sched.snapshot())
+        repo = published(tmp_path, sched.snapshot())
         shown = {w["name"]: w for w in _cli(repo, "workers")["workers"]}
         assert not shown[victim]["enabled"]
         assert shown[victim]["disabled_reason"].startswith("no heartbeat for ")
