@@ -150,8 +150,17 @@ def _elapsed(seconds: float) -> str:
     return f"{minutes // 60}h{minutes % 60:02d}m"
 
 
+def _progress(transfer: dict[str, Any] | None) -> str:
+    """` 3.0MiB/8.0MiB 37% 1.2MiB/s` for a job waiting on a file transfer, else ``."""
+    if not transfer:
+        return ""
+    done, total, rate = transfer["done"], transfer["total"], transfer.get("rate", 0)
+    pct = f" {100 * done // total}%" if total else ""
+    return f" {_size(done)}/{_size(total)}{pct} {_size(rate)}/s"
+
+
 def jobs(as_json: JsonOption = False, repo: RepoOption = DEFAULT_REPO) -> None:
-    """Tasks on workers (worker, host, phase, time in it) and tasks waiting in the queue."""
+    """Tasks on workers (worker, host, phase, transfer progress, time) and queued tasks."""
     snap, age = _snapshot(repo)
     if as_json:
         typer.echo(json.dumps({"age_s": round(age, 3), "jobs": snap["jobs"]}, indent=2))
@@ -169,7 +178,7 @@ def jobs(as_json: JsonOption = False, repo: RepoOption = DEFAULT_REPO) -> None:
             j["task"],
             Text(j["worker"] or "-"),
             Text(host),
-            j["phase"],
+            j["phase"] + _progress(j.get("transfer")),
             _elapsed(j["age_s"]),
         )
     console = out_console()

@@ -70,6 +70,8 @@ class JobSnapshot(_Snapshot):
     age_s: float
     #: The host of the remote worker the job runs on; None: in-process worker, or queued.
     host: str | None = None
+    #: A file transfer the job waits on: `{"done", "total", "rate"}` (bytes, bytes/s).
+    transfer: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +113,15 @@ def worker_snapshot(w: Worker, index: StorageIndex, now: float) -> WorkerSnapsho
 _CAPPED = (TaskType.ADD_PIECE, TaskType.PRE_COMMIT1, TaskType.PRE_COMMIT2, TaskType.COMMIT2)
 
 
+@runtime_checkable
+class TransferSource(Protocol):
+    """A worker backend that knows the progress of the file transfers its jobs wait on."""
+
+    def transfer(self, job_id: int) -> dict[str, Any] | None:
+        """`{"done", "total", "rate"}` of job `job_id`'s running transfer, or None."""
+        ...
+
+
 def job_snapshot(
     sched_id: int,
     sector: SectorRef,
@@ -119,9 +130,12 @@ def job_snapshot(
     phase: str,
     age_s: float,
     host: str | None = None,
+    transfer: dict[str, Any] | None = None,
 ) -> JobSnapshot:
     """Snapshot one job."""
-    return JobSnapshot(sched_id, str(sector), task_type.short, worker, phase, round(age_s, 3), host)
+    return JobSnapshot(
+        sched_id, str(sector), task_type.short, worker, phase, round(age_s, 3), host, transfer
+    )
 
 
 def _host(w: Worker) -> str | None:
@@ -129,6 +143,10 @@ def _host(w: Worker) -> str | None:
         return None
     host = w.backend.describe().get("host")
     return str(host) if host else None
+
+
+def _transfer(w: Worker, sched_id: int) -> dict[str, Any] | None:
+    return w.backend.transfer(sched_id) if isinstance(w.backend, TransferSource) else None
 
 
 class _Held(Protocol):
@@ -157,6 +175,7 @@ def job_snapshots(
             j.phase.value,
             now - j.started_at,
             _host(j.worker),
+            _transfer(j.worker, j.sched_id),
         )
         for j in held
     ]

@@ -21,6 +21,7 @@ from distributed.scheduler import KilledWorker
 
 from . import jobs
 from .identity import PolicyReport, WorkerHeartbeat, WorkerIdentity
+from .progress import TransferBoard
 
 log = logging.getLogger("sectorfsm.cluster")
 
@@ -139,6 +140,11 @@ class DaskWorkerBackend:
             await jobs.kill(self.client, self.address, key)
         except Exception as exc:  # the worker may be gone: then so is the child (PDEATHSIG)
             log.warning("worker %s: could not kill job %s: %s", self.name, key, exc)
+
+    def transfer(self, job_id: int) -> dict[str, Any] | None:
+        """The running file transfer of the scheduler's job `job_id` here (done, total, rate)."""
+        board = TransferBoard.of(self.client, create=False)
+        return None if board is None else board.get(self.job_key(job_id))
 
     def describe(self) -> dict[str, Any]:
         """Host, address, heartbeat, free space and policy, for `sectors workers`."""
