@@ -29,6 +29,7 @@ import asyncio
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -220,20 +221,51 @@ class DaskSealer:
     async def add_piece(
         self, job: Job, existing: list[int], size: int, piece: PendingPiece | None
     ) -> Piece:
-        """AddPiece into the unsealed file on the worker."""
+        """AddPiece into the unsealed file on the worker (deal data sent there first)."""
         data = piece.data_path if piece is not None else None
         if piece is not None and data is None:
             raise DaskSealerError(f"piece {piece.piece_cid} has no data file to write")
-        cid = await self._call(
-            job,
-            adapter.add_piece,
-            self._loc(job, FileType.UNSEALED),
-            job.sector.size,
-            sum(existing),
-            size,
-            data,
-        )
+        unsealed = self._loc(job, FileType.UNSEALED)
+        staged = None
+        if piece is not None and data is not None:
+            staged = await self._stage_piece(job, unsealed[0], piece, data)
+        try:
+            cid = await self._call(
+                job, adapter.add_piece, unsealed, job.sector.size, sum(existing), size, staged
+            )
+        finally:
+            if staged is not None:
+                await self._unstage_piece(job, staged)
         return Piece(str(cid), size, piece.deal if piece is not None else None)
+
+    async def _stage_piece(self, job: Job, pid: str, piece: PendingPiece, data: str) -> str:
+        """Send the piece's data file to the job's worker (path `pid`); the worker's copy."""
+        from . import pieces
+        from .fileserver import TransferError
+        from .progress import Reporter, TransferBoard
+
+        remote = self._remote(job.worker)
+        name = f"{job.sector}-{piece.piece_cid}"
+        staged = _worker_path(remote, [pid, pieces.STAGING, name])
+        board = TransferBoard.of(remote.client)
+        report = Reporter(remote.job_key(job.sched_id), board.update) if board else None
+        self.clock.hold()  # real work elsewhere: a virtual clock must not jump meanwhile
+        try:
+            await pieces.send(remote.client, remote.address, data, staged, progress=report)
+        except TransferError as exc:
+            raise DaskSealerError(f"sector {job.sector}: piece {piece.piece_cid}: {exc}") from None
+        finally:
+            self.clock.release()
+        return staged
+
+    async def _unstage_piece(self, job: Job, staged: str) -> None:
+        from . import pieces
+
+        remote = self._remote(job.worker)
+        try:
+            await remote.client.run(pieces.discard, staged, workers=[remote.address])
+        except Exception as exc:  # only space is lost: the next AddPiece of it replaces it
+            log.warning("worker %s: could not delete staged piece %s: %s", remote.name, staged, exc)
 
     async def pre_commit1(self, job: Job, ticket: bytes, pieces: list[Piece]) -> bytes:
         """PreCommit1 on the worker (its unsealed file fetched there first if need be)."""
@@ -274,14 +306,21 @@ class DaskSealer:
         from .backend import function_path
 
         remote = self._remote(job.worker)
-        func = function_path(adapter.add_piece)
+        # Written from nothing, every filler stays a hole: zeros written over an older copy
+        # on this worker would allocate the whole sector.
+        steps: list[tuple[str, Callable[..., Any], list[Any]]] = [
+            ("rm", adapter.remove, [[unsealed]])
+        ]
         offset = 0
         for i, piece in enumerate(pieces):
-            key = f"AP-s{job.sector.number}-rebuild{i}-{secrets.token_hex(3)}"
-            args: list[Any] = [unsealed, job.sector.size, offset, piece.size, None]
-            await remote.call(job.sched_id, key, func, args)
-            await remote.ack(key)
+            steps.append(
+                (str(i), adapter.add_piece, [unsealed, job.sector.size, offset, piece.size, None])
+            )
             offset += piece.size
+        for step, fn, args in steps:
+            key = f"AP-s{job.sector.number}-rebuild{step}-{secrets.token_hex(3)}"
+            await remote.call(job.sched_id, key, function_path(fn), args)
+            await remote.ack(key)
         log.warning(
             "sector %s: unsealed file lost with worker %s; filler pieces rewritten on %s",
             job.sector,
@@ -316,7 +355,7 @@ class DaskSealer:
         """Move `files` of the job's sector to the job's path (the long-term storage one)."""
         if job.placement.path is None:
             raise DaskSealerError(f"sector {job.sector}: no storage path was chosen to move to")
-        await self.move(job.sector, files, job.worker.name, job.placement.path)
+        await self.move(job.sector, files, job.worker.name, job.placement.path, job.sched_id)
 
     def fetcher(self, files: FileType) -> Callable[[Job, str | None, int], Awaitable[None]]:
         """The transfer of `sched.fetch_prepare` for `files`: a real move, worker to worker."""
@@ -332,12 +371,18 @@ class DaskSealer:
                 pid = next(p for p in held if index.paths[p].worker == source)
                 self._lost_unsealed[job.sector.number] = (source, pid)
                 return
-            await self.move(job.sector, files, job.worker.name, job.placement.path)
+            await self.move(job.sector, files, job.worker.name, job.placement.path, job.sched_id)
 
         return transfer
 
-    async def move(self, sector: SectorRef, files: FileType, worker: str, path_id: str) -> None:
-        """Bring `files` of `sector` to path `path_id` of `worker`, deleting the source copy."""
+    async def move(
+        self, sector: SectorRef, files: FileType, worker: str, path_id: str, job: int | None = None
+    ) -> None:
+        """Bring `files` of `sector` to path `path_id` of `worker`, deleting the source copy.
+
+        A fetch reports its progress under the scheduler's job `job` (for `sectors jobs`).
+        """
+        from .progress import TransferBoard
         from .transfer import fetch_here
 
         index = self.sched.index
@@ -355,10 +400,11 @@ class DaskSealer:
                 await self._small(dest, f"MV-{tag}", adapter.move_local, src, dst)
                 continue
             source = self._remote_named(index.paths[pid].worker)
+            TransferBoard.of(dest.client)  # subscribed before the first report can be sent
             got = await self._small(
                 dest,
                 f"GET-{tag}",
-                fetch_here,
+                partial(fetch_here, job=dest.job_key(job) if job is not None else ""),
                 source.address,
                 _worker_path(source, src),
                 _worker_path(dest, dst),
