@@ -181,7 +181,10 @@ class ScheduledSealer:
     # -- storage bookkeeping -------------------------------------------------------------
 
     def load(self, ref_of: Callable[[int], SectorRef]) -> None:
-        """Re-declare every recorded sector file (after a restart) in the storage index."""
+        """Re-declare every recorded sector file (after a restart) in the storage index.
+
+        Records on paths not declared yet are kept until their worker joins.
+        """
         with self.store.read() as txn:
             rows = list(txn.cursor(db=self._db))
         index = self.sched.index
@@ -329,7 +332,8 @@ class ScheduledSealer:
             pid: [int(files_union(held)), sum(held.values())]
             for pid, held in self.sched.index.sector_bytes(ref).items()
         }
-        record.update(self._pending.get(ref.number, {}))  # what is still to be applied
+        for pid, kept in self._pending.get(ref.number, {}).items():
+            record.setdefault(pid, kept)  # still to be applied (the index's own count wins)
         key = str(ref.number).encode()
         if record:
             self._files[ref.number] = record

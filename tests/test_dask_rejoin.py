@@ -90,6 +90,10 @@ class _Backend:
     async def release_unsealed(self, sector: SectorRef) -> None:
         """Nothing to delete here."""
 
+    async def commit1(self, job: Job, *args: Any) -> bytes:
+        """Commit1's output names the worker it ran on."""
+        return job.worker.name.encode()
+
 
 def _spec(name: str, path_id: str) -> WorkerSpec:
     return WorkerSpec(
@@ -138,6 +142,14 @@ def test_records_on_a_remote_path_wait_for_its_worker_then_are_reconciled(
             await sealer.release_unsealed(_ref(1))
             await store.committer.flush()
             assert _records(store)[1] == {"a-seal": [int(sealing), total]}
+            # The sector's next task waits for the files' worker, saying why.
+            c1 = asyncio.ensure_future(
+                sealer.seal_commit1(_ref(1), b"t", b"s", [], None, False)  # type: ignore[arg-type]
+            )
+            diag = await eventually(lambda: sched.diag(), "sector one's C1 queued")
+            assert diag[0].reasons == {
+                "here": "sector s-t01000-1 has no sealed+cache file anywhere"
+            }, diag
 
             sched.add_worker(_spec("wa", "a-seal"))
             held = [("a-seal", kind, f"s-t01000-{n}", 100) for n in (1, 2) for kind in _KINDS]
@@ -147,6 +159,7 @@ def test_records_on_a_remote_path_wait_for_its_worker_then_are_reconciled(
             sealer.worker_joined("wa", ["a-seal"], held)
 
             assert index.find_sector(_ref(1), sealing) == {"a-seal": sealing}
+            assert await c1 == b"wa"  # placed where the files came back
             assert index.sector_bytes(_ref(1))["a-seal"] == {
                 f: space_needed(f, SIZE) for f in sealing.each()
             }
