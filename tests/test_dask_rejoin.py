@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -336,3 +337,85 @@ def test_a_worker_restarted_after_kill_9_keeps_its_files_and_misses_the_deleted_
     why = "sector s-t01000-2: its cache file on path a-seal of worker wa is gone"
     assert seen["why"] == f"finalize sector: {why} (not there when wa joined)", seen["why"]
     assert why in seen["status"]
+
+
+def test_after_an_engine_restart_a_sectors_files_wait_for_their_worker(
+    spawn: Spawner, tmp_path: Path
+) -> None:
+    gate, hooks = tmp_path / "gate", tmp_path / "hooks"
+    gate.mkdir()
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(HOLD_C2)
+    boxes: dict[str, Path] = {}
+    for name, toml in (("wa", WORKER_A), ("wb", WORKER_B)):
+        boxes[name] = tmp_path / name
+        boxes[name].mkdir()
+        (boxes[name] / "worker.toml").write_text(toml)
+    repo = tmp_path / "repo"
+    ran: list[tuple[str, str, int]] = []
+    seen: dict[str, Any] = {}
+
+    @contextlib.asynccontextmanager
+    async def engine() -> Any:
+        async with Miner.open(
+            repo,
+            sealer="dask",
+            sector_size="2KiB",
+            chain=ChainParams.devnet(0.1),
+            sealer_options={"cluster": True},
+            config={"retry": {"base": 0.5, "cap": 2.0}},
+        ) as m:
+            for w in m.sched.workers():  # the in-process worker cannot run dask jobs
+                m.sched.remove_worker(w.name)
+            m.sched.add_job_listener(
+                lambda job, s: ran.append((job.task_type.short, job.worker.name, job.sector.number))
+            )
+            said: list[str] = []
+            async with open_cluster(
+                m.sched,
+                listen="tcp://127.0.0.1:0",
+                say=said.append,
+                beat=0.1,
+                on_join=m.sealer.worker_joined,
+            ) as cluster:
+
+                def start(name: str) -> Any:
+                    return spawn.python(
+                        *("-m", "sectorfsm", "worker", "--scheduler", cluster.address),
+                        *("--config", "worker.toml"),
+                        name=name,
+                        env=_env(hooks, gate),
+                        cwd=boxes[name],
+                    )
+
+                yield m, start, said
+
+    async def main() -> None:
+        async with engine() as (m, start, said):
+            workers = [start("wa"), start("wb")]
+            await eventually(lambda: len(m.sched.workers()) == 2, "both workers joined")
+            n = await m.pledge()
+            await eventually(lambda: (gate / f"c2-{n}").exists(), "C2 held on wb")
+            for child in workers:  # the whole cluster goes down with the engine
+                child.kill_group()
+            await eventually(lambda: not m.sched.workers(), "both workers left")
+        seen["sector"] = n
+        (gate / "release").write_text("go")
+        del ran[:]
+        async with engine() as (m, start, said):
+            index = m.sched.index
+            assert "a-seal" not in index.paths and index.find_sector(_ref(n), CACHE) == {}
+            start("wa")
+            await eventually(lambda: "wa" in index.holders(_ref(n), CACHE | SEALED), "files back")
+            assert index.find_sector(_ref(n), CACHE | SEALED | UNSEALED) == {
+                "a-seal": CACHE | SEALED | UNSEALED
+            }
+            start("wb")
+            await m.wait(n, "Proving", timeout=HANG_GUARD)
+            seen["said"] = list(said)
+
+    asyncio.run(main())
+    n = seen["sector"]
+    assert ("FIN", "wa", n) in ran  # finalized where its files are, after the restart
+    assert [w for task, w, s in ran if s == n and task == "GET"] == ["wb"]  # only to the store
+    assert (boxes["wb"] / "store" / "sealed" / f"s-t01000-{n}").is_file()
