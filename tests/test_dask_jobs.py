@@ -27,6 +27,7 @@ from distributed import Client, Scheduler
 from distributed.core import Status
 
 from sectorfsm.sealing.backends.dask import jobs
+from sectorfsm.sealing.backends.dask.acks import AckBatch
 from sectorfsm.sealing.backends.dask.jobrecord import (
     JobCancelled,
     JobDetached,
@@ -411,3 +412,49 @@ def test_worker_restart_reports_the_running_job_failed(spawn: Spawner, tmp_path:
         assert len(lines(count)) == 1
 
     in_cluster(spawn, tmp_path, body)
+
+
+def test_acks_ride_with_the_next_job_or_go_together_after_a_delay(
+    spawn: Spawner, tmp_path: Path
+) -> None:
+    count = tmp_path / "count"
+
+    async def body(c: Cluster) -> None:
+        c.worker("w1")
+        addr = await c.address("w1")
+        runs: list[str] = []
+        real = c.client.run
+
+        async def counted(fn: Any, *args: Any, **kwargs: Any) -> Any:
+            runs.append(fn.__name__)
+            return await real(fn, *args, **kwargs)
+
+        c.client.run = counted  # type: ignore[method-assign]
+        batch = AckBatch(c.client, addr, delay=HANG_GUARD)  # only a job can carry them
+        for n in (1, 2):
+            fut = jobs.submit(c.client, addr, f"AP-s{n}-a1", "jobfuncs:add", [str(count), n, n])
+            assert await fut == 2 * n
+            fut.release()
+            batch.add(f"AP-s{n}-a1")
+        with pytest.raises(JobSpecError):
+            batch.add("a/b")
+        carried = batch.take()
+        fut = jobs.submit(c.client, addr, "AP-s3-a1", "jobfuncs:add", [str(count), 3, 3], carried)
+        assert await fut == 6
+        fut.release()
+        assert runs == []  # no round trip of their own
+        assert [r.job_id for r in await jobs.jobs(c.client, addr)] == ["AP-s3-a1"]
+        assert batch.take() == []
+
+        soon = AckBatch(c.client, addr, delay=0.05)
+        soon.add("AP-s3-a1")
+        soon.add("AP-s9-a1")  # never known there: acking it again is harmless
+        await eventually(lambda: "ack_jobs" in runs, "the batch sent alone")
+        await eventually(lambda: _records_gone(c, addr), "the record forgotten")
+        assert runs.count("ack_jobs") == 1 and "ack_job" not in runs  # one trip for the batch
+
+    in_cluster(spawn, tmp_path, body)
+
+
+async def _records_gone(c: Cluster, addr: str) -> bool:
+    return not await jobs.jobs(c.client, addr)

@@ -17,7 +17,7 @@ import pytest
 from conftest import HANG_GUARD, Spawner, until
 
 from sectorfsm.sealing.backends.dask import jobs, spawner
-from sectorfsm.sealing.backends.dask.jobrecord import JobFailed
+from sectorfsm.sealing.backends.dask.jobrecord import JobFailed, JobState
 from sectorfsm.sealing.backends.dask.jobs import JobTable
 
 TESTS = Path(__file__).resolve().parent
@@ -142,3 +142,52 @@ def test_without_a_spawner_the_job_runs_in_a_fresh_interpreter(
             table.run("AP-s2-a1", "builtins:int", ["bad"])
     finally:
         table.close()
+
+
+def test_a_spawned_job_gets_its_spec_by_pipe_and_no_thread_of_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parent))
+    table = JobTable(tmp_path / "jobs")
+    count, go = tmp_path / "count", tmp_path / "go"
+    gated = [str(count), str(go), 3]
+    try:
+        assert table.run("AP-s1-a1", "jobfuncs:add", [str(count), 1, 2]) == 3
+        assert not (tmp_path / "jobs" / "AP-s1-a1" / "spec").exists()  # the child read no file
+        before = threading.active_count()
+        running = [
+            threading.Thread(target=table.run, args=(f"PC1-s{n}-a1", "jobfuncs:gate", gated))
+            for n in range(4)
+        ]
+        for t in running:
+            t.start()
+        until(lambda: len(count.read_text().split()) == 5 or None, "four gated jobs running")
+        # One thread per waiting caller, none per child: the spawner's reader reports the ends.
+        assert threading.active_count() == before + len(running)
+        assert not [t for t in threading.enumerate() if t.name.startswith("job-PC1")]
+        go.touch()
+        for t in running:
+            t.join(HANG_GUARD)
+        assert {r.state for r in table.records()} == {JobState.DONE}
+    finally:
+        table.close()
+
+
+def test_a_running_record_with_a_complete_result_is_done_after_a_restart(tmp_path: Path) -> None:
+    # Why a done record is written without fsync: the child's result file (synced) decides.
+    table = JobTable(tmp_path / "jobs")
+    try:
+        assert table.run("AP-s1-a1", "builtins:abs", [-4]) == 4
+        jobdir = tmp_path / "jobs" / "AP-s1-a1"
+        (record,) = table.records()
+        record.state = JobState.RUNNING
+        (jobdir / "record").write_bytes(record.encode())  # as if the done record was lost
+    finally:
+        table.close()
+    again = JobTable(tmp_path / "jobs")
+    try:
+        again.recover()
+        assert [r.state for r in again.records()] == [JobState.DONE]
+        assert again.run("AP-s1-a1", "builtins:abs", [-4]) == 4  # answered, not re-run
+    finally:
+        again.close()

@@ -1,9 +1,10 @@
 """The child process of one job on a Dask worker: `python -m ...dask.child JOBDIR`.
 
 It reads `JOBDIR/spec` (msgpack: an importable function path `module:name` and its
-arguments), calls the function and writes its msgpack-encoded result to `JOBDIR/result`
-(atomically: a result file is complete or absent). A failure prints its traceback to stderr
-(the worker keeps the tail) and exits 1. Nothing else: the registry in `jobs.py` owns the
+arguments; a child forked by the spawner gets those bytes from it instead), calls the
+function and writes its msgpack-encoded result to `JOBDIR/result` (atomically: a result
+file is complete or absent). A failure prints its traceback to stderr (the worker keeps the
+tail) and exits 1. Nothing else: the registry in `jobs.py` owns the
 job record.
 """
 
@@ -34,21 +35,27 @@ def resolve(path: str) -> Callable[..., Any]:
     return obj  # type: ignore[no-any-return]
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a reader sees all of it or no file."""
+def write_atomic(path: Path, data: bytes, sync: bool = True) -> None:
+    """Write `data` to `path` so that a reader sees all of it or no file.
+
+    `sync=False` skips the fsync: the file then survives a crash of our processes but
+    not of the machine (for what a later durable write makes redundant).
+    """
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as out:
         out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
+        if sync:
+            out.flush()
+            os.fsync(out.fileno())
     os.replace(tmp, path)
 
 
-def main(argv: list[str]) -> int:
-    """Run the job in `argv[1]`; 0 when its result is written, 1 when it failed."""
+def main(argv: list[str], spec: bytes | None = None) -> int:
+    """Run the job in `argv[1]` (spec given, or read there); 0 once its result is written."""
     jobdir = Path(argv[1])
     try:
-        func, args = msgpack.unpackb((jobdir / SPEC).read_bytes(), raw=False)
+        raw = (jobdir / SPEC).read_bytes() if spec is None else spec
+        func, args = msgpack.unpackb(raw, raw=False)
         result = resolve(func)(*args)
         write_atomic(jobdir / RESULT, msgpack.packb(result, use_bin_type=True))
     except BaseException:  # whatever it was, the worker shows its last line

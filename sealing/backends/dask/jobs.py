@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import hashlib
 import os
+import queue
 import re
 import shutil
 import signal
@@ -40,7 +41,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,10 @@ class JobTable:
         self._lock = threading.Lock()
         self._active: dict[str, _Active] = {}
         self._spawner = Spawner()
+        #: Ends of spawned children, recorded by one thread (the spawner's reader must not
+        #: wait for `_lock`: a job being started holds it while it waits for that reader).
+        self._ends: queue.SimpleQueue[tuple[str, _Active, int]] = queue.SimpleQueue()
+        self._finishing: threading.Thread | None = None
 
     def warm(self) -> None:
         """Start the job spawner now, before any job (a no-op while it runs)."""
@@ -114,8 +119,8 @@ class JobTable:
             error = f"failed: its record on the worker is unreadable ({exc})"
             return JobRecord(job_id, "", JobState.FAILED, error=error)
 
-    def _write(self, record: JobRecord) -> None:
-        write_atomic(self._dir(record.job_id) / RECORD, record.encode())
+    def _write(self, record: JobRecord, sync: bool = True) -> None:
+        write_atomic(self._dir(record.job_id) / RECORD, record.encode(), sync)
 
     def records(self) -> list[JobRecord]:
         """Every job this worker has a record of, oldest first."""
@@ -191,8 +196,27 @@ class JobTable:
         jobdir.mkdir(parents=True, exist_ok=True)  # left without a record by a crash: reuse
         (jobdir / RESULT).unlink(missing_ok=True)
         record = JobRecord(job_id, func, JobState.RUNNING, started=time.time(), digest=digest)
-        write_atomic(jobdir / SPEC, spec)
+        # Durable before the child exists: a restarted worker then never runs it again.
         self._write(record)
+        try:
+            spawned = self._spawner.start(jobdir, spec)
+        except OSError:
+            active = self._popen(job_id, spec, record)
+        else:
+            active = _Active(spawned)
+            # The spawner's reader reports the end; a job needs no thread of its own.
+            spawned.when_done(lambda rc: self._ends.put((job_id, active, rc)))
+            self._finisher()
+        record.pid = active.proc.pid
+        # Not synced: after a machine crash the child is gone anyway (its pid is only for
+        # killing a child that outlived its worker process).
+        self._write(record, sync=False)
+        self._active[job_id] = active
+        return active
+
+    def _popen(self, job_id: str, spec: bytes, record: JobRecord) -> _Active:
+        """No spawner: a fresh interpreter, started and reaped by a thread of its own."""
+        write_atomic(self._dir(job_id) / SPEC, spec, sync=False)  # only the child reads it
         started = threading.Event()
         box: list[_Active | OSError] = []
         watcher = threading.Thread(
@@ -208,29 +232,37 @@ class JobTable:
             record.finished = time.time()
             self._write(record)
             raise JobFailed(job_id, record.error) from None
-        active = box[0]
-        record.pid = active.proc.pid
-        self._write(record)
-        self._active[job_id] = active
-        return active
+        return box[0]
 
     def _watch(self, job_id: str, started: threading.Event, box: list[_Active | OSError]) -> None:
-        """Start the child, then reap it: this thread lives exactly as long as the child."""
-        jobdir = self._dir(job_id)
-        proc: subprocess.Popen[bytes] | SpawnedChild
+        """Start the child, then reap it: this thread lives exactly as long as the child.
+
+        (`PR_SET_PDEATHSIG` fires when the thread that forked the child ends.)
+        """
         try:
-            proc = self._spawner.start(jobdir)
-        except OSError:
-            try:
-                proc = popen_child(jobdir)  # no spawner: a fresh interpreter
-            except OSError as exc:
-                box.append(exc)
-                started.set()
-                return
+            proc = popen_child(self._dir(job_id))
+        except OSError as exc:
+            box.append(exc)
+            started.set()
+            return
         active = _Active(proc)
         box.append(active)
         started.set()
         self._finish(job_id, active, proc.wait())
+
+    def _finisher(self) -> None:
+        """Start the thread that records the ends of spawned children (once per table)."""
+        if self._finishing is None or not self._finishing.is_alive():
+            self._finishing = threading.Thread(
+                target=self._record_ends, name="job-ends", daemon=True
+            )
+            self._finishing.start()
+
+    def _record_ends(self) -> None:
+        """The finisher's loop: lives with its table's process (a daemon thread)."""
+        while True:
+            job_id, active, rc = self._ends.get()
+            self._finish(job_id, active, rc)
 
     def _finish(self, job_id: str, active: _Active, rc: int) -> None:
         with self._lock:
@@ -243,7 +275,9 @@ class JobTable:
             else:
                 record.state = JobState.FAILED
                 record.error = f"failed ({_exit(rc)}): {_last_line(self._dir(job_id) / OUTPUT)}"
-            self._write(record)
+            # A done job's truth is its result file, synced by the child (`recover` reads a
+            # `running` record with a result as done): only the other ends need the fsync.
+            self._write(record, sync=record.state is not JobState.DONE)
             self._active.pop(job_id, None)
             active.done.set()
             for wake in active.waiters:
@@ -302,6 +336,17 @@ class JobTable:
                 return False
             shutil.rmtree(self._dir(job_id))
             return True
+
+    def forget(self, job_ids: Iterable[str]) -> int:
+        """`ack` each finished job of `job_ids`; a running or badly named one is skipped.
+
+        How many had a record.
+        """
+        known = 0
+        for job_id in job_ids:
+            with contextlib.suppress(JobSpecError):
+                known += self.ack(job_id)
+        return known
 
     def close(self, wait: float = 0.0) -> None:
         """The worker is closing: SIGKILL every child; their jobs are recorded failed.
@@ -442,9 +487,11 @@ def table_of(worker: Worker) -> JobTable:
     return plugin.table
 
 
-def run_job(job_id: str, func: str, args: list[Any]) -> Any:
-    """The Dask task: run (or attach to) job `job_id` on this worker; its result."""
-    return table_of(get_worker()).run(job_id, func, args)
+def run_job(job_id: str, func: str, args: list[Any], acks: Sequence[str] = ()) -> Any:
+    """The Dask task: forget the acknowledged `acks`, run (or attach to) job `job_id`."""
+    table = table_of(get_worker())
+    table.forget(acks)
+    return table.run(job_id, func, args)
 
 
 async def kill_job(job_id: str, grace: float, dask_worker: Worker) -> str:
@@ -455,6 +502,11 @@ async def kill_job(job_id: str, grace: float, dask_worker: Worker) -> str:
 def ack_job(job_id: str, dask_worker: Worker) -> bool:
     """For `client.run`: forget job `job_id` on this worker."""
     return table_of(dask_worker).ack(job_id)
+
+
+def ack_jobs(job_ids: list[str], dask_worker: Worker) -> int:
+    """For `client.run`: forget the finished jobs `job_ids` here; how many were known."""
+    return table_of(dask_worker).forget(job_ids)
 
 
 def list_jobs(dask_worker: Worker) -> list[dict[str, Any]]:
@@ -470,20 +522,32 @@ async def install(client: Client, state_dir: str | None = None) -> None:
     await client.register_plugin(JobRegistry(state_dir))
 
 
-def submit(client: Client, address: str, job_id: str, func: str, args: list[Any]) -> Future[Any]:
+def submit(
+    client: Client,
+    address: str,
+    job_id: str,
+    func: str,
+    args: list[Any],
+    acks: Sequence[str] = (),
+) -> Future[Any]:
     """Submit job `job_id` (`func(*args)` in a child) pinned to the worker at `address`.
 
-    The Dask key is the job id. Checks the job before anything reaches the cluster. Release
-    a finished future before resubmitting its id: Dask hands a key that is still held back
-    as the same task, error included, without running anything.
+    The Dask key is the job id. `acks` (ids of finished jobs whose results the engine has
+    recorded) ride along and are forgotten before the job starts: no round trip of their
+    own. Checks the job before anything reaches the cluster. Release a finished future
+    before resubmitting its id: Dask hands a key that is still held back as the same task,
+    error included, without running anything.
     """
     check_job_id(job_id)
     encode_spec(func, args)
+    for ack_id in acks:
+        check_job_id(ack_id)
     return client.submit(
         run_job,
         job_id,
         func,
         list(args),
+        list(acks),
         key=job_id,
         workers=[address],
         allow_other_workers=False,
@@ -503,6 +567,14 @@ async def ack(client: Client, address: str, job_id: str) -> bool:
     check_job_id(job_id)
     answer = await client.run(ack_job, job_id, workers=[address])
     return bool(answer[address])
+
+
+async def ack_all(client: Client, address: str, job_ids: list[str]) -> int:
+    """Forget the finished jobs `job_ids` on the worker at `address` in one round trip."""
+    for job_id in job_ids:
+        check_job_id(job_id)
+    answer = await client.run(ack_jobs, list(job_ids), workers=[address])
+    return int(answer[address])
 
 
 async def jobs(client: Client, address: str) -> list[JobRecord]:

@@ -6,8 +6,9 @@ process that has them loaded costs about a millisecond. `Spawner` (in the worker
 `PR_SET_PDEATHSIG`, so the spawner dies with the worker. `warm()` starts it before any job
 (the table does so as soon as its worker has it), so that even the first job is a fork; a
 spawner that died is started again by the next job. For each job the worker writes
-`start SEQ JOBDIR`; the spawner forks a child that
-calls `setsid()` (its own process group: a kill reaches whatever the job starts), arms
+`start SEQ SPEC JOBDIR` (`SPEC`: the job's spec in hex, so the child reads no file); the
+spawner forks a child that calls `setsid()` (its own process group: a kill reaches
+whatever the job starts), arms
 `PR_SET_PDEATHSIG` on the spawner (so it dies with the spawner, hence with the worker),
 points stdout and stderr at `JOBDIR/output` and runs `child.main`. The spawner answers
 `started SEQ PID` (or `error SEQ REASON`) and, once it reaped the child, `exit PID RC`
@@ -48,6 +49,8 @@ class SpawnedChild:
         self.pid = pid
         self.returncode: int | None = None
         self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._callback: Callable[[int], None] | None = None
 
     def wait(self) -> int:
         """Block until the child ended; its exit code (negative: killed by that signal)."""
@@ -55,11 +58,27 @@ class SpawnedChild:
         assert self.returncode is not None
         return self.returncode
 
+    def when_done(self, callback: Callable[[int], None]) -> None:
+        """Call `callback(rc)` once the child ended (at once if it has): no thread waits for it.
+
+        It runs on the spawner's reader thread, which must not block: hand work off.
+        """
+        with self._lock:
+            if self.returncode is None:
+                self._callback = callback
+                return
+        callback(self.returncode)
+
     def ended(self, rc: int) -> None:
         """Record the child's end (called by the spawner's reader)."""
-        if self.returncode is None:
+        with self._lock:
+            if self.returncode is not None:
+                return
             self.returncode = rc
-            self._done.set()
+            callback, self._callback = self._callback, None
+        self._done.set()
+        if callback is not None:
+            callback(rc)
 
 
 class Spawner:
@@ -73,8 +92,8 @@ class Spawner:
         self._children: dict[int, SpawnedChild] = {}
         self._closed = False
 
-    def start(self, jobdir: Path) -> SpawnedChild:
-        """Fork the child of the job in `jobdir`; `OSError` if it cannot be started."""
+    def start(self, jobdir: Path, spec: bytes) -> SpawnedChild:
+        """Fork the child of the job in `jobdir` with its `spec`; `OSError` if it cannot start."""
         answered = threading.Event()
         box: list[SpawnedChild | str] = []
         with self._lock:
@@ -84,7 +103,7 @@ class Spawner:
             self._pending[seq] = (answered, box)
             assert proc.stdin is not None
             try:
-                proc.stdin.write(f"start {seq} {jobdir}\n".encode())
+                proc.stdin.write(f"start {seq} {spec.hex()} {jobdir}\n".encode())
                 proc.stdin.flush()
             except OSError as exc:
                 self._pending.pop(seq, None)
@@ -214,7 +233,7 @@ def _exit(rc: int | None) -> str:
 # ---------------------------------------------------------------------- in the spawner
 
 
-def _fork(jobdir: str, wakeup: tuple[int, int], arm: Callable[[], None] | None) -> int:
+def _fork(jobdir: str, spec: bytes, wakeup: tuple[int, int], arm: Callable[[], None] | None) -> int:
     """Fork the job's child; its pid in the spawner (the child never returns)."""
     out = os.open(os.path.join(jobdir, OUTPUT), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -239,7 +258,7 @@ def _fork(jobdir: str, wakeup: tuple[int, int], arm: Callable[[], None] | None) 
         os.dup2(out, 2)
         for fd in (null, out, *wakeup):
             os.close(fd)
-        rc = child.main(["child", jobdir])
+        rc = child.main(["child", jobdir], spec)
         sys.stdout.flush()
         sys.stderr.flush()
     except BaseException:
@@ -290,9 +309,9 @@ def main() -> int:
             pending += data
             *lines, pending = pending.split(b"\n")
             for line in lines:
-                _, seq, jobdir = line.decode().split(" ", 2)
+                _, seq, spec, jobdir = line.decode().split(" ", 3)
                 try:
-                    pid = _fork(jobdir, wakeup, arm)
+                    pid = _fork(jobdir, bytes.fromhex(spec), wakeup, arm)
                 except OSError as exc:
                     os.write(1, f"error {seq} cannot fork the job's child: {exc}\n".encode())
                 else:
