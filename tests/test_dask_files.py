@@ -21,7 +21,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from conftest import HANG_GUARD
+from conftest import HANG_GUARD, Spawner
 from distributed import Client
 from test_dask_transfer import DEADLINE, MiB, blob, cluster
 from typer.testing import CliRunner
@@ -37,13 +37,24 @@ from sectorfsm.sealing import commp
 from sectorfsm.sealing.backends.dask import adapter
 from sectorfsm.sealing.backends.dask.backend import DaskWorkerBackend
 from sectorfsm.sealing.backends.dask.identity import WorkerIdentity, WorkerPathInfo
+from sectorfsm.sealing.backends.dask.membership import open_cluster
 from sectorfsm.sealing.backends.dask.progress import TransferBoard
 from sectorfsm.sealing.backends.dask.sealer import DaskSealer, DaskSealerError
 from sectorfsm.sealing.backends.dask.transfer import fetch_here
+from sectorfsm.sealing.chain import ChainParams
 from sectorfsm.sealing.info import DealInfo, PendingPiece, Piece
+from sectorfsm.sealing.miner import Miner
 from sectorfsm.sealing.store_view import store_path
 
 GIB = 1 << 30
+TESTS = Path(__file__).resolve().parent
+
+
+def _env() -> dict[str, str]:
+    """This environment, with the tests directory importable by `sectors worker` children."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
+    return env
 
 
 async def eventually(check: Any, what: str) -> Any:
@@ -319,3 +330,68 @@ def test_a_deal_piece_reaches_addpiece_on_a_remote_worker_without_a_shared_path(
                 assert len(remote.calls) == 1
 
     asyncio.run(body())
+
+
+DEAL_WORKER = """
+name = "wa"
+cpus = 4
+memory = "8GiB"
+tasks = ["AP", "PC1", "PC2", "C1", "C2", "FIN"]
+threads = 8
+state_dir = "jobs"
+host = "127.0.0.1"
+
+[[paths]]
+id = "a-seal"
+path = "seal"
+capacity = "1GiB"
+store = true
+"""
+
+
+def test_a_deal_sector_seals_on_a_sectors_worker_from_data_only_the_engine_has(
+    spawn: Spawner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    box = tmp_path / "wa"
+    box.mkdir()
+    (box / "worker.toml").write_text(DEAL_WORKER)
+    first, second = os.urandom(1000), os.urandom(1010)
+    # The data files are named relative to the engine's working directory: the worker, which
+    # runs in another one, could not open them by those names (as on another machine).
+    monkeypatch.chdir(tmp_path)
+    engine = Path("engine-data")
+
+    async def main() -> None:
+        async with Miner.open(
+            tmp_path / "repo",
+            sealer="dask",
+            sector_size="2KiB",
+            chain=ChainParams.devnet(0.1),
+            sealer_options={"cluster": True},
+        ) as m:
+            for w in m.sched.workers():  # the in-process worker cannot run dask jobs
+                m.sched.remove_worker(w.name)
+            async with open_cluster(m.sched, listen="tcp://127.0.0.1:0", beat=0.1) as cluster:
+                spawn.python(
+                    *("-m", "sectorfsm", "worker", "--scheduler", cluster.address),
+                    *("--config", "worker.toml"),
+                    name="wa",
+                    env=_env(),
+                    cwd=box,
+                )
+                members = cluster.membership.members
+                await eventually(lambda: len(members) == 1, "the worker joined")
+                cid1, size1 = _piece_file(engine / "a.car", first)
+                cid2, size2 = _piece_file(engine / "b.car", second)
+                n = await m.add_piece(cid1, size1, data_path=str(engine / "a.car"))
+                assert await m.add_piece(cid2, size2, data_path=str(engine / "b.car")) == n
+                info = await m.wait(n, "Proving", timeout=HANG_GUARD)
+                assert [(p.piece_cid, p.size) for p in info.pieces] == [
+                    (cid1, 1024),
+                    (cid2, 1024),
+                ]
+
+    asyncio.run(main())
+    # The copies the worker read went through its own path, and are gone.
+    assert (box / "seal" / "pieces").is_dir()
+    assert list((box / "seal" / "pieces").iterdir()) == []
