@@ -20,6 +20,7 @@ from distributed import Client
 from distributed.scheduler import KilledWorker
 
 from . import jobs
+from .acks import AckBatch
 from .identity import PolicyReport, WorkerHeartbeat, WorkerIdentity
 from .progress import TransferBoard
 
@@ -55,6 +56,7 @@ class DaskWorkerBackend:
         self.lost_reason: str | None = None
         self._lost = asyncio.Event()
         self._running: dict[int, str] = {}
+        self.acks = AckBatch(client, address)
 
     @property
     def name(self) -> str:
@@ -76,6 +78,7 @@ class DaskWorkerBackend:
         """The worker left: fail every job waiting on it, and refuse new ones."""
         self.lost_reason = reason
         self._lost.set()
+        self.acks.drop()
 
     async def submit(self, job_id: int, fn: Callable[..., Any], *args: Any) -> Any:
         """Run `fn(*args)` in a child process on the worker; its result or its error."""
@@ -94,7 +97,12 @@ class DaskWorkerBackend:
         """
         if self.lost_reason is not None:
             raise RemoteWorkerLost(f"worker {self.name} {self.lost_reason}")
-        future = jobs.submit(self.client, self.address, key, func, args)
+        acks = self.acks.take()  # they ride with this job: no round trip of their own
+        try:
+            future = jobs.submit(self.client, self.address, key, func, args, acks)
+        except Exception:  # refused before it left: the acks wait for the next job
+            self.acks.put_back(acks)
+            raise
         self._running[job_id] = key
 
         async def result() -> Any:
@@ -123,13 +131,14 @@ class DaskWorkerBackend:
             future.release()  # type: ignore[no-untyped-call]
 
     async def ack(self, key: str) -> None:
-        """Let the worker forget job `key`'s record and result (best effort)."""
+        """Let the worker forget job `key`'s record and result (best effort).
+
+        Queued (`acks.py`): the worker's next job carries it, or it is sent within
+        `ACK_DELAY` s with whatever else is queued.
+        """
         if self.lost_reason is not None:
             return
-        try:
-            await jobs.ack(self.client, self.address, key)
-        except Exception as exc:  # the record stays on the worker's disk: only space is lost
-            log.warning("worker %s: could not acknowledge job %s: %s", self.name, key, exc)
+        self.acks.add(key)
 
     async def kill(self, job_id: int) -> None:
         """Kill the job's child on the worker (nothing if it already ended or the worker left)."""
