@@ -3,7 +3,6 @@ what a change would buy, from the real engine on virtual time (`sectorfsm/simula
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from pathlib import Path
@@ -33,8 +32,16 @@ def simulate(
     ] = None,
     out: Annotated[
         Path | None,
-        typer.Option("--out", metavar="DIR", help="Write DIR/summary.json there."),
+        typer.Option(
+            "--out",
+            metavar="DIR",
+            help="Write DIR/summary.json and DIR/report.html (plots inlined) there.",
+        ),
     ] = None,
+    no_report: Annotated[
+        bool,
+        typer.Option("--no-report", help="With --out: write summary.json only, no HTML report."),
+    ] = False,
     what_if: Annotated[
         list[str] | None,
         typer.Option(
@@ -64,7 +71,7 @@ def simulate(
     run_seed = cfg.seed if seed is None else seed
     started = time.perf_counter()
     try:
-        results = asyncio.run(_run(cfg, what_ifs, days, run_seed, run_all))
+        results = _run(cfg, what_ifs, days, run_seed, run_all)
     except (SimulateConfigError, ValueError) as exc:
         fail(str(exc))
     summary = make_summary(cfg, days, run_seed, [w.label for w in what_ifs], results)
@@ -75,10 +82,24 @@ def simulate(
         target = out / "summary.json"
         target.write_text(json.dumps(summary, indent=1, sort_keys=False) + "\n")
         typer.echo(f"summary written to {target}")
+        if not no_report:
+            _report(summary, out)
     typer.echo(f"{len(results)} run(s) of {days:g} simulated days in {wall:.1f} s of wall time")
 
 
-async def _run(cfg: Any, what_ifs: list[Any], days: float, seed: int, run_all: Any) -> Any:
+def _report(summary: dict[str, Any], out: Path) -> None:
+    from ..simulate.report import ReportError, ReportUnavailable, write_report
+
+    try:
+        typer.echo(f"report written to {write_report(summary, out)}")
+    except ReportUnavailable as exc:
+        # The JSON is already written: a missing optional dependency is a hint, not a failure.
+        typer.echo(str(exc), err=True)
+    except ReportError as exc:
+        fail(str(exc))
+
+
+def _run(cfg: Any, what_ifs: list[Any], days: float, seed: int, run_all: Any) -> Any:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .common import err_console
@@ -101,7 +122,7 @@ async def _run(cfg: Any, what_ifs: list[Any], days: float, seed: int, run_all: A
                 done_before[label] = len(done_before) * days * 86400
             bar.update(task, completed=done_before[label] + t, description=label)
 
-        return await run_all(cfg, what_ifs, days, seed, progress)
+        return run_all(cfg, what_ifs, days, seed, progress)
 
 
 def _print(summary: dict[str, Any]) -> None:

@@ -257,10 +257,15 @@ async def _pledge_one(miner: Miner, result: RunResult) -> None:
 
 
 def _with_policy_files(variant: Variant, tmp: Path) -> list[WorkerSpec]:
-    """The variant's workers, those with a what-if policy reading it from a file in `tmp`."""
+    """Fresh copies of the variant's workers, a what-if's policy read from a file in `tmp`.
+
+    Copies, because the scheduler's storage index counts bytes on the very `StoragePath`
+    objects it is given: a second run on the same specs would start with the first's disks.
+    """
     replaced = dict(variant.policies)
     out = []
     for w in variant.workers:
+        w = replace(w, resources=replace(w.resources), paths=tuple(replace(p) for p in w.paths))
         if w.name in replaced:
             path = tmp / f"policy-{w.name}.json"
             path.write_text(json.dumps(replaced[w.name].as_myscheduler(), indent=1))
@@ -269,14 +274,19 @@ def _with_policy_files(variant: Variant, tmp: Path) -> list[WorkerSpec]:
     return out
 
 
-async def run_all(
+def run_all(
     cfg: SimulateConfig,
     what_ifs: list[WhatIf],
     days: float,
     seed: int,
     progress: Callable[[str, float], None] | None = None,
 ) -> list[RunResult]:
-    """Every variant under every assigner, in order, each on the same seed."""
+    """Every variant under every assigner, in order, each on the same seed.
+
+    Each run gets an event loop of its own: whatever the previous engine left behind when it
+    closed (a step still waiting on its clock) is cancelled with that loop and cannot steal
+    time from the next run.
+    """
     results = []
     for variant in variants(cfg, what_ifs):
         for assigner in cfg.assigners:
@@ -286,5 +296,5 @@ async def run_all(
                 if progress is not None:
                     progress(label, t)
 
-            results.append(await run_once(cfg, variant, assigner, days, seed, tick))
+            results.append(asyncio.run(run_once(cfg, variant, assigner, days, seed, tick)))
     return results

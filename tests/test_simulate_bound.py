@@ -8,7 +8,6 @@ must be within 3% of the bound worked out here by hand; the report must name the
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +59,7 @@ def _simulate(
     path.write_text(text)
     cfg = load_simulate_config(path)
     wis = [parse_what_if(w, cfg) for w in what_ifs]
-    results = asyncio.run(run_all(cfg, wis, days, seed=1))
+    results = run_all(cfg, wis, days, seed=1)
     return summary(cfg, days, 1, [w.label for w in wis], results)
 
 
@@ -210,3 +209,20 @@ def test_every_pledge_plan_brings_sectors_to_proving(
     assert run["sectors"]["proving_total"] >= 5
     if policy:
         assert run["sectors"]["pledged"] == 0  # every sector came from auto-pledge
+
+
+def test_each_run_starts_on_empty_disks(tmp_path: Path) -> None:
+    # The storage index counts bytes on the StoragePath objects it is given: a second run
+    # (another assigner, a what-if) must not start with the files the first one left.
+    text = HEAD.format(per_day=15).replace('["balanced"]', '["balanced", "lotus"]') + _box(
+        "box", resources="PC1_32G_MAX_CONCURRENT = 2"
+    )
+    out = _simulate(tmp_path, text, days=1, what_ifs=("policy box PreCommit2Max=null",))
+    assert len(out["runs"]) == 4
+    for run in out["runs"]:
+        series = run["disk"]["paths"]["box-nvme"]["series"]
+        assert series[0] == 0 and max(series) > 0, run["variant"]
+    first, *rest = out["runs"]
+    # The what-if changes nothing here (no policy file means no PC2 cap): same figures.
+    same = next(r for r in rest if r["assigner"] == "balanced")
+    assert same["sectors"] == first["sectors"]
