@@ -21,6 +21,8 @@ with its defects fixed (see docs/lotus-deviations.md):
   consumes that one event; it neither kills the machine nor loops.
 * On `start()`, machines in non-final states are re-planned with their pending events and
   then `Restart`. Final machines stay on disk, costing no memory, until an event arrives.
+* `watch(id)` is a one-shot future for one machine's next committed round: a waiter on a
+  machine is woken by its own commits only (fsm/watch.py), never by every commit.
 * With `count_by` (state -> str), the group keeps how many machines have each key in the
   commit that writes each state (`counts()` reads them without a scan; fsm/counts.py), and
   checks them at `start()`.
@@ -45,6 +47,7 @@ from .clock import Clock, RealClock
 from .codec import RecordCodec
 from .commit import Committer
 from .errors import (
+    GroupStoppedError,
     MachineExistsError,
     RecordError,
     StoreError,
@@ -311,6 +314,18 @@ class StateGroup(Generic[S]):
                 f"{self.records.what(machine_id, 'state record')} is in quarantine: {aside[0]}"
             )
         return None
+
+    def watch(self, machine_id: MachineId) -> asyncio.Future[None]:
+        """A future resolved once the next commit writing this machine's state has landed.
+
+        Only that machine's commits (and the group stopping) resolve it, so waiters on many
+        machines cost nothing per commit of the others (fsm/watch.py). One-shot: re-read the
+        state with `get`, then watch again to keep waiting. The group must be running.
+        """
+        self.records.key(machine_id)
+        if not self._runtime.running:
+            raise GroupStoppedError(f"group {self.name!r} is not running: nothing would wake it")
+        return self._runtime.watchers.watch(machine_id)
 
     def has(self, machine_id: MachineId) -> bool:
         """True if the machine exists in the store."""

@@ -171,6 +171,24 @@ class Machine:
         """
         return self.batch_start if self.batch >= batch else len(self.seqs)
 
+    def keep_newer(self, newer: list[tuple[int, object]], old: Machine, batch: int) -> None:
+        """After a failed commit: queue `newer` events of the machine's `old` runtime.
+
+        Those already back from the inbox are skipped; those `old`'s step sent stay marked.
+        Events sent since the failed batch was taken are not staged yet (a suffix of them,
+        never more than were kept), so that many are left unstaged.
+        """
+        known = set(self.seqs)
+        marked = set(old.sent)
+        kept = 0
+        for seq, event in newer:
+            if seq not in known:
+                self.push(seq, event, batch)
+                if seq in marked:
+                    self.sent.append(seq)
+                kept += 1
+        self.unstaged = min(old.unstaged, kept)
+
     def drop(self, n: int) -> None:
         """Remove the first `n` queued events."""
         seqs = self.seqs

@@ -39,6 +39,7 @@ from .keys import MachineId
 from .machine import Machine, Step
 from .rounds import PlanFn, RoundPlanner, describe
 from .steps import MachineSteps
+from .watch import MachineWatchers
 
 if TYPE_CHECKING:
     from .clock import Clock
@@ -108,6 +109,8 @@ class MachineRuntime:
         #: Rounds staged whose commit has not landed yet.
         self._rounds = 0
         self._waiters: list[asyncio.Future[None]] = []
+        #: Per-machine futures, resolved by the commit of each round (`StateGroup.watch`).
+        self.watchers = MachineWatchers()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -192,6 +195,7 @@ class MachineRuntime:
         try:
             await committer.flush()
         finally:
+            self.watchers.wake_all()
             committer.remove_listener(self.notify)
             committer.remove_clock(self.clock)
             self._machines.clear()
@@ -522,6 +526,8 @@ class MachineRuntime:
 
     def _batch_rounds_committed(self, planned: Machines, err: BaseException | None) -> None:
         # Cleared in any case: `_plan_dirty` refuses to plan while it holds rounds.
+        if self.watchers:
+            self.watchers.wake_machines(planned)
         try:
             if err is not None or not self._running or self._stopping:
                 for m in planned:
@@ -549,6 +555,7 @@ class MachineRuntime:
     ) -> None:
         m.planning = False
         self._rounds -= 1
+        self.watchers.wake(m.id)
         if self._machines.get(m.id) is not m:
             return
         if err is not None:
@@ -581,19 +588,8 @@ class MachineRuntime:
         if fresh is None:
             return
         self._queue_pending(fresh, self.records.pending(fresh.key))
-        known = set(fresh.seqs)
-        marked = set(m.sent)
-        kept = 0
-        for seq, event in newer:
-            if seq not in known:
-                fresh.push(seq, event, failed_batch)
-                if seq in marked:
-                    fresh.sent.append(seq)
-                kept += 1
-        # Events sent since the failed batch was taken are not staged yet (a suffix of them,
-        # never more than were kept). Stage them now, before `Restart` ends the queue.
-        fresh.unstaged = min(m.unstaged, kept)
-        self._stage_machine(fresh)
+        fresh.keep_newer(newer, m, failed_batch)
+        self._stage_machine(fresh)  # (before `Restart` ends the queue)
         fresh.push_restart()
         self._dirty[m.id] = fresh
         self._committer.request_flush()

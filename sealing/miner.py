@@ -134,7 +134,6 @@ class Miner:
         )
         self.sealing.group = self.group
         self.input.attach(self.group)
-        self._changed = asyncio.Event()
         #: Executes what `sectors pledge`/`add-piece` queue from other processes.
         self.requests = requests.RequestServer(store, self.input, chain, sched)
         #: Keeps AutoPledgeDiff workers fed (`sealing/autopledge.py`).
@@ -235,7 +234,6 @@ class Miner:
     async def _start(self) -> None:
         self.input.load()
         self.sealer.load(lambda n: SectorRef(self.miner_id, n, self.sector_size))
-        self.store.committer.add_listener(self._changed.set)
         await self.sched.start()  # policy-file hot reload and the heartbeat-grace monitor
         await self.group.start()
         self.requests.start()
@@ -248,7 +246,6 @@ class Miner:
         self.sealing.close()
         await self.group.stop()
         await self.sched.stop()
-        self.store.committer.remove_listener(self._changed.set)
 
     # -- sectors ------------------------------------------------------------------------------
 
@@ -369,33 +366,35 @@ class Miner:
         """
         target = parse_state(str(state))
         deadline = None if timeout is None else self.clock.now() + timeout
-        while True:
-            info = self._get(number)
-            if info.state is target:
-                return info
-            if info.state in STUCK_STATES:
-                raise SectorStuckError(
-                    f"sector {number} is in {info.state.name}, not {target.name}"
-                    + (f": {info.last_err}" if info.last_err else "")
-                )
-            if deadline is not None and self.clock.now() >= deadline:
-                raise TimeoutError(f"sector {number} is still in {info.state.name}")
-            self._changed.clear()
-            waiter = asyncio.ensure_future(self._changed.wait())
-            timer = (
-                asyncio.ensure_future(self.clock.sleep_until(deadline))
-                if deadline is not None
-                else None
-            )
-            try:
-                await asyncio.wait(
-                    [t for t in (waiter, timer) if t is not None],
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-            finally:
-                waiter.cancel()
-                if timer is not None:
-                    timer.cancel()
+        timer: asyncio.Task[None] | None = None
+        try:
+            while True:
+                info = self._get(number)
+                if info.state is target:
+                    return info
+                if info.state in STUCK_STATES:
+                    raise SectorStuckError(
+                        f"sector {number} is in {info.state.name}, not {target.name}"
+                        + (f": {info.last_err}" if info.last_err else "")
+                    )
+                if deadline is not None and self.clock.now() >= deadline:
+                    raise TimeoutError(f"sector {number} is still in {info.state.name}")
+                if not self.group.started:  # (nothing would change the sector any more)
+                    raise SealingError(f"sector {number}: the engine is not running")
+                # Watched right after the read, with no await between: no commit is missed.
+                changed = self.group.watch(number)
+                if deadline is None:
+                    await changed
+                    continue
+                if timer is None:  # one timer for the whole wait, on the engine clock
+                    timer = asyncio.ensure_future(self.clock.sleep_until(deadline))
+                try:
+                    await asyncio.wait((changed, timer), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    changed.cancel()
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     async def retry(self, number: int) -> None:
         """Retry a failed sector now (skipping the backoff); resume a FailedUnrecoverable one."""

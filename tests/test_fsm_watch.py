@@ -1,0 +1,91 @@
+"""Per-machine wake-ups: a waiter on one machine is woken by that machine's commits only."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fsmtoy import Add, Open, make_group
+from sealtools import miner, run
+
+from sectorfsm.fsm import GroupStoppedError, LmdbStore
+from sectorfsm.sealing import SectorState
+
+
+def test_watch_wakes_on_its_own_machine_only(tmp_path: Path) -> None:
+    async def body() -> None:
+        store = LmdbStore(tmp_path / "s", durability="nosync")
+        group = make_group(store)
+        await group.start()
+        try:
+            await group.send("a", Open())
+            await group.send("b", Open())
+            watched = group.watch("a")
+            for uid in range(20):  # twenty commits of b
+                await group.send("b", Add(uid))
+            await group.idle()
+            assert not watched.done()
+            await group.send("a", Add(100))
+            await asyncio.wait_for(watched, 5)  # (a's own commit resolves it)
+            state = group.get("a")
+            assert state is not None and state.applied == [100]
+        finally:
+            await group.stop()
+            store.close()
+
+    asyncio.run(body())
+
+
+def test_stop_wakes_every_watcher_and_a_stopped_group_refuses(tmp_path: Path) -> None:
+    async def body() -> None:
+        store = LmdbStore(tmp_path / "s", durability="nosync")
+        group = make_group(store)
+        await group.start()
+        await group.send("a", Open())
+        watched = group.watch("a")
+        abandoned = group.watch("a")
+        abandoned.cancel()  # (a waiter that timed out: dropped, never resolved)
+        await group.stop()
+        assert watched.done() and watched.result() is None
+        with pytest.raises(GroupStoppedError, match="not running"):
+            group.watch("a")
+        store.close()
+
+    asyncio.run(body())
+
+
+def test_miner_wait_reads_its_sector_only_when_it_changes(tmp_path: Path) -> None:
+    """Waiting on sector A while sector B seals: A's record is read about once per its round."""
+
+    async def body() -> None:
+        async with miner(tmp_path, durability="nosync") as m:
+            a = await m.pledge()
+            b = await m.pledge()
+            await m.wait(a, "Proving")
+            await m.wait(b, "Proving")
+            reads: dict[Any, int] = {}
+            get = m.group.get
+
+            def counting_get(number: Any) -> Any:
+                reads[number] = reads.get(number, 0) + 1
+                return get(number)
+
+            m.group.get = counting_get  # type: ignore[method-assign]
+            waiter = asyncio.ensure_future(m.wait(a, "Removed"))
+            before = m.store.committer.batches_committed
+            await m.update_state(b, SectorState.Removing)
+            await m.wait(b, "Removed")
+            await m.idle()
+            commits = m.store.committer.batches_committed - before
+            assert commits >= 2 and not waiter.done()
+            # One read when the wait began; B's commits woke no one on A.
+            assert reads.get(a) == 1, (reads, commits)
+            await m.remove(a)
+            info = await asyncio.wait_for(waiter, 30)
+            assert info.state is SectorState.Removed
+            # A's own rounds (Removing, then Removed) each woke its waiter once.
+            assert reads[a] <= 4, reads
+
+    run(body)
