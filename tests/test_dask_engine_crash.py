@@ -18,7 +18,9 @@ same address. The restarted engine asks for the same job id and gets that run's 
 Either way the sector goes on to Proving with no PC1 failure in its log, and the worker's
 record of the job is gone (acknowledged) by then. And when another PC1 worker is up before
 the one running the job rejoins (held with SIGSTOP), the task waits, pinned to the worker
-the engine recorded for that attempt, instead of starting the PC1 a second time there.
+the engine recorded for that attempt, instead of starting the PC1 a second time there. A
+clean stop (SIGINT) leaves the job running too: no PC1 failure is recorded, and the next
+`sectors run` collects it the same way.
 Every process is killed by `spawn`.
 """
 
@@ -197,8 +199,12 @@ def _worker(spawn: Spawner, tmp: Path, name: str, toml: str) -> Child:
     )
 
 
-def _pc1_running_then_engine_killed(spawn: Spawner, tmp: Path) -> tuple[_Engine, Child, str]:
+def _pc1_running_then_engine_stopped(
+    spawn: Spawner, tmp: Path, *, kill: bool = True
+) -> tuple[_Engine, Child, str]:
     """Engine and worker wa up, a sector's PC1 held on wa, then kill -9 of the engine.
+
+    With `kill=False` the engine is stopped cleanly (SIGINT) instead, and must exit 0.
 
     Returns the engine (to start again), the worker, and the PC1 child's pid.
     """
@@ -213,7 +219,11 @@ def _pc1_running_then_engine_killed(spawn: Spawner, tmp: Path) -> tuple[_Engine,
     ((what, pid),) = _runs(tmp / "gate")
     assert what == "start"
     assert (tmp / "wa" / "jobs" / "wa" / "PC1-s1-a1" / "record").is_file()
-    first.kill()  # SIGKILL: the engine and its embedded Dask scheduler die at once
+    if kill:
+        first.kill()  # SIGKILL: the engine and its embedded Dask scheduler die at once
+    else:
+        first.interrupt()
+        assert first.finish() == 0, first.describe()
     worker.wait_for_line(r"scheduler lost; reconnecting")
     assert _alive(int(pid)), "the PC1 child must outlive the engine"
     return engine, worker, pid
@@ -237,7 +247,7 @@ def _proving_from_that_pc1(engine: _Engine, tmp: Path, pid: str) -> None:
 def test_kill_9_of_the_engine_during_pc1_resumes_from_that_pc1(
     spawn: Spawner, tmp_path: Path, collected: str
 ) -> None:
-    engine, _, pid = _pc1_running_then_engine_killed(spawn, tmp_path)
+    engine, _, pid = _pc1_running_then_engine_stopped(spawn, tmp_path)
     gate = tmp_path / "gate"
     if collected == "finished":
         (gate / "release").touch()
@@ -256,7 +266,7 @@ def test_the_restarted_engine_waits_for_the_worker_that_runs_the_pc1(
     spawn: Spawner, tmp_path: Path
 ) -> None:
     """Another PC1 worker is up first: the task waits for wa, where its job runs."""
-    engine, worker, pid = _pc1_running_then_engine_killed(spawn, tmp_path)
+    engine, worker, pid = _pc1_running_then_engine_stopped(spawn, tmp_path)
     os.kill(worker.pid, signal.SIGSTOP)  # wa cannot rejoin yet (its PC1 child runs on)
     try:
         second = engine.start("--until-proving", name="engine-2")
@@ -321,3 +331,18 @@ def test_the_worker_of_an_attempt_is_durable_before_its_job_and_cleared_after(
             assert again.attempt(5, "C2") == 2
 
     asyncio.run(main())
+
+
+def test_a_clean_stop_of_the_engine_during_pc1_leaves_it_running(
+    spawn: Spawner, tmp_path: Path
+) -> None:
+    """Ctrl-C (or `systemctl restart`): no PC1 failure recorded, the job collected later."""
+    engine, _, pid = _pc1_running_then_engine_stopped(spawn, tmp_path, kill=False)
+    status = engine.cli("status", "1")
+    assert status is not None and status["state"] == "PreCommit1", status
+    second = engine.start("--until-proving", name="engine-2")
+    second.wait_for_line(r"cluster: worker wa joined from", anywhere=True)
+    until(lambda: engine.placed("PC1", "wa"), "PC1 placed again on wa by the new engine")
+    (tmp_path / "gate" / "release").touch()
+    assert second.finish() == 0, second.describe()
+    _proving_from_that_pc1(engine, tmp_path, pid)

@@ -31,6 +31,16 @@ class RemoteWorkerLost(RuntimeError):
     """The worker a job ran on left the cluster before the job finished."""
 
 
+class EngineStopping(asyncio.CancelledError):
+    """The engine stops while a job runs: the job runs on, and its attempt stays open.
+
+    A cancellation, not an error: the step that waited ends without an event (its sector
+    stays in its state), so the restarted engine runs that step again, asks for the same job
+    id and collects the job, as it does after a kill -9. Killing the job instead would throw
+    away hours of PreCommit1 at every `systemctl restart`.
+    """
+
+
 def function_path(fn: Callable[..., Any]) -> str:
     """`module:qualname` of a module-level function (what the worker's child imports)."""
     module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
@@ -54,6 +64,8 @@ class DaskWorkerBackend:
         self.policy: PolicyReport = identity.policy
         self.jobs: dict[str, str] = {}
         self.lost_reason: str | None = None
+        #: Lost because the engine stops (not the worker): waiting jobs end as `EngineStopping`.
+        self.engine_stopping = False
         self._lost = asyncio.Event()
         self._running: dict[int, str] = {}
         self.acks = AckBatch(client, address)
@@ -74,9 +86,13 @@ class DaskWorkerBackend:
         self.policy = heartbeat.policy
         self.jobs = dict(heartbeat.jobs)
 
-    def lost(self, reason: str) -> None:
-        """The worker left: fail every job waiting on it, and refuse new ones."""
+    def lost(self, reason: str, *, engine_stopping: bool = False) -> None:
+        """The worker left: fail every job waiting on it, and refuse new ones.
+
+        With `engine_stopping`, it is the engine that goes: the jobs are left running.
+        """
         self.lost_reason = reason
+        self.engine_stopping = engine_stopping
         self._lost.set()
         self.acks.drop()
 
@@ -112,6 +128,8 @@ class DaskWorkerBackend:
         lost = asyncio.ensure_future(self._lost.wait())
         try:
             await asyncio.wait({waiting, lost}, return_when=asyncio.FIRST_COMPLETED)
+            if self.engine_stopping:  # whatever the job did: a restarted engine collects it
+                raise EngineStopping(f"worker {self.name}: the engine stops; job {key} runs on")
             if not waiting.done():
                 raise RemoteWorkerLost(f"worker {self.name} {self.lost_reason}")
             try:
@@ -120,6 +138,8 @@ class DaskWorkerBackend:
                 raise RemoteWorkerLost(
                     f"worker {self.name} ({self.address}) died while running job {key}"
                 ) from None
+        except EngineStopping:
+            raise
         except asyncio.CancelledError:
             await asyncio.shield(self.kill(job_id))
             raise

@@ -257,7 +257,7 @@ async def open_cluster(
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
                 for backend in membership.members.values():
-                    backend.lost("is out of reach: the engine is stopping")
+                    backend.lost("is out of reach: the engine is stopping", engine_stopping=True)
 
 
 def _plain(value: Any) -> Any:

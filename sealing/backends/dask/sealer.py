@@ -187,21 +187,26 @@ class DaskSealer:
         self.store.committer.on_commit(committed)
 
     async def _call(self, job: Job, fn: Callable[..., Any], *args: Any) -> Any:
-        from .backend import function_path
+        from .backend import EngineStopping, function_path
 
         remote = self._remote(job.worker)
         task, number = job.task_type.short, job.sector.number
         key = f"{task}-s{number}-a{self.attempt(number, task)}"
         await self._submitted_to(number, task, remote.name)
         self.clock.hold()  # real work elsewhere: a virtual clock must not jump meanwhile
+        ended = True
         try:
             value = await remote.call(job.sched_id, key, function_path(fn), list(args))
+        except EngineStopping:
+            ended = False  # the job runs on: the restarted engine asks for the same id
+            raise
         finally:
             self.clock.release()
             # From here until the handler sends its event nothing awaits: the attempt's end
             # and the acknowledgement are staged in the same commit as that event.
-            self._spend(number, task)
-            self._ack_after_commit(remote, key)
+            if ended:
+                self._spend(number, task)
+                self._ack_after_commit(remote, key)
         return value
 
     async def _small(
