@@ -6,10 +6,13 @@ bytes they take on each path; the storage index is rebuilt from these at start.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
 
 from ..fsm.codec import unpackb
-from ..sched import FileType, SectorRef, space_needed
+from ..sched import FileType, SectorRef, StorageIndex, space_needed
+from ..sched.selectors import Selector, Verdict
+from ..sched.workers import Worker
 
 
 def files_union(held: Mapping[FileType, int]) -> FileType:
@@ -57,3 +60,30 @@ def parse_files_record(key: bytes, raw: bytes) -> tuple[int, dict[str, list[int]
     if not ok:
         raise ValueError(f"{what} is not a map of path ids to [file types, bytes]")
     return number, record
+
+
+@dataclass(frozen=True, slots=True)
+class AwaitingWorker:
+    """A selector whose "no file anywhere" refusal says the files wait for their worker.
+
+    After an engine restart, files records on a remote worker's paths apply only once that
+    worker joins (`ScheduledSealer.worker_joined`); until then the sched-diag reason names
+    the paths rather than suggesting the files are lost.
+    """
+
+    inner: Selector
+    #: The sector's recorded paths whose worker has not joined yet (read at each check).
+    waiting: Callable[[SectorRef], Collection[str]] = field(compare=False)
+
+    def check(self, sector: SectorRef, worker: Worker, index: StorageIndex) -> Verdict:
+        """The inner verdict, its "anywhere" refusal naming the paths still awaited."""
+        verdict = self.inner.check(sector, worker, index)
+        if isinstance(verdict, str) and verdict.endswith("anywhere"):
+            paths = ", ".join(sorted(self.waiting(sector)))
+            if paths:
+                return f"{verdict} yet: recorded on path(s) {paths}, whose worker has not joined"
+        return verdict
+
+    def shape(self, sector: SectorRef) -> object | None:
+        """As the inner selector's."""
+        return self.inner.shape(sector)

@@ -38,7 +38,7 @@ from ..sched import (
     fetch_prepare,
     space_needed,
 )
-from .filesrecord import files_union, parse_files_record, split_bytes
+from .filesrecord import AwaitingWorker, files_union, parse_files_record, split_bytes
 from .info import PendingPiece, Piece
 
 log = logging.getLogger("sectorfsm.sealing")
@@ -412,6 +412,8 @@ class ScheduledSealer:
         pinned = running_on(ref.number, task.short) if running_on is not None else None
         if pinned is not None:  # an attempt still runs there (the engine restarted under it)
             selector = PinnedSelector(selector, pinned)
+        if ref.number in self._pending:
+            selector = AwaitingWorker(selector, lambda r: self._pending.get(r.number, {}))
         return await self.sched.schedule(ref, task, selector, prepare, work, priority=priority)
 
     async def add_piece(

@@ -149,7 +149,8 @@ def test_records_on_a_remote_path_wait_for_its_worker_then_are_reconciled(
             )
             diag = await eventually(lambda: sched.diag(), "sector one's C1 queued")
             assert diag[0].reasons == {
-                "here": "sector s-t01000-1 has no sealed+cache file anywhere"
+                "here": "sector s-t01000-1 has no sealed+cache file anywhere yet: recorded on "
+                "path(s) a-seal, whose worker has not joined"
             }, diag
 
             sched.add_worker(_spec("wa", "a-seal"))
