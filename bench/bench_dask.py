@@ -16,11 +16,22 @@ Each round measures, back to back on the same workers:
 * ``sched``: `sched.schedule(...)` of an AP task whose work is `job.run(abs, -1)` on the
   per-worker dask backend: what a sealing task pays from queue to result.
 
-Latency is one job at a time (round robin over the workers); throughput keeps `--inflight`
-jobs in flight. A ratio is taken per round (paired, so a slow spell of the shared machine
-cancels) and the median over rounds is reported. Last, a worker running a job is killed
-with SIGKILL and the time until the job fails, its worker is removed and the retry is placed
-on another worker is measured.
+Fairness: the three ways run the same function (`abs(-1)`) from the same client onto the
+same four workers, round robin, at the same concurrency: latency one job at a time,
+throughput with `--inflight` jobs (default 8, two per worker) in flight on both sides. The
+raw baseline does only what Dask does: no record, no child process, no acknowledgement. The
+registry and sched ways pay for the guarantees: a record synced before the child starts (a
+job id runs once across worker and engine crashes), the result synced and kept until the
+engine acknowledges it, the work in a child process that can be killed. Their
+acknowledgements ride with the next job to the same worker (`acks.py`, as the backend
+sends them), so the figures include them. Everything (scheduler, client, four workers, their
+spawners and job children) shares this machine's cores, so throughput is bound by the CPU a
+job costs in all processes together: `cpu_ms_per_job` shows where it goes.
+
+A ratio is taken per round (paired, so a slow spell of the shared machine cancels) and the
+median over rounds is reported. Last, a worker running a job is killed with SIGKILL and the
+time until the job fails, its worker is removed and the retry is placed on another worker is
+measured.
 """
 
 from __future__ import annotations
@@ -55,6 +66,7 @@ from sectorfsm.sched.selectors import TaskSelector
 from sectorfsm.sched.storage import SectorRef
 from sectorfsm.sched.tasks import TaskType
 from sectorfsm.sealing.backends.dask import jobs
+from sectorfsm.sealing.backends.dask.acks import AckBatch
 from sectorfsm.sealing.backends.dask.backend import DaskWorkerBackend, function_path
 from sectorfsm.sealing.backends.dask.jobrecord import encode_spec
 from sectorfsm.sealing.backends.dask.membership import Cluster, open_cluster
@@ -126,6 +138,15 @@ class Workers:
                 start_new_session=True,
             )
 
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds so far of the worker processes, and of their spawners with children."""
+        workers = [p.pid for p in self.procs.values()]
+        spawners = [pid for w in workers for pid in _children(w)]
+        return {
+            "workers": sum(_cpu_s(pid) for pid in workers),
+            "children": sum(_cpu_s(pid, reaped=True) for pid in spawners),
+        }
+
     def kill9(self, name: str) -> None:
         """SIGKILL the worker process itself (its job's child dies with it: PDEATHSIG)."""
         os.kill(self.procs[name].pid, signal.SIGKILL)
@@ -139,6 +160,26 @@ class Workers:
                 p.stdout.close()
 
 
+def _cpu_s(pid: int, reaped: bool = False) -> float:
+    """CPU seconds of process `pid` (with `reaped`: plus those of its reaped children)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    ticks = sum(int(f) for f in fields[11 : 15 if reaped else 13])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    """The child processes of `pid`, started from any of its threads."""
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                found += map(int, Path(f"/proc/{pid}/task/{task}/children").read_text().split())
+    return found
+
+
 class Bench:
     """The three ways to run a trivial job, on the same cluster."""
 
@@ -149,6 +190,7 @@ class Bench:
             cluster.membership.members.values(), key=lambda b: b.name
         )
         self.addresses = [b.address for b in self.backends]
+        self.acks = [AckBatch(self.client, address) for address in self.addresses]
         self.sector_numbers = itertools.count(1)
         self.job_ids = itertools.count(1)
         self.abs_path = function_path(abs)
@@ -161,13 +203,17 @@ class Bench:
         fut.release()
 
     async def registry(self, i: int) -> None:
-        """One job through the worker's job registry (child process), then its ack."""
-        address = self.addresses[i % len(self.addresses)]
+        """One job through the worker's job registry (child process), then its ack.
+
+        Acks are queued per worker and ride with that worker's next job, as the backend does.
+        """
+        n = i % len(self.addresses)
+        address, acks = self.addresses[n], self.acks[n]
         job_id = f"bench-{next(self.job_ids)}-{os.getpid()}"
-        fut = jobs.submit(self.client, address, job_id, self.abs_path, [-1])
+        fut = jobs.submit(self.client, address, job_id, self.abs_path, [-1], acks.take())
         assert await fut == 1
         fut.release()
-        await jobs.ack(self.client, address, job_id)
+        acks.add(job_id)
 
     async def sched_job(self, i: int) -> None:
         """One AP task through `sched.schedule` onto the per-worker dask backend."""
@@ -294,6 +340,8 @@ async def main_async(a: argparse.Namespace, root: Path) -> dict[str, Any]:
                 await throughput(run, 2 * WORKERS, WORKERS)
             lat: dict[str, list[float]] = {k: [] for k in ways}
             tps: dict[str, list[float]] = {k: [] for k in ways}
+            parts = ("engine", "workers", "children")
+            cpu: dict[str, dict[str, list[float]]] = {k: {p: [] for p in parts} for k in ways}
             ratios: list[float] = []
             ratios_registry: list[float] = []
             ratios_sched_registry: list[float] = []
@@ -309,7 +357,11 @@ async def main_async(a: argparse.Namespace, root: Path) -> dict[str, Any]:
                 for key, run in ways.items():
                     if profiler is not None and key == "sched":
                         profiler.enable()
+                    before = {"engine": time.process_time(), **workers.cpu()}
                     tps[key].append(await throughput(run, a.jobs, a.inflight))
+                    after = {"engine": time.process_time(), **workers.cpu()}
+                    for part, t in after.items():
+                        cpu[key][part].append(1000 * (t - before[part]) / a.jobs)
                     if profiler is not None and key == "sched":
                         profiler.disable()
                 ratios.append(tps["sched"][-1] / tps["raw"][-1])
@@ -358,6 +410,9 @@ async def main_async(a: argparse.Namespace, root: Path) -> dict[str, Any]:
         "sched_p50_ms": ms(lat["sched"], 0.5),
         "sched_p90_ms": ms(lat["sched"], 0.9),
         "added_p50_ms": round(1000 * median(added), 2),
+        "cpu_ms_per_job": {
+            k: {p: round(median(xs), 2) for p, xs in by.items()} for k, by in cpu.items()
+        },
         "sched_added_vs_registry_p50_ms": round(1000 * median(added_registry), 2),
         **fault,
         **child_start(root),
