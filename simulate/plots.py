@@ -315,12 +315,16 @@ def _salted(salt: str) -> dict[Any, Any]:
 
 
 def svg(fig: Figure, salt: str) -> str:
-    """`fig` as an `<svg>` element to inline in HTML (no XML prolog, no date: reproducible)."""
+    """`fig` as an `<svg>` element to inline in HTML, its ids prefixed with `salt`; reproducible."""
     buf = io.StringIO()
     with matplotlib.rc_context(_salted(salt)):
         fig.savefig(buf, format="svg", metadata={"Date": None})
     text = buf.getvalue()
-    return text[text.index("<svg") :]
+    text = text[text.index("<svg") :]
+    # matplotlib numbers its ids per figure (figure_1, patch_1): in one page they must differ.
+    for ref in ('id="', 'url(#', 'href="#'):
+        text = text.replace(ref, f"{ref}{salt}-")
+    return text
 
 
 def save(fig: Figure, path: Path, dpi: int = 110) -> None:

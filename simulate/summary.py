@@ -46,8 +46,10 @@ Schema (times are simulated seconds or hours from the start of the run; rates pe
           "queue_wait": {TASK: {"count": int, "p50_s": float, "p95_s": float, "mean_s": float}},
           "fetch": {"pairs": [{"from": str, "to": str, "bytes": int}], "total_bytes": int,
                     "seconds": {WORKER: {TASK: float}}},
-          "disk": {"sample_hours": float, "paths": {PATH: {"capacity": int, "peak": int,
-                                                           "series": [int]}}},
+          "disk": {"sample_hours": float,     # bytes stored or reserved per path
+                   "paths": {PATH: {"capacity": int, "peak": int,
+                                    "full_from_hour": float | null,  # first sample >= 98%
+                                    "series": [int]}}},
           "states": {"sample_hours": float, "series": {STATE: [int]}},
           "failures": {"by_state": {STATE: int}, "retries_by_state": {STATE: int},
                        "worker_crashes": {WORKER: int}, "worker_down_hours": {WORKER: float},
@@ -75,6 +77,8 @@ from .run import RunResult
 __all__ = ["SCHEMA", "run_summary", "steady_rate", "summary"]
 
 SCHEMA = 1
+#: A path this full takes no new sector: sealing stalls there.
+FULL = 0.98
 
 
 def steady_rate(proving: list[float], start: float, end: float) -> tuple[float | None, float]:
@@ -157,6 +161,15 @@ def run_summary(r: RunResult) -> dict[str, Any]:
         if s:
             fetch_s.setdefault(worker, {})[task.short] = round(s, 1)
     capacity = {p.id: p.capacity for w in r.variant.workers for p in w.paths}
+    full_from: dict[str, float | None] = {}
+    for pid, series in c.disk.items():
+        cap = capacity.get(pid, 0)
+        at = next((i for i, used in enumerate(series) if cap and used >= cap * FULL), None)
+        full_from[pid] = None if at is None else round(at * c.sample / 3600, 3)
+    full = [f"{pid} from hour {h:g}" for pid, h in sorted(full_from.items()) if h is not None]
+    if full:
+        # Sealed sectors that stay on sealing paths fill them; nothing is sealed there after.
+        text += f"; disk full: {', '.join(full)} (sealing stalls there)"
     return {
         "variant": r.variant.label,
         "assigner": r.assigner,
@@ -203,7 +216,12 @@ def run_summary(r: RunResult) -> dict[str, Any]:
         "disk": {
             "sample_hours": c.sample / 3600,
             "paths": {
-                pid: {"capacity": capacity.get(pid, 0), "peak": max(s, default=0), "series": s}
+                pid: {
+                    "capacity": capacity.get(pid, 0),
+                    "peak": max(s, default=0),
+                    "full_from_hour": full_from.get(pid),
+                    "series": s,
+                }
                 for pid, s in sorted(c.disk.items())
             },
         },
