@@ -322,7 +322,7 @@ def svg(fig: Figure, salt: str) -> str:
     text = buf.getvalue()
     text = text[text.index("<svg") :]
     # matplotlib numbers its ids per figure (figure_1, patch_1): in one page they must differ.
-    for ref in ('id="', 'url(#', 'href="#'):
+    for ref in ('id="', "url(#", 'href="#'):
         text = text.replace(ref, f"{ref}{salt}-")
     return text
 
