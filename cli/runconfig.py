@@ -30,7 +30,7 @@ listen = "tls://0.0.0.0:8786"   # run a Dask scheduler inside the engine, or ins
 # scheduler = "tls://HOST:8786" # connect to one started with `dask scheduler`
 certs = "certs"             # `sectors cluster certs` directory (relative to this file)
 insecure = false            # allow plain tcp:// off loopback (anyone reaching it runs code)
-local_worker = true         # keep the in-process worker as well
+local_worker = true         # keep the in-process worker as well (never with sealer dask)
 worker_ttl = 60             # seconds without a heartbeat before Dask drops a worker
 heartbeat_grace = 30        # seconds before the scheduler disables a silent worker (< worker_ttl)
 
@@ -127,7 +127,7 @@ class _ClusterTable(BaseModel):
     scheduler: str | None = None
     certs: str | None = None
     insecure: Flag = False
-    local_worker: Flag = True
+    local_worker: Flag | None = None
     worker_ttl: PositiveSeconds = 60.0
     heartbeat_grace: PositiveSeconds | None = None
 
@@ -263,7 +263,11 @@ def _convert(raw: dict[str, Any], where: str, base: Path) -> RunConfig:
         sealing=parsed.sealing,
         sealer_options=parsed.sealer,
         metrics_listen=parsed.metrics.listen,
-        cluster=_cluster(parsed.cluster, where, base) if parsed.cluster is not None else None,
+        cluster=(
+            _cluster(parsed.cluster, where, base, miner.sealer)
+            if parsed.cluster is not None
+            else None
+        ),
         source=where,
     )
     size = parse_sector_size(cfg.sector_size)
@@ -288,8 +292,16 @@ def _convert(raw: dict[str, Any], where: str, base: Path) -> RunConfig:
     return cfg
 
 
-def _cluster(table: _ClusterTable, where: str, base: Path) -> ClusterConfig:
+def _cluster(table: _ClusterTable, where: str, base: Path, sealer: str) -> ClusterConfig:
     """Check `[cluster]` (addresses, certificates) without importing Dask."""
+    local = table.local_worker
+    if sealer == "dask" and local:
+        raise ConfigError(
+            f"{where}: [cluster] local_worker: the dask sealer runs every task on a "
+            "`sectors worker`, never in the engine's process (drop it or set it to false)"
+        )
+    if local is None:  # a kept local worker would take tasks the dask sealer must refuse
+        local = sealer != "dask"
     from ..sealing.backends.dask.certs import ENGINE, CertError
     from ..sealing.backends.dask.security import AddressError, check_address, tls_files
 
@@ -329,7 +341,7 @@ def _cluster(table: _ClusterTable, where: str, base: Path) -> ClusterConfig:
         scheduler=table.scheduler,
         certs=certs,
         insecure=table.insecure,
-        local_worker=table.local_worker,
+        local_worker=local,
         worker_ttl=table.worker_ttl,
         heartbeat_grace=grace,
         warning=warning,

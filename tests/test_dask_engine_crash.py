@@ -39,6 +39,7 @@ from typing import Any
 import pytest
 from conftest import Child, Spawner, until
 
+from sectorfsm.cli.runconfig import RunConfigError, load_run_config
 from sectorfsm.fsm import LmdbStore, RealClock
 from sectorfsm.fsm.codec import packb
 from sectorfsm.sched import SectorRef, TaskType
@@ -124,7 +125,8 @@ def _free_port() -> int:
 def _engine_config(port: int) -> str:
     return (
         '[miner]\nsealer = "dask"\nsector_size = "2KiB"\nblock_time = 0.1\n'
-        f'[cluster]\nlisten = "tcp://127.0.0.1:{port}"\nlocal_worker = false\n'
+        # No local_worker: with the dask sealer the engine's process keeps none.
+        f'[cluster]\nlisten = "tcp://127.0.0.1:{port}"\n'
     )
 
 
@@ -346,3 +348,18 @@ def test_a_clean_stop_of_the_engine_during_pc1_leaves_it_running(
     (tmp_path / "gate" / "release").touch()
     assert second.finish() == 0, second.describe()
     _proving_from_that_pc1(engine, tmp_path, pid)
+
+
+def test_the_dask_sealer_keeps_no_local_worker(tmp_path: Path) -> None:
+    """A kept local worker would take tasks the dask sealer refuses, after a restart too."""
+    config = tmp_path / "sectors.toml"
+    config.write_text(_engine_config(8786))
+    cluster = load_run_config(config).cluster
+    assert cluster is not None and cluster.local_worker is False
+    config.write_text(_engine_config(8786) + "local_worker = true\n")
+    with pytest.raises(RunConfigError, match=r"\[cluster\] local_worker: the dask sealer runs"):
+        load_run_config(config)
+    sim = '[miner]\nsealer = "sim"\n[cluster]\nlisten = "tcp://127.0.0.1:8786"\n'
+    config.write_text(sim)
+    cluster = load_run_config(config).cluster
+    assert cluster is not None and cluster.local_worker is True
