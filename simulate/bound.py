@@ -21,6 +21,7 @@ from ..sched import FileType, Ledger, TaskType, WorkerPolicy, WorkerSpec, resour
 from ..sched.fetch import PARALLEL_FETCH_LIMIT
 from ..sched.filetypes import space_needed
 from ..sched.rules import stage_cap
+from .sharing import ResourceBound, resource_bounds
 
 __all__ = ["STAGES", "Bound", "StageBound", "WorkerStage", "bottleneck_sentence", "bound"]
 
@@ -79,6 +80,10 @@ class Bound:
     #: Workers whose limiting slots leave no room for their other stages (shared memory,
     #: threads or GPUs): there the bound counts some resources twice and may be loose.
     shared: tuple[str, ...] = ()
+    #: Resources that stages only one worker runs share there (`sharing.py`).
+    resources: tuple[ResourceBound, ...] = ()
+    #: The shared resource that limits below every stage, if one does.
+    limiting_resource: ResourceBound | None = None
 
 
 def max_slots(spec: WorkerSpec, task: TaskType, sector_size: int, policy: WorkerPolicy) -> int:
@@ -126,11 +131,16 @@ def bound(
         stages[task] = StageBound(task, tuple(shares), total if shares else 0.0)
     finite = {t: s.per_day for t, s in stages.items() if s.per_day is not None}
     least = min(finite.values()) if finite else 0.0
+    resources = tuple(resource_bounds(specs, sector_size, stages))
+    tightest = min(resources, key=lambda r: r.per_day, default=None)
+    if tightest is not None and tightest.per_day < least * (1 - TIE):
+        limiting: tuple[TaskType, ...] = ()
+        return Bound(stages, tightest.per_day, limiting, (), resources, tightest)
     limiting = tuple(t for t, v in finite.items() if v <= least * (1 + TIE))
     shared = tuple(
         spec.name for spec in specs if not _fits_together(spec, sector_size, stages, limiting)
     )
-    return Bound(stages, least, limiting, shared)
+    return Bound(stages, least, limiting, shared, resources)
 
 
 def _fits_together(
@@ -197,6 +207,8 @@ def bottleneck_sentence(
     the steady window. One more slot on the busiest worker of the limiting stage adds what
     the new least capacity gains over the old (0 when another stage limits as much).
     """
+    if b.limiting_resource is not None:
+        return _resource_sentence(b, b.limiting_resource, busy)
     if not b.limiting:
         return "no stage limits the rate (every stage is unbounded)", {}
     parts = []
@@ -233,6 +245,34 @@ def bottleneck_sentence(
         f"{names} are balanced bottlenecks: one more slot of one alone adds "
         f"~{max(gains.values()):.1f} sectors/day; add to both{loose}"
     ), figures
+
+
+def _resource_sentence(
+    b: Bound, r: ResourceBound, busy: Mapping[tuple[str, TaskType], float]
+) -> tuple[str, dict[str, object]]:
+    """The worker resource its stages take turns on, as the bottleneck."""
+    slots = {w.worker: w.slots for t in r.stages for w in b.stages[t].workers}
+    held = sum(
+        busy.get((r.worker, t), 0.0) * (slots.get(r.worker) or 0) * need
+        for t, need in zip(r.stages, r.needs, strict=True)
+    )
+    pct = round(100 * held / r.total) if r.total else 0
+    amount, what = r.unit
+    others = [s.per_day for s in b.stages.values() if s.per_day is not None]
+    others += [o.per_day for o in b.resources if o is not r]
+    more = r.per_day * (r.total + amount) / r.total
+    gain = round(max(0.0, min([more, *others]) - b.per_day), 1)
+    names = " and ".join(t.short for t in r.stages)
+    text = (
+        f"the {r.resource} of {r.worker} is the bottleneck ({names} take turns on it): "
+        f"{pct}% busy; one more {what} there adds ~{gain:.1f} sectors/day"
+    )
+    figures: dict[str, object] = {
+        "stages": [t.short for t in r.stages],
+        "resource": {"worker": r.worker, "name": r.resource, "busy": pct / 100},
+        "gain_per_day": gain,
+    }
+    return text, figures
 
 
 def _one_more_slot(b: Bound, task: TaskType, share: WorkerStage) -> float:

@@ -27,8 +27,12 @@ Schema (times are simulated seconds or hours from the start of the run; rates pe
             "per_day": float,                 # the least stage capacity
             "ratio": float | null,            # steady_per_day / per_day
             "limiting": [str],                # the stages at the bound (task short names)
-            "shared": [str],                  # workers that cannot hold all their stages'
-                                              # slots at once: the bound may be loose there
+            "shared": [str],                  # workers whose limiting slots leave no room
+                                              # for their other stages: the bound may be loose
+            "resources": [{"worker": str, "resource": "GPU" | "CPU threads" | "memory",
+                           "per_day": float, "stages": [str]}],  # shared by stages only that
+                                              # worker runs (simulate/sharing.py)
+            "limiting_resource": {"worker": str, "resource": str} | null,  # below every stage
             "stages": {TASK: {"per_day": float | null,       # null: unlimited
                               "workers": {WORKER: {"slots": int | null, "seconds": float,
                                                    "fetch_seconds": float,
@@ -162,9 +166,9 @@ def run_summary(r: RunResult) -> dict[str, Any]:
             fetch_s.setdefault(worker, {})[task.short] = round(s, 1)
     capacity = {p.id: p.capacity for w in r.variant.workers for p in w.paths}
     full_from: dict[str, float | None] = {}
-    for pid, series in c.disk.items():
+    for pid, used_series in c.disk.items():
         cap = capacity.get(pid, 0)
-        at = next((i for i, used in enumerate(series) if cap and used >= cap * FULL), None)
+        at = next((i for i, used in enumerate(used_series) if cap and used >= cap * FULL), None)
         full_from[pid] = None if at is None else round(at * c.sample / 3600, 3)
     full = [f"{pid} from hour {h:g}" for pid, h in sorted(full_from.items()) if h is not None]
     if full:
@@ -188,6 +192,23 @@ def run_summary(r: RunResult) -> dict[str, Any]:
             "ratio": _r(steady / b.per_day) if steady is not None and b.per_day else None,
             "limiting": [t.short for t in b.limiting],
             "shared": list(b.shared),
+            "resources": [
+                {
+                    "worker": x.worker,
+                    "resource": x.resource,
+                    "per_day": round(x.per_day, 3),
+                    "stages": [t.short for t in x.stages],
+                }
+                for x in b.resources
+            ],
+            "limiting_resource": (
+                None
+                if b.limiting_resource is None
+                else {
+                    "worker": b.limiting_resource.worker,
+                    "resource": b.limiting_resource.resource,
+                }
+            ),
             "stages": {
                 t.short: {
                     "per_day": _r(s.per_day),

@@ -167,19 +167,50 @@ def test_sim_backend_runs_a_worker_at_its_own_durations() -> None:
     assert sim.duration(TaskType.PRE_COMMIT1, size // 2, "fast") == 1800.0
 
 
-def test_a_box_whose_stages_share_its_gpu_is_flagged_as_a_loose_bound(tmp_path: Path) -> None:
+def test_stages_taking_turns_on_one_gpu(tmp_path: Path) -> None:
     # Per stage, PC1 (2 x 3.5 h) and C2 (1 x 1.75 h) both allow 13.714/day, but the box's one
-    # GPU serves PC2 and C2 in turn: the report must say the bound is loose there.
+    # GPU serves PC2 (25 min) and C2 (105 min) in turn: 24 * 60 / 130 = 11.077 sectors/day.
     text = (
         HEAD.format(per_day=15)
         + '[simulate.worker_durations.box]\nC2 = "1.75h"\n'
         + _box("box", resources="PC1_32G_MAX_CONCURRENT = 2, C2_32G_MAX_CONCURRENT = 1")
     )
-    out = _simulate(tmp_path, text, days=2)
+    out = _simulate(tmp_path, text, days=3)
     [run] = out["runs"]
-    assert run["bound"]["shared"] == ["box"]
-    assert "the bound may be loose: box cannot run" in run["bottleneck"]["text"]
-    assert run["sectors"]["steady_per_day"] < run["bound"]["per_day"] * 0.97
+    _close(run, 24 * 60 / 130)
+    assert run["bound"]["limiting"] == []
+    assert run["bound"]["limiting_resource"] == {"worker": "box", "resource": "GPU"}
+    assert run["bottleneck"]["text"].startswith(
+        "the GPU of box is the bottleneck (PC2 and C2 take turns on it)"
+    )
+    assert "one more GPU there adds ~2.6 sectors/day" in run["bottleneck"]["text"]
+
+
+def test_a_box_whose_limiting_slots_crowd_out_its_other_stages_is_a_loose_bound() -> None:
+    from sectorfsm.sched import StoragePath, WorkerResources, WorkerSpec
+    from sectorfsm.simulate.bound import bound
+
+    # 4 GPUs: PC2 and C2 need one each; C2 limits at 4 slots, and with its 4 GPUs held no PC2
+    # can run: PC2 and C2 then share the GPUs, which the per-stage bound cannot see.
+    size = 32 << 30
+    box = WorkerSpec(
+        "box",
+        WorkerResources(cpus=128, mem_physical=4 << 40, mem_swap=0, gpus=("a", "b", "c", "d")),
+        paths=(StoragePath("p", "box", 1 << 50),),
+        needs_heartbeats=False,
+    )
+    other = WorkerSpec(
+        "pc1",
+        WorkerResources(cpus=128, mem_physical=4 << 40, mem_swap=0),
+        task_types=frozenset({TaskType.ADD_PIECE, TaskType.PRE_COMMIT1, TaskType.PRE_COMMIT2}),
+        paths=(StoragePath("q", "pc1", 1 << 50),),
+        needs_heartbeats=False,
+    )
+    seconds = {w: {t: 60.0 for t in TaskType} | {TaskType.COMMIT2: 7200.0} for w in ("box", "pc1")}
+    b = bound([box, other], size, seconds, {})
+    assert b.limiting == (TaskType.COMMIT2,)
+    assert b.limiting_resource is None  # PC2 also runs on pc1: its load could move there
+    assert b.shared == ("box",)
 
 
 @pytest.mark.parametrize(

@@ -53,6 +53,13 @@ def _config(tmp_path: Path, simulate: str = "", faults: str = "") -> Path:
     return path
 
 
+def _differences(a: str, b: str) -> list[str]:
+    """Where two summaries differ: run index and top-level key, for the failure message."""
+    ra, rb = json.loads(a)["runs"], json.loads(b)["runs"]
+    pairs = enumerate(zip(ra, rb, strict=True))
+    return [f"run {i} {k}" for i, (x, y) in pairs for k in x if x[k] != y[k]]
+
+
 def _run(*args: str) -> tuple[int, str, str]:
     result = CliRunner().invoke(app, ["simulate", *args])
     return result.exit_code, result.stdout, result.stderr
@@ -99,7 +106,7 @@ def test_same_seed_gives_the_same_json(tmp_path: Path) -> None:
         )
         assert code == 0, stderr
         texts.append((tmp_path / name / "summary.json").read_text())
-    assert texts[0] == texts[1]
+    assert texts[0] == texts[1], _differences(texts[0], texts[1])
     data = json.loads(texts[0])
     failures = data["runs"][0]["failures"]
     assert sum(failures["worker_crashes"].values()) > 0
