@@ -17,6 +17,9 @@ a poll every `beat` seconds, reconciles the scheduler with Dask's worker list:
 
 Dask's settings follow what was measured: `allowed-failures: 0` (a dead worker's task fails
 in milliseconds and our FSM decides the retry), a short `worker-ttl`, no work stealing.
+Dask starts an HTTP server with every scheduler, even with `dashboard=False`, on port 8787 of
+every interface, without TLS or login (prometheus, info, json, proxy routes): ours gets no
+routes and listens on loopback only, so the comm port is the cluster's one way in.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ log = logging.getLogger("sectorfsm.cluster")
 
 #: Seconds between two reconciliations when no event arrives (heartbeats are read then).
 BEAT = 1.0
+#: Where Dask's HTTP server (which cannot be turned off) listens: loopback, any free port.
+HTTP_ADDRESS = "127.0.0.1:0"
 
 Infos = Callable[[], Awaitable[dict[str, dict[str, Any]]]]
 #: `(worker name, its path ids, the files it holds as (path id, kind, name, size))`.
@@ -54,6 +59,7 @@ def dask_config(worker_ttl: float, *, secure: bool) -> dict[str, Any]:
         "distributed.scheduler.allowed-failures": 0,
         "distributed.scheduler.worker-ttl": f"{worker_ttl:g}s",
         "distributed.scheduler.work-stealing": False,
+        "distributed.scheduler.http.routes": [],
     }
     if secure:
         config["distributed.comm.require-encryption"] = True
@@ -234,7 +240,12 @@ async def open_cluster(
         async with contextlib.AsyncExitStack() as stack:
             embedded: Scheduler | None = None
             if listen is not None:
-                started = Scheduler(**_listen_kwargs(listen), dashboard=False, security=security)
+                started = Scheduler(
+                    **_listen_kwargs(listen),
+                    dashboard=False,
+                    dashboard_address=HTTP_ADDRESS,
+                    security=security,
+                )
                 embedded = await stack.enter_async_context(started)
                 started.add_plugin(_Feed(queue))
                 address = started.address

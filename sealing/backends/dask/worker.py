@@ -75,6 +75,8 @@ CONNECT_TIMEOUT = 10.0
 #: Reconnect backoff: first delay, and the cap it doubles up to.
 BACKOFF_MIN = 1.0
 BACKOFF_MAX = 30.0
+#: Where Dask's HTTP server (which cannot be turned off) listens: loopback, any free port.
+HTTP_ADDRESS = "127.0.0.1:0"
 #: Keys of worker.toml that are not a `[[workers]]` entry's.
 _OWN_KEYS = ("scheduler", "backend", "threads", "host", "state_dir", "tls", "sealer")
 
@@ -358,8 +360,10 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
     roots = list(config.directories.values())
     config.state_dir.mkdir(parents=True, exist_ok=True)
     export_roots(config.directories)  # the job children translate path ids with these
-    # An engine that registers the job plugin again must find the same records.
-    with dask.config.set({jobs.STATE_DIR_KEY: str(config.state_dir)}), jobs.hold_jobs():
+    # An engine that registers the job plugin again must find the same records. The HTTP
+    # server every Dask Worker starts (no TLS, no login) gets no routes, on loopback only.
+    settings = {jobs.STATE_DIR_KEY: str(config.state_dir), "distributed.worker.http.routes": []}
+    with dask.config.set(settings), jobs.hold_jobs():
         jobs.open_table(config.state_dir, config.name)  # its spawner warms up while we connect
         while not stop.is_set():
             worker = Worker(
@@ -368,6 +372,7 @@ async def serve(config: WorkerConfig, stop: asyncio.Event) -> None:
                 nthreads=config.threads,
                 memory_limit=0,
                 dashboard=False,
+                dashboard_address=HTTP_ADDRESS,
                 host=config.host,
                 security=security,
                 death_timeout=CONNECT_TIMEOUT,
