@@ -217,6 +217,8 @@ async def _start_cluster(
                 worker_ttl=cluster.worker_ttl,
                 say=lambda line: console.print(f"cluster: {line}", markup=False),
                 on_join=miner.sealer.worker_joined,  # its files reconciled with the index
+                # A rejoining worker's jobs of attempts the sealer moved past are killed.
+                attempts=getattr(miner.sealer.backend, "attempt", None),
             )
         )
     except (OSError, TimeoutError) as exc:

@@ -79,6 +79,10 @@ class DaskWorkerBackend:
         """The Dask key and registry id of the scheduler's job `job_id` on this worker."""
         return f"j{job_id}-{self.epoch}"
 
+    def waits_on(self, key: str) -> bool:
+        """Whether a call of the engine waits on job `key` here now."""
+        return key in self._running.values()
+
     def beat(self, heartbeat: WorkerHeartbeat, last_seen: float) -> None:
         """Record what the worker said on its latest heartbeat."""
         self.last_seen = last_seen

@@ -13,7 +13,10 @@ a poll every `beat` seconds, reconciles the scheduler with Dask's worker list:
   `ScheduledSealer.worker_joined`) before any task can be placed on it;
 * heartbeat (`metrics["sectorfsm"]`): `sched.heartbeat`, free space per path into the
   storage index, and the policy the worker read from its own file;
-* leave: `sched.remove_worker`, and the jobs still waiting on it fail at once.
+* leave: `sched.remove_worker`, and the jobs still waiting on it fail at once;
+* stale jobs: given the engine's attempt counters (`attempts`), the first heartbeat of each
+  join (sent with the join itself) lists the worker's jobs, and those of superseded attempts
+  that nobody waits on are killed and forgotten there (`stale.py`).
 
 Dask's settings follow what was measured: `allowed-failures: 0` (a dead worker's task fails
 in milliseconds and our FSM decides the retry), a short `worker-ttl`, no work stealing.
@@ -40,6 +43,7 @@ from ....sched import Scheduler as SectorScheduler
 from ....sched.pushed import PushedPolicy
 from .backend import DaskWorkerBackend
 from .identity import IDENTITY_KEY, METRICS_KEY, WorkerHeartbeat, WorkerIdentity
+from .stale import Attempts, discard, superseded
 
 log = logging.getLogger("sectorfsm.cluster")
 
@@ -100,6 +104,12 @@ class Membership:
     refused: dict[str, str] = field(default_factory=dict)
     #: Told of each worker that joined and the sector files it reported.
     on_join: OnJoin | None = None
+    #: The engine's current attempt of a sector's task: jobs of older ones are discarded.
+    attempts: Attempts | None = None
+    #: Addresses whose jobs were swept for stale ones since they joined.
+    swept: set[str] = field(default_factory=set)
+    #: Sweeps under way (killing a job waits for its child to end).
+    sweeps: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def run(self, beat: float = BEAT) -> None:
         """Reconcile on every event, and every `beat` seconds."""
@@ -172,6 +182,8 @@ class Membership:
             log.error("worker %s: bad heartbeat ignored: %s", backend.name, exc)
             heartbeat = WorkerHeartbeat(policy=backend.policy)
         backend.beat(heartbeat, last_seen)
+        if raw is not None:
+            self._sweep(backend)
         if self.sched.find_worker(backend.name) is None:
             return
         self.sched.heartbeat(backend.name)
@@ -185,7 +197,37 @@ class Membership:
             if w.watcher.update(p.fields, p.error, p.loaded_at):
                 log.info("worker %s: policy from %s in force", backend.name, p.file)
 
+    def _sweep(self, backend: DaskWorkerBackend) -> None:
+        """Once per join: kill and forget the worker's jobs of superseded attempts."""
+        if self.attempts is None or backend.address in self.swept:
+            return
+        self.swept.add(backend.address)
+        try:
+            stale = superseded(backend.jobs, self.attempts, self._waited_on)
+        except Exception:  # the counters are unreadable now: keep the jobs, try next beat
+            log.exception("worker %s: looking for stale jobs failed", backend.name)
+            self.swept.discard(backend.address)
+            return
+        if stale:
+            task = asyncio.get_running_loop().create_task(self._discard(backend, stale))
+            self.sweeps.add(task)
+            task.add_done_callback(self.sweeps.discard)
+
+    def _waited_on(self, job_id: str) -> bool:
+        return any(b.waits_on(job_id) for b in self.members.values())
+
+    async def _discard(self, backend: DaskWorkerBackend, stale: list[str]) -> None:
+        try:
+            ends = await discard(self.client, backend.address, stale)
+        except Exception as exc:  # left again, or unreachable: its next join sweeps again
+            log.warning("worker %s: could not discard stale jobs %s: %s", backend.name, stale, exc)
+            self.swept.discard(backend.address)
+            return
+        said = ", ".join(f"{job_id} ({state})" for job_id, state in sorted(ends.items()))
+        self.say(f"worker {backend.name}: discarded jobs of superseded attempts: {said}")
+
     def _leave(self, address: str) -> None:
+        self.swept.discard(address)
         backend = self.members.pop(address)
         backend.lost("left the cluster")
         w = self.sched.find_worker(backend.name)
@@ -228,10 +270,13 @@ async def open_cluster(
     say: Callable[[str], None] = print,
     beat: float = BEAT,
     on_join: OnJoin | None = None,
+    attempts: Attempts | None = None,
 ) -> AsyncIterator[Cluster]:
     """Run (`listen`) or join (`scheduler`) the Dask cluster; membership runs until exit.
 
-    `on_join` hears of every worker that joins and the sector files it holds.
+    `on_join` hears of every worker that joins and the sector files it holds. With
+    `attempts` (the dask sealer's `attempt`), a joining worker's jobs of superseded
+    attempts are killed and forgotten.
     """
     if (listen is None) == (scheduler is None):
         raise ValueError("give exactly one of listen or scheduler")
@@ -259,14 +304,17 @@ async def open_cluster(
                 client.subscribe_topic(  # type: ignore[no-untyped-call]
                     "all", lambda event: _on_topic(queue, event)
                 )
-            membership = Membership(sched, client, infos, say, queue, on_join=on_join)
+            membership = Membership(
+                sched, client, infos, say, queue, on_join=on_join, attempts=attempts
+            )
             task = asyncio.get_running_loop().create_task(membership.run(beat))
             try:
                 await membership.reconcile()
                 yield Cluster(client, address, membership, embedded)
             finally:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+                for t in (task, *membership.sweeps):
+                    t.cancel()
+                await asyncio.gather(task, *membership.sweeps, return_exceptions=True)
                 for backend in membership.members.values():
                     backend.lost("is out of reach: the engine is stopping", engine_stopping=True)
 
