@@ -268,6 +268,7 @@ def _convert(raw: dict[str, Any], where: str, base: Path) -> SimulateConfig:
     for spec in workers:
         if spec.policy_file is not None:
             load_policy(spec.policy_file)  # a broken policy file: PolicyError, one line
+    _check_ticket_window(table, size, workers, where)
     cfg = SimulateConfig(
         workers=workers,
         sector_size=size,
@@ -285,6 +286,31 @@ def _convert(raw: dict[str, Any], where: str, base: Path) -> SimulateConfig:
         source=where,
     )
     return cfg
+
+
+def _check_ticket_window(
+    table: _SimulateTable, size: int, workers: list[WorkerSpec], where: str
+) -> None:
+    """Refuse durations whose PreCommit1 + PreCommit2 outlast the chain's sealing ticket."""
+    from ..sealing.backends.sim import DURATIONS_32G
+    from ..sealing.chain import ChainParams
+    from ..sealing.options import chain_params
+
+    chain = ChainParams.devnet(table.block_time) if table.block_time else table.chain
+    params = chain_params(chain, sector_size=size, sealer="sim")
+    window = params.ticket_window() * params.block_time
+    for w in workers:
+        seconds = 0.0
+        for task in (TaskType.PRE_COMMIT1, TaskType.PRE_COMMIT2):
+            default = DURATIONS_32G[task] * size / (32 << 30)
+            own = table.worker_durations.get(w.name, {})
+            seconds += own.get(task, table.durations.get(task, default))
+        if seconds >= window:
+            raise SimulateConfigError(
+                f"{where}: [simulate] durations: PC1 + PC2 take {seconds / 3600:.1f} h on "
+                f"{w.name}, but {params.name} sealing tickets expire after "
+                f"{window / 3600:.1f} h: no sector could be precommitted"
+            )
 
 
 def _pledge(table: _PledgeTable, where: str) -> PledgePlanConfig:

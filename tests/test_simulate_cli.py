@@ -126,6 +126,7 @@ def test_same_seed_gives_the_same_json(tmp_path: Path) -> None:
         ("colour = 'blue'", None, "colour"),
         ('sector_size = "3GiB"', None, "sector_size"),
         ("[simulate.durations]\nPC1 = 'soon'", None, "durations"),
+        ("[simulate.durations]\nPC1 = '30h'", None, "sealing tickets expire after 24.0 h"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(
