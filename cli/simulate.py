@@ -20,7 +20,9 @@ def simulate(
             "--config",
             "-c",
             metavar="FILE",
-            help="The `sectors run` TOML ([[workers]], [sealing]) with a [simulate] section.",
+            # (rich markup: a bracket that opens a table name is escaped)
+            help="The `sectors run` TOML (\\[\\[workers]], \\[sealing]) with a \\[simulate] "
+            "section.",
         ),
     ],
     days: Annotated[
@@ -28,7 +30,7 @@ def simulate(
     ] = 30.0,
     seed: Annotated[
         int | None,
-        typer.Option("--seed", min=0, help="Seed of every draw (default: [simulate] seed, 0)."),
+        typer.Option("--seed", min=0, help="Seed of every draw (default: \\[simulate] seed, 0)."),
     ] = None,
     out: Annotated[
         Path | None,

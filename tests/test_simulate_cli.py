@@ -152,3 +152,10 @@ def test_pledge_mode_needs_its_figure(tmp_path: Path) -> None:
     code, _, stderr = _run("--config", str(config))
     assert code == 1
     assert "[simulate.pledge] per_day: required with mode = 'rate'" in stderr
+
+
+def test_help_shows_the_table_names() -> None:
+    result = CliRunner().invoke(app, ["simulate", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert "([[workers]], [sealing]) with a [simulate] section" in result.stdout
+    assert "(default: [simulate] seed, 0)" in result.stdout
