@@ -7,20 +7,28 @@ A group given `count_by` (state -> a short string, e.g. the state's name) keeps,
 * ``<group>\\0F<key>`` -> msgpack int: final machines whose `count_by` is `<key>`
 * ``<group>\\0`` -> msgpack int `COUNTS_VERSION`: present while the counts are exact
 
-Every write that changes a machine's key or finality adds its +1/-1 in the same transaction
-(the engine through `Committer.add`, clients through `add`), so reading a count is a few key
-reads, never a scan, and a crash cannot make them drift: they commit or vanish with the state.
-What the counts cannot follow (a record set aside in quarantine because it cannot be read, so
-its key is unknown) removes the marker; the engine then rebuilds them from a full scan. At
-every start the engine also checks the live half against the live index it loads anyway, so
-the start stays O(live machines) while a stored count that disagrees is logged and repaired.
+and, in the `counted` sub-database, which machines have each key (so listing the machines of
+a few keys reads those machines only, never the whole group):
+
+* ``<group>\\0<key>\\0<machine id key>`` -> empty
+
+Every write that changes a machine's key or finality adds its +1/-1 (and moves its index
+entry) in the same transaction (the engine through `Committer.add`, clients through `add`), so
+reading a count is a few key reads, never a scan, and a crash cannot make them drift: they
+commit or vanish with the state. What the counts cannot follow (a record set aside in
+quarantine because it cannot be read, so its key is unknown) removes the marker; the engine
+then rebuilds them from a full scan. At every start the engine also checks the live half
+against the live index it loads anyway, so the start stays O(live machines) while a stored
+count that disagrees is logged and repaired (with the key index rebuilt). A store written
+before the key index existed (marker version 1) is rebuilt once, by the same scan, at the
+first start of an engine that keeps it.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .codec import packb, unpackb
@@ -35,8 +43,11 @@ log = logging.getLogger("sectorfsm.fsm.counts")
 
 #: The sub-database holding every counting group's counts.
 COUNTS_DB = "counts"
+#: The sub-database indexing every counting group's machines by count key.
+INDEX_DB = "counted"
 #: Version of the counts layout; the marker holds it while the counts are exact.
-COUNTS_VERSION = 1
+#: 2: the `counted` key index is kept with them (1: counts only, rebuilt at start).
+COUNTS_VERSION = 2
 _LIVE = b"L"
 _FINAL = b"F"
 _VERSION = packb(COUNTS_VERSION)
@@ -65,29 +76,63 @@ class GroupCounts:
         #: `entries[final][name]`: the `counts` key, made once per key, so the engine compares
         #: a machine's old and new entries by identity.
         self.entries: tuple[dict[str, bytes], dict[str, bytes]] = ({}, {})
+        #: `counts` entry -> the prefix of its machines' keys in the `counted` index.
+        self._index: dict[bytes, bytes] = {}
+        self._group_len = len(self.marker)
 
     def entry(self, name: str, final: bool) -> bytes:
         """The `counts` key of machines with count key `name` and this finality."""
         table = self.entries[final]
         key = table.get(name)
         if key is None:
+            if "\x00" in name:
+                raise ValueError(f"count key {name!r} contains a NUL")
             key = table[name] = (self._final if final else self._live) + name.encode()
+            self._index[key] = self.index_prefix(name)
         return key
+
+    def index_prefix(self, name: str) -> bytes:
+        """The prefix of the `counted` keys of machines whose count key is `name`."""
+        return self.marker + name.encode() + b"\x00"
+
+    def index_key(self, entry: bytes, machine_key: bytes) -> bytes:
+        """The `counted` key of the machine stored under `machine_key`, counted in `entry`."""
+        return self._index[entry] + machine_key[self._group_len :]
 
     # -- writes ----------------------------------------------------------------------------
 
-    def stage(self, entry: bytes, delta: int) -> None:
-        """Stage `delta` for a `counts` key into the engine's current commit."""
-        self._committer.add(COUNTS_DB, entry, delta)
+    def stage(self, entry: bytes, delta: int, machine_key: bytes | None = None) -> None:
+        """Stage `delta` for a `counts` key into the engine's current commit.
 
-    def moved(self, old: bytes, new: bytes) -> None:
+        With `machine_key`, the machine joins (+1) or leaves (-1) that key's index too.
+        """
+        committer = self._committer
+        committer.add(COUNTS_DB, entry, delta)
+        if machine_key is not None:
+            key = self.index_key(entry, machine_key)
+            if delta > 0:
+                committer.put(INDEX_DB, key, b"")
+            else:
+                committer.delete(INDEX_DB, key)
+
+    def moved(self, old: bytes, new: bytes, machine_key: bytes | None = None) -> None:
         """Stage one machine moving between two `counts` keys (from a pre-commit hook)."""
-        adds = self._committer.adding(COUNTS_DB)
+        committer = self._committer
+        adds = committer.adding(COUNTS_DB)
         adds[old] = adds.get(old, 0) - 1
         adds[new] = adds.get(new, 0) + 1
+        if machine_key is not None:
+            index = self._index
+            if index[old] != index[new]:  # (not only its finality changed)
+                committer.delete(INDEX_DB, self.index_key(old, machine_key))
+                committer.put(INDEX_DB, self.index_key(new, machine_key), b"")
 
-    def add_in(self, txn: Any, state: Any, final: bool, delta: int) -> None:
+    def add_in(
+        self, txn: Any, state: Any, final: bool, delta: int, machine_key: bytes | None = None
+    ) -> None:
         """In write transaction `txn`, before the record is written: count one machine.
+
+        With `machine_key` (its `states` key), its entry in the key index is written too.
 
         The counts of a group with no record yet are exact by definition: the first write
         marks them so, and readers of a repo no engine ran on need no scan either.
@@ -95,7 +140,14 @@ class GroupCounts:
         db = self.store.db(COUNTS_DB)
         if txn.get(self.marker, db=db) is None and not self._any_record(txn):
             txn.put(self.marker, _VERSION, db=db)
-        add(txn, db, self.entry(self.key_of(state), final), delta)
+        entry = self.entry(self.key_of(state), final)
+        add(txn, db, entry, delta)
+        if machine_key is not None:
+            index = self.store.db(INDEX_DB)
+            if delta > 0:
+                txn.put(self.index_key(entry, machine_key), b"", db=index)
+            else:
+                txn.delete(self.index_key(entry, machine_key), db=index)
 
     def _any_record(self, txn: Any) -> bool:
         cur = txn.cursor(db=self.store.db("states"))
@@ -112,7 +164,7 @@ class GroupCounts:
         from .records import scan
 
         db = self.store.db(COUNTS_DB)
-        if txn.get(self.marker, db=db) is None:
+        if txn.get(self.marker, db=db) != _VERSION:  # (absent, or written before the index)
             return None
         live: dict[str, int] = {}
         final: dict[str, int] = {}
@@ -133,6 +185,29 @@ class GroupCounts:
         if split is None:
             return None
         return dict(Counter(split[0]) + Counter(split[1]))
+
+    def keys_with(self, names: Iterable[str]) -> list[bytes] | None:
+        """The `states` keys of machines whose count key is in `names`, in key order.
+
+        Read from the key index; None if it is not exact (the caller scans instead).
+        """
+        from .records import scan
+
+        group = self.marker
+        try:
+            with self.store.read() as txn:
+                if txn.get(group, db=self.store.db(COUNTS_DB)) != _VERSION:
+                    return None
+                index = self.store.db(INDEX_DB)
+                keys: list[bytes] = []
+                for name in set(names):
+                    prefix = self.index_prefix(name)
+                    cut = len(prefix)
+                    keys.extend(group + k[cut:] for k in scan(txn, index, prefix, values=False))
+        except StoreError:  # a read-only store written before the index existed
+            return None
+        keys.sort()
+        return keys
 
     def scanned(self, records: GroupRecords[Any]) -> dict[str, int]:
         """Machines per key by a full scan of the records (unreadable ones skipped)."""
@@ -161,7 +236,8 @@ class GroupCounts:
             live = self._live_scan(txn, records, known)
             if live == split[0]:
                 return "ok"
-            self._replace(txn, db, self._live, split[0], live)
+            # The key index drifted with them: both are rebuilt from the records.
+            self._rebuild(txn, db, records)
             return f"live counts repaired: stored {_diff(split[0], live)}"
 
         outcome = self.store.write(run)
@@ -196,6 +272,10 @@ class GroupCounts:
 
         live: Counter[str] = Counter()
         final: Counter[str] = Counter()
+        index = self.store.db(INDEX_DB)
+        stale = list(scan(txn, index, self.marker, values=False))
+        for key in stale:
+            txn.delete(key, db=index)
         for key, raw in scan(txn, self.store.db("states"), records.prefix):
             mid = records.machine_id(key)[0]
             try:
@@ -203,7 +283,9 @@ class GroupCounts:
             except RecordError:
                 continue  # not counted, as readers skip it; the engine sets it aside
             is_final = is_final or records.is_final(state)
-            (final if is_final else live)[self.key_of(state)] += 1
+            name = self.key_of(state)
+            (final if is_final else live)[name] += 1
+            txn.put(self.index_key(self.entry(name, is_final), bytes(key)), b"", db=index)
         old_live, old_final = (
             self._raw_half(txn, db, self._live),
             self._raw_half(txn, db, self._final),

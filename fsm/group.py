@@ -350,6 +350,23 @@ class StateGroup(Generic[S]):
             filter, start_after=start_after, page_size=page_size, on_error=self._unreadable
         )
 
+    def list_by(self, keys: Iterable[str]) -> Iterator[tuple[MachineId, S]]:
+        """Yield `(id, state)` of the machines whose `count_by` key is in `keys`, in id order.
+
+        Read from the key index kept with the counts: the cost is that of the machines
+        listed, not of the group. While the index is not exact (a store written before it,
+        until the engine's first start rebuilds it) a full scan answers instead.
+        """
+        counts = self.records.counts
+        if counts is None:
+            raise ValueError(f"group {self.name!r} has no count_by: it keeps no key index")
+        wanted = set(keys)
+        found = counts.keys_with(wanted)
+        if found is None:
+            key_of = counts.key_of
+            return self.list(lambda state: key_of(state) in wanted)
+        return self.records.list_keys(found, on_error=self._unreadable)
+
     def _unreadable(self, machine_id: MachineId, raw: bytes, exc: RecordError) -> None:
         if machine_id not in self.unreadable:
             log.error("group %s: skipping machine %r: %s", self.name, machine_id, exc)

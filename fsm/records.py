@@ -10,6 +10,7 @@ and a NUL):
 * `quarantine` ``<db>/<key>`` -> msgpack ``[reason, raw_bytes]``: records set aside because
   they cannot be read (a machine's is ``states/<group>\\0<id>``), kept for recovery
 * `counts` machines per `count_by` key, for a group that has one (fsm/counts.py)
+* `counted` which machines have each `count_by` key (the same module)
 
 Everything here is synchronous and safe to call from any thread or process.
 """
@@ -189,6 +190,27 @@ class GroupRecords(Generic[S]):
                 return
             lower = page[-1][0] + b"\x00"
 
+    def list_keys(
+        self, keys: Sequence[bytes], on_error: OnError | None = None, page_size: int = _PAGE
+    ) -> Iterator[tuple[MachineId, S]]:
+        """Yield `(id, state)` of the machines stored under `keys`, in that order.
+
+        One short read transaction per page; a key whose record is gone meanwhile is skipped,
+        an unreadable record as in `list`.
+        """
+        states = self.store.db("states")
+        for start in range(0, len(keys), page_size):
+            with self.store.read() as txn:
+                get = txn.get
+                page = [(key, get(key, db=states)) for key in keys[start : start + page_size]]
+            for key, raw in page:
+                if raw is None:
+                    continue
+                mid = self.machine_id(key)[0]
+                state = self._decode_or_report(raw, mid, on_error)
+                if state is not _UNREADABLE:
+                    yield mid, state
+
     def live_ids(self) -> Sequence[MachineId]:
         """Ids of the machines not in a final state (the live index; no record is decoded)."""
         with self.store.read() as txn:
@@ -267,7 +289,7 @@ class GroupRecords(Generic[S]):
         if self.counts is not None:
             if txn.get(key, db=self.store.db("states")) is not None:
                 self.counts.forget(txn)  # (it replaces a record: the engine recounts)
-            self.counts.add_in(txn, state, final, 1)
+            self.counts.add_in(txn, state, final, 1, key)
         txn.put(key, raw, db=self.store.db("states"))
         if final:
             txn.delete(key, db=self.store.db("live"))
@@ -305,7 +327,7 @@ class GroupRecords(Generic[S]):
         if self.counts is not None:
             if state is None:
                 state = self.decode(record, machine_id)[0]
-            self.counts.add_in(txn, state, final, 1)
+            self.counts.add_in(txn, state, final, 1, key)
         txn.put(key, record, db=self.store.db("states"))
         if not final:
             txn.put(key, b"", db=self.store.db("live"))

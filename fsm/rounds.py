@@ -44,7 +44,7 @@ class RoundPlanner:
         counts = self._counts
         if counts is not None:
             m.counted = counts.entry(counts.key_of(m.state), m.final)
-            counts.stage(m.counted, 1)
+            counts.stage(m.counted, 1, m.key)
 
     def plan(self, m: Machine, limit: int | None = None) -> Round:
         """Plan `m`'s queued events (the first `limit`): `(step, processed, final, record)`."""
@@ -114,7 +114,7 @@ class RoundPlanner:
             old = m.counted
             if entry is not old:
                 if old is not None:
-                    counts.moved(old, entry)
+                    counts.moved(old, entry, m.key)
                 m.counted = entry
         return is_final, record
 

@@ -31,7 +31,17 @@ Durability = Literal["sync", "group", "nosync"]
 DURABILITIES: tuple[str, ...] = ("sync", "group", "nosync")
 
 #: Sub-databases every store has. Domains may open more with `LmdbStore.db(name)`.
-CORE_DBS = ("states", "live", "inbox", "mailbox", "quarantine", "counters", "counts", "meta")
+CORE_DBS = (
+    "states",
+    "live",
+    "inbox",
+    "mailbox",
+    "quarantine",
+    "counters",
+    "counts",
+    "counted",
+    "meta",
+)
 STORE_FORMAT = 1
 #: The store's identity (see `LmdbStore.identity`), under this key of `meta`.
 STORE_ID = b"store_id"

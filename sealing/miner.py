@@ -347,11 +347,14 @@ class Miner:
         return self._get(number)
 
     def list(self, states: Iterable[str | SectorState] | None = None) -> Iterator[SectorInfo]:
-        """Sectors in number order, optionally only those in `states`."""
-        wanted = None if states is None else {parse_state(str(s)) for s in states}
-        for _, info in self.group.list():
-            if wanted is None or info.state in wanted:
+        """Sectors in number order, optionally only those in `states` (read from the index)."""
+        if states is None:
+            for _, info in self.group.list():
                 yield info
+            return
+        wanted = {parse_state(str(s)).value for s in states}  # (bad names: before any read)
+        for _, info in self.group.list_by(wanted):
+            yield info
 
     async def wait(
         self,

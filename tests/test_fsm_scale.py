@@ -5,10 +5,16 @@ from __future__ import annotations
 import asyncio
 import threading
 from pathlib import Path
+from typing import Any, NoReturn
 
-from fsmtoy import Add, Open, make_group
+import pytest
+from fsmtoy import Add, Cancel, Counter, Finish, Open, make_group
+from sealtools import miner, run
 
-from sectorfsm.fsm import LmdbStore
+from sectorfsm.fsm import LmdbStore, StateGroup
+from sectorfsm.fsm.codec import packb
+from sectorfsm.fsm.counts import COUNTS_DB, INDEX_DB
+from sectorfsm.sealing import SectorState
 
 
 def test_nosync_commits_run_on_the_loop_thread(tmp_path: Path) -> None:
@@ -33,3 +39,102 @@ def test_nosync_commits_run_on_the_loop_thread(tmp_path: Path) -> None:
 
     on_loop = asyncio.run(body())
     assert on_loop and all(on_loop), on_loop
+
+
+def _index_group(store: LmdbStore) -> StateGroup[Counter]:
+    return make_group(store, count_by=lambda st: st.state)
+
+
+def _by_state(group: StateGroup[Counter], *states: str) -> list[object]:
+    return [mid for mid, _ in group.list_by(states)]
+
+
+def _no_scan(group: StateGroup[Counter]) -> None:
+    def scan(*_a: object, **_k: object) -> NoReturn:
+        raise AssertionError("list_by scanned the whole group")
+
+    group.records.list = scan  # type: ignore[method-assign]
+
+
+def test_list_by_follows_transitions_and_restarts_without_a_scan(tmp_path: Path) -> None:
+    async def body() -> None:
+        store = LmdbStore(tmp_path / "s", durability="nosync")
+        group = _index_group(store)
+        await group.start()
+        for i in range(1, 8):
+            await group.send(i, Open())
+        for i in (2, 5):
+            await group.send(i, Cancel())
+        await group.send(7, Finish())  # (final: it stays in the index)
+        await group.idle()
+        _no_scan(group)
+        assert _by_state(group, "Idle") == [1, 3, 4, 6]
+        assert _by_state(group, "Cancelled", "Closed") == [2, 5, 7]
+        assert _by_state(group, "Nowhere") == []
+        await group.send(2, Open())  # Cancelled -> Idle
+        await group.idle()
+        assert _by_state(group, "Idle") == [1, 2, 3, 4, 6]
+        assert _by_state(group, "Cancelled") == [5]
+        await group.stop()
+        # Restart: the index is on disk, read by a new group object.
+        again = _index_group(store)
+        _no_scan(again)
+        assert _by_state(again, "Idle") == [1, 2, 3, 4, 6]
+        await again.start()
+        await again.send(6, Finish())
+        await again.idle()
+        assert _by_state(again, "Closed") == [6, 7]
+        await again.stop()
+        store.close()
+
+    asyncio.run(body())
+
+
+def test_a_store_written_before_the_index_is_rebuilt_once_at_start(tmp_path: Path) -> None:
+    async def body() -> None:
+        store = LmdbStore(tmp_path / "s", durability="nosync")
+        group = _index_group(store)
+        await group.start()
+        for i in range(1, 5):
+            await group.send(i, Open())
+        await group.send(3, Cancel())
+        await group.idle()
+        await group.stop()
+
+        # Make it what an older version wrote: counts (marker version 1), no key index.
+        def downgrade(txn: Any) -> None:
+            index = store.db(INDEX_DB)
+            for key in [k for k, _ in txn.cursor(db=index)]:
+                txn.delete(key, db=index)
+            txn.put(b"counters\x00", packb(1), db=store.db(COUNTS_DB))
+
+        store.write(downgrade)
+        old = _index_group(store)
+        # Until an engine rebuilds it, the index is not trusted: a scan answers, correctly.
+        assert _by_state(old, "Cancelled") == [3]
+        await old.start()  # the one rebuild
+        _no_scan(old)
+        assert _by_state(old, "Idle") == [1, 2, 4]
+        assert _by_state(old, "Cancelled") == [3]
+        assert old.counts() == {"Idle": 3, "Cancelled": 1}
+        await old.stop()
+        store.close()
+
+    asyncio.run(body())
+
+
+def test_miner_list_by_state_uses_the_index(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with miner(tmp_path, durability="nosync") as m:
+            a, b, c = [await m.pledge() for _ in range(3)]
+            for n in (a, b, c):
+                await m.wait(n, "Proving")
+            await m.remove(b)
+            await m.wait(b, "Removed")
+            _no_scan(m.group)  # type: ignore[arg-type]
+            assert [i.number for i in m.list(states=["Proving"])] == [a, c]
+            assert [i.number for i in m.list(states=[SectorState.Removed, "Proving"])] == [a, b, c]
+            with pytest.raises(ValueError):
+                list(m.list(states=["NoSuchState"]))
+
+    run(body)
