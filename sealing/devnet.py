@@ -91,6 +91,8 @@ class DevnetChain:
         self._db = store.db(DB)
         self._messages: dict[str, _Message] = {}
         self._order: list[str] = []
+        #: Per sector, the messages naming it in send order (`find_message` runs per sector).
+        self._by_sector: dict[int, list[str]] = {}
         self._deals: dict[int, DealProposal] = {}
         self._reorgs: list[tuple[int, int]] = []  # (from_epoch, salt)
         self._applied = 0
@@ -143,6 +145,8 @@ class DevnetChain:
             except Exception as exc:
                 raise self._unreadable(key, exc) from exc
         self._order.sort(key=lambda c: int(c.rsplit("-", 1)[1]))
+        for cid in self._order:
+            self._index(self._messages[cid])
         return stored, float(record["genesis"])
 
     def _unreadable(self, key: bytes, exc: Exception) -> StoreError:
@@ -418,6 +422,7 @@ class DevnetChain:
         )
         self._messages[cid] = m
         self._order.append(cid)
+        self._index(m)
         self._stage(b"msg/%012d" % seq, dataclasses.asdict(m))
         log.debug("devnet: %s %s for sectors %s", cid, method, sectors)
         return cid
@@ -440,11 +445,14 @@ class DevnetChain:
 
     def find_message(self, method: str, number: int) -> str | None:
         """The latest message of `method` (a prefix such as "PreCommit") naming `number`."""
-        for cid in reversed(self._order):
-            m = self._messages[cid]
-            if m.method.startswith(method) and number in m.sectors:
+        for cid in reversed(self._by_sector.get(number, ())):
+            if self._messages[cid].method.startswith(method):
                 return cid
         return None
+
+    def _index(self, m: _Message) -> None:
+        for n in dict.fromkeys(m.sectors):
+            self._by_sector.setdefault(n, []).append(m.cid)
 
     def messages(self, method: str | None = None) -> list[tuple[str, str, list[int]]]:
         """`(cid, method, sectors)` of every message sent, oldest first (for tests and views)."""
