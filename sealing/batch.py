@@ -61,6 +61,7 @@ class _Batcher:
         self.slack = slack
         self._entries: dict[int, _Entry] = {}
         self._timer: asyncio.Task[None] | None = None
+        self._timer_due = 0.0
         #: Messages sent, with their sector counts (for tests and views).
         self.sent: list[tuple[str, int]] = []
 
@@ -75,8 +76,14 @@ class _Batcher:
         self._entries[entry.number] = entry
         if len(self._entries) >= self.max_batch:
             self.flush()
-        else:
+        elif old is not None or self._timer is None:
             self._rearm()
+        else:
+            # O(1) per sector: only an entry due before the armed timer moves it. (An entry
+            # replaced above can make the timer early; it then re-checks and sleeps on.)
+            due = min(entry.added + self.wait, entry.cutoff - self.slack)
+            if due < self._timer_due:
+                self._rearm()
         try:
             await entry.done
         finally:
@@ -99,10 +106,19 @@ class _Batcher:
         if due <= self.s.clock.now():
             asyncio.get_running_loop().call_soon(self.flush)
             return
+        self._timer_due = due
         self._timer = asyncio.get_running_loop().create_task(self._sleep_then_flush(due))
 
     async def _sleep_then_flush(self, due: float) -> None:
-        await self.s.clock.sleep_until(due)
+        clock = self.s.clock
+        while True:
+            await clock.sleep_until(due)
+            if not self._entries:
+                break
+            due = self._due()  # (the entry that set the timer may have left since)
+            if due <= clock.now():
+                break
+            self._timer_due = due
         self._timer = None
         self.flush()
 
