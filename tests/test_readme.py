@@ -58,6 +58,13 @@ EXPECTED = {
         "all 2 sector(s) are Proving",
         'sectorfsm_sectors{state="Proving"} 1.0',
     ],
+    "Capacity planning": [
+        "summary written to report/summary.json",
+        "report written to report/report.html",
+        "the GPU of gpu-box is the bottleneck",
+        "add-worker gpu-box / balanced:",
+        "report.html\nsummary.json",
+    ],
     "The engine (`sectorfsm.fsm`)": ["Order(state='Done', paid=10)"],
     "The scheduler (`sectorfsm.sched`)": [
         "PC1 s-t01000-2 {'pc1-box': 'needs 56 GiB RAM",

@@ -227,3 +227,13 @@ def test_the_docs_script_writes_the_capacity_png(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"wrote {png}" in proc.stdout
     assert (tmp_path / "report" / "report.html").exists()
+
+
+def test_the_readme_shows_the_example_cluster_the_docs_script_runs() -> None:
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(
+        r"<!-- file: example-cluster.toml -->\n```toml\n(.*?)^```$", readme, re.M | re.S
+    )
+    assert block is not None, "the Capacity planning section lost its example config"
+    assert block[1] == (ROOT / "docs" / "example-cluster.toml").read_text()
+    assert "![Sectors reaching Proving per day" in readme and (ROOT / "docs/capacity.png").exists()
