@@ -31,12 +31,20 @@ def test_thousand_sectors_seal_concurrently_on_virtual_time(tmp_path: Path) -> N
             numbers = await asyncio.gather(*(m.pledge() for _ in range(N)))
             pledged = time.monotonic() - t0
             assert sorted(numbers) == list(range(1, N + 1))
-            await asyncio.wait_for(m.idle(), timeout=150)
+            # Each sector awaited on its own, as a user would: a waiter wakes only for its own
+            # sector's commits (not for every commit of the thousand).
+            infos = await asyncio.wait_for(
+                asyncio.gather(*(m.wait(n, "Proving") for n in numbers)), timeout=150
+            )
+            assert [i.number for i in infos] == numbers
+            await asyncio.wait_for(m.idle(), timeout=30)
             sealed = time.monotonic() - t0
             simulated = m.clock.now() - start
 
             states = collections.Counter(info.state for info in m.list())
             assert states == {SectorState.Proving: N}, states
+            assert len(list(m.list(states=["Proving"]))) == N
+            assert m.sector_counts()["Proving"] == N
             assert m.chain.active_sectors() == list(range(1, N + 1))
 
             messages = m.chain.messages()
