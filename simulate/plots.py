@@ -9,6 +9,7 @@ of each assigner; the what-ifs are compared in the Proving plot and the report's
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,9 @@ __all__ = ["figures", "proving_figure", "save"]
 
 #: Most workers or paths drawn in one figure (the busiest or fullest first).
 MAX_PANELS = 12
+#: Most points per line: a month of hourly samples is averaged (busy) or maxed (disk) in
+#: blocks, so the lines stay readable and the page small.
+MAX_POINTS = 180
 _COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
 _STYLES = ["-", "--", ":", "-."]
 #: Text stays text in the SVG (searchable, smaller); ids salted per figure so that several
@@ -47,6 +51,14 @@ def _bytes(n: float) -> tuple[float, str]:
         if n >= scale:
             return scale, unit
     return 1, "B"
+
+
+def _coarse(series: Sequence[float], hours: float, mean: bool) -> tuple[list[float], list[float]]:
+    """(days, values) with at most `MAX_POINTS` points: means of busy time, peaks of disk use."""
+    step = max(1, -(-len(series) // MAX_POINTS))
+    chunks = [series[i : i + step] for i in range(0, len(series), step)]
+    values = [sum(c) / len(c) if mean else max(c) for c in chunks]
+    return [i * step * hours / 24 for i in range(len(chunks))], values
 
 
 def _empty(ax: Axes, text: str) -> None:
@@ -132,10 +144,10 @@ def _utilisation(s: Summary) -> Figure:
                 for i, (task, use) in enumerate(r.utilisation.workers.get(worker, {}).items()):
                     if use.slots is None or not use.tasks:
                         continue  # unlimited stages have no fraction busy
-                    days = [k * hours / 24 for k in range(len(use.series))]
+                    days, series = _coarse(use.series, hours, mean=True)
                     busy = "-" if use.steady is None else f"{use.steady:.0%}"
                     label = f"{task} ({use.slots} slot{'s' * (use.slots != 1)}, {busy})"
-                    ax.plot(days, use.series, color=_COLOURS[i % len(_COLOURS)], label=label)
+                    ax.plot(days, series, color=_COLOURS[i % len(_COLOURS)], label=label)
                     drawn = True
                 ax.set_title(f"{worker} ({r.assigner})", color=_colour(assigners, r.assigner))
                 ax.set_ylim(0, 1.05)
@@ -249,9 +261,9 @@ def _disk(s: Summary) -> Figure:
                 d = r.disk.paths.get(path)
                 if d is None:
                     continue
-                days = [k * r.disk.sample_hours / 24 for k in range(len(d.series))]
+                days, series = _coarse(d.series, r.disk.sample_hours, mean=False)
                 ax.plot(
-                    days, [v / scale for v in d.series],
+                    days, [v / scale for v in series],
                     color=_colour(assigners, r.assigner), label=r.assigner,
                 )  # fmt: skip
             share = f" ({peak / capacity:.0%})" if capacity else ""
