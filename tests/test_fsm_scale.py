@@ -138,3 +138,38 @@ def test_miner_list_by_state_uses_the_index(tmp_path: Path) -> None:
                 list(m.list(states=["NoSuchState"]))
 
     run(body)
+
+
+def test_sim_tasks_of_a_lost_worker_fail_and_a_cancelled_one_stays_cancelled() -> None:
+    """The sim sealer tracks running tasks per worker (no future shared by all of them)."""
+    from types import SimpleNamespace
+
+    from sectorfsm.fsm import VirtualClock
+    from sectorfsm.sched import TaskType
+    from sectorfsm.sealing.backends.sim import SimBackend, SimTaskError
+
+    async def body() -> None:
+        backend = SimBackend(VirtualClock(), 1000)
+
+        def job(worker: str, n: int) -> Any:
+            return SimpleNamespace(
+                task_type=TaskType.ADD_PIECE,
+                worker=SimpleNamespace(name=worker),
+                sector=SimpleNamespace(size=2048, number=n),
+            )
+
+        on_a = [
+            asyncio.ensure_future(backend.add_piece(job("a", n), [], 2048, None)) for n in range(50)
+        ]
+        on_b = asyncio.ensure_future(backend.add_piece(job("b", 99), [], 2048, None))
+        cancelled = on_a.pop()
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        backend.lose_worker("a")
+        results = await asyncio.gather(*on_a, return_exceptions=True)
+        assert all(isinstance(r, SimTaskError) and "lost with worker a" in str(r) for r in results)
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert (await on_b).size == 2048  # (another worker's task is untouched)
+
+    asyncio.run(body())

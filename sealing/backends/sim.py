@@ -128,8 +128,10 @@ class SimBackend:
         #: Called as `on_fetch(job, seconds)` after each fetch (`sectors simulate` counts them).
         self.on_fetch: Callable[[Job, float], None] | None = None
         self._sched: Scheduler | None = None
-        #: Per worker: resolved when the worker is lost, failing the tasks running there.
-        self._lost: dict[str, asyncio.Future[None]] = {}
+        #: Per worker, the sleeps of its running tasks; `lose_worker` cancels them. (One shared
+        #: future per worker waited on by every task cost O(running tasks) per task's end.)
+        self._running: dict[str, set[asyncio.Future[None]]] = {}
+        self._lost: set[asyncio.Future[None]] = set()
 
     def duration(self, task: TaskType, sector_size: int, worker: str | None = None) -> float:
         """Simulated seconds for `task` on a sector of `sector_size` bytes (on `worker`)."""
@@ -159,26 +161,30 @@ class SimBackend:
 
     def lose_worker(self, worker: str) -> None:
         """Fail every task running on `worker` now, as a crash of the box would."""
-        lost = self._lost.pop(worker, None)
-        if lost is not None and not lost.done():
-            lost.set_result(None)
+        for sleeping in self._running.pop(worker, ()):
+            self._lost.add(sleeping)
+            sleeping.cancel()
 
     async def _work(self, job: Job) -> None:
         task = job.task_type
         worker = job.worker.name
         self.runs[task] = self.runs.get(task, 0) + 1
-        lost = self._lost.get(worker)
-        if lost is None:
-            lost = self._lost[worker] = asyncio.get_running_loop().create_future()
         sleeping = asyncio.ensure_future(
             self.clock.sleep(self.duration(task, job.sector.size, worker))
         )
+        running = self._running.setdefault(worker, set())
+        running.add(sleeping)
         try:
-            await asyncio.wait((sleeping, lost), return_when=asyncio.FIRST_COMPLETED)
+            await sleeping
+        except asyncio.CancelledError:
+            lost = sleeping in self._lost
+            self._lost.discard(sleeping)
+            me = asyncio.current_task()
+            if not lost or (me is not None and me.cancelling()):
+                raise  # (the job itself was cancelled)
+            raise SimTaskError(f"simulated {task.short} lost with worker {worker}") from None
         finally:
-            sleeping.cancel()
-        if not sleeping.done() or sleeping.cancelled():
-            raise SimTaskError(f"simulated {task.short} lost with worker {worker}")
+            running.discard(sleeping)
         left = self.faults.fail_tasks.get(task, 0)
         if left > 0:
             self.faults.fail_tasks[task] = left - 1
