@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Awaitable, Callable
 
 from conftest import settle
 
@@ -96,3 +97,51 @@ def test_active_resources_match_lotus_can_handle_request() -> None:
     assert not active.can_handle(TaskType.PRE_COMMIT2, pc2, res), "one GPU, already used"
     active.free(TaskType.PRE_COMMIT2, pc2, res)
     assert active.cpu == 0 and active.utilization(res) == 0.0
+
+
+def test_lotus_runs_one_gpu_task_at_a_time_and_prepares_the_next_beside_it() -> None:
+    # Lotus admits one GPU task to `active` on a one-GPU worker, but fetches the next one in
+    # `preparing` meanwhile: PC2's files arrive while C2 holds the GPU (sched_worker.go).
+    async def main() -> tuple[list[str], int]:
+        sched = Scheduler(assigner="lotus")
+        res = WorkerResources(cpus=32, mem_physical=512 * GIB, gpus=("g",))
+        sched.add_worker(worker("gpu", res))
+        log: list[str] = []
+        running: set[str] = set()
+        most = 0
+        release = {name: asyncio.Event() for name in ("C2", "PC2")}
+
+        async def prepare(job: Job) -> None:
+            log.append(f"prepare {job.task_type.short}")
+
+        def work_of(name: str) -> Callable[[Job], Awaitable[None]]:
+            async def work(job: Job) -> None:
+                nonlocal most
+                running.add(name)
+                most = max(most, len(running))
+                log.append(f"work {name}")
+                await release[name].wait()
+                running.discard(name)
+                log.append(f"end {name}")
+
+            return work
+
+        sel = TaskSelector()
+        c2 = asyncio.create_task(
+            sched.schedule(SectorRef(1, 1, S32), TaskType.COMMIT2, sel, None, work_of("C2"))
+        )
+        await settle()
+        pc2 = asyncio.create_task(
+            sched.schedule(SectorRef(1, 2, S32), TaskType.PRE_COMMIT2, sel, prepare, work_of("PC2"))
+        )
+        await settle()
+        assert log == ["work C2", "prepare PC2"], log  # fetched beside C2, not started
+        release["C2"].set()
+        await settle()
+        assert log[-2:] == ["end C2", "work PC2"], log
+        release["PC2"].set()
+        await asyncio.wait_for(asyncio.gather(c2, pc2), 20)
+        return log, most
+
+    log, most = asyncio.run(main())
+    assert most == 1, log
