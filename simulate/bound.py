@@ -1,15 +1,21 @@
 """The analytic bound: sectors per day of the stage with the least capacity, and why.
 
 Per stage, each worker that runs it contributes `slots / seconds per sector`, where `slots` is
-how many tasks of the stage its own ledger admits at once on an idle worker (memory, swap,
-threads, GPUs, MAX_CONCURRENT) capped by its policy (`PreCommit1Max`, ...), and the seconds
-per sector are the task's duration plus the fetch that brings its input from another worker
-(the task holds its slot while its files arrive, as in Lotus). A fetch is counted where the
-worker does not run the stage that writes the input (AP for PC1's unsealed file, PC1 for PC2's
-cache and sealed files); it takes bytes / the slower of the two links, and at most
-`PARALLEL_FETCH_LIMIT` fetches run at once per worker. The bound is the least of the stages:
-no placement finishes sectors faster. It ignores resources that two stages share on one box
-and time spent on no worker (chain delays, batching), which add latency, not a rate limit.
+how many tasks of the stage it admits at once on an idle worker and the seconds per sector are
+the task's duration plus the fetch that brings its input from another worker. A fetch is
+counted where the worker does not run the stage that writes the input (AP for PC1's unsealed
+file, PC1 for PC2's cache and sealed files); it takes bytes / the slower of the two links, and
+at most `PARALLEL_FETCH_LIMIT` fetches run at once per worker. The bound is the least of the
+stages: no placement by that scheduler finishes sectors faster. It ignores time spent on no
+worker (chain delays, batching), which adds latency, not a rate limit.
+
+What a slot is depends on the scheduler. The `balanced` one admits a task on its worker's
+ledger (memory, swap, threads, GPUs, MAX_CONCURRENT, capped by the policy's `PreCommit1Max`,
+...) and the task holds that slot while its files arrive. The `lotus` baseline, as Lotus,
+fetches in a `preparing` pool apart from the `active` one the work runs in, each as large as
+the worker (`startProcessingTask`, extern/sector-storage/sched_worker.go@v1.11.3), and knows
+no policy file: there a slot is what Lotus's `CanHandleRequest` admits, and one slot carries a
+sector per max(work, fetch), the next task's fetch overlapping this one's work.
 """
 
 from __future__ import annotations
@@ -20,10 +26,19 @@ from dataclasses import dataclass, replace
 from ..sched import FileType, Ledger, TaskType, WorkerPolicy, WorkerSpec, resource_spec
 from ..sched.fetch import PARALLEL_FETCH_LIMIT
 from ..sched.filetypes import space_needed
+from ..sched.lotus import ActiveResources
 from ..sched.rules import stage_cap
 from .sharing import ResourceBound, resource_bounds
 
-__all__ = ["STAGES", "Bound", "StageBound", "WorkerStage", "bottleneck_sentence", "bound"]
+__all__ = [
+    "STAGES",
+    "Bound",
+    "StageBound",
+    "WorkerStage",
+    "bottleneck_sentence",
+    "bound",
+    "prepares_apart",
+]
 
 #: The pipeline's stages in order (GET is not a stage: fetches are counted in the stage).
 STAGES = (
@@ -84,6 +99,23 @@ class Bound:
     resources: tuple[ResourceBound, ...] = ()
     #: The shared resource that limits below every stage, if one does.
     limiting_resource: ResourceBound | None = None
+    #: Tasks fetch their input apart from their slot (the `lotus` baseline, see above).
+    prepares_apart: bool = False
+
+    def held(self, share: WorkerStage) -> float:
+        """Seconds one slot of `share` is taken per sector (its work, and maybe its fetch)."""
+        return _held(share.seconds, share.fetch_seconds, self.prepares_apart)
+
+
+def prepares_apart(assigner: str) -> bool:
+    """Whether `assigner` fetches a task's input outside the slot its work runs in (Lotus)."""
+    return assigner == "lotus"
+
+
+def _held(seconds: float, fetch: float, apart: bool) -> float:
+    # Apart, the preparing pool (as large as the active one) fetches the next sector while
+    # the active slot works on this one: the slower of the two sets the pace.
+    return max(seconds, fetch) if apart else seconds + fetch
 
 
 def max_slots(spec: WorkerSpec, task: TaskType, sector_size: int, policy: WorkerPolicy) -> int:
@@ -100,19 +132,43 @@ def max_slots(spec: WorkerSpec, task: TaskType, sector_size: int, policy: Worker
     return n if cap is None else min(n, cap)
 
 
+def lotus_slots(spec: WorkerSpec, task: TaskType, sector_size: int) -> int:
+    """Tasks of one type an idle `spec` admits at once under Lotus's `CanHandleRequest`.
+
+    Lotus charges no base memory per task type and reads no policy file, so this may be more
+    than `max_slots`.
+    """
+    if task not in spec.task_types:
+        return 0
+    active = ActiveResources()
+    res = replace(spec.resources, mem_used=0, mem_swap_used=0)
+    need = resource_spec(task, sector_size, spec.overrides)
+    n = 0
+    while n < UNBOUNDED and active.can_handle(task, need, res):
+        active.add(task, need, res)
+        n += 1
+    return n
+
+
 def bound(
     workers: Iterable[WorkerSpec],
     sector_size: int,
     seconds: Mapping[str, Mapping[TaskType, float]],
     policies: Mapping[str, WorkerPolicy],
+    *,
+    assigner: str = "balanced",
 ) -> Bound:
-    """The bound for these workers; `seconds[worker][task]` is the task's duration there."""
+    """The bound for these workers under `assigner`; `seconds[worker][task]`: time per task."""
     specs = list(workers)
+    apart = prepares_apart(assigner)
     stages: dict[TaskType, StageBound] = {}
     for task in STAGES:
         shares = []
         for spec in specs:
-            slots = max_slots(spec, task, sector_size, policies.get(spec.name, WorkerPolicy()))
+            if apart:
+                slots = lotus_slots(spec, task, sector_size)
+            else:
+                slots = max_slots(spec, task, sector_size, policies.get(spec.name, WorkerPolicy()))
             if slots == 0:
                 continue
             dur = seconds[spec.name][task]
@@ -120,7 +176,7 @@ def bound(
             if slots >= UNBOUNDED:
                 shares.append(WorkerStage(spec.name, None, dur, fetch, None))
                 continue
-            rate = slots / (dur + fetch) * 86400
+            rate = slots / _held(dur, fetch, apart) * 86400
             link_bound = False
             if fetch > 0 and PARALLEL_FETCH_LIMIT / fetch * 86400 < rate:
                 rate, link_bound = PARALLEL_FETCH_LIMIT / fetch * 86400, True
@@ -131,16 +187,18 @@ def bound(
         stages[task] = StageBound(task, tuple(shares), total if shares else 0.0)
     finite = {t: s.per_day for t, s in stages.items() if s.per_day is not None}
     least = min(finite.values()) if finite else 0.0
-    resources = tuple(resource_bounds(specs, sector_size, stages))
+    resources = tuple(resource_bounds(specs, sector_size, stages, prepares_apart=apart))
     tightest = min(resources, key=lambda r: r.per_day, default=None)
     if tightest is not None and tightest.per_day < least * (1 - TIE):
         limiting: tuple[TaskType, ...] = ()
-        return Bound(stages, tightest.per_day, limiting, (), resources, tightest)
+        return Bound(stages, tightest.per_day, limiting, (), resources, tightest, apart)
     limiting = tuple(t for t, v in finite.items() if v <= least * (1 + TIE))
     shared = tuple(
-        spec.name for spec in specs if not _fits_together(spec, sector_size, stages, limiting)
+        spec.name
+        for spec in specs
+        if not _fits_together(spec, sector_size, stages, limiting, apart)
     )
-    return Bound(stages, least, limiting, shared, resources)
+    return Bound(stages, least, limiting, shared, resources, prepares_apart=apart)
 
 
 def _fits_together(
@@ -148,6 +206,7 @@ def _fits_together(
     sector_size: int,
     stages: Mapping[TaskType, StageBound],
     limiting: tuple[TaskType, ...],
+    apart: bool,
 ) -> bool:
     """Whether `spec` admits its slots of the limiting stages at once plus one of each other.
 
@@ -163,21 +222,30 @@ def _fits_together(
         return True
     others = [t for t in STAGES if t in spec.task_types and t not in limiting]
     return (
-        all(_admits(spec, sector_size, [*base, (t, 1)]) for t in others)
+        all(_admits(spec, sector_size, [*base, (t, 1)], apart) for t in others)
         if others
-        else (_admits(spec, sector_size, base))
+        else (_admits(spec, sector_size, base, apart))
     )
 
 
-def _admits(spec: WorkerSpec, sector_size: int, wanted: list[tuple[TaskType, int]]) -> bool:
-    ledger = Ledger(replace(spec.resources, mem_used=0, mem_swap_used=0))
+def _admits(
+    spec: WorkerSpec, sector_size: int, wanted: list[tuple[TaskType, int]], apart: bool
+) -> bool:
+    """Whether an idle `spec` takes all of `wanted` at once (Lotus's rule when `apart`)."""
+    res = replace(spec.resources, mem_used=0, mem_swap_used=0)
+    ledger, active = Ledger(res), ActiveResources()
     n = 0
     for task, count in wanted:
         need = resource_spec(task, sector_size, spec.overrides)
         for _ in range(count):
-            if ledger.refusal(task, need) is not None:
+            if apart:
+                if not active.can_handle(task, need, res):
+                    return False
+                active.add(task, need, res)
+            elif ledger.refusal(task, need) is not None:
                 return False
-            ledger.add(n, task, need)
+            else:
+                ledger.add(n, task, need)
             n += 1
     return True
 
@@ -279,10 +347,7 @@ def _one_more_slot(b: Bound, task: TaskType, share: WorkerStage) -> float:
     stage = b.stages[task]
     if stage.per_day is None or share.slots is None or share.per_day is None:
         return 0.0
-    if share.link_bound:
-        extra = 86400 / share.fetch_seconds
-    else:
-        extra = 86400 / (share.seconds + share.fetch_seconds)
+    extra = 86400 / (share.fetch_seconds if share.link_bound else b.held(share))
     others = [s.per_day for t, s in b.stages.items() if t is not task and s.per_day is not None]
     new = min([stage.per_day + extra, *others])
     return round(max(0.0, new - b.per_day), 1)

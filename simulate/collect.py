@@ -5,13 +5,17 @@ and retries by state), the scheduler's job listener (slot time per worker and st
 into sample buckets; queue wait per task type), and a sampler every `sample` seconds (disk use
 per storage path, sectors per state from the kept counters).
 
-A task's slot time is its work plus the fetch of its input (the sim sealer reports each
-fetch's duration); time a task spends assigned but waiting for its worker (the `lotus`
-baseline queues tasks in a worker's window) is queue wait, not slot time.
+A task's slot time is the time it holds its slot on the worker, as the bound counts it
+(`bound.py`): its work plus the fetch of its input (the sim sealer reports each fetch's
+duration) under `balanced`, whose ledger holds the slot from placement on; its work alone
+under the `lotus` baseline, which fetches in a preparing pool apart from the active slot (the
+GPU works on one C2 while the next PC2's files arrive). Counting a Lotus fetch as slot time
+would put two GPU tasks on one GPU at once.
 
 A task's queue wait is from the sector's last milestone (its last state change, or the end of
 its previous task, whichever is later) to the task being placed on a worker: C2 waits from the
-end of C1, not from the sector entering Committing.
+end of C1, not from the sector entering Committing. Under `lotus` it runs to the start of the
+work, less the fetch: the time in a worker's window and, fetched, waiting for the active slot.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ class Collector:
     miner: Miner
     t0: float
     sample: float
+    #: Tasks fetch apart from their slot (`Bound.prepares_apart`: the `lotus` baseline).
+    prepares_apart: bool = False
     #: When each sector reached Proving (seconds since t0), in order.
     proving: list[float] = field(default_factory=list)
     failures: dict[str, int] = field(default_factory=dict)
@@ -105,12 +111,18 @@ class Collector:
         placed = job.started_at - self.t0
         key = (job.worker.name, job.task_type)
         fetch = self._fetching.pop(job.sched_id, 0.0)
-        self._add_busy(key, end - seconds - fetch, end)
+        work_from = end - seconds
+        since = self._milestone.get(job.sector.number, placed)
+        if self.prepares_apart:
+            self._add_busy(key, work_from, end)
+            wait = work_from - since - fetch
+        else:
+            self._add_busy(key, work_from - fetch, end)
+            wait = placed - since
         if fetch:
             self.fetch_seconds[key] = self.fetch_seconds.get(key, 0.0) + fetch
         self.tasks_done[key] = self.tasks_done.get(key, 0) + 1
-        since = self._milestone.get(job.sector.number, placed)
-        self.waits.setdefault(job.task_type, []).append(max(0.0, placed - since))
+        self.waits.setdefault(job.task_type, []).append(max(0.0, wait))
         self._milestone[job.sector.number] = end
 
     def _add_busy(self, key: tuple[str, TaskType], start: float, end: float) -> None:

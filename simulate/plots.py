@@ -92,14 +92,18 @@ def proving_figure(s: Summary) -> Figure:
                 label=f"{r.label}: steady {'-' if steady is None else f'{steady:.1f}'}/day, "
                 f"ratio {ratio}",
             )
-        bounds: dict[str, float] = {}
+        # Each assigner has its bound (Lotus fetches beside the work, simulate/bound.py):
+        # one line per distinct bound of a variant, named by its assigners when they differ.
+        bounds: dict[tuple[str, float], list[str]] = {}
         for r in s.runs:
-            bounds.setdefault(r.variant, r.bound.per_day)
-        for variant, per_day in bounds.items():
+            bounds.setdefault((r.variant, round(r.bound.per_day, 1)), []).append(r.assigner)
+        for (variant, per_day), names in bounds.items():
             style = _STYLES[variants.index(variant) % len(_STYLES)]
+            alone = sum(1 for v, _ in bounds if v == variant) == 1
+            whose = "" if alone else f", {'/'.join(names)}"
             ax.axhline(
-                per_day, color="black", linestyle=style, linewidth=1,
-                label=f"bound ({variant}): {per_day:.1f}/day",
+                per_day, color="black" if alone else _colour(assigners, names[0]),
+                linestyle=style, linewidth=1, label=f"bound ({variant}): {per_day:.1f}/day{whose}",
             )  # fmt: skip
         warmup = max(r.warmup_hours for r in s.runs) / 24
         if warmup > 0:
@@ -108,9 +112,11 @@ def proving_figure(s: Summary) -> Figure:
         ratios = ", ".join(
             f"{r.assigner} {'-' if r.bound.ratio is None else f'{r.bound.ratio:.2f}'}" for r in base
         )
+        levels = sorted({f"{r.bound.per_day:.1f}" for r in base})
+        each = ", ".join(f"{r.assigner} {r.bound.per_day:.1f}" for r in base)
         ax.set_title(
-            f"Sectors reaching Proving per day against the bound ({base[0].bound.per_day:.1f}"
-            f"/day); ratio to the bound: {ratios}"
+            f"Sectors reaching Proving per day against the bound "
+            f"({levels[0] if len(levels) == 1 else each}/day); ratio to the bound: {ratios}"
         )
         ax.set_xlabel("simulated day")
         ax.set_ylabel("sectors reaching Proving")

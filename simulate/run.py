@@ -160,7 +160,7 @@ async def run_once(
 ) -> RunResult:
     """Run `variant` under `assigner` for `days` simulated days; `progress(seconds)` per sample."""
     seconds = seconds_table(cfg, variant)
-    b = bound(variant.workers, cfg.sector_size, seconds, variant.policy_map())
+    b = bound(variant.workers, cfg.sector_size, seconds, variant.policy_map(), assigner=assigner)
     warmup = warmup_seconds(cfg, b)
     sim_durations = {
         w: {t.short: s * _32G / cfg.sector_size for t, s in table.items()}
@@ -182,7 +182,9 @@ async def run_once(
             sealer_options={"durations": sim_durations},
             assigner=assigner,
         ) as miner:
-            collector = Collector(miner, clock.now(), cfg.sample_hours * 3600)
+            collector = Collector(
+                miner, clock.now(), cfg.sample_hours * 3600, prepares_apart=b.prepares_apart
+            )
             faults = FaultInjector(miner, cfg.faults, seed)
             result = RunResult(assigner, variant, days, warmup, b, seconds, collector, faults.log)
             collector.start()

@@ -7,6 +7,11 @@ this worker runs (so every sector passes through it) each hold `need` of the res
 task's seconds, fetch included: the worker finishes at most `total / sum(need x seconds)`
 sectors a second. Stages that other workers also run are left out (their load could move),
 so this stays an upper bound.
+
+Under the `lotus` baseline a task fetches in the preparing pool and works in the active one,
+each holding the full `need` of a resource as large as the worker's: the GPU is busy with C2
+while the next PC2's files arrive. There the bound is `total / max(sum(need x work),
+sum(need x fetch))`, the busier of the two pools.
 """
 
 from __future__ import annotations
@@ -47,7 +52,11 @@ class ResourceBound:
 
 
 def resource_bounds(
-    specs: list[WorkerSpec], sector_size: int, stages: Mapping[TaskType, StageBound]
+    specs: list[WorkerSpec],
+    sector_size: int,
+    stages: Mapping[TaskType, StageBound],
+    *,
+    prepares_apart: bool = False,
 ) -> list[ResourceBound]:
     """The bound of each resource that two or more sole-provider stages share on a worker."""
     out = []
@@ -56,12 +65,13 @@ def resource_bounds(
         totals = {"GPU": float(len(res.gpus)), "CPU threads": float(res.cpus)}
         totals["memory"] = float(res.mem_physical)
         loads = dict.fromkeys(totals, 0.0)
+        fetching = dict.fromkeys(totals, 0.0)
         users: dict[str, list[tuple[TaskType, float]]] = {k: [] for k in totals}
         for task, stage in stages.items():
             if [w.worker for w in stage.workers] != [spec.name]:
                 continue
             share = stage.workers[0]
-            held = share.seconds + share.fetch_seconds
+            work = share.seconds if prepares_apart else share.seconds + share.fetch_seconds
             need = resource_spec(task, sector_size, spec.overrides)
             uses = {
                 "GPU": need.gpu_utilization if res.gpus else 0.0,
@@ -70,9 +80,12 @@ def resource_bounds(
             }
             for name, amount in uses.items():
                 if amount > 0:
-                    loads[name] += amount * held
+                    loads[name] += amount * work
+                    fetching[name] += amount * share.fetch_seconds
                     users[name].append((task, amount))
         for name, load in loads.items():
+            if prepares_apart:
+                load = max(load, fetching[name])
             if len(users[name]) >= 2 and load > 0 and totals[name] > 0:
                 per_day = totals[name] / load * 86400
                 tasks = tuple(t for t, _ in users[name])
