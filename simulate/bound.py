@@ -319,9 +319,10 @@ def _resource_sentence(
     b: Bound, r: ResourceBound, busy: Mapping[tuple[str, TaskType], float]
 ) -> tuple[str, dict[str, object]]:
     """The worker resource its stages take turns on, as the bottleneck."""
-    slots = {w.worker: w.slots for t in r.stages for w in b.stages[t].workers}
+    # Each stage's own slots there: a cap on one stage (PreCommit2Max) leaves the other's.
+    slots = {(w.worker, t): w.slots for t in r.stages for w in b.stages[t].workers}
     held = sum(
-        busy.get((r.worker, t), 0.0) * (slots.get(r.worker) or 0) * need
+        busy.get((r.worker, t), 0.0) * (slots.get((r.worker, t)) or 0) * need
         for t, need in zip(r.stages, r.needs, strict=True)
     )
     pct = round(100 * held / r.total) if r.total else 0

@@ -112,3 +112,36 @@ def test_no_worker_is_reported_above_100_percent_busy(
     assert run["bottleneck"]["text"].startswith(
         f"the GPU of gpu-box is the bottleneck (PC2 and C2 take turns on it): {round(busy * 100)}%"
     )
+
+
+def test_the_gpu_busy_figure_counts_each_stage_at_its_own_slots() -> None:
+    from sectorfsm.sched import StoragePath, WorkerPolicy, WorkerResources, WorkerSpec
+    from sectorfsm.simulate.bound import bottleneck_sentence, bound
+
+    # Two GPUs; the policy caps PC2 at 1 while C2 may take both. PC2 busy on its one slot
+    # and C2 on one of its two hold the two GPUs: 100%, not PC2 counted at C2's 2 slots.
+    big = WorkerResources(cpus=128, mem_physical=4 << 40, mem_swap=0, gpus=("a", "b"))
+    box = WorkerSpec(
+        "box",
+        big,
+        task_types=frozenset({TaskType.PRE_COMMIT2, TaskType.COMMIT2}),
+        paths=(StoragePath("p", "box", 1 << 50),),
+        needs_heartbeats=False,
+    )
+    other = WorkerSpec(
+        "pc1",
+        WorkerResources(cpus=128, mem_physical=4 << 40, mem_swap=0),
+        task_types=frozenset(
+            {TaskType.ADD_PIECE, TaskType.PRE_COMMIT1, TaskType.COMMIT1, TaskType.FINALIZE}
+        ),
+        paths=(StoragePath("q", "pc1", 1 << 50),),
+        needs_heartbeats=False,
+    )
+    seconds = {w: {t: 60.0 for t in TaskType} for w in ("box", "pc1")}
+    seconds["box"] |= {TaskType.PRE_COMMIT2: 3600.0, TaskType.COMMIT2: 7200.0}
+    b = bound([box, other], S32, seconds, {"box": WorkerPolicy(pre_commit2_max=1)})
+    assert b.limiting_resource is not None and b.limiting_resource.resource == "GPU"
+    busy = {("box", TaskType.PRE_COMMIT2): 1.0, ("box", TaskType.COMMIT2): 0.5}
+    text, figures = bottleneck_sentence(b, busy)
+    assert figures["resource"] == {"worker": "box", "name": "GPU", "busy": 1.0}, text
+    assert "100% busy" in text
