@@ -8,17 +8,27 @@ Job functions are `os` functions (what the child sees) and tests/jobfuncs.py's `
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
 import signal
 import threading
 from pathlib import Path
 
+import dask.config
 import pytest
 from conftest import HANG_GUARD, Spawner, until
 
 from sectorfsm.sealing.backends.dask import jobs, spawner
-from sectorfsm.sealing.backends.dask.jobrecord import JobFailed, JobState
+from sectorfsm.sealing.backends.dask.jobrecord import (
+    JobCancelled,
+    JobFailed,
+    JobRecord,
+    JobState,
+    encode_spec,
+)
 from sectorfsm.sealing.backends.dask.jobs import JobTable
+from sectorfsm.sealing.backends.dask.pool import PoolConfig
 
 TESTS = Path(__file__).resolve().parent
 SPAWNER = b"sectorfsm.sealing.backends.dask.spawner"
@@ -191,3 +201,211 @@ def test_a_running_record_with_a_complete_result_is_done_after_a_restart(tmp_pat
         assert again.run("AP-s1-a1", "builtins:abs", [-4]) == 4  # answered, not re-run
     finally:
         again.close()
+
+
+# ---------------------------------------------------------------------- the warm child pool
+
+
+def pooled(tmp_path: Path, **settings: int) -> JobTable:
+    """A table whose spawner keeps warm children as `settings` say (tests/ on their path)."""
+    return JobTable(tmp_path / "jobs", PoolConfig(**settings))
+
+
+@pytest.fixture
+def on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The spawner (started by the test's table) imports job functions from tests/."""
+    monkeypatch.setenv("PYTHONPATH", str(TESTS))
+
+
+@pytest.mark.usefixtures("on_path")
+def test_successive_jobs_run_in_one_warm_child_after_their_record_is_written(
+    tmp_path: Path,
+) -> None:
+    table = pooled(tmp_path, size=2)
+    try:
+        first, record = table.run("AP-s1-a1", "poolfuncs:own_record", [])
+        second, _ = table.run("AP-s2-a1", "poolfuncs:own_record", [])
+        assert first == second  # no fork for the second job
+        assert table.run("AP-s3-a1", "os:getsid", [0]) == first  # its own session
+        assert parent_of(first) not in (0, os.getpid())  # a child of the spawner
+        # The job found its record on disk, running, before it did anything.
+        assert JobRecord.decode(record).state is JobState.RUNNING
+        assert {r.pid for r in table.records()} == {first}
+    finally:
+        table.close()
+    until(lambda: not alive(first) or None, "the warm child ending with its table")
+
+
+@pytest.mark.usefixtures("on_path")
+def test_what_a_job_changes_in_its_process_is_put_back_for_the_next(tmp_path: Path) -> None:
+    table = pooled(tmp_path, size=1)
+    try:
+        pid = table.run("AP-s1-a1", "poolfuncs:dirty", [])
+        assert table.run("AP-s2-a1", "poolfuncs:state", []) == [
+            pid,  # the same child
+            os.getcwd(),
+            None,  # the environment variable the last job set is gone
+            os.umask(os.umask(0o022)),
+            True,  # SIGTERM kills again
+            False,  # sys.path as before
+            True,  # stdout as before
+        ]
+    finally:
+        table.close()
+
+
+@pytest.mark.usefixtures("on_path")
+def test_a_child_left_with_a_thread_or_a_process_of_its_job_is_retired(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    table = pooled(tmp_path, size=1)
+    left = 0
+    try:
+        threaded = table.run("AP-s1-a1", "poolfuncs:leave_thread", [])
+        assert table.run("AP-s2-a1", "os:getpid", []) != threaded
+        assert f"job child {threaded} retired: its job left 1 thread(s) running" in (
+            capfd.readouterr().err
+        )
+        until(lambda: not alive(threaded) or None, "the retired child exiting")
+        forked, left = table.run("AP-s3-a1", "poolfuncs:leave_process", [])
+        assert table.run("AP-s4-a1", "os:getpid", []) != forked
+        assert f"job child {forked} retired: its job left process(es) {left} running" in (
+            capfd.readouterr().err
+        )
+    finally:
+        table.close()
+        if left:
+            os.kill(left, signal.SIGKILL)
+
+
+def test_a_child_is_replaced_after_max_jobs_or_past_max_rss(tmp_path: Path) -> None:
+    table = pooled(tmp_path / "jobs", size=1, max_jobs=2)
+    try:
+        pids = [table.run(f"AP-s{n}-a1", "os:getpid", []) for n in range(1, 5)]
+        assert pids[0] == pids[1] != pids[2] == pids[3]
+    finally:
+        table.close()
+    small = pooled(tmp_path / "small", size=1, max_rss_mib=1)  # every child is past it
+    try:
+        pids = [small.run(f"AP-s{n}-a1", "os:getpid", []) for n in range(1, 4)]
+        assert len(set(pids)) == 3
+    finally:
+        small.close()
+
+
+def test_with_size_zero_every_job_gets_a_fresh_fork(tmp_path: Path) -> None:
+    table = pooled(tmp_path, size=0)
+    try:
+        pids = [table.run(f"AP-s{n}-a1", "os:getpid", []) for n in range(1, 4)]
+        parents = {table.run("AP-s9-a1", "os:getppid", [])}
+        assert len(set(pids)) == 3 and os.getpid() not in parents
+    finally:
+        table.close()
+
+
+@pytest.mark.usefixtures("on_path")
+def test_a_kill_stops_the_jobs_process_group_and_the_pool_replaces_its_child(
+    tmp_path: Path,
+) -> None:
+    table = pooled(tmp_path, size=1)
+    count, never = tmp_path / "count", tmp_path / "never"
+    outcome: list[BaseException] = []
+
+    def gated() -> None:
+        try:
+            table.run("PC1-s1-a1", "poolfuncs:gate_with_helper", [str(count), str(never)])
+        except JobCancelled as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=gated)
+    try:
+        warm = table.run("AP-s0-a1", "os:getpid", [])
+        thread.start()
+        child, helper = map(int, until(lambda: count.exists() and count.read_text().split(), "x"))
+        assert child == warm  # the warm child took the job
+        assert asyncio.run(table.kill("PC1-s1-a1", grace=HANG_GUARD)) is JobState.CANCELLED
+        thread.join(HANG_GUARD)
+        assert [str(e) for e in outcome] == ["job PC1-s1-a1 cancelled: killed by request"]
+        until(lambda: not alive(helper) or None, "the job's helper dying with its group")
+        until(lambda: not alive(child) or None, "the killed child gone")
+        assert table.run("AP-s2-a1", "os:getpid", []) not in (child, os.getpid())
+    finally:
+        table.close()
+        thread.join(HANG_GUARD)
+
+
+@pytest.mark.usefixtures("on_path")
+def test_a_child_dying_mid_job_fails_that_job_only(tmp_path: Path) -> None:
+    table = pooled(tmp_path, size=2)
+    count, go = tmp_path / "count", tmp_path / "go"
+    results: dict[str, object] = {}
+
+    def gated(job_id: str) -> None:
+        try:
+            results[job_id] = table.run(job_id, "jobfuncs:gate", [str(count), str(go), job_id])
+        except JobFailed as exc:
+            results[job_id] = str(exc)
+
+    threads = [threading.Thread(target=gated, args=(f"PC1-s{n}-a1",)) for n in (1, 2)]
+    try:
+        for t in threads:
+            t.start()
+        until(lambda: len(lines(count)) == 2 or None, "both jobs running")
+        pids = {r.job_id: r.pid for r in table.records()}
+        assert len(set(pids.values())) == 2  # one child each
+        os.kill(pids["PC1-s1-a1"], signal.SIGKILL)
+        threads[0].join(HANG_GUARD)
+        assert results == {"PC1-s1-a1": "job PC1-s1-a1 failed (killed by SIGKILL): no output"}
+        go.touch()
+        threads[1].join(HANG_GUARD)
+        assert results["PC1-s2-a1"] == "PC1-s2-a1"
+        assert table.run("AP-s3-a1", "builtins:abs", [-3]) == 3
+    finally:
+        go.touch()
+        table.close()
+        for t in threads:
+            t.join(HANG_GUARD)
+
+
+@pytest.mark.usefixtures("on_path")
+def test_a_kill_of_an_ended_job_never_reaches_the_next_job_of_its_child(tmp_path: Path) -> None:
+    spawn = spawner.Spawner(PoolConfig(size=1))
+    count, go = tmp_path / "count", tmp_path / "go"
+    dirs = [tmp_path / name for name in ("a", "b")]
+    for d in dirs:
+        d.mkdir()
+    try:
+        ended = spawn.start(dirs[0], encode_spec("builtins:abs", [-1]))
+        assert ended.wait() == 0
+        running = spawn.start(dirs[1], encode_spec("jobfuncs:gate", [str(count), str(go), 2]))
+        assert running.pid == ended.pid  # the same warm child, on its next job
+        until(lambda: lines(count) or None, "the next job running")
+        ended.returncode = None  # as if the end had not reached the worker yet
+        ended.signal(signal.SIGKILL)  # the spawner knows better: this job is over
+        go.touch()
+        assert running.wait() == 0
+        assert (dirs[1] / "result").exists()
+    finally:
+        go.touch()
+        spawn.close()
+
+
+def test_bad_pool_settings_are_one_line_and_start_nothing(tmp_path: Path) -> None:
+    bad = [
+        ({"size": -1}, r"^bad sectors.child-pool.size -1: give a whole number >= 0$"),
+        ({"max-jobs": 0}, r"^bad sectors.child-pool.max-jobs 0: give a whole number >= 1$"),
+        ({"size": "2"}, r"^bad sectors.child-pool.size '2': give a whole number >= 0$"),
+        ({"sizes": 2}, r"^unknown sectors.child-pool setting 'sizes': use max-jobs, max-rss"),
+    ]
+    for settings, error in bad:
+        with dask.config.set({"sectors.child-pool": settings}), pytest.raises(ValueError) as exc:
+            jobs.open_table(tmp_path, "w1")
+        assert re.match(error, str(exc.value)), str(exc.value)
+    assert not (tmp_path / "w1").exists()
+    with dask.config.set({"sectors.child-pool": {"size": 1, "max-rss-mib": 64}}):
+        assert jobs.pool_config() == PoolConfig(size=1, max_jobs=100, max_rss_mib=64)
+
+
+def lines(path: Path) -> list[str]:
+    """The lines of `path` (none if it does not exist yet)."""
+    return path.read_text().splitlines() if path.exists() else []

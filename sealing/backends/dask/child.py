@@ -1,7 +1,7 @@
 """The child process of one job on a Dask worker: `python -m ...dask.child JOBDIR`.
 
 It reads `JOBDIR/spec` (msgpack: an importable function path `module:name` and its
-arguments; a child forked by the spawner gets those bytes from it instead), calls the
+arguments; a warm child of the spawner's pool gets those bytes from it instead), calls the
 function and writes its msgpack-encoded result to `JOBDIR/result` (atomically: a result
 file is complete or absent). A failure prints its traceback to stderr (the worker keeps the
 tail) and exits 1. Nothing else: the registry in `jobs.py` owns the
@@ -22,6 +22,8 @@ import msgpack
 
 SPEC = "spec"
 RESULT = "result"
+#: The job's stdout and stderr (the worker keeps its last line for a failure).
+OUTPUT = "output"
 
 
 def resolve(path: str) -> Callable[..., Any]:

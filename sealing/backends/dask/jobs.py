@@ -32,7 +32,6 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
-import os
 import queue
 import re
 import shutil
@@ -51,7 +50,7 @@ import msgpack
 from distributed import Client, Future, Worker, WorkerPlugin, get_worker
 from distributed.core import Status
 
-from .child import RESULT, SPEC, write_atomic
+from .child import OUTPUT, RESULT, SPEC, write_atomic
 from .jobrecord import (
     JobCancelled,
     JobDetached,
@@ -62,6 +61,8 @@ from .jobrecord import (
     check_job_id,
     encode_spec,
 )
+from .pool import CONFIG_KEY, PoolConfig
+from .procs import describe_exit, kill_stray, last_line, signal_child
 from .spawner import SpawnedChild, Spawner, popen_child
 
 #: The plugin's name on every worker.
@@ -70,10 +71,7 @@ PLUGIN = "sectors-jobs"
 STATE_DIR_KEY = "sectors.jobs-dir"
 #: Seconds between SIGTERM and SIGKILL when a job is killed.
 KILL_GRACE = 5.0
-#: Bytes of the child's output kept for its error message.
-TAIL = 4096
 RECORD = "record"
-OUTPUT = "output"
 
 
 @dataclass(slots=True)
@@ -89,11 +87,11 @@ class _Active:
 class JobTable:
     """The jobs of one worker: records under `root`, children running now in memory."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, pool: PoolConfig | None = None) -> None:
         self.root = root
         self._lock = threading.Lock()
         self._active: dict[str, _Active] = {}
-        self._spawner = Spawner()
+        self._spawner = Spawner(pool if pool is not None else pool_config())
         #: Ends of spawned children, recorded by one thread (the spawner's reader must not
         #: wait for `_lock`: a job being started holds it while it waits for that reader).
         self._ends: queue.SimpleQueue[tuple[str, _Active, int]] = queue.SimpleQueue()
@@ -141,7 +139,7 @@ class JobTable:
             for record in self.records():
                 if record.state is not JobState.RUNNING or record.job_id in self._active:
                     continue
-                _kill_stray(record.pid, self._dir(record.job_id))
+                kill_stray(record.pid, self._dir(record.job_id))
                 if (self._dir(record.job_id) / RESULT).exists():
                     record.state = JobState.DONE
                 else:
@@ -274,7 +272,9 @@ class JobTable:
                 record.state, record.error = active.ending
             else:
                 record.state = JobState.FAILED
-                record.error = f"failed ({_exit(rc)}): {_last_line(self._dir(job_id) / OUTPUT)}"
+                record.error = (
+                    f"failed ({describe_exit(rc)}): {last_line(self._dir(job_id) / OUTPUT)}"
+                )
             # A done job's truth is its result file, synced by the child (`recover` reads a
             # `running` record with a result as done): only the other ends need the fsync.
             self._write(record, sync=record.state is not JobState.DONE)
@@ -320,7 +320,7 @@ class JobTable:
                 return JobState.CANCELLED
             active.ending = (JobState.CANCELLED, "cancelled: killed by request")
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            _signal_group(active.proc.pid, sig)
+            signal_child(active.proc, sig)
             if await asyncio.to_thread(active.done.wait, grace):
                 break
         record = self._read(job_id)
@@ -358,51 +358,11 @@ class JobTable:
             for active in running:
                 active.ending = (JobState.FAILED, "failed: its worker closed while it ran")
         for active in running:
-            _signal_group(active.proc.pid, signal.SIGKILL)
+            signal_child(active.proc, signal.SIGKILL)
         deadline = time.monotonic() + wait
         for active in running:
             active.done.wait(max(0.0, deadline - time.monotonic()))
         self._spawner.close()
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)
-
-
-def _kill_stray(pid: int, jobdir: Path) -> None:
-    """SIGKILL a child that outlived its worker (no `PR_SET_PDEATHSIG`), if `pid` is it.
-
-    A forked child is known by its stdout (the job's output file), an exec'd one by its
-    command line.
-    """
-    if pid <= 0:
-        return
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        stdout = os.readlink(f"/proc/{pid}/fd/1")
-    except OSError:
-        return  # gone (or no /proc: nothing to check it against)
-    if str(jobdir).encode() in cmdline.split(b"\0") or stdout == str(jobdir / OUTPUT):
-        _signal_group(pid, signal.SIGKILL)
-
-
-def _exit(rc: int) -> str:
-    if rc < 0:
-        return f"killed by {signal.Signals(-rc).name}"
-    return f"exit code {rc}"
-
-
-def _last_line(output: Path) -> str:
-    """The last non-blank line the child printed (a traceback ends with the exception)."""
-    try:
-        with open(output, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - TAIL))
-            tail = f.read().decode(errors="replace")
-    except OSError:
-        return "no output"
-    lines = [line.strip() for line in tail.splitlines() if line.strip()]
-    return lines[-1] if lines else "no output"
 
 
 # ---------------------------------------------------------------------- on the worker
@@ -431,6 +391,14 @@ def hold_jobs(wait: float = 5.0) -> Iterator[None]:
             _tables.clear()
         for table in tables:
             table.close(wait)
+
+
+def pool_config() -> PoolConfig:
+    """The warm children's settings from the `sectors.child-pool` Dask config section.
+
+    A bad value is a one-line `ValueError` naming the setting.
+    """
+    return PoolConfig.from_mapping(dask.config.get(CONFIG_KEY, None))
 
 
 def open_table(base: Path, name: str) -> JobTable:

@@ -1,52 +1,48 @@
-"""A warm per-worker process that forks each job's child, so a job does not start a Python.
+"""A warm per-worker process that runs each job in a pre-forked child, so no job starts a Python.
 
 A fresh interpreter for every job costs 50-250 ms of start-up and imports; a fork of a
-process that has them loaded costs about a millisecond. `Spawner` (in the worker) starts
-`python -m ...dask.spawner` once, from a thread of its own that lives as long as it, with
-`PR_SET_PDEATHSIG`, so the spawner dies with the worker. `warm()` starts it before any job
-(the table does so as soon as its worker has it), so that even the first job is a fork; a
-spawner that died is started again by the next job. For each job the worker writes
+process that has them loaded costs about a millisecond, and reusing a child that already ran
+a job costs neither. `Spawner` (in the worker) starts `python -m ...dask.spawner` once, from
+a thread of its own that lives as long as it, with `PR_SET_PDEATHSIG`, so the spawner dies
+with the worker. `warm()` starts it before any job (the table does so as soon as its worker
+has it); a spawner that died is started again by the next job. The spawner keeps a small
+pool of warm children (`pool.py`, sized by `PoolConfig`), each in its own session and dying
+with the spawner, and hands each job to an idle one. For each job the worker writes
 `start SEQ SPEC JOBDIR` (`SPEC`: the job's spec in hex, so the child reads no file); the
-spawner forks a child that calls `setsid()` (its own process group: a kill reaches
-whatever the job starts), arms
-`PR_SET_PDEATHSIG` on the spawner (so it dies with the spawner, hence with the worker),
-points stdout and stderr at `JOBDIR/output` and runs `child.main`. The spawner answers
-`started SEQ PID` (or `error SEQ REASON`) and, once it reaped the child, `exit PID RC`
-(`RC` as `Popen.returncode`: negative for a signal). If the spawner dies, its children die
-with it and every child still running is reported killed by SIGKILL; the next job starts a
-new spawner.
+spawner answers `started SEQ PID` (or `error SEQ REASON`) and `end SEQ RC` (`RC` as
+`Popen.returncode`: negative for a signal). `SpawnedChild.signal` sends `kill SEQ SIGNUM`:
+the spawner signals the process group of the child only while it still runs that job. If
+the spawner dies, its children die with it and every job still running is reported killed
+by SIGKILL; the next job starts a new spawner.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
-import selectors
 import signal
 import subprocess
 import sys
 import threading
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 from ..joblock import die_with
-from . import child
+from . import pool
+from .child import OUTPUT
+from .pool import PoolConfig
 
-#: Modules the spawner imports before its first fork, so that no job child imports them:
-#: the `dask` sealer's job functions (`adapter.py`) and what they use.
-PRELOAD = ("sectorfsm.sealing.backends.dask.adapter",)
 _MODULE = "sectorfsm.sealing.backends.dask.spawner"
 _CHILD = "sectorfsm.sealing.backends.dask.child"
-OUTPUT = "output"
 
 
 class SpawnedChild:
-    """A job child forked by the spawner: its pid (also its process group) and its end."""
+    """A job's run in a child of the spawner: its pid (also its process group) and its end."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, seq: int = 0, signal: Callable[[int, int], None] | None = None):
         self.pid = pid
+        self.seq = seq
+        self._signal = signal
         self.returncode: int | None = None
         self._done = threading.Event()
         self._lock = threading.Lock()
@@ -57,6 +53,15 @@ class SpawnedChild:
         self._done.wait()
         assert self.returncode is not None
         return self.returncode
+
+    def signal(self, sig: int) -> None:
+        """Send `sig` to the child's process group, unless the job already ended there.
+
+        Through the spawner, which knows whether the child still runs this job: a warm
+        child's pid runs the next job once this one ended.
+        """
+        if self.returncode is None and self._signal is not None:
+            self._signal(self.seq, sig)
 
     def when_done(self, callback: Callable[[int], None]) -> None:
         """Call `callback(rc)` once the child ended (at once if it has): no thread waits for it.
@@ -84,7 +89,8 @@ class SpawnedChild:
 class Spawner:
     """The worker's side: starts the spawner process (`warm` or first job), asks it for children."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: PoolConfig | None = None) -> None:
+        self.config = config or PoolConfig()
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._seq = 0
@@ -112,6 +118,16 @@ class Spawner:
         if isinstance(box[0], str):
             raise OSError(box[0])
         return box[0]
+
+    def _kill(self, seq: int, sig: int) -> None:
+        """Ask the spawner to signal the child running job `seq` (gone: it died with it)."""
+        with self._lock:
+            proc = self._proc
+            if proc is None or proc.stdin is None:
+                return
+            with contextlib.suppress(OSError):
+                proc.stdin.write(f"kill {seq} {int(sig)}\n".encode())
+                proc.stdin.flush()
 
     @property
     def pid(self) -> int | None:
@@ -162,7 +178,7 @@ class Spawner:
         """Start the spawner, then read its answers: this thread lives exactly as long as it."""
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", _MODULE],
+                [sys.executable, "-m", _MODULE, *self.config.argv()],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 start_new_session=True,  # a terminal's Ctrl-C is the worker's to handle
@@ -190,10 +206,10 @@ class Spawner:
             spawned.ended(-signal.SIGKILL)  # PR_SET_PDEATHSIG: they died with the spawner
 
     def _answer(self, words: list[str]) -> None:
-        """Handle one line of the spawner's: `started`, `error` or `exit`."""
+        """Handle one line of the spawner's: `started`, `error` or `end`."""
         kind, first, rest = [*words, "", ""][:3]
         rest = rest.rstrip("\n")
-        if kind == "exit":
+        if kind == "end":
             with self._lock:
                 spawned = self._children.pop(int(first), None)
             if spawned is not None:
@@ -202,8 +218,8 @@ class Spawner:
         with self._lock:
             answered, box = self._pending.pop(int(first), (None, []))
             if kind == "started":
-                spawned = SpawnedChild(int(rest))
-                self._children[spawned.pid] = spawned
+                spawned = SpawnedChild(int(rest), int(first), self._kill)
+                self._children[spawned.seq] = spawned
                 box.append(spawned)
             else:
                 box.append(rest or "the job spawner refused the job")
@@ -230,94 +246,5 @@ def _exit(rc: int | None) -> str:
     return f"exit code {rc}"
 
 
-# ---------------------------------------------------------------------- in the spawner
-
-
-def _fork(jobdir: str, spec: bytes, wakeup: tuple[int, int], arm: Callable[[], None] | None) -> int:
-    """Fork the job's child; its pid in the spawner (the child never returns)."""
-    out = os.open(os.path.join(jobdir, OUTPUT), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        pid = os.fork()
-    except OSError:
-        os.close(out)
-        raise
-    if pid:
-        os.close(out)
-        return pid
-    rc = 1
-    try:
-        os.setsid()
-        if arm is not None:
-            arm()
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(out, 1)
-        os.dup2(out, 2)
-        for fd in (null, out, *wakeup):
-            os.close(fd)
-        rc = child.main(["child", jobdir], spec)
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except BaseException:
-        with contextlib.suppress(BaseException):
-            traceback.print_exc()
-            sys.stderr.flush()
-    finally:
-        os._exit(rc)
-
-
-def _reap() -> None:
-    """Report every child that ended."""
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        os.write(1, f"exit {pid} {os.waitstatus_to_exitcode(status)}\n".encode())
-
-
-def main() -> int:
-    """The spawner's loop: fork a child per `start` line until stdin closes."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for name in PRELOAD:
-        with contextlib.suppress(ImportError):
-            importlib.import_module(name)
-    wakeup = os.pipe()
-    for fd in wakeup:
-        os.set_blocking(fd, False)
-    signal.set_wakeup_fd(wakeup[1])
-    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-    arm = die_with(os.getpid())  # made once: the forked child only calls it
-    selector = selectors.DefaultSelector()
-    selector.register(0, selectors.EVENT_READ)
-    selector.register(wakeup[0], selectors.EVENT_READ)
-    pending = b""
-    while True:
-        for key, _ in selector.select():
-            if key.fd == wakeup[0]:
-                with contextlib.suppress(BlockingIOError):
-                    os.read(wakeup[0], 4096)
-                continue
-            data = os.read(0, 65536)
-            if not data:
-                return 0  # the worker closed us: the children die with this process
-            pending += data
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                _, seq, spec, jobdir = line.decode().split(" ", 3)
-                try:
-                    pid = _fork(jobdir, bytes.fromhex(spec), wakeup, arm)
-                except OSError as exc:
-                    os.write(1, f"error {seq} cannot fork the job's child: {exc}\n".encode())
-                else:
-                    os.write(1, f"started {seq} {pid}\n".encode())
-        _reap()
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(pool.main(sys.argv[1:]))

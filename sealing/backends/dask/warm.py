@@ -1,0 +1,161 @@
+"""A warm job child: runs the jobs its spawner hands it, one at a time, until it is retired.
+
+Forked by the spawner's pool (`pool.py`), it makes its own session (a kill of its job
+signals this process group: the job and whatever it started), arms `PR_SET_PDEATHSIG` on
+the spawner and becomes a child subreaper, so a process its job left behind stays visible
+here. For each `SEQ SPEC JOBDIR` line on its socket it points stdout and stderr at
+`JOBDIR/output`, runs `child.main` (which syncs the result before returning), puts back the
+working directory, environment, umask, `sys.path`, standard streams and signal handlers the
+job may have changed, and answers `RC RETIRE [REASON]`. It retires (exits after answering)
+after `max_jobs` jobs, past `max_rss_mib` of resident memory, or when its job left a thread
+or a process running, which would otherwise meet the next job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from . import child
+
+if TYPE_CHECKING:
+    from .pool import PoolConfig
+
+_PR_SET_CHILD_SUBREAPER = 36
+_MIB = 1 << 20
+
+Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
+
+
+@dataclass(slots=True)
+class Baseline:
+    """What a job may change in its process, as it was before the first job."""
+
+    cwd: str
+    environ: dict[str, str]
+    umask: int
+    path: list[str]
+    handlers: dict[int, Handler] = field(default_factory=dict)
+
+    @classmethod
+    def now(cls) -> Baseline:
+        """The process's state now."""
+        umask = os.umask(0o022)
+        os.umask(umask)
+        handlers: dict[int, Handler] = {}
+        for sig in signal.valid_signals():
+            with contextlib.suppress(OSError, ValueError):
+                if (handler := signal.getsignal(sig)) is not None:
+                    handlers[sig] = handler
+        return cls(os.getcwd(), dict(os.environ), umask, list(sys.path), handlers)
+
+    def restore(self) -> str:
+        """Undo what the job changed; a reason to retire if something cannot be undone."""
+        signal.alarm(0)
+        for sig, handler in self.handlers.items():
+            with contextlib.suppress(OSError, ValueError, TypeError):
+                if signal.getsignal(sig) != handler:
+                    signal.signal(sig, handler)
+        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+        if sys.path != self.path:
+            sys.path[:] = self.path
+        os.umask(self.umask)
+        if os.environ != self.environ:
+            os.environ.clear()
+            os.environ.update(self.environ)
+        try:
+            if os.getcwd() != self.cwd:
+                os.chdir(self.cwd)
+        except OSError as exc:
+            return f"cannot return to its working directory ({exc})"
+        return ""
+
+
+def leftovers() -> str:
+    """Why this process cannot take another job: a thread or a process of its job runs."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError as exc:
+        return f"cannot look for its job's threads ({exc})"
+    if len(tasks) > 1:
+        return f"its job left {len(tasks) - 1} thread(s) running"
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass  # zombies of its job's processes
+    try:
+        with open(f"/proc/self/task/{os.getpid()}/children") as f:
+            running = f.read().split()
+    except OSError as exc:
+        return f"cannot look for its job's processes ({exc})"
+    if running:
+        return f"its job left process(es) {' '.join(running)} running"
+    return ""
+
+
+def rss_mib() -> float:
+    """This process's resident memory in MiB (0 if unknown)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return pages * os.sysconf("SC_PAGE_SIZE") / _MIB
+
+
+def run(jobdir: str, spec: bytes) -> int:
+    """Run one job with stdout and stderr in its output file; its exit code."""
+    out = os.open(os.path.join(jobdir, child.OUTPUT), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    os.close(out)
+    try:
+        return child.main(["child", jobdir], spec)
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        os.close(null)
+
+
+def _subreaper() -> None:
+    """Become the parent of every orphan of this process's jobs (Linux; else nothing)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def serve(sock: socket.socket, config: PoolConfig, arm: Callable[[], None] | None) -> NoReturn:
+    """The child's life, right after the fork: jobs from `sock` until EOF or retirement."""
+    os.setsid()
+    if arm is not None:
+        arm()
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    _subreaper()
+    baseline = Baseline.now()
+    reader = sock.makefile("rb")
+    done = 0
+    while line := reader.readline():
+        _, spec, jobdir = line.decode().rstrip("\n").split(" ", 2)
+        rc = run(jobdir, bytes.fromhex(spec))
+        done += 1
+        reason = baseline.restore() or leftovers()
+        retire = bool(reason) or done >= config.max_jobs or rss_mib() > config.max_rss_mib
+        sock.sendall(f"{rc} {int(retire)} {reason}\n".encode())
+        if retire:
+            break
+    os._exit(0)
