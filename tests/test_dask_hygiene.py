@@ -243,6 +243,57 @@ def test_stale_jobs_in_the_registry_are_killed_and_forgotten_the_current_ones_ke
             thread.join(HANG_GUARD)
 
 
+def test_a_discarded_jobs_waiter_hears_it_was_cancelled_though_its_record_is_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Under load the waiter woke only after the discard had forgotten the job, and said
+    # "no record of it (acknowledged?)": here it is held there until the discard returns.
+    monkeypatch.setenv("PYTHONPATH", _env()["PYTHONPATH"])
+    table = JobTable(tmp_path / "jobs")
+    registry = JobRegistry(str(tmp_path / "jobs"))
+    registry.table = table
+    worker: Any = SimpleNamespace(name="box", plugins={jobs.PLUGIN: registry})
+    count, never = tmp_path / "count", tmp_path / "never"
+    armed, gate = threading.Event(), threading.Event()
+    real_wait = threading.Event.wait
+    ended: list[BaseException | None] = []
+
+    class HeldWake(threading.Event):
+        """Once armed, the waiter's thread stays past its wake-up until `gate` opens."""
+
+        def wait(self, timeout: float | None = None) -> bool:
+            woke = real_wait(self, timeout)
+            if armed.is_set() and threading.current_thread().name == "waiter":
+                real_wait(gate, HANG_GUARD)
+            return woke
+
+    monkeypatch.setattr(threading, "Event", HeldWake)
+
+    def run_one() -> None:
+        try:
+            table.run("PC1-s1-a1", GATE, [str(count), str(never), "PC1-s1-a1"])
+            ended.append(None)
+        except BaseException as exc:  # recorded for the asserts
+            ended.append(exc)
+
+    waiter = threading.Thread(target=run_one, name="waiter")
+    try:
+        waiter.start()
+        until(lambda: count.exists() and count.read_text().split(), "the child started")
+        armed.set()  # the waiter waits for the job's end now, and nothing else
+        ends = asyncio.run(discard_jobs(["PC1-s1-a1"], 5.0, worker))
+        assert ends == {"PC1-s1-a1": str(JobState.CANCELLED)}
+        assert table.records() == []
+        gate.set()
+        waiter.join(HANG_GUARD)
+        (exc,) = ended
+        assert isinstance(exc, JobCancelled), exc
+    finally:
+        gate.set()
+        table.close()
+        waiter.join(HANG_GUARD)
+
+
 def test_a_worker_rejoining_a_restarted_engine_loses_its_stale_jobs_only(
     spawn: Spawner, tmp_path: Path
 ) -> None:

@@ -82,6 +82,9 @@ class _Active:
     ending: tuple[JobState, str] | None = None
     #: One event per task waiting for this job: set when it ends or the waiters detach.
     waiters: list[threading.Event] = dataclasses.field(default_factory=list)
+    #: Its record as it ended: its waiters answer from it even if a discard (kill, then
+    #: forget) deleted the record before they woke.
+    final: JobRecord | None = None
 
 
 class JobTable:
@@ -179,6 +182,7 @@ class JobTable:
             wake.wait()
             if not active.done.is_set():
                 raise JobDetached(job_id, "still runs, but its task ended: submit it again")
+            return self.outcome(job_id, active.final)
         return self.outcome(job_id)
 
     def detach(self) -> None:
@@ -279,14 +283,18 @@ class JobTable:
             # `running` record with a result as done): only the other ends need the fsync.
             self._write(record, sync=record.state is not JobState.DONE)
             self._active.pop(job_id, None)
+            active.final = record
             active.done.set()
             for wake in active.waiters:
                 wake.set()
             active.waiters.clear()
 
-    def outcome(self, job_id: str) -> Any:
-        """A finished job's result, or its error raised; `JobError` if it is unknown."""
-        record = self._read(job_id)
+    def outcome(self, job_id: str, record: JobRecord | None = None) -> Any:
+        """A finished job's result, or its error raised; `JobError` if it is unknown.
+
+        `record` is the job's record as it ended, when the caller holds it (else it is read).
+        """
+        record = record if record is not None else self._read(job_id)
         if record is None:
             raise JobFailed(job_id, "failed: this worker has no record of it (acknowledged?)")
         if record.state is JobState.DONE:
