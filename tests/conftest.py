@@ -217,11 +217,18 @@ class Spawner:
         return subprocess.CompletedProcess([str(a) for a in args], rc, child.output(), stderr)
 
     def close(self) -> None:
-        """Kill every child's process group, reap it, and close its pipe."""
-        for child in self.children:
+        """Kill every child's process group, reap it, close its pipe and keep its output.
+
+        The output goes to `<name>-<n>.out` in the test's temp dir: a test that failed once
+        under load can be diagnosed from what its workers and engines printed.
+        """
+        for n, child in enumerate(self.children):
             child.kill_group()
             if child.popen.stdout is not None:
                 child.popen.stdout.close()
+            child._reader.join(5)
+            with contextlib.suppress(OSError):
+                (self.tmp / f"{child.name}-{n}.out").write_text(child.output())
 
 
 @pytest.fixture

@@ -260,7 +260,8 @@ def test_a_frozen_worker_is_disabled_its_unstarted_task_runs_elsewhere_and_it_co
         # The grace disables it; its unstarted task is queued again (the other one is full).
         await eventually(lambda: not v.enabled, "the frozen worker disabled")
         assert v.disabled_reason.startswith("no heartbeat for "), v.disabled_reason
-        assert _phases(v) == {Phase.RUNNING: 1}
+        # Disabling wakes the task that waits for the worker; it lets go on its next turn.
+        await eventually(lambda: _phases(v) == {Phase.RUNNING: 1}, "its unstarted task let go")
         await eventually(lambda: sched.diag(), "the task back in the queue")
         repo = published(tmp_path, sched.snapshot())
         shown = {w["name"]: w for w in _cli(repo, "workers")["workers"]}
