@@ -116,7 +116,7 @@ def proving_figure(s: Summary) -> Figure:
         each = ", ".join(f"{r.assigner} {r.bound.per_day:.1f}" for r in base)
         ax.set_title(
             f"Sectors reaching Proving per day against the bound "
-            f"({levels[0] if len(levels) == 1 else each}/day); ratio to the bound: {ratios}"
+            f"({levels[0] if len(levels) == 1 else each}/day);\nratio to the bound: {ratios}"
         )
         ax.set_xlabel("simulated day")
         ax.set_ylabel("sectors reaching Proving")
