@@ -458,3 +458,32 @@ def test_acks_ride_with_the_next_job_or_go_together_after_a_delay(
 
 async def _records_gone(c: Cluster, addr: str) -> bool:
     return not await jobs.jobs(c.client, addr)
+
+
+def test_acks_carried_by_a_job_are_forgotten_while_it_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYTHONPATH", _env()["PYTHONPATH"])
+    table = JobTable(tmp_path / "jobs")
+    count, go = tmp_path / "count", tmp_path / "go"
+    done: list[object] = []
+    try:
+        assert table.run("AP-s1-a1", "builtins:abs", [-1]) == 1
+        assert table.run("AP-s2-a1", "builtins:abs", [-2]) == 2
+        (tmp_path / "jobs" / "AP-s2-a1" / "spec").write_bytes(b"left by a fresh child")
+        gated = threading.Thread(
+            target=lambda: done.append(
+                table.run("PC1-s3-a1", GATE, [str(count), str(go), 3], ["AP-s1-a1", "AP-s2-a1"])
+            )
+        )
+        gated.start()
+        # Deleted while the job runs (the gate is still closed), the extra file included.
+        until(lambda: [r.job_id for r in table.records()] == ["PC1-s3-a1"] or None, "acks")
+        assert lines(count) and not done
+        go.touch()
+        gated.join(HANG_GUARD)
+        assert done == [3]
+        assert sorted(p.name for p in (tmp_path / "jobs").iterdir()) == ["PC1-s3-a1"]
+    finally:
+        go.touch()
+        table.close()

@@ -105,6 +105,9 @@ def test_sectors_worker_starts_its_spawner_before_the_first_job(
     with connect(address) as client:
         fut = jobs.submit(client, address_of_worker, "AP-s1-a1", "os:getppid", [])
         assert fut.result(timeout=HANG_GUARD) == warm  # the first job is forked by it
+        # Dask's sampling profiler would only watch task threads wait for their children.
+        profiling = client.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks)
+        assert profiling == {address_of_worker: False}
     proc.popen.send_signal(signal.SIGTERM)
     assert proc.finish() == 0
     until(lambda: not alive(warm) or None, "the spawner ending with the worker")

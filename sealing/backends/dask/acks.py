@@ -3,8 +3,8 @@
 A worker keeps a job's result until the engine acknowledges it (`jobs.ack`). Sent one by
 one, each acknowledgement is a `client.run` round trip through the scheduler, about as much
 CPU as the job's own Dask task when the job is short. So they are queued here: the worker's
-next job carries them (`jobs.submit(..., acks=...)`, read by the worker before it starts the
-job), and what no job carried within `ACK_DELAY` seconds goes in one `client.run`. A result
+next job carries them (`jobs.submit(..., acks=...)`, deleted by the worker while that job
+runs), and what no job carried within `ACK_DELAY` seconds goes in one `client.run`. A result
 is still kept until its acknowledgement arrives; only its deletion comes later. Acks lost
 with the engine leave records on the worker's disk, which no later engine reads: their job
 ids carry the engine's epoch or attempt.

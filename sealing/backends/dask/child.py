@@ -37,18 +37,22 @@ def resolve(path: str) -> Callable[..., Any]:
     return obj  # type: ignore[no-any-return]
 
 
-def write_atomic(path: Path, data: bytes, sync: bool = True) -> None:
+def write_atomic(path: str | Path, data: bytes, sync: bool = True) -> None:
     """Write `data` to `path` so that a reader sees all of it or no file.
 
     `sync=False` skips the fsync: the file then survives a crash of our processes but
     not of the machine (for what a later durable write makes redundant).
     """
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as out:
-        out.write(data)
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:  # one call for these small files; a loop for a short write
+            view = view[os.write(fd, view) :]
         if sync:
-            out.flush()
-            os.fsync(out.fileno())
+            os.fsync(fd)
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
 
 
@@ -59,7 +63,7 @@ def main(argv: list[str], spec: bytes | None = None) -> int:
         raw = (jobdir / SPEC).read_bytes() if spec is None else spec
         func, args = msgpack.unpackb(raw, raw=False)
         result = resolve(func)(*args)
-        write_atomic(jobdir / RESULT, msgpack.packb(result, use_bin_type=True))
+        write_atomic(f"{jobdir}/{RESULT}", msgpack.packb(result, use_bin_type=True))
     except BaseException:  # whatever it was, the worker shows its last line
         traceback.print_exc()
         sys.stderr.flush()
