@@ -142,9 +142,11 @@ class Workers:
         """CPU seconds so far of the worker processes, and of their spawners with children."""
         workers = [p.pid for p in self.procs.values()]
         spawners = [pid for w in workers for pid in _children(w)]
+        # The warm children live across jobs: count them running, and once reaped.
+        warm = [pid for s in spawners for pid in _children(s)]
         return {
             "workers": sum(_cpu_s(pid) for pid in workers),
-            "children": sum(_cpu_s(pid, reaped=True) for pid in spawners),
+            "children": sum(_cpu_s(pid, reaped=True) for pid in spawners + warm),
         }
 
     def kill9(self, name: str) -> None:
