@@ -6,10 +6,19 @@ the head of every shape against the workers whose ledger, policy or state change
 one decision near-linear in queue + workers, where Lotus tests every queued task against every
 window on every event. Which worker wins among those that can take a task is the scheduler's
 `Assigner`'s choice (`assigners.py`).
+
+Prefetch: a task is placed as a claim on its worker's ledger (memory, no compute) and fetches
+its files there while the worker's compute is busy with other work; once prepared it takes
+compute in arrival order (`before_work`). Lotus stacks whole-worker windows for this and
+ends up with tasks fetched and waiting on a busy worker while others idle (lotus#8655); here
+the claims are bounded to one worker's worth of compute (one waiting task per slot), and a
+task only goes to a worker where it must wait when no enabled worker can start it now (a
+worker that can is always preferred, and the balanced invariant re-tests every freed worker).
 """
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,7 +39,7 @@ class _Burst:
     """Scored candidates of one shape during one cycle."""
 
     turn: int
-    heap: list[tuple[tuple[float, float, float, int], int, int, Candidate]] = field(
+    heap: list[tuple[tuple[bool, tuple[float, float, float, int]], int, int, Candidate]] = field(
         default_factory=list
     )
     seq: int = 0
@@ -45,6 +54,11 @@ class BalancedCycle:
         self.sched = sched
         self.queue = sched.queue
         self._fit_memo: dict[tuple[str, int, TaskType, int], bool] = {}
+        #: Per worker, the prepared tasks waiting for its compute, in arrival order.
+        self._waiting: dict[str, list[int]] = {}
+        self._wakeups: dict[int, asyncio.Future[None]] = {}
+        #: The worker of every task past its `prepare`, so `release` knows whom to wake.
+        self._worker_of: dict[int, str] = {}
 
     def cycle(self, changed: Sequence[Worker], new_shapes: set[int]) -> None:
         """One cycle over the new shapes and, for the changed workers, every kind's heads."""
@@ -124,7 +138,9 @@ class BalancedCycle:
             return  # the usual answer in a deep queue: no need to say why in words
         verdict = sched.verdict(req, w)
         if isinstance(verdict, Candidate):
-            score = sched.assigner.score(req.task_type, verdict, burst.turn)
+            # A worker that can start the task now beats one where it would wait for compute.
+            waits = w.ledger.refusal(req.task_type, verdict.need) is not None
+            score = (waits, sched.assigner.score(req.task_type, verdict, burst.turn))
             burst.seq += 1
             heapq.heappush(burst.heap, (score, burst.seq, w.ledger.version, verdict))
 
@@ -148,7 +164,7 @@ class BalancedCycle:
                 fits = False
             else:
                 need = resource_spec(task_type, size, w.spec.overrides)
-                fits = w.ledger.refusal(task_type, need) is None
+                fits = w.ledger.claim_refusal(task_type, need) is None
             self._fit_memo[key] = fits
         return fits
 
@@ -157,7 +173,46 @@ class BalancedCycle:
         return any(self._may_fit(w, task_type, size) for w in workers)
 
     async def before_work(self, job: Job) -> None:
-        """Nothing to wait for: the ledger admitted the whole task when it was assigned."""
+        """Take compute on the job's worker once its files are there: the earliest that fits."""
+        led, name, sid = job.worker.ledger, job.worker.name, job.sched_id
+        entry = led.entries.get(sid)
+        if entry is None:
+            return
+        self._worker_of[sid] = name
+        if entry.computing:
+            return
+        waiting = self._waiting.setdefault(name, [])
+        waiting.append(sid)
+        try:
+            while not self._my_turn(job, waiting):
+                fut = self._wakeups[sid] = asyncio.get_running_loop().create_future()
+                await fut
+        finally:
+            self._wakeups.pop(sid, None)
+            waiting.remove(sid)
+            self._wake(name)  # the next in line may fit beside this one
+        led.acquire(sid)
+        self.sched.worker_changed(name)  # its claim's room is free for another task
+
+    def _my_turn(self, job: Job, waiting: list[int]) -> bool:
+        # The earliest waiter that fits goes: a C2 waiting for the GPU holds back no PC1
+        # behind it, and a later task never takes the compute an earlier one fits in.
+        led = job.worker.ledger
+        for sid in waiting:
+            e = led.entries.get(sid)
+            if e is not None and led.compute_refusal(e.task_type, e.need) is None:
+                return sid == job.sched_id
+        return False
 
     def release(self, sched_id: int) -> None:
-        """Nothing held here: the scheduler frees the worker's ledger itself."""
+        """A task ended: the prepared tasks waiting on its worker try for its compute."""
+        name = self._worker_of.pop(sched_id, None)
+        if name is not None:
+            # The ledger is freed right after this returns, before any waiter runs again.
+            self._wake(name)
+
+    def _wake(self, name: str) -> None:
+        for sid in self._waiting.get(name, ()):
+            fut = self._wakeups.pop(sid, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)

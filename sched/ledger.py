@@ -5,6 +5,12 @@ set to the whole idle worker and stacks them, so a worker can be promised up to 
 has. Here a task holds its resources in the worker's single ledger from the moment it is
 assigned until it finishes, and admission is checked against that total: memory, CPU threads,
 GPU share and per-type concurrency can never be exceeded.
+
+A task placed by the scheduler is a *claim* until its files have arrived: it holds its memory
+but not its compute (threads, GPU share, a MAX_CONCURRENT slot), so the GPU keeps working
+while the next task's files are fetched. `claim_refusal` admits claims up to one worker's
+worth of compute (one waiting task per slot, not Lotus's stacked windows); `acquire` turns a
+claim into running compute once `compute_refusal` says it fits.
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ class _Entry:
     need: Resources
     threads: int
     phase: Phase
+    #: Holds its threads, GPU share and concurrency slot (False: a claim, still fetching).
+    computing: bool = True
 
 
 @dataclass(slots=True)
@@ -58,8 +66,13 @@ class Ledger:
 
     resources: WorkerResources
     entries: dict[int, _Entry] = field(default_factory=dict)
+    #: Threads and GPU share held by computing entries.
     cpu_used: int = 0
     gpu_used: float = 0.0
+    #: Threads, GPU share and tasks per type of the claims (entries not computing yet).
+    claimed_cpu: int = 0
+    claimed_gpu: float = 0.0
+    claimed: Counter[TaskType] = field(default_factory=Counter)
     mem_min_used: int = 0
     mem_max_used: int = 0
     counts: Counter[TaskType] = field(default_factory=Counter)
@@ -69,50 +82,112 @@ class Ledger:
     version: int = 0
 
     def refusal(self, task_type: TaskType, need: Resources) -> str | None:
-        """Why this task cannot be admitted now, in an operator's words; None if it fits."""
+        """Why this task cannot be admitted now, in an operator's words; None if it fits.
+
+        Everything on the ledger counts here, claims included: the task could run at once.
+        """
+        return self._refusal(
+            task_type,
+            need,
+            self.counts[task_type],
+            self.cpu_used + self.claimed_cpu,
+            self.gpu_used + self.claimed_gpu,
+        )
+
+    def claim_refusal(self, task_type: TaskType, need: Resources) -> str | None:
+        """Why this task cannot be placed here to fetch and wait for compute; None if it can."""
+        why = self._refusal(
+            task_type, need, self.claimed[task_type], self.claimed_cpu, self.claimed_gpu
+        )
+        if why is None or "RAM" in why:
+            return why
+        return f"{why} (counting the tasks that fetch or wait to run: one per slot)"
+
+    def compute_refusal(self, task_type: TaskType, need: Resources) -> str | None:
+        """Why a claim of this task cannot start computing now; None if it can."""
+        running = self.counts[task_type] - self.claimed[task_type]
+        return self._refusal(task_type, need, running, self.cpu_used, self.gpu_used, mem=False)
+
+    def _refusal(
+        self,
+        task_type: TaskType,
+        need: Resources,
+        count: int,
+        cpu_used: int,
+        gpu_used: float,
+        *,
+        mem: bool = True,
+    ) -> str | None:
         res = self.resources
-        if need.max_concurrent > 0 and self.counts[task_type] >= need.max_concurrent:
+        if need.max_concurrent > 0 and count >= need.max_concurrent:
             return f"{task_type.short} MAX_CONCURRENT {need.max_concurrent} reached"
         if res.ignore_resources:
             return None
-        base = self._base(task_type, need)
-        mem_need = need.min_memory + base
-        mem_free = res.mem_physical - self.mem_min_used
-        if mem_need > mem_free:
-            return f"needs {describe_bytes(mem_need)} RAM, {describe_bytes(max(0, mem_free))} free"
-        vmem_need = need.max_memory + base
-        vmem_used = max(self.mem_max_used, res.mem_used + res.mem_swap_used)
-        vmem_free = res.mem_physical + res.mem_swap - vmem_used
-        if vmem_need > vmem_free:
-            return (
-                f"needs {describe_bytes(vmem_need)} RAM+swap, "
-                f"{describe_bytes(max(0, vmem_free))} free"
-            )
+        if mem:
+            base = self._base(task_type, need)
+            mem_need = need.min_memory + base
+            mem_free = res.mem_physical - self.mem_min_used
+            if mem_need > mem_free:
+                return (
+                    f"needs {describe_bytes(mem_need)} RAM, {describe_bytes(max(0, mem_free))} free"
+                )
+            vmem_need = need.max_memory + base
+            vmem_used = max(self.mem_max_used, res.mem_used + res.mem_swap_used)
+            vmem_free = res.mem_physical + res.mem_swap - vmem_used
+            if vmem_need > vmem_free:
+                return (
+                    f"needs {describe_bytes(vmem_need)} RAM+swap, "
+                    f"{describe_bytes(max(0, vmem_free))} free"
+                )
         threads = need.threads(res.cpus, len(res.gpus))
-        if self.cpu_used + threads > res.cpus:
-            return f"needs {threads} CPU threads, {max(0, res.cpus - self.cpu_used)} free"
+        if cpu_used + threads > res.cpus:
+            return f"needs {threads} CPU threads, {max(0, res.cpus - cpu_used)} free"
         if res.gpus and need.gpu_utilization > 0:
-            free = len(res.gpus) - self.gpu_used
+            free = len(res.gpus) - gpu_used
             if need.gpu_utilization > free + 1e-9:
                 return f"needs {need.gpu_utilization:g} GPU, {max(0.0, free):g} free"
         return None
 
-    def add(self, sched_id: int, task_type: TaskType, need: Resources) -> None:
-        """Commit a task's resources (it must have passed `refusal`)."""
+    def add(
+        self, sched_id: int, task_type: TaskType, need: Resources, *, computing: bool = True
+    ) -> None:
+        """Commit a task's resources (it must have passed `refusal`, or `claim_refusal`
+        with `computing=False`: then it holds memory only until `acquire`)."""
         if sched_id in self.entries:
             raise ValueError(f"task {sched_id} is already on this worker's ledger")
         threads = need.threads(self.resources.cpus, len(self.resources.gpus))
         base = self._base(task_type, need)
         if base:
             self.bases[task_type] = base
-        self.entries[sched_id] = _Entry(task_type, need, threads, Phase.ASSIGNED)
+        entry = _Entry(task_type, need, threads, Phase.ASSIGNED, computing=False)
+        self.entries[sched_id] = entry
         self.version += 1
         self.counts[task_type] += 1
-        self.cpu_used += threads
-        if self.resources.gpus:
-            self.gpu_used += need.gpu_utilization
+        self._claim(entry, 1)
         self.mem_min_used += need.min_memory + base
         self.mem_max_used += need.max_memory + base
+        if computing:
+            self.acquire(sched_id)
+
+    def acquire(self, sched_id: int) -> None:
+        """A claim starts computing: its threads, GPU share and slot move to the used totals."""
+        entry = self.entries[sched_id]
+        if entry.computing:
+            return
+        self._claim(entry, -1)
+        entry.computing = True
+        self.version += 1
+        self.cpu_used += entry.threads
+        if self.resources.gpus:
+            self.gpu_used += entry.need.gpu_utilization
+
+    def _claim(self, entry: _Entry, sign: int) -> None:
+        self.claimed[entry.task_type] += sign
+        if not self.claimed[entry.task_type]:
+            del self.claimed[entry.task_type]
+        self.claimed_cpu += sign * entry.threads
+        if self.resources.gpus:
+            self.claimed_gpu = max(0.0, self.claimed_gpu + sign * entry.need.gpu_utilization)
 
     def free(self, sched_id: int) -> None:
         """Release a finished (or cancelled) task's resources."""
@@ -123,9 +198,12 @@ class Ledger:
         if self.counts[entry.task_type] == 0:
             del self.counts[entry.task_type]
             base = self.bases.pop(entry.task_type, 0)  # the last of its type
-        self.cpu_used -= entry.threads
-        if self.resources.gpus:
-            self.gpu_used = max(0.0, self.gpu_used - entry.need.gpu_utilization)
+        if not entry.computing:
+            self._claim(entry, -1)
+        else:
+            self.cpu_used -= entry.threads
+            if self.resources.gpus:
+                self.gpu_used = max(0.0, self.gpu_used - entry.need.gpu_utilization)
         self.mem_min_used -= entry.need.min_memory + base
         self.mem_max_used -= entry.need.max_memory + base
 

@@ -43,6 +43,7 @@ from .views import (
     publish_snapshot,
     worker_snapshot,
 )
+from .waits import local_wait_refusal
 from .workers import InProcessBackend, Worker, WorkerBackend, WorkerSpec
 
 log = logging.getLogger("sectorfsm.sched")
@@ -383,6 +384,10 @@ class Scheduler:
         if name in self._workers:
             self._touch(name)
 
+    def worker_changed(self, name: str) -> None:
+        """Test worker `name` again at the next cycle (its ledger changed outside a cycle)."""
+        self._touch(name)
+
     def _touch(self, name: str) -> None:
         self._dirty.add(name)
         self.request_cycle()
@@ -445,7 +450,7 @@ class Scheduler:
             if refusal is not None:
                 return refusal
         need = resource_spec(req.task_type, req.sector.size, w.spec.overrides)
-        refusal = w.ledger.refusal(req.task_type, need)
+        refusal = w.ledger.claim_refusal(req.task_type, need)
         if refusal is not None:
             return refusal
         placement = req.selector.check(req.sector, w, self.index)
@@ -454,12 +459,8 @@ class Scheduler:
         if placement.fetch_bytes:
             files = getattr(req.selector, "files", None)
             wait = self._local_wait(req, files) if isinstance(files, FileType) else None
-            if wait is not None and wait[0] < placement.cost_s:
-                return (
-                    f"waiting for {wait[1]}, which holds the sector's files and should free "
-                    f"up in ~{_minutes(wait[0])} (fetching here would take "
-                    f"{_minutes(placement.cost_s)})"
-                )
+            if (refusal := local_wait_refusal(wait, placement.cost_s)) is not None:
+                return refusal
         cap = stage_cap(policy, req.task_type) if w.watcher is not None else None
         return Candidate(w, placement, need, slots_for(w, need, cap))
 
@@ -496,7 +497,7 @@ class Scheduler:
         """Give `req` to the candidate's worker: its ledger holds the task from now on."""
         self.queue.remove(req.sched_id)
         w = c.worker
-        w.ledger.add(req.sched_id, req.task_type, c.need)
+        w.ledger.add(req.sched_id, req.task_type, c.need, computing=False)  # fetches first
         w.jobs.add(req.sched_id)
         self._held[req.sched_id] = w
         self._held_task[req.sched_id] = (req.sector, req.task_type)
@@ -593,7 +594,3 @@ class Scheduler:
             return self._workers[name]
         except KeyError:
             raise SchedulerError(f"no worker named {name!r}") from None
-
-
-def _minutes(seconds: float) -> str:
-    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"

@@ -46,17 +46,25 @@ def check_invariants(led: Ledger) -> None:
     bases = sum(led.bases.values())
     assert led.mem_min_used == sum(e.need.min_memory for e in led.entries.values()) + bases
     assert led.mem_max_used == sum(e.need.max_memory for e in led.entries.values()) + bases
-    assert led.cpu_used == sum(e.threads for e in led.entries.values())
+    # Compute is held by running entries; claims (still fetching) hold memory only.
+    running = [e for e in led.entries.values() if e.computing]
+    claims = [e for e in led.entries.values() if not e.computing]
+    assert led.cpu_used == sum(e.threads for e in running)
+    assert led.claimed_cpu == sum(e.threads for e in claims)
+    assert led.claimed_cpu <= res.cpus
+    if res.gpus:
+        assert led.claimed_gpu <= len(res.gpus) + 1e-9
     # And never beyond the worker.
     assert led.mem_min_used <= res.mem_physical
     assert led.mem_max_used <= res.mem_physical + res.mem_swap
     assert led.cpu_used <= res.cpus
     if res.gpus:
         assert led.gpu_used <= len(res.gpus) + 1e-9
-    for t, n in led.counts.items():
+    for t in led.counts:
         cap = led.entries[next(k for k, e in led.entries.items() if e.task_type == t)]
         if cap.need.max_concurrent:
-            assert n <= cap.need.max_concurrent
+            assert sum(1 for e in running if e.task_type == t) <= cap.need.max_concurrent
+            assert led.claimed[t] <= cap.need.max_concurrent
 
 
 @settings(max_examples=300, deadline=None)
