@@ -11,7 +11,10 @@ worker (chain delays, batching), which adds latency, not a rate limit.
 
 What a slot is depends on the scheduler. The `balanced` one admits a task on its worker's
 ledger (memory, swap, threads, GPUs, MAX_CONCURRENT, capped by the policy's `PreCommit1Max`,
-...) and the task holds that slot while its files arrive. The `lotus` baseline, as Lotus,
+...); while its files arrive the task holds its memory and a claim (one per slot) but not
+the slot's compute, so the next task's fetch overlaps this one's work (a policy cap counts
+fetching tasks too: there the bound stays an upper one, a little loose). The `lotus`
+baseline, as Lotus,
 fetches in a `preparing` pool apart from the `active` one the work runs in, each as large as
 the worker (`startProcessingTask`, extern/sector-storage/sched_worker.go@v1.11.3), and knows
 no policy file: there a slot is what Lotus's `CanHandleRequest` admits, and one slot carries a
@@ -108,8 +111,11 @@ class Bound:
 
 
 def prepares_apart(assigner: str) -> bool:
-    """Whether `assigner` fetches a task's input outside the slot its work runs in (Lotus)."""
-    return assigner == "lotus"
+    """Whether `assigner` fetches a task's input outside the slot its work runs in.
+
+    Both do: Lotus in its preparing pool, `balanced` as a claim beside the running slot.
+    """
+    return assigner in ("lotus", "balanced")
 
 
 def _held(seconds: float, fetch: float, apart: bool) -> float:
@@ -161,11 +167,12 @@ def bound(
     """The bound for these workers under `assigner`; `seconds[worker][task]`: time per task."""
     specs = list(workers)
     apart = prepares_apart(assigner)
+    lotus = assigner == "lotus"
     stages: dict[TaskType, StageBound] = {}
     for task in STAGES:
         shares = []
         for spec in specs:
-            if apart:
+            if lotus:
                 slots = lotus_slots(spec, task, sector_size)
             else:
                 slots = max_slots(spec, task, sector_size, policies.get(spec.name, WorkerPolicy()))
@@ -187,7 +194,11 @@ def bound(
         stages[task] = StageBound(task, tuple(shares), total if shares else 0.0)
     finite = {t: s.per_day for t, s in stages.items() if s.per_day is not None}
     least = min(finite.values()) if finite else 0.0
-    resources = tuple(resource_bounds(specs, sector_size, stages, prepares_apart=apart))
+    resources = tuple(
+        resource_bounds(
+            specs, sector_size, stages, prepares_apart=apart, fetch_holds_memory=not lotus
+        )
+    )
     tightest = min(resources, key=lambda r: r.per_day, default=None)
     if tightest is not None and tightest.per_day < least * (1 - TIE):
         limiting: tuple[TaskType, ...] = ()
@@ -196,7 +207,7 @@ def bound(
     shared = tuple(
         spec.name
         for spec in specs
-        if not _fits_together(spec, sector_size, stages, limiting, apart)
+        if not _fits_together(spec, sector_size, stages, limiting, lotus)
     )
     return Bound(stages, least, limiting, shared, resources, prepares_apart=apart)
 

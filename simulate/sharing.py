@@ -11,7 +11,8 @@ so this stays an upper bound.
 Under the `lotus` baseline a task fetches in the preparing pool and works in the active one,
 each holding the full `need` of a resource as large as the worker's: the GPU is busy with C2
 while the next PC2's files arrive. There the bound is `total / max(sum(need x work),
-sum(need x fetch))`, the busier of the two pools.
+sum(need x fetch))`, the busier of the two pools. `balanced` fetches the same way, as a claim
+beside the running task, but its claim keeps its memory: memory is held for fetch and work.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def resource_bounds(
     stages: Mapping[TaskType, StageBound],
     *,
     prepares_apart: bool = False,
+    fetch_holds_memory: bool = False,
 ) -> list[ResourceBound]:
     """The bound of each resource that two or more sole-provider stages share on a worker."""
     out = []
@@ -80,7 +82,10 @@ def resource_bounds(
             }
             for name, amount in uses.items():
                 if amount > 0:
-                    loads[name] += amount * work
+                    held = work
+                    if name == "memory" and fetch_holds_memory and prepares_apart:
+                        held += share.fetch_seconds
+                    loads[name] += amount * held
                     fetching[name] += amount * share.fetch_seconds
                     users[name].append((task, amount))
         for name, load in loads.items():

@@ -105,8 +105,9 @@ def test_two_balanced_stages(tmp_path: Path) -> None:
 
 def test_link_bound_fetch(tmp_path: Path) -> None:
     # PC1 runs only on pc1-box, AP only on ap-box: each PC1 first fetches the 32 GiB unsealed
-    # file over a 2.727 MB/s link, 3.5 h, holding its slot: 2 slots / 7 h = 6.857/day.
-    link = 32 * 2**30 / 12600
+    # file over a 1.36 MB/s link, 7 h; the next task's fetch overlaps this one's 3.5 h of
+    # work, so the fetch sets the pace: 2 slots / 7 h = 6.857/day.
+    link = 32 * 2**30 / 25200
     text = (
         HEAD.format(per_day=8)
         + _box("ap-box", '["AP"]')
@@ -121,9 +122,9 @@ def test_link_bound_fetch(tmp_path: Path) -> None:
     [run] = out["runs"]
     _close(run, 2 / 7 * 24)
     pc1 = run["bound"]["stages"]["PC1"]["workers"]["pc1-box"]
-    assert pc1["fetch_seconds"] == pytest.approx(12600, rel=1e-6)
+    assert pc1["fetch_seconds"] == pytest.approx(25200, rel=1e-6)
     assert run["bottleneck"]["text"].startswith("PC1 on pc1-box is the bottleneck")
-    assert "3.5 h of each task is the fetch of its input" in run["bottleneck"]["text"]
+    assert "7.0 h of each task is the fetch of its input" in run["bottleneck"]["text"]
     [pair] = run["fetch"]["pairs"]
     assert (pair["from"], pair["to"]) == ("ap-box", "pc1-box")
     assert pair["bytes"] % (32 * 2**30) == 0 and pair["bytes"] >= 20 * 32 * 2**30

@@ -1,10 +1,10 @@
 """Both assigners stay at or below their bound, and no worker is reported above 100% busy.
 
 The case: one GPU shared by PC2 and C2 on a box that fetches PC2's input from the PC1 box.
-The `balanced` ledger holds the GPU while PC2's files arrive; the `lotus` baseline, as Lotus,
-fetches in its preparing pool while C2 works on the GPU in `active`. Both run one GPU task at
-a time, so the GPU bounds each: 24 * 60 / (25 + fetch + 30) minutes under `balanced`, and
-24 * 60 / (25 + 30) under `lotus`, whose fetch overlaps the other task's work.
+The `lotus` baseline, as Lotus, fetches in its preparing pool while C2 works on the GPU in
+`active`; `balanced` fetches PC2's files as a claim that holds memory, not the GPU. Both run
+one GPU task at a time, so the GPU bounds each at 24 * 60 / (25 + 30), the fetch overlapping
+the other task's work.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def test_each_assigner_has_the_bound_of_how_it_holds_the_gpu(
     runs: dict[str, dict[str, Any]],
 ) -> None:
     balanced, lotus = runs["balanced"]["bound"], runs["lotus"]["bound"]
-    assert balanced["per_day"] == pytest.approx(86400 / (25 * 60 + FETCH + 30 * 60), rel=1e-3)
+    assert balanced["per_day"] == pytest.approx(24 * 60 / 55, rel=1e-3)
     assert lotus["per_day"] == pytest.approx(24 * 60 / 55, rel=1e-3)
     for b in (balanced, lotus):
         assert b["limiting_resource"] == {"worker": "gpu-box", "resource": "GPU"}
