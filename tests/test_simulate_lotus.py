@@ -13,8 +13,7 @@ from typing import Any
 
 import pytest
 
-from sectorfsm.sched import FileType, TaskType, resource_spec
-from sectorfsm.sched.filetypes import space_needed
+from sectorfsm.sched import TaskType, resource_spec
 from sectorfsm.simulate import load_simulate_config, run_all, summary
 
 CLUSTER = """
@@ -55,8 +54,6 @@ store = true
 """
 
 S32 = 32 << 30
-#: PC2's cache and sealed files over a 10 Gbit/s link.
-FETCH = space_needed(FileType.CACHE | FileType.SEALED, S32) / (10e9 / 8)
 #: Allowed above a bound: the steady rate is measured between bursts of finished sectors.
 TOLERANCE = 0.02
 
