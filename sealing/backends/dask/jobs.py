@@ -19,11 +19,11 @@ same reason (`extern/sector-storage/manager_calltracker.go@v1.11.3`).
 * Inside `sectors worker` (`hold_jobs`), the tables are per process, not per `Worker`: a
   Worker that closes because its scheduler went away detaches its waiting tasks and leaves
   the children running, and the next Worker of the process re-attaches to the same table.
-  Each child is waited for by a thread of its own.
-* Children are forked by the table's warm `Spawner` (`spawner.py`: its own process group,
-  `PR_SET_PDEATHSIG` on the spawner, which has it on the worker), started with the table on a
-  worker, so no job (the first included) pays for a fresh interpreter; a fresh
-  `python -m ...dask.child` is the fallback if it cannot start.
+* Jobs run in the warm children of the table's `Spawner` (`spawner.py`, `pool.py`: each in
+  its own process group, `PR_SET_PDEATHSIG` on the spawner, which has it on the worker; a
+  child runs one job at a time and then the next, as Lotus's long-lived `lotus-worker`
+  does), started with the table on a worker, so no job (the first included) pays for a fresh
+  interpreter or a fork; a fresh `python -m ...dask.child` is the fallback if it cannot start.
 """
 
 from __future__ import annotations
