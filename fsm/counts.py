@@ -78,6 +78,8 @@ class GroupCounts:
         self.entries: tuple[dict[str, bytes], dict[str, bytes]] = ({}, {})
         #: `counts` entry -> the prefix of its machines' keys in the `counted` index.
         self._index: dict[bytes, bytes] = {}
+        #: `counts` entry -> its count key (what a machine's watchers are told: fsm/watch.py).
+        self.names: dict[bytes | None, str] = {}
         self._group_len = len(self.marker)
 
     def entry(self, name: str, final: bool) -> bytes:
@@ -89,6 +91,7 @@ class GroupCounts:
                 raise ValueError(f"count key {name!r} contains a NUL")
             key = table[name] = (self._final if final else self._live) + name.encode()
             self._index[key] = self.index_prefix(name)
+            self.names[key] = name
         return key
 
     def index_prefix(self, name: str) -> bytes:

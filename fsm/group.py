@@ -315,12 +315,14 @@ class StateGroup(Generic[S]):
             )
         return None
 
-    def watch(self, machine_id: MachineId) -> asyncio.Future[None]:
+    def watch(self, machine_id: MachineId) -> asyncio.Future[str | None]:
         """A future resolved once the next commit writing this machine's state has landed.
 
         Only that machine's commits (and the group stopping) resolve it, so waiters on many
-        machines cost nothing per commit of the others (fsm/watch.py). One-shot: re-read the
-        state with `get`, then watch again to keep waiting. The group must be running.
+        machines cost nothing per commit of the others (fsm/watch.py). Its result is the
+        count key (`count_by`) of the state that commit wrote, or None (no counts, a failed
+        commit, the group stopping): re-read the state with `get`. One-shot: watch again to
+        keep waiting. The group must be running.
         """
         self.records.key(machine_id)
         if not self._runtime.running:

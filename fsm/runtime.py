@@ -110,7 +110,7 @@ class MachineRuntime:
         self._rounds = 0
         self._waiters: list[asyncio.Future[None]] = []
         #: Per-machine futures, resolved by the commit of each round (`StateGroup.watch`).
-        self.watchers = MachineWatchers()
+        self.watchers = MachineWatchers(records.counts.names if records.counts else None)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -526,7 +526,7 @@ class MachineRuntime:
 
     def _batch_rounds_committed(self, planned: Machines, err: BaseException | None) -> None:
         # Cleared in any case: `_plan_dirty` refuses to plan while it holds rounds.
-        if self.watchers:
+        if self.watchers and err is None:  # (a failed commit wakes them below, to re-read)
             self.watchers.wake_machines(planned)
         try:
             if err is not None or not self._running or self._stopping:

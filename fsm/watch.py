@@ -11,12 +11,18 @@ state, decides, and asks for a new future if it must keep waiting. A cancelled f
 waiter timed out) is dropped at the next wake-up of that machine, or when the same machine is
 watched again, so a machine that never changes again keeps at most the futures of its
 current waiters.
+
+A commit resolves each future with the count key (`StateGroup(count_by=...)`) of the state it
+wrote, so a waiter for one state can tell from it alone that a commit moved the machine to
+another state it does not care about, without reading and decoding the record; a future
+resolved with None (a group without counts, a failed commit, the group stopping) says only
+"re-read".
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from .keys import MachineId
@@ -28,10 +34,12 @@ if TYPE_CHECKING:
 class MachineWatchers:
     """Futures per machine id, resolved by the commits that write that machine."""
 
-    __slots__ = ("_by_id",)
+    __slots__ = ("_by_id", "_names")
 
-    def __init__(self) -> None:
-        self._by_id: dict[MachineId, list[asyncio.Future[None]]] = {}
+    def __init__(self, names: Mapping[bytes | None, str] | None = None) -> None:
+        self._by_id: dict[MachineId, list[asyncio.Future[str | None]]] = {}
+        #: `counts` entry -> count key (`GroupCounts.names`): what a commit's wake-up carries.
+        self._names: Mapping[bytes | None, str] = names if names is not None else {}
 
     def __bool__(self) -> bool:
         return bool(self._by_id)
@@ -39,9 +47,9 @@ class MachineWatchers:
     def __len__(self) -> int:
         return sum(len(futures) for futures in self._by_id.values())
 
-    def watch(self, machine_id: MachineId) -> asyncio.Future[None]:
+    def watch(self, machine_id: MachineId) -> asyncio.Future[str | None]:
         """A future resolved after the next commit that writes `machine_id` (or at stop)."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         futures = self._by_id.get(machine_id)
         if futures is None:
             self._by_id[machine_id] = [fut]
@@ -58,12 +66,15 @@ class MachineWatchers:
             _resolve(futures)
 
     def wake_machines(self, machines: Iterable[Machine]) -> None:
-        """Resolve the futures watching any of `machines` (one commit's planned rounds)."""
-        by_id = self._by_id
+        """Resolve the futures watching any of `machines` (one commit's landed rounds).
+
+        Each future gets the count key of the state its machine's round wrote.
+        """
+        by_id, names = self._by_id, self._names
         for m in machines:
             futures = by_id.pop(m.id, None)
             if futures is not None:
-                _resolve(futures)
+                _resolve(futures, names.get(m.counted))
 
     def wake_all(self) -> None:
         """Resolve every future (the group stops: waiters re-read and decide)."""
@@ -72,7 +83,7 @@ class MachineWatchers:
             _resolve(futures)
 
 
-def _resolve(futures: list[asyncio.Future[None]]) -> None:
+def _resolve(futures: list[asyncio.Future[str | None]], key: str | None = None) -> None:
     for fut in futures:
         if not fut.done():
-            fut.set_result(None)
+            fut.set_result(key)

@@ -76,6 +76,8 @@ log = logging.getLogger("sectorfsm.sealing")
 
 
 _META_MINER = requests.META_MINER
+#: Count keys (`state_key`: the state value) of the states `wait` gives up in.
+_STUCK_VALUES = frozenset(s.value for s in STUCK_STATES)
 
 
 def _cancels(event: object, info: SectorInfo) -> bool:
@@ -368,6 +370,10 @@ class Miner:
         settles in FailedUnrecoverable or Removed instead, and `TimeoutError` on timeout.
         """
         target = parse_state(str(state))
+        # The states a commit must leave the sector in for this wait to read it again: a
+        # commit moving it between two others says so in its wake-up (the group's count key
+        # is the state value), and the sector's record is not read and decoded for nothing.
+        decisive = _STUCK_VALUES | {target.value}
         deadline = None if timeout is None else self.clock.now() + timeout
         timer: asyncio.Task[None] | None = None
         try:
@@ -385,16 +391,24 @@ class Miner:
                 if not self.group.started:  # (nothing would change the sector any more)
                     raise SealingError(f"sector {number}: the engine is not running")
                 # Watched right after the read, with no await between: no commit is missed.
-                changed = self.group.watch(number)
-                if deadline is None:
-                    await changed
-                    continue
-                if timer is None:  # one timer for the whole wait, on the engine clock
-                    timer = asyncio.ensure_future(self.clock.sleep_until(deadline))
-                try:
-                    await asyncio.wait((changed, timer), return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    changed.cancel()
+                while True:
+                    changed = self.group.watch(number)
+                    if deadline is None:
+                        moved_to = await changed
+                    else:
+                        if timer is None:  # one timer for the whole wait, on the engine clock
+                            timer = asyncio.ensure_future(self.clock.sleep_until(deadline))
+                        try:
+                            await asyncio.wait(
+                                (changed, timer), return_when=asyncio.FIRST_COMPLETED
+                            )
+                        finally:
+                            changed.cancel()
+                        if changed.cancelled():  # (the deadline: the read decides)
+                            break
+                        moved_to = changed.result()
+                    if moved_to is None or moved_to in decisive:
+                        break
         finally:
             if timer is not None:
                 timer.cancel()

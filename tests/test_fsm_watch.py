@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fsmtoy import Add, Open, make_group
+from fsmtoy import Add, Finish, Open, make_group
 from sealtools import miner, run
 
 from sectorfsm.fsm import GroupStoppedError, LmdbStore
@@ -33,6 +33,32 @@ def test_watch_wakes_on_its_own_machine_only(tmp_path: Path) -> None:
             assert state is not None and state.applied == [100]
         finally:
             await group.stop()
+            store.close()
+
+    asyncio.run(body())
+
+
+def test_watch_tells_the_count_key_of_the_state_its_commit_wrote(tmp_path: Path) -> None:
+    async def body() -> None:
+        store = LmdbStore(tmp_path / "s", durability="nosync")
+        counted = make_group(store, count_by=lambda st: st.state)
+        await counted.start()
+        try:
+            await counted.send("a", Open())
+            watched = counted.watch("a")
+            await counted.send("a", Finish())
+            assert await asyncio.wait_for(watched, 5) == "Closed"
+        finally:
+            await counted.stop()
+        plain = make_group(store)  # (no counts: the wake-up only says "re-read")
+        await plain.start()
+        try:
+            await plain.send("b", Open())
+            watched = plain.watch("b")
+            await plain.send("b", Add(1))
+            assert await asyncio.wait_for(watched, 5) is None
+        finally:
+            await plain.stop()
             store.close()
 
     asyncio.run(body())
@@ -87,5 +113,30 @@ def test_miner_wait_reads_its_sector_only_when_it_changes(tmp_path: Path) -> Non
             assert info.state is SectorState.Removed
             # A's own rounds (Removing, then Removed) each woke its waiter once.
             assert reads[a] <= 4, reads
+
+    run(body)
+
+
+@pytest.mark.parametrize("timeout", [None, 1e9])
+def test_miner_wait_reads_the_sector_only_in_the_state_it_decides_on(
+    tmp_path: Path, timeout: float | None
+) -> None:
+    """A sector sealing through a dozen states is read when the wait begins and at Proving."""
+
+    async def body() -> None:
+        async with miner(tmp_path, durability="nosync") as m:
+            reads: dict[Any, int] = {}
+            get = m.group.get
+
+            def counting_get(number: Any) -> Any:
+                reads[number] = reads.get(number, 0) + 1
+                return get(number)
+
+            m.group.get = counting_get  # type: ignore[method-assign]
+            a = await m.pledge()
+            info = await m.wait(a, "Proving", timeout=timeout)
+            assert info.state is SectorState.Proving
+            assert len(info.log) > 10  # (it went through every sealing state meanwhile)
+            assert reads[a] == 2, reads
 
     run(body)
