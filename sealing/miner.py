@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..fsm import Clock, LmdbStore, StateGroup
 from ..fsm.codec import packb, unpackb
+from ..fsm.gctune import engine_gc
 from ..fsm.store import DURABILITIES
 from ..sched import (
     Scheduler,
@@ -224,11 +225,12 @@ class Miner:
                 sealer=scheduled,
                 config=cfg,
             )
-            await m._start()
-            try:
-                yield m
-            finally:
-                await m._stop()
+            with engine_gc():  # (its in-flight sectors would make full collections O(N^2))
+                await m._start()
+                try:
+                    yield m
+                finally:
+                    await m._stop()
         finally:
             store.unlock_engine()
             store.close()
