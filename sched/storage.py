@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 
 from .filetypes import FileType, space_needed
 
+#: Every single file type, in `FileType.each` order.
+_EVERY_FILE = tuple(FileType(0x3F).each())
+
 
 @dataclass(frozen=True, slots=True, order=True)
 class SectorRef:
@@ -194,8 +197,9 @@ class StorageIndex:
     def _sector_files(
         self, sector: SectorRef
     ) -> Iterator[tuple[tuple[SectorRef, FileType], set[str]]]:
-        for f in FileType(0x3F).each():
-            holders = self._files.get((sector, f))
+        files = self._files
+        for f in _EVERY_FILE:
+            holders = files.get((sector, f))
             if holders:
                 yield (sector, f), holders
 

@@ -232,3 +232,12 @@ def test_read_only_or_full_storage_path_is_a_one_line_error(
     assert code == 1
     [line] = out.strip().splitlines()
     assert line.startswith(f"error: storage path 'local' ({storage}) {says}"), out
+
+
+def test_each_file_type_of_every_set_lowest_bit_first() -> None:
+    """`FileType.each` (a table) splits every set as the bit-by-bit test did."""
+    from sectorfsm.sched.filetypes import FileType
+
+    singles = [FileType(1 << i) for i in range(6)]
+    for bits in range(64):
+        assert list(FileType(bits).each()) == [f for f in singles if bits & f], bits
