@@ -393,6 +393,9 @@ class Miner:
                 if not self.group.started:  # (nothing would change the sector any more)
                     raise SealingError(f"sector {number}: the engine is not running")
                 # Watched right after the read, with no await between: no commit is missed.
+                # The read is dropped while waiting: a sector's info (its log) held by each of
+                # thousands of waiters was a third of the engine's memory per sector in flight.
+                del info
                 while True:
                     changed = self.group.watch(number)
                     if deadline is None:

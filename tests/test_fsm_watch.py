@@ -140,3 +140,20 @@ def test_miner_wait_reads_the_sector_only_in_the_state_it_decides_on(
             assert reads[a] == 2, reads
 
     run(body)
+
+
+def test_a_waiting_miner_wait_holds_no_sector_info(tmp_path: Path) -> None:
+    """A waiter keeps no decoded info while it waits (thousands of waiters: their memory)."""
+
+    async def body() -> None:
+        async with miner(tmp_path, durability="nosync") as m:
+            a = await m.pledge()
+            waiter = asyncio.ensure_future(m.wait(a, "Removed"))
+            await m.wait(a, "Proving")
+            frame = waiter.get_coro().cr_frame  # type: ignore[union-attr]
+            assert not waiter.done() and frame is not None
+            assert "info" not in frame.f_locals, sorted(frame.f_locals)
+            await m.remove(a)
+            assert (await asyncio.wait_for(waiter, 30)).state is SectorState.Removed
+
+    run(body)
