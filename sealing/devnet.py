@@ -423,14 +423,14 @@ class DevnetChain:
         self._messages[cid] = m
         self._order.append(cid)
         self._index(m)
-        self._stage(b"msg/%012d" % seq, dataclasses.asdict(m))
+        self._stage(b"msg/%012d" % seq, _fields_of(m))
         log.debug("devnet: %s %s for sectors %s", cid, method, sectors)
         return cid
 
     def send_precommits(self, batch: list[PreCommitParams], deposit: int) -> str:
         """Send PreCommitSector (one sector) or PreCommitSectorBatch."""
         method = PRECOMMIT if len(batch) == 1 else PRECOMMIT_BATCH
-        payload = [dataclasses.asdict(p) for p in batch]
+        payload = [_fields_of(p) for p in batch]
         return self._send(method, [p.number for p in batch], payload, deposit)
 
     def send_prove_commits(self, proofs: list[ProveCommit], aggregate: bool) -> str:
@@ -498,3 +498,18 @@ class DevnetChain:
         if number in self.faults.reject_proofs:
             return False
         return verify_porep(self.miner, number, sealed, unsealed, ticket, seed, proof)
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _fields_of(obj: Any) -> dict[str, Any]:
+    """A flat dataclass's fields as a dict, for `packb` (not a deep copy like `asdict`).
+
+    Messages and their parameters hold only scalars, tuples and plain containers, packed at
+    once: `asdict` copied every one of them again, once per message sent.
+    """
+    names = _FIELD_NAMES.get(type(obj))
+    if names is None:
+        names = _FIELD_NAMES[type(obj)] = tuple(f.name for f in dataclasses.fields(obj))
+    return {name: getattr(obj, name) for name in names}
