@@ -20,6 +20,7 @@ bench/README.md ("bench_commp.py") has the figures and the approaches measured.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import importlib
 import os
@@ -257,6 +258,7 @@ def zero_comm(padded_size: int) -> bytes:
     return _zero(padded_size)
 
 
+@functools.cache  # (a handful of sizes; asked several times per sector, base32 each time)
 def zero_piece_cid(padded_size: int) -> str:
     """The piece CID of an all-zero piece of this padded size."""
     return commitment_to_cid(zero_comm(padded_size))
