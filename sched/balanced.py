@@ -7,13 +7,15 @@ one decision near-linear in queue + workers, where Lotus tests every queued task
 window on every event. Which worker wins among those that can take a task is the scheduler's
 `Assigner`'s choice (`assigners.py`).
 
-Prefetch: a task is placed as a claim on its worker's ledger (memory, no compute) and fetches
-its files there while the worker's compute is busy with other work; once prepared it takes
-compute in arrival order (`before_work`). Lotus stacks whole-worker windows for this and
+Prefetch: a task may be placed on a worker whose compute is busy, as a claim on its ledger
+(memory, no compute), and fetch its files there meanwhile; once prepared it takes compute,
+the earliest waiter that fits first (`before_work`). Only a fetch that has to happen anyway
+is prefetched (`waits.py`). Lotus stacks whole-worker windows for this and
 ends up with tasks fetched and waiting on a busy worker while others idle (lotus#8655); here
 the claims are bounded to one worker's worth of compute (one waiting task per slot), and a
 task only goes to a worker where it must wait when no enabled worker can start it now (a
-worker that can is always preferred, and the balanced invariant re-tests every freed worker).
+worker that can is always preferred, and the balanced invariant re-tests every freed worker)
+and no worker that holds its files and runs its type could take it instead.
 """
 
 from __future__ import annotations
@@ -139,7 +141,7 @@ class BalancedCycle:
         verdict = sched.verdict(req, w)
         if isinstance(verdict, Candidate):
             # A worker that can start the task now beats one where it would wait for compute.
-            waits = w.ledger.refusal(req.task_type, verdict.need) is not None
+            waits = w.ledger.start_refusal(req.task_type, verdict.need) is not None
             score = (waits, sched.assigner.score(req.task_type, verdict, burst.turn))
             burst.seq += 1
             heapq.heappush(burst.heap, (score, burst.seq, w.ledger.version, verdict))

@@ -6,11 +6,12 @@ has. Here a task holds its resources in the worker's single ledger from the mome
 assigned until it finishes, and admission is checked against that total: memory, CPU threads,
 GPU share and per-type concurrency can never be exceeded.
 
-A task placed by the scheduler is a *claim* until its files have arrived: it holds its memory
-but not its compute (threads, GPU share, a MAX_CONCURRENT slot), so the GPU keeps working
-while the next task's files are fetched. `claim_refusal` admits claims up to one worker's
-worth of compute (one waiting task per slot, not Lotus's stacked windows); `acquire` turns a
-claim into running compute once `compute_refusal` says it fits.
+A task placed on a worker whose compute is busy is a *claim* until it can run: it holds its
+memory but not its compute (threads, GPU share, a MAX_CONCURRENT slot) and fetches its files
+meanwhile, so the GPU keeps working while the next task's files arrive. `claim_refusal`
+admits claims up to one worker's worth of compute (one waiting task per slot, not Lotus's
+stacked windows); `acquire` turns a claim into running compute once `compute_refusal` says
+it fits. A task placed where everything fits holds it all from the start, as before.
 """
 
 from __future__ import annotations
@@ -107,6 +108,19 @@ class Ledger:
         """Why a claim of this task cannot start computing now; None if it can."""
         running = self.counts[task_type] - self.claimed[task_type]
         return self._refusal(task_type, need, running, self.cpu_used, self.gpu_used, mem=False)
+
+    def start_refusal(self, task_type: TaskType, need: Resources) -> str | None:
+        """Why this task could not start computing now; None if it could.
+
+        Claims of its own type count as if computing: a fetching PC2 lends the GPU to C2,
+        not to a second PC2 that would only make it wait (and hold more memory meanwhile).
+        """
+        mine = [e for e in self.entries.values() if not e.computing and e.task_type == task_type]
+        cpu = self.cpu_used + sum(e.threads for e in mine)
+        gpu = self.gpu_used + (
+            sum(e.need.gpu_utilization for e in mine) if self.resources.gpus else 0
+        )
+        return self._refusal(task_type, need, self.counts[task_type], cpu, gpu, mem=False)
 
     def _refusal(
         self,

@@ -43,7 +43,7 @@ from .views import (
     publish_snapshot,
     worker_snapshot,
 )
-from .waits import local_wait_refusal
+from .waits import local_wait_refusal, prefetch_refusal
 from .workers import InProcessBackend, Worker, WorkerBackend, WorkerSpec
 
 log = logging.getLogger("sectorfsm.sched")
@@ -456,6 +456,8 @@ class Scheduler:
         placement = req.selector.check(req.sector, w, self.index)
         if isinstance(placement, str):
             return placement
+        if (refusal := prefetch_refusal(self, req, w, need, placement)) is not None:
+            return refusal
         if placement.fetch_bytes:
             files = getattr(req.selector, "files", None)
             wait = self._local_wait(req, files) if isinstance(files, FileType) else None
@@ -497,7 +499,8 @@ class Scheduler:
         """Give `req` to the candidate's worker: its ledger holds the task from now on."""
         self.queue.remove(req.sched_id)
         w = c.worker
-        w.ledger.add(req.sched_id, req.task_type, c.need, computing=False)  # fetches first
+        fits = w.ledger.refusal(req.task_type, c.need) is None  # else a claim: fetch, then wait
+        w.ledger.add(req.sched_id, req.task_type, c.need, computing=fits)
         w.jobs.add(req.sched_id)
         self._held[req.sched_id] = w
         self._held_task[req.sched_id] = (req.sector, req.task_type)

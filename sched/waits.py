@@ -1,6 +1,41 @@
-"""Words for a task held back because a worker that holds its files should free up first."""
+"""Why a task is held back from a worker that has room for it: better to wait elsewhere.
+
+A worker whose compute is busy may still take a task as a claim, to fetch its files while it
+waits (`ledger.py`). That pays only for a fetch that has to happen anyway: a task with nothing
+to fetch would just sit on memory, and a sector whose files are on a worker that runs the task
+itself should wait for that worker rather than cross a link to wait somewhere else.
+"""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .filetypes import FileType
+
+if TYPE_CHECKING:
+    from .queue import Request
+    from .resources import Resources
+    from .scheduler import Scheduler
+    from .selectors import Placement
+    from .workers import Worker
+
+
+def prefetch_refusal(
+    sched: Scheduler, req: Request, w: Worker, need: Resources, placement: Placement
+) -> str | None:
+    """Why `w`, whose compute is busy, should not take `req` to fetch and wait; None if fine."""
+    busy = w.ledger.start_refusal(req.task_type, need)
+    if busy is None:
+        return None  # it can start now
+    if not placement.fetch_bytes:
+        return busy  # nothing to fetch: waiting here would only hold memory
+    files = getattr(req.selector, "files", None)
+    if isinstance(files, FileType):
+        for name in sorted(sched.index.holders(req.sector, files)):
+            h = sched.find_worker(name)
+            if h is not None and h is not w and h.enabled and h.supports(req.task_type):
+                return f"{busy}; {name} holds the sector's files and does {req.task_type.short}"
+    return None
 
 
 def local_wait_refusal(wait: tuple[float, str] | None, fetch_s: float) -> str | None:
