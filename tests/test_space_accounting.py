@@ -241,3 +241,30 @@ def test_each_file_type_of_every_set_lowest_bit_first() -> None:
     singles = [FileType(1 << i) for i in range(6)]
     for bits in range(64):
         assert list(FileType(bits).each()) == [f for f in singles if bits & f], bits
+
+
+def test_index_holders_on_two_paths_removed_one_then_all() -> None:
+    """A file held on two paths: removing it from one keeps the other and its bytes."""
+    from sectorfsm.sched.filetypes import FileType
+    from sectorfsm.sched.storage import SectorRef, StorageIndex, StoragePath
+
+    index = StorageIndex()
+    for pid, worker in (("a", "w1"), ("b", "w2")):
+        index.declare(StoragePath(pid, worker, 1 << 40))
+    s = SectorRef(1000, 7, 2048)
+    both = FileType.SEALED | FileType.CACHE
+    index.add_sector(s, both, "a")
+    index.add_sector(s, FileType.SEALED, "b")
+    index.add_sector(s, FileType.SEALED, "b")  # (again: still one holder, counted once)
+    assert index.find_sector(s, both) == {"a": both, "b": FileType.SEALED}
+    stored_b = index.paths["b"].stored
+    assert stored_b > 0
+    index.remove_sector(s, FileType.SEALED, "a")
+    assert index.find_sector(s, both) == {"a": FileType.CACHE, "b": FileType.SEALED}
+    assert index.holders(s, FileType.SEALED) == {"w2"} and index.paths["b"].stored == stored_b
+    index.remove_sector(s, FileType.SEALED, "a")  # (no longer there: nothing changes)
+    assert index.paths["b"].stored == stored_b
+    index.remove_sector(s, both)
+    assert index.find_sector(s, both) == {} and index.locations(s) == frozenset()
+    assert index.paths["a"].stored == index.paths["b"].stored == 0
+    assert list(index.local_files("w1")) == list(index.local_files("w2")) == []
