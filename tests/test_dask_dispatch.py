@@ -1,0 +1,55 @@
+"""Dispatch latency of the scheduler path onto a remote worker (a real `dask worker` process).
+
+A job's Dask future used to be released on its own as the job ended; the client sends to the
+scheduler at most once per 10 ms, so that lone release held the next job's submit back for
+the rest of the interval. Now the release rides with the next submit: one message per job.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from conftest import Spawner
+from test_dask_engine import eventually, identity, in_cluster, start_worker
+
+from sectorfsm.sched import Scheduler
+from sectorfsm.sched.scheduler import Job
+from sectorfsm.sched.selectors import TaskSelector
+from sectorfsm.sched.storage import SectorRef
+from sectorfsm.sched.tasks import TaskType
+from sectorfsm.sealing.backends.dask.backend import Releases
+from sectorfsm.sealing.backends.dask.membership import Cluster
+
+JOBS = 8
+
+
+def test_jobs_one_after_another_cost_one_client_message_each(
+    spawn: Spawner, tmp_path: Path
+) -> None:
+    async def body(sched: Scheduler, cluster: Cluster, said: list[str]) -> None:
+        start_worker(spawn, cluster.address, "wa", identity("wa", (TaskType.ADD_PIECE,)))
+        await eventually(lambda: sched.find_worker("wa"), "wa registered")
+        client = cluster.client
+
+        async def work(job: Job) -> Any:
+            return await job.run(abs, -1)
+
+        async def one(n: int) -> None:
+            sector = SectorRef(1000, n, 2048)
+            assert await sched.schedule(sector, TaskType.ADD_PIECE, TaskSelector(), None, work)
+
+        await one(0)  # warm: the worker imports the job registry's child once
+        batches = client.scheduler_comm.batch_count
+        for n in range(1, JOBS + 1):
+            await one(n)
+        sent = client.scheduler_comm.batch_count - batches
+        # Each job's submit carries the previous job's release (the old code sent 2 per job;
+        # the slack covers a client heartbeat).
+        assert sent <= JOBS + 2, f"{sent} client messages for {JOBS} jobs"
+        # An idle engine releases the last job's future on its own, soon.
+        assert Releases.of(client).pending() == 1
+        await eventually(lambda: not Releases.of(client).pending(), "the last release sent")
+        await eventually(lambda: not client.futures, "the client holds no job's future")
+
+    in_cluster(tmp_path, body)
