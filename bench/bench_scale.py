@@ -130,7 +130,19 @@ def main() -> None:
         "--spread", type=float, default=86_400.0, help="simulated seconds to pledge N over"
     )
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per N")
-    args = ap.parse_args()
+    ap.add_argument(
+        "--simulate",
+        action="store_true",
+        help="instead: simulate_30d_100w_s, `sectors simulate` on bench/cluster-100w.toml",
+    )
+    args, rest = ap.parse_known_args()
+    if args.simulate:  # (its own options follow: --days, --config, --profile; see its --help)
+        from scale_simulate import main as simulate_main
+
+        simulate_main(rest + (["--profile", args.profile] if args.profile else []))
+        return
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.child is not None:
         child(args.child, args.spread, args.profile)
         return
