@@ -350,10 +350,16 @@ async def main_async(a: argparse.Namespace, root: Path) -> dict[str, Any]:
             added: list[float] = []
             added_registry: list[float] = []
             profiler = cProfile.Profile() if a.profile else None
+            # Client->scheduler messages per job, one job at a time: Dask sends at most one
+            # per 10 ms, so a job that needs two waits for the interval.
+            messages: dict[str, list[float]] = {k: [] for k in ways}
+            comm = bench.client.scheduler_comm
             for r in range(a.rounds):
                 p50 = {}
                 for key, run in ways.items():
+                    sent = comm.batch_count
                     xs = await latencies(run, a.latency_jobs)
+                    messages[key].append((comm.batch_count - sent) / a.latency_jobs)
                     lat[key] += xs
                     p50[key] = median(xs)
                 for key, run in ways.items():
@@ -416,6 +422,7 @@ async def main_async(a: argparse.Namespace, root: Path) -> dict[str, Any]:
             k: {p: round(median(xs), 2) for p, xs in by.items()} for k, by in cpu.items()
         },
         "sched_added_vs_registry_p50_ms": round(1000 * median(added_registry), 2),
+        "client_messages_per_job": {k: round(median(xs), 2) for k, xs in messages.items()},
         **fault,
         **child_start(root),
     }
