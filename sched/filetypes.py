@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Iterator
 
 
@@ -70,10 +71,12 @@ FS_OVERHEAD_FINALIZED = {
 }
 
 
+@functools.cache
 def space_needed(files: FileType, sector_size: int, *, finalized: bool = False) -> int:
     """Bytes that `files` of one sector occupy (Lotus's overhead factors).
 
-    For PC1's Cache|Sealed on a 32 GiB sector this is 518,832,049,356 bytes.
+    For PC1's Cache|Sealed on a 32 GiB sector this is 518,832,049,356 bytes. Cached: the
+    scheduler asks it for every placement test, and there are only 64 file sets per size.
     """
     table = FS_OVERHEAD_FINALIZED if finalized else FS_OVERHEAD_SEAL
     return sum(table[f] * sector_size // FS_OVERHEAD_DEN for f in files.each())

@@ -92,6 +92,8 @@ def _refusal(w: Worker, index: Any) -> str:
         return "draining (IsPlanOffline)"
     if policy.add_piece_max == 0:
         return "AP disabled (AddPieceMax = 0)"
+    if policy.disk_hold_max <= 0 and policy.ap_disk_hold_max <= 0:
+        return ""  # no quota: counting the worker's files (a walk of all of them) buys nothing
     used, ap_used = disk_units((f, True) for _, f in index.local_files(w.name))
     if policy.disk_hold_max > 0 and used + 1 > policy.disk_hold_max:
         return f"over disk quota: {used}+1 > {policy.disk_hold_max} units (DiskHoldMax)"
