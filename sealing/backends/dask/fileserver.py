@@ -34,6 +34,8 @@ PLUGIN_NAME = "sectorfsm-files"
 STAT_OP = "sectorfsm_stat"
 READ_OP = "sectorfsm_read"
 DIGEST_OP = "sectorfsm_digest"
+#: Backoff between retries doubles up to this many seconds.
+MAX_BACKOFF = 5.0
 
 
 class TransferError(RuntimeError):
@@ -78,6 +80,25 @@ def confine(roots: Iterable[Path], path: str) -> Path:
         if real.is_relative_to(os.path.realpath(root)):
             return real
     raise PathRefused(f"{path!r} is outside this worker's storage roots")
+
+
+async def retry_pause(
+    what: str, failures: int, attempts: float, backoff: float, exc: BaseException
+) -> None:
+    """Back off after the `failures`-th failure in a row, or give up with one clear error."""
+    if failures >= attempts:
+        raise TransferError(
+            f"{what}: gave up after {failures} failed attempts in a row: {exc}"
+        ) from exc
+    await asyncio.sleep(min(backoff * 2 ** (failures - 1), MAX_BACKOFF))
+
+
+def worker_target(worker: Worker, dest: str) -> Path:
+    """`dest` confined to the worker's storage roots (its `FileServer` plugin's)."""
+    server = worker.plugins.get(PLUGIN_NAME)
+    if not isinstance(server, FileServer):
+        raise TransferError(f"worker {worker.address} has no {PLUGIN_NAME} plugin (no roots)")
+    return server.confine(dest)
 
 
 @dataclass(slots=True)

@@ -27,21 +27,12 @@ from typing import Any
 from distributed import Client
 from distributed.worker import Worker
 
-from .fileserver import CHUNK, MAX_CHUNK, PLUGIN_NAME, FileServer, TransferError
+from .fileserver import CHUNK, MAX_CHUNK, TransferError, retry_pause, worker_target
 from .partfile import fsync_dir, place, resume, sha256_of
 from .progress import Reporter
 
 #: The directory, under a worker storage path, that holds staged piece data.
 STAGING = "pieces"
-#: Backoff between retries doubles up to this many seconds.
-MAX_BACKOFF = 5.0
-
-
-def _target(dask_worker: Worker, dest: str) -> Path:
-    server = dask_worker.plugins.get(PLUGIN_NAME)
-    if not isinstance(server, FileServer):
-        raise TransferError(f"worker {dask_worker.address} has no {PLUGIN_NAME} plugin (no roots)")
-    return server.confine(dest)
 
 
 def _parts(target: Path) -> tuple[Path, Path]:
@@ -63,7 +54,7 @@ async def receive_begin(
     dest: str, stamp: dict[str, Any], chunk: int, dask_worker: Worker
 ) -> dict[str, Any]:
     """For `client.run`: where a send of `stamp`'s file to `dest` resumes (or that it is in)."""
-    target = _target(dask_worker, dest)
+    target = worker_target(dask_worker, dest)
     return await asyncio.to_thread(_begin, target, stamp, chunk)
 
 
@@ -86,7 +77,7 @@ async def receive_chunk(
     dest: str, tid: str, offset: int, data: bytes, crc: int, dask_worker: Worker
 ) -> int:
     """For `client.run`: write one checked chunk of the staging copy; its new length."""
-    target = _target(dask_worker, dest)
+    target = worker_target(dask_worker, dest)
     return await asyncio.to_thread(_chunk, target, tid, offset, data, crc)
 
 
@@ -104,7 +95,7 @@ def _end(target: Path, sha256: str) -> int:
 
 async def receive_end(dest: str, sha256: str, dask_worker: Worker) -> int:
     """For `client.run`: check the staging copy's sha256 and rename it into place."""
-    target = _target(dask_worker, dest)
+    target = worker_target(dask_worker, dest)
     return await asyncio.to_thread(_end, target, sha256)
 
 
@@ -117,7 +108,7 @@ def _discard(target: Path) -> None:
 
 async def discard(dest: str, dask_worker: Worker) -> None:
     """For `client.run`: delete a staging copy (and any unfinished part of it)."""
-    target = _target(dask_worker, dest)
+    target = worker_target(dask_worker, dest)
     await asyncio.to_thread(_discard, target)
 
 
@@ -132,12 +123,7 @@ async def _run(
             return answer[address]
         except OSError as exc:  # CommClosedError and TimeoutError are OSErrors
             failures += 1
-            if failures >= attempts:
-                raise TransferError(
-                    f"sending piece data to {address}: gave up after {failures} failed "
-                    f"attempts in a row: {exc}"
-                ) from exc
-            await asyncio.sleep(min(backoff * 2 ** (failures - 1), MAX_BACKOFF))
+            await retry_pause(f"sending piece data to {address}", failures, attempts, backoff, exc)
 
 
 async def send(

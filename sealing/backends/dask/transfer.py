@@ -47,6 +47,8 @@ from .fileserver import (
     SourceChanged,
     TransferError,
     confine,
+    retry_pause,
+    worker_target,
 )
 from .partfile import fsync_dir, open_part, place, resume, sha256_of, write_at
 from .progress import PROGRESS_TOPIC, Reporter
@@ -66,9 +68,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("sectorfsm.cluster")
-
-#: Backoff between retries doubles up to this many seconds.
-MAX_BACKOFF = 5.0
 
 Progress = Callable[[int, int], None]
 #: A file of a directory tree: its path relative to the tree and its [size, mtime_ns].
@@ -126,11 +125,7 @@ class _Pull:
         """Count a failure; back off, or give up with one clear error after too many."""
         self.failures += 1
         self.result.retries += 1
-        if self.failures >= self.attempts:
-            raise TransferError(
-                f"{what}: gave up after {self.failures} failed attempts in a row: {exc}"
-            ) from exc
-        await asyncio.sleep(min(self.backoff * 2 ** (self.failures - 1), MAX_BACKOFF))
+        await retry_pause(what, self.failures, self.attempts, self.backoff, exc)
 
     def advanced(self, n: int) -> None:
         """`n` more bytes are verified: the failure count starts over."""
@@ -354,10 +349,7 @@ async def fetch_here(
     tagged with `job`, and ends with a last report, also when the pull fails.
     """
     worker = get_worker()
-    server = worker.plugins.get(PLUGIN_NAME)
-    if not isinstance(server, FileServer):
-        raise TransferError(f"worker {worker.address} has no {PLUGIN_NAME} plugin (no roots)")
-    target = server.confine(dest)
+    target = worker_target(worker, dest)
     report = Reporter(job, lambda msg: worker.log_event(PROGRESS_TOPIC, msg))
     try:
         got = await pull(
