@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from ..sched import FileType, Ledger, TaskType, WorkerPolicy, WorkerSpec, resource_spec
+from ..sched.config import PIPELINE_TASKS
 from ..sched.fetch import PARALLEL_FETCH_LIMIT
 from ..sched.filetypes import space_needed
 from ..sched.lotus import ActiveResources
@@ -44,14 +45,7 @@ __all__ = [
 ]
 
 #: The pipeline's stages in order (GET is not a stage: fetches are counted in the stage).
-STAGES = (
-    TaskType.ADD_PIECE,
-    TaskType.PRE_COMMIT1,
-    TaskType.PRE_COMMIT2,
-    TaskType.COMMIT1,
-    TaskType.COMMIT2,
-    TaskType.FINALIZE,
-)
+STAGES = PIPELINE_TASKS
 #: A stage's input that may come from another worker, and the stage that writes it.
 _INPUT: dict[TaskType, tuple[FileType, TaskType]] = {
     TaskType.PRE_COMMIT1: (FileType.UNSEALED, TaskType.ADD_PIECE),
