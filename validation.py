@@ -11,7 +11,9 @@ This imports pydantic, so modules on the `sectors status`/`list` path must not i
 
 from __future__ import annotations
 
+import tomllib
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Annotated, Any, Final
 
 from pydantic import ConfigDict, Field, Strict, TypeAdapter, ValidationError
@@ -165,3 +167,16 @@ def _child(node: object, part: int | str) -> object:
 def _shown(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def read_toml(path: Path, error: type[Exception]) -> dict[str, Any]:
+    """The TOML document in `path`; `error` with one line if it is missing, unreadable or bad."""
+    where = str(path)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"config file {where} does not exist") from None
+    except OSError as exc:
+        raise error(f"cannot read config file {where}: {exc.strerror or exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{where} is not valid TOML: {exc}") from None

@@ -51,7 +51,6 @@ key, e.g. `sectors.toml: [sealing.retry] base: must be a finite number, got inf`
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -61,7 +60,7 @@ from pydantic_core import PydanticCustomError
 
 from ..sched import parse_sector_size
 from ..sealing.chain import BlockTime
-from ..validation import TABLE, ConfigError, Count, Flag, PositiveSeconds, validate
+from ..validation import TABLE, ConfigError, Count, Flag, PositiveSeconds, read_toml, validate
 
 #: Seconds per epoch of the embedded devnet: a pledge reaches Proving in seconds.
 DEFAULT_BLOCK_TIME = 0.2
@@ -229,14 +228,7 @@ def load_run_config(path: Path | None) -> RunConfig:
     if path is None:
         return RunConfig()
     where = str(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RunConfigError(f"config file {where} does not exist") from None
-    except OSError as exc:
-        raise RunConfigError(f"cannot read config file {where}: {exc.strerror or exc}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise RunConfigError(f"{where} is not valid TOML: {exc}") from None
+    raw = read_toml(path, RunConfigError)
     try:
         return _convert(raw, where, path.parent)
     except ConfigError as exc:

@@ -40,7 +40,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -52,7 +51,7 @@ from ..sched.config import read_workers
 from ..sched.filetypes import parse_sector_size
 from ..sched.workers import SEALING_TASKS
 from ..sealing.config import SealingConfig, seal_proof_for
-from ..validation import TABLE, ConfigError, Count, PositiveSeconds, validate
+from ..validation import TABLE, ConfigError, Count, PositiveSeconds, read_toml, validate
 
 __all__ = [
     "PledgePlanConfig",
@@ -209,16 +208,7 @@ class SimulateConfig:
 
 def load_simulate_config(path: Path) -> SimulateConfig:
     """Read and check a config file; `SimulateConfigError` (one line) if it cannot be used."""
-    where = str(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SimulateConfigError(f"config file {where} does not exist") from None
-    except OSError as exc:
-        raise SimulateConfigError(f"cannot read {where}: {exc.strerror or exc}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise SimulateConfigError(f"{where} is not valid TOML: {exc}") from None
-    return parse_simulate_config(raw, where, path.parent)
+    return parse_simulate_config(read_toml(path, SimulateConfigError), str(path), path.parent)
 
 
 def parse_simulate_config(

@@ -38,7 +38,6 @@ import shutil
 import signal
 import tempfile
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -48,7 +47,7 @@ from pydantic import BaseModel, Field
 from ....sched.config import WorkerConfigError, read_workers
 from ....sched.policy import PolicyWatcher
 from ....sched.workers import detect_resources
-from ....validation import TABLE, ConfigError, validate
+from ....validation import TABLE, ConfigError, read_toml, validate
 from . import jobs
 from .adapter import export_roots
 from .certs import CertError
@@ -158,12 +157,7 @@ def _load(
     source, base, data = "flags", Path.cwd(), {}
     if path is not None:
         source, base = str(path), path.parent.absolute()
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise WorkerSetupError(f"{path}: no such config file") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise WorkerSetupError(f"{path}: not valid TOML: {exc}") from None
+        data = read_toml(path, WorkerSetupError)
     own: _Own = validate(_Own, {k: data.pop(k) for k in _OWN_KEYS if k in data}, source)
     entry: dict[str, Any] = dict(data)
     if name is not None:
