@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import re
 import signal
@@ -32,6 +33,29 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "sectorfsm"))
 
 #: Seconds before a wait gives up. A hang guard, far above what any wait takes under load.
 HANG_GUARD = float(os.environ.get("SECTORFSM_TEST_HANG_GUARD", "120"))
+#: This directory: `sectors worker` children import test job functions from it.
+TESTS = Path(__file__).resolve().parent
+
+
+def tests_env() -> dict[str, str]:
+    """This environment, with the tests directory importable by child processes."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
+    return env
+
+
+async def eventually(check: Callable[[], Any], what: str, guard: float = HANG_GUARD) -> Any:
+    """Poll `check()` (sync or async) until it returns something truthy; `guard` s at most."""
+    deadline = time.monotonic() + guard
+    while True:
+        found = check()
+        if inspect.isawaitable(found):
+            found = await found
+        if found:
+            return found
+        if time.monotonic() > deadline:
+            pytest.fail(f"hang guard: {what} not seen in {guard:g} s")
+        await asyncio.sleep(0.01)
 
 
 class Child:

@@ -20,7 +20,7 @@ from typing import Any
 
 import jobfuncs
 import pytest
-from conftest import HANG_GUARD, Child, Spawner, run
+from conftest import HANG_GUARD, Child, Spawner, eventually, run
 
 from sectorfsm.cli.runconfig import RunConfigError, load_run_config
 from sectorfsm.sched import Scheduler
@@ -132,16 +132,6 @@ def start_worker(
         *("--host", "127.0.0.1", "--preload", "daskpreload"),
     ]
     return spawn.python(*args, name=name, env=env)
-
-
-async def eventually(check: Callable[[], Any], what: str) -> Any:
-    """Poll `check()` until it is truthy (HANG_GUARD seconds at most)."""
-    deadline = time.monotonic() + HANG_GUARD
-    while not (found := check()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"hang guard: {what} not seen in {HANG_GUARD:g} s")
-        await asyncio.sleep(0.02)
-    return found
 
 
 def in_cluster(tmp: Path, body: Callable[[Scheduler, Cluster, list[str]], Any]) -> None:

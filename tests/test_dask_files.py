@@ -21,7 +21,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from conftest import HANG_GUARD, Spawner
+from conftest import HANG_GUARD, Spawner, eventually, tests_env
 from distributed import Client
 from test_dask_transfer import DEADLINE, MiB, blob, cluster
 from typer.testing import CliRunner
@@ -48,23 +48,6 @@ from sectorfsm.sealing.store_view import store_path
 
 GIB = 1 << 30
 TESTS = Path(__file__).resolve().parent
-
-
-def _env() -> dict[str, str]:
-    """This environment, with the tests directory importable by `sectors worker` children."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
-    return env
-
-
-async def eventually(check: Any, what: str) -> Any:
-    """Poll `check()` until it is truthy (HANG_GUARD seconds at most)."""
-    deadline = time.monotonic() + HANG_GUARD
-    while not (found := check()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"hang guard: {what} not seen in {HANG_GUARD:g} s")
-        await asyncio.sleep(0.02)
-    return found
 
 
 def identity(name: str, paths: dict[str, Path]) -> WorkerIdentity:
@@ -376,7 +359,7 @@ def test_a_deal_sector_seals_on_a_sectors_worker_from_data_only_the_engine_has(
                     *("-m", "sectorfsm", "worker", "--scheduler", cluster.address),
                     *("--config", "worker.toml"),
                     name="wa",
-                    env=_env(),
+                    env=tests_env(),
                     cwd=box,
                 )
                 members = cluster.membership.members

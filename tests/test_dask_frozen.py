@@ -22,7 +22,7 @@ from typing import Any
 
 import jobfuncs
 import pytest
-from conftest import HANG_GUARD, Spawner, run, settle
+from conftest import HANG_GUARD, Spawner, run, settle, tests_env
 from test_dask_engine import eventually
 from typer.testing import CliRunner
 
@@ -163,12 +163,6 @@ def _box(tmp: Path, name: str) -> Path:
     return box
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)  # the job children import tests/jobfuncs.py
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
-    return env
-
-
 def published(tmp: Path, snapshot: dict[str, Any]) -> Path:
     """A repo whose store holds `snapshot` as the scheduler's latest (what `sectors run` does)."""
     repo = tmp / "repo"
@@ -226,7 +220,7 @@ def test_a_frozen_worker_is_disabled_its_unstarted_task_runs_elsewhere_and_it_co
                 *("-m", "sectorfsm", "worker", "--scheduler", cluster.address),
                 *("--config", "worker.toml"),
                 name=n,
-                env=_env(),
+                env=tests_env(),
                 cwd=box,
             )
             for n, box in boxes.items()

@@ -14,20 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import os
 import socket
 import threading
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import psutil
 import pytest
-from conftest import HANG_GUARD, Child, Spawner, run, until
+from conftest import HANG_GUARD, Child, Spawner, eventually, run, tests_env, until
 
 from sectorfsm.sched import Scheduler
 from sectorfsm.sealing.backends.dask import jobs
@@ -54,12 +51,6 @@ id = "seal"
 path = "seal"
 capacity = "1GiB"
 """
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
-    return env
 
 
 def _alive(pid: int) -> bool:
@@ -104,23 +95,13 @@ def http_status(port: int, path: str) -> int:
         return exc.code
 
 
-async def eventually(check: Callable[[], Any], what: str) -> Any:
-    """Poll `check()` until it is truthy (HANG_GUARD seconds at most)."""
-    deadline = time.monotonic() + HANG_GUARD
-    while not (found := check()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"hang guard: {what} not seen in {HANG_GUARD:g} s")
-        await asyncio.sleep(0.02)
-    return found
-
-
 def sectors_worker(spawn: Spawner, tmp: Path, address: str) -> Child:
     """`sectors worker` (worker.toml above, no `host`: it listens on every interface)."""
     box = tmp / "box"
     box.mkdir(exist_ok=True)
     (box / "worker.toml").write_text(WORKER_TOML)
     args = ["-m", "sectorfsm", "worker", "--scheduler", address, "--config", "worker.toml"]
-    return spawn.python(*args, name="box", env=_env(), cwd=box)
+    return spawn.python(*args, name="box", env=tests_env(), cwd=box)
 
 
 # ---------------------------------------------------------------------- sockets
@@ -187,7 +168,7 @@ def test_parse_attempt_reads_only_the_sealers_job_ids() -> None:
 def test_stale_jobs_in_the_registry_are_killed_and_forgotten_the_current_ones_kept(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("PYTHONPATH", _env()["PYTHONPATH"])
+    monkeypatch.setenv("PYTHONPATH", tests_env()["PYTHONPATH"])
     table = JobTable(tmp_path / "jobs")
     registry = JobRegistry(str(tmp_path / "jobs"))
     registry.table = table
@@ -248,7 +229,7 @@ def test_a_discarded_jobs_waiter_hears_it_was_cancelled_though_its_record_is_gon
 ) -> None:
     # Under load the waiter woke only after the discard had forgotten the job, and said
     # "no record of it (acknowledged?)": here it is held there until the discard returns.
-    monkeypatch.setenv("PYTHONPATH", _env()["PYTHONPATH"])
+    monkeypatch.setenv("PYTHONPATH", tests_env()["PYTHONPATH"])
     table = JobTable(tmp_path / "jobs")
     registry = JobRegistry(str(tmp_path / "jobs"))
     registry.table = table

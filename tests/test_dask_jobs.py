@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
-import os
 import signal
 import threading
 import time
@@ -22,7 +20,7 @@ from typing import Any
 
 import dask.config
 import pytest
-from conftest import HANG_GUARD, Child, Spawner, run, until
+from conftest import HANG_GUARD, Child, Spawner, eventually, run, tests_env, until
 from distributed import Client, Scheduler
 from distributed.core import Status
 
@@ -43,12 +41,6 @@ TESTS = Path(__file__).resolve().parent
 GATE = "jobfuncs:gate"
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
-    return env
-
-
 def alive(pid: int) -> bool:
     """Whether `pid` runs (a zombie nobody reaped yet counts as gone)."""
     try:
@@ -61,20 +53,6 @@ def alive(pid: int) -> bool:
 def lines(path: Path) -> list[str]:
     """The lines of `path` (none if it does not exist yet)."""
     return path.read_text().splitlines() if path.exists() else []
-
-
-async def eventually(check: Callable[[], Any], what: str, guard: float = HANG_GUARD) -> Any:
-    """Poll `check()` (sync or async) until it returns something truthy; `guard` s at most."""
-    deadline = time.monotonic() + guard
-    while True:
-        found = check()
-        if inspect.isawaitable(found):
-            found = await found
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            pytest.fail(f"hang guard: {what} not seen in {guard:g} s")
-        await asyncio.sleep(0.01)
 
 
 @dataclass
@@ -95,7 +73,7 @@ class Cluster:
             *("--name", name, "--nthreads", "4", "--memory-limit", "0"),
             *("--no-nanny", "--no-dashboard", "--host", "127.0.0.1"),
         ]
-        return self.spawn.python(*args, name=name, env=_env())
+        return self.spawn.python(*args, name=name, env=tests_env())
 
     async def address(self, name: str) -> str:
         """The address of the worker named `name`, once it has joined."""
@@ -187,7 +165,7 @@ def test_a_job_id_is_never_reused_for_other_work(tmp_path: Path) -> None:
 def test_a_running_job_attaches_refuses_ack_and_dies_on_kill(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("PYTHONPATH", _env()["PYTHONPATH"])
+    monkeypatch.setenv("PYTHONPATH", tests_env()["PYTHONPATH"])
     table = JobTable(tmp_path / "jobs")
     count, never = tmp_path / "count", tmp_path / "never"
     args = [str(count), str(never), 7]
@@ -219,7 +197,7 @@ def test_a_running_job_attaches_refuses_ack_and_dies_on_kill(
 def test_under_hold_jobs_a_closing_worker_detaches_and_the_next_one_attaches(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("PYTHONPATH", _env()["PYTHONPATH"])
+    monkeypatch.setenv("PYTHONPATH", tests_env()["PYTHONPATH"])
     count, release = tmp_path / "count", tmp_path / "release"
     args = [str(count), str(release), 42]
     outcomes: list[object] = []
@@ -365,7 +343,7 @@ def test_engine_killed_mid_job_the_child_runs_once(spawn: Spawner, tmp_path: Pat
         addr = await c.address("w1")
         args = [str(count), str(release)]
         clients = set(c.scheduler.clients)
-        engine = spawn.python("-c", ENGINE, c.scheduler.address, addr, *args, env=_env())
+        engine = spawn.python("-c", ENGINE, c.scheduler.address, addr, *args, env=tests_env())
         await eventually(lambda: lines(count), "the job's child starting")
         engine.kill()  # kill -9 of the engine: its client connection drops mid-job
         await eventually(lambda: set(c.scheduler.clients) == clients, "its client gone")
@@ -463,7 +441,7 @@ async def _records_gone(c: Cluster, addr: str) -> bool:
 def test_acks_carried_by_a_job_are_forgotten_while_it_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("PYTHONPATH", _env()["PYTHONPATH"])
+    monkeypatch.setenv("PYTHONPATH", tests_env()["PYTHONPATH"])
     table = JobTable(tmp_path / "jobs")
     count, go = tmp_path / "count", tmp_path / "go"
     done: list[object] = []

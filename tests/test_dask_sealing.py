@@ -8,7 +8,6 @@ Every process is killed by the `spawn` fixture.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from conftest import HANG_GUARD, Spawner
+from conftest import HANG_GUARD, Spawner, eventually, tests_env
 
 from sectorfsm.fsm import LmdbStore, RealClock
 from sectorfsm.fsm.codec import packb
@@ -63,22 +62,6 @@ capacity = "1GiB"
 seal = false
 store = true
 """
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
-    return env
-
-
-async def eventually(check: Any, what: str) -> Any:
-    """Poll `check()` until it is truthy (HANG_GUARD seconds at most)."""
-    deadline = time.monotonic() + HANG_GUARD
-    while not (found := check()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"hang guard: {what} not seen in {HANG_GUARD:g} s")
-        await asyncio.sleep(0.02)
-    return found
 
 
 def test_dask_is_a_registered_sealer_that_needs_a_cluster(tmp_path: Path) -> None:
@@ -128,7 +111,7 @@ def test_a_sector_seals_on_two_remote_workers_to_proving(spawn: Spawner, tmp_pat
                         *("-m", "sectorfsm", "worker", "--scheduler", cluster.address),
                         *("--config", "worker.toml"),
                         name=name,
-                        env=_env(),
+                        env=tests_env(),
                         cwd=box,
                     )
                 members = cluster.membership.members

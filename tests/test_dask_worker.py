@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import socket
 import sys
@@ -17,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from conftest import Child, Spawner, until
+from conftest import Child, Spawner, tests_env, until
 from distributed import Client
 from typer.testing import CliRunner
 
@@ -84,12 +83,6 @@ capacity = "1GiB"
 """
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
-    return env
-
-
 def free_port() -> int:
     """A port nothing listens on now (the scheduler binds it next)."""
     with socket.socket() as s:
@@ -101,13 +94,13 @@ def free_port() -> int:
 def scheduler(spawn: Spawner, port: int, certs: Path | None = None) -> tuple[Child, str]:
     """A scheduler process on `port`, and its address once it listens."""
     args = ["-c", SCHEDULER, str(port), *([str(certs)] if certs else [])]
-    child = spawn.python(*args, name="scheduler", env=_env())
+    child = spawn.python(*args, name="scheduler", env=tests_env())
     return child, child.wait_for_line(r"^listening (\S+)").group(1)
 
 
 def worker(spawn: Spawner, *args: str | Path, cwd: Path) -> Child:
     """`sectors worker ARGS` as a process."""
-    return spawn.python("-m", "sectorfsm", "worker", *args, name="worker", env=_env(), cwd=cwd)
+    return spawn.python("-m", "sectorfsm", "worker", *args, name="worker", env=tests_env(), cwd=cwd)
 
 
 def joined(sched: Child, name: str) -> tuple[str, dict[str, Any]]:
