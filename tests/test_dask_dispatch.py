@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from conftest import Spawner
-from test_dask_engine import eventually, identity, in_cluster, start_worker
+from conftest import Spawner, eventually
+from test_dask_engine import identity, in_cluster, start_worker
 
 from sectorfsm.sched import Scheduler
 from sectorfsm.sched.scheduler import Job

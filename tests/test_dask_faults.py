@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conftest import HANG_GUARD, Spawner
-from test_dask_sealing import WORKER_A, WORKER_B, eventually
+from conftest import HANG_GUARD, Spawner, eventually
+from test_dask_sealing import WORKER_A, WORKER_B
 
 from sectorfsm.sched import Job
 from sectorfsm.sealing.backends.dask import jobs
@@ -128,8 +128,15 @@ def test_kill_9_of_a_worker_during_pc1_retries_it_on_another_worker(
                 pid_text, victim = marker.read_text().split()
                 pid = int(pid_text)
                 address = next(a for a, b in members.items() if b.name == victim)
-                # The worker's own registry shows the PC1 job running in that child.
-                records = await jobs.jobs(cluster.client, address)
+
+                # The worker's own registry shows the PC1 job running in that child. AP ran
+                # in the same warm child; its record goes when its ack arrives (acks ride
+                # with the next job or follow within 0.2 s), so wait for that first.
+                async def settled() -> list[Any] | None:
+                    found = await jobs.jobs(cluster.client, address)
+                    return found if all(r.job_id.startswith("PC1-") for r in found) else None
+
+                records = await eventually(settled, "the AP job's record acknowledged")
                 assert [(r.job_id, r.pid, r.state.value) for r in records] == [
                     (f"PC1-s{n}-a1", pid, "running")
                 ]

@@ -22,8 +22,7 @@ from typing import Any
 
 import jobfuncs
 import pytest
-from conftest import HANG_GUARD, Spawner, run, settle, tests_env
-from test_dask_engine import eventually
+from conftest import HANG_GUARD, Spawner, eventually, run, settle, tests_env
 from typer.testing import CliRunner
 
 from sectorfsm.cli.app import app

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import HANG_GUARD, Spawner
-from test_dask_sealing import WORKER_A, WORKER_B, eventually
+from conftest import HANG_GUARD, Spawner, eventually
+from test_dask_sealing import WORKER_A, WORKER_B
 
 from sectorfsm.fsm import LmdbStore, RealClock
 from sectorfsm.fsm.codec import packb, unpackb

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import jobfuncs
-from conftest import Spawner, run
-from test_dask_engine import eventually, identity, in_cluster, start_worker
+from conftest import Spawner, eventually, run
+from test_dask_engine import identity, in_cluster, start_worker
 from typer.testing import CliRunner
 
 from sectorfsm.cli.app import app
