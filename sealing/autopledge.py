@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..fsm.codec import packb, unpackb
-from ..sched import Scheduler, TaskType, resource_spec
+from ..sched import FileType, Scheduler, SectorRef, TaskType, resource_spec
 from ..sched.rules import disk_units
 from .states import SectorState
 from .stats import sector_counts, sector_stats
@@ -357,16 +357,27 @@ class AutoPledger:
         seen = set()
         for sector, _, worker, _ in self.sched.tasks_of(_AP_PC1):
             seen.add(sector.number)
+            # A queued PC1 is not pinned: it follows its unsealed file (the AP worker's), so
+            # it counts for the worker this rule pledged it for, or the one holding that file.
+            # Not counting it pledged without bound while PC1 queued behind a full box.
+            worker = worker or self._pending.get(sector.number) or self._holder(sector)
             if worker is not None:
                 flight[worker] += 1
         for n, worker in list(self._pending.items()):
+            if n in seen:
+                continue  # in the scheduler as AP or PC1: counted above, no record to read
             info = self.input.group.get(n)
             # None: its first event is staged, not yet durable.
             if info is not None and info.state not in _FEEDING:
                 del self._pending[n]  # past PC1, failed or removed: no longer this rule's
-            elif n not in seen:
+            else:
                 flight[worker] += 1  # between tasks (before AP, or AP done and PC1 not queued)
         return flight
+
+    def _holder(self, sector: SectorRef) -> str | None:
+        """The worker holding `sector`'s unsealed file (where its queued PC1 will run)."""
+        holders = self.sched.index.holders(sector, FileType.UNSEALED)
+        return min(holders) if holders else None
 
 
 def load_state(store: LmdbStore) -> dict[str, dict[str, Any]]:

@@ -15,6 +15,7 @@ from typing import Any
 from conftest import Spawner, until
 from sealtools import miner, run
 
+from sectorfsm.sched.resources import parse_overrides
 from sectorfsm.sealing.backends.sim import sim_worker
 from sectorfsm.sealing.miner import Miner
 from sectorfsm.sealing.states import SectorState
@@ -83,6 +84,31 @@ def test_keeps_the_worker_fed_to_pc1_max(tmp_path: Path) -> None:
             feeding = [i for i in auto_sectors(m) if i.state in FEEDING]
             assert 3 - 1 <= len(feeding) <= 3
             assert sum(m.status(i.number).state not in FEEDING for i in first) >= 2
+
+    run(main)
+
+
+def test_pc1_queued_behind_a_full_box_counts_in_flight(tmp_path: Path) -> None:
+    # The box runs one PC1 at a time, so PC1s queue after their AP: a queued PC1 follows its
+    # unsealed file and is not pinned, yet it is in the box's pipeline. Not counting it
+    # pledged sector after sector while the queue grew.
+    path = policy_file(tmp_path, PreCommit1Max=4, AutoPledgeDiff=1)
+    spec = worker(path)
+    spec.overrides = parse_overrides({"PC1_MAX_CONCURRENT": 1})
+
+    async def main() -> None:
+        async with miner(tmp_path, workers=[spec]) as m:
+            sub = m.subscribe()
+            try:
+                most = 0
+                while m.autopledge.pledged < 8:  # two refills past the first four
+                    feeding = [i for i in auto_sectors(m) if i.state in FEEDING]
+                    most = max(most, len(feeding))
+                    assert len(feeding) <= 4, [(i.number, i.state) for i in feeding]
+                    await asyncio.wait_for(anext(sub), timeout=60)
+                assert most == 4
+            finally:
+                sub.close()
 
     run(main)
 
