@@ -101,6 +101,8 @@ class Machine:
     def __init__(self, machine_id: MachineId, key: bytes, state: Any, record: bytes) -> None:
         self.id = machine_id
         self.key = key
+        #: The state as of `record`; None while the machine's step holds it (the step was
+        #: handed this object: `RoundPlanner.state_of` decodes `record` again when needed).
         self.state = state
         #: Encoded record as last staged.
         self.record = record

@@ -124,10 +124,11 @@ class GroupRecords(Generic[S]):
         return state, bool(final), last_error
 
     def decode_state(self, raw: bytes, machine_id: MachineId) -> S:
-        """Only the state of a record this process encoded (the engine's step copies).
+        """Only the state of a record this process encoded (a machine whose step holds its state).
 
-        A step's round always re-encodes the record it starts from, so the record never comes
-        from an older schema: its payload needs no checking.
+        The engine hands a machine's state to the step its round started and decodes the record
+        that round wrote when the machine is planned next, so the record never comes from an
+        older schema: its payload needs no checking.
 
         Engine-only: it reuses one streaming unpacker, so it must not be called from two
         threads at once (the engine calls it on its event loop).

@@ -37,7 +37,15 @@ class RoundPlanner:
         self._planner = planner
         self._final = final
         self._encode_record = records.local_encoder()  # (used on the loop thread only)
+        self._decode_state = records.decode_state
         self._counts = records.counts
+
+    def state_of(self, m: Machine) -> Any:
+        """The machine's state, decoded from its record if its last step was handed it."""
+        state = m.state
+        if state is None:
+            state = m.state = self._decode_state(m.record, m.id)
+        return state
 
     def created(self, m: Machine) -> None:
         """Count a machine whose record the current commit creates (if the group counts)."""
@@ -50,12 +58,15 @@ class RoundPlanner:
         """Plan `m`'s queued events (the first `limit`): `(step, processed, final, record)`."""
         events = m.events[:limit]
         terminated = False
+        state = m.state
+        if state is None:  # (handed to the machine's last step: its record is the state)
+            state = m.state = self._decode_state(m.record, m.id)
         counts = self._counts
         if counts is not None and m.counted is None:
             # Before the planner changes the state.
-            m.counted = counts.entry(counts.key_of(m.state), m.final)
+            m.counted = counts.entry(counts.key_of(state), m.final)
         try:
-            step, processed = self._planner(events, m.state)
+            step, processed = self._planner(events, state)
         except Terminated:
             step, processed, terminated = None, len(events), True
             if len(events) > 1:

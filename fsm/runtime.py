@@ -342,7 +342,7 @@ class MachineRuntime:
         busy = m.planning or m.stepping
         if busy and type(event) in self._cancelling:
             cancels = self._cancels
-            if cancels is None or cancels(event, m.state):
+            if cancels is None or cancels(event, self._round.state_of(m)):
                 self.steps.cancel(m)
         if not busy:
             self._dirty[m.id] = m

@@ -207,10 +207,13 @@ class MachineSteps:
         ctx = Context(runtime, m, m.gen)
         context = self._context.copy()
         m.stepping = True  # events the step sends wait until it returns
+        # The step gets the machine's state object itself, and the machine lets go of it: the
+        # record its round just committed is the state, decoded again only when the machine is
+        # planned next (`Machine.current_state`). Nothing the step does to it can leak into
+        # the persisted state, and a sector in flight holds one decoded state, not two.
+        state, m.state = m.state, None
         try:
-            # A deep copy, so nothing the step does to it can leak into the persisted state.
-            copy = self._records.decode_state(m.record, m.id)
-            pending = context.run(self._begin_step, step, ctx, copy)
+            pending = context.run(self._begin_step, step, ctx, state)
         except asyncio.CancelledError:
             pending = None  # the step cancelled itself before waiting, as a Task would end
         except Exception as exc:  # the step failed before it ever waited

@@ -395,3 +395,33 @@ def test_step_gets_a_private_copy_of_the_state(tmp_path: Path) -> None:
     assert len(copies) == 2 and copies[0] is not copies[1]
     assert copies[0].seen is not copies[1].seen
     assert copies[1].seen == [1, 999], "the first step's mutation leaked into the second copy"
+
+
+def test_step_is_handed_the_planned_state_and_the_next_round_decodes_the_record(
+    tmp_path: Path,
+) -> None:
+    """One decoded state per machine in flight: the step holds it, the machine its record."""
+    planned: list[Rec] = []
+    stepped: list[Rec] = []
+
+    async def main() -> None:
+        async with LmdbStore(tmp_path / "repo", "nosync") as store:
+
+            def meddle(ctx: Context, st: Rec) -> None:
+                stepped.append(st)
+                st.seen.append(999)  # (after its round committed: must never be persisted)
+
+            g = make_rec_group(store, {"m": meddle}, on_go=lambda _ev, st: planned.append(st))
+            await g.start()
+            await g.begin(1, Rec(seen=[1]))
+            await g.send(1, Go("m"))
+            await g.idle()
+            await g.send(1, Go("x"))  # planned from the record, not from the step's object
+            await g.idle()
+            assert state(g, 1).seen == [1] and state(g, 1).phase == "x"
+            await g.stop()
+
+    run(main)
+    assert len(planned) == 2 and len(stepped) == 1
+    assert stepped[0] is planned[0], "the step got a second decoded copy of the state"
+    assert planned[1] is not stepped[0] and planned[1].seen == [1]
