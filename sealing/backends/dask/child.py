@@ -1,11 +1,11 @@
 """The child process of one job on a Dask worker: `python -m ...dask.child JOBDIR`.
 
 It reads `JOBDIR/spec` (msgpack: an importable function path `module:name` and its
-arguments; a warm child of the spawner's pool gets those bytes from it instead), calls the
-function and writes its msgpack-encoded result to `JOBDIR/result` (atomically: a result
-file is complete or absent). A failure prints its traceback to stderr (the worker keeps the
-tail) and exits 1. Nothing else: the registry in `jobs.py` owns the
-job record.
+arguments; a warm child of the spawner's pool gets those bytes from the worker instead),
+calls the function and writes its result to `JOBDIR/result` (`seal_result`; atomically: a
+result file is complete or absent, short of a power loss of the machine, see `jobs.py`). A
+failure prints its traceback to stderr (the worker keeps the tail) and exits 1. Nothing
+else: the registry in `jobs.py` owns the job record.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import importlib
 import os
 import sys
 import traceback
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,24 @@ def resolve(path: str) -> Callable[..., Any]:
     if not callable(obj):
         raise TypeError(f"{path} is not callable")
     return obj  # type: ignore[no-any-return]
+
+
+def seal_result(result: Any) -> bytes:
+    """`result` as the result file holds it: msgpack, then its CRC-32 (4 bytes, big-endian).
+
+    The checksum tells a result torn by a power loss (unsynced blocks read back as zeros or
+    nothing) from a real one, which msgpack alone cannot for short values.
+    """
+    payload: bytes = msgpack.packb(result, use_bin_type=True)
+    return payload + zlib.crc32(payload).to_bytes(4, "big")
+
+
+def open_result(raw: bytes) -> Any:
+    """The result that `seal_result` wrote as `raw`; `ValueError` if it is torn."""
+    payload, crc = raw[:-4], raw[-4:]
+    if len(raw) < 5 or zlib.crc32(payload).to_bytes(4, "big") != crc:
+        raise ValueError("result file torn (checksum mismatch)")
+    return msgpack.unpackb(payload, raw=False, strict_map_key=False)
 
 
 def write_atomic(path: str | Path, data: bytes, sync: bool = True) -> None:
@@ -63,7 +82,9 @@ def main(argv: list[str], spec: bytes | None = None) -> int:
         raw = (jobdir / SPEC).read_bytes() if spec is None else spec
         func, args = msgpack.unpackb(raw, raw=False)
         result = resolve(func)(*args)
-        write_atomic(f"{jobdir}/{RESULT}", msgpack.packb(result, use_bin_type=True))
+        # Not synced: the page cache keeps it across a kill of any of our processes, and
+        # after a power loss the registry reads a lost or torn result as a failed job.
+        write_atomic(f"{jobdir}/{RESULT}", seal_result(result), sync=False)
     except BaseException:  # whatever it was, the worker shows its last line
         traceback.print_exc()
         sys.stderr.flush()

@@ -1,0 +1,82 @@
+"""What a job's files survive without `fsync`, and what a torn file is read as.
+
+A job's `running` record, its result and its `done` record are written and renamed without
+`fsync` (the page cache survives a kill of any of our processes); only a power loss of the
+worker machine can lose or tear them, and then a torn result is a failed job, never a
+result. Failed and cancelled records are still synced.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from sectorfsm.sealing.backends.dask import child
+from sectorfsm.sealing.backends.dask.jobrecord import JobFailed, JobState, encode_spec
+from sectorfsm.sealing.backends.dask.jobs import JobTable
+
+
+def test_a_done_job_costs_no_fsync_in_the_worker_nor_in_its_child(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real(fd))
+    jobdir = tmp_path / "inline"
+    jobdir.mkdir()
+    assert child.main(["child", str(jobdir)], encode_spec("builtins:abs", [-2])) == 0
+    assert child.open_result((jobdir / "result").read_bytes()) == 2
+    table = JobTable(tmp_path / "jobs")
+    try:
+        assert table.run("AP-s1-a1", "builtins:abs", [-3]) == 3
+        with pytest.raises(JobFailed):
+            table.run("AP-s2-a1", "builtins:int", ["bad"])
+    finally:
+        table.close()
+    assert len(synced) == 1  # the failed record only
+    states = {r.job_id: r.state for r in JobTable(tmp_path / "jobs").records()}
+    assert states == {"AP-s1-a1": JobState.DONE, "AP-s2-a1": JobState.FAILED}
+
+
+@pytest.mark.parametrize("torn", [b"", b"\x00", b"\x00" * 5, b"\x01\x00\x00"])
+def test_a_torn_result_is_a_failed_job_never_a_result(tmp_path: Path, torn: bytes) -> None:
+    table = JobTable(tmp_path / "jobs")
+    try:
+        assert table.run("AP-s1-a1", "builtins:abs", [-1]) == 1
+        jobdir = tmp_path / "jobs" / "AP-s1-a1"
+        (jobdir / "result").write_bytes(torn)  # as a power loss may leave it
+        with pytest.raises(JobFailed, match="result on the worker is missing or unreadable"):
+            table.run("AP-s1-a1", "builtins:abs", [-1])
+        (record,) = table.records()
+        record.state = JobState.RUNNING  # the done record lost too: recovery reads the result
+        (jobdir / "record").write_bytes(record.encode())
+    finally:
+        table.close()
+    again = JobTable(tmp_path / "jobs")
+    try:
+        again.recover()
+        (record,) = again.records()
+        assert record.state is JobState.FAILED
+        with pytest.raises(JobFailed, match="its worker stopped while it ran"):
+            again.run("AP-s1-a1", "builtins:abs", [-1])  # not re-run either
+    finally:
+        again.close()
+
+
+def test_a_lost_record_runs_the_job_again_a_lost_result_does_not(tmp_path: Path) -> None:
+    table = JobTable(tmp_path / "jobs")
+    try:
+        assert table.run("AP-s1-a1", "builtins:abs", [-1]) == 1
+        assert table.run("AP-s2-a1", "builtins:abs", [-2]) == 2
+        # After a power loss: the first job's directory without its record, the second's
+        # done record without its result.
+        os.unlink(tmp_path / "jobs" / "AP-s1-a1" / "record")
+        os.unlink(tmp_path / "jobs" / "AP-s2-a1" / "result")
+        assert table.run("AP-s1-a1", "builtins:abs", [-1]) == 1  # its run died: run again
+        with pytest.raises(JobFailed, match="missing or unreadable"):
+            table.run("AP-s2-a1", "builtins:abs", [-2])
+        assert [r.state for r in table.records()] == [JobState.DONE, JobState.DONE]
+    finally:
+        table.close()
