@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import enum
 import functools
+import keyword
 import operator
 import threading
 import types
@@ -71,7 +72,9 @@ class _TypeCodecs:
         if tp is Any or tp in _PRIMITIVES:
             return _identity
         if isinstance(tp, type) and issubclass(tp, enum.Enum):
-            return _enum_value
+            # msgpack packs a str or int subclass by its content: a member whose content is
+            # its value is packed as it is, with no conversion call.
+            return _identity if _packs_as_value(tp) else _enum_value
         if dataclasses.is_dataclass(tp) and isinstance(tp, type):
             return self._dataclass_enc(tp)
         origin = typing.get_origin(tp)
@@ -114,7 +117,7 @@ class _TypeCodecs:
                 return float
             return _identity
         if isinstance(tp, type) and issubclass(tp, enum.Enum):
-            return tp
+            return _enum_decoder(tp)
         if dataclasses.is_dataclass(tp) and isinstance(tp, type):
             return self._dataclass_dec(tp)
         origin = typing.get_origin(tp)
@@ -125,6 +128,8 @@ class _TypeCodecs:
             if item is _identity:
                 # msgpack hands back a fresh list: no copy needed.
                 return _identity if origin is list else ctor
+            if origin is list:
+                return lambda v: [item(x) for x in v]
             return lambda v: ctor(item(x) for x in v)
         if origin is tuple:
             if len(args) == 2 and args[1] is Ellipsis:
@@ -173,6 +178,8 @@ class _TypeCodecs:
             name = fields[0]
             only = self.encoder(hints[name])
             return lambda obj: {name: only(getattr(obj, name))}
+        if all(_plain_name(n) for n in fields):
+            return _generated_encoder(cls, fields, dict(converted))
 
         def enc(obj: Any) -> dict[str, Any]:
             out = dict(zip(fields, getter(obj), strict=True))
@@ -199,7 +206,7 @@ class _TypeCodecs:
         new: Any = cls.__new__
         set_attr = object.__setattr__
 
-        def dec(data: Any) -> Any:
+        def slow(data: Any) -> Any:
             if plain and type(data) is dict and data.keys() == init_fields:
                 # Every field present, none unknown (`plain` means none needs converting).
                 obj: Any = new(cls)
@@ -225,7 +232,117 @@ class _TypeCodecs:
                 set_attr(obj, name, value)
             return obj
 
-        return dec
+        if plain or late_fields or not _constructible(cls):
+            return slow
+        return _generated_decoder(cls, decs, slow)
+
+
+def _generated_encoder(cls: type, fields: tuple[str, ...], convs: dict[str, Encoder]) -> Encoder:
+    """`{field: converted value}` as one dict display: no per-field loop or call in Python."""
+    env: dict[str, Any] = {}
+    items = []
+    for i, name in enumerate(fields):
+        if name in convs:
+            env[f"c{i}"] = convs[name]
+            items.append(f"{name!r}: c{i}(obj.{name})")
+        else:
+            items.append(f"{name!r}: obj.{name}")
+    src = f"def enc(obj):\n    return {{{', '.join(items)}}}\n"
+    return _compile(src, env, "enc", cls)
+
+
+def _generated_decoder(cls: type, decs: dict[str, Decoder], slow: Decoder) -> Decoder:
+    """A complete record as one constructor call; anything else goes to `slow`.
+
+    A dict of exactly as many keys as the class has fields, each of them found by name, holds
+    exactly its fields; the call is then the one `slow` would make (`cls(**data)`) with each
+    value converted, without checking or copying the record first. A record missing a field
+    (written before the field existed) or with an unknown one takes `slow`, which fills in
+    defaults or names the culprit.
+    """
+    env: dict[str, Any] = {"cls": cls, "slow": slow}
+    fields = dataclasses.fields(cls)
+    # The dataclass's generated __init__ takes its fields in order; any other, by name.
+    by_position = _generated_init(cls)
+    args: list[str] = []
+    keywords: list[str] = []
+    for i, f in enumerate(fields):
+        value = f"data[{f.name!r}]"
+        if decs[f.name] is not _identity:
+            env[f"d{i}"] = decs[f.name]
+            value = f"d{i}({value})"
+        if by_position and not f.kw_only:
+            args.append(value)
+        else:
+            keywords.append(f"{f.name}={value}")
+    args += keywords
+    src = (
+        "def dec(data):\n"
+        f"    if type(data) is dict and len(data) == {len(fields)}:\n"
+        "        try:\n"
+        f"            return cls({', '.join(args)})\n"
+        "        except KeyError:\n"
+        "            pass\n"
+        "    return slow(data)\n"
+    )
+    return _compile(src, env, "dec", cls)
+
+
+def _compile(src: str, env: dict[str, Any], name: str, cls: type) -> Callable[[Any], Any]:
+    code = compile(src, f"<record codec of {cls.__qualname__}>", "exec")
+    # (The source holds only field names, checked to be identifiers, and names of `env`.)
+    exec(code, env)
+    fn: Callable[[Any], Any] = env[name]
+    return fn
+
+
+def _plain_name(name: str) -> bool:
+    """True if `name` can be written as an attribute and a keyword in generated source."""
+    return name.isidentifier() and not keyword.iskeyword(name)
+
+
+def _generated_init(cls: type) -> bool:
+    """True if `cls.__init__` is the one the dataclass decorator generated."""
+    code = getattr(getattr(cls, "__init__", None), "__code__", None)
+    return code is not None and code.co_filename == "<string>"
+
+
+def _constructible(cls: type) -> bool:
+    """True if `cls(**fields)` builds an instance (every field in __init__, no InitVar)."""
+    fields = dataclasses.fields(cls)
+    declared = getattr(cls, "__dataclass_fields__", {})
+    return (
+        len(declared) == len(fields)
+        and all(f.init and _plain_name(f.name) for f in fields)
+        and getattr(cls, "__dataclass_params__", None) is not None
+        and cls.__dataclass_params__.init  # type: ignore[attr-defined]
+    )
+
+
+def _packs_as_value(tp: type[enum.Enum]) -> bool:
+    """True if msgpack packs each member of `tp` exactly as it packs the member's value."""
+    members: list[Any] = list(tp)  # (str or int members, when the checks below pass)
+    if issubclass(tp, str):
+        return all(type(m.value) is str and str.__str__(m) == m.value for m in members)
+    if issubclass(tp, int) and not issubclass(tp, bool):
+        return all(type(m.value) is int and operator.index(m) == m.value for m in members)
+    return False
+
+
+def _enum_decoder(tp: type[enum.Enum]) -> Decoder:
+    """`tp(value)` through a dict of the members by value (the enum call costs ~10x more)."""
+    by_value: dict[Any, enum.Enum] = {}
+    for m in tp:
+        with contextlib.suppress(TypeError):  # (an unhashable value: the enum call finds it)
+            by_value.setdefault(m.value, m)
+
+    def dec(value: Any) -> Any:
+        try:
+            return by_value[value]
+        except (KeyError, TypeError):
+            return tp(value)  # a value found by `_missing_`, or the enum's own ValueError
+
+    return dec
 
 
 def _own_payload_decoder(cls: type) -> Decoder:
