@@ -9,11 +9,16 @@ the same name are refused as soon as the second is defined.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..info import SectorInfo
+
+#: `json.dumps(..., separators=(",", ":"), sort_keys=True)` without a new encoder per call
+#: (every event is described in its sector's log).
+_JSON = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
 
 #: Every sector event class by name (its stored tag), filled as each class is defined.
 EVENTS_BY_NAME: dict[str, type[SectorEvent]] = {}
@@ -50,13 +55,13 @@ class SectorEvent:
         """`(message, trace)` for the sector log: JSON of the fields, the error as trace."""
         fields: dict[str, Any] = {}
         trace = ""
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name == "error":
+        for name in _field_names(type(self)):
+            value = getattr(self, name)
+            if name == "error":
                 trace = str(value)
                 continue
-            fields[f.name] = _jsonable(value)
-        return json.dumps({"User": fields}, separators=(",", ":"), sort_keys=True), trace
+            fields[name] = _jsonable(value)
+        return _JSON.encode({"User": fields}), trace
 
 
 def registered_events() -> tuple[type[SectorEvent], ...]:
@@ -88,6 +93,12 @@ def _slotted_copy(cls: type, of: type) -> bool:
     """
     fields = of.__dict__.get("__dataclass_fields__")
     return fields is not None and cls.__dict__.get("__dataclass_fields__") is fields
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    """An event class's field names (`dataclasses.fields` builds its tuple on every call)."""
+    return tuple(f.name for f in dataclasses.fields(cls))
 
 
 def _where(cls: type) -> str:
