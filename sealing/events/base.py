@@ -9,7 +9,6 @@ the same name are refused as soon as the second is defined.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -95,10 +94,15 @@ def _slotted_copy(cls: type, of: type) -> bool:
     return fields is not None and cls.__dict__.get("__dataclass_fields__") is fields
 
 
-@functools.cache
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
 def _field_names(cls: type) -> tuple[str, ...]:
     """An event class's field names (`dataclasses.fields` builds its tuple on every call)."""
-    return tuple(f.name for f in dataclasses.fields(cls))
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
 
 
 def _where(cls: type) -> str:
