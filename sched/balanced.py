@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 from .assigners import Candidate
 from .queue import Key, Request
 from .resources import resource_spec
+from .selectors import placeable_on
 from .tasks import TaskType
 
 if TYPE_CHECKING:
@@ -129,13 +130,26 @@ class BalancedCycle:
     def _burst(self, req: Request, pool: Sequence[Worker]) -> _Burst:
         """Score every worker of the pool once for this shape (reused while the cycle lasts)."""
         burst = _Burst(self.sched.assigner.turn(req.task_type))
-        for w in pool:
-            self._offer(req, w, burst)
+        # Without asking one by one, leave out the workers that refuse this sector anyway:
+        # those its selector rules out, and those whose policy wants its files local.
+        sched = self.sched
+        only = placeable_on(req.selector, req.sector, sched.index)
+        if only is not None:
+            pool = [w for w in pool if w.name in only]
+        for w in sched.gate.local_enough(pool, req.task_type, req.sector):
+            self._offer(req, w, burst, files_checked=True)
         return burst
 
-    def _offer(self, req: Request, w: Worker, burst: _Burst) -> None:
+    def _offer(
+        self, req: Request, w: Worker, burst: _Burst, *, files_checked: bool = False
+    ) -> None:
         sched = self.sched
-        if not self._may_fit(w, req.task_type, req.sector.size):
+        task, gate = req.task_type, sched.gate
+        if (
+            not self._may_fit(w, task, req.sector.size)
+            or gate.delayed(w, task, sched.clock.now())
+            or (not files_checked and gate.files_block(w, task, req.sector))
+        ):
             sched.checks += 1
             return  # the usual answer in a deep queue: no need to say why in words
         verdict = sched.verdict(req, w)
@@ -158,7 +172,11 @@ class BalancedCycle:
         return None
 
     def _may_fit(self, w: Worker, task_type: TaskType, size: int) -> bool:
-        """A cheap, memoized yes/no on the worker and its ledger alone (no messages)."""
+        """A cheap, memoized yes/no on the worker, its ledger and its policy (no messages).
+
+        Valid for one cycle while the worker's ledger version holds: its policy counts and
+        disk figures change within a cycle only with an assignment there, which bumps it.
+        """
         key = (w.name, w.ledger.version, task_type, size)
         fits = self._fit_memo.get(key)
         if fits is None:
@@ -166,7 +184,9 @@ class BalancedCycle:
                 fits = False
             else:
                 need = resource_spec(task_type, size, w.spec.overrides)
-                fits = w.ledger.claim_refusal(task_type, need) is None
+                fits = w.ledger.claim_refusal(task_type, need) is None and not (
+                    self.sched.gate.blocks(w, task_type, size)
+                )
             self._fit_memo[key] = fits
         return fits
 

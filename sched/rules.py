@@ -175,6 +175,64 @@ def policy_refusal(
     return None
 
 
+def policy_blocks(policy: WorkerPolicy, task: TaskType, view: WorkerView) -> bool:
+    """True if `policy_refusal` refuses `task` on this worker whatever the sector.
+
+    A yes/no without words for callers that only skip (the balanced cycle's offers): every
+    test here is one `policy_refusal` makes, in some order, before it could allow the task,
+    and none of them asks where the sector's files are.
+    """
+    if task not in _DRAINED:
+        return False
+    if policy.is_plan_offline:
+        return True
+    knob = _CAPS.get(task)
+    if knob is not None:
+        cap: int | None = getattr(policy, knob[0])
+        if cap is not None and view.stage_count(task.short) >= cap:
+            return True  # cap 0 included: the stage is disabled here
+    if (
+        (task is TaskType.ADD_PIECE or task is TaskType.PRE_COMMIT1)
+        and view.out_of_space
+        and not policy.ignore_out_of_space
+    ):
+        return True
+    if task is TaskType.ADD_PIECE:
+        hold, ap_hold = policy.disk_hold_max, policy.ap_disk_hold_max
+        return (
+            view.out_of_space
+            or (hold > 0 and view.disk_used + 1 > hold)
+            or (ap_hold > 0 and view.ap_disk_used + 1 > ap_hold)
+        )
+    if not policy.allow_p2c2_parallel:
+        if task is TaskType.PRE_COMMIT2:
+            return view.stage_count("C2") >= 1
+        if task is TaskType.COMMIT2:
+            return view.stage_count("PC2") >= 1
+    return False
+
+
+def local_files_required(policy: WorkerPolicy, task: TaskType) -> FileType:
+    """The sector files a `Force*FromLocal*` rule of `policy` wants here for `task` (or NONE)."""
+    if task is TaskType.PRE_COMMIT1:
+        return FileType.UNSEALED if policy.force_p1_from_local_ap else FileType.NONE
+    if task is TaskType.PRE_COMMIT2:
+        return FileType.CACHE if policy.force_p2_from_local_p1 else FileType.NONE
+    if task is TaskType.COMMIT1 or task is TaskType.COMMIT2:
+        return FileType.CACHE if policy.force_c2_from_local_p2 else FileType.NONE
+    return FileType.NONE
+
+
+def files_block(policy: WorkerPolicy, task: TaskType, sector: object, view: WorkerView) -> bool:
+    """True if a `Force*FromLocal*` rule of `policy` refuses `task` for `sector` here.
+
+    The yes/no of `policy_refusal`'s file-locality rules, for callers that only skip: each
+    refuses wherever `policy_refusal` reaches it, and every earlier test refuses too.
+    """
+    files = local_files_required(policy, task)
+    return bool(files) and not view.holds(sector, files)
+
+
 def delay_refusal(
     policy: WorkerPolicy, task: TaskType, released_at: float | None, now: float
 ) -> str | None:
@@ -183,14 +241,23 @@ def delay_refusal(
     `released_at` is when a task the worker held was last released (None: never); the
     worker takes no new governed task until `policy.allow_delay` seconds after it.
     """
-    if task not in _DRAINED or released_at is None or policy.allow_delay <= 0:
-        return None
-    waited = now - released_at
-    if waited >= policy.allow_delay:
+    if released_at is None or not delay_blocks(policy, task, released_at, now):
         return None
     return (
-        f"a task was released here {waited:.1f}s ago; new work waits "
+        f"a task was released here {now - released_at:.1f}s ago; new work waits "
         f"{policy.allow_delay:g}s (AllowDelay)"
+    )
+
+
+def delay_blocks(
+    policy: WorkerPolicy, task: TaskType, released_at: float | None, now: float
+) -> bool:
+    """True if `delay_refusal` refuses (the yes/no, without formatting its words)."""
+    return (
+        task in _DRAINED
+        and released_at is not None
+        and policy.allow_delay > 0
+        and now - released_at < policy.allow_delay
     )
 
 
@@ -214,10 +281,16 @@ def disk_units(files: Iterable[tuple[FileType, bool]]) -> tuple[int, int]:
     return used, ap_used
 
 
+#: The files a new PC1 writes: a worker without room for them is out of space.
+_PC1_FILES = FileType.CACHE | FileType.SEALED
+#: The capped task type of each stage name.
+_STAGE_TYPE = {t.short: t for t in _CAPS}
+
+
 class PolicyView:
     """`WorkerView` over the scheduler's state: a worker's ledger and the storage index."""
 
-    __slots__ = ("_index", "_sector_size", "_units", "_worker")
+    __slots__ = ("_index", "_oos", "_sector_size", "_units", "_worker")
 
     def __init__(
         self, worker: Worker, index: StorageIndex, units: tuple[int, int], sector_size: int
@@ -226,11 +299,12 @@ class PolicyView:
         self._index = index
         self._units = units
         self._sector_size = sector_size
+        self._oos: bool | None = None
 
     def stage_count(self, stage: str) -> int:
         """Tasks of stage "AP"/"PC1"/"PC2"/"C2" the worker's ledger holds."""
-        counts = self._worker.ledger.counts
-        return sum(n for t, n in counts.items() if t in _CAPS and t.short == stage)
+        task = _STAGE_TYPE.get(stage)
+        return 0 if task is None else self._worker.ledger.counts.get(task, 0)
 
     @property
     def disk_used(self) -> int:
@@ -245,11 +319,11 @@ class PolicyView:
     @property
     def out_of_space(self) -> bool:
         """True if the worker has sealing paths but too little free space for a PC1's files."""
-        # Out of space means: it has sealing paths, and none has room for a PC1's files.
-        if not any(p.can_seal for p in self._index.worker_paths(self._worker.name)):
-            return False
-        need = space_needed(FileType.CACHE | FileType.SEALED, self._sector_size)
-        return self._index.free_space(self._worker.name) < need
+        # Asked up to twice per verdict, and a view lives for one verdict: work it out once.
+        if self._oos is None:
+            need = space_needed(_PC1_FILES, self._sector_size)
+            self._oos = self._index.lacks_room(self._worker.name, need)
+        return self._oos
 
     def holds(self, sector: object, files: FileType) -> bool:
         """Whether the worker's local paths hold all of `files` of `sector`."""

@@ -22,6 +22,7 @@ from ..fsm.store import LmdbStore
 from .assigners import Assigner, Candidate, make_assigner, slots_for
 from .balanced import BalancedCycle
 from .filetypes import FileType
+from .gate import PolicyGate
 from .ledger import Ledger, Phase, WorkerResources
 from .liveness import Liveness, is_late_reason
 from .lotus import LotusMode
@@ -29,7 +30,7 @@ from .policy import PolicyWatcher
 from .pushed import PolicySource
 from .queue import Request, RequestQueue
 from .resources import resource_spec
-from .rules import PolicyView, delay_refusal, disk_units, policy_refusal, stage_cap
+from .rules import stage_cap
 from .selectors import Placement, Selector
 from .storage import SectorRef, StorageIndex
 from .strategy import CycleStrategy
@@ -88,6 +89,8 @@ class Scheduler:
         lotus = assigner == "lotus"
         self.assigner: Assigner = make_assigner("balanced" if lotus else assigner)
         self.index = index or StorageIndex()
+        #: Each worker's policy state (disk units, AllowDelay) and the policy's refusals.
+        self.gate = PolicyGate(self.index)
         self.policy_poll_interval = policy_poll_interval
         self.queue = RequestQueue()
         self._workers: dict[str, Worker] = {}
@@ -103,10 +106,7 @@ class Scheduler:
         self._dirty: set[str] = set()
         self._unchecked: set[int] = set()
         self._kicked = False
-        self._units: dict[str, tuple[int, int]] = {}
         self._monitor: asyncio.Task[None] | None = None
-        #: When a task each worker held was last released: the start of its `AllowDelay`.
-        self._released_at: dict[str, float] = {}
         #: One pending "the delay is over, test this worker again" per delayed worker.
         self._wakers: dict[str, asyncio.Task[None]] = {}
         #: The miner-side policy (`testOpenSource.json`) of workers without a file of their own.
@@ -180,7 +180,7 @@ class Scheduler:
         self.departed.record(w)
         for t in w.spec.task_types:
             self._by_type[t].remove(w)
-        self._units.pop(name, None)
+        self.gate.forget_units(name)
         self.liveness.wake(name)
         waker = self._wakers.pop(name, None)
         if waker is not None:
@@ -195,7 +195,7 @@ class Scheduler:
         for w in self._workers.values():
             if w.spec.policy_file is None:
                 w.watcher = watcher
-                self._units.pop(w.name, None)
+                self.gate.forget_units(w.name)
                 self._touch(w.name)
         return watcher
 
@@ -203,7 +203,7 @@ class Scheduler:
         """Make `source` (e.g. what a remote worker pushes) the policy of worker `name`."""
         w = self._worker(name)
         w.watcher = source
-        self._units.pop(name, None)
+        self.gate.forget_units(name)
         self._touch(name)
 
     def heartbeat(self, name: str, resources: WorkerResources | None = None) -> None:
@@ -248,8 +248,7 @@ class Scheduler:
         for req in self.queue.for_sector(sector):
             self.queue.remove(req.sched_id)
             self._enqueue(req)
-        for w in self._workers.values():
-            self._units.pop(w.name, None)
+        self.gate.forget_units()
         self.request_cycle()
 
     # -- scheduling -------------------------------------------------------------------------
@@ -357,7 +356,7 @@ class Scheduler:
         if w is not None:
             w.jobs.discard(sched_id)
             w.ledger.free(sched_id)
-            self._units.pop(w.name, None)
+            self.gate.forget_units(w.name)
             self._start_delay(w)
             self._touch(w.name)
         self.index.release(sched_id)
@@ -365,7 +364,8 @@ class Scheduler:
 
     def _start_delay(self, w: Worker) -> None:
         """Start `w`'s AllowDelay, and test it again once the delay is over."""
-        self._released_at[w.name] = now = self.clock.now()
+        now = self.clock.now()
+        self.gate.released(w.name, now)
         delay = w.policy.allow_delay if w.watcher is not None else 0.0
         if delay <= 0:
             return
@@ -434,21 +434,9 @@ class Scheduler:
             return w.disabled_reason or "disabled"
         if not w.supports(req.task_type):
             return f"does not do {req.task_type.short}"
-        policy = w.policy
-        if w.watcher is not None:  # no policy file: no operator restrictions
-            units = self._units.get(w.name)
-            if units is None:
-                units = self._units[w.name] = self._disk_units(w)
-            view = PolicyView(w, self.index, units, req.sector.size)
-            refusal = policy_refusal(policy, req.task_type, req.sector, view)
-            if refusal is not None:
-                if err := w.watcher.error:  # the operator may think their last edit is in force
-                    return f"{refusal} (policy file error, last good policy kept: {err})"
-                return refusal
-            released = self._released_at.get(w.name)
-            refusal = delay_refusal(policy, req.task_type, released, self.clock.now())
-            if refusal is not None:
-                return refusal
+        refusal = self.gate.refusal(w, req.task_type, req.sector, self.clock.now())
+        if refusal is not None:
+            return refusal
         need = resource_spec(req.task_type, req.sector.size, w.spec.overrides)
         refusal = w.ledger.claim_refusal(req.task_type, need)
         if refusal is not None:
@@ -463,7 +451,7 @@ class Scheduler:
             wait = self._local_wait(req, files) if isinstance(files, FileType) else None
             if (refusal := local_wait_refusal(wait, placement.cost_s)) is not None:
                 return refusal
-        cap = stage_cap(policy, req.task_type) if w.watcher is not None else None
+        cap = stage_cap(w.policy, req.task_type) if w.watcher is not None else None
         return Candidate(w, placement, need, slots_for(w, need, cap))
 
     def _observe(self, task_type: TaskType, seconds: float) -> None:
@@ -506,14 +494,10 @@ class Scheduler:
         self._held_task[req.sched_id] = (req.sector, req.task_type)
         if c.placement.path is not None and c.placement.reserve:
             self.index.reserve(req.sched_id, c.placement.path, c.placement.reserve)
-        self._units.pop(w.name, None)
+        self.gate.forget_units(w.name)
         req.worker = w.name
         if not req.assigned.done():
             req.assigned.set_result((w.name, c.placement))
-
-    def _disk_units(self, w: Worker) -> tuple[int, int]:
-        # The index records a cache once PC1 wrote it, so its SDR layers exist: 14 units.
-        return disk_units((f, True) for _, f in self.index.local_files(w.name))
 
     # -- monitoring -------------------------------------------------------------------------
 

@@ -71,7 +71,7 @@ class AllocSelector:
         need = space_needed(self.alloc, sector.size)
         moved = 0
         elsewhere = self.fetch and worker.name not in index.holders(sector, self.fetch)
-        if elsewhere and index.find_sector(sector, self.fetch):
+        if elsewhere and index.has_any(sector, self.fetch):
             moved = space_needed(self.fetch, sector.size)
         path = index.best_alloc(
             worker.name,
@@ -108,7 +108,7 @@ class ExistingSelector:
         holders = index.holders(sector, self.files)
         if worker.name in holders:
             return Placement()
-        if not holders and not index.find_sector(sector, self.files):
+        if not holders and not index.has_any(sector, self.files):
             return f"sector {sector} has no {_names(self.files)} file anywhere"
         if not self.allow_fetch:
             where = ", ".join(sorted(holders)) or "long-term storage"
@@ -186,6 +186,22 @@ class PinnedSelector:
         """The inner shape, per pinned worker."""
         inner = self.inner.shape(sector)
         return None if inner is None else ("pinned", self.worker, inner)
+
+
+def placeable_on(selector: Selector, sector: SectorRef, index: StorageIndex) -> set[str] | None:
+    """The only workers `selector` could place `sector`'s task on; None: it does not narrow.
+
+    A pinned task, or work on existing files that may not be fetched, refuses every other
+    worker: a caller that only wants candidates need not ask the others one by one.
+    """
+    if isinstance(selector, PinnedSelector):
+        inner = placeable_on(selector.inner, sector, index)
+        return {selector.worker} if inner is None else inner & {selector.worker}
+    if isinstance(selector, ExistingSelector) and not selector.allow_fetch:
+        return index.holders(sector, selector.files)
+    if isinstance(selector, MoveSelector) and not selector.allow_remote:
+        return index.holders(sector, selector.files)
+    return None
 
 
 def _names(files: FileType) -> str:

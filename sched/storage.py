@@ -177,20 +177,29 @@ class StorageIndex:
 
     def find_sector(self, sector: SectorRef, files: FileType) -> dict[str, FileType]:
         """Which of `files` each path holds."""
-        found: dict[str, FileType] = {}
+        bits: dict[str, int] = {}
         for f in files.each():
             for pid in self._files.get((sector, f), ()):
-                found[pid] = found.get(pid, FileType.NONE) | f
-        return found
+                bits[pid] = bits.get(pid, 0) | f.value
+        # One enum conversion per path: flag arithmetic makes a new member at every `|`.
+        return {pid: FileType(b) for pid, b in bits.items()}
+
+    def has_any(self, sector: SectorRef, files: FileType) -> bool:
+        """True if any path holds any of `files` of `sector` (`find_sector`, without a dict)."""
+        table = self._files
+        return any((sector, f) in table for f in files.each())
 
     def holders(self, sector: SectorRef, files: FileType) -> set[str]:
         """Workers that hold *all* of `files` of `sector` on their local paths."""
-        per_worker: dict[str, FileType] = {}
-        for pid, held in self.find_sector(sector, files).items():
-            worker = self.paths[pid].worker
-            if worker is not None:
-                per_worker[worker] = per_worker.get(worker, FileType.NONE) | held
-        return {w for w, held in per_worker.items() if held & files == files}
+        # Asked at nearly every placement test: one set per file type, intersected.
+        paths, table = self.paths, self._files
+        out: set[str] | None = None
+        for f in files.each():
+            ws = {w for pid in table.get((sector, f), ()) if (w := paths[pid].worker) is not None}
+            out = ws if out is None else out & ws
+            if not out:
+                return set()
+        return out if out is not None else set()
 
     def locations(self, sector: SectorRef) -> frozenset[tuple[str | None, int]]:
         """`(worker or None for shared storage, files held)` for every holder of the sector."""
@@ -212,7 +221,14 @@ class StorageIndex:
 
     def worker_holds(self, worker: str, sector: SectorRef, files: FileType) -> bool:
         """True if `worker` has all of `files` of `sector` locally."""
-        return worker in self.holders(sector, files)
+        paths, table = self.paths, self._files
+        for f in files.each():
+            for pid in table.get((sector, f), ()):
+                if paths[pid].worker == worker:
+                    break
+            else:
+                return False
+        return files.value != 0
 
     def local_files(self, worker: str) -> Iterator[tuple[SectorRef, FileType]]:
         """Every sector file on `worker`'s sealing (non-long-term) paths."""
@@ -243,6 +259,18 @@ class StorageIndex:
             if (p.can_seal if sealing else p.can_store)
         ]
         return max(spaces, default=0)
+
+    def lacks_room(self, worker: str, need: int) -> bool:
+        """True if `worker` has sealing paths but none with `need` bytes free (out of space)."""
+        best: int | None = None
+        paths = self.paths
+        for pid in self._of_worker.get(worker, ()):
+            p = paths[pid]
+            if p.can_seal:
+                free = p.available
+                if best is None or free > best:
+                    best = free
+        return best is not None and best < need
 
     def reserve(self, owner: int, path_id: str, size: int) -> None:
         """Promise `size` bytes of `path_id` to task `owner` until `release(owner)`."""
