@@ -27,6 +27,8 @@ class Candidate:
     need: Resources
     #: How many tasks of this type the worker could hold at once (policy, caps, resources).
     slots: int
+    #: It would wait there for compute (a claim that fetches meanwhile), not start at once.
+    waits: bool = False
 
 
 class Assigner(Protocol):

@@ -155,8 +155,7 @@ class BalancedCycle:
         verdict = sched.verdict(req, w)
         if isinstance(verdict, Candidate):
             # A worker that can start the task now beats one where it would wait for compute.
-            waits = w.ledger.start_refusal(req.task_type, verdict.need) is not None
-            score = (waits, sched.assigner.score(req.task_type, verdict, burst.turn))
+            score = (verdict.waits, sched.assigner.score(req.task_type, verdict, burst.turn))
             burst.seq += 1
             heapq.heappush(burst.heap, (score, burst.seq, w.ledger.version, verdict))
 

@@ -93,7 +93,7 @@ class PolicyGate:
 
         `files_block` for a whole pool: one holder lookup per file set, not one per worker.
         """
-        held: dict[FileType, set[str]] = {}
+        held: dict[FileType, frozenset[str]] = {}
         out: list[Worker] = []
         for w in pool:
             if w.watcher is not None:

@@ -444,7 +444,8 @@ class Scheduler:
         placement = req.selector.check(req.sector, w, self.index)
         if isinstance(placement, str):
             return placement
-        if (refusal := prefetch_refusal(self, req, w, need, placement)) is not None:
+        busy = w.ledger.start_refusal(req.task_type, need)
+        if (refusal := prefetch_refusal(self, req, w, busy, placement)) is not None:
             return refusal
         if placement.fetch_bytes:
             files = getattr(req.selector, "files", None)
@@ -452,7 +453,7 @@ class Scheduler:
             if (refusal := local_wait_refusal(wait, placement.cost_s)) is not None:
                 return refusal
         cap = stage_cap(w.policy, req.task_type) if w.watcher is not None else None
-        return Candidate(w, placement, need, slots_for(w, need, cap))
+        return Candidate(w, placement, need, slots_for(w, need, cap), busy is not None)
 
     def _observe(self, task_type: TaskType, seconds: float) -> None:
         """Learn how long a task type's work takes (exponential moving average)."""

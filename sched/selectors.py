@@ -188,7 +188,9 @@ class PinnedSelector:
         return None if inner is None else ("pinned", self.worker, inner)
 
 
-def placeable_on(selector: Selector, sector: SectorRef, index: StorageIndex) -> set[str] | None:
+def placeable_on(
+    selector: Selector, sector: SectorRef, index: StorageIndex
+) -> frozenset[str] | None:
     """The only workers `selector` could place `sector`'s task on; None: it does not narrow.
 
     A pinned task, or work on existing files that may not be fetched, refuses every other
@@ -196,7 +198,8 @@ def placeable_on(selector: Selector, sector: SectorRef, index: StorageIndex) -> 
     """
     if isinstance(selector, PinnedSelector):
         inner = placeable_on(selector.inner, sector, index)
-        return {selector.worker} if inner is None else inner & {selector.worker}
+        pinned = frozenset((selector.worker,))
+        return pinned if inner is None else inner & pinned
     if isinstance(selector, ExistingSelector) and not selector.allow_fetch:
         return index.holders(sector, selector.files)
     if isinstance(selector, MoveSelector) and not selector.allow_remote:

@@ -81,6 +81,9 @@ class StorageIndex:
     _reservations: dict[int, list[_Reservation]] = field(default_factory=dict)
     #: Path ids per worker, so per-worker lookups do not scan every path.
     _of_worker: dict[str | None, list[str]] = field(default_factory=lambda: defaultdict(list))
+    #: `holders` answers until a file or a path changes: one burst of placement tests asks
+    #: the same question once per worker.
+    _held_by: dict[tuple[SectorRef, FileType], frozenset[str]] = field(default_factory=dict)
 
     # -- paths ------------------------------------------------------------------------------
 
@@ -92,6 +95,7 @@ class StorageIndex:
             self._of_worker[old.worker].remove(old.id)
         self.paths[path.id] = path
         self._of_worker[path.worker].append(path.id)
+        self._held_by.clear()
 
     def worker_paths(self, worker: str) -> Iterator[StoragePath]:
         """The paths local to `worker`."""
@@ -115,6 +119,7 @@ class StorageIndex:
         """
         if path_id not in self.paths:
             raise KeyError(f"unknown storage path {path_id!r}")
+        self._held_by.clear()
         for f in files.each():
             nbytes = sizes[f] if sizes is not None and f in sizes else None
             if nbytes is None:
@@ -128,6 +133,7 @@ class StorageIndex:
 
     def remove_sector(self, sector: SectorRef, files: FileType, path_id: str | None = None) -> None:
         """Forget `files` of `sector` on one path (or on every path); their bytes are freed."""
+        self._held_by.clear()
         for f in files.each():
             key = (sector, f)
             holders = self._files.get(key)
@@ -189,9 +195,16 @@ class StorageIndex:
         table = self._files
         return any((sector, f) in table for f in files.each())
 
-    def holders(self, sector: SectorRef, files: FileType) -> set[str]:
+    def holders(self, sector: SectorRef, files: FileType) -> frozenset[str]:
         """Workers that hold *all* of `files` of `sector` on their local paths."""
-        # Asked at nearly every placement test: one set per file type, intersected.
+        key = (sector, files)
+        found = self._held_by.get(key)
+        if found is None:
+            found = self._held_by[key] = frozenset(self._holders(sector, files))
+        return found
+
+    def _holders(self, sector: SectorRef, files: FileType) -> set[str]:
+        # One set per file type, intersected.
         paths, table = self.paths, self._files
         out: set[str] | None = None
         for f in files.each():

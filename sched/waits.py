@@ -14,17 +14,18 @@ from .filetypes import FileType
 
 if TYPE_CHECKING:
     from .queue import Request
-    from .resources import Resources
     from .scheduler import Scheduler
     from .selectors import Placement
     from .workers import Worker
 
 
 def prefetch_refusal(
-    sched: Scheduler, req: Request, w: Worker, need: Resources, placement: Placement
+    sched: Scheduler, req: Request, w: Worker, busy: str | None, placement: Placement
 ) -> str | None:
-    """Why `w`, whose compute is busy, should not take `req` to fetch and wait; None if fine."""
-    busy = w.ledger.start_refusal(req.task_type, need)
+    """Why `w`, whose compute is `busy`, should not take `req` to fetch and wait; None if fine.
+
+    `busy` is the ledger's `start_refusal` for the task (None: it could start now).
+    """
     if busy is None:
         return None  # it can start now
     if not placement.fetch_bytes:

@@ -192,6 +192,10 @@ def test_index_lookups_match_their_definitions() -> None:
             assert index.has_any(s2, f2) == bool(_find(model, s2, f2))
             for w in ("a", "b", "c", "d"):
                 assert index.worker_holds(w, s2, f2) == (w in holders)
+    # A path declared again for another worker moves what it holds with it.
+    index.declare(StoragePath("c-1", "d", 40 * TIB))
+    for s2, f2 in itertools.product(sectors, sets):
+        assert index.holders(s2, f2) == _holders(index, model, s2, f2)
     need = space_needed(C | S, S32)
     assert index.lacks_room("e", need)
     for w in ("a", "b", "c", "d", "e", "nobody"):
