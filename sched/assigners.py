@@ -31,6 +31,16 @@ class Candidate:
     waits: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class Fit:
+    """A worker's room for a task of one type and size, whatever its sector (`Scheduler.fit`)."""
+
+    need: Resources
+    #: Why the task could not start computing now (None: it could): it would wait, as a claim.
+    busy: str | None
+    slots: int
+
+
 class Assigner(Protocol):
     """Scores candidates for a task; the lowest score gets it."""
 

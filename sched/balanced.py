@@ -26,9 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .assigners import Candidate
+from .assigners import Candidate, Fit
 from .queue import Key, Request
-from .resources import resource_spec
 from .selectors import placeable_on
 from .tasks import TaskType
 
@@ -56,7 +55,7 @@ class BalancedCycle:
     def __init__(self, sched: Scheduler) -> None:
         self.sched = sched
         self.queue = sched.queue
-        self._fit_memo: dict[tuple[str, int, TaskType, int], bool] = {}
+        self._fit_memo: dict[tuple[str, int, TaskType, int], Fit | None] = {}
         #: Per worker, the prepared tasks waiting for its compute, in arrival order.
         self._waiting: dict[str, list[int]] = {}
         self._wakeups: dict[int, asyncio.Future[None]] = {}
@@ -145,14 +144,15 @@ class BalancedCycle:
     ) -> None:
         sched = self.sched
         task, gate = req.task_type, sched.gate
+        fit = self._fit(w, task, req.sector.size)
         if (
-            not self._may_fit(w, task, req.sector.size)
+            fit is None
             or gate.delayed(w, task, sched.clock.now())
             or (not files_checked and gate.files_block(w, task, req.sector))
         ):
             sched.checks += 1
             return  # the usual answer in a deep queue: no need to say why in words
-        verdict = sched.verdict(req, w)
+        verdict = sched.verdict(req, w, fit)
         if isinstance(verdict, Candidate):
             # A worker that can start the task now beats one where it would wait for compute.
             score = (verdict.waits, sched.assigner.score(req.task_type, verdict, burst.turn))
@@ -171,23 +171,25 @@ class BalancedCycle:
         return None
 
     def _may_fit(self, w: Worker, task_type: TaskType, size: int) -> bool:
-        """A cheap, memoized yes/no on the worker, its ledger and its policy (no messages).
+        """A cheap, memoized yes/no on the worker, its ledger and its policy (no messages)."""
+        return self._fit(w, task_type, size) is not None
+
+    def _fit(self, w: Worker, task_type: TaskType, size: int) -> Fit | None:
+        """`Scheduler.fit` if the worker and its policy could take such a task, else None.
 
         Valid for one cycle while the worker's ledger version holds: its policy counts and
         disk figures change within a cycle only with an assignment there, which bumps it.
         """
         key = (w.name, w.ledger.version, task_type, size)
-        fits = self._fit_memo.get(key)
-        if fits is None:
-            if not (w.enabled and w.supports(task_type)):
-                fits = False
-            else:
-                need = resource_spec(task_type, size, w.spec.overrides)
-                fits = w.ledger.claim_refusal(task_type, need) is None and not (
-                    self.sched.gate.blocks(w, task_type, size)
-                )
-            self._fit_memo[key] = fits
-        return fits
+        memo = self._fit_memo
+        if key in memo:
+            return memo[key]
+        fit: Fit | None = None
+        if w.enabled and w.supports(task_type) and not self.sched.gate.blocks(w, task_type, size):
+            found = self.sched.fit(w, task_type, size)
+            fit = None if isinstance(found, str) else found
+        memo[key] = fit
+        return fit
 
     def _any_fit(self, shape: int, workers: Sequence[Worker]) -> bool:
         task_type, size = self.queue.kind(shape)

@@ -93,6 +93,8 @@ class PolicyGate:
 
         `files_block` for a whole pool: one holder lookup per file set, not one per worker.
         """
+        if task not in _LOCAL_RULED:
+            return list(pool)
         held: dict[FileType, frozenset[str]] = {}
         out: list[Worker] = []
         for w in pool:
@@ -106,3 +108,9 @@ class PolicyGate:
                         continue
             out.append(w)
         return out
+
+
+#: The task types a `Force*FromLocal*` rule can bind (`rules.local_files_required`).
+_LOCAL_RULED = frozenset(
+    {TaskType.PRE_COMMIT1, TaskType.PRE_COMMIT2, TaskType.COMMIT1, TaskType.COMMIT2}
+)

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from ..fsm.clock import Clock, RealClock
 from ..fsm.store import LmdbStore
-from .assigners import Assigner, Candidate, make_assigner, slots_for
+from .assigners import Assigner, Candidate, Fit, make_assigner, slots_for
 from .balanced import BalancedCycle
 from .filetypes import FileType
 from .gate import PolicyGate
@@ -44,7 +44,7 @@ from .views import (
     publish_snapshot,
     worker_snapshot,
 )
-from .waits import local_wait_refusal, prefetch_refusal
+from .waits import Durations, local_wait, local_wait_refusal, prefetch_refusal
 from .workers import InProcessBackend, Worker, WorkerBackend, WorkerSpec
 
 log = logging.getLogger("sectorfsm.sched")
@@ -101,8 +101,8 @@ class Scheduler:
         self._held_task: dict[int, tuple[SectorRef, TaskType]] = {}
         self._cycle_listeners: list[Callable[[], None]] = []
         self._policy_errors: dict[str, str | None] = {}
-        #: Learned run time of each task type's work, in clock seconds.
-        self._durations: dict[TaskType, float] = {}
+        #: Learned run time of each task type's work, for `waits.local_wait`.
+        self.durations = Durations()
         self._dirty: set[str] = set()
         self._unchecked: set[int] = set()
         self._kicked = False
@@ -311,7 +311,7 @@ class Scheduler:
             if sched_id in w.ledger.entries:
                 w.ledger.set_phase(sched_id, Phase.RUNNING)
             result = await work(job)
-            self._observe(task_type, self.clock.now() - job.work_started)
+            self.durations.observe(task_type, self.clock.now() - job.work_started)
             return result
         finally:
             self._release(sched_id)
@@ -427,62 +427,50 @@ class Scheduler:
         ]
         return [(r.sector, r.task_type, pin, False) for r, pin in pins] + held
 
-    def verdict(self, req: Request, w: Worker) -> Candidate | str:
-        """Whether `w` can take `req` now: a candidate, or the reason it cannot, in words."""
+    def fit(self, w: Worker, task_type: TaskType, sector_size: int) -> Fit | str:
+        """`w`'s room for `task_type` tasks of this size, or its ledger's refusal in words."""
+        need = resource_spec(task_type, sector_size, w.spec.overrides)
+        refusal = w.ledger.claim_refusal(task_type, need)
+        if refusal is not None:
+            return refusal
+        cap = stage_cap(w.policy, task_type) if w.watcher is not None else None
+        return Fit(need, w.ledger.start_refusal(task_type, need), slots_for(w, need, cap))
+
+    def verdict(self, req: Request, w: Worker, fit: Fit | None = None) -> Candidate | str:
+        """Whether `w` can take `req` now: a candidate, or the reason it cannot, in words.
+
+        `fit`: `self.fit(w, ...)` for this task's type and size, from a caller that asked it
+        since `w`'s ledger last changed (a cycle asks it once per worker, not per sector).
+        """
         self.checks += 1
         if not w.enabled:
             return w.disabled_reason or "disabled"
         if not w.supports(req.task_type):
             return f"does not do {req.task_type.short}"
-        refusal = self.gate.refusal(w, req.task_type, req.sector, self.clock.now())
-        if refusal is not None:
-            return refusal
-        need = resource_spec(req.task_type, req.sector.size, w.spec.overrides)
-        refusal = w.ledger.claim_refusal(req.task_type, need)
-        if refusal is not None:
-            return refusal
+        if w.watcher is not None:  # no policy file: no operator restrictions
+            refusal = self.gate.refusal(w, req.task_type, req.sector, self.clock.now())
+            if refusal is not None:
+                return refusal
+        if fit is None:
+            found = self.fit(w, req.task_type, req.sector.size)
+            if isinstance(found, str):
+                return found
+            fit = found
         placement = req.selector.check(req.sector, w, self.index)
         if isinstance(placement, str):
             return placement
-        busy = w.ledger.start_refusal(req.task_type, need)
-        if (refusal := prefetch_refusal(self, req, w, busy, placement)) is not None:
+        if (refusal := prefetch_refusal(self, req, w, fit.busy, placement)) is not None:
             return refusal
         if placement.fetch_bytes:
             files = getattr(req.selector, "files", None)
-            wait = self._local_wait(req, files) if isinstance(files, FileType) else None
+            wait = local_wait(self, req, files) if isinstance(files, FileType) else None
             if (refusal := local_wait_refusal(wait, placement.cost_s)) is not None:
                 return refusal
-        cap = stage_cap(w.policy, req.task_type) if w.watcher is not None else None
-        return Candidate(w, placement, need, slots_for(w, need, cap), busy is not None)
+        return Candidate(w, placement, fit.need, fit.slots, fit.busy is not None)
 
-    def _observe(self, task_type: TaskType, seconds: float) -> None:
-        """Learn how long a task type's work takes (exponential moving average)."""
-        old = self._durations.get(task_type)
-        self._durations[task_type] = seconds if old is None else 0.8 * old + 0.2 * seconds
-
-    def _local_wait(self, req: Request, files: FileType) -> tuple[float, str] | None:
-        """How soon a worker holding the files could take the task itself, if one will.
-
-        Only holders already running this task type count (their estimated remaining time is
-        known); the wait ends with one of their jobs, which re-runs the cycle on that worker.
-        """
-        duration = self._durations.get(req.task_type)
-        if duration is None:
-            return None
-        now = self.clock.now()
-        best: tuple[float, str] | None = None
-        for name in self.index.holders(req.sector, files):
-            h = self._workers.get(name)
-            if h is None or not h.enabled or not h.supports(req.task_type):
-                continue
-            for sid in h.jobs:
-                job = self._jobs.get(sid)
-                if job is None or job.task_type != req.task_type or job.work_started is None:
-                    continue
-                left = max(0.0, duration - (now - job.work_started))
-                if best is None or left < best[0]:
-                    best = (left, name)
-        return best
+    def job(self, sched_id: int) -> Job | None:
+        """The job of a task that holds a worker, by id (None: queued or gone)."""
+        return self._jobs.get(sched_id)
 
     def assign(self, req: Request, c: Candidate) -> None:
         """Give `req` to the candidate's worker: its ledger holds the task from now on."""

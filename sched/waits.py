@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .filetypes import FileType
+from .tasks import TaskType
 
 if TYPE_CHECKING:
     from .queue import Request
@@ -52,3 +53,44 @@ def local_wait_refusal(wait: tuple[float, str] | None, fetch_s: float) -> str | 
 def minutes(seconds: float) -> str:
     """`12 min` from a minute up, `40 s` below."""
     return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+class Durations:
+    """Learned run time of each task type's work, in clock seconds."""
+
+    def __init__(self) -> None:
+        self._mean: dict[TaskType, float] = {}
+
+    def observe(self, task_type: TaskType, seconds: float) -> None:
+        """Learn how long a task type's work takes (exponential moving average)."""
+        old = self._mean.get(task_type)
+        self._mean[task_type] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+    def get(self, task_type: TaskType) -> float | None:
+        """The learned run time of `task_type` (None until one finished)."""
+        return self._mean.get(task_type)
+
+
+def local_wait(sched: Scheduler, req: Request, files: FileType) -> tuple[float, str] | None:
+    """How soon a worker holding the files could take the task itself, if one will.
+
+    Only holders already running this task type count (their estimated remaining time is
+    known); the wait ends with one of their jobs, which re-runs the cycle on that worker.
+    """
+    duration = sched.durations.get(req.task_type)
+    if duration is None:
+        return None
+    now = sched.clock.now()
+    best: tuple[float, str] | None = None
+    for name in sched.index.holders(req.sector, files):
+        h = sched.find_worker(name)
+        if h is None or not h.enabled or not h.supports(req.task_type):
+            continue
+        for sid in h.jobs:
+            job = sched.job(sid)
+            if job is None or job.task_type != req.task_type or job.work_started is None:
+                continue
+            left = max(0.0, duration - (now - job.work_started))
+            if best is None or left < best[0]:
+                best = (left, name)
+    return best

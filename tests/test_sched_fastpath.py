@@ -290,3 +290,42 @@ def test_a_pinned_task_is_offered_to_its_worker_only(tmp_path: Path) -> None:
         await sched.stop()
 
     run(main)
+
+
+def test_verdict_with_the_cycles_fit_says_what_it_says_alone() -> None:
+    """A `Fit` the cycle asked once per worker gives the verdict it would reach by itself."""
+    small = WorkerResources(cpus=64, mem_physical=256 * GIB, mem_swap=0, gpus=("g0",))
+
+    async def main() -> None:
+        sched = Scheduler()
+        for name in ("a", "b"):
+            path = StoragePath(f"{name}-ssd", name, 40 * TIB)
+            sched.add_worker(WorkerSpec(name, small, paths=(path,)))
+        sel = ExistingSelector(C | S, allow_fetch=True)
+        done = asyncio.Event()
+
+        async def work(job: Job) -> str:
+            await done.wait()
+            return job.worker.name
+
+        sectors = [SectorRef(1000, n, S32) for n in range(4)]
+        for s in sectors:
+            sched.index.add_sector(s, C | S, "a-ssd")
+        held = [asyncio.create_task(sched.schedule(s, PC2, sel, None, work)) for s in sectors]
+        await settle()
+        seen = set()
+        for req in sched.queue:
+            for w in (sched.worker("a"), sched.worker("b")):
+                fit = sched.fit(w, req.task_type, req.sector.size)
+                alone = sched.verdict(req, w)
+                if isinstance(fit, str):
+                    assert alone == fit  # the ledger's refusal, in the same words
+                else:
+                    assert sched.verdict(req, w, fit) == alone
+                seen.add(type(alone))
+        assert str in seen  # queued tasks: the ledgers refused some, in words
+        done.set()
+        await asyncio.gather(*held)
+        await sched.stop()
+
+    run(main)
