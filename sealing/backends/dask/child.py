@@ -22,6 +22,8 @@ from typing import Any
 import msgpack
 
 SPEC = "spec"
+#: The job's record, which only the registry (`jobs.py`) writes.
+RECORD = "record"
 RESULT = "result"
 #: The job's stdout and stderr (the worker keeps its last line for a failure).
 OUTPUT = "output"

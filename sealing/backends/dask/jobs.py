@@ -24,18 +24,7 @@ same reason (`extern/sector-storage/manager_calltracker.go@v1.11.3`).
   child runs one job at a time and then the next, as Lotus's long-lived `lotus-worker`
   does), started with the table on a worker, so no job (the first included) pays for a fresh
   interpreter or a fork; a fresh `python -m ...dask.child` is the fallback if it cannot start.
-
-What survives what. A job's files (its `running` record, written before its child gets the
-job; its result, written by the child; its `done` record) are written to a temporary file
-and renamed, without `fsync`: the page cache is the kernel's, so all of them survive a kill
-(-9 included) of the worker, its spawner, its children or the engine, and every guarantee
-above holds across those. Only a power loss or a kernel crash of the worker machine can
-lose or tear them, and that kills the job's child too: after the reboot a job with no record
-runs again when it is submitted again (its first run died unfinished with the machine,
-as a Lotus worker's call does), and a record whose result is missing or unreadable is read
-as failed, never as a result. Failed and cancelled records are still synced (rare, and they
-must not turn back into a run). An `fsync` cost 0.3-4 ms of wall time per file here, most
-of a trivial job's time, for a machine crash the job does not survive anyway.
+* A job's files are written without `fsync`: what survives what is in `jobrecord.py`.
 """
 
 from __future__ import annotations
@@ -45,11 +34,8 @@ import contextlib
 import dataclasses
 import hashlib
 import os
-import queue
 import re
-import shutil
 import signal
-import subprocess
 import tempfile
 import threading
 import time
@@ -62,7 +48,7 @@ import dask.config
 from distributed import Client, Future, Worker, WorkerPlugin, get_worker
 from distributed.core import Status
 
-from .child import OUTPUT, RESULT, SPEC, open_result, write_atomic
+from .child import OUTPUT, RECORD, RESULT, SPEC, open_result, write_atomic
 from .jobrecord import (
     JobCancelled,
     JobDetached,
@@ -75,7 +61,8 @@ from .jobrecord import (
 )
 from .pool import CONFIG_KEY, PoolConfig
 from .procs import describe_exit, kill_stray, last_line, signal_child
-from .spawner import SpawnedChild, Spawner, popen_child
+from .spawner import SpawnedChild, Spawner, WarmChild, fresh_child
+from .sweeper import Sweeper
 
 #: The plugin's name on every worker.
 PLUGIN = "sectors-jobs"
@@ -83,14 +70,14 @@ PLUGIN = "sectors-jobs"
 STATE_DIR_KEY = "sectors.jobs-dir"
 #: Seconds between SIGTERM and SIGKILL when a job is killed.
 KILL_GRACE = 5.0
-RECORD = "record"
 #: What `_result` gives for a result file that is missing or unreadable.
 _LOST: Any = object()
 
 
 @dataclass(slots=True)
 class _Active:
-    proc: subprocess.Popen[bytes] | SpawnedChild
+    #: Its child; None while the job is claimed but not handed to a child yet.
+    proc: SpawnedChild | None = None
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     #: Set before the child is signalled: how its end is recorded if it leaves no result.
     ending: tuple[JobState, str] | None = None
@@ -112,14 +99,15 @@ class JobTable:
         self._lock = threading.Lock()
         self._active: dict[str, _Active] = {}
         self._spawner = Spawner(pool if pool is not None else pool_config())
-        #: Ends of spawned children, recorded by one thread (the spawner's reader must not
-        #: wait for `_lock`: a job being started holds it while it waits for that reader).
-        self._ends: queue.SimpleQueue[tuple[str, _Active, int]] = queue.SimpleQueue()
-        self._finishing: threading.Thread | None = None
+        self._sweeper = Sweeper(f"{self._root}+trash")  # `+` is never in a worker's name
 
     def warm(self) -> None:
         """Start the job spawner now, before any job (a no-op while it runs)."""
         self._spawner.warm()
+
+    def spawner_pid(self) -> int | None:
+        """The pid of the table's spawner process while it runs."""
+        return self._spawner.pid
 
     # ------------------------------------------------------------------ records
 
@@ -159,6 +147,7 @@ class JobTable:
         complete is done after all. Nothing is re-run.
         """
         self.root.mkdir(parents=True, exist_ok=True)
+        self._sweeper.resume()  # acknowledged jobs the last process left undeleted
         with self._lock:
             for record in self.records():
                 if record.state is not JobState.RUNNING or record.job_id in self._active:
@@ -188,12 +177,14 @@ class JobTable:
         spec = encode_spec(func, args)
         digest = hashlib.sha256(spec).hexdigest()
         wake = threading.Event()
+        starting = False
         with self._lock:
             active = self._active.get(job_id)
             if active is None:
-                record = self._read(job_id)
-                if record is None:
-                    active = self._start(job_id, func, spec, digest)
+                record = self._claim(job_id)
+                if record is None:  # ours to start: a second run meanwhile attaches to it
+                    active = self._active[job_id] = _Active()
+                    starting = True
                 elif record.digest and record.digest != digest:
                     raise JobSpecError(
                         f"job id {job_id} already names another job ({record.func}); "
@@ -201,6 +192,11 @@ class JobTable:
                     )
             if active is not None:
                 active.waiters.append(wake)
+        if starting:
+            assert active is not None
+            # Outside `_lock`: the reader that reports a child's end (and may hand this
+            # job a newly forked child) records ends under it.
+            self._start(job_id, active, func, spec, digest)
         self.forget(acks)
         if active is not None:
             wake.wait()
@@ -217,84 +213,68 @@ class JobTable:
                     wake.set()
                 active.waiters.clear()
 
-    def _start(self, job_id: str, func: str, spec: bytes, digest: str) -> _Active:
-        jobdir = self._dir(job_id)
+    def _claim(self, job_id: str) -> JobRecord | None:
+        """The job's record, or None after making its directory (with `_lock` held).
+
+        The directory is made first: for a new job (the usual case) it is the only call.
+        """
+        jobdir = self._path(job_id, "")
         try:
             os.mkdir(jobdir)
-        except FileExistsError:  # left without a record by a crash: reuse
+            return None
+        except FileExistsError:
+            pass
+        except FileNotFoundError:  # the table's first job makes its root
+            os.makedirs(jobdir, exist_ok=True)
+            return None
+        record = self._read(job_id)
+        if record is None:  # left without a record by a crash: reuse its directory
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._path(job_id, RESULT))
-        except FileNotFoundError:  # the table's first job makes its root
-            jobdir.mkdir(parents=True, exist_ok=True)
-        record = JobRecord(job_id, func, JobState.RUNNING, started=time.time(), digest=digest)
-        # Written before the child exists: a restarted worker then never runs it again.
-        self._write(record, sync=False)
+        return record
+
+    def _start(self, job_id: str, active: _Active, func: str, spec: bytes, digest: str) -> None:
+        """Write the job's record, then hand the job to a warm child (or a fresh one)."""
+        jobdir = self._dir(job_id)
         try:
-            spawned = self._spawner.start(jobdir, spec)
+            warm: WarmChild | None = self._spawner.reserve()
         except OSError:
-            active = self._popen(job_id, spec, record)
-        else:
-            active = _Active(spawned)
-            # The spawner's reader reports the end; a job needs no thread of its own.
-            spawned.when_done(lambda rc: self._ends.put((job_id, active, rc)))
-            self._finisher()
+            warm = None
+        record = JobRecord(job_id, func, JobState.RUNNING, started=time.time(), digest=digest)
+        record.pid = warm.pid if warm is not None else 0
         active.record = record
-        record.pid = active.proc.pid
-        # Not synced: after a machine crash the child is gone anyway (its pid is only for
-        # killing a child that outlived its worker process).
+        # Written (with the child's pid) before the child has the job: a restarted worker
+        # then never runs it again.
         self._write(record, sync=False)
-        self._active[job_id] = active
-        return active
-
-    def _popen(self, job_id: str, spec: bytes, record: JobRecord) -> _Active:
-        """No spawner: a fresh interpreter, started and reaped by a thread of its own."""
-        write_atomic(self._dir(job_id) / SPEC, spec, sync=False)  # only the child reads it
-        started = threading.Event()
-        box: list[_Active | OSError] = []
-        watcher = threading.Thread(
-            target=self._watch, args=(job_id, started, box), name=f"job-{job_id}", daemon=True
-        )
-        watcher.start()
-        started.wait()
-        if isinstance(box[0], OSError):
-            record.state, record.error = (
-                JobState.FAILED,
-                f"failed: cannot start its child: {box[0]}",
-            )
-            record.finished = time.time()
-            self._write(record)
-            raise JobFailed(job_id, record.error) from None
-        return box[0]
-
-    def _watch(self, job_id: str, started: threading.Event, box: list[_Active | OSError]) -> None:
-        """Start the child, then reap it: this thread lives exactly as long as the child.
-
-        (`PR_SET_PDEATHSIG` fires when the thread that forked the child ends.)
-        """
-        try:
-            proc = popen_child(self._dir(job_id))
-        except OSError as exc:
-            box.append(exc)
-            started.set()
+        with self._lock:
+            ending = active.ending is not None
+        if ending:  # killed or closed before it started: it never runs
+            if warm is not None:
+                self._spawner.release(warm)
+            self._finish(job_id, active, -signal.SIGKILL)
             return
-        active = _Active(proc)
-        box.append(active)
-        started.set()
-        self._finish(job_id, active, proc.wait())
 
-    def _finisher(self) -> None:
-        """Start the thread that records the ends of spawned children (once per table)."""
-        if self._finishing is None or not self._finishing.is_alive():
-            self._finishing = threading.Thread(
-                target=self._record_ends, name="job-ends", daemon=True
-            )
-            self._finishing.start()
-
-    def _record_ends(self) -> None:
-        """The finisher's loop: lives with its table's process (a daemon thread)."""
-        while True:
-            job_id, active, rc = self._ends.get()
+        def on_end(rc: int) -> None:
             self._finish(job_id, active, rc)
+
+        # Not under `_lock`: a child that died since its reservation ends the job at once.
+        if warm is not None:
+            spawned = self._spawner.run(warm, jobdir, spec, on_end)
+        else:  # no spawner: a fresh interpreter, which reads its spec from a file
+            write_atomic(jobdir / SPEC, spec, sync=False)
+            try:
+                spawned = fresh_child(jobdir, on_end)
+            except OSError as exc:
+                active.ending = (JobState.FAILED, f"failed: cannot start its child: {exc}")
+                self._finish(job_id, active, -1)
+                return
+            record.pid = spawned.pid
+            self._write(record, sync=False)
+        with self._lock:
+            active.proc = spawned
+            ending = active.ending is not None
+        if ending:  # killed in the instant it was handed over
+            signal_child(spawned, signal.SIGKILL)
 
     def _finish(self, job_id: str, active: _Active, rc: int) -> None:
         with self._lock:
@@ -372,30 +352,24 @@ class JobTable:
                 return JobState.CANCELLED
             active.ending = (JobState.CANCELLED, "cancelled: killed by request")
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            signal_child(active.proc, sig)
+            if active.proc is not None:  # else its starter sees `ending` and never runs it
+                signal_child(active.proc, sig)
             if await asyncio.to_thread(active.done.wait, grace):
                 break
         record = self._read(job_id)
         return record.state if record is not None else JobState.CANCELLED
 
     def ack(self, job_id: str) -> bool:
-        """Forget a finished job (its result was collected); False if there is no record."""
+        """Forget a finished job (its result was collected); False if there is no record.
+
+        Its directory leaves the table at once; its files are deleted later (`sweeper.py`).
+        """
         check_job_id(job_id)
         with self._lock:
             if job_id in self._active:
                 raise JobSpecError(f"job {job_id} is running: kill it before acknowledging it")
-            jobdir = self._path(job_id, "")
-            if not os.path.isdir(jobdir):
-                return False
-            # The files a job leaves, one call each (rmtree's safe walk costs a dozen more).
-            for name in (RECORD, RESULT, OUTPUT):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(jobdir + name)
-            try:
-                os.rmdir(jobdir)
-            except OSError:  # something else in it (a spec, a temporary file)
-                shutil.rmtree(jobdir)
-            return True
+            # Out of the table at once (one rename); deleted off the lock by the sweeper.
+            return self._sweeper.drop(self._path(job_id, ""))
 
     def forget(self, job_ids: Iterable[str]) -> int:
         """`ack` each finished job of `job_ids`; a running or badly named one is skipped.
@@ -418,7 +392,8 @@ class JobTable:
             for active in running:
                 active.ending = (JobState.FAILED, "failed: its worker closed while it ran")
         for active in running:
-            signal_child(active.proc, signal.SIGKILL)
+            if active.proc is not None:  # else its starter sees `ending` and never runs it
+                signal_child(active.proc, signal.SIGKILL)
         deadline = time.monotonic() + wait
         for active in running:
             active.done.wait(max(0.0, deadline - time.monotonic()))

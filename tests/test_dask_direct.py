@@ -1,0 +1,118 @@
+"""The worker talks to its warm job children itself; acknowledged jobs are deleted off the lock.
+
+The spawner only forks, reaps and signals: a job's start and end go between the worker and
+its child with nothing in between, so a frozen spawner stops no job that has a warm child.
+A job's record is written once as it starts, with the child's pid in it. An acknowledged
+job leaves the table at once and its files are deleted by the table's sweeper thread, so a
+slow disk never holds the table's lock (and every job of the worker) up.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import HANG_GUARD, until
+
+from sectorfsm.sealing.backends.dask.jobrecord import JobRecord, JobState
+from sectorfsm.sealing.backends.dask.jobs import JobTable
+from sectorfsm.sealing.backends.dask.pool import PoolConfig
+
+TESTS = Path(__file__).resolve().parent
+
+
+def in_thread(call: Any, *args: Any) -> tuple[threading.Thread, list[Any]]:
+    """Run `call(*args)` on a thread; its result (or error) lands in the list."""
+    out: list[Any] = []
+
+    def body() -> None:
+        try:
+            out.append(call(*args))
+        except BaseException as exc:
+            out.append(exc)
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_a_frozen_spawner_stops_no_job_that_has_a_warm_child(tmp_path: Path) -> None:
+    table = JobTable(tmp_path / "jobs", PoolConfig(size=2))
+    spawner = 0
+    try:
+        assert table.run("AP-s1-a1", "builtins:abs", [-1]) == 1
+        spawner = table.spawner_pid() or 0
+        assert spawner
+        os.kill(spawner, signal.SIGSTOP)
+        thread, out = in_thread(table.run, "AP-s2-a1", "os:getppid", [])
+        thread.join(HANG_GUARD)
+        assert out == [spawner]  # forked by it, but run and answered without it
+    finally:
+        if spawner:
+            os.kill(spawner, signal.SIGCONT)
+        table.close()
+
+
+def test_a_job_record_has_its_childs_pid_before_the_job_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(TESTS))
+    table = JobTable(tmp_path / "jobs", PoolConfig(size=1))
+    try:
+        for n in (1, 2):
+            pid, raw = table.run(f"AP-s{n}-a1", "poolfuncs:own_record", [])
+            record = JobRecord.decode(raw)
+            assert (record.state, record.pid) == (JobState.RUNNING, pid)
+    finally:
+        table.close()
+
+
+def test_an_ack_never_holds_the_table_up_while_the_disk_deletes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    table = JobTable(tmp_path / "jobs")
+    deleting, go = threading.Event(), threading.Event()
+    real = os.rmdir
+
+    def slow_rmdir(path: Any, *args: Any, **kwargs: Any) -> None:
+        deleting.set()
+        go.wait(HANG_GUARD)  # a disk that takes its time
+        real(path, *args, **kwargs)
+
+    try:
+        assert table.run("AP-s1-a1", "builtins:abs", [-1]) == 1
+        monkeypatch.setattr(os, "rmdir", slow_rmdir)
+        acking, acked = in_thread(table.ack, "AP-s1-a1")
+        assert deleting.wait(HANG_GUARD)
+        running, out = in_thread(table.run, "AP-s2-a1", "builtins:abs", [-2])
+        running.join(HANG_GUARD)
+        assert out == [2]  # while the first job's directory is still being deleted
+        acking.join(HANG_GUARD)
+        assert acked == [True]
+        assert [r.job_id for r in table.records()] == ["AP-s2-a1"]  # gone from the table
+        assert table.ack("AP-s1-a1") is False
+    finally:
+        go.set()
+        table.close()
+    trash = tmp_path / "jobs+trash"
+    until(lambda: not any(trash.iterdir()) or None, "the sweeper emptying the trash")
+
+
+def test_what_a_killed_worker_left_in_the_trash_is_deleted_by_the_next_table(
+    tmp_path: Path,
+) -> None:
+    left = tmp_path / "jobs+trash" / "AP-s1-a1.1.0"
+    left.mkdir(parents=True)
+    for name in ("record", "result", "output", "spec"):
+        (left / name).write_bytes(b"x")
+    table = JobTable(tmp_path / "jobs")
+    try:
+        table.recover()
+        until(lambda: not left.exists() or None, "the trash emptied")
+        assert table.records() == []
+    finally:
+        table.close()
