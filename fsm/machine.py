@@ -98,13 +98,14 @@ class Machine:
         "unstaged",
     )
 
-    def __init__(self, machine_id: MachineId, key: bytes, state: Any, record: bytes) -> None:
+    def __init__(self, machine_id: MachineId, key: bytes, state: Any, record: bytes | None) -> None:
         self.id = machine_id
         self.key = key
         #: The state as of `record`; None while the machine's step holds it (the step was
-        #: handed this object: `RoundPlanner.state_of` decodes `record` again when needed).
+        #: handed this object: `RoundPlanner.state_of` decodes the record again when needed).
         self.state = state
-        #: Encoded record as last staged.
+        #: Encoded record as last staged; None along with `state` (it is committed: the
+        #: machine's next round reads it back from the store rather than keeping a copy).
         self.record = record
         #: False from `MachineRuntime.create` until that record's commit lands.
         self.exists = True
@@ -221,6 +222,27 @@ class Machine:
         self.events[:] = kept_events
         self.batch_start -= removed_before_batch
         self.unstaged = unstaged
+
+    def drop_sent(self, delete: Callable[[bytes], None]) -> list[object]:
+        """Remove the queued events its step sent; returns them.
+
+        `delete` is called with the inbox key of each one that is already staged for commit.
+        """
+        marked = set(self.sent)
+        self.sent.clear()
+        staged = len(self.seqs) - self.unstaged
+        gone: set[int] = set()
+        dropped: list[object] = []
+        for i, (seq, event) in enumerate(zip(self.seqs, self.events, strict=True)):
+            if seq not in marked:
+                continue
+            gone.add(seq)
+            dropped.append(event)
+            if i < staged and seq:
+                delete(self.inbox_key(seq))
+        if gone:
+            self.discard(gone)
+        return dropped
 
     @property
     def busy(self) -> bool:

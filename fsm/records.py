@@ -150,6 +150,12 @@ class GroupRecords(Generic[S]):
             value: bytes | None = txn.get(key, db=self.store.db("states"))
             return value
 
+    def raw_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        """The stored records under `keys`, in that order (None: absent), in one transaction."""
+        with self.store.read() as txn:
+            get, states = txn.get, self.store.db("states")
+            return [get(key, db=states) for key in keys]
+
     def info(self, machine_id: MachineId) -> MachineInfo[S] | None:
         """The persisted state plus engine bookkeeping, or None."""
         key = self.key(machine_id)

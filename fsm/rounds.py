@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .errors import Terminated
+from .errors import RecordError, StoreError, Terminated
 from .machine import Machine, Step
 
 if TYPE_CHECKING:
@@ -41,11 +41,52 @@ class RoundPlanner:
         self._counts = records.counts
 
     def state_of(self, m: Machine) -> Any:
-        """The machine's state, decoded from its record if its last step was handed it."""
+        """The machine's state, decoded from its record if its last step was handed it.
+
+        A record the machine let go of is read back from the store (it is committed);
+        raises RecordError if it is gone or cannot be read.
+        """
         state = m.state
         if state is None:
-            state = m.state = self._decode_state(m.record, m.id)
+            record = m.record
+            if record is None:
+                record = self.records.raw(m.key)
+                if record is None:
+                    what = self.records.what(m.id, "state record")
+                    raise RecordError(f"{what} is gone from the store")
+                m.record = record
+            state = m.state = self._decode_state(record, m.id)
         return state
+
+    def read_back(self, machines: Sequence[Machine]) -> list[Machine] | None:
+        """Read back and decode the records of machines whose last step was handed their state.
+
+        One read transaction for all of them. Returns those whose record is gone or cannot
+        be read (logged), or None if the store could not be read at all.
+        """
+        try:
+            raws = self.records.raw_many([m.key for m in machines])
+        except Exception:
+            log.exception("%s: cannot read %d machines back", self.name, len(machines))
+            return None
+        lost = []
+        for m, raw in zip(machines, raws, strict=True):
+            m.record = raw
+            try:
+                self.state_of(m)
+            except (RecordError, StoreError) as exc:
+                log.error("%s: cannot read machine %r back: %s", self.name, m.id, exc)
+                lost.append(m)
+        return lost
+
+    def cancels(self, cancels: Callable[[Any, Any], bool], event: object, m: Machine) -> bool:
+        """`cancels(event, state)` for a busy machine, whose step may hold its state."""
+        try:
+            state = self.state_of(m)
+        except (RecordError, StoreError) as exc:  # (its record is broken: stop its step)
+            log.error("%s: cannot read machine %r back: %s", self.name, m.id, exc)
+            return True
+        return bool(cancels(event, state))
 
     def created(self, m: Machine) -> None:
         """Count a machine whose record the current commit creates (if the group counts)."""
@@ -60,7 +101,7 @@ class RoundPlanner:
         terminated = False
         state = m.state
         if state is None:  # (handed to the machine's last step: its record is the state)
-            state = m.state = self._decode_state(m.record, m.id)
+            state = self.state_of(m)
         counts = self._counts
         if counts is not None and m.counted is None:
             # Before the planner changes the state.
@@ -96,6 +137,7 @@ class RoundPlanner:
 
     def _plan_failed(self, m: Machine, events: Sequence[object], exc: Exception) -> Round:
         # Undo whatever the planner mutated before raising.
+        assert m.record is not None  # (read back before the planner ran: see `state_of`)
         m.state = self.records.decode(m.record, m.id)[0]
         if len(events) > 1:
             # One event of the batch is bad: plan the first alone, so only the culprit is dropped.

@@ -207,12 +207,8 @@ class MachineRuntime:
         """True if no event is pending, no step runs and every write is committed."""
         if not self._running:
             return True
-        return (
-            not self._dirty
-            and self.steps.running == 0
-            and self._rounds == 0
-            and self._committer.idle
-        )
+        steps = self.steps.running
+        return not self._dirty and steps == 0 and self._rounds == 0 and self._committer.idle
 
     async def wait_idle(self) -> None:
         """Wait until `is_idle()`."""
@@ -303,12 +299,8 @@ class MachineRuntime:
         self._enqueue(m, event)
 
     def _superseded(self, m: Machine, event: object) -> None:
-        log.info(
-            "%s: machine %r: dropped %s, sent by a step that a newer one superseded",
-            self.name,
-            m.id,
-            describe(event),
-        )
+        what = "sent by a step that a newer one superseded"
+        log.info("%s: machine %r: dropped %s, %s", self.name, m.id, describe(event), what)
 
     def _enqueue(
         self, m: Machine, event: object, raw: bytes | None = None, step: bool = False
@@ -342,7 +334,7 @@ class MachineRuntime:
         busy = m.planning or m.stepping
         if busy and type(event) in self._cancelling:
             cancels = self._cancels
-            if cancels is None or cancels(event, self._round.state_of(m)):
+            if cancels is None or self._round.cancels(cancels, event, m):
                 self.steps.cancel(m)
         if not busy:
             self._dirty[m.id] = m
@@ -449,6 +441,9 @@ class MachineRuntime:
             self._planned = planned
             self._states = self._committer.staging("states")
         try:
+            back = [m for m in dirty.values() if m.record is None]
+            if back:
+                self._read_back(back, dirty)
             for m in dirty.values():
                 if not (m.planning or m.stepping) and m.events and machines.get(m.id) is m:
                     finish(m, *plan(m))
@@ -457,6 +452,21 @@ class MachineRuntime:
             dirty.clear()
             if planned:
                 self._committer.on_commit(self._batch_rounds_committed, planned)
+
+    def _read_back(self, machines: Machines, dirty: dict[MachineId, Machine]) -> None:
+        """Read back the states of machines whose last step was handed theirs (one read).
+
+        A machine whose record is gone or unreadable is forgotten, as one that cannot be
+        reloaded after a failed commit; if the store cannot be read, none is planned now.
+        """
+        live = self._machines
+        machines = [m for m in machines if not (m.planning or m.stepping) and live.get(m.id) is m]
+        lost = self._round.read_back(machines)
+        for m in machines if lost is None else ():
+            self._dirty[m.id] = dirty.pop(m.id)  # (left for the next flush)
+        for m in lost or ():
+            del live[m.id]
+            self._unstaged.pop(m.id, None)
 
     def _finish_round(
         self, m: Machine, step: Step | None, processed: int, final: bool, record: bytes
@@ -508,21 +518,10 @@ class MachineRuntime:
 
     def _drop_superseded(self, m: Machine) -> None:
         """Drop the queued events the superseded step sent (and a `Restart`, now served)."""
-        marked = set(m.sent)
-        m.sent.clear()
-        staged = len(m.seqs) - m.unstaged
-        gone: set[int] = set()
         delete = self._committer.delete
-        for i, (seq, event) in enumerate(zip(m.seqs, m.events, strict=True)):
-            if seq not in marked:
-                continue
-            gone.add(seq)
-            if i < staged and seq:
-                delete("inbox", m.inbox_key(seq))
+        for event in m.drop_sent(lambda key: delete("inbox", key)):
             if not isinstance(event, Restart):
                 self._superseded(m, event)
-        if gone:
-            m.discard(gone)
 
     def _batch_rounds_committed(self, planned: Machines, err: BaseException | None) -> None:
         # Cleared in any case: `_plan_dirty` refuses to plan while it holds rounds.

@@ -207,11 +207,12 @@ class MachineSteps:
         ctx = Context(runtime, m, m.gen)
         context = self._context.copy()
         m.stepping = True  # events the step sends wait until it returns
-        # The step gets the machine's state object itself, and the machine lets go of it: the
-        # record its round just committed is the state, decoded again only when the machine is
-        # planned next (`Machine.current_state`). Nothing the step does to it can leak into
-        # the persisted state, and a sector in flight holds one decoded state, not two.
-        state, m.state = m.state, None
+        # The step gets the machine's state object itself, and the machine lets go of it and
+        # of its record: the record its round just committed is the state, read back and
+        # decoded only when the machine is planned next (`MachineRuntime._read_back`). Nothing
+        # the step does to its state can leak into the persisted one, and a machine in flight
+        # keeps one decoded state in memory and no encoded one.
+        state, m.state, m.record = m.state, None, None
         try:
             pending = context.run(self._begin_step, step, ctx, state)
         except asyncio.CancelledError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import sys
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -425,3 +426,85 @@ def test_step_is_handed_the_planned_state_and_the_next_round_decodes_the_record(
     assert len(planned) == 2 and len(stepped) == 1
     assert stepped[0] is planned[0], "the step got a second decoded copy of the state"
     assert planned[1] is not stepped[0] and planned[1].seen == [1]
+
+
+def test_a_machine_whose_step_waits_keeps_one_copy_of_its_state(tmp_path: Path) -> None:
+    """The step holds the state; the machine keeps neither a decoded nor an encoded copy."""
+    n, size = 200, 16_000
+    gate, all_waiting = asyncio.Event(), asyncio.Event()
+    waiting: list[MachineId] = []
+
+    async def hold(ctx: Context, st: Rec) -> None:
+        waiting.append(ctx.id)
+        if len(waiting) == n:
+            all_waiting.set()
+        await gate.wait()
+        ctx.send(Note(len(st.extra)))
+
+    async def main() -> tuple[int, int]:
+        async with LmdbStore(tmp_path / "repo", "nosync") as store:
+            g = make_rec_group(store, {"hold": hold})
+            await g.start()
+            tracemalloc.start()
+            try:
+                before = tracemalloc.get_traced_memory()[0]
+                for mid in range(n):
+                    # Each state's one big field, built apart so no two machines share it.
+                    await g.begin(mid, Rec(extra="".join(["x", str(mid)]).ljust(size, "y")))
+                for mid in range(n):
+                    await g.send(mid, Go("hold"))
+                await all_waiting.wait()
+                held = tracemalloc.get_traced_memory()[0] - before
+            finally:
+                tracemalloc.stop()
+            gate.set()
+            await g.idle()
+            assert state(g, 7).seen == [size]  # (each step ran to its end with its state)
+            await g.stop()
+            return held, n
+
+    held, machines = run(main)
+    # One copy of each state: `size` bytes per machine and some change; two copies (its
+    # record, or a decoded state beside the step's) would be over 2 * `size`.
+    assert held / machines < 1.5 * size, f"{held / machines:.0f} bytes per waiting machine"
+
+
+def test_a_machine_whose_record_is_gone_is_dropped_and_the_rest_go_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A step's machine is read back from the store when planned next; a missing record is
+    logged and that machine forgotten, without stopping the round of any other."""
+    gate, both_waiting = asyncio.Event(), asyncio.Event()
+    waiting: list[MachineId] = []
+
+    async def hold(ctx: Context, st: Rec) -> None:
+        waiting.append(ctx.id)
+        if len(waiting) == 2:
+            both_waiting.set()
+        await gate.wait()
+        ctx.send(Note(1))
+
+    async def main() -> None:
+        async with LmdbStore(tmp_path / "repo", "nosync") as store:
+            g = make_rec_group(store, {"hold": hold})
+            await g.start()
+            await g.begin("gone", Rec())
+            await g.begin("kept", Rec())
+            await g.send("gone", Go("hold"))
+            await g.send("kept", Go("hold"))
+            await both_waiting.wait()
+            key = g.records.key("gone")
+            store.write(lambda txn: txn.delete(key, db=store.db("states")))
+            gate.set()
+            await g.idle()
+            assert state(g, "kept").seen == [1]
+            assert g.get("gone") is None
+            await g.send("kept", Note(2))  # the engine goes on
+            await g.idle()
+            assert state(g, "kept").seen == [1, 2]
+            await g.stop()
+
+    with caplog.at_level("ERROR", logger="sectorfsm.fsm"):
+        run(main)
+    assert "cannot read machine 'gone' back" in caplog.text
+    assert "is gone from the store" in caplog.text
