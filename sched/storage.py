@@ -83,7 +83,9 @@ class StorageIndex:
     _of_worker: dict[str | None, list[str]] = field(default_factory=lambda: defaultdict(list))
     #: `holders` answers until a file or a path changes: one burst of placement tests asks
     #: the same question once per worker.
-    _held_by: dict[tuple[SectorRef, FileType], frozenset[str]] = field(default_factory=dict)
+    _held_by: dict[tuple[SectorRef, FileType], frozenset[str]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     # -- paths ------------------------------------------------------------------------------
 
