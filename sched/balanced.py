@@ -30,6 +30,7 @@ from .assigners import Candidate, Fit
 from .queue import Key, Request
 from .selectors import placeable_on
 from .tasks import TaskType
+from .waits import other_holder
 
 if TYPE_CHECKING:
     from .scheduler import Job, Scheduler
@@ -149,6 +150,8 @@ class BalancedCycle:
             fit is None
             or gate.delayed(w, task, sched.clock.now())
             or (not files_checked and gate.files_block(w, task, req.sector))
+            # Busy here, and a holder of its files does it: the task waits for that one.
+            or (fit.busy is not None and other_holder(sched, req, w) is not None)
         ):
             sched.checks += 1
             return  # the usual answer in a deep queue: no need to say why in words

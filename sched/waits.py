@@ -31,12 +31,23 @@ def prefetch_refusal(
         return None  # it can start now
     if not placement.fetch_bytes:
         return busy  # nothing to fetch: waiting here would only hold memory
+    if (name := other_holder(sched, req, w)) is not None:
+        return f"{busy}; {name} holds the sector's files and does {req.task_type.short}"
+    return None
+
+
+def other_holder(sched: Scheduler, req: Request, w: Worker) -> str | None:
+    """Another enabled worker that holds `req`'s files and does its type (first by name).
+
+    While `w`'s compute is busy, such a worker makes `prefetch_refusal` refuse `req` there
+    whatever the placement: a caller that needs no words may skip `w` on this alone.
+    """
     files = getattr(req.selector, "files", None)
     if isinstance(files, FileType):
         for name in sorted(sched.index.holders(req.sector, files)):
             h = sched.find_worker(name)
             if h is not None and h is not w and h.enabled and h.supports(req.task_type):
-                return f"{busy}; {name} holds the sector's files and does {req.task_type.short}"
+                return name
     return None
 
 

@@ -17,11 +17,14 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from conftest import run, settle
 
+from sectorfsm.sched.assigners import Candidate, Fit
 from sectorfsm.sched.filetypes import FileType, space_needed
 from sectorfsm.sched.ledger import WorkerResources
 from sectorfsm.sched.policy import WorkerPolicy
+from sectorfsm.sched.queue import Request
 from sectorfsm.sched.rules import files_block, policy_blocks, policy_refusal
 from sectorfsm.sched.scheduler import Job, Scheduler
 from sectorfsm.sched.selectors import (
@@ -33,7 +36,7 @@ from sectorfsm.sched.selectors import (
 )
 from sectorfsm.sched.storage import SectorRef, StorageIndex, StoragePath
 from sectorfsm.sched.tasks import TaskType
-from sectorfsm.sched.workers import WorkerSpec
+from sectorfsm.sched.workers import Worker, WorkerSpec
 
 AP = TaskType.ADD_PIECE
 PC1 = TaskType.PRE_COMMIT1
@@ -326,6 +329,53 @@ def test_verdict_with_the_cycles_fit_says_what_it_says_alone() -> None:
         assert str in seen  # queued tasks: the ledgers refused some, in words
         done.set()
         await asyncio.gather(*held)
+        await sched.stop()
+
+    run(main)
+
+
+def test_a_busy_worker_is_not_asked_about_a_task_a_holder_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A busy worker, and a PC2 whose files are on another PC2 worker: no verdict needed."""
+    one_gpu = WorkerResources(cpus=64, mem_physical=256 * GIB, mem_swap=0, gpus=("g0",))
+    release = asyncio.Event()
+
+    async def work(job: Job) -> str:
+        await release.wait()
+        return job.worker.name
+
+    async def main() -> None:
+        sched = Scheduler()
+        for name in ("a", "b"):
+            path = StoragePath(f"{name}-ssd", name, 40 * TIB)
+            sched.add_worker(WorkerSpec(name, one_gpu, frozenset({PC2}), paths=(path,)))
+        sel = ExistingSelector(C | S, allow_fetch=True)
+        on_b, *on_a = [SectorRef(1000, n, S32) for n in range(3)]
+        sched.index.add_sector(on_b, C | S, "b-ssd")
+        for s in on_a:
+            sched.index.add_sector(s, C | S, "a-ssd")
+        jobs = [asyncio.create_task(sched.schedule(s, PC2, sel, None, work)) for s in [on_b]]
+        await settle()
+        jobs += [asyncio.create_task(sched.schedule(s, PC2, sel, None, work)) for s in on_a]
+        await settle()
+        assert len(sched.queue) == 1  # a and b each run one; the last waits for a
+        asked: list[str] = []
+        verdict = sched.verdict
+
+        def spy(req: Request, w: Worker, fit: Fit | None = None) -> Candidate | str:
+            asked.append(w.name)
+            return verdict(req, w, fit)
+
+        monkeypatch.setattr(sched, "verdict", spy)
+        sched.worker_changed("b")
+        await settle()
+        assert asked == []  # b is busy and a holds the files and does PC2: skipped unasked
+        assert len(sched.queue) == 1
+        words = sched.diag()[0].reasons["b"]
+        assert words == "needs 1 GPU, 0 free; a holds the sector's files and does PC2"
+        release.set()
+        assert sorted(await asyncio.gather(*jobs)) == ["a", "a", "b"]
         await sched.stop()
 
     run(main)
