@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import resource
 import shutil
@@ -44,9 +45,28 @@ def _worker() -> Any:
     )
 
 
+class _GcTimer:
+    """Collections per generation and the seconds they took (a `gc.callbacks` entry)."""
+
+    def __init__(self) -> None:
+        self.count = [0, 0, 0]
+        self.seconds = [0.0, 0.0, 0.0]
+        self._start = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            generation = info["generation"]
+            self.count[generation] += 1
+            self.seconds[generation] += time.perf_counter() - self._start
+
+
 async def _run(n: int, repo: Path, spread: float) -> dict[str, Any]:
     from sectorfsm.sealing.miner import Miner
 
+    gc_timer = _GcTimer()
+    gc.callbacks.append(gc_timer)
     t0 = time.perf_counter()
     c0 = time.process_time()
     async with Miner.open(
@@ -82,6 +102,7 @@ async def _run(n: int, repo: Path, spread: float) -> dict[str, Any]:
         simulated = m.clock.now() - start_v
         commits = m.store.committer.batches_committed - commits0
         counts = {k: v for k, v in m.sector_counts().items() if v}
+    gc.callbacks.remove(gc_timer)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
         "n": n,
@@ -93,6 +114,9 @@ async def _run(n: int, repo: Path, spread: float) -> dict[str, Any]:
         "cpu_s": round(cpu, 2),
         "per_sector_cpu_ms": round(cpu / n * 1000, 3),
         "peak_rss_mb": round(rss_mb, 1),
+        # The cyclic collector's share of `cpu_s`, per generation (young, middle, full).
+        "gc_s": [round(s, 2) for s in gc_timer.seconds],
+        "gc_collections": gc_timer.count,
         "simulated_h": round(simulated / 3600, 2),
         "commits": commits,
         "pledge_spread_s": spread,
@@ -169,7 +193,7 @@ def main() -> None:
         print(
             f"N={n}: {fig['wall_s']} s wall, {fig['transitions_per_s']} transitions/s, "
             f"{fig['per_sector_ms']} ms/sector ({fig['per_sector_cpu_ms']} ms CPU), "
-            f"peak RSS {fig['peak_rss_mb']} MB",
+            f"peak RSS {fig['peak_rss_mb']} MB, GC {sum(fig['gc_s']):.2f} s",
             file=sys.stderr,
             flush=True,
         )
