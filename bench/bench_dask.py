@@ -20,8 +20,8 @@ Fairness: the three ways run the same function (`abs(-1)`) from the same client 
 same four workers, round robin, at the same concurrency: latency one job at a time,
 throughput with `--inflight` jobs (default 8, two per worker) in flight on both sides. The
 raw baseline does only what Dask does: no record, no child process, no acknowledgement. The
-registry and sched ways pay for the guarantees: a record synced before the child starts (a
-job id runs once across worker and engine crashes), the result synced and kept until the
+registry and sched ways pay for the guarantees: a record written before the child starts (a
+job id runs once across worker and engine crashes), the result written and kept until the
 engine acknowledges it, the work in a child process that can be killed. Their
 acknowledgements ride with the next job to the same worker (`acks.py`, as the backend
 sends them), so the figures include them. Everything (scheduler, client, four workers, their

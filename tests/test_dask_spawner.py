@@ -175,7 +175,7 @@ def test_a_spawned_job_gets_its_spec_by_pipe_and_no_thread_of_its_own(
         for t in running:
             t.start()
         until(lambda: len(count.read_text().split()) == 5 or None, "four gated jobs running")
-        # One thread per waiting caller, none per child: the spawner's reader reports the ends.
+        # One thread per waiting caller, none per child: the table's reader reports the ends.
         assert threading.active_count() == before + len(running)
         assert not [t for t in threading.enumerate() if t.name.startswith("job-PC1")]
         go.touch()
@@ -187,7 +187,7 @@ def test_a_spawned_job_gets_its_spec_by_pipe_and_no_thread_of_its_own(
 
 
 def test_a_running_record_with_a_complete_result_is_done_after_a_restart(tmp_path: Path) -> None:
-    # Why a done record is written without fsync: the child's result file (synced) decides.
+    # A done record may be lost with the machine: the child's result file (checksummed) decides.
     table = JobTable(tmp_path / "jobs")
     try:
         assert table.run("AP-s1-a1", "builtins:abs", [-4]) == 4

@@ -289,8 +289,8 @@ class JobTable:
                 record.error = (
                     f"failed ({describe_exit(rc)}): {last_line(self._dir(job_id) / OUTPUT)}"
                 )
-            # A done job's truth is its result file, synced by the child (`recover` reads a
-            # `running` record with a result as done): only the other ends need the fsync.
+            # Failed and cancelled ends are synced: after a machine crash they must not read
+            # as a job that never ran (a done one is its checksummed result, see jobrecord).
             self._write(record, sync=record.state is not JobState.DONE)
             self._active.pop(job_id, None)
             active.final = record
