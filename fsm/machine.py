@@ -65,8 +65,9 @@ class Context:
         self._runtime.send_from_step(self._machine, self._gen, event)
 
 
-#: A step: `async def step(ctx, state_copy)`, or a plain function for work that never waits
-#: (the engine then runs it inline, without creating a Task).
+#: A step: `async def step(ctx, state)`, or a plain function for work that never waits (the
+#: engine then runs it inline, without creating a Task). `state` is the step's own: the
+#: machine plans its next round from the committed record, never from this object.
 Step = Callable[[Context, Any], Awaitable[None] | None]
 
 
