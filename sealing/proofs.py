@@ -9,6 +9,7 @@ a proof the chain rejects, so Lotus's invalid-proof paths are exercised for real
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 
 from .commp import commitment_to_cid
@@ -24,6 +25,9 @@ def _h(*parts: bytes) -> bytes:
     return h.digest()
 
 
+# Every CC sector of a size has the same CommD, and a sector's CIDs are decoded again at each
+# proof and each check (7 us a decode, 0.1 us a cache hit: ~7 decodes per sector sealed).
+@functools.lru_cache(maxsize=4096)
 def digest_of(cid: str) -> bytes:
     """The 32-byte commitment inside a base32 commitment CID (sealed or unsealed)."""
     if not cid.startswith("b") or len(cid) < 50:
