@@ -74,6 +74,9 @@ class Ledger:
     claimed_cpu: int = 0
     claimed_gpu: float = 0.0
     claimed: Counter[TaskType] = field(default_factory=Counter)
+    #: The claims' threads and GPU share per task type (`start_refusal` without a walk).
+    claimed_threads: Counter[TaskType] = field(default_factory=Counter)
+    claimed_gpus: dict[TaskType, float] = field(default_factory=dict)
     mem_min_used: int = 0
     mem_max_used: int = 0
     counts: Counter[TaskType] = field(default_factory=Counter)
@@ -115,11 +118,10 @@ class Ledger:
         Claims of its own type count as if computing: a fetching PC2 lends the GPU to C2,
         not to a second PC2 that would only make it wait (and hold more memory meanwhile).
         """
-        mine = [e for e in self.entries.values() if not e.computing and e.task_type == task_type]
-        cpu = self.cpu_used + sum(e.threads for e in mine)
-        gpu = self.gpu_used + (
-            sum(e.need.gpu_utilization for e in mine) if self.resources.gpus else 0
-        )
+        # Kept per type by `_claim`: a walk of the entries here was O(tasks held) per start,
+        # quadratic on a worker holding thousands (bench_scale's one simulated worker).
+        cpu = self.cpu_used + self.claimed_threads[task_type]
+        gpu = self.gpu_used + self.claimed_gpus.get(task_type, 0.0)
         return self._refusal(task_type, need, self.counts[task_type], cpu, gpu, mem=False)
 
     def _refusal(
@@ -197,11 +199,20 @@ class Ledger:
 
     def _claim(self, entry: _Entry, sign: int) -> None:
         self.claimed[entry.task_type] += sign
-        if not self.claimed[entry.task_type]:
-            del self.claimed[entry.task_type]
+        t = entry.task_type
+        if not self.claimed[t]:
+            del self.claimed[t]
         self.claimed_cpu += sign * entry.threads
+        self.claimed_threads[t] += sign * entry.threads
+        if not self.claimed_threads[t]:
+            del self.claimed_threads[t]
         if self.resources.gpus:
             self.claimed_gpu = max(0.0, self.claimed_gpu + sign * entry.need.gpu_utilization)
+            gpu = self.claimed_gpus.get(t, 0.0) + sign * entry.need.gpu_utilization
+            if self.claimed[t]:
+                self.claimed_gpus[t] = max(0.0, gpu)
+            else:
+                self.claimed_gpus.pop(t, None)  # no claim of the type left: exactly none
 
     def free(self, sched_id: int) -> None:
         """Release a finished (or cancelled) task's resources."""

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sectorfsm.sched.ledger import Ledger, WorkerResources
-from sectorfsm.sched.resources import parse_overrides, resource_spec
+from sectorfsm.sched.resources import Resources, parse_overrides, resource_spec
 from sectorfsm.sched.scheduler import Scheduler
 from sectorfsm.sched.selectors import TaskSelector
 from sectorfsm.sched.storage import SectorRef
@@ -51,6 +51,13 @@ def check_invariants(led: Ledger) -> None:
     claims = [e for e in led.entries.values() if not e.computing]
     assert led.cpu_used == sum(e.threads for e in running)
     assert led.claimed_cpu == sum(e.threads for e in claims)
+    assert led.claimed_threads == +Counter(
+        {t: sum(e.threads for e in claims if e.task_type == t) for t in TYPES}
+    )
+    if res.gpus:
+        for t in TYPES:
+            mine = sum(e.need.gpu_utilization for e in claims if e.task_type == t)
+            assert abs(led.claimed_gpus.get(t, 0.0) - mine) < 1e-9
     assert led.claimed_cpu <= res.cpus
     if res.gpus:
         assert led.claimed_gpu <= len(res.gpus) + 1e-9
@@ -99,6 +106,48 @@ def test_ledger_never_overcommits(
         led.free(sid)
     assert led.cpu_used == 0 and led.mem_min_used == 0 and led.mem_max_used == 0
     assert not led.bases and not +led.counts
+
+
+def walked_start_refusal(led: Ledger, task: TaskType, need: Resources) -> str | None:
+    """`start_refusal` as the walk over every entry that it replaced (the reference)."""
+    mine = [e for e in led.entries.values() if not e.computing and e.task_type == task]
+    cpu = led.cpu_used + sum(e.threads for e in mine)
+    gpu = led.gpu_used + (sum(e.need.gpu_utilization for e in mine) if led.resources.gpus else 0)
+    return led._refusal(task, need, led.counts[task], cpu, gpu, mem=False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    res=workers_st,
+    stream=st.lists(
+        st.tuples(st.sampled_from(["claim", "add", "acquire", "free"]), st.sampled_from(TYPES)),
+        max_size=120,
+    ),
+    size=st.sampled_from(SIZES),
+)
+def test_start_refusal_counts_claims_of_its_type_as_the_walk_did(
+    res: WorkerResources, stream: list[tuple[str, TaskType]], size: int
+) -> None:
+    # Claims (placed, still fetching) of a task's own type count as computing when asking
+    # whether it could start: kept per type now, the answer must be the walk's.
+    led = Ledger(res)
+    ids: list[int] = []
+    for n, (op, task) in enumerate(stream):
+        need = resource_spec(task, size)
+        if op in ("claim", "add") and led.claim_refusal(task, need) is None:
+            led.add(n, task, need, computing=op == "add" and led.refusal(task, need) is None)
+            ids.append(n)
+        elif op == "acquire" and ids:
+            sid = ids[n % len(ids)]
+            e = led.entries[sid]
+            if led.compute_refusal(e.task_type, e.need) is None:
+                led.acquire(sid)
+        elif op == "free" and ids:
+            led.free(ids.pop(n % len(ids)))
+        check_invariants(led)
+        for t in TYPES:
+            probe = resource_spec(t, size)
+            assert led.start_refusal(t, probe) == walked_start_refusal(led, t, probe)
 
 
 @settings(max_examples=40, deadline=None)
