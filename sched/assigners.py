@@ -56,6 +56,16 @@ class Assigner(Protocol):
         """How good a placement is: lower is better."""
         ...
 
+    def score_at(
+        self, task_type: TaskType, worker: Worker, slots: int, cost_s: float, turn: int
+    ) -> tuple[float, float, float, int]:
+        """`score` of a candidate on `worker` with these slots and transfer cost.
+
+        Never lower for a higher `cost_s`: the cycle ranks workers by the cost their selector
+        will give before it asks for their verdicts, and asks only the best ones.
+        """
+        ...
+
     def chose(self, task_type: TaskType, c: Candidate) -> None:
         """Record the choice (advances the round-robin)."""
         ...
@@ -77,12 +87,18 @@ class BalancedAssigner:
         self, task_type: TaskType, c: Candidate, turn: int
     ) -> tuple[float, float, float, int]:
         """(transfer seconds, stage load / capacity, utilization, round-robin distance)."""
-        load = c.worker.ledger.counts[task_type] / max(1, c.slots)
+        return self.score_at(task_type, c.worker, c.slots, c.placement.cost_s, turn)
+
+    def score_at(
+        self, task_type: TaskType, worker: Worker, slots: int, cost_s: float, turn: int
+    ) -> tuple[float, float, float, int]:
+        """`score` of a candidate on `worker` with these slots and transfer cost."""
+        ledger = worker.ledger
         return (
-            round(c.placement.cost_s, 3),
-            round(load, 6),
-            round(c.worker.ledger.utilization(), 6),
-            (self._rank(c.worker.name) - turn) % (1 << 30),
+            round(cost_s, 3),
+            round(ledger.counts[task_type] / max(1, slots), 6),
+            round(ledger.utilization(), 6),
+            (self._rank(worker.name) - turn) % (1 << 30),
         )
 
     def chose(self, task_type: TaskType, c: Candidate) -> None:

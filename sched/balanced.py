@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .assigners import Candidate, Fit
 from .queue import Key, Request
-from .selectors import placeable_on
+from .selectors import cost_floor, placeable_on
 from .tasks import TaskType
 from .waits import other_holder
 
@@ -37,14 +37,22 @@ if TYPE_CHECKING:
     from .workers import Worker
 
 
+Score = tuple[bool, tuple[float, float, float, int]]
+
+
 @dataclass(slots=True)
 class _Burst:
-    """Scored candidates of one shape during one cycle."""
+    """Scored workers of one shape during one cycle.
+
+    An entry without a candidate is ranked by the score its verdict would give if it passed
+    (`floor`, the selector's transfer cost known before `check`): its verdict is asked only
+    when it comes out on top, so a shape that any of 46 GPU boxes could take asks one or two
+    of them, not all. With `floor` None every entry is a candidate, asked when offered.
+    """
 
     turn: int
-    heap: list[tuple[tuple[bool, tuple[float, float, float, int]], int, int, Candidate]] = field(
-        default_factory=list
-    )
+    floor: Callable[[Worker], float] | None
+    heap: list[tuple[Score, int, int, Worker, Candidate | None]] = field(default_factory=list)
     seq: int = 0
 
 
@@ -129,10 +137,11 @@ class BalancedCycle:
 
     def _burst(self, req: Request, pool: Sequence[Worker]) -> _Burst:
         """Score every worker of the pool once for this shape (reused while the cycle lasts)."""
-        burst = _Burst(self.sched.assigner.turn(req.task_type))
+        sched = self.sched
+        floor = cost_floor(req.selector, req.sector, sched.index)
+        burst = _Burst(sched.assigner.turn(req.task_type), floor)
         # Without asking one by one, leave out the workers that refuse this sector anyway:
         # those its selector rules out, and those whose policy wants its files local.
-        sched = self.sched
         only = placeable_on(req.selector, req.sector, sched.index)
         if only is not None:
             pool = [w for w in pool if w.name in only]
@@ -155,22 +164,40 @@ class BalancedCycle:
         ):
             sched.checks += 1
             return  # the usual answer in a deep queue: no need to say why in words
+        if burst.floor is not None:
+            # A worker that can start the task now beats one where it would wait for compute.
+            waits = fit.busy is not None
+            cost = burst.floor(w)
+            score = (waits, sched.assigner.score_at(task, w, fit.slots, cost, burst.turn))
+            burst.seq += 1
+            heapq.heappush(burst.heap, (score, burst.seq, w.ledger.version, w, None))
+            return
+        self._push(req, w, fit, burst)
+
+    def _push(self, req: Request, w: Worker, fit: Fit, burst: _Burst) -> None:
+        """Ask `w`'s verdict and rank it if it is a candidate."""
+        sched = self.sched
         verdict = sched.verdict(req, w, fit)
         if isinstance(verdict, Candidate):
-            # A worker that can start the task now beats one where it would wait for compute.
             score = (verdict.waits, sched.assigner.score(req.task_type, verdict, burst.turn))
             burst.seq += 1
-            heapq.heappush(burst.heap, (score, burst.seq, w.ledger.version, verdict))
+            heapq.heappush(burst.heap, (score, burst.seq, w.ledger.version, w, verdict))
 
     def _pick(self, req: Request, burst: _Burst) -> Candidate | None:
         # Within a cycle only the workers that got a task change: re-score just those.
         while burst.heap:
-            _, _, version, cand = heapq.heappop(burst.heap)
-            w = cand.worker
-            if version == w.ledger.version:
+            _, _, version, w, cand = heapq.heappop(burst.heap)
+            if version != w.ledger.version:
+                self._offer(req, w, burst)
+            elif cand is None:
+                # On top by the score it would get: its verdict now says whether it gets it.
+                # Nothing it reads but its own ledger changes within a cycle (`cost_floor`).
+                fit = self._fit(w, req.task_type, req.sector.size)
+                if fit is not None:
+                    self._push(req, w, fit, burst)
+            else:
                 self.sched.assigner.chose(req.task_type, cand)
                 return cand
-            self._offer(req, w, burst)
         return None
 
     def _may_fit(self, w: Worker, task_type: TaskType, size: int) -> bool:

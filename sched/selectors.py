@@ -9,6 +9,7 @@ filter (Lotus: `storage/sealer/selector_*.go@b835fab70`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -204,6 +205,33 @@ def placeable_on(
         return index.holders(sector, selector.files)
     if isinstance(selector, MoveSelector) and not selector.allow_remote:
         return index.holders(sector, selector.files)
+    return None
+
+
+def cost_floor(
+    selector: Selector, sector: SectorRef, index: StorageIndex
+) -> Callable[[Worker], float] | None:
+    """Per worker, the transfer cost `check` gives if it places the task there; None: unknown.
+
+    The cost depends only on whether the worker holds the sector's files and on its link, so
+    a caller ranking workers can know it before asking `check` (which also looks for room).
+    Selectors whose placement reads state shared between workers (`MoveSelector`'s shared
+    storage paths) get None: their verdicts are not asked lazily.
+    """
+    if isinstance(selector, PinnedSelector):
+        return cost_floor(selector.inner, sector, index)
+    if isinstance(selector, TaskSelector):
+        return lambda w: len(w.spec.task_types) * 1e-6
+    if isinstance(selector, ExistingSelector):
+        holders = index.holders(sector, selector.files)
+        size = space_needed(selector.files, sector.size)
+        return lambda w: 0.0 if w.name in holders else size / w.spec.bandwidth
+    if isinstance(selector, AllocSelector):
+        if not selector.fetch or not index.has_any(sector, selector.fetch):
+            return lambda w: 0.0
+        holders = index.holders(sector, selector.fetch)
+        moved = space_needed(selector.fetch, sector.size)
+        return lambda w: 0.0 if w.name in holders else moved / w.spec.bandwidth
     return None
 
 
