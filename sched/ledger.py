@@ -179,11 +179,18 @@ class Ledger:
         self.entries[sched_id] = entry
         self.version += 1
         self.counts[task_type] += 1
-        self._claim(entry, 1)
         self.mem_min_used += need.min_memory + base
         self.mem_max_used += need.max_memory + base
         if computing:
-            self.acquire(sched_id)
+            # Straight to computing: the same totals as a claim and its `acquire`, with no
+            # claim counted and taken back (two Counter updates per task).
+            entry.computing = True
+            self.version += 1
+            self.cpu_used += threads
+            if self.resources.gpus:
+                self.gpu_used += need.gpu_utilization
+        else:
+            self._claim(entry, 1)
 
     def acquire(self, sched_id: int) -> None:
         """A claim starts computing: its threads, GPU share and slot move to the used totals."""

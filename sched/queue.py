@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-from collections.abc import Awaitable, Callable, Hashable, Iterator
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +55,8 @@ class RequestQueue:
         self._requests: dict[int, Request] = {}
         #: Queued request ids per sector, so `files_changed` does not scan the whole queue.
         self._by_sector: dict[SectorRef, set[int]] = {}
+        #: Queued requests per task type (auto-pledge counts AP and PC1 after every cycle).
+        self._by_type: dict[TaskType, dict[int, Request]] = {}
         self._shapes: dict[int, _Shape] = {}
         self._ids = itertools.count(1)
         # Shape keys are interned to small ints: a key (a tuple with a frozenset and a selector)
@@ -99,6 +101,7 @@ class RequestQueue:
         current = self.head(shape)
         self._requests[req.sched_id] = req
         self._by_sector.setdefault(req.sector, set()).add(req.sched_id)
+        self._by_type.setdefault(req.task_type, {})[req.sched_id] = req
         group = self._shapes.get(shape)
         if group is None:
             group = self._shapes[shape] = _Shape()
@@ -118,6 +121,7 @@ class RequestQueue:
             ids.discard(sched_id)
             if not ids:
                 del self._by_sector[req.sector]
+        self._by_type[req.task_type].pop(sched_id, None)
         group = self._shapes[req.shape]
         group.live -= 1
         if group.live == 0:
@@ -183,6 +187,11 @@ class RequestQueue:
     def __iter__(self) -> Iterator[Request]:
         """Every queued request, most urgent first (O(n log n); for views, not cycles)."""
         return iter(sorted(self._requests.values(), key=lambda r: r.key))
+
+    def of_types(self, types: Iterable[TaskType]) -> Iterator[Request]:
+        """Queued requests of these task types, in no particular order (indexed by type)."""
+        for t in types:
+            yield from self._by_type.get(t, {}).values()
 
     def for_sector(self, sector: SectorRef) -> list[Request]:
         """Queued requests of one sector (indexed: cost independent of the queue length)."""

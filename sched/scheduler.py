@@ -99,6 +99,7 @@ class Scheduler:
         #: The worker whose ledger holds each assigned task, and its sector.
         self._held: dict[int, Worker] = {}
         self._held_task: dict[int, tuple[SectorRef, TaskType]] = {}
+        self._held_of_type: dict[TaskType, set[int]] = {}
         self._cycle_listeners: list[Callable[[], None]] = []
         self._policy_errors: dict[str, str | None] = {}
         #: Learned run time of each task type's work, for `waits.local_wait`.
@@ -351,7 +352,9 @@ class Scheduler:
     def _release(self, sched_id: int) -> None:
         self._jobs.pop(sched_id, None)
         self.strategy.release(sched_id)
-        self._held_task.pop(sched_id, None)
+        held = self._held_task.pop(sched_id, None)
+        if held is not None:
+            self._held_of_type[held[1]].discard(sched_id)
         w = self._held.pop(sched_id, None)
         if w is not None:
             w.jobs.discard(sched_id)
@@ -418,14 +421,19 @@ class Scheduler:
     def tasks_of(
         self, types: frozenset[TaskType]
     ) -> list[tuple[SectorRef, TaskType, str | None, bool]]:
-        """`(sector, type, worker, held)`: held ones name their worker, queued ones their pin."""
-        pins = [
-            (r, getattr(r.selector, "worker", None)) for r in self.queue if r.task_type in types
+        """`(sector, type, worker, held)`: held ones name their worker, queued ones their pin.
+
+        Queued tasks first, then held ones, in no particular order; indexed by task type, so
+        a caller after every cycle pays for the tasks of `types`, not for the whole queue.
+        """
+        out = [
+            (r.sector, r.task_type, getattr(r.selector, "worker", None), False)
+            for r in self.queue.of_types(types)
         ]
-        held = [
-            (s, t, self._held[i].name, True) for i, (s, t) in self._held_task.items() if t in types
-        ]
-        return [(r.sector, r.task_type, pin, False) for r, pin in pins] + held
+        held, task = self._held, self._held_task
+        for t in types:
+            out.extend((task[i][0], t, held[i].name, True) for i in self._held_of_type.get(t, ()))
+        return out
 
     def fit(self, w: Worker, task_type: TaskType, sector_size: int) -> Fit | str:
         """`w`'s room for `task_type` tasks of this size, or its ledger's refusal in words."""
@@ -481,6 +489,7 @@ class Scheduler:
         w.jobs.add(req.sched_id)
         self._held[req.sched_id] = w
         self._held_task[req.sched_id] = (req.sector, req.task_type)
+        self._held_of_type.setdefault(req.task_type, set()).add(req.sched_id)
         if c.placement.path is not None and c.placement.reserve:
             self.index.reserve(req.sched_id, c.placement.path, c.placement.reserve)
         self.gate.forget_units(w.name)

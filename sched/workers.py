@@ -164,11 +164,11 @@ class Worker:
     watcher: PolicySource | None = None
     #: Ids of the jobs that hold resources here.
     jobs: set[int] = field(default_factory=set)
+    #: The spec's name, read millions of times by a long simulation (a plain slot, no call).
+    name: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def name(self) -> str:
-        """The worker's name."""
-        return self.spec.name
+    def __post_init__(self) -> None:
+        self.name = self.spec.name
 
     @property
     def policy(self) -> WorkerPolicy:
