@@ -41,6 +41,10 @@ class Fit:
     slots: int
 
 
+#: What an assigner's score takes from the worker alone (`Assigner.base`).
+Base = tuple[float, float, int]
+
+
 class Assigner(Protocol):
     """Scores candidates for a task; the lowest score gets it."""
 
@@ -50,16 +54,22 @@ class Assigner(Protocol):
         """The round-robin position for this task type (fixed for one cycle)."""
         ...
 
+    def add_worker(self, name: str) -> None:
+        """Give a worker its place in the round-robin when it joins (kept if it rejoins)."""
+        ...
+
     def score(
         self, task_type: TaskType, c: Candidate, turn: int
     ) -> tuple[float, float, float, int]:
         """How good a placement is: lower is better."""
         ...
 
-    def score_at(
-        self, task_type: TaskType, worker: Worker, slots: int, cost_s: float, turn: int
-    ) -> tuple[float, float, float, int]:
-        """`score` of a candidate on `worker` with these slots and transfer cost.
+    def base(self, task_type: TaskType, worker: Worker, slots: int) -> Base:
+        """The part of `score` that depends on the worker alone (while its ledger holds)."""
+        ...
+
+    def score_from(self, base: Base, cost_s: float, turn: int) -> tuple[float, float, float, int]:
+        """`score` of a candidate with this `base` and transfer cost, at this turn.
 
         Never lower for a higher `cost_s`: the cycle ranks workers by the cost their selector
         will give before it asks for their verdicts, and asks only the best ones.
@@ -83,30 +93,38 @@ class BalancedAssigner:
         """Where the round-robin of this task type stands."""
         return self._turn.get(task_type, 0)
 
+    def add_worker(self, name: str) -> None:
+        """The round-robin goes in order of joining, whichever worker is scored first."""
+        self._rank(name)
+
     def score(
         self, task_type: TaskType, c: Candidate, turn: int
     ) -> tuple[float, float, float, int]:
         """(transfer seconds, stage load / capacity, utilization, round-robin distance)."""
-        return self.score_at(task_type, c.worker, c.slots, c.placement.cost_s, turn)
+        return self.score_from(self.base(task_type, c.worker, c.slots), c.placement.cost_s, turn)
 
-    def score_at(
-        self, task_type: TaskType, worker: Worker, slots: int, cost_s: float, turn: int
-    ) -> tuple[float, float, float, int]:
-        """`score` of a candidate on `worker` with these slots and transfer cost."""
+    def base(self, task_type: TaskType, worker: Worker, slots: int) -> Base:
+        """(stage load / capacity, utilization, the worker's round-robin rank)."""
         ledger = worker.ledger
         return (
-            round(cost_s, 3),
             round(ledger.counts[task_type] / max(1, slots), 6),
             round(ledger.utilization(), 6),
-            (self._rank(worker.name) - turn) % (1 << 30),
+            self._rank(worker.name),
         )
+
+    def score_from(self, base: Base, cost_s: float, turn: int) -> tuple[float, float, float, int]:
+        """`score` from `base`: the cost first, the rank as a distance from the turn."""
+        return (round(cost_s, 3), base[0], base[1], (base[2] - turn) % (1 << 30))
 
     def chose(self, task_type: TaskType, c: Candidate) -> None:
         """The next tie goes to the worker after this one."""
         self._turn[task_type] = self._rank(c.worker.name) + 1
 
     def _rank(self, name: str) -> int:
-        # A stable number per worker, in order of first sight: the round-robin order.
+        # A stable number per worker, in order of joining (or of first sight, for a worker
+        # scored without joining): the round-robin order. Not the order of first scoring, so
+        # a cycle that ranks workers before asking their verdicts ranks them as one asking
+        # every verdict would.
         rank = self._order.get(name)
         if rank is None:
             rank = self._order[name] = len(self._order)

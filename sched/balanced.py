@@ -26,11 +26,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .assigners import Candidate, Fit
+from .assigners import Base, Candidate, Fit
 from .queue import Key, Request
 from .selectors import cost_floor, placeable_on
 from .tasks import TaskType
-from .waits import other_holder
+from .waits import holders_doing
 
 if TYPE_CHECKING:
     from .scheduler import Job, Scheduler
@@ -54,6 +54,16 @@ class _Burst:
     floor: Callable[[Worker], float] | None
     heap: list[tuple[Score, int, int, Worker, Candidate | None]] = field(default_factory=list)
     seq: int = 0
+    #: The enabled holders of the shape's files that do its type (`waits.holders_doing`).
+    doers: list[Worker] | None = None
+
+
+@dataclass(slots=True)
+class _Room:
+    """A worker's `Fit` for one kind in one cycle, and its assigner's score base there."""
+
+    fit: Fit
+    base: Base | None = None
 
 
 class BalancedCycle:
@@ -64,7 +74,7 @@ class BalancedCycle:
     def __init__(self, sched: Scheduler) -> None:
         self.sched = sched
         self.queue = sched.queue
-        self._fit_memo: dict[tuple[str, int, TaskType, int], Fit | None] = {}
+        self._fit_memo: dict[tuple[str, int, TaskType, int], _Room | None] = {}
         #: Per worker, the prepared tasks waiting for its compute, in arrival order.
         self._waiting: dict[str, list[int]] = {}
         self._wakeups: dict[int, asyncio.Future[None]] = {}
@@ -154,21 +164,23 @@ class BalancedCycle:
     ) -> None:
         sched = self.sched
         task, gate = req.task_type, sched.gate
-        fit = self._fit(w, task, req.sector.size)
+        room = self._room(w, task, req.sector.size)
         if (
-            fit is None
+            room is None
             or gate.delayed(w, task, sched.clock.now())
             or (not files_checked and gate.files_block(w, task, req.sector))
             # Busy here, and a holder of its files does it: the task waits for that one.
-            or (fit.busy is not None and other_holder(sched, req, w) is not None)
+            or (room.fit.busy is not None and self._other_holder(req, w, burst))
         ):
             sched.checks += 1
             return  # the usual answer in a deep queue: no need to say why in words
+        fit = room.fit
         if burst.floor is not None:
             # A worker that can start the task now beats one where it would wait for compute.
-            waits = fit.busy is not None
+            if room.base is None:
+                room.base = sched.assigner.base(task, w, fit.slots)
             cost = burst.floor(w)
-            score = (waits, sched.assigner.score_at(task, w, fit.slots, cost, burst.turn))
+            score = (fit.busy is not None, sched.assigner.score_from(room.base, cost, burst.turn))
             burst.seq += 1
             heapq.heappush(burst.heap, (score, burst.seq, w.ledger.version, w, None))
             return
@@ -205,7 +217,12 @@ class BalancedCycle:
         return self._fit(w, task_type, size) is not None
 
     def _fit(self, w: Worker, task_type: TaskType, size: int) -> Fit | None:
-        """`Scheduler.fit` if the worker and its policy could take such a task, else None.
+        """`Scheduler.fit` if the worker and its policy could take such a task, else None."""
+        room = self._room(w, task_type, size)
+        return None if room is None else room.fit
+
+    def _room(self, w: Worker, task_type: TaskType, size: int) -> _Room | None:
+        """`_fit` with the assigner's score base, memoized.
 
         Valid for one cycle while the worker's ledger version holds: its policy counts and
         disk figures change within a cycle only with an assignment there, which bumps it.
@@ -214,12 +231,19 @@ class BalancedCycle:
         memo = self._fit_memo
         if key in memo:
             return memo[key]
-        fit: Fit | None = None
+        room: _Room | None = None
         if w.enabled and w.supports(task_type) and not self.sched.gate.blocks(w, task_type, size):
             found = self.sched.fit(w, task_type, size)
-            fit = None if isinstance(found, str) else found
-        memo[key] = fit
-        return fit
+            room = None if isinstance(found, str) else _Room(found)
+        memo[key] = room
+        return room
+
+    def _other_holder(self, req: Request, w: Worker, burst: _Burst) -> bool:
+        """`waits.other_holder(...) is not None`, with the holders listed once per burst."""
+        doers = burst.doers
+        if doers is None:
+            doers = burst.doers = holders_doing(self.sched, req)
+        return any(h is not w for h in doers)
 
     def _any_fit(self, shape: int, workers: Sequence[Worker]) -> bool:
         task_type, size = self.queue.kind(shape)

@@ -164,6 +164,7 @@ class Scheduler:
             watcher=watcher,
         )
         self._workers[spec.name] = w
+        self.assigner.add_worker(spec.name)
         for t in spec.task_types:
             self._by_type.setdefault(t, []).append(w)
         for p in spec.paths:

@@ -42,13 +42,27 @@ def other_holder(sched: Scheduler, req: Request, w: Worker) -> str | None:
     While `w`'s compute is busy, such a worker makes `prefetch_refusal` refuse `req` there
     whatever the placement: a caller that needs no words may skip `w` on this alone.
     """
-    files = getattr(req.selector, "files", None)
-    if isinstance(files, FileType):
-        for name in sorted(sched.index.holders(req.sector, files)):
-            h = sched.find_worker(name)
-            if h is not None and h is not w and h.enabled and h.supports(req.task_type):
-                return name
+    for h in holders_doing(sched, req):
+        if h is not w:
+            return h.name
     return None
+
+
+def holders_doing(sched: Scheduler, req: Request) -> list[Worker]:
+    """The enabled workers that hold `req`'s files and do its type, by name.
+
+    The same for every request of a shape (its files are where the shape says): a cycle asks
+    once per shape, and `other_holder` of any worker is the first of them that is not it.
+    """
+    files = getattr(req.selector, "files", None)
+    if not isinstance(files, FileType):
+        return []
+    out = []
+    for name in sorted(sched.index.holders(req.sector, files)):
+        h = sched.find_worker(name)
+        if h is not None and h.enabled and h.supports(req.task_type):
+            out.append(h)
+    return out
 
 
 def local_wait_refusal(wait: tuple[float, str] | None, fetch_s: float) -> str | None:

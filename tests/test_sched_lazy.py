@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import json
 import random
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ import sectorfsm.sched.balanced as balanced
 from sectorfsm.fsm.clock import VirtualClock
 from sectorfsm.sched.filetypes import FileType
 from sectorfsm.sched.ledger import WorkerResources
+from sectorfsm.sched.queue import Request
 from sectorfsm.sched.scheduler import Job, Scheduler
 from sectorfsm.sched.selectors import (
     AllocSelector,
@@ -34,6 +36,7 @@ from sectorfsm.sched.selectors import (
 )
 from sectorfsm.sched.storage import SectorRef, StorageIndex, StoragePath
 from sectorfsm.sched.tasks import TaskType
+from sectorfsm.sched.waits import other_holder
 from sectorfsm.sched.workers import Worker, WorkerSpec
 
 AP = TaskType.ADD_PIECE
@@ -173,3 +176,57 @@ def test_lazy_verdicts_place_every_task_where_asking_every_worker_does(
     assert len({where for _, _, t, where, _ in lazy if t == "PC2"}) > 3
     assert any(p.fetch_bytes for *_, p in lazy)  # type: ignore[attr-defined]
     assert lazy_checks < eager_checks
+
+
+def test_the_round_robin_goes_in_order_of_joining_whoever_is_scored_first() -> None:
+    """A lazy burst scores workers an eager one never would: their rank must not move."""
+
+    async def main() -> None:
+        sched = Scheduler()
+        res = WorkerResources(cpus=64, mem_physical=512 * GIB, gpus=("g0",))
+        for name in ("a", "b", "c"):
+            sched.add_worker(WorkerSpec(name, res, task_types=frozenset({C2})))
+        c, a = sched.worker("c"), sched.worker("a")
+        assert sched.assigner.base(C2, c, 1)[2] == 2  # scored first, ranked third
+        assert sched.assigner.base(C2, a, 1)[2] == 0
+        await sched.stop()
+
+    run(main)
+
+
+def test_the_cycles_other_holder_is_waits_other_holder() -> None:
+    rng = random.Random(8)
+
+    async def main() -> None:
+        sched = Scheduler()
+        res = WorkerResources(cpus=64, mem_physical=512 * GIB, gpus=("g0",))
+        for i in range(6):
+            tasks = frozenset(rng.sample([PC1, PC2, C2, FIN], 2))
+            path = StoragePath(f"w{i}-1", f"w{i}", 30 * TIB)
+            sched.add_worker(WorkerSpec(f"w{i}", res, task_types=tasks, paths=(path,)))
+        sched.disable("w5", "test")
+        cycle = sched.strategy
+        assert isinstance(cycle, balanced.BalancedCycle)
+        seen: Counter[bool] = Counter()
+        for n in range(40):
+            s = SectorRef(1000, n, S32)
+            for f in (U, C, S):
+                for i in rng.sample(range(6), rng.randint(0, 3)):
+                    sched.index.add_sector(s, f, f"w{i}-1")
+            for task, sel in (
+                (PC2, ExistingSelector(C | S, allow_fetch=True)),
+                (FIN, ExistingSelector(C)),
+                (C2, TaskSelector()),
+            ):
+                key = (0, 0, 0, 0, n)
+                req = Request(n, s, task, 0, sel, None, None, key, 0.0, None)  # type: ignore[arg-type]
+                burst = balanced._Burst(0, None)
+                for i in range(6):
+                    w = sched.worker(f"w{i}")
+                    want = other_holder(sched, req, w) is not None
+                    assert cycle._other_holder(req, w, burst) == want
+                    seen[want] += 1
+        assert seen[True] > 20 and seen[False] > 20
+        await sched.stop()
+
+    run(main)
