@@ -1,10 +1,11 @@
 """The operator policy's part of a verdict: each worker's policy, disk units and AllowDelay.
 
 `PolicyGate` keeps the per-worker state the policy rules read besides the ledger (the disk
-units counted from the storage index, cached until something moves, and when a task was last
-released, for `AllowDelay`) and answers for one worker in two ways: `refusal`, in the words
-`sched-diag` shows, and `blocks`, a yes/no on what does not depend on the sector, for the
-balanced cycle to skip a worker before any per-sector lookup (`rules.policy_blocks`).
+units counted from the storage index, cached until the files on the worker's paths change,
+and when a task was last released, for `AllowDelay`) and answers for one worker in two
+ways: `refusal`, in the words `sched-diag` shows, and `blocks`, a yes/no on what does not
+depend on the sector, for the balanced cycle to skip a worker before any per-sector lookup
+(`rules.policy_blocks`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ class PolicyGate:
 
     def __init__(self, index: StorageIndex) -> None:
         self.index = index
-        self._units: dict[str, tuple[int, int]] = {}
+        #: Each worker's disk units, with the index's `files_version` they were counted at.
+        self._units: dict[str, tuple[int, tuple[int, int]]] = {}
         #: When a task each worker held was last released: the start of its `AllowDelay`.
         self._released_at: dict[str, float] = {}
 
@@ -49,11 +51,14 @@ class PolicyGate:
 
     def view(self, w: Worker, sector_size: int) -> PolicyView:
         """What the rules see of `w` now."""
-        units = self._units.get(w.name)
-        if units is None:
+        version = self.index.files_version(w.name)
+        cached = self._units.get(w.name)
+        if cached is not None and cached[0] == version:
+            units = cached[1]
+        else:
             # The index records a cache once PC1 wrote it, so its SDR layers exist: 14 units.
             units = disk_units((f, True) for _, f in self.index.local_files(w.name))
-            self._units[w.name] = units
+            self._units[w.name] = (version, units)
         return PolicyView(w, self.index, units, sector_size)
 
     def refusal(self, w: Worker, task: TaskType, sector: SectorRef, now: float) -> str | None:

@@ -250,7 +250,6 @@ class Scheduler:
         for req in self.queue.for_sector(sector):
             self.queue.remove(req.sched_id)
             self._enqueue(req)
-        self.gate.forget_units()
         self.request_cycle()
 
     # -- scheduling -------------------------------------------------------------------------
@@ -360,7 +359,6 @@ class Scheduler:
         if w is not None:
             w.jobs.discard(sched_id)
             w.ledger.free(sched_id)
-            self.gate.forget_units(w.name)
             self._start_delay(w)
             self._touch(w.name)
         self.index.release(sched_id)
@@ -493,7 +491,6 @@ class Scheduler:
         self._held_of_type.setdefault(req.task_type, set()).add(req.sched_id)
         if c.placement.path is not None and c.placement.reserve:
             self.index.reserve(req.sched_id, c.placement.path, c.placement.reserve)
-        self.gate.forget_units(w.name)
         req.worker = w.name
         if not req.assigned.done():
             req.assigned.set_result((w.name, c.placement))

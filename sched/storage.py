@@ -86,6 +86,11 @@ class StorageIndex:
     _held_by: dict[tuple[SectorRef, FileType], frozenset[str]] = field(
         default_factory=dict, compare=False, repr=False
     )
+    #: Per worker, bumped whenever the files on its paths or its paths change, so what is
+    #: counted from them (the policy's disk units) is counted again only when it can differ.
+    _files_rev: dict[str | None, int] = field(
+        default_factory=lambda: defaultdict(int), compare=False, repr=False
+    )
 
     # -- paths ------------------------------------------------------------------------------
 
@@ -95,7 +100,9 @@ class StorageIndex:
         if old is not None:
             path.reserved, path.stored = old.reserved, old.stored
             self._of_worker[old.worker].remove(old.id)
+            self._files_rev[old.worker] += 1
         self.paths[path.id] = path
+        self._files_rev[path.worker] += 1
         self._of_worker[path.worker].append(path.id)
         self._held_by.clear()
 
@@ -131,6 +138,7 @@ class StorageIndex:
             if path_id not in holders:
                 self._files[key] = (*holders, path_id)
             self._by_path[path_id].add(key)
+            self._files_rev[self.paths[path_id].worker] += 1
             self._count(sector, f, path_id, nbytes)
 
     def remove_sector(self, sector: SectorRef, files: FileType, path_id: str | None = None) -> None:
@@ -144,6 +152,8 @@ class StorageIndex:
             gone = holders if path_id is None else (path_id,) if path_id in holders else ()
             for pid in gone:
                 self._by_path[pid].discard(key)
+                if pid in self.paths:
+                    self._files_rev[self.paths[pid].worker] += 1
                 self._count(sector, f, pid, 0)
             left = tuple(pid for pid in holders if pid not in gone)
             if left:
@@ -244,6 +254,10 @@ class StorageIndex:
             else:
                 return False
         return files.value != 0
+
+    def files_version(self, worker: str) -> int:
+        """A number that changes whenever the files on `worker`'s paths, or its paths, do."""
+        return self._files_rev[worker]
 
     def local_files(self, worker: str) -> Iterator[tuple[SectorRef, FileType]]:
         """Every sector file on `worker`'s sealing (non-long-term) paths."""

@@ -2,7 +2,8 @@
 
 `tasks_of` reads per-type indexes of the queue and of the held tasks instead of sorting the
 whole queue; `Ledger.add` of a task that computes at once skips the claim it used to count
-and take back. Both must give exactly what the long way gave.
+and take back; the policy gate counts a worker's disk units again only when the index says
+its files changed. Each must give exactly what the long way gave.
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ from collections import Counter
 from conftest import run, settle
 
 from sectorfsm.sched.filetypes import FileType
+from sectorfsm.sched.gate import PolicyGate
 from sectorfsm.sched.ledger import Ledger, WorkerResources
 from sectorfsm.sched.resources import resource_spec
+from sectorfsm.sched.rules import disk_units
 from sectorfsm.sched.scheduler import Job, Scheduler
 from sectorfsm.sched.selectors import AllocSelector, PinnedSelector, Selector, TaskSelector
-from sectorfsm.sched.storage import SectorRef, StoragePath
+from sectorfsm.sched.storage import SectorRef, StorageIndex, StoragePath
 from sectorfsm.sched.tasks import TaskType
-from sectorfsm.sched.workers import WorkerSpec
+from sectorfsm.sched.workers import Worker, WorkerSpec
 
 AP = TaskType.ADD_PIECE
 PC1 = TaskType.PRE_COMMIT1
@@ -115,3 +118,41 @@ def test_a_task_that_computes_at_once_leaves_the_ledger_a_claim_and_acquire_leav
         if computing:
             long_.acquire(sid)
         assert short == long_
+
+
+def test_the_gates_disk_units_are_recounted_whenever_a_workers_files_change() -> None:
+    """Units are cached per worker until its files change: never stale, whatever moved."""
+    rng = random.Random(6)
+    index = StorageIndex()
+    gate = PolicyGate(index)
+    res = WorkerResources(cpus=8, mem_physical=64 * GIB)
+    workers = {}
+    for name in ("a", "b", "c"):
+        index.declare(StoragePath(f"{name}-1", name, 40 * TIB))
+        index.declare(StoragePath(f"{name}-store", name, 40 * TIB, can_seal=False, can_store=True))
+        workers[name] = Worker(WorkerSpec(name, res), None, Ledger(res), 0.0)  # type: ignore[arg-type]
+    index.declare(StoragePath("shared", None, 400 * TIB, can_seal=False, can_store=True))
+    paths = [*index.paths]
+    files = [FileType.UNSEALED, FileType.CACHE, FileType.SEALED, FileType.CACHE | FileType.SEALED]
+    recounts = 0
+    for step in range(400):
+        s = SectorRef(1000, rng.randrange(15), S32)
+        op = rng.random()
+        if op < 0.4:
+            index.add_sector(s, rng.choice(files), rng.choice(paths))
+        elif op < 0.6:
+            index.remove_sector(s, rng.choice(files), rng.choice([None, *paths]))
+        elif op < 0.8:
+            index.move_sector(s, rng.choice(files), rng.choice(paths))
+        elif op < 0.9:
+            index.finalize_sector(s, FileType.CACHE)
+        else:
+            name = rng.choice("abc")
+            store = rng.random() < 0.5  # the same path id, sealing or long-term now
+            index.declare(StoragePath(f"{name}-1", name, 40 * TIB, can_store=store))
+        for w in workers.values():
+            fresh = disk_units((f, True) for _, f in index.local_files(w.name))
+            view = gate.view(w, S32)
+            assert (view.disk_used, view.ap_disk_used) == fresh, step
+            recounts += fresh != (0, 0)
+    assert recounts > 300
