@@ -75,6 +75,8 @@ class BalancedCycle:
         self.sched = sched
         self.queue = sched.queue
         self._fit_memo: dict[tuple[str, int, TaskType, int], _Room | None] = {}
+        #: Per kind, the workers of its type that had room when the cycle first asked.
+        self._open: dict[tuple[TaskType, int], list[Worker]] = {}
         #: Per worker, the prepared tasks waiting for its compute, in arrival order.
         self._waiting: dict[str, list[int]] = {}
         self._wakeups: dict[int, asyncio.Future[None]] = {}
@@ -85,6 +87,7 @@ class BalancedCycle:
         """One cycle over the new shapes and, for the changed workers, every kind's heads."""
         # Valid for one cycle: resources refreshed by heartbeats do not bump ledger versions.
         self._fit_memo.clear()
+        self._open.clear()
         if not len(self.queue):
             return
         sched = self.sched
@@ -131,7 +134,7 @@ class BalancedCycle:
                 continue
             burst = bursts.get(shape)
             if burst is None:
-                pool = sched.workers_for(req.task_type) if shape in new_shapes else changed
+                pool = self._open_pool(*queue.kind(shape)) if shape in new_shapes else changed
                 burst = bursts[shape] = self._burst(req, pool)
             chosen = self._pick(req, burst)
             if chosen is None:
@@ -237,6 +240,23 @@ class BalancedCycle:
             room = None if isinstance(found, str) else _Room(found)
         memo[key] = room
         return room
+
+    def _open_pool(self, task_type: TaskType, size: int) -> list[Worker]:
+        """The workers of `task_type` with room for such a task, once per kind and cycle.
+
+        Room only shrinks within a cycle (it assigns, nothing is released until it returns),
+        so a worker without room at the first ask has none for the rest of the cycle: later
+        shapes of the kind need not ask it again. Those still listed are asked as usual.
+        """
+        kind = (task_type, size)
+        pool = self._open.get(kind)
+        if pool is None:
+            every = self.sched.workers_for(task_type)
+            pool = self._open[kind] = [
+                w for w in every if self._room(w, task_type, size) is not None
+            ]
+            self.sched.checks += len(every) - len(pool)
+        return pool
 
     def _other_holder(self, req: Request, w: Worker, burst: _Burst) -> bool:
         """`waits.other_holder(...) is not None`, with the holders listed once per burst."""

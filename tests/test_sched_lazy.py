@@ -1,5 +1,8 @@
 """The balanced cycle asks verdicts lazily: only the workers that come out on top are asked.
 
+It also asks each worker's room for a kind once per cycle: a worker without room for it is
+left out of every later new shape of the kind in that cycle (`BalancedCycle._open_pool`).
+
 A burst ranks every worker of a shape by the score its verdict would give (the selector's
 transfer cost is known before `check`: `selectors.cost_floor`) and asks the verdict of the
 best one first; a refusal drops it and the next is asked. These tests check that the cost
@@ -168,9 +171,18 @@ def test_lazy_verdicts_place_every_task_where_asking_every_worker_does(
         return run(main)
 
     lazy, lazy_checks = once()
+    # Every worker of the type for every new shape, not just those with room at the first ask.
+    with monkeypatch.context() as m:
+        m.setattr(
+            balanced.BalancedCycle,
+            "_open_pool",
+            lambda self, task, size: self.sched.workers_for(task),
+        )
+        whole_pool, _ = once()
     monkeypatch.setattr(balanced, "cost_floor", lambda *args: None)
     eager, eager_checks = once()
     assert len(lazy) == 5 * 120
+    assert lazy == whole_pool
     assert lazy == eager
     # Several workers took each stage, some tasks fetched: the choice was not trivial.
     assert len({where for _, _, t, where, _ in lazy if t == "PC2"}) > 3
