@@ -99,7 +99,10 @@ class Scheduler:
         #: The worker whose ledger holds each assigned task, and its sector.
         self._held: dict[int, Worker] = {}
         self._held_task: dict[int, tuple[SectorRef, TaskType]] = {}
-        self._held_of_type: dict[TaskType, set[int]] = {}
+        #: Per task type, `tasks_of`'s tuple of every held task, built once at assignment.
+        self._held_of_type: dict[
+            TaskType, dict[int, tuple[SectorRef, TaskType, str | None, bool]]
+        ] = {}
         self._cycle_listeners: list[Callable[[], None]] = []
         self._policy_errors: dict[str, str | None] = {}
         #: Learned run time of each task type's work, for `waits.local_wait`.
@@ -354,7 +357,7 @@ class Scheduler:
         self.strategy.release(sched_id)
         held = self._held_task.pop(sched_id, None)
         if held is not None:
-            self._held_of_type[held[1]].discard(sched_id)
+            self._held_of_type[held[1]].pop(sched_id, None)
         w = self._held.pop(sched_id, None)
         if w is not None:
             w.jobs.discard(sched_id)
@@ -429,9 +432,8 @@ class Scheduler:
             (r.sector, r.task_type, getattr(r.selector, "worker", None), False)
             for r in self.queue.of_types(types)
         ]
-        held, task = self._held, self._held_task
         for t in types:
-            out.extend((task[i][0], t, held[i].name, True) for i in self._held_of_type.get(t, ()))
+            out.extend(self._held_of_type.get(t, {}).values())
         return out
 
     def fit(self, w: Worker, task_type: TaskType, sector_size: int) -> Fit | str:
@@ -488,7 +490,8 @@ class Scheduler:
         w.jobs.add(req.sched_id)
         self._held[req.sched_id] = w
         self._held_task[req.sched_id] = (req.sector, req.task_type)
-        self._held_of_type.setdefault(req.task_type, set()).add(req.sched_id)
+        held = (req.sector, req.task_type, w.name, True)
+        self._held_of_type.setdefault(req.task_type, {})[req.sched_id] = held
         if c.placement.path is not None and c.placement.reserve:
             self.index.reserve(req.sched_id, c.placement.path, c.placement.reserve)
         req.worker = w.name
