@@ -76,7 +76,7 @@ class BalancedCycle:
         self.queue = sched.queue
         self._fit_memo: dict[tuple[str, int, TaskType, int], _Room | None] = {}
         #: Per kind, the workers of its type that had room when the cycle first asked.
-        self._open: dict[tuple[TaskType, int], dict[str, Worker]] = {}
+        self._open: dict[tuple[TaskType, int], list[Worker]] = {}
         #: Per worker, the prepared tasks waiting for its compute, in arrival order.
         self._waiting: dict[str, list[int]] = {}
         self._wakeups: dict[int, asyncio.Future[None]] = {}
@@ -134,11 +134,7 @@ class BalancedCycle:
                 continue
             burst = bursts.get(shape)
             if burst is None:
-                if shape in new_shapes:
-                    pool = self._open_pool(*queue.kind(shape))
-                else:
-                    pool = {w.name: w for w in changed}
-                burst = bursts[shape] = self._burst(req, pool)
+                burst = bursts[shape] = self._burst(req, None if shape in new_shapes else changed)
             chosen = self._pick(req, burst)
             if chosen is None:
                 continue  # this shape is blocked everywhere it was tested
@@ -151,19 +147,27 @@ class BalancedCycle:
         for kind, key, shape in borrowed:
             queue.give_back(kind, key, shape)
 
-    def _burst(self, req: Request, pool: dict[str, Worker]) -> _Burst:
-        """Score every worker of the pool once for this shape (reused while the cycle lasts)."""
+    def _burst(self, req: Request, changed: Sequence[Worker] | None) -> _Burst:
+        """Score every worker of the pool once for this shape (reused while the cycle lasts).
+
+        The pool: the `changed` workers, or (None) every worker of the type, for a new shape.
+        """
         sched = self.sched
+        task = req.task_type
         floor = cost_floor(req.selector, req.sector, sched.index)
-        burst = _Burst(sched.assigner.turn(req.task_type), floor)
+        burst = _Burst(sched.assigner.turn(task), floor)
         # Without asking one by one, leave out the workers that refuse this sector anyway:
         # those its selector rules out, and those whose policy wants its files local.
         only = placeable_on(req.selector, req.sector, sched.index)
+        workers: Sequence[Worker]
         if only is None:
-            workers = list(pool.values())
-        else:  # by name: a pinned task looks up one worker, not the whole pool
-            workers = [pool[n] for n in sorted(only) if n in pool]
-        for w in sched.gate.local_enough(workers, req.task_type, req.sector):
+            workers = self._open_pool(task, req.sector.size) if changed is None else changed
+        elif changed is None:  # by name: a pinned task looks up one worker, not every one
+            found = (sched.find_worker(n) for n in sorted(only))
+            workers = [w for w in found if w is not None and w.supports(task)]
+        else:
+            workers = [w for w in changed if w.name in only]
+        for w in sched.gate.local_enough(workers, task, req.sector):
             self._offer(req, w, burst, files_checked=True)
         return burst
 
@@ -246,8 +250,8 @@ class BalancedCycle:
         memo[key] = room
         return room
 
-    def _open_pool(self, task_type: TaskType, size: int) -> dict[str, Worker]:
-        """The workers of `task_type` with room for such a task by name, once per kind and cycle.
+    def _open_pool(self, task_type: TaskType, size: int) -> list[Worker]:
+        """The workers of `task_type` with room for such a task, once per kind and cycle.
 
         Room only shrinks within a cycle (it assigns, nothing is released until it returns),
         so a worker without room at the first ask has none for the rest of the cycle: later
@@ -257,9 +261,9 @@ class BalancedCycle:
         pool = self._open.get(kind)
         if pool is None:
             every = self.sched.workers_for(task_type)
-            pool = self._open[kind] = {
-                w.name: w for w in every if self._room(w, task_type, size) is not None
-            }
+            pool = self._open[kind] = [
+                w for w in every if self._room(w, task_type, size) is not None
+            ]
             self.sched.checks += len(every) - len(pool)
         return pool
 

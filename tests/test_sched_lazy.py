@@ -176,7 +176,7 @@ def test_lazy_verdicts_place_every_task_where_asking_every_worker_does(
         m.setattr(
             balanced.BalancedCycle,
             "_open_pool",
-            lambda self, task, size: {w.name: w for w in self.sched.workers_for(task)},
+            lambda self, task, size: self.sched.workers_for(task),
         )
         whole_pool, _ = once()
     monkeypatch.setattr(balanced, "cost_floor", lambda *args: None)
