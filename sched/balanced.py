@@ -161,13 +161,17 @@ class BalancedCycle:
         only = placeable_on(req.selector, req.sector, sched.index)
         workers: Sequence[Worker]
         if only is None:
-            workers = self._open_pool(task, req.sector.size) if changed is None else changed
+            workers = sched.workers_for(task) if changed is None else changed
         elif changed is None:  # by name: a pinned task looks up one worker, not every one
             found = (sched.find_worker(n) for n in sorted(only))
             workers = [w for w in found if w is not None and w.supports(task)]
         else:
             workers = [w for w in changed if w.name in only]
-        for w in sched.gate.local_enough(workers, task, req.sector):
+        local = sched.gate.local_enough(workers, task, req.sector)
+        if only is None and changed is None and len(local) == len(workers):
+            # No policy wants the files local: of every worker, those with room at all.
+            local = self._open_pool(task, req.sector.size)
+        for w in local:
             self._offer(req, w, burst, files_checked=True)
         return burst
 
