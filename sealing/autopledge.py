@@ -355,21 +355,25 @@ class AutoPledger:
         """AP + PC1 held or queued pinned per worker, plus pledged sectors between tasks."""
         flight: Counter[str] = Counter()
         seen = set()
+        pending = self._pending
         for sector, _, worker, _ in self.sched.tasks_of(_AP_PC1):
-            seen.add(sector.number)
-            # A queued PC1 is not pinned: it follows its unsealed file (the AP worker's), so
-            # it counts for the worker this rule pledged it for, or the one holding that file.
-            # Not counting it pledged without bound while PC1 queued behind a full box.
-            worker = worker or self._pending.get(sector.number) or self._holder(sector)
-            if worker is not None:
-                flight[worker] += 1
-        for n, worker in list(self._pending.items()):
+            n = sector.number
+            seen.add(n)
+            if worker is None:
+                # A queued PC1 is not pinned: it follows its unsealed file (the AP worker's),
+                # so it counts for the worker this rule pledged it for, or the one holding
+                # that file. Not counting it pledged without bound behind a full PC1 box.
+                worker = pending.get(n) or self._holder(sector)
+                if worker is None:
+                    continue
+            flight[worker] += 1
+        for n, worker in list(pending.items()):
             if n in seen:
                 continue  # in the scheduler as AP or PC1: counted above, no record to read
             info = self.input.group.get(n)
             # None: its first event is staged, not yet durable.
             if info is not None and info.state not in _FEEDING:
-                del self._pending[n]  # past PC1, failed or removed: no longer this rule's
+                del pending[n]  # past PC1, failed or removed: no longer this rule's
             else:
                 flight[worker] += 1  # between tasks (before AP, or AP done and PC1 not queued)
         return flight
