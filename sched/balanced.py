@@ -154,8 +154,6 @@ class BalancedCycle:
         """
         sched = self.sched
         task = req.task_type
-        floor = cost_floor(req.selector, req.sector, sched.index)
-        burst = _Burst(sched.assigner.turn(task), floor)
         # Without asking one by one, leave out the workers that refuse this sector anyway:
         # those its selector rules out, and those whose policy wants its files local.
         only = placeable_on(req.selector, req.sector, sched.index)
@@ -171,6 +169,10 @@ class BalancedCycle:
         if only is None and changed is None and len(local) == len(workers):
             # No policy wants the files local: of every worker, those with room at all.
             local = self._open_pool(task, req.sector.size)
+        # Ranking before asking pays off only with workers to choose between: a freed
+        # worker tested alone for the head of every shape just asks its verdict.
+        floor = cost_floor(req.selector, req.sector, sched.index) if len(local) > 1 else None
+        burst = _Burst(sched.assigner.turn(task), floor)
         for w in local:
             self._offer(req, w, burst, files_checked=True)
         return burst
