@@ -86,6 +86,7 @@ class StateGroup(Generic[S]):
         schema_version: int = 1,
         poll_interval: float = 0.2,
         eager_steps: bool = True,
+        shared_state: bool = False,
     ) -> None:
         if not name or "\x00" in name or len(name) > 64:
             raise ValueError("group names are 1-64 characters without NUL")
@@ -98,6 +99,11 @@ class StateGroup(Generic[S]):
         self.poll_interval = poll_interval
         #: Start steps inline until they first wait (see `fsm.steps`); False: a Task each.
         self.eager_steps = eager_steps
+        #: The group's steps never change the state they get (nor does anything they hand it
+        #: to): the machine then keeps that object and plans its next round from it, instead
+        #: of reading its record back and decoding it. Whatever still holds it sees the
+        #: machine's later rounds. False: each step's state is its own to change.
+        self.shared_state = shared_state
         self._codec: RecordCodec[S] = RecordCodec(
             state_type, (*BUILTIN_EVENTS, *events), schema_version
         )
@@ -123,6 +129,7 @@ class StateGroup(Generic[S]):
             cancelling=cancelling,
             cancels=cancels,
             eager_steps=eager_steps,
+            shared_state=shared_state,
         )
         self._poller: asyncio.Task[None] | None = None
         self._mailbox = MailboxReader(self._runtime, self.set_aside)

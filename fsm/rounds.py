@@ -137,8 +137,13 @@ class RoundPlanner:
 
     def _plan_failed(self, m: Machine, events: Sequence[object], exc: Exception) -> Round:
         # Undo whatever the planner mutated before raising.
-        assert m.record is not None  # (read back before the planner ran: see `state_of`)
-        m.state = self.records.decode(m.record, m.id)[0]
+        if m.record is None:  # (a state shared with its step: the record is committed)
+            m.state = None
+            self.state_of(m)  # (reads the record back, or raises RecordError)
+        else:
+            m.state = self.records.decode(m.record, m.id)[0]
+        stored = m.record
+        assert stored is not None
         if len(events) > 1:
             # One event of the batch is bad: plan the first alone, so only the culprit is dropped.
             return self.plan(m, limit=1)
@@ -151,7 +156,7 @@ class RoundPlanner:
         except Exception:
             # Even the stored state cannot be encoded again: leave it as it is.
             log.exception("%s: machine %r: cannot store its state", self.name, m.id)
-            final, record = m.final, m.record
+            final, record = m.final, stored
         return None, 1, final, record
 
     def _encode_state_record(self, m: Machine, terminated: bool) -> tuple[bool, bytes]:

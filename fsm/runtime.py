@@ -70,6 +70,7 @@ class MachineRuntime:
         cancelling: frozenset[type] = frozenset(),
         cancels: Callable[[Any, Any], bool] | None = None,
         eager_steps: bool = True,
+        shared_state: bool = False,
     ) -> None:
         self.name = records.name
         self.records = records
@@ -87,7 +88,7 @@ class MachineRuntime:
         #: Whether a `cancelling` event cancels the step running in the machine's state
         #: (None: always), so a stray one never throws away work it had no business stopping.
         self._cancels = cancels
-        self.steps = MachineSteps(self, records, committer, eager=eager_steps)
+        self.steps = MachineSteps(self, records, committer, eager=eager_steps, shared=shared_state)
         #: Machines planned in the flush being built (merge mode: one commit callback for all),
         #: and that flush's staged state writes.
         self._planned: Machines | None = None
@@ -441,7 +442,7 @@ class MachineRuntime:
             self._planned = planned
             self._states = self._committer.staging("states")
         try:
-            back = [m for m in dirty.values() if m.record is None]
+            back = [m for m in dirty.values() if m.state is None]
             if back:
                 self._read_back(back, dirty)
             for m in dirty.values():

@@ -183,8 +183,11 @@ class MachineSteps:
         committer: Committer,
         *,
         eager: bool = True,
+        shared: bool = False,
     ) -> None:
         self._runtime = runtime
+        #: Steps only read their state (`StateGroup(shared_state=True)`): the machine keeps it.
+        self._shared = shared
         self._records = records
         self._committer = committer
         self._begin_step = StepRunner().run if eager else call
@@ -211,8 +214,11 @@ class MachineSteps:
         # of its record: the record its round just committed is the state, read back and
         # decoded only when the machine is planned next (`MachineRuntime._read_back`). Nothing
         # the step does to its state can leak into the persisted one, and a machine in flight
-        # keeps one decoded state in memory and no encoded one.
-        state, m.state, m.record = m.state, None, None
+        # keeps one decoded state in memory and no encoded one. Steps that only read their
+        # state share it with the machine instead, which then plans from it with no read-back.
+        state, m.record = m.state, None
+        if not self._shared:
+            m.state = None
         try:
             pending = context.run(self._begin_step, step, ctx, state)
         except asyncio.CancelledError:
