@@ -134,6 +134,7 @@ class Miner:
             cancels=_cancels,
             clock=clock,
             count_by=state_key,
+            shared_state=True,  # handlers only read the SectorInfo they get
         )
         self.sealing.group = self.group
         self.input.attach(self.group)
