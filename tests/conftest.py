@@ -37,7 +37,7 @@ HANG_GUARD = float(os.environ.get("SECTORFSM_TEST_HANG_GUARD", "120"))
 TESTS = Path(__file__).resolve().parent
 
 
-def tests_env() -> dict[str, str]:
+def child_env() -> dict[str, str]:
     """This environment, with the tests directory importable by child processes."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))

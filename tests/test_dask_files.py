@@ -21,7 +21,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from conftest import HANG_GUARD, Spawner, eventually, tests_env
+from conftest import HANG_GUARD, Spawner, child_env, eventually
 from distributed import Client
 from test_dask_transfer import DEADLINE, MiB, blob, cluster
 from typer.testing import CliRunner
@@ -359,7 +359,7 @@ def test_a_deal_sector_seals_on_a_sectors_worker_from_data_only_the_engine_has(
                     *("-m", "sectorfsm", "worker", "--scheduler", cluster.address),
                     *("--config", "worker.toml"),
                     name="wa",
-                    env=tests_env(),
+                    env=child_env(),
                     cwd=box,
                 )
                 members = cluster.membership.members

@@ -22,7 +22,7 @@ from typing import Any
 
 import jobfuncs
 import pytest
-from conftest import HANG_GUARD, Spawner, eventually, run, settle, tests_env
+from conftest import HANG_GUARD, Spawner, child_env, eventually, run, settle
 from typer.testing import CliRunner
 
 from sectorfsm.cli.app import app
@@ -219,7 +219,7 @@ def test_a_frozen_worker_is_disabled_its_unstarted_task_runs_elsewhere_and_it_co
                 *("-m", "sectorfsm", "worker", "--scheduler", cluster.address),
                 *("--config", "worker.toml"),
                 name=n,
-                env=tests_env(),
+                env=child_env(),
                 cwd=box,
             )
             for n, box in boxes.items()

@@ -24,7 +24,7 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import HANG_GUARD, Child, Spawner, eventually, run, tests_env, until
+from conftest import HANG_GUARD, Child, Spawner, child_env, eventually, run, until
 
 from sectorfsm.sched import Scheduler
 from sectorfsm.sealing.backends.dask import jobs
@@ -101,7 +101,7 @@ def sectors_worker(spawn: Spawner, tmp: Path, address: str) -> Child:
     box.mkdir(exist_ok=True)
     (box / "worker.toml").write_text(WORKER_TOML)
     args = ["-m", "sectorfsm", "worker", "--scheduler", address, "--config", "worker.toml"]
-    return spawn.python(*args, name="box", env=tests_env(), cwd=box)
+    return spawn.python(*args, name="box", env=child_env(), cwd=box)
 
 
 # ---------------------------------------------------------------------- sockets
@@ -168,7 +168,7 @@ def test_parse_attempt_reads_only_the_sealers_job_ids() -> None:
 def test_stale_jobs_in_the_registry_are_killed_and_forgotten_the_current_ones_kept(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("PYTHONPATH", tests_env()["PYTHONPATH"])
+    monkeypatch.setenv("PYTHONPATH", child_env()["PYTHONPATH"])
     table = JobTable(tmp_path / "jobs")
     registry = JobRegistry(str(tmp_path / "jobs"))
     registry.table = table
@@ -229,7 +229,7 @@ def test_a_discarded_jobs_waiter_hears_it_was_cancelled_though_its_record_is_gon
 ) -> None:
     # Under load the waiter woke only after the discard had forgotten the job, and said
     # "no record of it (acknowledged?)": here it is held there until the discard returns.
-    monkeypatch.setenv("PYTHONPATH", tests_env()["PYTHONPATH"])
+    monkeypatch.setenv("PYTHONPATH", child_env()["PYTHONPATH"])
     table = JobTable(tmp_path / "jobs")
     registry = JobRegistry(str(tmp_path / "jobs"))
     registry.table = table

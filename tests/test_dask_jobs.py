@@ -20,7 +20,7 @@ from typing import Any
 
 import dask.config
 import pytest
-from conftest import HANG_GUARD, Child, Spawner, eventually, run, tests_env, until
+from conftest import HANG_GUARD, Child, Spawner, child_env, eventually, run, until
 from distributed import Client, Scheduler
 from distributed.core import Status
 
@@ -73,7 +73,7 @@ class Cluster:
             *("--name", name, "--nthreads", "4", "--memory-limit", "0"),
             *("--no-nanny", "--no-dashboard", "--host", "127.0.0.1"),
         ]
-        return self.spawn.python(*args, name=name, env=tests_env())
+        return self.spawn.python(*args, name=name, env=child_env())
 
     async def address(self, name: str) -> str:
         """The address of the worker named `name`, once it has joined."""
@@ -165,7 +165,7 @@ def test_a_job_id_is_never_reused_for_other_work(tmp_path: Path) -> None:
 def test_a_running_job_attaches_refuses_ack_and_dies_on_kill(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("PYTHONPATH", tests_env()["PYTHONPATH"])
+    monkeypatch.setenv("PYTHONPATH", child_env()["PYTHONPATH"])
     table = JobTable(tmp_path / "jobs")
     count, never = tmp_path / "count", tmp_path / "never"
     args = [str(count), str(never), 7]
@@ -197,7 +197,7 @@ def test_a_running_job_attaches_refuses_ack_and_dies_on_kill(
 def test_under_hold_jobs_a_closing_worker_detaches_and_the_next_one_attaches(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("PYTHONPATH", tests_env()["PYTHONPATH"])
+    monkeypatch.setenv("PYTHONPATH", child_env()["PYTHONPATH"])
     count, release = tmp_path / "count", tmp_path / "release"
     args = [str(count), str(release), 42]
     outcomes: list[object] = []
@@ -343,7 +343,7 @@ def test_engine_killed_mid_job_the_child_runs_once(spawn: Spawner, tmp_path: Pat
         addr = await c.address("w1")
         args = [str(count), str(release)]
         clients = set(c.scheduler.clients)
-        engine = spawn.python("-c", ENGINE, c.scheduler.address, addr, *args, env=tests_env())
+        engine = spawn.python("-c", ENGINE, c.scheduler.address, addr, *args, env=child_env())
         await eventually(lambda: lines(count), "the job's child starting")
         engine.kill()  # kill -9 of the engine: its client connection drops mid-job
         await eventually(lambda: set(c.scheduler.clients) == clients, "its client gone")
@@ -441,7 +441,7 @@ async def _records_gone(c: Cluster, addr: str) -> bool:
 def test_acks_carried_by_a_job_are_forgotten_while_it_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("PYTHONPATH", tests_env()["PYTHONPATH"])
+    monkeypatch.setenv("PYTHONPATH", child_env()["PYTHONPATH"])
     table = JobTable(tmp_path / "jobs")
     count, go = tmp_path / "count", tmp_path / "go"
     done: list[object] = []

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from conftest import HANG_GUARD, Spawner, eventually, tests_env
+from conftest import HANG_GUARD, Spawner, child_env, eventually
 
 from sectorfsm.fsm import LmdbStore, RealClock
 from sectorfsm.fsm.codec import packb
@@ -111,7 +111,7 @@ def test_a_sector_seals_on_two_remote_workers_to_proving(spawn: Spawner, tmp_pat
                         *("-m", "sectorfsm", "worker", "--scheduler", cluster.address),
                         *("--config", "worker.toml"),
                         name=name,
-                        env=tests_env(),
+                        env=child_env(),
                         cwd=box,
                     )
                 members = cluster.membership.members

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from conftest import Child, Spawner, tests_env, until
+from conftest import Child, Spawner, child_env, until
 from distributed import Client
 from typer.testing import CliRunner
 
@@ -94,13 +94,13 @@ def free_port() -> int:
 def scheduler(spawn: Spawner, port: int, certs: Path | None = None) -> tuple[Child, str]:
     """A scheduler process on `port`, and its address once it listens."""
     args = ["-c", SCHEDULER, str(port), *([str(certs)] if certs else [])]
-    child = spawn.python(*args, name="scheduler", env=tests_env())
+    child = spawn.python(*args, name="scheduler", env=child_env())
     return child, child.wait_for_line(r"^listening (\S+)").group(1)
 
 
 def worker(spawn: Spawner, *args: str | Path, cwd: Path) -> Child:
     """`sectors worker ARGS` as a process."""
-    return spawn.python("-m", "sectorfsm", "worker", *args, name="worker", env=tests_env(), cwd=cwd)
+    return spawn.python("-m", "sectorfsm", "worker", *args, name="worker", env=child_env(), cwd=cwd)
 
 
 def joined(sched: Child, name: str) -> tuple[str, dict[str, Any]]:
