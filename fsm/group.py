@@ -322,6 +322,19 @@ class StateGroup(Generic[S]):
             )
         return None
 
+    def peek(self, machine_id: MachineId) -> S | None:
+        """`get`, read-only: a loaded machine's own state object when it is the committed one.
+
+        For hot read paths (never change what it returns, nor call it from a planner): a
+        machine whose round is not committed yet, or whose step holds its state, is read from
+        the store as `get` does.
+        """
+        m = self._runtime.in_memory(machine_id)
+        if m is not None and m.exists and not m.planning and m.state is not None:
+            state: S = m.state
+            return state
+        return self.get(machine_id)
+
     def watch(self, machine_id: MachineId) -> asyncio.Future[str | None]:
         """A future resolved once the next commit writing this machine's state has landed.
 

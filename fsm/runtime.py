@@ -240,6 +240,10 @@ class MachineRuntime:
         """True if the machine is in memory (it may not be committed yet)."""
         return machine_id in self._machines
 
+    def in_memory(self, machine_id: MachineId) -> Machine | None:
+        """The machine if it is loaded (never loads it)."""
+        return self._machines.get(machine_id)
+
     def machine(self, machine_id: MachineId) -> Machine | None:
         """The loaded machine, else loaded from disk now; None if it does not exist."""
         return self._machines.get(machine_id) or self._load(machine_id)

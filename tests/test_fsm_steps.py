@@ -398,65 +398,6 @@ def test_step_gets_a_private_copy_of_the_state(tmp_path: Path) -> None:
     assert copies[1].seen == [1, 999], "the first step's mutation leaked into the second copy"
 
 
-def test_shared_state_is_planned_next_without_a_read_back(tmp_path: Path) -> None:
-    """`shared_state=True`: a step's state is the machine's own, planned from with no decode."""
-    seen: list[Rec] = []
-
-    async def main() -> None:
-        async with LmdbStore(tmp_path / "repo", "nosync") as store:
-
-            async def look(ctx: Context, st: Rec) -> None:
-                seen.append(st)
-                await asyncio.sleep(0)  # (a step that waits, as sealing steps do)
-
-            g = make_rec_group(store, {"m": look}, shared_state=True)
-            await g.start()
-            await g.begin(1, Rec(seen=[1]))
-            await g.send(1, Go("m"))
-            await g.idle()
-            await g.send(1, Note(2))
-            await g.send(1, Go("m"))
-            await g.idle()
-            assert state(g, 1).seen == [1, 2] and state(g, 1).phase == "m"
-            await g.stop()
-
-    run(main)
-    # One object throughout: a decoded record would have been a new one.
-    assert len(seen) == 2 and seen[0] is seen[1] and seen[1].seen == [1, 2]
-
-
-def test_shared_state_planner_failure_restores_the_committed_record(tmp_path: Path) -> None:
-    """A planner that raises on a shared state leaves the machine at its committed record."""
-
-    def on_go(ev: Go, st: Rec) -> None:
-        if ev.tag == "bad":
-            st.seen.append(666)
-            raise ValueError("bad go")
-
-    async def main() -> None:
-        async with LmdbStore(tmp_path / "repo", "nosync") as store:
-
-            def look(ctx: Context, st: Rec) -> None:
-                assert st.phase == "m"
-
-            g = make_rec_group(store, {"m": look}, on_go=on_go, shared_state=True)
-            await g.start()
-            await g.begin(1, Rec(seen=[1]))
-            await g.send(1, Go("m"))
-            await g.idle()
-            await g.send(1, Go("bad"))
-            await g.idle()
-            await g.send(1, Note(3))
-            await g.idle()
-            info = g.records.info(1)
-            assert info is not None
-            assert info.state.seen == [1, 3] and info.state.phase == "m"
-            assert info.last_error is not None and "bad go" in info.last_error
-            await g.stop()
-
-    run(main)
-
-
 def test_step_is_handed_the_planned_state_and_the_next_round_decodes_the_record(
     tmp_path: Path,
 ) -> None:
