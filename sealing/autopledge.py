@@ -370,7 +370,7 @@ class AutoPledger:
         for n, worker in list(pending.items()):
             if n in seen:
                 continue  # in the scheduler as AP or PC1: counted above, no record to read
-            info = self.input.group.get(n)
+            info = self.input.group.peek(n)
             # None: its first event is staged, not yet durable.
             if info is not None and info.state not in _FEEDING:
                 del pending[n]  # past PC1, failed or removed: no longer this rule's
