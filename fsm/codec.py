@@ -417,6 +417,16 @@ unpackb: Callable[[bytes], Any] = functools.partial(
     msgpack.unpackb, raw=False, strict_map_key=False, use_list=True
 )
 
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def field_names(cls: type) -> tuple[str, ...]:
+    """A dataclass's field names, in order (`dataclasses.fields` builds its tuple per call)."""
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
+
 
 S = TypeVar("S")
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..fsm import Clock, LmdbStore, StoreError
-from ..fsm.codec import packb, unpackb
+from ..fsm.codec import field_names, packb, unpackb
 from .chain import (
     ChainApiError,
     ChainParams,
@@ -500,16 +500,10 @@ class DevnetChain:
         return verify_porep(self.miner, number, sealed, unsealed, ticket, seed, proof)
 
 
-_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
-
-
 def _fields_of(obj: Any) -> dict[str, Any]:
     """A flat dataclass's fields as a dict, for `packb` (not a deep copy like `asdict`).
 
     Messages and their parameters hold only scalars, tuples and plain containers, packed at
     once: `asdict` copied every one of them again, once per message sent.
     """
-    names = _FIELD_NAMES.get(type(obj))
-    if names is None:
-        names = _FIELD_NAMES[type(obj)] = tuple(f.name for f in dataclasses.fields(obj))
-    return {name: getattr(obj, name) for name in names}
+    return {name: getattr(obj, name) for name in field_names(type(obj))}

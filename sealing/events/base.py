@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from ...fsm.codec import field_names
 from ..info import SectorInfo
 
 #: `json.dumps(..., separators=(",", ":"), sort_keys=True)` without a new encoder per call
@@ -54,7 +55,7 @@ class SectorEvent:
         """`(message, trace)` for the sector log: JSON of the fields, the error as trace."""
         fields: dict[str, Any] = {}
         trace = ""
-        for name in _field_names(type(self)):
+        for name in field_names(type(self)):
             value = getattr(self, name)
             if name == "error":
                 trace = str(value)
@@ -92,17 +93,6 @@ def _slotted_copy(cls: type, of: type) -> bool:
     """
     fields = of.__dict__.get("__dataclass_fields__")
     return fields is not None and cls.__dict__.get("__dataclass_fields__") is fields
-
-
-_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
-
-
-def _field_names(cls: type) -> tuple[str, ...]:
-    """An event class's field names (`dataclasses.fields` builds its tuple on every call)."""
-    names = _FIELD_NAMES.get(cls)
-    if names is None:
-        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
-    return names
 
 
 def _where(cls: type) -> str:
