@@ -21,7 +21,6 @@ from ..fsm.clock import Clock, RealClock
 from ..fsm.store import LmdbStore
 from .assigners import Assigner, Candidate, Fit, make_assigner, slots_for
 from .balanced import BalancedCycle
-from .filetypes import FileType
 from .gate import PolicyGate
 from .ledger import Ledger, Phase, WorkerResources
 from .liveness import Liveness, is_late_reason
@@ -471,8 +470,7 @@ class Scheduler:
         if (refusal := prefetch_refusal(self, req, w, fit.busy, placement)) is not None:
             return refusal
         if placement.fetch_bytes:
-            files = getattr(req.selector, "files", None)
-            wait = local_wait(self, req, files) if isinstance(files, FileType) else None
+            wait = local_wait(self, req)
             if (refusal := local_wait_refusal(wait, placement.cost_s)) is not None:
                 return refusal
         return Candidate(w, placement, fit.need, fit.slots, fit.busy is not None)

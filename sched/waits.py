@@ -96,7 +96,7 @@ class Durations:
         return self._mean.get(task_type)
 
 
-def local_wait(sched: Scheduler, req: Request, files: FileType) -> tuple[float, str] | None:
+def local_wait(sched: Scheduler, req: Request) -> tuple[float, str] | None:
     """How soon a worker holding the files could take the task itself, if one will.
 
     Only holders already running this task type count (their estimated remaining time is
@@ -107,15 +107,12 @@ def local_wait(sched: Scheduler, req: Request, files: FileType) -> tuple[float, 
         return None
     now = sched.clock.now()
     best: tuple[float, str] | None = None
-    for name in sched.index.holders(req.sector, files):
-        h = sched.find_worker(name)
-        if h is None or not h.enabled or not h.supports(req.task_type):
-            continue
+    for h in holders_doing(sched, req):
         for sid in h.jobs:
             job = sched.job(sid)
             if job is None or job.task_type != req.task_type or job.work_started is None:
                 continue
             left = max(0.0, duration - (now - job.work_started))
             if best is None or left < best[0]:
-                best = (left, name)
+                best = (left, h.name)
     return best
