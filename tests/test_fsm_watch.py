@@ -82,6 +82,19 @@ def test_stop_wakes_every_watcher_and_a_stopped_group_refuses(tmp_path: Path) ->
     asyncio.run(body())
 
 
+def count_reads(m: Any) -> dict[Any, int]:
+    """Count `m.group.get` calls per sector from now on (the dict fills as they happen)."""
+    reads: dict[Any, int] = {}
+    get = m.group.get
+
+    def counting_get(number: Any) -> Any:
+        reads[number] = reads.get(number, 0) + 1
+        return get(number)
+
+    m.group.get = counting_get
+    return reads
+
+
 def test_miner_wait_reads_its_sector_only_when_it_changes(tmp_path: Path) -> None:
     """Waiting on sector A while sector B seals: A's record is read about once per its round."""
 
@@ -91,14 +104,7 @@ def test_miner_wait_reads_its_sector_only_when_it_changes(tmp_path: Path) -> Non
             b = await m.pledge()
             await m.wait(a, "Proving")
             await m.wait(b, "Proving")
-            reads: dict[Any, int] = {}
-            get = m.group.get
-
-            def counting_get(number: Any) -> Any:
-                reads[number] = reads.get(number, 0) + 1
-                return get(number)
-
-            m.group.get = counting_get  # type: ignore[method-assign]
+            reads = count_reads(m)
             waiter = asyncio.ensure_future(m.wait(a, "Removed"))
             before = m.store.committer.batches_committed
             await m.update_state(b, SectorState.Removing)
@@ -125,14 +131,7 @@ def test_miner_wait_reads_the_sector_only_in_the_state_it_decides_on(
 
     async def body() -> None:
         async with miner(tmp_path, durability="nosync") as m:
-            reads: dict[Any, int] = {}
-            get = m.group.get
-
-            def counting_get(number: Any) -> Any:
-                reads[number] = reads.get(number, 0) + 1
-                return get(number)
-
-            m.group.get = counting_get  # type: ignore[method-assign]
+            reads = count_reads(m)
             a = await m.pledge()
             info = await m.wait(a, "Proving", timeout=timeout)
             assert info.state is SectorState.Proving
