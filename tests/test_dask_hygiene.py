@@ -260,7 +260,7 @@ def test_a_discarded_jobs_waiter_hears_it_was_cancelled_though_its_record_is_gon
     waiter = threading.Thread(target=run_one, name="waiter")
     try:
         waiter.start()
-        until(lambda: count.exists() and count.read_text().split(), "the child started")
+        until(lambda: (count.exists() and count.read_text().split()) or None, "the child started")
         armed.set()  # the waiter waits for the job's end now, and nothing else
         ends = asyncio.run(discard_jobs(["PC1-s1-a1"], 5.0, worker))
         assert ends == {"PC1-s1-a1": str(JobState.CANCELLED)}

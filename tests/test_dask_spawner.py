@@ -130,7 +130,9 @@ def test_a_dead_spawner_takes_its_children_and_the_next_job_gets_a_new_one(
     thread = threading.Thread(target=gated)
     try:
         thread.start()
-        started = until(lambda: count.exists() and count.read_text().split(), "the job's child")
+        started = until(
+            lambda: (count.exists() and count.read_text().split()) or None, "the job's child"
+        )
         child = int(started[0])
         old = parent_of(child)
         assert old not in (0, os.getpid())  # the spawner, never the test itself
@@ -324,7 +326,9 @@ def test_a_kill_stops_the_jobs_process_group_and_the_pool_replaces_its_child(
     try:
         warm = table.run("AP-s0-a1", "os:getpid", [])
         thread.start()
-        child, helper = map(int, until(lambda: count.exists() and count.read_text().split(), "x"))
+        child, helper = map(
+            int, until(lambda: (count.exists() and count.read_text().split()) or None, "x")
+        )
         assert child == warm  # the warm child took the job
         assert asyncio.run(table.kill("PC1-s1-a1", grace=HANG_GUARD)) is JobState.CANCELLED
         thread.join(HANG_GUARD)

@@ -221,7 +221,10 @@ def test_scheduler_lost_the_worker_rejoins_and_its_job_runs_exactly_once(
 
     with connect(address) as client:
         fut = jobs.submit(client, first, "PC1-s1-a1", "jobfuncs:gate", args)
-        until(lambda: count.exists() and count.read_text(), "the job's child starting")
+        until(
+            lambda: (count.exists() and count.read_text().split()) or None,
+            "the job's child starting",
+        )
         (child_pid,) = (int(p) for p in count.read_text().split())
         until(
             lambda: (b := heartbeat(client, "from-file")) and b.jobs.get("PC1-s1-a1") == "running",
