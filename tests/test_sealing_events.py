@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import pkgutil
 import sys
 from pathlib import Path
@@ -150,6 +151,59 @@ def test_log_message_keeps_errors_in_the_trace() -> None:
     assert message == '{"User":{}}' and trace == "boom"
     message, _ = ev.SectorTicket(b"\x01\x02", 3).describe()
     assert message == '{"User":{"ticket_epoch":3,"ticket_value":"0102"}}'
+
+
+def _json_of_fields(event: ev.SectorEvent) -> str:
+    """The message as `describe` wrote it before its fast path: JSON of every field but error."""
+
+    def jsonable(value: Any) -> Any:
+        if isinstance(value, bytes):
+            return value.hex()
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {k: jsonable(v) for k, v in dataclasses.asdict(value).items()}
+        if isinstance(value, list | tuple):
+            return [jsonable(v) for v in value]
+        if isinstance(value, dict):
+            return {str(k): jsonable(v) for k, v in value.items()}
+        return value
+
+    fields = {
+        f.name: jsonable(getattr(event, f.name))
+        for f in dataclasses.fields(event)
+        if f.name != "error"
+    }
+    return json.dumps({"User": fields}, separators=(",", ":"), sort_keys=True)
+
+
+#: One value of each kind a field can hold (the message is JSON of whatever is there).
+SAMPLES: list[Any] = [
+    'naïve "quoted" \\ tab\t line\n \u2603 \U0001f600',
+    "",
+    0,
+    -(1 << 70),
+    True,
+    False,
+    None,
+    b"\x00\xff\x10",
+    b"",
+    1.5,
+    SectorState.Proving,
+    [PIECE, PendingPiece("baga", 128, DEAL)],
+    (1, b"\x01"),
+    {"b": 1, "a": [b"\x02"], 3: None},
+    DEAL,
+]
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=range(len(SAMPLES)))
+def test_log_message_is_the_json_of_the_fields_for_every_event_and_value(sample: Any) -> None:
+    for cls in ev.registered_events():
+        names = [f.name for f in dataclasses.fields(cls)]
+        values = {n: "err" if n == "error" else sample for n in names}
+        for event in (cls(), cls(**values)):  # type: ignore[arg-type]
+            message, trace = event.describe()
+            assert message == _json_of_fields(event), cls.__name__
+            assert trace == (str(event.error) if "error" in names else "")  # type: ignore[attr-defined]
 
 
 # -- the registry ------------------------------------------------------------------------------

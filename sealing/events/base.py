@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii as _json_str
 from typing import Any, ClassVar
 
 from ...fsm.codec import field_names
@@ -19,6 +20,12 @@ from ..info import SectorInfo
 #: `json.dumps(..., separators=(",", ":"), sort_keys=True)` without a new encoder per call
 #: (every event is described in its sector's log).
 _JSON = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
+
+#: The message of an event without fields (besides `error`).
+_NO_FIELDS = _JSON.encode({"User": {}})
+#: Per event class: its fields but `error`, sorted, each with its JSON key and colon; and
+#: whether it has an `error` (the trace).
+_PLANS: dict[type, tuple[tuple[tuple[str, str], ...], bool]] = {}
 
 #: Every sector event class by name (its stored tag), filled as each class is defined.
 EVENTS_BY_NAME: dict[str, type[SectorEvent]] = {}
@@ -53,15 +60,39 @@ class SectorEvent:
 
     def describe(self) -> tuple[str, str]:
         """`(message, trace)` for the sector log: JSON of the fields, the error as trace."""
-        fields: dict[str, Any] = {}
-        trace = ""
-        for name in field_names(type(self)):
+        keys, has_error = _describe_plan(type(self))
+        trace = str(self.error) if has_error else ""  # type: ignore[attr-defined]
+        if not keys:
+            return _NO_FIELDS, trace
+        # The bytes `_JSON.encode({"User": {field: _jsonable(value)}})` writes (keys sorted),
+        # with the common scalar fields written directly: every event is described once.
+        parts = []
+        for name, key in keys:
             value = getattr(self, name)
-            if name == "error":
-                trace = str(value)
-                continue
-            fields[name] = _jsonable(value)
-        return _JSON.encode({"User": fields}), trace
+            kind = type(value)
+            if kind is str:
+                parts.append(key + _json_str(value))
+            elif kind is int:
+                parts.append(key + int.__repr__(value))
+            elif kind is bool:
+                parts.append(key + ("true" if value else "false"))
+            elif value is None:
+                parts.append(key + "null")
+            elif kind is bytes:
+                parts.append(key + '"' + value.hex() + '"')
+            else:
+                parts.append(key + _JSON.encode(_jsonable(value)))
+        return '{"User":{' + ",".join(parts) + "}}", trace
+
+
+def _describe_plan(cls: type) -> tuple[tuple[tuple[str, str], ...], bool]:
+    """`cls`'s fields as `describe` writes them (see `_PLANS`), computed once per class."""
+    plan = _PLANS.get(cls)
+    if plan is None:
+        names = field_names(cls)
+        keys = tuple((n, _json_str(n) + ":") for n in sorted(names) if n != "error")
+        plan = _PLANS[cls] = (keys, "error" in names)
+    return plan
 
 
 def registered_events() -> tuple[type[SectorEvent], ...]:
