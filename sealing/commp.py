@@ -530,9 +530,19 @@ def commitment_to_cid(comm: bytes, *, sealed: bool = False) -> str:
     """A 32-byte commitment as a CIDv1 string: unsealed (CommP/CommD) or `sealed` (CommR)."""
     if len(comm) != NODE_SIZE:
         raise ValueError(f"a commitment is 32 bytes, got {len(comm)}")
-    codec, mh = (CODEC_SEALED, MH_POSEIDON) if sealed else (CODEC_UNSEALED, MH_SHA256_TRUNC254)
-    raw = _varint(1) + _varint(codec) + _varint(mh) + _varint(NODE_SIZE) + bytes(comm)
+    raw = _CID_PREFIX[sealed] + bytes(comm)
     return "b" + base64.b32encode(raw).decode("ascii").rstrip("=").lower()
+
+
+#: A commitment CID's bytes before the digest, unsealed (False) or sealed (True): CIDv1, the
+#: codec, the multihash and the digest length.
+_CID_PREFIX = {
+    sealed: _varint(1) + _varint(codec) + _varint(mh) + _varint(NODE_SIZE)
+    for sealed, codec, mh in (
+        (False, CODEC_UNSEALED, MH_SHA256_TRUNC254),
+        (True, CODEC_SEALED, MH_POSEIDON),
+    )
+}
 
 
 def _name(code: int) -> str:

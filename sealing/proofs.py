@@ -43,6 +43,14 @@ def _id(miner: int, number: int) -> bytes:
     return miner.to_bytes(8, "big") + number.to_bytes(8, "big")
 
 
+# CommR and the proof are pure functions of their inputs, each computed by the sealer and again
+# by the chain when it verifies them (CommR twice: PreCommit2, then the proof's check): a
+# bounded memo serves the check the sealer's result. It covers the sectors between their
+# sealer's call and the chain's check (a day of a large miner's sealing); older ones recompute.
+_MEMO = 8192
+
+
+@functools.lru_cache(maxsize=_MEMO)
 def sealed_cid(miner: int, number: int, unsealed_cid: str, ticket: bytes) -> str:
     """CommR for a sector: deterministic in CommD, the ticket and the sector id."""
     comm = bytearray(_h(b"sectorfsm/commr/v1", _id(miner, number), digest_of(unsealed_cid), ticket))
@@ -50,6 +58,7 @@ def sealed_cid(miner: int, number: int, unsealed_cid: str, ticket: bytes) -> str
     return commitment_to_cid(bytes(comm), sealed=True)
 
 
+@functools.lru_cache(maxsize=_MEMO)
 def porep_proof(
     miner: int, number: int, sealed: str, unsealed: str, ticket: bytes, seed: bytes
 ) -> bytes:

@@ -19,6 +19,7 @@ verifies them and a wrong ticket or seed is caught.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -202,7 +203,7 @@ class SimBackend:
     async def pre_commit1(self, job: Job, ticket: bytes, pieces: list[Piece]) -> bytes:
         """Compute CommD from the pieces; carry it and the ticket to PC2."""
         await self._work(job)
-        comm_d = commp.unsealed_cid(job.sector.size, [(p.piece_cid, p.size) for p in pieces])
+        comm_d = _comm_d(job.sector.size, tuple((p.piece_cid, p.size) for p in pieces))
         if job.sector.number in self.faults.wrong_ticket:
             ticket = hashlib.sha256(b"wrong" + ticket).digest()
         return packb({"comm_d": comm_d, "ticket": ticket})
@@ -248,6 +249,12 @@ class SimBackend:
         if self.faults.fail_remove > 0:
             self.faults.fail_remove -= 1
             raise SimTaskError(f"simulated removal failure for sector {sector}")
+
+
+@functools.lru_cache(maxsize=256)
+def _comm_d(sector_size: int, pieces: tuple[tuple[str, int], ...]) -> str:
+    """CommD of the pieces: every CC sector of a size has the same, so it is computed once."""
+    return commp.unsealed_cid(sector_size, pieces)
 
 
 def sim_worker(name: str = "sim-worker", capacity: int = 1 << 50) -> WorkerSpec:
