@@ -26,6 +26,7 @@ import asyncio
 import copy
 import functools
 import logging
+import operator
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -50,6 +51,10 @@ META_AUTOPLEDGE = b"sealing/autopledge"
 RESOURCE_ROOM_LIMIT = 64
 _AP = frozenset({TaskType.ADD_PIECE})
 _AP_PC1 = frozenset({TaskType.ADD_PIECE, TaskType.PRE_COMMIT1})
+#: A `Scheduler.tasks_of` row's worker (held) or pin (queued).
+_WORKER = operator.itemgetter(2)
+
+
 #: States of a pinned CC sector before its AddPiece reaches the scheduler.
 _BEFORE_AP = frozenset({SectorState.UndefinedSectorState, SectorState.Packing})
 #: States in which an auto-pledged sector still counts in its worker's AP + PC1 pipeline.
@@ -353,29 +358,29 @@ class AutoPledger:
 
     def _in_flight(self) -> Counter[str]:
         """AP + PC1 held or queued pinned per worker, plus pledged sectors between tasks."""
-        flight: Counter[str] = Counter()
-        seen = set()
+        # Run after every scheduling cycle over every AP and PC1 task: counted in C (Counter of
+        # a map, set difference), with Python only for the unpinned and those between tasks.
+        tasks = self.sched.tasks_of(_AP_PC1)
+        flight = Counter(map(_WORKER, tasks))
         pending = self._pending
-        for sector, _, worker, _ in self.sched.tasks_of(_AP_PC1):
-            n = sector.number
-            seen.add(n)
-            if worker is None:
+        if flight.pop(None, 0):
+            for sector, _, worker, _ in tasks:
+                if worker is not None:
+                    continue
                 # A queued PC1 is not pinned: it follows its unsealed file (the AP worker's),
                 # so it counts for the worker this rule pledged it for, or the one holding
                 # that file. Not counting it pledged without bound behind a full PC1 box.
-                worker = pending.get(n) or self._holder(sector)
-                if worker is None:
-                    continue
-            flight[worker] += 1
-        for n, worker in list(pending.items()):
-            if n in seen:
-                continue  # in the scheduler as AP or PC1: counted above, no record to read
+                worker = pending.get(sector.number) or self._holder(sector)
+                if worker is not None:
+                    flight[worker] += 1
+        # In the scheduler as AP or PC1: counted above, no record to read.
+        for n in pending.keys() - {row[0].number for row in tasks}:
             info = self.input.group.peek(n)
             # None: its first event is staged, not yet durable.
             if info is not None and info.state not in _FEEDING:
                 del pending[n]  # past PC1, failed or removed: no longer this rule's
             else:
-                flight[worker] += 1  # between tasks (before AP, or AP done and PC1 not queued)
+                flight[pending[n]] += 1  # between tasks (before AP, or AP done, PC1 to come)
         return flight
 
     def _holder(self, sector: SectorRef) -> str | None:
