@@ -129,10 +129,12 @@ class SimBackend:
         #: Called as `on_fetch(job, seconds)` after each fetch (`sectors simulate` counts them).
         self.on_fetch: Callable[[Job, float], None] | None = None
         self._sched: Scheduler | None = None
-        #: Per worker, the sleeps of its running tasks; `lose_worker` cancels them. (One shared
-        #: future per worker waited on by every task cost O(running tasks) per task's end.)
-        self._running: dict[str, set[asyncio.Future[None]]] = {}
-        self._lost: set[asyncio.Future[None]] = set()
+        #: Per worker, the asyncio tasks sleeping through its running jobs; `lose_worker`
+        #: cancels them. (One shared future per worker waited on by every job cost O(running
+        #: jobs) per job's end; a sleep task per job cost a task per job.)
+        self._running: dict[str, set[asyncio.Task[Any]]] = {}
+        #: Those `lose_worker` cancelled (told apart from a cancelled job).
+        self._lost: set[asyncio.Task[Any]] = set()
 
     def duration(self, task: TaskType, sector_size: int, worker: str | None = None) -> float:
         """Simulated seconds for `task` on a sector of `sector_size` bytes (on `worker`)."""
@@ -170,22 +172,22 @@ class SimBackend:
         task = job.task_type
         worker = job.worker.name
         self.runs[task] = self.runs.get(task, 0) + 1
-        sleeping = asyncio.ensure_future(
-            self.clock.sleep(self.duration(task, job.sector.size, worker))
-        )
+        me = asyncio.current_task()
+        assert me is not None  # a job runs in a task
         running = self._running.setdefault(worker, set())
-        running.add(sleeping)
+        running.add(me)
         try:
-            await sleeping
+            await self.clock.sleep(self.duration(task, job.sector.size, worker))
         except asyncio.CancelledError:
-            lost = sleeping in self._lost
-            self._lost.discard(sleeping)
-            me = asyncio.current_task()
-            if not lost or (me is not None and me.cancelling()):
-                raise  # (the job itself was cancelled)
-            raise SimTaskError(f"simulated {task.short} lost with worker {worker}") from None
+            if me in self._lost:
+                self._lost.discard(me)
+                if me.uncancel() == 0:  # lost with its worker, and the job itself goes on
+                    raise SimTaskError(
+                        f"simulated {task.short} lost with worker {worker}"
+                    ) from None
+            raise  # (the job itself was cancelled)
         finally:
-            running.discard(sleeping)
+            running.discard(me)
         left = self.faults.fail_tasks.get(task, 0)
         if left > 0:
             self.faults.fail_tasks[task] = left - 1
