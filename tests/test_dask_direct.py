@@ -19,8 +19,8 @@ import pytest
 from conftest import HANG_GUARD, until
 
 from sectorfsm.sealing.backends.dask.jobrecord import JobRecord, JobState
-from sectorfsm.sealing.backends.dask.jobs import JobTable
 from sectorfsm.sealing.backends.dask.pool import PoolConfig
+from sectorfsm.sealing.backends.dask.table import JobTable
 
 TESTS = Path(__file__).resolve().parent
 

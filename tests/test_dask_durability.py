@@ -1,9 +1,9 @@
 """What a job's files survive without `fsync`, and what a torn file is read as.
 
-A job's `running` record, its result and its `done` record are written and renamed without
-`fsync` (the page cache survives a kill of any of our processes); only a power loss of the
-worker machine can lose or tear them, and then a torn result is a failed job, never a
-result. Failed and cancelled records are still synced.
+A job's `running` record and its result are written and renamed without `fsync` (the page
+cache survives a kill of any of our processes; a job that ends well writes no other
+record); only a power loss of the worker machine can lose or tear them, and then a torn
+result is a failed job, never a result. Failed and cancelled records are still synced.
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import child_env
 
 from sectorfsm.sealing.backends.dask import child
-from sectorfsm.sealing.backends.dask.jobrecord import JobFailed, JobState, encode_spec
-from sectorfsm.sealing.backends.dask.jobs import JobTable
+from sectorfsm.sealing.backends.dask.jobrecord import JobFailed, JobRecord, JobState, encode_spec
+from sectorfsm.sealing.backends.dask.table import JobTable
 
 
 def test_a_done_job_costs_no_fsync_in_the_worker_nor_in_its_child(
@@ -80,3 +81,31 @@ def test_a_lost_record_runs_the_job_again_a_lost_result_does_not(tmp_path: Path)
         assert [r.state for r in table.records()] == [JobState.DONE, JobState.DONE]
     finally:
         table.close()
+
+
+def test_a_job_that_ends_well_writes_its_record_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its `running` record and its result say it is done: no `done` record is written."""
+    monkeypatch.setenv("PYTHONPATH", child_env()["PYTHONPATH"])
+    count = tmp_path / "count"
+    args = [str(count), 2, 3]
+    table = JobTable(tmp_path / "jobs")
+    try:
+        assert table.run("AP-s1-a1", "jobfuncs:add", args) == 5
+        raw = JobRecord.decode((tmp_path / "jobs" / "AP-s1-a1" / "record").read_bytes())
+        assert raw.state is JobState.RUNNING and raw.pid > 0  # as written before its child ran
+        (record,) = table.records()
+        assert record.state is JobState.DONE and record.exit_code == 0
+        assert record.finished >= record.started > 0
+        assert table.run("AP-s1-a1", "jobfuncs:add", args) == 5  # answered, not run again
+    finally:
+        table.close()
+    again = JobTable(tmp_path / "jobs")  # the worker process restarted
+    try:
+        again.recover()
+        assert [r.state for r in again.records()] == [JobState.DONE]
+        assert again.run("AP-s1-a1", "jobfuncs:add", args) == 5
+    finally:
+        again.close()
+    assert len(count.read_text().splitlines()) == 1

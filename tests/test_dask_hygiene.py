@@ -30,10 +30,11 @@ from sectorfsm.sched import Scheduler
 from sectorfsm.sealing.backends.dask import jobs
 from sectorfsm.sealing.backends.dask.certs import make_certs
 from sectorfsm.sealing.backends.dask.jobrecord import JobCancelled, JobState
-from sectorfsm.sealing.backends.dask.jobs import JobRegistry, JobTable
+from sectorfsm.sealing.backends.dask.jobs import JobRegistry
 from sectorfsm.sealing.backends.dask.membership import open_cluster
 from sectorfsm.sealing.backends.dask.security import engine_security
 from sectorfsm.sealing.backends.dask.stale import discard_jobs, parse_attempt, superseded
+from sectorfsm.sealing.backends.dask.table import JobTable
 
 TESTS = Path(__file__).resolve().parent
 GATE = "jobfuncs:gate"

@@ -35,7 +35,7 @@ from sectorfsm.sealing.backends.dask.jobrecord import (
     JobSpecError,
     JobState,
 )
-from sectorfsm.sealing.backends.dask.jobs import JobTable
+from sectorfsm.sealing.backends.dask.table import JobTable
 
 TESTS = Path(__file__).resolve().parent
 GATE = "jobfuncs:gate"
@@ -251,6 +251,37 @@ def test_under_hold_jobs_a_closing_worker_detaches_and_the_next_one_attaches(
     assert isinstance(outcomes[1], JobFailed) and "worker closed" in str(outcomes[1])
 
 
+def test_a_coroutine_waiting_for_a_job_can_go_and_come_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`run_async` (the Dask task's way): cancelling or detaching its wait leaves the job."""
+    monkeypatch.setenv("PYTHONPATH", child_env()["PYTHONPATH"])
+    table = JobTable(tmp_path / "jobs")
+    count, go = tmp_path / "count", tmp_path / "go"
+    args = [str(count), str(go), 5]
+
+    async def main() -> None:
+        first = asyncio.ensure_future(table.run_async("PC1-s1-a1", GATE, args))
+        await eventually(lambda: lines(count), "the job's child starting")
+        first.cancel()  # as a closing Dask worker cancels its coroutine tasks
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        second = asyncio.ensure_future(table.run_async("PC1-s1-a1", GATE, args))
+        await asyncio.sleep(0)  # one loop turn: the task's first step attaches it, in full
+        table.detach()
+        with pytest.raises(JobDetached):
+            await second
+        go.touch()
+        assert await table.run_async("PC1-s1-a1", GATE, args) == 5
+
+    try:
+        run(main)
+    finally:
+        go.touch()
+        table.close()
+    assert len(lines(count)) == 1  # one child ran it, through three waits
+
+
 # ---------------------------------------------------------------------- real Dask
 
 
@@ -273,6 +304,14 @@ def test_run_a_job_get_its_result_keep_it_until_ack(spawn: Spawner, tmp_path: Pa
 
         assert await again() == 5  # from the record: the child did not run again
         assert len(lines(count)) == 1
+        # A coroutine task: the worker ran it on its event loop (where `client.run` runs
+        # this), not on one of its task threads.
+        on_loop = await c.client.run(
+            lambda key, dask_worker: dask_worker.threads.get(key) == threading.get_ident(),
+            "AP-s1-a1",
+            workers=[addr],
+        )
+        assert on_loop == {addr: True}
 
         failing = jobs.submit(c.client, addr, "PC1-s1-a1", "jobfuncs:boom", ["no ticket"])
         with pytest.raises(JobFailed) as err:

@@ -27,8 +27,8 @@ from sectorfsm.sealing.backends.dask.jobrecord import (
     JobState,
     encode_spec,
 )
-from sectorfsm.sealing.backends.dask.jobs import JobTable
 from sectorfsm.sealing.backends.dask.pool import PoolConfig
+from sectorfsm.sealing.backends.dask.table import JobTable, pool_config
 
 TESTS = Path(__file__).resolve().parent
 SPAWNER = b"sectorfsm.sealing.backends.dask.spawner"
@@ -410,7 +410,7 @@ def test_bad_pool_settings_are_one_line_and_start_nothing(tmp_path: Path) -> Non
         assert re.match(error, str(exc.value)), str(exc.value)
     assert not (tmp_path / "w1").exists()
     with dask.config.set({"sectors.child-pool": {"size": 1, "max-rss-mib": 64}}):
-        assert jobs.pool_config() == PoolConfig(size=1, max_jobs=100, max_rss_mib=64)
+        assert pool_config() == PoolConfig(size=1, max_jobs=100, max_rss_mib=64)
 
 
 def lines(path: Path) -> list[str]:

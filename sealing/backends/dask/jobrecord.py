@@ -3,18 +3,19 @@
 The registry itself is `jobs.py`; these are the parts the engine and the worker share.
 
 What survives what. A job's files (its `running` record, written before its child gets the
-job; its result, written by the child; its `done` record) are written to a temporary file
-and renamed, without `fsync`: the page cache is the kernel's, so all of them survive a kill
-(-9 included) of the worker, its spawner, its children or the engine, and every guarantee of
-the registry holds across those. Only a power loss or a kernel crash of the worker machine
-can lose or tear them, and that kills the job's child too: after the reboot a job with no
-record runs again when it is submitted again (its first run died unfinished with the
-machine, as a Lotus worker's call does), and a result that is missing or torn (it carries
-a CRC-32) makes its job failed, never a wrong result. Failed and cancelled records are still
-synced (rare, and they must not turn back into a run); an acknowledgement may be undone by
-a crash, leaving a finished job's files until the engine discards them. An `fsync` cost
-0.3-4 ms of wall time per file here, most of a trivial job's time, to survive a machine
-crash that the job itself does not survive.
+job; its result, written by the child; a `failed` or `cancelled` record if it ended so: one
+that ends well keeps its `running` record, read as done beside its result, see `table.py`)
+are written to a temporary file and renamed, without `fsync`: the page cache is the
+kernel's, so all of them survive a kill (-9 included) of the worker, its spawner, its
+children or the engine, and every guarantee of the registry holds across those. Only a power
+loss or a kernel crash of the worker machine can lose or tear them, and that kills the job's
+child too: after the reboot a job with no record runs again when it is submitted again (its
+first run died unfinished with the machine, as a Lotus worker's call does), and a result
+that is missing or torn (it carries a CRC-32) makes its job failed, never a wrong result.
+Failed and cancelled records are still synced (rare, and they must not turn back into a
+run); an acknowledgement may be undone by a crash, leaving a finished job's files until the
+engine discards them. An `fsync` cost 0.3-4 ms of wall time per file here, most of a trivial
+job's time, to survive a machine crash that the job itself does not survive.
 """
 
 from __future__ import annotations

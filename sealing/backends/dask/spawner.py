@@ -144,6 +144,15 @@ class Spawner:
         """Run the job in `jobdir` with its `spec` in a warm child; `OSError` if none can run it."""
         return self.run(self.reserve(), jobdir, spec)
 
+    def take_idle(self) -> WarmChild | None:
+        """An idle warm child for one job, or None at once (none idle: `reserve` waits)."""
+        with self._lock:
+            while self._idle and not self._closed:
+                warm = self._idle.pop()
+                if warm.exit is None:
+                    return warm
+        return None
+
     def reserve(self) -> WarmChild:
         """An idle warm child for one job (forked if none is idle); `OSError` if impossible."""
         answered = threading.Event()

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from . import jobs
 from .jobrecord import JobSpecError, JobState, check_job_id
+from .table import KILL_GRACE
 
 if TYPE_CHECKING:
     from distributed import Client, Worker
@@ -78,7 +79,7 @@ async def discard_jobs(job_ids: list[str], grace: float, dask_worker: Worker) ->
 
 
 async def discard(
-    client: Client, address: str, job_ids: list[str], grace: float = jobs.KILL_GRACE
+    client: Client, address: str, job_ids: list[str], grace: float = KILL_GRACE
 ) -> dict[str, str]:
     """Kill and forget the jobs `job_ids` on the worker at `address` (async client)."""
     for job_id in job_ids:
