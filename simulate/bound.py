@@ -23,10 +23,20 @@ sector per max(work, fetch), the next task's fetch overlapping this one's work.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
-from ..sched import FileType, Ledger, TaskType, WorkerPolicy, WorkerSpec, resource_spec
+from ..sched import (
+    FileType,
+    Ledger,
+    Resources,
+    TaskType,
+    WorkerPolicy,
+    WorkerResources,
+    WorkerSpec,
+    resource_spec,
+)
 from ..sched.config import PIPELINE_TASKS
 from ..sched.fetch import PARALLEL_FETCH_LIMIT
 from ..sched.filetypes import space_needed
@@ -122,14 +132,22 @@ def max_slots(spec: WorkerSpec, task: TaskType, sector_size: int, policy: Worker
     """Tasks of one type an idle `spec` admits at once (its ledger), capped by its policy."""
     if task not in spec.task_types:
         return 0
-    ledger = Ledger(replace(spec.resources, mem_used=0, mem_swap_used=0))
-    need = resource_spec(task, sector_size, spec.overrides)
+    n = _ledger_slots(spec.resources, task, resource_spec(task, sector_size, spec.overrides))
+    cap = stage_cap(policy, task)
+    return n if cap is None else min(n, cap)
+
+
+# A cluster declares many workers alike, and counting up to UNBOUNDED tasks into a ledger is
+# the dearest part of a bound: each kind of worker is counted once.
+@functools.lru_cache(maxsize=256)
+def _ledger_slots(resources: WorkerResources, task: TaskType, need: Resources) -> int:
+    """Tasks of `need` an idle ledger of `resources` admits at once (up to UNBOUNDED)."""
+    ledger = Ledger(replace(resources, mem_used=0, mem_swap_used=0))
     n = 0
     while n < UNBOUNDED and ledger.refusal(task, need) is None:
         ledger.add(n, task, need)
         n += 1
-    cap = stage_cap(policy, task)
-    return n if cap is None else min(n, cap)
+    return n
 
 
 def lotus_slots(spec: WorkerSpec, task: TaskType, sector_size: int) -> int:

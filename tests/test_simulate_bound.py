@@ -258,3 +258,28 @@ def test_each_run_starts_on_empty_disks(tmp_path: Path) -> None:
     # The what-if changes nothing here (no policy file means no PC2 cap): same figures.
     same = next(r for r in rest if r["assigner"] == "balanced")
     assert same["sectors"] == first["sectors"]
+
+
+def test_alike_workers_get_the_same_slots_and_different_ones_their_own() -> None:
+    """Workers are counted once per kind: a worker differing in resources or overrides is not
+    given another kind's count."""
+    from sectorfsm.sched import WorkerPolicy, WorkerResources, WorkerSpec
+    from sectorfsm.sched.resources import parse_overrides
+    from sectorfsm.simulate.bound import max_slots
+
+    size, pc1 = 32 << 30, TaskType.PRE_COMMIT1
+    res = WorkerResources(cpus=64, mem_physical=1 << 40, mem_swap=0)
+
+    def slots(spec: WorkerSpec, policy: WorkerPolicy | None = None) -> int:
+        return max_slots(spec, pc1, size, policy or WorkerPolicy())
+
+    alike = [WorkerSpec(f"pc1-{i}", res) for i in range(4)]
+    assert {slots(s) for s in alike} == {slots(WorkerSpec("x", res))}
+    free = slots(alike[0])
+    assert free > 3
+    capped = WorkerSpec("c", res, overrides=parse_overrides({"PC1_32G_MAX_CONCURRENT": 3}))
+    assert slots(capped) == 3
+    small = WorkerSpec("s", WorkerResources(cpus=64, mem_physical=130 << 30, mem_swap=0))
+    assert 0 < slots(small) < free
+    assert slots(alike[1], WorkerPolicy(pre_commit1_max=2)) == 2
+    assert slots(alike[2]) == free
