@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from ..sched.workers import Worker
     from .info import SectorInfo
     from .input import SectorInput
+    from .notify import StateChange, StateChanges
 
 log = logging.getLogger("sectorfsm.sealing")
 
@@ -235,13 +236,18 @@ class AutoPledger:
         store: LmdbStore,
         *,
         enabled: bool,
+        changes: StateChanges | None = None,
     ) -> None:
         self.sched = sched
         self.input = sector_input
         self.store = store
         self.enabled = enabled
-        #: CC sectors pledged here whose AddPiece is not in the scheduler yet: number -> worker.
+        #: CC sectors pledged here, until they are seen past PC1: number -> worker.
         self._pending: dict[int, str] = {}
+        #: The engine's durable state changes: with them a pledged sector leaves `_pending`
+        #: as its change past PC1 lands, and no evaluation reads a sector's state.
+        self._changes = changes
+        self._listening = False
         #: Pledged here, first event not durable yet (not in the per-state counts).
         self._staged: set[int] = set()
         self._due = False
@@ -262,6 +268,13 @@ class AutoPledger:
         """Stop pledging (the scheduler keeps the listener, which then does nothing)."""
         self._running = False
         self.store.committer.remove_listener(self._committed)
+        if self._changes is not None and self._listening:
+            self._changes.remove_listener(self._changed)
+            self._listening = False
+
+    def _changed(self, change: StateChange) -> None:
+        if change.after not in _FEEDING:
+            self._pending.pop(change.sector, None)  # past PC1, failed or removed
 
     def _committed(self) -> None:
         # Held back by MaxSealingSectors: a sector reaching Proving frees room without any
@@ -341,6 +354,10 @@ class AutoPledger:
                 want = headroom
             if want <= 0:
                 continue
+            if self._changes is not None and not self._listening:
+                # From the first pledge on (until then, no listener costs the planner a thing).
+                self._changes.add_listener(self._changed)
+                self._listening = True
             for n, durable in self.input.new_cc_sectors(want, worker=w.name, auto=True):
                 self._staged.add(n)
                 durable.add_done_callback(functools.partial(self._durable, n))
@@ -374,13 +391,20 @@ class AutoPledger:
                 if worker is not None:
                     flight[worker] += 1
         # In the scheduler as AP or PC1: counted above, no record to read.
-        for n in pending.keys() - {row[0].number for row in tasks}:
-            info = self.input.group.peek(n)
-            # None: its first event is staged, not yet durable.
+        # Between tasks (before AP, or AP done and PC1 to come). Those past PC1, failed or
+        # removed are no longer this rule's: the state changes drop them (`_changed`).
+        between = pending.keys() - {row[0].number for row in tasks}
+        if self._changes is not None:
+            flight.update(pending[n] for n in between)
+            return flight
+        # Without them, each one's state is read (its first event staged: nothing to read yet).
+        staged = self._staged
+        for n in between:
+            info = None if n in staged else self.input.group.peek(n)
             if info is not None and info.state not in _FEEDING:
-                del pending[n]  # past PC1, failed or removed: no longer this rule's
+                del pending[n]
             else:
-                flight[pending[n]] += 1  # between tasks (before AP, or AP done, PC1 to come)
+                flight[pending[n]] += 1
         return flight
 
     def _holder(self, sector: SectorRef) -> str | None:

@@ -141,7 +141,9 @@ class Miner:
         #: Executes what `sectors pledge`/`add-piece` queue from other processes.
         self.requests = requests.RequestServer(store, self.input, chain, sched)
         #: Keeps AutoPledgeDiff workers fed (`sealing/autopledge.py`).
-        self.autopledge = AutoPledger(sched, self.input, store, enabled=config.auto_pledge)
+        self.autopledge = AutoPledger(
+            sched, self.input, store, enabled=config.auto_pledge, changes=self.changes
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
 

@@ -88,6 +88,31 @@ def test_keeps_the_worker_fed_to_pc1_max(tmp_path: Path) -> None:
     run(main)
 
 
+def test_evaluations_read_no_sector_state(tmp_path: Path) -> None:
+    # A pledged sector leaves the count as its state change past PC1 lands, so an evaluation
+    # (after every scheduling cycle) reads no sector's state, and the rule still holds.
+    path = policy_file(tmp_path, PreCommit1Max=3, AutoPledgeDiff=1)
+    reads: list[int] = []
+
+    async def main() -> None:
+        async with miner(tmp_path, workers=[worker(path)]) as m:
+            group = m.input.group
+            peek = group.peek  # (its only caller in the engine is auto-pledge)
+
+            def counted(n: Any) -> Any:
+                reads.append(n)
+                return peek(n)
+
+            group.peek = counted  # type: ignore[method-assign]
+            await pledged(m, 7)  # two refills past the first three
+            feeding = [i for i in auto_sectors(m) if i.state in FEEDING]
+            assert 3 - 1 <= len(feeding) <= 3
+            assert m.autopledge.state()["a"]["in_flight"] <= 3
+
+    run(main)
+    assert reads == []
+
+
 def test_pc1_queued_behind_a_full_box_counts_in_flight(tmp_path: Path) -> None:
     # The box runs one PC1 at a time, so PC1s queue after their AP: a queued PC1 follows its
     # unsealed file and is not pinned, yet it is in the box's pipeline. Not counting it
