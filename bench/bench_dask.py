@@ -443,9 +443,16 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="cProfile the sched throughput runs")
     p.add_argument("--out", help="also write the JSON to this file")
     p.add_argument("--inflight", type=int, default=8, help="jobs in flight for throughput")
+    p.add_argument("--rounds", type=int, help="rounds (default 3 with --quick, else 5)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        help="throughput jobs per way and round (default 16 / 80): more "
+        "for finer CPU figures (they move in clock ticks of 10 ms)",
+    )
     a = p.parse_args()
-    a.rounds = 3 if a.quick else 5
-    a.jobs = 16 if a.quick else 80
+    a.rounds = a.rounds or (3 if a.quick else 5)
+    a.jobs = a.jobs or (16 if a.quick else 80)
     a.latency_jobs = 8 if a.quick else 30
     logging.getLogger("distributed").setLevel(logging.WARNING)
     root = Path(tempfile.mkdtemp(prefix="bench-dask-"))

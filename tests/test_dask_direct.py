@@ -20,6 +20,7 @@ from conftest import HANG_GUARD, until
 
 from sectorfsm.sealing.backends.dask.jobrecord import JobRecord, JobState
 from sectorfsm.sealing.backends.dask.pool import PoolConfig
+from sectorfsm.sealing.backends.dask.sweeper import Sweeper
 from sectorfsm.sealing.backends.dask.table import JobTable
 
 TESTS = Path(__file__).resolve().parent
@@ -116,3 +117,18 @@ def test_what_a_killed_worker_left_in_the_trash_is_deleted_by_the_next_table(
         assert table.records() == []
     finally:
         table.close()
+
+
+def test_the_sweeper_deletes_dropped_jobs_in_batches(tmp_path: Path) -> None:
+    """Drops within `delay` of the first wait for one batch: one wake-up of its thread."""
+    trash = tmp_path / "jobs+trash"
+    sweeper = Sweeper(str(trash), delay=0.5)
+    jobdirs = [tmp_path / "jobs" / f"AP-s{n}-a1" for n in range(10)]
+    for jobdir in jobdirs:
+        jobdir.mkdir(parents=True)
+        (jobdir / "record").write_bytes(b"x")
+    for jobdir in jobdirs:
+        assert sweeper.drop(str(jobdir)) is True
+    assert not any(d.exists() for d in jobdirs)  # out of the table at once
+    assert len(list(trash.iterdir())) == 10  # none deleted yet: the batch is still open
+    until(lambda: not any(trash.iterdir()) or None, "the batch deleted")

@@ -7,6 +7,10 @@ included. So `Sweeper.drop` only renames the directory into the trash beside the
 root (one call, microseconds: the id is free again at once, as before), and a daemon thread
 deletes what is there. Whatever a killed worker left in the trash is deleted by the next
 table on the same root (`resume`). The trash is never read: a job in it is forgotten.
+
+The thread deletes in batches, woken at most once per `SWEEP_DELAY`: woken for every job,
+its wake-up and its turn at the interpreter lock cost the worker's event loop more than
+the deletions (it held the lock while it woke the thread).
 """
 
 from __future__ import annotations
@@ -14,20 +18,25 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import queue
 import shutil
 import threading
+import time
 
 from .child import OUTPUT, RECORD, RESULT
+
+#: Seconds the sweeper gathers dropped directories before it deletes them.
+SWEEP_DELAY = 0.2
 
 
 class Sweeper:
     """Moves job directories into `trash` and deletes them on a thread of its own."""
 
-    def __init__(self, trash: str) -> None:
+    def __init__(self, trash: str, delay: float = SWEEP_DELAY) -> None:
         self.trash = trash
+        self.delay = delay
         self._names = itertools.count()
-        self._queue: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._pending: list[str] = []
+        self._wake = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -56,16 +65,25 @@ class Sweeper:
                 self._later(f"{self.trash}/{name}")
 
     def _later(self, path: str) -> None:
-        self._queue.put(path)
         with self._lock:
+            self._pending.append(path)
+            first = len(self._pending) == 1  # else the thread is woken already
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="job-sweeper", daemon=True)
                 self._thread.start()
+        if first:
+            self._wake.set()
 
     def _run(self) -> None:
         """The sweeper's loop: lives with its process (a daemon thread)."""
         while True:
-            delete(self._queue.get())
+            self._wake.wait()
+            time.sleep(self.delay)  # what other jobs drop meanwhile joins this batch
+            with self._lock:
+                batch, self._pending = self._pending, []
+                self._wake.clear()
+            for path in batch:
+                delete(path)
 
 
 def delete(jobdir: str) -> None:
