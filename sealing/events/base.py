@@ -134,7 +134,8 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, bytes):
         return value.hex()
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {k: _jsonable(v) for k, v in dataclasses.asdict(value).items()}
+        # What `dataclasses.asdict` gives, without its deep copy of every value.
+        return {k: _jsonable(getattr(value, k)) for k in field_names(type(value))}
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
     if isinstance(value, dict):
