@@ -12,27 +12,28 @@ import contextlib
 import dataclasses
 import enum
 import functools
-import keyword
 import operator
 import threading
 import types
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Generic, TypeVar
 
 import msgpack
 
+from .codegen import (
+    Decoder,
+    Encoder,
+    generated_decoder,
+    generated_encoder,
+    identity,
+    plain_name,
+)
 from .errors import RecordError
 
 T = TypeVar("T")
-Encoder = Callable[[Any], Any]
-Decoder = Callable[[Any], Any]
 
 _PRIMITIVES: tuple[type, ...] = (int, float, str, bytes, bool, type(None))
-
-
-def _identity(value: Any) -> Any:
-    return value
 
 
 class _TypeCodecs:
@@ -70,52 +71,52 @@ class _TypeCodecs:
 
     def _compile_enc(self, tp: Any) -> Encoder:
         if tp is Any or tp in _PRIMITIVES:
-            return _identity
+            return identity
         if isinstance(tp, type) and issubclass(tp, enum.Enum):
             # msgpack packs a str or int subclass by its content: a member whose content is
             # its value is packed as it is, with no conversion call.
-            return _identity if _packs_as_value(tp) else _enum_value
+            return identity if _packs_as_value(tp) else _enum_value
         if dataclasses.is_dataclass(tp) and isinstance(tp, type):
             return self._dataclass_enc(tp)
         origin = typing.get_origin(tp)
         args = typing.get_args(tp)
         if origin in (list, set, frozenset):
-            item = self.encoder(args[0]) if args else _identity
-            if item is _identity:
+            item = self.encoder(args[0]) if args else identity
+            if item is identity:
                 # msgpack packs any list or tuple as an array; only sets need converting.
-                return _identity if origin is list else list
+                return identity if origin is list else list
             return lambda v: [item(x) for x in v]
         if origin is tuple:
             if len(args) == 2 and args[1] is Ellipsis:
                 item = self.encoder(args[0])
-                return list if item is _identity else (lambda v: [item(x) for x in v])
+                return list if item is identity else (lambda v: [item(x) for x in v])
             encs = [self.encoder(a) for a in args]
             return lambda v: [e(x) for e, x in zip(encs, v, strict=True)]
         if origin is dict:
-            kenc = self.encoder(args[0]) if args else _identity
-            venc = self.encoder(args[1]) if args else _identity
-            if kenc is _identity and venc is _identity:
-                return _identity
+            kenc = self.encoder(args[0]) if args else identity
+            venc = self.encoder(args[1]) if args else identity
+            if kenc is identity and venc is identity:
+                return identity
             return lambda v: {kenc(k): venc(x) for k, x in v.items()}
         if origin in (typing.Union, types.UnionType):
             members = [a for a in args if a is not type(None)]
             if len(members) == 1:
                 inner = self.encoder(members[0])
-                if inner is _identity:
-                    return _identity
+                if inner is identity:
+                    return identity
                 return lambda v: None if v is None else inner(v)
             if all(m in _PRIMITIVES for m in members):
-                return _identity
+                return identity
             raise TypeError(f"unions of non-primitive types are not encodable: {tp!r}")
         if origin is typing.Literal:
-            return _identity
+            return identity
         raise TypeError(f"type {tp!r} is not supported by the msgpack record codec")
 
     def _compile_dec(self, tp: Any) -> Decoder:
         if tp is Any or tp in _PRIMITIVES:
             if tp is float:
                 return float
-            return _identity
+            return identity
         if isinstance(tp, type) and issubclass(tp, enum.Enum):
             return _enum_decoder(tp)
         if dataclasses.is_dataclass(tp) and isinstance(tp, type):
@@ -123,43 +124,43 @@ class _TypeCodecs:
         origin = typing.get_origin(tp)
         args = typing.get_args(tp)
         if origin in (list, set, frozenset):
-            item = self.decoder(args[0]) if args else _identity
+            item = self.decoder(args[0]) if args else identity
             ctor: Callable[[Any], Any] = origin
-            if item is _identity:
+            if item is identity:
                 # msgpack hands back a fresh list: no copy needed.
-                return _identity if origin is list else ctor
+                return identity if origin is list else ctor
             if origin is list:
                 return lambda v: [item(x) for x in v]
             return lambda v: ctor(item(x) for x in v)
         if origin is tuple:
             if len(args) == 2 and args[1] is Ellipsis:
                 item = self.decoder(args[0])
-                return tuple if item is _identity else (lambda v: tuple(item(x) for x in v))
+                return tuple if item is identity else (lambda v: tuple(item(x) for x in v))
             decs = [self.decoder(a) for a in args]
             return lambda v: tuple(d(x) for d, x in zip(decs, v, strict=True))
         if origin is dict:
-            kdec = self.decoder(args[0]) if args else _identity
-            vdec = self.decoder(args[1]) if args else _identity
-            if kdec is _identity and vdec is _identity:
+            kdec = self.decoder(args[0]) if args else identity
+            vdec = self.decoder(args[1]) if args else identity
+            if kdec is identity and vdec is identity:
                 return dict
             return lambda v: {kdec(k): vdec(x) for k, x in v.items()}
         if origin in (typing.Union, types.UnionType):
             members = [a for a in args if a is not type(None)]
             if len(members) == 1:
                 inner = self.decoder(members[0])
-                if inner is _identity:
-                    return _identity
+                if inner is identity:
+                    return identity
                 return lambda v: None if v is None else inner(v)
-            return _identity
+            return identity
         if origin is typing.Literal:
-            return _identity
+            return identity
         raise TypeError(f"type {tp!r} is not supported by the msgpack record codec")
 
     def _dataclass_enc(self, cls: type) -> Encoder:
         hints = typing.get_type_hints(cls)
         fields = tuple(f.name for f in dataclasses.fields(cls))
         convs = [(i, self.encoder(hints[n])) for i, n in enumerate(fields)]
-        converted = [(fields[i], e) for i, e in convs if e is not _identity]
+        converted = [(fields[i], e) for i, e in convs if e is not identity]
         if not fields:
             return lambda obj: {}
         getter = operator.attrgetter(*fields)
@@ -178,8 +179,8 @@ class _TypeCodecs:
             name = fields[0]
             only = self.encoder(hints[name])
             return lambda obj: {name: only(getattr(obj, name))}
-        if all(_plain_name(n) for n in fields):
-            return _generated_encoder(cls, fields, dict(converted))
+        if all(plain_name(n) for n in fields):
+            return generated_encoder(cls, fields, dict(converted))
 
         def enc(obj: Any) -> dict[str, Any]:
             out = dict(zip(fields, getter(obj), strict=True))
@@ -196,7 +197,7 @@ class _TypeCodecs:
         # Fields outside __init__ (`init=False`) are restored after construction.
         late_fields = tuple(all_fields - init_fields)
         decs = {n: self.decoder(hints[n]) for n in all_fields}
-        converted_items = tuple((n, d) for n, d in decs.items() if d is not _identity)
+        converted_items = tuple((n, d) for n, d in decs.items() if d is not identity)
         # A complete record of a plain dataclass is installed as the instance dict directly:
         # the generated __init__ would only assign the same fields one by one.
         plain = _plain_dataclass(cls) and not late_fields and not converted_items
@@ -234,77 +235,7 @@ class _TypeCodecs:
 
         if plain or late_fields or not _constructible(cls):
             return slow
-        return _generated_decoder(cls, decs, slow)
-
-
-def _generated_encoder(cls: type, fields: tuple[str, ...], convs: dict[str, Encoder]) -> Encoder:
-    """`{field: converted value}` as one dict display: no per-field loop or call in Python."""
-    env: dict[str, Any] = {}
-    items = []
-    for i, name in enumerate(fields):
-        if name in convs:
-            env[f"c{i}"] = convs[name]
-            items.append(f"{name!r}: c{i}(obj.{name})")
-        else:
-            items.append(f"{name!r}: obj.{name}")
-    src = f"def enc(obj):\n    return {{{', '.join(items)}}}\n"
-    return _compile(src, env, "enc", cls)
-
-
-def _generated_decoder(cls: type, decs: dict[str, Decoder], slow: Decoder) -> Decoder:
-    """A complete record as one constructor call; anything else goes to `slow`.
-
-    A dict of exactly as many keys as the class has fields, each of them found by name, holds
-    exactly its fields; the call is then the one `slow` would make (`cls(**data)`) with each
-    value converted, without checking or copying the record first. A record missing a field
-    (written before the field existed) or with an unknown one takes `slow`, which fills in
-    defaults or names the culprit.
-    """
-    env: dict[str, Any] = {"cls": cls, "slow": slow}
-    fields = dataclasses.fields(cls)
-    # The dataclass's generated __init__ takes its fields in order; any other, by name.
-    by_position = _generated_init(cls)
-    args: list[str] = []
-    keywords: list[str] = []
-    for i, f in enumerate(fields):
-        value = f"data[{f.name!r}]"
-        if decs[f.name] is not _identity:
-            env[f"d{i}"] = decs[f.name]
-            value = f"d{i}({value})"
-        if by_position and not f.kw_only:
-            args.append(value)
-        else:
-            keywords.append(f"{f.name}={value}")
-    args += keywords
-    src = (
-        "def dec(data):\n"
-        f"    if type(data) is dict and len(data) == {len(fields)}:\n"
-        "        try:\n"
-        f"            return cls({', '.join(args)})\n"
-        "        except KeyError:\n"
-        "            pass\n"
-        "    return slow(data)\n"
-    )
-    return _compile(src, env, "dec", cls)
-
-
-def _compile(src: str, env: dict[str, Any], name: str, cls: type) -> Callable[[Any], Any]:
-    code = compile(src, f"<record codec of {cls.__qualname__}>", "exec")
-    # (The source holds only field names, checked to be identifiers, and names of `env`.)
-    exec(code, env)
-    fn: Callable[[Any], Any] = env[name]
-    return fn
-
-
-def _plain_name(name: str) -> bool:
-    """True if `name` can be written as an attribute and a keyword in generated source."""
-    return name.isidentifier() and not keyword.iskeyword(name)
-
-
-def _generated_init(cls: type) -> bool:
-    """True if `cls.__init__` is the one the dataclass decorator generated."""
-    code = getattr(getattr(cls, "__init__", None), "__code__", None)
-    return code is not None and code.co_filename == "<string>"
+        return generated_decoder(cls, decs, slow)
 
 
 def _constructible(cls: type) -> bool:
@@ -313,7 +244,7 @@ def _constructible(cls: type) -> bool:
     declared = getattr(cls, "__dataclass_fields__", {})
     return (
         len(declared) == len(fields)
-        and all(f.init and _plain_name(f.name) for f in fields)
+        and all(f.init and plain_name(f.name) for f in fields)
         and getattr(cls, "__dataclass_params__", None) is not None
         and cls.__dataclass_params__.init  # type: ignore[attr-defined]
     )
@@ -383,6 +314,44 @@ def _enum_value(value: enum.Enum) -> Any:
 
 
 _CODECS = _TypeCodecs()
+
+#: `metadata` of a dataclass's last field, a list that only ever grows at its end: entries
+#: already in it are never changed or removed in place (to drop some, assign a new list).
+#: Records of a state whose last field is marked so are encoded reusing the bytes of the
+#: entries the previous record already holds (fsm/tail.py); the record format is unchanged.
+APPEND_ONLY: Mapping[str, bool] = types.MappingProxyType({"sectorfsm.append_only": True})
+
+
+def append_only_tail(cls: type) -> tuple[str, Encoder | None, Encoder] | None:
+    """`(name, item encoder, head encoder)` if `cls`'s last field is marked `APPEND_ONLY`.
+
+    The item encoder is None if items are packed as they are; the head encoder is the state
+    encoder with that field written as an empty array, last.
+    """
+    fields = dataclasses.fields(cls)
+    if not fields or not fields[-1].metadata.get("sectorfsm.append_only"):
+        return None
+    hints = typing.get_type_hints(cls)
+    tail = fields[-1].name
+    if typing.get_origin(hints[tail]) is not list:
+        raise TypeError(f"append-only field {cls.__name__}.{tail} must be a list[...]")
+    (item_type,) = typing.get_args(hints[tail]) or (Any,)
+    names = tuple(f.name for f in fields)
+    if all(plain_name(n) for n in names):
+        convs = {n: _CODECS.encoder(hints[n]) for n in names}
+        convs = {n: e for n, e in convs.items() if e is not identity}
+        head = generated_encoder(cls, names, convs, empty=tail)
+    else:
+        full = _CODECS.encoder(cls)
+
+        def head(obj: Any) -> dict[str, Any]:
+            payload = dict(full(obj))  # (a copy: a plain state's payload is its own dict)
+            del payload[tail]
+            payload[tail] = ()
+            return payload
+
+    item = _CODECS.encoder(item_type)
+    return tail, None if item is identity else item, head
 
 
 def _as_array(obj: Any) -> Any:

@@ -95,6 +95,10 @@ class Machine:
         "state",
         "step_coro",
         "stepping",
+        "tail",
+        "tail_bytes",
+        "tail_count",
+        "tail_size",
         "task",
         "unstaged",
     )
@@ -144,6 +148,14 @@ class Machine:
         self.cancel_requested = False
         #: The `counts` entry the stored state is counted under (None: not computed yet).
         self.counted: bytes | None = None
+        #: What `record` ends with, for a state whose last field only grows (fsm/tail.py):
+        #: `tail_count` entries of that field in `tail_size` bytes, the first ones of `tail`
+        #: (the field's list in `state`; None when that is not known to be so).
+        self.tail: list[Any] | None = None
+        self.tail_count = 0
+        self.tail_size = 0
+        #: Those bytes, while a step shares the state and the machine let go of `record`.
+        self.tail_bytes: bytes | None = None
 
     def record_error(self, message: str) -> None:
         """Note `message` as the machine's last error (written with its next state record)."""

@@ -12,8 +12,10 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .codec import append_only_tail
 from .errors import RecordError, StoreError, Terminated
 from .machine import Machine, Step
+from .tail import TailEncoder
 
 if TYPE_CHECKING:
     from .records import GroupRecords
@@ -37,6 +39,8 @@ class RoundPlanner:
         self._planner = planner
         self._final = final
         self._encode_record = records.local_encoder()  # (used on the loop thread only)
+        tail = append_only_tail(records.codec.state_type)
+        self._tail = None if tail is None else TailEncoder(records.codec.schema_version, tail)
         self._decode_state = records.decode_state
         self._counts = records.counts
 
@@ -56,6 +60,8 @@ class RoundPlanner:
                     raise RecordError(f"{what} is gone from the store")
                 m.record = record
             state = m.state = self._decode_state(record, m.id)
+            if self._tail is not None:
+                self._tail.bind(m, state)
         return state
 
     def read_back(self, machines: Sequence[Machine]) -> list[Machine] | None:
@@ -136,7 +142,9 @@ class RoundPlanner:
         return step, processed, final, record
 
     def _plan_failed(self, m: Machine, events: Sequence[object], exc: Exception) -> Round:
-        # Undo whatever the planner mutated before raising.
+        # Undo whatever the planner mutated before raising. The notes of what the record ends
+        # with may describe a record this round encoded but will not stage: forget them.
+        m.tail, m.tail_count = None, -1
         if m.record is None:  # (a state shared with its step: the record is committed)
             m.state = None
             self.state_of(m)  # (reads the record back, or raises RecordError)
@@ -163,7 +171,11 @@ class RoundPlanner:
         """The round's finality and record; raises if the state cannot be stored."""
         final = self._final
         is_final = terminated or (final is not None and bool(final(m.state)))
-        record = self._encode_record(m.state, is_final, m.last_error)
+        tail = self._tail
+        if tail is None:
+            record = self._encode_record(m.state, is_final, m.last_error)
+        else:
+            record = tail.encode(m, m.state, is_final, m.last_error)
         counts = self._counts
         if counts is not None:
             # Staged in the round's own commit: the count moves with the state record.

@@ -32,6 +32,9 @@ from typing import TYPE_CHECKING, Any
 
 from .events import StepFailed
 from .machine import MAX_ERROR, Context, Machine, Step
+from .tail import TailEncoder
+
+let_go = TailEncoder.let_go
 
 if TYPE_CHECKING:
     from .commit import Committer
@@ -215,10 +218,15 @@ class MachineSteps:
         # decoded only when the machine is planned next (`MachineRuntime._read_back`). Nothing
         # the step does to its state can leak into the persisted one, and a machine in flight
         # keeps one decoded state in memory and no encoded one. Steps that only read their
-        # state share it with the machine instead, which then plans from it with no read-back.
-        state, m.record = m.state, None
-        if not self._shared:
-            m.state = None
+        # state share it with the machine instead, which then plans from it with no read-back
+        # (keeping what its next record can reuse: see fsm/tail.py).
+        state = m.state
+        if m.tail is not None:
+            let_go(m, self._shared)
+        else:
+            m.record = None
+            if not self._shared:
+                m.state = None
         try:
             pending = context.run(self._begin_step, step, ctx, state)
         except asyncio.CancelledError:
@@ -278,7 +286,12 @@ class MachineSteps:
 
     async def _run_step(self, m: Machine, pending: Awaitable[None]) -> None:
         m.started = True
-        task = asyncio.current_task()
+        # `start` set `m.task` to this task before the loop could run it (and nothing else
+        # replaces it while the step runs): on Python 3.11 `asyncio.current_task()` is plain
+        # Python, and twice per step it cost about as much as the rest of this method.
+        task = m.task
+        if task is None:  # (a task factory that ran the coroutine inside `create_task`)
+            task = asyncio.current_task()
         if m.cancel_requested and task is not None:
             if type(pending) is ResumedStep:
                 # It ran up to its first wait already: cancel it there, as a Task would be.
@@ -296,7 +309,7 @@ class MachineSteps:
             self._step_failed(m, exc)
         finally:
             # Release right away, so what the step sent joins the batch being planned now.
-            self._release_step(m, asyncio.current_task())
+            self._release_step(m, task)
 
     def _release_step(self, m: Machine, task: asyncio.Task[Any] | None) -> None:
         if task is None or m.task is not task:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..fsm.codec import APPEND_ONLY
 from .states import SectorState
 
 #: Lotus truncates a sector's log above this many entries (`logEvents`,
@@ -130,7 +131,9 @@ class SectorInfo:
 
     # Debug
     last_err: str = ""
-    log: list[LogEntry] = field(default_factory=list)
+    #: Only ever appended to (`log_append` assigns a new list to truncate it): the engine
+    #: then reuses the encoded entries of the previous record (the field must stay last).
+    log: list[LogEntry] = field(default_factory=list, metadata=APPEND_ONLY)
 
     @property
     def has_deals(self) -> bool:

@@ -1,0 +1,97 @@
+"""Record encoders and decoders compiled from source: one dict display, or one constructor call.
+
+Per-field loops in Python cost a call and a few dictionary operations per field; a function
+generated for one dataclass does the same work in one expression (fsm/codec.py uses these).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import keyword
+from collections.abc import Callable
+from typing import Any
+
+Encoder = Callable[[Any], Any]
+Decoder = Callable[[Any], Any]
+
+
+def identity(value: Any) -> Any:
+    """The converter of a value msgpack packs, and hands back, as it is."""
+    return value
+
+
+def generated_encoder(
+    cls: type, fields: tuple[str, ...], convs: dict[str, Encoder], empty: str | None = None
+) -> Encoder:
+    """`{field: converted value}` as one dict display: no per-field loop or call in Python.
+
+    The field named `empty` (if any) is written as an empty array whatever its value.
+    """
+    env: dict[str, Any] = {}
+    items = []
+    for i, name in enumerate(fields):
+        if name == empty:
+            items.append(f"{name!r}: ()")
+        elif name in convs:
+            env[f"c{i}"] = convs[name]
+            items.append(f"{name!r}: c{i}(obj.{name})")
+        else:
+            items.append(f"{name!r}: obj.{name}")
+    src = f"def enc(obj):\n    return {{{', '.join(items)}}}\n"
+    return _compile_source(src, env, "enc", cls)
+
+
+def generated_decoder(cls: type, decs: dict[str, Decoder], slow: Decoder) -> Decoder:
+    """A complete record as one constructor call; anything else goes to `slow`.
+
+    A dict of exactly as many keys as the class has fields, each of them found by name, holds
+    exactly its fields; the call is then the one `slow` would make (`cls(**data)`) with each
+    value converted, without checking or copying the record first. A record missing a field
+    (written before the field existed) or with an unknown one takes `slow`, which fills in
+    defaults or names the culprit.
+    """
+    env: dict[str, Any] = {"cls": cls, "slow": slow}
+    fields = dataclasses.fields(cls)
+    # The dataclass's generated __init__ takes its fields in order; any other, by name.
+    by_position = generated_init(cls)
+    args: list[str] = []
+    keywords: list[str] = []
+    for i, f in enumerate(fields):
+        value = f"data[{f.name!r}]"
+        if decs[f.name] is not identity:
+            env[f"d{i}"] = decs[f.name]
+            value = f"d{i}({value})"
+        if by_position and not f.kw_only:
+            args.append(value)
+        else:
+            keywords.append(f"{f.name}={value}")
+    args += keywords
+    src = (
+        "def dec(data):\n"
+        f"    if type(data) is dict and len(data) == {len(fields)}:\n"
+        "        try:\n"
+        f"            return cls({', '.join(args)})\n"
+        "        except KeyError:\n"
+        "            pass\n"
+        "    return slow(data)\n"
+    )
+    return _compile_source(src, env, "dec", cls)
+
+
+def _compile_source(src: str, env: dict[str, Any], name: str, cls: type) -> Callable[[Any], Any]:
+    code = compile(src, f"<record codec of {cls.__qualname__}>", "exec")
+    # (The source holds only field names, checked to be identifiers, and names of `env`.)
+    exec(code, env)
+    fn: Callable[[Any], Any] = env[name]
+    return fn
+
+
+def plain_name(name: str) -> bool:
+    """True if `name` can be written as an attribute and a keyword in generated source."""
+    return name.isidentifier() and not keyword.iskeyword(name)
+
+
+def generated_init(cls: type) -> bool:
+    """True if `cls.__init__` is the one the dataclass decorator generated."""
+    code = getattr(getattr(cls, "__init__", None), "__code__", None)
+    return code is not None and code.co_filename == "<string>"

@@ -1,0 +1,97 @@
+"""Records of a state whose last field only grows: the entries already stored are not re-encoded.
+
+A sector's log gains an entry or two per round and is most of its record, so encoding it whole
+every round cost more than the rest of the state. When a state's last field is marked
+`APPEND_ONLY` (fsm/codec.py), its record is built from three parts: the state encoded with that
+field empty (minus the empty array's one byte, which ends it), the field's array header, and
+its entries, of which those the machine's previous record already ends with are copied from
+there and only the new ones are encoded. The record's map is its last element and the field
+the map's last key, so the bytes are exactly those of encoding the state whole: the store
+format does not change, and nothing else needs to know.
+
+A machine notes what its record ends with: `tail_count` entries in `tail_size` bytes, and in
+`tail` the list object they came from while the machine holds it (the planner appends to that
+same list; a list that was replaced, or a machine that let go of its state, is encoded whole).
+A machine that shares its state with its step lets go of its record meanwhile but keeps those
+bytes (`tail_bytes`, see `let_go`): its next round starts from the state it kept.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+from .codec import new_packer
+from .codegen import Encoder
+from .machine import Machine
+
+
+def array_header(n: int) -> bytes:
+    """The msgpack header of an array of `n` items."""
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 0x10000:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+class TailEncoder:
+    """Encodes machine records of one group whose state ends with an append-only list."""
+
+    __slots__ = ("_get", "_head", "_item", "_key", "_pack", "_schema")
+
+    def __init__(self, schema: int, tail: tuple[str, Encoder | None, Encoder]) -> None:
+        name, self._item, self._head = tail
+        self._get = operator.attrgetter(name)
+        self._schema = schema
+        self._pack = new_packer()  # (used on the loop thread only)
+        #: The field's packed name, which the entries' array header follows in a record.
+        self._key = self._pack(name)
+
+    def encode(self, m: Machine, state: Any, final: bool, last_error: str | None) -> bytes:
+        """`m`'s record for `state`, reusing the entries its previous record ends with."""
+        items = self._get(state)
+        n = len(items)
+        pack = self._pack
+        count = size = 0
+        kept: Any = b""
+        if m.tail is items and m.tail_count <= n:
+            record = m.record
+            if record is not None:
+                start = len(record) - m.tail_size
+                mark = self._key + array_header(m.tail_count)
+                if record[start - len(mark) : start] == mark:  # (a cheap check of the notes)
+                    count, size = m.tail_count, m.tail_size
+                    kept = memoryview(record)[start:]
+            elif m.tail_bytes is not None and len(m.tail_bytes) == m.tail_size:
+                count, size = m.tail_count, m.tail_size
+                kept = m.tail_bytes
+        head = pack([self._schema, final, last_error, self._head(state)])
+        item = self._item
+        if item is None:
+            new = [pack(x) for x in items[count:]]
+        else:
+            new = [pack(item(x)) for x in items[count:]]
+        m.tail, m.tail_count, m.tail_bytes = items, n, None
+        m.tail_size = size + sum(map(len, new))
+        return b"".join([memoryview(head)[:-1], array_header(n), kept, *new])
+
+    def bind(self, m: Machine, state: Any) -> None:
+        """Note that `state`, just decoded from `m.record`, holds the entries it ends with."""
+        items = self._get(state)
+        m.tail = items if len(items) == m.tail_count else None
+        m.tail_bytes = None
+
+    @staticmethod
+    def let_go(m: Machine, shared: bool) -> None:
+        """`m` lets go of its record (and of its state unless `shared`) for its step."""
+        record = m.record
+        if shared and m.tail is not None and record is not None and m.tail_size:
+            # The entries' bytes only: the rest of the record is most of it, and the round
+            # after the step encodes that part anew anyway.
+            m.tail_bytes = record[len(record) - m.tail_size :]
+        else:
+            m.tail = m.tail_bytes = None
+        m.record = None
+        if not shared:
+            m.state = None

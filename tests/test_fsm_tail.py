@@ -1,0 +1,210 @@
+"""States whose last field only grows (`APPEND_ONLY`): records reuse the entries already stored.
+
+Every record must be exactly the bytes of encoding the state whole, whatever happened since the
+previous one: steps that share the state or get their own, a replaced list, a planner that
+raised, a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from conftest import run
+
+from sectorfsm.fsm import Context, LmdbStore, StateGroup
+from sectorfsm.fsm.codec import APPEND_ONLY, append_only_tail
+from sectorfsm.fsm.tail import array_header
+
+
+@dataclass(slots=True)
+class Entry:
+    at: int
+    text: str
+
+
+@dataclass(slots=True)
+class Logged:
+    phase: str = "idle"
+    rounds: int = 0
+    log: list[Entry] = field(default_factory=list, metadata=APPEND_ONLY)
+
+
+@dataclass(frozen=True, slots=True)
+class Say:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Cut:
+    """Replace the log by a new list of its last `keep` entries (as a truncation does)."""
+
+    keep: int
+
+
+@dataclass(frozen=True, slots=True)
+class Boom:
+    """The planner appends an entry, then raises: the round is undone."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """Run a step that waits, then sends `Say("answer")`."""
+
+
+def planner(events: list[Any], st: Logged) -> tuple[Any, int]:
+    """Log every event; `Ask` starts a step."""
+    step = None
+    for ev in events:
+        st.rounds += 1
+        if isinstance(ev, Say):
+            st.log.append(Entry(st.rounds, ev.text))
+        elif isinstance(ev, Cut):
+            st.log = st.log[-ev.keep :] if ev.keep else []
+        elif isinstance(ev, Boom):
+            st.log.append(Entry(st.rounds, "boom"))
+            raise ValueError("boom")
+        elif isinstance(ev, Ask):
+            st.phase = "asking"
+            st.log.append(Entry(st.rounds, "ask"))
+            step = answer
+    return step, len(events)
+
+
+async def answer(ctx: Context, st: Logged) -> None:
+    await asyncio.sleep(0)
+    ctx.send(Say("answer"))
+
+
+def make(store: LmdbStore, shared: bool) -> StateGroup[Logged]:
+    return StateGroup(
+        store, "logged", planner, Logged, events=[Say, Cut, Boom, Ask], shared_state=shared
+    )
+
+
+def stored(g: StateGroup[Logged], mid: int) -> tuple[bytes, Logged]:
+    """The stored record of `mid`, after checking it is the encoding of its state, whole."""
+    raw = g.records.raw(g.records.key(mid))
+    assert raw is not None
+    st, final, last_error = g.records.decode(raw, mid)
+    assert raw == g.records.encode(st, final, last_error)
+    return raw, st
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "own-copy"])
+def test_records_are_the_whole_encoding_through_appends_cuts_failures_and_restarts(
+    tmp_path: Path, shared: bool
+) -> None:
+    """Byte for byte what encoding the state whole gives, after every kind of round."""
+    texts: list[str] = []
+
+    async def main() -> None:
+        async with LmdbStore(tmp_path / "repo", "nosync") as store:
+            g = make(store, shared)
+            await g.start()
+            await g.begin(1, Logged(log=[Entry(0, "begun")]))
+            texts.append("begun")
+            # Past 15 entries the array header grows from one byte to three.
+            for i in range(20):
+                await g.send(1, Say(f"say {i}" * (i % 3)))
+                texts.append(f"say {i}" * (i % 3))
+                await g.idle()
+                assert [e.text for e in stored(g, 1)[1].log] == texts
+            await g.send(1, Ask())
+            await g.idle()
+            texts.extend(["ask", "answer"])
+            assert [e.text for e in stored(g, 1)[1].log] == texts
+            await g.send(1, Cut(3))
+            await g.idle()
+            del texts[:-3]
+            await g.send(1, Say("after cut"))
+            await g.idle()
+            texts.append("after cut")
+            assert [e.text for e in stored(g, 1)[1].log] == texts
+            await g.send(1, Boom())  # undone: its entry is not kept
+            await g.send(1, Say("after boom"))
+            await g.idle()
+            texts.append("after boom")
+            raw, st = stored(g, 1)
+            assert [e.text for e in st.log] == texts
+            assert g.records.decode(raw, 1)[2] is not None  # (the planner's error is noted)
+            await g.stop()
+            g = make(store, shared)  # a restart: machines are loaded from their records
+            await g.start()
+            await g.send(1, Say("after restart"))
+            await g.send(1, Cut(0))
+            await g.send(1, Say("alone"))
+            await g.idle()
+            assert [e.text for e in stored(g, 1)[1].log] == ["alone"]
+            await g.stop()
+
+    run(main)
+
+
+def test_entries_already_stored_are_not_encoded_again(tmp_path: Path) -> None:
+    """The stored bytes of old entries are reused: an entry changed in place stays as stored.
+
+    (Which is why the field must only ever be appended to; a replaced list is encoded whole.)
+    """
+
+    async def main() -> None:
+        async with LmdbStore(tmp_path / "repo", "nosync") as store:
+            g = make(store, shared=True)
+            await g.start()
+            await g.begin(1, Logged())
+            await g.send(1, Say("first"))
+            await g.idle()
+            live = g.peek(1)
+            assert live is not None
+            live.log[0].text = "changed in place"
+            await g.send(1, Say("second"))
+            await g.idle()
+            kept = ["first", "second"]
+            raw = g.records.raw(g.records.key(1))
+            assert raw is not None
+            assert [e.text for e in g.records.decode(raw, 1)[0].log] == kept
+            # Across a step that shares the state (the machine keeps only the entries' bytes).
+            await g.send(1, Ask())
+            await g.idle()
+            kept += ["ask", "answer"]
+            raw = g.records.raw(g.records.key(1))
+            assert raw is not None
+            assert [e.text for e in g.records.decode(raw, 1)[0].log] == kept
+            live.log = list(live.log)  # a new list: nothing is reused
+            await g.send(1, Say("third"))
+            await g.idle()
+            raw, st = stored(g, 1)
+            assert [e.text for e in st.log] == ["changed in place", *kept[1:], "third"]
+            await g.stop()
+
+    run(main)
+
+
+def test_append_only_marks_only_a_last_list_field() -> None:
+    """Only a last field marked `APPEND_ONLY` counts, and it must be a list."""
+
+    @dataclass
+    class Middle:
+        log: list[int] = field(default_factory=list, metadata=APPEND_ONLY)
+        after: int = 0
+
+    @dataclass
+    class NotAList:
+        log: tuple[int, ...] = field(default=(), metadata=APPEND_ONLY)
+
+    assert append_only_tail(Middle) is None
+    with pytest.raises(TypeError, match="must be a list"):
+        append_only_tail(NotAList)
+    found = append_only_tail(Logged)
+    assert found is not None and found[0] == "log"
+
+
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 65535, 65536])
+def test_array_header_is_msgpacks(n: int) -> None:
+    """The header written before the entries is the one msgpack writes for that many."""
+    packed = msgpack.packb([None] * n)
+    assert packed == array_header(n) + b"\xc0" * n
