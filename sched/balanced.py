@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .assigners import Base, Candidate, Fit
+from .gate import PoolRules
 from .queue import Key, Request
 from .selectors import cost_floor, placeable_on
 from .tasks import TaskType
@@ -82,12 +83,23 @@ class BalancedCycle:
         self._wakeups: dict[int, asyncio.Future[None]] = {}
         #: The worker of every task past its `prepare`, so `release` knows whom to wake.
         self._worker_of: dict[int, str] = {}
+        #: This cycle's changed workers, and per pool (the changed workers: True, or every
+        #: worker of a type: False) and type its `PoolRules` (policies hold within a cycle).
+        self._changed: Sequence[Worker] = ()
+        self._changed_pos: dict[str, int] | None = None
+        self._rules: dict[tuple[TaskType, bool], PoolRules] = {}
+        #: Per kind, the changed workers not yet seen without room for it this cycle (room
+        #: only shrinks within a cycle: one without room is not asked again).
+        self._live: dict[tuple[TaskType, int], list[Worker]] = {}
 
     def cycle(self, changed: Sequence[Worker], new_shapes: set[int]) -> None:
         """One cycle over the new shapes and, for the changed workers, every kind's heads."""
         # Valid for one cycle: resources refreshed by heartbeats do not bump ledger versions.
         self._fit_memo.clear()
         self._open.clear()
+        self._rules.clear()
+        self._live.clear()
+        self._changed, self._changed_pos = changed, None
         if not len(self.queue):
             return
         sched = self.sched
@@ -106,7 +118,7 @@ class BalancedCycle:
 
         def advance(kind: tuple[TaskType, int]) -> None:
             nonlocal seq
-            if not any(self._may_fit(w, *kind) for w in changed):
+            if not self._changed_fit(kind):
                 return  # nothing of this kind fits the changed workers any more
             entry = queue.take_head_entry(kind)
             if entry is not None:
@@ -127,7 +139,7 @@ class BalancedCycle:
                 if shape in from_index or shape in new_shapes:
                     continue  # a duplicate index entry, or handled as a new shape
                 from_index.add(shape)
-            if shape not in new_shapes and not self._any_fit(shape, changed):
+            if shape not in new_shapes and not self._changed_fit(queue.kind(shape)):
                 continue  # the changed workers filled up meanwhile
             req = queue.head(shape)
             if req is None:
@@ -159,14 +171,23 @@ class BalancedCycle:
         only = placeable_on(req.selector, req.sector, sched.index)
         workers: Sequence[Worker]
         if only is None:
-            workers = sched.workers_for(task) if changed is None else changed
-        elif changed is None:  # by name: a pinned task looks up one worker, not every one
-            found = (sched.find_worker(n) for n in sorted(only))
-            workers = [w for w in found if w is not None and w.supports(task)]
+            # The pool's policy lookups once per cycle, not once per sector (`PoolRules`).
+            key = (task, changed is not None)
+            rules = self._rules.get(key)
+            if rules is None:
+                pool = sched.workers_for(task) if changed is None else changed
+                rules = self._rules[key] = sched.gate.pool_rules(pool, task)
+            local = sched.gate.local_of(rules, req.sector)
+            whole = len(local) == len(rules.pos)
         else:
-            workers = [w for w in changed if w.name in only]
-        local = sched.gate.local_enough(workers, task, req.sector)
-        if only is None and changed is None and len(local) == len(workers):
+            if changed is None:  # by name: a pinned task looks up one worker, not every one
+                found = (sched.find_worker(n) for n in sorted(only))
+                workers = [w for w in found if w is not None and w.supports(task)]
+            else:
+                workers = self._changed_named(only)
+            local = sched.gate.local_enough(workers, task, req.sector)
+            whole = False
+        if changed is None and whole:
             # No policy wants the files local: of every worker, those with room at all.
             local = self._open_pool(task, req.sector.size)
         # Ranking before asking pays off only with workers to choose between: a freed
@@ -230,10 +251,6 @@ class BalancedCycle:
                 return cand
         return None
 
-    def _may_fit(self, w: Worker, task_type: TaskType, size: int) -> bool:
-        """A cheap, memoized yes/no on the worker, its ledger and its policy (no messages)."""
-        return self._fit(w, task_type, size) is not None
-
     def _fit(self, w: Worker, task_type: TaskType, size: int) -> Fit | None:
         """`Scheduler.fit` if the worker and its policy could take such a task, else None."""
         room = self._room(w, task_type, size)
@@ -280,9 +297,31 @@ class BalancedCycle:
             doers = burst.doers = holders_doing(self.sched, req)
         return any(h is not w for h in doers)
 
-    def _any_fit(self, shape: int, workers: Sequence[Worker]) -> bool:
-        task_type, size = self.queue.kind(shape)
-        return any(self._may_fit(w, task_type, size) for w in workers)
+    def _changed_fit(self, kind: tuple[TaskType, int]) -> bool:
+        """True if a changed worker may still fit a task of `kind` (`_room`, any of them).
+
+        Those found without room are dropped for the rest of the cycle, so asking again
+        after every assignment costs one lookup, not one per changed worker.
+        """
+        live = self._live.get(kind)
+        if live is None:
+            live = self._live[kind] = list(self._changed)
+        gone = 0
+        for w in live:
+            if self._room(w, *kind) is not None:
+                break
+            gone += 1
+        if gone:
+            del live[:gone]
+        return bool(live)
+
+    def _changed_named(self, names: frozenset[str]) -> list[Worker]:
+        """The changed workers named in `names`, in the changed list's order."""
+        pos = self._changed_pos
+        if pos is None:
+            pos = self._changed_pos = {w.name: i for i, w in enumerate(self._changed)}
+        changed = self._changed
+        return [changed[i] for i in sorted(pos[n] for n in names if n in pos)]
 
     async def before_work(self, job: Job) -> None:
         """Take compute on the job's worker once its files are there: the earliest that fits."""

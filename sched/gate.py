@@ -11,6 +11,7 @@ depend on the sector, for the balanced cycle to skip a worker before any per-sec
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from .filetypes import FileType
 from .rules import (
@@ -26,6 +27,23 @@ from .rules import (
 from .storage import SectorRef, StorageIndex
 from .tasks import TaskType
 from .workers import Worker
+
+
+@dataclass(slots=True)
+class PoolRules:
+    """A pool of workers split by what their file-locality rules want for one task type.
+
+    Built by `PolicyGate.pool_rules` and valid while no policy changes (one scheduling
+    cycle): `PolicyGate.local_of` then filters the pool for a sector with one holder lookup
+    per file set and no per-worker policy lookups.
+    """
+
+    #: The workers without a rule for the task, in pool order (any sector may go there).
+    free: list[Worker]
+    #: Per file set a rule wants local, the workers of that rule by name.
+    ruled: dict[FileType, dict[str, Worker]]
+    #: Each worker's position in the pool, to keep `local_of`'s answer in pool order.
+    pos: dict[str, int]
 
 
 class PolicyGate:
@@ -113,6 +131,32 @@ class PolicyGate:
                         continue
             out.append(w)
         return out
+
+    def pool_rules(self, pool: Sequence[Worker], task: TaskType) -> PoolRules:
+        """`pool` split by the files each worker's rules want local for `task`."""
+        free: list[Worker] = []
+        ruled: dict[FileType, dict[str, Worker]] = {}
+        for w in pool:
+            files = FileType.NONE
+            if task in _LOCAL_RULED and w.watcher is not None:
+                files = local_files_required(w.policy, task)
+            if files:
+                ruled.setdefault(files, {})[w.name] = w
+            else:
+                free.append(w)
+        return PoolRules(free, ruled, {w.name: i for i, w in enumerate(pool)})
+
+    def local_of(self, rules: PoolRules, sector: SectorRef) -> list[Worker]:
+        """`local_enough` of the pool `rules` was built from (do not change the list)."""
+        if not rules.ruled:
+            return rules.free
+        matched: list[Worker] = []
+        for files, by_name in rules.ruled.items():
+            matched.extend(by_name[n] for n in self.index.holders(sector, files) if n in by_name)
+        if not matched:
+            return rules.free
+        pos = rules.pos
+        return sorted(rules.free + matched, key=lambda w: pos[w.name])
 
 
 #: The task types a `Force*FromLocal*` rule can bind (`rules.local_files_required`).
