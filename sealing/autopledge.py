@@ -29,6 +29,7 @@ import logging
 import operator
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from itertools import compress
 from typing import TYPE_CHECKING, Any
 
 from ..fsm.codec import packb, unpackb
@@ -381,7 +382,8 @@ class AutoPledger:
         flight = Counter(map(_WORKER, tasks))
         pending = self._pending
         if flight.pop(None, 0):
-            for sector, _, worker, _ in tasks:
+            # (`not` picks the rows without a worker, and "" ones, skipped here, in C.)
+            for sector, _, worker, _ in compress(tasks, map(operator.not_, map(_WORKER, tasks))):
                 if worker is not None:
                     continue
                 # A queued PC1 is not pinned: it follows its unsealed file (the AP worker's),
