@@ -145,6 +145,23 @@ def test_virtual_clock_manual_advance_and_cancelled_sleepers() -> None:
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("seconds", [0.0, -5.0, float("nan"), 1e-300], ids=str)
+def test_virtual_sleep_of_no_time_only_yields(seconds: float) -> None:
+    """A sleep that cannot move the clock (1e-300 s after 1.6e9 is the same float) yields once.
+
+    It neither waits for the loop to go idle nor makes time jump, as `asyncio.sleep(0)`.
+    """
+    clock = VirtualClock(start=1_600_000_000.0, auto_advance=False)
+
+    async def main() -> None:
+        await asyncio.wait_for(clock.sleep(seconds), 5)  # (no advance(): a timer never fires)
+        if seconds == seconds:  # (`sleep_until(nan)` waits for a timer that never fires)
+            await asyncio.wait_for(clock.sleep_until(clock.now() + seconds), 5)
+
+    asyncio.run(main())
+    assert clock.now() == 1_600_000_000.0 and clock.pending_timers == 0
+
+
 def test_real_clock() -> None:
     clock = RealClock()
     assert abs(clock.now() - time.time()) < 1
