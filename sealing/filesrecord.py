@@ -6,6 +6,8 @@ bytes they take on each path; the storage index is rebuilt from these at start.
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
@@ -17,10 +19,8 @@ from ..sched.workers import Worker
 
 def files_union(held: Mapping[FileType, int]) -> FileType:
     """The file types of `held` as one flag set."""
-    out = FileType.NONE
-    for f in held:
-        out |= f
-    return out
+    # OR as plain ints: a flag's own `|` runs Python code per file.
+    return FileType(functools.reduce(operator.or_, map(int, held), 0))
 
 
 def split_bytes(files: int, nbytes: int, ref: SectorRef) -> dict[FileType, int]:

@@ -145,3 +145,13 @@ def test_file_backends_check_options_and_workers_before_creating_anything(
     backend = _make("reference", repo, {"storage": {"nvme": "fast"}}, workers=[worker])
     assert sorted(p.name for p in (repo / "fast").iterdir()) == ["cache", "sealed", "unsealed"]
     assert backend.name == "reference"
+
+
+def test_files_union_is_the_flags_of_the_held_files() -> None:
+    from sectorfsm.sched import FileType as F
+    from sectorfsm.sealing.filesrecord import files_union
+
+    assert files_union({}) is F.NONE
+    both = files_union({F.UNSEALED: 1, F.CACHE: 2})
+    assert both == F.UNSEALED | F.CACHE and isinstance(both, F)
+    assert files_union({F.SEALED | F.CACHE: 1, F.UNSEALED: 0}) == F.SEALED | F.CACHE | F.UNSEALED
