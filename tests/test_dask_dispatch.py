@@ -7,6 +7,7 @@ the rest of the interval. Now the release rides with the next submit: one messag
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -51,5 +52,33 @@ def test_jobs_one_after_another_cost_one_client_message_each(
         assert Releases.of(client).pending() == 1
         await eventually(lambda: not Releases.of(client).pending(), "the last release sent")
         await eventually(lambda: not client.futures, "the client holds no job's future")
+
+    in_cluster(tmp_path, body)
+
+
+def test_a_job_costs_the_engine_one_task_of_its_own(spawn: Spawner, tmp_path: Path) -> None:
+    """The backend waits for a job's end or its worker's loss with no watcher task per job."""
+
+    async def body(sched: Scheduler, cluster: Cluster, said: list[str]) -> None:
+        start_worker(spawn, cluster.address, "wa", identity("wa", (TaskType.ADD_PIECE,)))
+        await eventually(lambda: sched.find_worker("wa"), "wa registered")
+        (backend,) = cluster.membership.members.values()
+        assert await backend.submit(1, abs, -1) == 1  # warm
+        loop = asyncio.get_running_loop()
+        made: list[str] = []
+
+        def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> asyncio.Task[Any]:
+            made.append(getattr(coro, "__qualname__", type(coro).__name__))
+            return asyncio.Task(coro, loop=loop, **kw)
+
+        loop.set_task_factory(factory)
+        try:
+            assert await backend.submit(2, abs, -2) == 2
+        finally:
+            loop.set_task_factory(None)
+        # The old code also ran a task per job on the worker's `lost` event, then cancelled
+        # and reaped it when the job ended.
+        ours = [name for name in made if "Backend" in name or "Event" in name]
+        assert ours == ["DaskWorkerBackend.call.<locals>.result"], made
 
     in_cluster(tmp_path, body)

@@ -124,7 +124,8 @@ class DaskWorkerBackend:
         self.lost_reason: str | None = None
         #: Lost because the engine stops (not the worker): waiting jobs end as `EngineStopping`.
         self.engine_stopping = False
-        self._lost = asyncio.Event()
+        #: One per job waited on here: resolved by the job's end, or by `lost`.
+        self._wakes: set[asyncio.Future[None]] = set()
         self._running: dict[int, str] = {}
         self.acks = AckBatch(client, address)
 
@@ -160,7 +161,9 @@ class DaskWorkerBackend:
         """
         self.lost_reason = reason
         self.engine_stopping = engine_stopping
-        self._lost.set()
+        for wake in self._wakes:
+            if not wake.done():
+                wake.set_result(None)
         self.acks.drop()
 
     async def submit(self, job_id: int, fn: Callable[..., Any], *args: Any) -> Any:
@@ -197,10 +200,19 @@ class DaskWorkerBackend:
         async def result() -> Any:
             return await future
 
+        # No task per job to watch for `lost`, and none to cancel and reap when the job
+        # ends: the job's end and `lost` resolve the same future.
         waiting = asyncio.ensure_future(result())
-        lost = asyncio.ensure_future(self._lost.wait())
+        wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._wakes.add(wake)
+
+        def ended(_: object) -> None:
+            if not wake.done():
+                wake.set_result(None)
+
+        waiting.add_done_callback(ended)
         try:
-            await asyncio.wait({waiting, lost}, return_when=asyncio.FIRST_COMPLETED)
+            await wake
             if self.engine_stopping:  # whatever the job did: a restarted engine collects it
                 raise EngineStopping(f"worker {self.name}: the engine stops; job {key} runs on")
             if not waiting.done():
@@ -217,9 +229,12 @@ class DaskWorkerBackend:
             await asyncio.shield(self.kill(job_id))
             raise
         finally:
-            for t in (waiting, lost):
-                t.cancel()
-            await asyncio.gather(waiting, lost, return_exceptions=True)
+            self._wakes.discard(wake)
+            if not waiting.done():  # lost, or the caller cancelled
+                waiting.cancel()
+                await asyncio.gather(waiting, return_exceptions=True)
+            elif not waiting.cancelled():
+                waiting.exception()  # seen, whichever way this call ended
             self._running.pop(job_id, None)
             self.releases.add(future)
 
