@@ -64,6 +64,8 @@ class _Room:
     """A worker's `Fit` for one kind in one cycle, and its assigner's score base there."""
 
     fit: Fit
+    #: `AllowDelay` holds the kind off the worker (`PolicyGate.delayed`; a cycle's clock).
+    delayed: bool
     base: Base | None = None
 
 
@@ -206,7 +208,7 @@ class BalancedCycle:
         room = self._room(w, task, req.sector.size)
         if (
             room is None
-            or gate.delayed(w, task, sched.clock.now())
+            or room.delayed
             or (not files_checked and gate.files_block(w, task, req.sector))
             # Busy here, and a holder of its files does it: the task waits for that one.
             or (room.fit.busy is not None and self._other_holder(req, w, burst))
@@ -269,7 +271,10 @@ class BalancedCycle:
         room: _Room | None = None
         if w.enabled and w.supports(task_type) and not self.sched.gate.blocks(w, task_type, size):
             found = self.sched.fit(w, task_type, size)
-            room = None if isinstance(found, str) else _Room(found)
+            if not isinstance(found, str):
+                # The release that starts a delay comes between cycles, never within one.
+                delayed = self.sched.gate.delayed(w, task_type, self.sched.clock.now())
+                room = _Room(found, delayed)
         memo[key] = room
         return room
 

@@ -19,16 +19,16 @@ from typing import Any, TypeVar
 
 from ..fsm.clock import Clock, RealClock
 from ..fsm.store import LmdbStore
-from .assigners import Assigner, Candidate, Fit, make_assigner, slots_for
+from .assigners import Assigner, Candidate, Fit, make_assigner
 from .balanced import BalancedCycle
 from .gate import PolicyGate
 from .ledger import Ledger, Phase, WorkerResources
 from .liveness import Liveness, is_late_reason
 from .lotus import LotusMode
+from .needs import NeedsMemo
 from .policy import PolicyWatcher
 from .pushed import PolicySource
 from .queue import Request, RequestQueue
-from .resources import resource_spec
 from .rules import stage_cap
 from .selectors import Placement, Selector
 from .storage import SectorRef, StorageIndex
@@ -104,6 +104,7 @@ class Scheduler:
         ] = {}
         self._cycle_listeners: list[Callable[[], None]] = []
         self._policy_errors: dict[str, str | None] = {}
+        self._needs = NeedsMemo()  # `fit`'s static half, per worker and kind
         #: Learned run time of each task type's work, for `waits.local_wait`.
         self.durations = Durations()
         self._dirty: set[str] = set()
@@ -437,12 +438,12 @@ class Scheduler:
 
     def fit(self, w: Worker, task_type: TaskType, sector_size: int) -> Fit | str:
         """`w`'s room for `task_type` tasks of this size, or its ledger's refusal in words."""
-        need = resource_spec(task_type, sector_size, w.spec.overrides)
-        refusal = w.ledger.claim_refusal(task_type, need)
+        cap = stage_cap(w.watcher.policy, task_type) if w.watcher is not None else None
+        kept = self._needs.get(w, task_type, sector_size, cap)
+        refusal = w.ledger.claim_refusal(task_type, kept.need)
         if refusal is not None:
             return refusal
-        cap = stage_cap(w.policy, task_type) if w.watcher is not None else None
-        return Fit(need, w.ledger.start_refusal(task_type, need), slots_for(w, need, cap))
+        return Fit(kept.need, w.ledger.start_refusal(task_type, kept.need), kept.slots)
 
     def verdict(self, req: Request, w: Worker, fit: Fit | None = None) -> Candidate | str:
         """Whether `w` can take `req` now: a candidate, or the reason it cannot, in words.
