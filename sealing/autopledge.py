@@ -53,8 +53,10 @@ META_AUTOPLEDGE = b"sealing/autopledge"
 RESOURCE_ROOM_LIMIT = 64
 _AP = frozenset({TaskType.ADD_PIECE})
 _AP_PC1 = frozenset({TaskType.ADD_PIECE, TaskType.PRE_COMMIT1})
-#: A `Scheduler.tasks_of` row's worker (held) or pin (queued).
+#: A `Scheduler.tasks_of` row's worker (held) or pin (queued), its sector, a sector's number.
 _WORKER = operator.itemgetter(2)
+_SECTOR = operator.itemgetter(0)
+_NUMBER = operator.attrgetter("number")
 
 
 #: States of a pinned CC sector before its AddPiece reaches the scheduler.
@@ -395,7 +397,7 @@ class AutoPledger:
         # In the scheduler as AP or PC1: counted above, no record to read.
         # Between tasks (before AP, or AP done and PC1 to come). Those past PC1, failed or
         # removed are no longer this rule's: the state changes drop them (`_changed`).
-        between = pending.keys() - {row[0].number for row in tasks}
+        between = pending.keys() - set(map(_NUMBER, map(_SECTOR, tasks)))
         if self._changes is not None:
             flight.update(pending[n] for n in between)
             return flight

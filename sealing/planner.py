@@ -61,7 +61,11 @@ class Planner:
 
     def __init__(self, sealing: Sealing, changes: StateChanges | None = None) -> None:
         self.sealing = sealing
-        self._handlers = graph.handlers()
+        #: Each state's step (stateless: one per state, not one per round).
+        self._steps: dict[SectorState, Step] = {
+            state: functools.partial(run_handler, sealing, handler)
+            for state, handler in graph.handlers().items()
+        }
         #: Subscribers to state changes (`Miner.subscribe`), told once a round is durable.
         self.changes = changes
 
@@ -132,13 +136,13 @@ class Planner:
 
     def step(self, info: SectorInfo) -> Step | None:
         """The step for the sector's (new) state, or None when there is nothing to do."""
-        handler = self._handlers.get(info.state)
-        if handler is None:
+        step = self._steps.get(info.state)
+        if step is None:
             self.sealing.forget(info.number)
             return None
         if info.state not in graph.OPEN_SECTOR_STATES:
             self.sealing.input.leave(info.number)
-        return functools.partial(run_handler, self.sealing, handler)
+        return step
 
 
 def _global(ev: Any, info: SectorInfo) -> bool | None:
