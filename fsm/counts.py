@@ -126,9 +126,14 @@ class GroupCounts:
         adds[new] = adds.get(new, 0) + 1
         if machine_key is not None:
             index = self._index
-            if index[old] != index[new]:  # (not only its finality changed)
-                committer.delete(INDEX_DB, self.index_key(old, machine_key))
-                committer.put(INDEX_DB, self.index_key(new, machine_key), b"")
+            old_prefix, new_prefix = index[old], index[new]
+            if old_prefix != new_prefix:  # (not only its finality changed)
+                # Straight into the hook's staging: nothing puts a `fresh` key in this
+                # database, so a delete is a `None` there, as `Committer.delete` would stage.
+                ops = committer.staging(INDEX_DB)
+                tail = machine_key[self._group_len :]
+                ops[old_prefix + tail] = None
+                ops[new_prefix + tail] = b""
 
     def add_in(
         self, txn: Any, state: Any, final: bool, delta: int, machine_key: bytes | None = None
