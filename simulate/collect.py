@@ -1,7 +1,8 @@
 """What one simulated run records, each at O(1) per event: no scan of the sectors anywhere.
 
-Three feeds: the miner's state changes (`Miner.subscribe`: sectors reaching Proving, failures
-and retries by state), the scheduler's job listener (slot time per worker and stage, split
+Three feeds: the miner's state changes (an in-process listener on `Miner.changes`, called as
+each change is durable, none dropped: sectors reaching Proving, failures and retries by
+state), the scheduler's job listener (slot time per worker and stage, split
 into sample buckets; queue wait per task type), and a sampler every `sample` seconds (disk use
 per storage path, sectors per state from the kept counters).
 
@@ -20,14 +21,13 @@ work, less the fetch: the time in a worker's window and, fetched, waiting for th
 
 from __future__ import annotations
 
-import asyncio
 import math
 from dataclasses import dataclass, field
 
 from ..sched import Job, TaskType
 from ..sealing.backends.sim import SimBackend
 from ..sealing.miner import Miner
-from ..sealing.notify import Gap
+from ..sealing.notify import StateChange
 from ..sealing.states import FAILED_STATES, SectorState
 
 __all__ = ["Collector", "percentile"]
@@ -59,49 +59,42 @@ class Collector:
     samples: int = 0
     #: Sectors seen to start, whoever created them.
     started: int = 0
+    #: State changes not seen (a listener misses none: kept for the summary's field).
     missed: int = 0
     _milestone: dict[int, float] = field(default_factory=dict)
     #: Fetch seconds of jobs whose work has not ended yet, by scheduler id.
     _fetching: dict[int, float] = field(default_factory=dict)
-    _watcher: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        """Subscribe to state changes and to the scheduler's finished jobs."""
-        subscription = self.miner.subscribe(maxsize=1 << 20)
-        self._watcher = asyncio.get_running_loop().create_task(self._watch(subscription))
+        """Listen to state changes and to the scheduler's finished jobs."""
+        # A listener, not a subscription: no buffer, and no task woken per change.
+        self.miner.changes.add_listener(self._changed)
         self.miner.sched.add_job_listener(self._job_done)
         backend = self.miner.sealer.backend
         if isinstance(backend, SimBackend):
             backend.on_fetch = self._fetched
 
     async def stop(self) -> None:
-        """Stop watching (the engine's own stop ends the subscription too)."""
-        if self._watcher is not None:
-            self._watcher.cancel()
-            await asyncio.gather(self._watcher, return_exceptions=True)
-            self._watcher = None
+        """Stop listening to state changes."""
+        self.miner.changes.remove_listener(self._changed)
 
     def now(self) -> float:
         """Seconds since the run began."""
         return self.miner.clock.now() - self.t0
 
-    async def _watch(self, subscription: object) -> None:
-        async for change in subscription:  # type: ignore[attr-defined]
-            if isinstance(change, Gap):
-                self.missed += change.missed
-                continue
-            now = self.now()
-            if change.sector not in self._milestone:
-                self.started += 1  # (pledged by the plan, or by auto-pledge)
-            self._milestone[change.sector] = now
-            after: SectorState = change.after
-            if after is SectorState.Proving:
-                self.proving.append(now)
-            if after in FAILED_STATES:
-                self.failures[after.name] = self.failures.get(after.name, 0) + 1
-            if change.before in FAILED_STATES and after not in FAILED_STATES:
-                name = change.before.name
-                self.retries[name] = self.retries.get(name, 0) + 1
+    def _changed(self, change: StateChange) -> None:
+        now = self.now()
+        if change.sector not in self._milestone:
+            self.started += 1  # (pledged by the plan, or by auto-pledge)
+        self._milestone[change.sector] = now
+        after: SectorState = change.after
+        if after is SectorState.Proving:
+            self.proving.append(now)
+        if after in FAILED_STATES:
+            self.failures[after.name] = self.failures.get(after.name, 0) + 1
+        if change.before in FAILED_STATES and after not in FAILED_STATES:
+            name = change.before.name
+            self.retries[name] = self.retries.get(name, 0) + 1
 
     def _fetched(self, job: Job, seconds: float) -> None:
         self._fetching[job.sched_id] = self._fetching.get(job.sched_id, 0.0) + seconds
