@@ -12,6 +12,8 @@ import asyncio
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -416,3 +418,23 @@ def test_bad_pool_settings_are_one_line_and_start_nothing(tmp_path: Path) -> Non
 def lines(path: Path) -> list[str]:
     """The lines of `path` (none if it does not exist yet)."""
     return path.read_text().splitlines() if path.exists() else []
+
+
+def test_a_job_that_left_nothing_is_checked_without_reading_a_file() -> None:
+    """What a warm child checks after every job costs a few system calls, no /proc file."""
+    code = """if True:
+        import builtins, os
+        from sectorfsm.sealing.backends.dask import warm
+
+        def no_files(*args, **kw):
+            raise AssertionError(f"read {args[0]!r} after a job that left nothing")
+
+        builtins.open = os.listdir = no_files
+        assert warm.leftovers() == "", warm.leftovers()
+        assert 0 < warm.rss_mib() < 1 << 20
+        print("checked")
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_GUARD
+    )
+    assert done.stdout == "checked\n", done.stderr

@@ -4,11 +4,11 @@ Forked by the spawner's pool (`pool.py`), it makes its own session (a kill of it
 signals this process group: the job and whatever it started), arms `PR_SET_PDEATHSIG` on
 the spawner and becomes a child subreaper, so a process its job left behind stays visible
 here. For each `SEQ SPEC JOBDIR` line on its socket it points stdout and stderr at
-`JOBDIR/output`, runs `child.main` (which syncs the result before returning), puts back the
-working directory, environment, umask, `sys.path`, standard streams and signal handlers the
-job may have changed, and answers `RC RETIRE [REASON]`. It retires (exits after answering)
-after `max_jobs` jobs, past `max_rss_mib` of resident memory, or when its job left a thread
-or a process running, which would otherwise meet the next job.
+`JOBDIR/output`, runs `child.main` (which writes the result before returning), puts back
+the working directory, environment, umask, `sys.path`, standard streams and signal handlers
+the job may have changed, and answers `RC RETIRE [REASON]`. It retires (exits after
+answering) after `max_jobs` jobs, once its resident memory peaked past `max_rss_mib`, or
+when its job left a thread or a process running, which would otherwise meet the next job.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import importlib
 import os
+import resource
 import signal
 import socket
 import sys
@@ -34,7 +35,6 @@ _PR_SET_CHILD_SUBREAPER = 36
 #: `signal.getsignal` without its wrapping of each answer in an enum (an exception for
 #: every Python handler): 2 us for all signals instead of 116, at every job's end.
 _getsignal: Callable[[int], Handler] = importlib.import_module("_signal").getsignal
-_MIB = 1 << 20
 
 Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
@@ -85,15 +85,21 @@ class Baseline:
 
 def leftovers() -> str:
     """Why this process cannot take another job: a thread or a process of its job runs."""
+    # Both checks are one system call for a job that left nothing (this runs after every
+    # job): procfs counts a process's threads in its `task` directory's link count.
     try:
-        tasks = os.listdir("/proc/self/task")
+        threads = os.stat("/proc/self/task").st_nlink - 2
+        if threads < 1:  # not that procfs: count the entries
+            threads = len(os.listdir("/proc/self/task"))
     except OSError as exc:
         return f"cannot look for its job's threads ({exc})"
-    if len(tasks) > 1:
-        return f"its job left {len(tasks) - 1} thread(s) running"
-    with contextlib.suppress(ChildProcessError):
+    if threads > 1:
+        return f"its job left {threads - 1} thread(s) running"
+    try:
         while os.waitpid(-1, os.WNOHANG)[0] > 0:
             pass  # zombies of its job's processes
+    except ChildProcessError:
+        return ""  # no process of its job is left, running or not
     try:
         with open(f"/proc/self/task/{os.getpid()}/children") as f:
             running = f.read().split()
@@ -105,13 +111,8 @@ def leftovers() -> str:
 
 
 def rss_mib() -> float:
-    """This process's resident memory in MiB (0 if unknown)."""
-    try:
-        with open("/proc/self/statm") as f:
-            pages = int(f.read().split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0.0
-    return pages * os.sysconf("SC_PAGE_SIZE") / _MIB
+    """The most resident memory this process has had, in MiB (one system call, no file)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def run(jobdir: str, spec: bytes) -> int:
