@@ -21,6 +21,16 @@ from .filetypes import FileType, space_needed
 
 #: Every single file type, in `FileType.each` order.
 _EVERY_FILE = tuple(FileType(0x3F).each())
+#: How many sectors' answers `StorageIndex` keeps before it starts over.
+_KNOWN_SECTORS = 4096
+
+
+@dataclass(slots=True)
+class _Known:
+    """What `StorageIndex` answered about one sector since its files last changed."""
+
+    holders: dict[FileType, frozenset[str]] = field(default_factory=dict)
+    locations: frozenset[tuple[str | None, int]] | None = None
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -81,11 +91,10 @@ class StorageIndex:
     _reservations: dict[int, list[_Reservation]] = field(default_factory=dict)
     #: Path ids per worker, so per-worker lookups do not scan every path.
     _of_worker: dict[str | None, list[str]] = field(default_factory=lambda: defaultdict(list))
-    #: `holders` answers until a file or a path changes: one burst of placement tests asks
-    #: the same question once per worker.
-    _held_by: dict[tuple[SectorRef, FileType], frozenset[str]] = field(
-        default_factory=dict, compare=False, repr=False
-    )
+    #: `holders` and `locations` answers per sector until that sector's files or any path
+    #: change: one burst of placement tests asks the same question once per worker, and a
+    #: sector's files change a few times in its life, where the cluster's change constantly.
+    _held_by: dict[SectorRef, _Known] = field(default_factory=dict, compare=False, repr=False)
     #: Per worker, bumped whenever the files on its paths or its paths change, so what is
     #: counted from them (the policy's disk units) is counted again only when it can differ.
     _files_rev: dict[str | None, int] = field(
@@ -104,7 +113,7 @@ class StorageIndex:
         self.paths[path.id] = path
         self._files_rev[path.worker] += 1
         self._of_worker[path.worker].append(path.id)
-        self._held_by.clear()
+        self._held_by.clear()  # a path's worker is in every answer
 
     def worker_paths(self, worker: str) -> Iterator[StoragePath]:
         """The paths local to `worker`."""
@@ -128,7 +137,7 @@ class StorageIndex:
         """
         if path_id not in self.paths:
             raise KeyError(f"unknown storage path {path_id!r}")
-        self._held_by.clear()
+        self._held_by.pop(sector, None)
         for f in files.each():
             nbytes = sizes[f] if sizes is not None and f in sizes else None
             if nbytes is None:
@@ -143,7 +152,7 @@ class StorageIndex:
 
     def remove_sector(self, sector: SectorRef, files: FileType, path_id: str | None = None) -> None:
         """Forget `files` of `sector` on one path (or on every path); their bytes are freed."""
-        self._held_by.clear()
+        self._held_by.pop(sector, None)
         for f in files.each():
             key = (sector, f)
             holders = self._files.get(key)
@@ -209,11 +218,19 @@ class StorageIndex:
 
     def holders(self, sector: SectorRef, files: FileType) -> frozenset[str]:
         """Workers that hold *all* of `files` of `sector` on their local paths."""
-        key = (sector, files)
-        found = self._held_by.get(key)
+        known = self._known(sector)
+        found = known.holders.get(files)
         if found is None:
-            found = self._held_by[key] = frozenset(self._holders(sector, files))
+            found = known.holders[files] = frozenset(self._holders(sector, files))
         return found
+
+    def _known(self, sector: SectorRef) -> _Known:
+        known = self._held_by.get(sector)
+        if known is None:
+            if len(self._held_by) >= _KNOWN_SECTORS:
+                self._held_by.clear()  # bounded: most answers are asked again soon or never
+            known = self._held_by[sector] = _Known()
+        return known
 
     def _holders(self, sector: SectorRef, files: FileType) -> set[str]:
         # One set per file type, intersected.
@@ -228,12 +245,16 @@ class StorageIndex:
 
     def locations(self, sector: SectorRef) -> frozenset[tuple[str | None, int]]:
         """`(worker or None for shared storage, files held)` for every holder of the sector."""
-        per: dict[str | None, int] = {}
-        for (_, f), holders in self._sector_files(sector):
-            for pid in holders:
-                w = self.paths[pid].worker
-                per[w] = per.get(w, 0) | int(f)
-        return frozenset(per.items())
+        known = self._known(sector)
+        found = known.locations
+        if found is None:
+            per: dict[str | None, int] = {}
+            for (_, f), holders in self._sector_files(sector):
+                for pid in holders:
+                    w = self.paths[pid].worker
+                    per[w] = per.get(w, 0) | int(f)
+            found = known.locations = frozenset(per.items())
+        return found
 
     def _sector_files(
         self, sector: SectorRef

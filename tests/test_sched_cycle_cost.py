@@ -134,3 +134,21 @@ def test_a_cycle_after_many_workers_changed_asks_each_policy_once(
         await sched.stop()
 
     run(main)
+
+
+def test_the_index_keeps_a_sectors_answers_while_only_other_sectors_change() -> None:
+    index = StorageIndex()
+    for n in ("a", "b"):
+        index.declare(StoragePath(f"{n}-ssd", n, 40 * TIB))
+    one, two = SectorRef(1000, 1, S32), SectorRef(1000, 2, S32)
+    index.add_sector(one, C | S, "a-ssd")
+    held, where = index.holders(one, C | S), index.locations(one)
+    index.add_sector(two, C, "b-ssd")  # another sector's files: the same answers, kept
+    assert index.holders(one, C | S) is held and index.locations(one) is where
+    index.add_sector(one, C | S, "b-ssd")  # its own: asked again, and right
+    assert index.holders(one, C | S) == {"a", "b"}
+    assert index.locations(one) == {("a", int(C | S)), ("b", int(C | S))}
+    index.remove_sector(one, C, "a-ssd")
+    assert index.holders(one, C | S) == {"b"} and index.holders(one, S) == {"a", "b"}
+    index.declare(StoragePath("b-ssd", "c", 40 * TIB))  # a path changes hands: every answer
+    assert index.holders(two, C) == {"c"}
