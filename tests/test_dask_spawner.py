@@ -12,6 +12,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -438,3 +439,21 @@ def test_a_job_that_left_nothing_is_checked_without_reading_a_file() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_GUARD
     )
     assert done.stdout == "checked\n", done.stderr
+
+
+def test_a_spawner_whose_worker_left_while_it_forked_exits_quietly() -> None:
+    """No traceback on the worker's stderr when a table closes with a fork on its way."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.send(b"fork")
+    ours.close()  # the worker closed: the spawner still reads the fork, then cannot answer
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", SPAWNER.decode(), "1"],
+            stdin=theirs.fileno(),
+            capture_output=True,
+            text=True,
+            timeout=HANG_GUARD,
+        )
+    finally:
+        theirs.close()
+    assert (done.returncode, done.stderr) == (0, "")

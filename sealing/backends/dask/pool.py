@@ -160,20 +160,23 @@ def main(argv: list[str]) -> int:
     selector = selectors.DefaultSelector()
     selector.register(0, selectors.EVENT_READ)
     selector.register(pool.wakeup[0], selectors.EVENT_READ)
-    while True:
-        for key, _ in selector.select():
-            if key.fd == pool.wakeup[0]:
-                with contextlib.suppress(BlockingIOError):
-                    os.read(pool.wakeup[0], 4096)
-                continue
-            try:
-                msg = pool.ctl.recv(4096)
-            except OSError:
-                msg = b""
-            if not msg:
-                return 0  # the worker closed us: the children die with this process
-            _command(pool, msg.decode())
-        pool.reap()
+    try:
+        while True:
+            for key, _ in selector.select():
+                if key.fd == pool.wakeup[0]:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(pool.wakeup[0], 4096)
+                    continue
+                try:
+                    msg = pool.ctl.recv(4096)
+                except OSError:
+                    msg = b""
+                if not msg:
+                    return 0  # the worker closed us: the children die with this process
+                _command(pool, msg.decode())
+            pool.reap()
+    except (BrokenPipeError, ConnectionResetError):
+        return 0  # closed by the worker while we answered it: as above
 
 
 def _command(pool: Pool, line: str) -> None:
