@@ -31,7 +31,10 @@ def display_state(info: SectorInfo) -> str:
 
 def state_key(info: SectorInfo) -> str:
     """The sectors' count key (`StateGroup(count_by=...)`): the stored state value."""
-    return info.state.value
+    return _VALUES[info.state]  # (`.value` is a Python property: this runs at every round)
+
+
+_VALUES = {s: s.value for s in SectorState}
 
 
 def store_path(repo: Path) -> Path:

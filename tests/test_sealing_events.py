@@ -396,3 +396,11 @@ def test_a_second_event_with_a_taken_name_is_refused() -> None:
             """Not even a dataclass yet: refused when the class is defined."""
 
     assert before == ev.EVENTS_BY_NAME
+
+
+def test_the_count_key_is_the_plain_state_value_for_every_state() -> None:
+    from sectorfsm.sealing.store_view import state_key
+
+    for state in SectorState:
+        key = state_key(SectorInfo(state=state))
+        assert key == state.value and type(key) is str, state
