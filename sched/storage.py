@@ -22,7 +22,7 @@ from .filetypes import FileType, space_needed
 #: Every single file type, in `FileType.each` order.
 _EVERY_FILE = tuple(FileType(0x3F).each())
 #: How many sectors' answers `StorageIndex` keeps before it starts over.
-_KNOWN_SECTORS = 4096
+_KNOWN_SECTORS = 1024
 
 
 @dataclass(slots=True)
