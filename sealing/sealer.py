@@ -1,4 +1,4 @@
-"""The Sealer protocol, and the scheduled sealer that routes every call through `sched`.
+"""The scheduled sealer: it routes every `Sealer` call (`sealerapi.py`) through `sched`.
 
 A handler calls `Sealer` methods (Lotus's `SectorManager`: AddPiece, SealPreCommit1, ...).
 `ScheduledSealer` turns each call into `sched.schedule(...)` with Lotus's task type and
@@ -17,9 +17,8 @@ sector goes down its `*Failed` state's retries.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Mapping
+from typing import Any, TypeVar
 
 from ..fsm import LmdbStore
 from ..fsm.codec import packb
@@ -40,6 +39,9 @@ from ..sched import (
 )
 from .filesrecord import AwaitingWorker, files_union, parse_files_record, split_bytes
 from .info import PendingPiece, Piece
+from .sealerapi import Backend as Backend
+from .sealerapi import PreCommit2Out as PreCommit2Out
+from .sealerapi import Sealer as Sealer
 
 log = logging.getLogger("sectorfsm.sealing")
 R = TypeVar("R")
@@ -50,112 +52,6 @@ _KINDS = {f.dirname: f for f in (FileType.UNSEALED, FileType.SEALED, FileType.CA
 
 class SectorFilesLost(RuntimeError):
     """A task needs a sector file that was found gone (the message names file, path, when)."""
-
-
-@dataclass(frozen=True, slots=True)
-class PreCommit2Out:
-    """CommR and CommD, as CIDs."""
-
-    sealed: str
-    unsealed: str
-
-
-class Sealer(Protocol):
-    """What the handlers ask of a sealer (Lotus `SectorManager`, v1.11.3 calls)."""
-
-    async def add_piece(
-        self,
-        sector: SectorRef,
-        existing: list[int],
-        size: int,
-        piece: PendingPiece | None,
-        *,
-        worker: str = "",
-    ) -> Piece:
-        """Write a piece (None: zeros, a filler) after `existing` sizes, on `worker` if set."""
-        ...
-
-    async def seal_pre_commit1(
-        self, sector: SectorRef, ticket: bytes, pieces: list[Piece], deals: bool
-    ) -> bytes:
-        """Run PreCommit1; returns its opaque output."""
-        ...
-
-    async def seal_pre_commit2(
-        self, sector: SectorRef, pc1out: bytes, deals: bool
-    ) -> PreCommit2Out:
-        """Run PreCommit2; returns CommR and CommD."""
-        ...
-
-    async def seal_commit1(
-        self,
-        sector: SectorRef,
-        ticket: bytes,
-        seed: bytes,
-        pieces: list[Piece],
-        cids: PreCommit2Out,
-        deals: bool,
-    ) -> bytes:
-        """Run Commit1; returns its opaque output."""
-        ...
-
-    async def seal_commit2(self, sector: SectorRef, c1out: bytes, deals: bool) -> bytes:
-        """Run Commit2; returns the PoRep proof."""
-        ...
-
-    async def finalize_sector(self, sector: SectorRef, keep_unsealed: bool) -> None:
-        """Drop the sealing scratch files; keep the unsealed copy if asked."""
-        ...
-
-    async def release_unsealed(self, sector: SectorRef) -> None:
-        """Delete the unsealed copy."""
-        ...
-
-    async def remove(self, sector: SectorRef) -> None:
-        """Delete every file of the sector."""
-        ...
-
-
-class Backend(Protocol):
-    """The compute behind a `ScheduledSealer`; each call runs inside a scheduled job."""
-
-    name: str
-
-    async def add_piece(
-        self, job: Job, existing: list[int], size: int, piece: PendingPiece | None
-    ) -> Piece:
-        """Write the piece; return it with its CommP."""
-        ...
-
-    async def pre_commit1(self, job: Job, ticket: bytes, pieces: list[Piece]) -> bytes:
-        """PreCommit1."""
-        ...
-
-    async def pre_commit2(self, job: Job, pc1out: bytes) -> PreCommit2Out:
-        """PreCommit2."""
-        ...
-
-    async def commit1(
-        self, job: Job, ticket: bytes, seed: bytes, pieces: list[Piece], cids: PreCommit2Out
-    ) -> bytes:
-        """Commit1."""
-        ...
-
-    async def commit2(self, job: Job, c1out: bytes) -> bytes:
-        """Commit2."""
-        ...
-
-    async def finalize(self, job: Job, keep_unsealed: bool) -> None:
-        """Finalize."""
-        ...
-
-    async def release_unsealed(self, sector: SectorRef) -> None:
-        """Delete the unsealed file (no scheduling needed: it is a delete)."""
-        ...
-
-    async def remove(self, sector: SectorRef) -> None:
-        """Delete every file of the sector."""
-        ...
 
 
 class ScheduledSealer:
@@ -398,7 +294,7 @@ class ScheduledSealer:
 
     # -- scheduling ------------------------------------------------------------------------
 
-    async def _run(
+    def _run(
         self,
         ref: SectorRef,
         task: TaskType,
@@ -406,7 +302,12 @@ class ScheduledSealer:
         work: Callable[[Job], Awaitable[R]],
         deals: bool,
         prepare: Callable[[Job], Awaitable[Any]] | None = None,
-    ) -> R:
+    ) -> Coroutine[Any, Any, R]:
+        """The scheduler's coroutine for the task itself, not one wrapped around it.
+
+        Every await of a job (its placement, its fetch, each sleep of its work) resumes the
+        whole chain of coroutines above it: the calls that only pass a task on return this one.
+        """
         priority = DEAL_SECTOR_PRIORITY if deals else 0
         running_on = getattr(self.backend, "running_on", None)
         pinned = running_on(ref.number, task.short) if running_on is not None else None
@@ -414,9 +315,9 @@ class ScheduledSealer:
             selector = PinnedSelector(selector, pinned)
         if ref.number in self._pending:
             selector = AwaitingWorker(selector, lambda r: self._pending.get(r.number, {}))
-        return await self.sched.schedule(ref, task, selector, prepare, work, priority=priority)
+        return self.sched.schedule(ref, task, selector, prepare, work, priority=priority)
 
-    async def add_piece(
+    def add_piece(
         self,
         sector: SectorRef,
         existing: list[int],
@@ -424,7 +325,7 @@ class ScheduledSealer:
         piece: PendingPiece | None,
         *,
         worker: str = "",
-    ) -> Piece:
+    ) -> Coroutine[Any, Any, Piece]:
         """AddPiece: a new sector allocates its unsealed file; later pieces go where it is.
 
         `worker` pins it to that worker (the sector's `ap_worker`): it waits for that one.
@@ -444,11 +345,11 @@ class ScheduledSealer:
                 self._add_files(sector, FileType.UNSEALED, job.placement.path, job.sched_id)
             return out
 
-        return await self._run(sector, TaskType.ADD_PIECE, selector, work, piece is not None)
+        return self._run(sector, TaskType.ADD_PIECE, selector, work, piece is not None)
 
-    async def seal_pre_commit1(
+    def seal_pre_commit1(
         self, sector: SectorRef, ticket: bytes, pieces: list[Piece], deals: bool
-    ) -> bytes:
+    ) -> Coroutine[Any, Any, bytes]:
         """PreCommit1: allocate cache+sealed, with the unsealed file fetched if elsewhere."""
         self._require(sector, FileType.UNSEALED)
 
@@ -462,7 +363,7 @@ class ScheduledSealer:
                 self._add_files(sector, missing, job.placement.path, job.sched_id)
             return out
 
-        return await self._run(
+        return self._run(
             sector,
             TaskType.PRE_COMMIT1,
             _pc1_selector(self, sector),
@@ -471,26 +372,23 @@ class ScheduledSealer:
             self._fetch(FileType.UNSEALED),
         )
 
-    async def seal_pre_commit2(
+    def seal_pre_commit2(
         self, sector: SectorRef, pc1out: bytes, deals: bool
-    ) -> PreCommit2Out:
+    ) -> Coroutine[Any, Any, PreCommit2Out]:
         """PreCommit2 where the cache is (fetching it is allowed, as in Lotus)."""
         files = FileType.CACHE | FileType.SEALED
         self._require(sector, files)
 
-        async def work(job: Job) -> PreCommit2Out:
-            return await self.backend.pre_commit2(job, pc1out)
-
-        return await self._run(
+        return self._run(
             sector,
             TaskType.PRE_COMMIT2,
             ExistingSelector(files, allow_fetch=True),
-            work,
+            lambda job: self.backend.pre_commit2(job, pc1out),
             deals,
             self._fetch(files),
         )
 
-    async def seal_commit1(
+    def seal_commit1(
         self,
         sector: SectorRef,
         ticket: bytes,
@@ -498,25 +396,29 @@ class ScheduledSealer:
         pieces: list[Piece],
         cids: PreCommit2Out,
         deals: bool,
-    ) -> bytes:
+    ) -> Coroutine[Any, Any, bytes]:
         """Commit1 where the sealed files are."""
-
-        async def work(job: Job) -> bytes:
-            return await self.backend.commit1(job, ticket, seed, pieces, cids)
-
         files = FileType.CACHE | FileType.SEALED
         self._require(sector, files)
-        return await self._run(
-            sector, TaskType.COMMIT1, ExistingSelector(files, allow_fetch=False), work, deals
+        return self._run(
+            sector,
+            TaskType.COMMIT1,
+            ExistingSelector(files, allow_fetch=False),
+            lambda job: self.backend.commit1(job, ticket, seed, pieces, cids),
+            deals,
         )
 
-    async def seal_commit2(self, sector: SectorRef, c1out: bytes, deals: bool) -> bytes:
+    def seal_commit2(
+        self, sector: SectorRef, c1out: bytes, deals: bool
+    ) -> Coroutine[Any, Any, bytes]:
         """Commit2 on any worker that does C2 (a GPU task, no files)."""
-
-        async def work(job: Job) -> bytes:
-            return await self.backend.commit2(job, c1out)
-
-        return await self._run(sector, TaskType.COMMIT2, TaskSelector(), work, deals)
+        return self._run(
+            sector,
+            TaskType.COMMIT2,
+            TaskSelector(),
+            lambda job: self.backend.commit2(job, c1out),
+            deals,
+        )
 
     async def finalize_sector(self, sector: SectorRef, keep_unsealed: bool) -> None:
         """Finalize where the cache is; drops the unsealed copy unless kept."""
