@@ -257,6 +257,14 @@ class AutoPledger:
         self._running = False
         self._limited = False
         self._state: dict[str, dict[str, Any]] = {}
+        #: The last count and what it was counted from: the AP and PC1 tasks, the version of
+        #: `_pending` (bumped as it changes), and whether a holder of files was asked (the
+        #: index may have moved since). Most cycles move no AP or PC1 task: the count stands.
+        self._flight: Counter[str] | None = None
+        self._flight_tasks: list[tuple[SectorRef, TaskType, str | None, bool]] = []
+        self._flight_version = -1
+        self._pending_version = 0
+        self._asked_holders = False
         #: Sectors created, for tests and the log.
         self.pledged = 0
 
@@ -276,8 +284,8 @@ class AutoPledger:
             self._listening = False
 
     def _changed(self, change: StateChange) -> None:
-        if change.after not in _FEEDING:
-            self._pending.pop(change.sector, None)  # past PC1, failed or removed
+        if change.after not in _FEEDING and self._pending.pop(change.sector, None) is not None:
+            self._pending_version += 1  # past PC1, failed or removed
 
     def _committed(self) -> None:
         # Held back by MaxSealingSectors: a sector reaching Proving frees room without any
@@ -365,6 +373,7 @@ class AutoPledger:
                 self._staged.add(n)
                 durable.add_done_callback(functools.partial(self._durable, n))
                 self._pending[n] = w.name
+            self._pending_version += 1
             if headroom is not None:
                 headroom -= want
             made += want
@@ -381,6 +390,24 @@ class AutoPledger:
         # Run after every scheduling cycle over every AP and PC1 task: counted in C (Counter of
         # a map, set difference), with Python only for the unpinned and those between tasks.
         tasks = self.sched.tasks_of(_AP_PC1)
+        if self._changes is not None:
+            # The count is a function of the tasks (compared in C: the same sector objects),
+            # `_pending` and, if one was asked, the index's holders: reused while they hold.
+            if (
+                self._flight is not None
+                and self._flight_version == self._pending_version
+                and not self._asked_holders
+                and tasks == self._flight_tasks
+            ):
+                return self._flight
+            self._asked_holders = False
+            self._flight_tasks, self._flight_version = tasks, self._pending_version
+            self._flight = flight = self._count(tasks)
+            return flight
+        return self._count(tasks)
+
+    def _count(self, tasks: list[tuple[SectorRef, TaskType, str | None, bool]]) -> Counter[str]:
+        """`_in_flight` of these AP and PC1 tasks (see there)."""
         flight = Counter(map(_WORKER, tasks))
         pending = self._pending
         if flight.pop(None, 0):
@@ -391,7 +418,10 @@ class AutoPledger:
                 # A queued PC1 is not pinned: it follows its unsealed file (the AP worker's),
                 # so it counts for the worker this rule pledged it for, or the one holding
                 # that file. Not counting it pledged without bound behind a full PC1 box.
-                worker = pending.get(sector.number) or self._holder(sector)
+                worker = pending.get(sector.number)
+                if not worker:
+                    self._asked_holders = True
+                    worker = self._holder(sector)
                 if worker is not None:
                     flight[worker] += 1
         # In the scheduler as AP or PC1: counted above, no record to read.

@@ -15,9 +15,12 @@ from typing import Any
 from conftest import Spawner, until
 from sealtools import miner, run
 
+from sectorfsm.sched import SectorRef, TaskType
 from sectorfsm.sched.resources import parse_overrides
+from sectorfsm.sealing.autopledge import AutoPledger
 from sectorfsm.sealing.backends.sim import sim_worker
 from sectorfsm.sealing.miner import Miner
+from sectorfsm.sealing.notify import StateChange, StateChanges
 from sectorfsm.sealing.states import SectorState
 
 OPEN: dict[str, Any] = {
@@ -235,3 +238,51 @@ def test_the_daemon_runs_auto_pledge_and_shows_it(spawn: Spawner, tmp_path: Path
         assert daemon.finish() == 0, daemon.describe()
     finally:
         daemon.kill_group()
+
+
+# --- the count between cycles ----------------------------------------------------------------
+
+
+class _Index:
+    def __init__(self) -> None:
+        self.held: dict[int, set[str]] = {}
+
+    def holders(self, sector: SectorRef, files: Any) -> set[str]:
+        return self.held.get(sector.number, set())
+
+
+class _Sched:
+    """Just what `AutoPledger`'s count reads: the AP and PC1 tasks, and the index's holders."""
+
+    def __init__(self) -> None:
+        self.tasks: list[tuple[SectorRef, TaskType, str | None, bool]] = []
+        self.index = _Index()
+
+    def tasks_of(self, types: Any) -> list[tuple[SectorRef, TaskType, str | None, bool]]:
+        return list(self.tasks)  # a new list each time, as the scheduler's
+
+
+def test_the_count_is_kept_until_a_task_a_pledge_or_a_holder_can_move_it() -> None:
+    # Most scheduling cycles move no AP or PC1 task: the count of the last one stands (the
+    # same object), and any change of what it is counted from counts again.
+    sched = _Sched()
+    changes = StateChanges(lambda *a: None)
+    ap = AutoPledger(sched, None, None, enabled=True, changes=changes)  # type: ignore[arg-type]
+    one, two = SectorRef(1000, 1, 2048), SectorRef(1000, 2, 2048)
+    sched.tasks = [(one, TaskType.ADD_PIECE, "a", False), (two, TaskType.PRE_COMMIT1, "b", True)]
+    ap._pending[3] = "a"  # pledged by the rule, between its tasks
+    first = ap._in_flight()
+    assert first == {"a": 2, "b": 1}
+    assert ap._in_flight() is first  # nothing moved: not counted again
+    sched.tasks = [(two, TaskType.PRE_COMMIT1, "b", True)]  # the AP is done
+    assert ap._in_flight() == {"a": 1, "b": 1}
+    # Sector 3 leaves PC1 (a state change): the rule's pending sectors changed.
+    ap._changed(StateChange(3, SectorState.PreCommit1, SectorState.PreCommit2, "x"))
+    assert ap._in_flight() == {"b": 1}
+    # A queued PC1 of a sector the rule did not pledge counts for its unsealed file's holder,
+    # which may move with no task moving: such a count is never kept.
+    sched.tasks = [(one, TaskType.PRE_COMMIT1, None, False)]
+    sched.index.held[1] = {"c"}
+    assert ap._in_flight() == {"c": 1}
+    sched.index.held[1] = {"d"}
+    assert ap._in_flight() == {"d": 1}
