@@ -147,6 +147,9 @@ class Workers:
         warm = [pid for s in spawners for pid in _children(s)]
         return {
             "workers": sum(_cpu_s(pid) for pid in workers),
+            # The event loop's thread alone (its tid is the pid): the rest are Dask's task
+            # threads and ours (the children's reader, the sweeper).
+            "workers_loop": sum(_cpu_s(pid, thread=pid) for pid in workers),
             "children": sum(_cpu_s(pid, reaped=True) for pid in spawners + warm),
         }
 
@@ -163,10 +166,14 @@ class Workers:
                 p.stdout.close()
 
 
-def _cpu_s(pid: int, reaped: bool = False) -> float:
-    """CPU seconds of process `pid` (with `reaped`: plus those of its reaped children)."""
+def _cpu_s(pid: int, reaped: bool = False, thread: int | None = None) -> float:
+    """CPU seconds of process `pid` (with `reaped`: plus those of its reaped children).
+
+    With `thread`, of that thread of the process only.
+    """
+    stat = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(stat).read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
     ticks = sum(int(f) for f in fields[11 : 15 if reaped else 13])
@@ -363,7 +370,7 @@ async def measure(a: argparse.Namespace, root: Path) -> dict[str, Any]:
                 await bench.settle()
             lat: dict[str, list[float]] = {k: [] for k in ways}
             tps: dict[str, list[float]] = {k: [] for k in ways}
-            parts = ("engine", "workers", "children")
+            parts = ("engine", "workers", "workers_loop", "children")
             cpu: dict[str, dict[str, list[float]]] = {k: {p: [] for p in parts} for k in ways}
             ratios: list[float] = []
             ratios_registry: list[float] = []
