@@ -19,8 +19,13 @@ from ..sched.workers import Worker
 
 def files_union(held: Mapping[FileType, int]) -> FileType:
     """The file types of `held` as one flag set."""
+    return FileType(files_bits(held))
+
+
+def files_bits(held: Mapping[FileType, int]) -> int:
+    """The file types of `held` as the int a files record stores (no flag built)."""
     # OR as plain ints: a flag's own `|` runs Python code per file.
-    return FileType(functools.reduce(operator.or_, map(int, held), 0))
+    return functools.reduce(operator.or_, map(int, held), 0)
 
 
 def split_bytes(files: int, nbytes: int, ref: SectorRef) -> dict[FileType, int]:

@@ -37,7 +37,7 @@ from ..sched import (
     fetch_prepare,
     space_needed,
 )
-from .filesrecord import AwaitingWorker, files_union, parse_files_record, split_bytes
+from .filesrecord import AwaitingWorker, files_bits, parse_files_record, split_bytes
 from .info import PendingPiece, Piece
 from .sealerapi import Backend as Backend
 from .sealerapi import PreCommit2Out as PreCommit2Out
@@ -48,6 +48,10 @@ R = TypeVar("R")
 FILES_DB = "sectorfiles"
 #: A sector file's kind, as a worker names its directory, -> its type.
 _KINDS = {f.dirname: f for f in (FileType.UNSEALED, FileType.SEALED, FileType.CACHE)}
+#: Unions used at every task (a flag's `|` runs Python code each time).
+_CACHE_SEALED = FileType.CACHE | FileType.SEALED
+_FINALIZED = FileType.CACHE | FileType.UPDATE_CACHE
+_ALL_FILES = FileType.UNSEALED | FileType.SEALED | FileType.CACHE
 
 
 class SectorFilesLost(RuntimeError):
@@ -222,10 +226,13 @@ class ScheduledSealer:
         for number in sorted(changed):
             self._persist(ref_of(number))
 
-    def _persist(self, ref: SectorRef) -> None:
-        """Write the sector's files record from the index (which counts the bytes)."""
+    def _persist(self, ref: SectorRef, notify: bool = True) -> None:
+        """Write the sector's files record from the index (which counts the bytes).
+
+        `notify`: tell the scheduler the files changed (not when its own fetch just did).
+        """
         record = {
-            pid: [int(files_union(held)), sum(held.values())]
+            pid: [files_bits(held), sum(held.values())]
             for pid, held in self.sched.index.sector_bytes(ref).items()
         }
         for pid, kept in self._pending.get(ref.number, {}).items():
@@ -236,7 +243,8 @@ class ScheduledSealer:
             self.store.committer.put(FILES_DB, key, packb(record))
         elif self._files.pop(ref.number, None) is not None:
             self.store.committer.delete(FILES_DB, key)
-        self.sched.files_changed(ref)
+        if notify:
+            self.sched.files_changed(ref)
 
     def _add_files(
         self, ref: SectorRef, files: FileType, path_id: str | None, owner: int | None = None
@@ -284,13 +292,14 @@ class ScheduledSealer:
         async def prepare(job: Job) -> None:
             await move(job)
             if job.placement.fetch_bytes and job.placement.path is not None:
-                self._persist(job.sector)  # the index moved the files and their bytes
+                # The index moved the files and their bytes, and the fetch told the scheduler.
+                self._persist(job.sector, notify=False)
 
         return prepare
 
     def holds(self, ref: SectorRef, files: FileType) -> bool:
         """True if the index knows of `files` of this sector anywhere."""
-        return bool(self.sched.index.find_sector(ref, files))
+        return self.sched.index.has_any(ref, files)
 
     # -- scheduling ------------------------------------------------------------------------
 
@@ -355,11 +364,9 @@ class ScheduledSealer:
 
         async def work(job: Job) -> bytes:
             out = await self.backend.pre_commit1(job, ticket, pieces)
-            missing = FileType.NONE
-            for f in (FileType.CACHE, FileType.SEALED):
-                if not self.holds(sector, f):
-                    missing |= f
-            if missing:
+            cache, sealed = self.holds(sector, FileType.CACHE), self.holds(sector, FileType.SEALED)
+            if not (cache and sealed):
+                missing = FileType.SEALED if cache else FileType.CACHE if sealed else _CACHE_SEALED
                 self._add_files(sector, missing, job.placement.path, job.sched_id)
             return out
 
@@ -376,7 +383,7 @@ class ScheduledSealer:
         self, sector: SectorRef, pc1out: bytes, deals: bool
     ) -> Coroutine[Any, Any, PreCommit2Out]:
         """PreCommit2 where the cache is (fetching it is allowed, as in Lotus)."""
-        files = FileType.CACHE | FileType.SEALED
+        files = _CACHE_SEALED
         self._require(sector, files)
 
         return self._run(
@@ -398,7 +405,7 @@ class ScheduledSealer:
         deals: bool,
     ) -> Coroutine[Any, Any, bytes]:
         """Commit1 where the sealed files are."""
-        files = FileType.CACHE | FileType.SEALED
+        files = _CACHE_SEALED
         self._require(sector, files)
         return self._run(
             sector,
@@ -426,12 +433,12 @@ class ScheduledSealer:
         async def work(job: Job) -> None:
             await self.backend.finalize(job, keep_unsealed)
             # What stays is what Lotus keeps: the sealed file and a small cache.
-            self.sched.index.finalize_sector(sector, FileType.CACHE | FileType.UPDATE_CACHE)
+            self.sched.index.finalize_sector(sector, _FINALIZED)
             if not keep_unsealed:
                 self.sched.index.remove_sector(sector, FileType.UNSEALED)
             self._persist(sector)
 
-        self._require(sector, FileType.CACHE | FileType.SEALED)
+        self._require(sector, _CACHE_SEALED)
         if not self.holds(sector, FileType.CACHE):
             return  # already finalized and moved, or nothing was ever sealed
         await self._run(sector, TaskType.FINALIZE, ExistingSelector(FileType.CACHE), work, False)
@@ -444,7 +451,7 @@ class ScheduledSealer:
         As `FinalizeSector` in `extern/sector-storage/manager.go@v1.11.3`: a second task, on
         any worker that reaches a `store` path, fetches the sealed file and the cache there.
         """
-        files = FileType.CACHE | FileType.SEALED
+        files = _CACHE_SEALED
         if keep_unsealed and self.holds(sector, FileType.UNSEALED):
             files |= FileType.UNSEALED
         index = self.sched.index
@@ -474,11 +481,11 @@ class ScheduledSealer:
         # Files on a worker that never came back are its to report (then counted as unknown).
         self._pending.pop(sector.number, None)
         self._lost.pop(sector.number, None)
-        self._drop_files(sector, FileType.UNSEALED | FileType.SEALED | FileType.CACHE)
+        self._drop_files(sector, _ALL_FILES)
 
 
 def _pc1_selector(sealer: ScheduledSealer, sector: SectorRef) -> Any:
     # Re-running PC1 on a sector that already has its cache reuses it in place.
-    if sealer.sched.index.holders(sector, FileType.CACHE | FileType.SEALED):
-        return ExistingSelector(FileType.CACHE | FileType.SEALED)
-    return AllocSelector(FileType.CACHE | FileType.SEALED, fetch=FileType.UNSEALED)
+    if sealer.sched.index.holders(sector, _CACHE_SEALED):
+        return ExistingSelector(_CACHE_SEALED)
+    return AllocSelector(_CACHE_SEALED, fetch=FileType.UNSEALED)

@@ -155,3 +155,12 @@ def test_files_union_is_the_flags_of_the_held_files() -> None:
     both = files_union({F.UNSEALED: 1, F.CACHE: 2})
     assert both == F.UNSEALED | F.CACHE and isinstance(both, F)
     assert files_union({F.SEALED | F.CACHE: 1, F.UNSEALED: 0}) == F.SEALED | F.CACHE | F.UNSEALED
+
+
+def test_files_bits_is_the_int_a_files_record_stores() -> None:
+    from sectorfsm.sched import FileType as F
+    from sectorfsm.sealing.filesrecord import files_bits
+
+    assert files_bits({}) == 0
+    bits = files_bits({F.UNSEALED: 1, F.SEALED | F.CACHE: 2})
+    assert bits == int(F.UNSEALED | F.SEALED | F.CACHE) and type(bits) is int
