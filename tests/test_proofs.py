@@ -22,6 +22,17 @@ def test_memoised_results_are_the_computed_ones() -> None:
     assert proofs.sealed_cid.cache_info().hits == 3
 
 
+def test_a_commr_made_here_is_known_without_decoding_it() -> None:
+    # Each sector's CommR is new: its proof and the chain's check decoded it, missing the cache.
+    proofs.sealed_cid.cache_clear()
+    for n in range(200, 203):
+        sealed = proofs.sealed_cid(1000, n, COMM_D, TICKET)
+        misses = proofs._decoded.cache_info().misses
+        assert proofs.digest_of(sealed) == proofs._decoded.__wrapped__(sealed)
+        assert proofs._decoded.cache_info().misses == misses
+    assert proofs.digest_of(COMM_D) == proofs._decoded.__wrapped__(COMM_D)
+
+
 def test_the_check_after_a_memo_hit_still_rejects_what_does_not_match() -> None:
     sealed = proofs.sealed_cid(1000, 7, COMM_D, TICKET)
     proof = proofs.porep_proof(1000, 7, sealed, COMM_D, TICKET, SEED)
