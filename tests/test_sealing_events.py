@@ -153,6 +153,20 @@ def test_log_message_keeps_errors_in_the_trace() -> None:
     assert message == '{"User":{"ticket_epoch":3,"ticket_value":"0102"}}'
 
 
+def test_pieces_are_described_without_the_json_encoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every CC sector's SectorPacked lists its filler piece (a dataclass of plain values).
+    from sectorfsm.sealing.events import base
+
+    event = ev.SectorPacked([Piece("baga-filler", 2048), PIECE])
+    want = _json_of_fields(event)
+
+    def boom(value: Any) -> str:
+        raise AssertionError(f"encoder run for {value!r}")
+
+    monkeypatch.setattr(base._JSON, "encode", boom)
+    assert event.describe() == (want, "")
+
+
 def _json_of_fields(event: ev.SectorEvent) -> str:
     """The message as `describe` wrote it before its fast path: JSON of every field but error."""
 

@@ -81,8 +81,40 @@ class SectorEvent:
             elif kind is bytes:
                 parts.append(key + '"' + value.hex() + '"')
             else:
-                parts.append(key + _JSON.encode(_jsonable(value)))
+                parts.append(key + _json_of(value))
         return '{"User":{' + ",".join(parts) + "}}", trace
+
+
+def _json_of(value: Any) -> str:
+    """`_JSON.encode(_jsonable(value))`, lists and dataclasses written directly."""
+    # A CC sector's `SectorPacked` lists its filler piece: it ran the encoder once per sector.
+    kind = type(value)
+    if kind is str:
+        return _json_str(value)
+    if kind is int:
+        return int.__repr__(value)
+    if kind is bool:
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if kind is bytes:
+        return '"' + bytes.hex(value) + '"'
+    if kind is list or kind is tuple:
+        return "[" + ",".join(map(_json_of, value)) + "]"
+    keys = _VALUE_KEYS.get(kind, ())
+    if keys == ():
+        keys = _VALUE_KEYS[kind] = (
+            tuple((n, _json_str(n) + ":") for n in sorted(field_names(kind)))
+            if dataclasses.is_dataclass(kind)
+            else None
+        )
+    if keys is None:
+        return _JSON.encode(_jsonable(value))
+    return "{" + ",".join([key + _json_of(getattr(value, name)) for name, key in keys]) + "}"
+
+
+#: Per type `_json_of` met: a dataclass's fields, sorted, with their JSON keys; None for others.
+_VALUE_KEYS: dict[type, tuple[tuple[str, str], ...] | None] = {}
 
 
 def _describe_plan(cls: type) -> tuple[tuple[tuple[str, str], ...], bool]:
