@@ -27,6 +27,8 @@ from .codegen import (
     generated_decoder,
     generated_encoder,
     identity,
+    list_encoder,
+    optional_encoder,
     plain_name,
 )
 from .errors import RecordError
@@ -85,7 +87,7 @@ class _TypeCodecs:
             if item is identity:
                 # msgpack packs any list or tuple as an array; only sets need converting.
                 return identity if origin is list else list
-            return lambda v: [item(x) for x in v]
+            return list_encoder(item)
         if origin is tuple:
             if len(args) == 2 and args[1] is Ellipsis:
                 item = self.encoder(args[0])
@@ -104,7 +106,7 @@ class _TypeCodecs:
                 inner = self.encoder(members[0])
                 if inner is identity:
                     return identity
-                return lambda v: None if v is None else inner(v)
+                return optional_encoder(inner)
             if all(m in _PRIMITIVES for m in members):
                 return identity
             raise TypeError(f"unions of non-primitive types are not encodable: {tp!r}")

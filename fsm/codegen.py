@@ -8,16 +8,53 @@ from __future__ import annotations
 
 import dataclasses
 import keyword
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 Encoder = Callable[[Any], Any]
 Decoder = Callable[[Any], Any]
 
+#: What a list or optional encoder made by `list_encoder`/`optional_encoder` applies, so a
+#: generated encoder can write that conversion inline instead of calling it (a call per field
+#: per record: the pieces of every sector's record, the deal of every piece).
+_SHAPES: weakref.WeakKeyDictionary[Encoder, tuple[str, Encoder]] = weakref.WeakKeyDictionary()
+
 
 def identity(value: Any) -> Any:
     """The converter of a value msgpack packs, and hands back, as it is."""
     return value
+
+
+def list_encoder(item: Encoder) -> Encoder:
+    """The encoder of a list whose items `item` converts."""
+
+    def enc(v: Any) -> Any:
+        return [item(x) for x in v]
+
+    _SHAPES[enc] = ("list", item)
+    return enc
+
+
+def optional_encoder(inner: Encoder) -> Encoder:
+    """The encoder of an optional value that `inner` converts when it is not None."""
+
+    def enc(v: Any) -> Any:
+        return None if v is None else inner(v)
+
+    _SHAPES[enc] = ("optional", inner)
+    return enc
+
+
+def _inline(name: str, conv: str, shape: tuple[str, Encoder] | None) -> str:
+    """The source of a converted field's value, with a known shape's conversion inlined."""
+    if shape is None:
+        return f"{conv}(obj.{name})"
+    if shape[0] == "optional":
+        return f"(None if (v := obj.{name}) is None else {conv}(v))"
+    # An empty list becomes a new empty list, as the comprehension would make it, without
+    # the comprehension's call; anything else (a set, or a wrong value) goes through it.
+    return f"([] if not (v := obj.{name}) and type(v) is list else [{conv}(x) for x in v])"
 
 
 def generated_encoder(
@@ -33,8 +70,9 @@ def generated_encoder(
         if name == empty:
             items.append(f"{name!r}: ()")
         elif name in convs:
-            env[f"c{i}"] = convs[name]
-            items.append(f"{name!r}: c{i}(obj.{name})")
+            shape = _SHAPES.get(convs[name])
+            env[f"c{i}"] = convs[name] if shape is None else shape[1]
+            items.append(f"{name!r}: {_inline(name, f'c{i}', shape)}")
         else:
             items.append(f"{name!r}: obj.{name}")
     src = f"def enc(obj):\n    return {{{', '.join(items)}}}\n"

@@ -29,10 +29,18 @@ from .machine import Machine
 def array_header(n: int) -> bytes:
     """The msgpack header of an array of `n` items."""
     if n < 16:
-        return bytes((0x90 | n,))
+        return _SMALL_HEADERS[n]
     if n < 0x10000:
         return b"\xdc" + n.to_bytes(2, "big")
     return b"\xdd" + n.to_bytes(4, "big")
+
+
+_SMALL_HEADERS = tuple(bytes((0x90 | n,)) for n in range(16))
+
+
+def _header_size(n: int) -> int:
+    """The length of `array_header(n)`."""
+    return 1 if n < 16 else 3 if n < 0x10000 else 5
 
 
 class TailEncoder:
@@ -67,14 +75,16 @@ class TailEncoder:
                 count, size = m.tail_count, m.tail_size
                 kept = m.tail_bytes
         head = pack([self._schema, final, last_error, self._head(state)])
+        if count == n:
+            m.tail, m.tail_count, m.tail_bytes, m.tail_size = items, n, None, size
+            return b"".join((memoryview(head)[:-1], array_header(n), kept))
+        # The new entries packed as one array (one call however many), less its header.
         item = self._item
-        if item is None:
-            new = [pack(x) for x in items[count:]]
-        else:
-            new = [pack(item(x)) for x in items[count:]]
+        fresh = items[count:] if item is None else [item(x) for x in items[count:]]
+        new = memoryview(pack(fresh))[_header_size(n - count) :]
         m.tail, m.tail_count, m.tail_bytes = items, n, None
-        m.tail_size = size + sum(map(len, new))
-        return b"".join([memoryview(head)[:-1], array_header(n), kept, *new])
+        m.tail_size = size + len(new)
+        return b"".join((memoryview(head)[:-1], array_header(n), kept, new))
 
     def bind(self, m: Machine, state: Any) -> None:
         """Note that `state`, just decoded from `m.record`, holds the entries it ends with."""

@@ -7,6 +7,7 @@ import datetime
 import enum
 import threading
 import time
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,7 @@ from fsmtoy import Note
 
 from sectorfsm.fsm import RecordCodec, RecordError
 from sectorfsm.fsm.codec import packb, unpackb
+from sectorfsm.fsm.codegen import generated_encoder, list_encoder, optional_encoder
 
 # -- plain-dataclass fast paths -------------------------------------------------------------
 
@@ -416,3 +418,45 @@ def test_generated_decoder_falls_back_for_old_unknown_and_odd_values() -> None:
     assert codec.decode_state_fields({**complete, "shade": "dark"}).shade is Shade.DARK
     with pytest.raises(ValueError, match="'purple' is not a valid Shade"):
         codec.decode_state_fields({**complete, "shade": "purple"})
+
+
+@dataclass(slots=True)
+class Holder:
+    pieces: list[Piece] = field(default_factory=list)
+    maybe: Piece | None = None
+    count: int = 0
+
+
+def test_generated_encoder_inlines_list_and_optional_conversions() -> None:
+    """A list or optional field of converted values is converted in the generated encoder.
+
+    The list's and the optional's own encoders are not called (a call per field per record
+    before); the output is what they would give: an empty list is a new empty list, a set in
+    a list field still converts, a wrong value still fails.
+    """
+    piece = RecordCodec(Piece, []).encode_state_fields
+    fields = ("pieces", "maybe", "count")
+    convs = {"pieces": list_encoder(piece), "maybe": optional_encoder(piece)}
+    generated = generated_encoder(Holder, fields, convs)
+    env = generated.__globals__
+    codes = [generated.__code__]
+    codes += [c for c in codes[0].co_consts if isinstance(c, types.CodeType)]  # (comprehensions)
+    called = {n: env[n] for code in codes for n in code.co_names if n.startswith("c") and n in env}
+    # All it calls for `pieces` and `maybe` is the item's own encoder.
+    assert len(called) == 2 and all(fn == piece for fn in called.values())
+    encode = RecordCodec(Holder, []).encode_state_fields
+    assert generated(Holder([Piece(1)], Piece(2), 3)) == encode(Holder([Piece(1)], Piece(2), 3))
+    empty = Holder()
+    out = encode(empty)
+    assert out == {"pieces": [], "maybe": None, "count": 0}
+    assert out["pieces"] is not empty.pieces
+    out = encode(Holder(pieces=[Piece(1, "a"), Piece(2)], maybe=Piece(3, "c"), count=2))
+    assert out == {
+        "pieces": [{"size": 1, "cid": "a"}, {"size": 2, "cid": None}],
+        "maybe": {"size": 3, "cid": "c"},
+        "count": 2,
+    }
+    out = encode(Holder(pieces=(Piece(4),)))  # type: ignore[arg-type]
+    assert out["pieces"] == [{"size": 4, "cid": None}]
+    with pytest.raises(TypeError):
+        encode(Holder(pieces=None))  # type: ignore[arg-type]

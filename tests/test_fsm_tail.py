@@ -18,7 +18,8 @@ from conftest import run
 
 from sectorfsm.fsm import Context, LmdbStore, StateGroup
 from sectorfsm.fsm.codec import APPEND_ONLY, append_only_tail
-from sectorfsm.fsm.tail import array_header
+from sectorfsm.fsm.machine import Machine
+from sectorfsm.fsm.tail import TailEncoder, array_header
 
 
 @dataclass(slots=True)
@@ -208,3 +209,26 @@ def test_array_header_is_msgpacks(n: int) -> None:
     """The header written before the entries is the one msgpack writes for that many."""
     packed = msgpack.packb([None] * n)
     assert packed == array_header(n) + b"\xc0" * n
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_many_entries_appended_in_one_round_are_the_whole_encoding(shared: bool) -> None:
+    """New entries packed as one array, less its header, whatever that header's size."""
+    found = append_only_tail(Logged)
+    assert found is not None
+    encoder = TailEncoder(1, found)
+    whole = msgpack.Packer(use_bin_type=True)
+    st = Logged()
+    m = Machine(1, b"k", st, None)
+    for added in [0, 1, 2, 14, 20, 0, 65_540]:
+        st.log.extend(Entry(i, f"e{i}") for i in range(added))
+        st.rounds += 1
+        record = encoder.encode(m, st, False, None)
+        log = [{"at": e.at, "text": e.text} for e in st.log]
+        expected = whole.pack(
+            [1, False, None, {"phase": st.phase, "rounds": st.rounds, "log": log}]
+        )
+        assert record == expected, added
+        m.record = record
+        if shared:  # (the machine keeps only the entries' bytes, as during a shared step)
+            TailEncoder.let_go(m, True)
