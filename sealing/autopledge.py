@@ -265,6 +265,9 @@ class AutoPledger:
         self._flight_version = -1
         self._pending_version = 0
         self._asked_holders = False
+        #: What the last evaluation read, if it pledged and logged nothing and read no disk
+        #: quota: an evaluation reading the same would do the same (nothing).
+        self._quiet: tuple[Any, ...] | None = None
         #: Sectors created, for tests and the log.
         self.pledged = 0
 
@@ -335,11 +338,24 @@ class AutoPledger:
         headroom = sealing_headroom(self.input.group, limit)
         if headroom is not None:  # the counts see a sector once its first event is durable
             headroom = max(0, headroom - len(self._staged))
+        # Everything the rule reads but the index (only a disk quota makes it read that).
+        inputs = (
+            flight,
+            self.enabled,
+            limit,
+            headroom,
+            [(w, w.enabled, w.disabled_reason, w.watcher, w.policy) for w in workers],
+        )
+        if inputs == self._quiet:
+            return 0  # as the last one, which pledged and logged nothing: the same again
         made = 0
         self._limited = False
+        reads_index = False
         for w in workers:
-            diff = w.policy.auto_pledge_diff
-            cap = w.policy.pre_commit1_max
+            policy = w.policy
+            diff = policy.auto_pledge_diff
+            cap = policy.pre_commit1_max
+            reads_index = reads_index or policy.disk_hold_max > 0 or policy.ap_disk_hold_max > 0
             now = flight[w.name]
             entry: dict[str, Any] = {"diff": diff, "pc1_max": cap, "in_flight": now}
             state[w.name] = entry
@@ -380,6 +396,8 @@ class AutoPledger:
             entry["in_flight"] = now + want
             log.info("auto-pledge: %d CC sector(s) for %s", want, w.name)
         self.pledged += made
+        quiet = not made and not self._limited and not reads_index
+        self._quiet = inputs if quiet else None
         if state != self._state:
             self._state = state
             self.store.committer.put("meta", META_AUTOPLEDGE, packb(state))

@@ -6,16 +6,19 @@ Each test waits on what it checks (the pledger's count, a sector's state), never
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from conftest import Spawner, until
 from sealtools import miner, run
 
-from sectorfsm.sched import SectorRef, TaskType
+from sectorfsm.sched import SectorRef, TaskType, WorkerPolicy
 from sectorfsm.sched.resources import parse_overrides
 from sectorfsm.sealing.autopledge import AutoPledger
 from sectorfsm.sealing.backends.sim import sim_worker
@@ -286,3 +289,39 @@ def test_the_count_is_kept_until_a_task_a_pledge_or_a_holder_can_move_it() -> No
     assert ap._in_flight() == {"c": 1}
     sched.index.held[1] = {"d"}
     assert ap._in_flight() == {"d": 1}
+
+
+def test_an_evaluation_reading_what_the_last_quiet_one_read_does_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # After every cycle: most move nothing the rule reads, and the workers are not gone
+    # through again. A new policy, a disk quota (the index) or a move in flight do.
+    import sectorfsm.sealing.autopledge as autopledge
+
+    asked: list[str] = []
+    refusal = autopledge._refusal
+    monkeypatch.setattr(autopledge, "_refusal", lambda w, i: asked.append(w.name) or refusal(w, i))
+    sched = _Sched()
+    full = WorkerPolicy(pre_commit1_max=2, auto_pledge_diff=1)
+    a = SimpleNamespace(name="a", enabled=True, disabled_reason="", watcher=object(), policy=full)
+    sched.workers_for = lambda task: [a]  # type: ignore[attr-defined]
+    ref = SectorRef(1000, 1, 2048)
+    sched.tasks = [(ref, TaskType.PRE_COMMIT1, "a", True), (ref, TaskType.PRE_COMMIT1, "a", True)]
+    puts: list[bytes] = []
+    store = SimpleNamespace(committer=SimpleNamespace(put=lambda db, k, v: puts.append(v)))
+    sector_input = SimpleNamespace(config=SimpleNamespace(max_sealing_sectors=0), group=None)
+    changes = StateChanges(lambda *a: None)
+    ap = AutoPledger(sched, sector_input, store, enabled=True, changes=changes)  # type: ignore[arg-type]
+    assert ap.evaluate() == 0 and asked == ["a"] and len(puts) == 1
+    assert ap.evaluate() == 0 and asked == ["a"]  # the same inputs: not gone through again
+    a.policy = dataclasses.replace(full, add_piece_max=0)  # reloaded: AP disabled
+    assert ap.evaluate() == 0 and asked == ["a", "a"]
+    assert ap.state()["a"]["note"] == "AP disabled (AddPieceMax = 0)" and len(puts) == 2
+    a.policy = dataclasses.replace(full, disk_hold_max=5)  # a quota: the index is read
+    sched.index.local_files = lambda name: iter(())  # type: ignore[attr-defined]
+    assert ap.evaluate() == 0 and ap.evaluate() == 0 and asked == ["a"] * 4
+    a.policy = full
+    ap.evaluate()
+    sched.tasks = sched.tasks[:1]  # a PC1 left: the pipeline is one below, not more than 1
+    assert ap.evaluate() == 0 and asked == ["a"] * 6
+    assert ap.state()["a"]["in_flight"] == 1
