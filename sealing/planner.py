@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from ..fsm import Context, Restart, Step, StepFailed
@@ -296,19 +296,31 @@ def exhausted(sealing: Sealing, info: SectorInfo) -> bool:
     )
 
 
-async def run_handler(sealing: Sealing, handler: Handler, ctx: Context, info: SectorInfo) -> None:
+def run_handler(
+    sealing: Sealing, handler: Handler, ctx: Context, info: SectorInfo
+) -> Awaitable[None]:
     """The step: wait out a pending retry's backoff (or give up), then run the handler."""
     if info.retry_at > 0 or info.state in FAILED_STATES:
-        if exhausted(sealing, info):
-            ctx.send(
-                SectorRetriesExhausted(
-                    f"retry budget of {sealing.config.retry.budget} spent in {info.state.name}"
-                    + (f": {info.last_err}" if info.last_err else "")
-                )
+        return _after_backoff(sealing, handler, ctx, info)
+    # No retry pending (every round of a healthy sector): the handler's own coroutine is the
+    # step, with none around it for each of its waits to resume through.
+    return handler(sealing, ctx, info)
+
+
+async def _after_backoff(
+    sealing: Sealing, handler: Handler, ctx: Context, info: SectorInfo
+) -> None:
+    """`run_handler` with a retry pending: give up, or wait out its backoff and run it."""
+    if exhausted(sealing, info):
+        ctx.send(
+            SectorRetriesExhausted(
+                f"retry budget of {sealing.config.retry.budget} spent in {info.state.name}"
+                + (f": {info.last_err}" if info.last_err else "")
             )
-            return
-        if info.retry_at > sealing.clock.now():
-            await sealing.clock.sleep_until(info.retry_at)
+        )
+        return
+    if info.retry_at > sealing.clock.now():
+        await sealing.clock.sleep_until(info.retry_at)
     await handler(sealing, ctx, info)
 
 

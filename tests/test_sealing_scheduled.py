@@ -1,19 +1,23 @@
-"""`ScheduledSealer`: a call that only passes a task on hands back the scheduler's coroutine.
+"""Calls that only pass work on hand back the coroutine doing it, not one wrapped around it.
 
 Every await of a job (its placement, its fetch, each sleep of its work) resumes the chain of
-coroutines that awaits it; a sealer call wrapping `Scheduler.schedule` in one more coroutine
-made each resume pass through it.
+coroutines that awaits it: a sealer call wrapping `Scheduler.schedule`, or the step wrapping
+a handler, made each resume pass through one more.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sealtools import miner, run
 
 from sectorfsm.sched import FileType, Scheduler, SectorRef
+from sectorfsm.sealing.info import SectorInfo
+from sectorfsm.sealing.planner import run_handler
 from sectorfsm.sealing.sealer import PreCommit2Out, SectorFilesLost
+from sectorfsm.sealing.states import SectorState
 
 
 def test_calls_hand_back_the_schedulers_coroutine(tmp_path: Path) -> None:
@@ -42,5 +46,26 @@ def test_a_lost_file_fails_the_call_at_once(tmp_path: Path) -> None:
             m.sealer._lost[99] = {FileType.SEALED: "sealed file gone"}
             with pytest.raises(SectorFilesLost, match="sealed file gone"):
                 await m.sealer.seal_pre_commit2(ref, b"pc1", False)
+
+    run(main)
+
+
+def test_the_step_is_the_handlers_coroutine_unless_a_retry_is_pending(tmp_path: Path) -> None:
+    ran: list[int] = []
+
+    async def handler(sealing: Any, ctx: Any, info: SectorInfo) -> None:
+        ran.append(info.number)
+
+    async def main() -> None:
+        async with miner(tmp_path) as m:
+            info = SectorInfo(number=5, state=SectorState.Packing)
+            step = run_handler(m.sealing, handler, None, info)  # type: ignore[arg-type]
+            assert step.cr_code is handler.__code__  # type: ignore[attr-defined]
+            await step
+            info = SectorInfo(number=6, state=SectorState.PackingFailed)
+            step = run_handler(m.sealing, handler, None, info)  # type: ignore[arg-type]
+            assert step.cr_code is not handler.__code__  # type: ignore[attr-defined]
+            await step  # no backoff to wait out: the handler runs
+            assert ran == [5, 6]
 
     run(main)
