@@ -116,6 +116,14 @@ class BalancedAssigner:
         """`score` from `base`: the cost first, the rank as a distance from the turn."""
         return (round(cost_s, 3), base[0], base[1], (base[2] - turn) % (1 << 30))
 
+    def ties(self, base: Base, cost_s: float) -> tuple[tuple[float, float, float], int]:
+        """`score_from` without the turn: what ranks first, and the rank that breaks ties.
+
+        At a turn, the lowest score is the lowest first part, and among equal ones the first
+        rank at or after the turn, else the lowest rank (the round-robin wraps round).
+        """
+        return (round(cost_s, 3), base[0], base[1]), base[2]
+
     def chose(self, task_type: TaskType, c: Candidate) -> None:
         """The next tie goes to the worker after this one."""
         self._turn[task_type] = self._rank(c.worker.name) + 1

@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .assigners import Base, Candidate, Fit
+from .assigners import BalancedAssigner, Base, Candidate, Fit
 from .gate import PoolRules
 from .queue import Key, Request
-from .selectors import cost_floor, placeable_on
+from .ranked import Ranked, Row
+from .selectors import CostClass, cost_class, cost_floor, placeable_on
 from .tasks import TaskType
 from .waits import holders_doing
 
@@ -39,6 +40,10 @@ if TYPE_CHECKING:
 
 
 Score = tuple[bool, tuple[float, float, float, int]]
+#: A burst's heap entry: score, order of arrival, the worker's ledger version when scored,
+#: the worker, its candidate (None: ranked by `floor`, verdict not asked yet), and whether it
+#: is the head of the burst's `Ranked` order (whose next row comes in when it goes out).
+Entry = tuple[Score, int, int, "Worker", Candidate | None, bool]
 
 
 @dataclass(slots=True)
@@ -53,10 +58,14 @@ class _Burst:
 
     turn: int
     floor: Callable[[Worker], float] | None
-    heap: list[tuple[Score, int, int, Worker, Candidate | None]] = field(default_factory=list)
+    heap: list[Entry] = field(default_factory=list)
     seq: int = 0
     #: The enabled holders of the shape's files that do its type (`waits.holders_doing`).
     doers: list[Worker] | None = None
+    #: The rest of the pool in score order (`Ranked.order`), fed into `heap` one at a time,
+    #: less the workers in `apart` (the holders of the shape's files, scored on their own).
+    rows: Iterator[Row] | None = None
+    apart: set[str] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -93,6 +102,10 @@ class BalancedCycle:
         #: Per kind, the changed workers not yet seen without room for it this cycle (room
         #: only shrinks within a cycle: one without room is not asked again).
         self._live: dict[tuple[TaskType, int], list[Worker]] = {}
+        #: Per pool, kind and cost class, its workers ranked once a cycle (`ranked.py`).
+        self._ranked: dict[tuple[bool, TaskType, int, object], Ranked] = {}
+        #: The workers given a task this cycle, in order (their rankings are out of date).
+        self._assigned: list[Worker] = []
 
     def cycle(self, changed: Sequence[Worker], new_shapes: set[int]) -> None:
         """One cycle over the new shapes and, for the changed workers, every kind's heads."""
@@ -101,6 +114,8 @@ class BalancedCycle:
         self._open.clear()
         self._rules.clear()
         self._live.clear()
+        self._ranked.clear()
+        self._assigned.clear()
         self._changed, self._changed_pos = changed, None
         if not len(self.queue):
             return
@@ -153,6 +168,7 @@ class BalancedCycle:
             if chosen is None:
                 continue  # this shape is blocked everywhere it was tested
             sched.assign(req, chosen)
+            self._assigned.append(chosen.worker)
             nxt = queue.head(shape)
             if nxt is not None:
                 self._offer(nxt, chosen.worker, burst)  # it may well take another
@@ -196,9 +212,98 @@ class BalancedCycle:
         # worker tested alone for the head of every shape just asks its verdict.
         floor = cost_floor(req.selector, req.sector, sched.index) if len(local) > 1 else None
         burst = _Burst(sched.assigner.turn(task), floor)
+        if floor is not None and whole:  # the whole pool: the same for every shape
+            costs = cost_class(req.selector, req.sector, sched.index)
+            if costs is not None and isinstance(sched.assigner, BalancedAssigner):
+                self._rank_burst(req, burst, local, changed is None, costs)
+                return burst
         for w in local:
             self._offer(req, w, burst, files_checked=True)
         return burst
+
+    def _rank_burst(
+        self, req: Request, burst: _Burst, pool: Sequence[Worker], fresh: bool, costs: CostClass
+    ) -> None:
+        """Offer `pool` as `_burst` would, from the cycle's ranking of it (`ranked.py`).
+
+        The holders of the sector's files (cost 0) are offered on their own; the rest come
+        in score order as the heap asks. Workers given a task since the ranking are scored
+        again into a copy first.
+        """
+        task, size = req.task_type, req.sector.size
+        key, holders, cost_of = costs
+        kind = (fresh, task, size, key)
+        done = len(self._assigned)
+        ranked = self._ranked.get(kind)
+        if ranked is None:
+            ranked = Ranked({w.name: w for w in pool}, done)
+            self._rank(ranked, pool, task, size, cost_of)
+            self._ranked[kind] = ranked
+        elif ranked.built_at < done:
+            members = ranked.members
+            again = {w.name: w for w in self._assigned[ranked.built_at :] if w.name in members}
+            if again:
+                ranked = ranked.without(again, done)
+                self._rank(ranked, again.values(), task, size, cost_of)
+            else:
+                ranked.built_at = done
+            self._ranked[kind] = ranked
+        members, apart = ranked.members, burst.apart
+        for name in sorted(holders):
+            w = members.get(name)
+            if w is not None:
+                apart.add(name)
+                self._offer(req, w, burst, files_checked=True)
+        burst.rows = ranked.order(burst.turn)
+        self._next_row(req, burst)
+
+    def _rank(
+        self,
+        ranked: Ranked,
+        workers: Iterable[Worker],
+        task: TaskType,
+        size: int,
+        cost_of: Callable[[Worker], float],
+    ) -> None:
+        """Add `workers` with room for the kind to `ranked` by their score at no transfer."""
+        assigner = self.sched.assigner
+        assert isinstance(assigner, BalancedAssigner)
+        before = len(ranked.rows)
+        n = 0
+        for w in workers:
+            n += 1
+            room = self._room(w, task, size)
+            if room is None or room.delayed:
+                continue
+            if room.base is None:
+                room.base = assigner.base(task, w, room.fit.slots)
+            cost = cost_of(w)
+            tie, rank = assigner.ties(room.base, cost)
+            ranked.add((room.fit.busy is not None, *tie), rank, w, room.base, cost)
+        self.sched.checks += n - (len(ranked.rows) - before)
+        ranked.seal()
+
+    def _next_row(self, req: Request, burst: _Burst) -> None:
+        """Put the burst's next ranked worker into its heap (`_offer`'s checks, in order)."""
+        rows = burst.rows
+        if rows is None:
+            return
+        sched = self.sched
+        for tie, _, w, version, base, cost in rows:
+            if w.name in burst.apart:
+                continue
+            if version != w.ledger.version:
+                # Assigned to after the burst began: offered afresh where its old score was.
+                self._offer(req, w, burst)
+                continue
+            if tie[0] and self._other_holder(req, w, burst):
+                sched.checks += 1
+                continue
+            score = (tie[0], sched.assigner.score_from(base, cost, burst.turn))
+            burst.seq += 1
+            heapq.heappush(burst.heap, (score, burst.seq, version, w, None, True))
+            return
+        burst.rows = None
 
     def _offer(
         self, req: Request, w: Worker, burst: _Burst, *, files_checked: bool = False
@@ -223,7 +328,7 @@ class BalancedCycle:
             cost = burst.floor(w)
             score = (fit.busy is not None, sched.assigner.score_from(room.base, cost, burst.turn))
             burst.seq += 1
-            heapq.heappush(burst.heap, (score, burst.seq, w.ledger.version, w, None))
+            heapq.heappush(burst.heap, (score, burst.seq, w.ledger.version, w, None, False))
             return
         self._push(req, w, fit, burst)
 
@@ -234,12 +339,14 @@ class BalancedCycle:
         if isinstance(verdict, Candidate):
             score = (verdict.waits, sched.assigner.score(req.task_type, verdict, burst.turn))
             burst.seq += 1
-            heapq.heappush(burst.heap, (score, burst.seq, w.ledger.version, w, verdict))
+            heapq.heappush(burst.heap, (score, burst.seq, w.ledger.version, w, verdict, False))
 
     def _pick(self, req: Request, burst: _Burst) -> Candidate | None:
         # Within a cycle only the workers that got a task change: re-score just those.
         while burst.heap:
-            _, _, version, w, cand = heapq.heappop(burst.heap)
+            _, _, version, w, cand, head = heapq.heappop(burst.heap)
+            if head:
+                self._next_row(req, burst)
             if version != w.ledger.version:
                 self._offer(req, w, burst)
             elif cand is None:

@@ -9,7 +9,7 @@ filter (Lotus: `storage/sealer/selector_*.go@b835fab70`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -233,6 +233,34 @@ def cost_floor(
         moved = space_needed(selector.fetch, sector.size)
         return lambda w: 0.0 if w.name in holders else moved / w.spec.bandwidth
     return None
+
+
+#: `cost_class`'s answer: a key, the workers that pay nothing, and what the others pay.
+CostClass = tuple[Hashable, frozenset[str], Callable[[Worker], float]]
+
+
+def cost_class(selector: Selector, sector: SectorRef, index: StorageIndex) -> CostClass | None:
+    """`cost_floor` split in two: the holders (cost 0) and every other worker's cost.
+
+    Two sectors of one key cost the same on every worker that holds neither's files, so a
+    ranking of workers by that cost serves every sector of the key (None: `cost_floor` is).
+    """
+    if isinstance(selector, PinnedSelector):
+        return cost_class(selector.inner, sector, index)
+    if isinstance(selector, TaskSelector):
+        return ("task",), frozenset(), lambda w: len(w.spec.task_types) * 1e-6
+    files = FileType.NONE
+    if isinstance(selector, ExistingSelector):
+        files = selector.files
+    elif isinstance(selector, AllocSelector):
+        if selector.fetch and index.has_any(sector, selector.fetch):
+            files = selector.fetch
+    else:
+        return None
+    if not files:
+        return ("bytes", 0), frozenset(), lambda w: 0.0
+    size = space_needed(files, sector.size)
+    return ("bytes", size), index.holders(sector, files), lambda w: size / w.spec.bandwidth
 
 
 def _names(files: FileType) -> str:
