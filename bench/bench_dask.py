@@ -321,9 +321,11 @@ def child_start(root: Path, runs: int = 5) -> dict[str, float]:
     Where the registry's per-job cost goes: the child is a fresh interpreter that imports
     its module (and the packages above it) before it calls the job's function.
     """
-    jobdir = root / "child-probe"
-    jobdir.mkdir()
-    (jobdir / "spec").write_bytes(encode_spec("builtins:abs", [-1]))
+    prefix = root / "child-probe"  # the job's files are `child-probe.NAME`
+    spec = encode_spec("builtins:abs", [-1])
+    (root / "child-probe.spec").write_bytes(spec)
+    prefix.mkdir()  # and `child-probe/NAME` for a tree before the flat layout (bench "before")
+    (prefix / "spec").write_bytes(spec)
 
     def timed(argv: list[str]) -> float:
         xs = []
@@ -334,7 +336,7 @@ def child_start(root: Path, runs: int = 5) -> dict[str, float]:
         return round(1000 * median(xs), 1)
 
     return {
-        "child_process_ms": timed([sys.executable, "-m", CHILD, str(jobdir)]),
+        "child_process_ms": timed([sys.executable, "-m", CHILD, str(prefix)]),
         "bare_python_ms": timed([sys.executable, "-c", "import msgpack"]),
     }
 

@@ -21,8 +21,8 @@ GUARD = 120.0
 
 def own_record() -> list[Any]:
     """The pid, and the bytes of this job's record as the job starts (next to its output)."""
-    jobdir = Path(os.readlink("/proc/self/fd/1")).parent
-    return [os.getpid(), (jobdir / "record").read_bytes()]
+    output = os.readlink("/proc/self/fd/1")  # the job's `PREFIX.output`
+    return [os.getpid(), Path(output.removesuffix(".output") + ".record").read_bytes()]
 
 
 def dirty() -> int:

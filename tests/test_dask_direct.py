@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from conftest import HANG_GUARD, until
 
+from sectorfsm.sealing.backends.dask import sweeper
 from sectorfsm.sealing.backends.dask.jobrecord import JobRecord, JobState
 from sectorfsm.sealing.backends.dask.pool import PoolConfig
 from sectorfsm.sealing.backends.dask.sweeper import Sweeper
@@ -77,21 +78,21 @@ def test_an_ack_never_holds_the_table_up_while_the_disk_deletes(
 ) -> None:
     table = JobTable(tmp_path / "jobs")
     deleting, go = threading.Event(), threading.Event()
-    real = os.rmdir
+    real = sweeper.delete
 
-    def slow_rmdir(path: Any, *args: Any, **kwargs: Any) -> None:
+    def slow_delete(path: str) -> None:
         deleting.set()
         go.wait(HANG_GUARD)  # a disk that takes its time
-        real(path, *args, **kwargs)
+        real(path)
 
     try:
         assert table.run("AP-s1-a1", "builtins:abs", [-1]) == 1
-        monkeypatch.setattr(os, "rmdir", slow_rmdir)
+        monkeypatch.setattr(sweeper, "delete", slow_delete)
         acking, acked = in_thread(table.ack, "AP-s1-a1")
         assert deleting.wait(HANG_GUARD)
         running, out = in_thread(table.run, "AP-s2-a1", "builtins:abs", [-2])
         running.join(HANG_GUARD)
-        assert out == [2]  # while the first job's directory is still being deleted
+        assert out == [2]  # while the first job's files are still being deleted
         acking.join(HANG_GUARD)
         assert acked == [True]
         assert [r.job_id for r in table.records()] == ["AP-s2-a1"]  # gone from the table
@@ -123,12 +124,62 @@ def test_the_sweeper_deletes_dropped_jobs_in_batches(tmp_path: Path) -> None:
     """Drops within `delay` of the first wait for one batch: one wake-up of its thread."""
     trash = tmp_path / "jobs+trash"
     sweeper = Sweeper(str(trash), delay=0.5)
-    jobdirs = [tmp_path / "jobs" / f"AP-s{n}-a1" for n in range(10)]
-    for jobdir in jobdirs:
-        jobdir.mkdir(parents=True)
-        (jobdir / "record").write_bytes(b"x")
-    for jobdir in jobdirs:
-        assert sweeper.drop(str(jobdir)) is True
-    assert not any(d.exists() for d in jobdirs)  # out of the table at once
+    (tmp_path / "jobs").mkdir()
+    files = [tmp_path / "jobs" / f"AP-s{n}-a1.{name}" for n in range(5) for name in ("a", "b")]
+    for path in files:
+        path.write_bytes(b"x")
+    for n in range(5):
+        paths = [str(tmp_path / "jobs" / f"AP-s{n}-a1.{name}") for name in ("a", "b", "c")]
+        assert sweeper.drop(paths) is True
+    assert sweeper.drop([str(tmp_path / "jobs" / "AP-s9-a1.a")]) is False  # none there
+    assert not any(p.exists() for p in files)  # out of the table at once
     assert len(list(trash.iterdir())) == 10  # none deleted yet: the batch is still open
     until(lambda: not any(trash.iterdir()) or None, "the batch deleted")
+
+
+def test_a_job_makes_no_directory_and_an_ack_leaves_none_of_its_files(tmp_path: Path) -> None:
+    """A job's files sit in the table's root (`ID.NAME`): a directory per job cost more CPU
+    (its creation, its first file, its removal) than the rest of a trivial job."""
+    root = tmp_path / "jobs"
+    table = JobTable(root)
+    try:
+        assert table.run("AP-s1-a1", "builtins:abs", [-1]) == 1
+        assert table.run("AP-s1-a1.x", "builtins:abs", [-2]) == 2  # dotted ids stay apart
+        assert not [p for p in root.iterdir() if p.is_dir()]
+        names = sorted(p.name for p in root.iterdir())
+        kinds = ("output", "record", "result")
+        assert names == [f"AP-s1-a1{x}.{n}" for x in ("", ".x") for n in kinds]
+        assert [r.job_id for r in table.records()] == ["AP-s1-a1", "AP-s1-a1.x"]
+        assert table.ack("AP-s1-a1") is True
+        assert sorted(p.name for p in root.iterdir()) == names[3:]  # the other job's only
+        assert table.ack("AP-s1-a1") is False
+        assert table.run("AP-s1-a1", "builtins:abs", [-3]) == 3  # the id is free again
+    finally:
+        table.close()
+
+
+def test_jobs_of_a_worker_from_before_the_flat_layout_are_kept(tmp_path: Path) -> None:
+    """A directory per job (as earlier workers left them) becomes files of the root at start."""
+    first = JobTable(tmp_path / "jobs")
+    try:
+        assert first.run("AP-s1-a1", "builtins:abs", [-5]) == 5
+        running = JobRecord("PC1-s2-a1", "builtins:abs", JobState.RUNNING, started=2.0)
+    finally:
+        first.close()
+    root = tmp_path / "jobs"
+    for job_id in ("AP-s1-a1", "PC1-s2-a1"):
+        (root / job_id).mkdir()
+    for name in ("record", "result", "output"):
+        os.rename(root / f"AP-s1-a1.{name}", root / "AP-s1-a1" / name)
+    (root / "PC1-s2-a1" / "record").write_bytes(running.encode())
+    (root / "stray.record.tmp").write_bytes(b"half")
+    again = JobTable(root)
+    try:
+        again.recover()
+        until(lambda: not [p for p in root.iterdir() if p.is_dir()] or None, "dirs swept")
+        states = {r.job_id: r.state for r in again.records()}
+        assert states == {"AP-s1-a1": JobState.DONE, "PC1-s2-a1": JobState.FAILED}
+        assert again.run("AP-s1-a1", "builtins:abs", [-5]) == 5  # its result, not a re-run
+        assert not (root / "stray.record.tmp").exists()
+    finally:
+        again.close()

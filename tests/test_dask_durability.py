@@ -25,10 +25,9 @@ def test_a_done_job_costs_no_fsync_in_the_worker_nor_in_its_child(
     synced: list[int] = []
     real = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real(fd))
-    jobdir = tmp_path / "inline"
-    jobdir.mkdir()
-    assert child.main(["child", str(jobdir)], encode_spec("builtins:abs", [-2])) == 0
-    assert child.open_result((jobdir / "result").read_bytes()) == 2
+    prefix = tmp_path / "inline"
+    assert child.main(["child", str(prefix)], encode_spec("builtins:abs", [-2])) == 0
+    assert child.open_result((tmp_path / "inline.result").read_bytes()) == 2
     table = JobTable(tmp_path / "jobs")
     try:
         assert table.run("AP-s1-a1", "builtins:abs", [-3]) == 3
@@ -46,13 +45,13 @@ def test_a_torn_result_is_a_failed_job_never_a_result(tmp_path: Path, torn: byte
     table = JobTable(tmp_path / "jobs")
     try:
         assert table.run("AP-s1-a1", "builtins:abs", [-1]) == 1
-        jobdir = tmp_path / "jobs" / "AP-s1-a1"
-        (jobdir / "result").write_bytes(torn)  # as a power loss may leave it
+        job = tmp_path / "jobs" / "AP-s1-a1"
+        job.with_name(f"{job.name}.result").write_bytes(torn)  # as a power loss may leave it
         with pytest.raises(JobFailed, match="result on the worker is missing or unreadable"):
             table.run("AP-s1-a1", "builtins:abs", [-1])
         (record,) = table.records()
         record.state = JobState.RUNNING  # the done record lost too: recovery reads the result
-        (jobdir / "record").write_bytes(record.encode())
+        job.with_name(f"{job.name}.record").write_bytes(record.encode())
     finally:
         table.close()
     again = JobTable(tmp_path / "jobs")
@@ -71,10 +70,10 @@ def test_a_lost_record_runs_the_job_again_a_lost_result_does_not(tmp_path: Path)
     try:
         assert table.run("AP-s1-a1", "builtins:abs", [-1]) == 1
         assert table.run("AP-s2-a1", "builtins:abs", [-2]) == 2
-        # After a power loss: the first job's directory without its record, the second's
-        # done record without its result.
-        os.unlink(tmp_path / "jobs" / "AP-s1-a1" / "record")
-        os.unlink(tmp_path / "jobs" / "AP-s2-a1" / "result")
+        # After a power loss: the first job's files without its record, the second's done
+        # record without its result.
+        os.unlink(tmp_path / "jobs" / "AP-s1-a1.record")
+        os.unlink(tmp_path / "jobs" / "AP-s2-a1.result")
         assert table.run("AP-s1-a1", "builtins:abs", [-1]) == 1  # its run died: run again
         with pytest.raises(JobFailed, match="missing or unreadable"):
             table.run("AP-s2-a1", "builtins:abs", [-2])
@@ -93,7 +92,7 @@ def test_a_job_that_ends_well_writes_its_record_once(
     table = JobTable(tmp_path / "jobs")
     try:
         assert table.run("AP-s1-a1", "jobfuncs:add", args) == 5
-        raw = JobRecord.decode((tmp_path / "jobs" / "AP-s1-a1" / "record").read_bytes())
+        raw = JobRecord.decode((tmp_path / "jobs" / "AP-s1-a1.record").read_bytes())
         assert raw.state is JobState.RUNNING and raw.pid > 0  # as written before its child ran
         (record,) = table.records()
         assert record.state is JobState.DONE and record.exit_code == 0

@@ -220,7 +220,7 @@ def _pc1_running_then_engine_stopped(
     until(lambda: len(_runs(tmp / "gate")) == 1, "PC1 started on the worker")
     ((what, pid),) = _runs(tmp / "gate")
     assert what == "start"
-    assert (tmp / "wa" / "jobs" / "wa" / "PC1-s1-a1" / "record").is_file()
+    assert (tmp / "wa" / "jobs" / "wa" / "PC1-s1-a1.record").is_file()
     if kill:
         first.kill()  # SIGKILL: the engine and its embedded Dask scheduler die at once
     else:
@@ -241,7 +241,7 @@ def _proving_from_that_pc1(engine: _Engine, tmp: Path, pid: str) -> None:
     assert "event;SectorPreCommit1" in kinds
     assert not [k for k in kinds if "Failed" in k], kinds
     # Collected, its commit durable, then acknowledged: the worker forgot the job.
-    assert not (tmp / "wa" / "jobs" / "wa" / "PC1-s1-a1").exists()
+    assert not (tmp / "wa" / "jobs" / "wa" / "PC1-s1-a1.record").exists()
     assert (tmp / "wa" / "store" / "sealed" / "s-t01000-1").is_file()
 
 

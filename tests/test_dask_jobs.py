@@ -140,9 +140,9 @@ def test_bad_input_is_one_line_and_changes_nothing(tmp_path: Path) -> None:
 
 def test_a_job_left_running_by_a_dead_worker_is_failed_not_rerun(tmp_path: Path) -> None:
     table = JobTable(tmp_path / "jobs")
-    (tmp_path / "jobs" / "PC1-s1-a1").mkdir(parents=True)
+    (tmp_path / "jobs").mkdir()
     left = JobRecord("PC1-s1-a1", GATE, JobState.RUNNING, pid=0, started=1.0)
-    (tmp_path / "jobs" / "PC1-s1-a1" / "record").write_bytes(left.encode())
+    (tmp_path / "jobs" / "PC1-s1-a1.record").write_bytes(left.encode())
     table.recover()
     (record,) = table.records()
     assert record.state is JobState.FAILED and "not re-run" in record.error
@@ -154,9 +154,9 @@ def test_a_job_left_running_by_a_dead_worker_is_failed_not_rerun(tmp_path: Path)
 
 def test_a_job_id_is_never_reused_for_other_work(tmp_path: Path) -> None:
     table = JobTable(tmp_path / "jobs")
-    (tmp_path / "jobs" / "AP-s1-a1").mkdir(parents=True)
+    (tmp_path / "jobs").mkdir()
     done = JobRecord("AP-s1-a1", "jobfuncs:add", JobState.DONE, digest="0" * 64)
-    (tmp_path / "jobs" / "AP-s1-a1" / "record").write_bytes(done.encode())
+    (tmp_path / "jobs" / "AP-s1-a1.record").write_bytes(done.encode())
     with pytest.raises(JobSpecError, match="already names another job"):
         table.run("AP-s1-a1", "jobfuncs:add", ["count", 9, 9])
     assert table.records() == [done]
@@ -487,7 +487,7 @@ def test_acks_carried_by_a_job_are_forgotten_while_it_runs(
     try:
         assert table.run("AP-s1-a1", "builtins:abs", [-1]) == 1
         assert table.run("AP-s2-a1", "builtins:abs", [-2]) == 2
-        (tmp_path / "jobs" / "AP-s2-a1" / "spec").write_bytes(b"left by a fresh child")
+        (tmp_path / "jobs" / "AP-s2-a1.spec").write_bytes(b"left by a fresh child")
         gated = threading.Thread(
             target=lambda: done.append(
                 table.run("PC1-s3-a1", GATE, [str(count), str(go), 3], ["AP-s1-a1", "AP-s2-a1"])
@@ -500,7 +500,8 @@ def test_acks_carried_by_a_job_are_forgotten_while_it_runs(
         go.touch()
         gated.join(HANG_GUARD)
         assert done == [3]
-        assert sorted(p.name for p in (tmp_path / "jobs").iterdir()) == ["PC1-s3-a1"]
+        left = sorted(p.name for p in (tmp_path / "jobs").iterdir())
+        assert left == ["PC1-s3-a1.output", "PC1-s3-a1.record", "PC1-s3-a1.result"]
     finally:
         go.touch()
         table.close()

@@ -196,10 +196,10 @@ def test_a_running_record_with_a_complete_result_is_done_after_a_restart(tmp_pat
     table = JobTable(tmp_path / "jobs")
     try:
         assert table.run("AP-s1-a1", "builtins:abs", [-4]) == 4
-        jobdir = tmp_path / "jobs" / "AP-s1-a1"
         (record,) = table.records()
         record.state = JobState.RUNNING
-        (jobdir / "record").write_bytes(record.encode())  # as if the done record was lost
+        # As if the done record was lost.
+        (tmp_path / "jobs" / "AP-s1-a1.record").write_bytes(record.encode())
     finally:
         table.close()
     again = JobTable(tmp_path / "jobs")
@@ -381,20 +381,18 @@ def test_a_child_dying_mid_job_fails_that_job_only(tmp_path: Path) -> None:
 def test_a_kill_of_an_ended_job_never_reaches_the_next_job_of_its_child(tmp_path: Path) -> None:
     spawn = spawner.Spawner(PoolConfig(size=1))
     count, go = tmp_path / "count", tmp_path / "go"
-    dirs = [tmp_path / name for name in ("a", "b")]
-    for d in dirs:
-        d.mkdir()
+    prefixes = [str(tmp_path / name) for name in ("a", "b")]
     try:
-        ended = spawn.start(dirs[0], encode_spec("builtins:abs", [-1]))
+        ended = spawn.start(prefixes[0], encode_spec("builtins:abs", [-1]))
         assert ended.wait() == 0
-        running = spawn.start(dirs[1], encode_spec("jobfuncs:gate", [str(count), str(go), 2]))
+        running = spawn.start(prefixes[1], encode_spec("jobfuncs:gate", [str(count), str(go), 2]))
         assert running.pid == ended.pid  # the same warm child, on its next job
         until(lambda: lines(count) or None, "the next job running")
         ended.returncode = None  # as if the end had not reached the worker yet
         ended.signal(signal.SIGKILL)  # the spawner knows better: this job is over
         go.touch()
         assert running.wait() == 0
-        assert (dirs[1] / "result").exists()
+        assert (tmp_path / "b.result").exists()
     finally:
         go.touch()
         spawn.close()

@@ -1,11 +1,15 @@
-"""The child process of one job on a Dask worker: `python -m ...dask.child JOBDIR`.
+"""The child process of one job on a Dask worker: `python -m ...dask.child PREFIX`.
 
-It reads `JOBDIR/spec` (msgpack: an importable function path `module:name` and its
-arguments; a warm child of the spawner's pool gets those bytes from the worker instead),
-calls the function and writes its result to `JOBDIR/result` (`seal_result`; atomically: a
-result file is complete or absent, short of a power loss of the machine, see `jobs.py`). A
-failure prints its traceback to stderr (the worker keeps the tail) and exits 1. Nothing
-else: the registry in `jobs.py` owns the job record.
+A job's files sit side by side in its table's directory, named `PREFIX.NAME` with `PREFIX`
+the directory and the job id (`job_file`): no directory per job, whose creation and removal
+cost more CPU than the rest of a trivial job's files together (a fresh directory's first
+file costs an ext4 inode allocation in another block group). It reads `PREFIX.spec`
+(msgpack: an importable function path `module:name` and its arguments; a warm child of the
+spawner's pool gets those bytes from the worker instead), calls the function and writes its
+result to `PREFIX.result` (`seal_result`; atomically: a result file is complete or absent,
+short of a power loss of the machine, see `jobs.py`). A failure prints its traceback to
+stderr (the worker keeps the tail) and exits 1. Nothing else: the registry in `jobs.py` owns
+the job record.
 """
 
 from __future__ import annotations
@@ -27,6 +31,18 @@ RECORD = "record"
 RESULT = "result"
 #: The job's stdout and stderr (the worker keeps its last line for a failure).
 OUTPUT = "output"
+#: Every file a job may have, its record last: deleted in this order, the job stays known
+#: (by its record) until the last of them is gone.
+JOB_FILES = (RESULT, OUTPUT, SPEC, RECORD)
+
+
+def job_file(prefix: str, name: str) -> str:
+    """The path of the job's file `name` (`RECORD`, `RESULT`, ...) for its path `prefix`.
+
+    Job ids may hold dots, yet `ID.NAME` names one job's file only: no name (nor its
+    `.tmp`) ends with `.` and another name.
+    """
+    return f"{prefix}.{name}"
 
 
 def resolve(path: str) -> Callable[..., Any]:
@@ -78,15 +94,16 @@ def write_atomic(path: str | Path, data: bytes, sync: bool = True) -> None:
 
 
 def main(argv: list[str], spec: bytes | None = None) -> int:
-    """Run the job in `argv[1]` (spec given, or read there); 0 once its result is written."""
-    jobdir = Path(argv[1])
+    """Run the job of path prefix `argv[1]` (spec given, or read from its spec file); 0 once
+    its result is written."""
+    prefix = argv[1]
     try:
-        raw = (jobdir / SPEC).read_bytes() if spec is None else spec
+        raw = Path(job_file(prefix, SPEC)).read_bytes() if spec is None else spec
         func, args = msgpack.unpackb(raw, raw=False)
         result = resolve(func)(*args)
         # Not synced: the page cache keeps it across a kill of any of our processes, and
         # after a power loss the registry reads a lost or torn result as a failed job.
-        write_atomic(f"{jobdir}/{RESULT}", seal_result(result), sync=False)
+        write_atomic(job_file(prefix, RESULT), seal_result(result), sync=False)
     except BaseException:  # whatever it was, the worker shows its last line
         traceback.print_exc()
         sys.stderr.flush()

@@ -11,7 +11,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from .child import OUTPUT
+from .child import OUTPUT, job_file
 from .spawner import SpawnedChild
 
 #: Bytes of the child's output kept for its error message.
@@ -32,11 +32,11 @@ def signal_child(proc: subprocess.Popen[bytes] | SpawnedChild, sig: int) -> None
         signal_group(proc.pid, sig)
 
 
-def kill_stray(pid: int, jobdir: Path) -> None:
+def kill_stray(pid: int, prefix: str) -> None:
     """SIGKILL a child that outlived its worker (no `PR_SET_PDEATHSIG`), if `pid` is it.
 
-    A forked child running the job is known by its stdout (the job's output file), an
-    exec'd one by its command line.
+    A forked child running the job (its files' path `prefix`) is known by its stdout (the
+    job's output file), an exec'd one by its command line.
     """
     if pid <= 0:
         return
@@ -45,7 +45,7 @@ def kill_stray(pid: int, jobdir: Path) -> None:
         stdout = os.readlink(f"/proc/{pid}/fd/1")
     except OSError:
         return  # gone (or no /proc: nothing to check it against)
-    if str(jobdir).encode() in cmdline.split(b"\0") or stdout == str(jobdir / OUTPUT):
+    if prefix.encode() in cmdline.split(b"\0") or stdout == job_file(prefix, OUTPUT):
         signal_group(pid, signal.SIGKILL)
 
 
@@ -56,7 +56,7 @@ def describe_exit(rc: int | None) -> str:
     return f"exit code {rc}"
 
 
-def last_line(output: Path) -> str:
+def last_line(output: str) -> str:
     """The last non-blank line the child printed (a traceback ends with the exception)."""
     try:
         with open(output, "rb") as f:

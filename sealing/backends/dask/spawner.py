@@ -10,7 +10,7 @@ has it); a spawner that died is started again by the next job.
 The spawner only forks, reaps and signals (`pool.py`): each child it forks (its own session,
 dying with the spawner) comes with one end of a socket pair, which the spawner hands to the
 worker (`SCM_RIGHTS`) and closes. From then on the worker talks to the child itself: it
-writes `SEQ SPEC JOBDIR` (`SPEC`: the job's spec in hex, so the child reads no file) and
+writes `SEQ SPEC PREFIX` (`SPEC`: the job's spec in hex, so the child reads no file) and
 reads `RC RETIRE [REASON]` when the job ended, on the thread that also reads the spawner
 (`child PID` with the socket, `died PID RC` once a child is reaped, `error REASON`). A job's
 start and end are one message each, with no process and no thread between the worker and its
@@ -40,11 +40,10 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from ..joblock import die_with
 from . import pool
-from .child import OUTPUT
+from .child import OUTPUT, job_file
 from .pool import PoolConfig
 
 _MODULE = "sectorfsm.sealing.backends.dask.spawner"
@@ -140,9 +139,9 @@ class Spawner:
 
     # ------------------------------------------------------------------ jobs
 
-    def start(self, jobdir: Path | str, spec: bytes) -> SpawnedChild:
-        """Run the job in `jobdir` with its `spec` in a warm child; `OSError` if none can run it."""
-        return self.run(self.reserve(), jobdir, spec)
+    def start(self, prefix: str, spec: bytes) -> SpawnedChild:
+        """Run the job (files at `prefix`) with its `spec` in a warm child; `OSError` if none."""
+        return self.run(self.reserve(), prefix, spec)
 
     def take_idle(self) -> WarmChild | None:
         """An idle warm child for one job, or None at once (none idle: `reserve` waits)."""
@@ -181,7 +180,7 @@ class Spawner:
     def run(
         self,
         warm: WarmChild,
-        jobdir: Path | str,
+        prefix: str,
         spec: bytes,
         on_end: Callable[[int], None] | None = None,
     ) -> SpawnedChild:
@@ -199,7 +198,7 @@ class Spawner:
             spawned.ended(gone)
             return spawned
         with contextlib.suppress(OSError):  # dead meanwhile: its reaping ends the job
-            warm.sock.sendall(f"{spawned.seq} {spec.hex()} {jobdir}\n".encode())
+            warm.sock.sendall(f"{spawned.seq} {spec.hex()} {prefix}\n".encode())
         return spawned
 
     def release(self, warm: WarmChild) -> None:
@@ -468,7 +467,7 @@ class Spawner:
             job.ended(-signal.SIGKILL)
 
 
-def fresh_child(jobdir: Path, on_end: Callable[[int], None]) -> SpawnedChild:
+def fresh_child(prefix: str, on_end: Callable[[int], None]) -> SpawnedChild:
     """Run the job in a fresh interpreter (when the spawner cannot); `OSError` if it can't.
 
     A thread of its own starts and reaps it, and so lives exactly as long as the child
@@ -479,7 +478,7 @@ def fresh_child(jobdir: Path, on_end: Callable[[int], None]) -> SpawnedChild:
 
     def watch() -> None:
         try:
-            proc = popen_child(jobdir)
+            proc = popen_child(prefix)
         except OSError as exc:
             box.append(exc)
             started.set()
@@ -490,7 +489,7 @@ def fresh_child(jobdir: Path, on_end: Callable[[int], None]) -> SpawnedChild:
         started.set()
         spawned.ended(proc.wait())
 
-    threading.Thread(target=watch, name=f"job-{jobdir.name}", daemon=True).start()
+    threading.Thread(target=watch, name=f"job-{os.path.basename(prefix)}", daemon=True).start()
     started.wait()
     if isinstance(box[0], OSError):
         raise box[0]
@@ -502,11 +501,11 @@ def _signal_group(pid: int, sig: int) -> None:
         os.killpg(pid, sig)
 
 
-def popen_child(jobdir: Path) -> subprocess.Popen[bytes]:
-    """Start the job's child as a fresh interpreter (when the spawner cannot)."""
-    with open(jobdir / OUTPUT, "wb") as out:
+def popen_child(prefix: str) -> subprocess.Popen[bytes]:
+    """Start the job's child (files at `prefix`) as a fresh interpreter (no spawner runs)."""
+    with open(job_file(prefix, OUTPUT), "wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", _CHILD, str(jobdir)],
+            [sys.executable, "-m", _CHILD, prefix],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=out,

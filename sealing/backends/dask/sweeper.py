@@ -1,12 +1,12 @@
-"""Acknowledged job directories: out of the job table at once, deleted later by one thread.
+"""Acknowledged jobs' files: out of the job table at once, deleted later by one thread.
 
-An acknowledged job's directory (record, result, output) is deleted. On a busy disk an
-unlink or an rmdir waits for milliseconds (journal commits of other processes), and done
-under the table's lock that wait held up every job of the worker, the ends of running ones
-included. So `Sweeper.drop` only renames the directory into the trash beside the table's
-root (one call, microseconds: the id is free again at once, as before), and a daemon thread
-deletes what is there. Whatever a killed worker left in the trash is deleted by the next
-table on the same root (`resume`). The trash is never read: a job in it is forgotten.
+An acknowledged job's files (result, output, record) are deleted. On a busy disk an unlink
+waits for milliseconds (journal commits of other processes), and done under the table's
+lock that wait held up every job of the worker, the ends of running ones included. So
+`Sweeper.drop` only renames the files into the trash beside the table's root (microseconds:
+the id is free again at once), and a daemon thread deletes what is there. Whatever a killed
+worker left in the trash is deleted by the next table on the same root (`resume`). The
+trash is never read: a job in it is forgotten.
 
 The thread deletes in batches, woken at most once per `SWEEP_DELAY`: woken for every job,
 its wake-up and its turn at the interpreter lock cost the worker's event loop more than
@@ -21,6 +21,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Iterable
 
 from .child import OUTPUT, RECORD, RESULT
 
@@ -40,23 +41,36 @@ class Sweeper:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def drop(self, jobdir: str) -> bool:
-        """Take `jobdir` out of its table now (deleted soon); False if there is none."""
-        if not os.path.isdir(jobdir):
-            return False
-        gone = f"{self.trash}/{os.path.basename(jobdir.rstrip('/'))}.{os.getpid()}"
-        gone = f"{gone}.{next(self._names)}"
-        try:
-            os.rename(jobdir, gone)
-        except OSError:  # no trash directory yet (or a stale name in it)
-            os.makedirs(self.trash, exist_ok=True)
+    def drop(self, paths: Iterable[str]) -> bool:
+        """Take the files `paths` out of their table now, in order (deleted soon); False if
+        none of them was there."""
+        moved = []
+        for path in paths:
+            gone = f"{self.trash}/{os.path.basename(path)}.{os.getpid()}.{next(self._names)}"
             try:
-                os.rename(jobdir, gone)
-            except OSError:
-                delete(jobdir)  # in place, then
-                return True
-        self._later(gone)
-        return True
+                os.rename(path, gone)
+            except FileNotFoundError:
+                if os.path.lexists(path):  # no trash directory yet
+                    os.makedirs(self.trash, exist_ok=True)
+                    gone = self._move(path, gone)
+                else:
+                    continue
+            except OSError:  # a stale name in the trash, or no room for it there
+                gone = self._move(path, gone)
+            moved.append(gone)
+        for gone in moved:
+            self._later(gone)
+        return bool(moved)
+
+    @staticmethod
+    def _move(path: str, gone: str) -> str:
+        """`path` renamed to `gone`, or deleted in place if it cannot be; what to sweep."""
+        try:
+            os.rename(path, gone)
+            return gone
+        except OSError:
+            delete(path)
+            return path
 
     def resume(self) -> None:
         """Delete what is left in the trash (by a process that died before it could)."""
@@ -86,15 +100,21 @@ class Sweeper:
                 delete(path)
 
 
-def delete(jobdir: str) -> None:
-    """Delete a job's directory: the files a job leaves, one call each, then the directory."""
-    # rmtree's safe walk costs a dozen calls more; it only runs for a stray file.
-    for name in (RECORD, RESULT, OUTPUT):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(f"{jobdir}/{name}")
+def delete(path: str) -> None:
+    """Delete a job's file, or a job's directory (as workers before the flat layout left)."""
     try:
-        os.rmdir(jobdir)
+        os.unlink(path)
+        return
+    except FileNotFoundError:
+        return
+    except OSError:  # a directory: its files one call each, rmtree only for a stray file
+        pass
+    for name in (RECORD, RESULT, OUTPUT):
+        with contextlib.suppress(OSError):
+            os.unlink(f"{path}/{name}")
+    try:
+        os.rmdir(path)
     except FileNotFoundError:
         pass
     except OSError:  # something else in it (a spec, a temporary file)
-        shutil.rmtree(jobdir, ignore_errors=True)
+        shutil.rmtree(path, ignore_errors=True)

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import dask.config
 
-from .child import OUTPUT, RECORD, RESULT, SPEC, open_result, write_atomic
+from .child import JOB_FILES, OUTPUT, RECORD, RESULT, SPEC, job_file, open_result, write_atomic
 from .jobrecord import (
     JobCancelled,
     JobDetached,
@@ -94,6 +94,7 @@ class JobTable:
     def __init__(self, root: Path, pool: PoolConfig | None = None) -> None:
         self.root = root
         self._root = str(root)  # the hot paths join strings: pathlib was a tenth of their CPU
+        self._made = False  # whether `root` is known to exist
         self._lock = threading.Lock()
         self._active: dict[str, _Active] = {}
         self._spawner = Spawner(pool if pool is not None else pool_config())
@@ -109,11 +110,12 @@ class JobTable:
 
     # ------------------------------------------------------------------ records
 
-    def _dir(self, job_id: str) -> Path:
-        return self.root / job_id
+    def _prefix(self, job_id: str) -> str:
+        """The path of job `job_id`'s files without their name (`child.job_file`)."""
+        return f"{self._root}/{job_id}"
 
     def _path(self, job_id: str, name: str) -> str:
-        return f"{self._root}/{job_id}/{name}"
+        return f"{self._root}/{job_id}.{name}"
 
     def _read(self, job_id: str, settle: bool = True) -> JobRecord | None:
         """The job's record; with `settle`, a finished `running` one reads as `done`.
@@ -144,10 +146,13 @@ class JobTable:
 
     def records(self, settle: bool = True) -> list[JobRecord]:
         """Every job this worker has a record of, oldest first (`settle`: see `_read`)."""
-        if not self.root.is_dir():
+        try:
+            names = os.listdir(self._root)
+        except OSError:
             return []
-        dirs = (d for d in self.root.iterdir() if d.is_dir())
-        found = [r for d in dirs if (r := self._read(d.name, settle)) is not None]
+        suffix = f".{RECORD}"
+        ids = (n[: -len(suffix)] for n in names if n.endswith(suffix))
+        found = [r for job_id in ids if (r := self._read(job_id, settle)) is not None]
         return sorted(found, key=lambda r: (r.started, r.job_id))
 
     def recover(self) -> None:
@@ -157,12 +162,14 @@ class JobTable:
         complete is done after all. Nothing is re-run.
         """
         self.root.mkdir(parents=True, exist_ok=True)
+        self._made = True
         self._sweeper.resume()  # acknowledged jobs the last process left undeleted
         with self._lock:
+            self._tidy()
             for record in self.records(settle=False):
                 if record.state is not JobState.RUNNING or record.job_id in self._active:
                     continue
-                kill_stray(record.pid, self._dir(record.job_id))
+                kill_stray(record.pid, self._prefix(record.job_id))
                 if self._result(record.job_id) is not _LOST:
                     record.state = JobState.DONE
                 else:
@@ -173,6 +180,20 @@ class JobTable:
                     )
                 record.finished = time.time()
                 self._write(record)
+
+    def _tidy(self) -> None:
+        """Before any job runs here: drop half-written temporary files, and move the jobs of
+        a worker from before the flat layout (a directory per job) to files of the root."""
+        for entry in os.scandir(self._root):
+            if entry.name.endswith(".tmp") and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+            elif entry.is_dir(follow_symlinks=False):
+                for name in JOB_FILES:
+                    with contextlib.suppress(OSError):
+                        if not os.path.lexists(self._path(entry.name, name)):
+                            os.rename(f"{entry.path}/{name}", self._path(entry.name, name))
+                self._sweeper.drop([entry.path])
 
     # ------------------------------------------------------------------ running
 
@@ -278,21 +299,12 @@ class JobTable:
                 active.waiters.clear()
 
     def _claim(self, job_id: str) -> JobRecord | None:
-        """The job's record, or None after making its directory (with `_lock` held).
-
-        The directory is made first: for a new job (the usual case) it is the only call.
-        """
-        jobdir = self._path(job_id, "")
-        try:
-            os.mkdir(jobdir)
-            return None
-        except FileExistsError:
-            pass
-        except FileNotFoundError:  # the table's first job makes its root
-            os.makedirs(jobdir, exist_ok=True)
-            return None
+        """The job's record, or None for a new job (with `_lock` held)."""
+        if not self._made:  # the table's first job makes its root
+            os.makedirs(self._root, exist_ok=True)
+            self._made = True
         record = self._read(job_id)
-        if record is None:  # left without a record by a crash: reuse its directory
+        if record is None:  # a result without a record is no result of this job
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._path(job_id, RESULT))
         return record
@@ -307,7 +319,7 @@ class JobTable:
         warm: WarmChild | None,
     ) -> None:
         """Write the job's record, then hand the job to `warm` (None: a fresh child)."""
-        jobdir = f"{self._root}/{job_id}"
+        prefix = self._prefix(job_id)
         record = JobRecord(job_id, func, JobState.RUNNING, started=time.time(), digest=digest)
         record.pid = warm.pid if warm is not None else 0
         active.record = record
@@ -327,11 +339,11 @@ class JobTable:
 
         # Not under `_lock`: a child that died since its reservation ends the job at once.
         if warm is not None:
-            spawned = self._spawner.run(warm, jobdir, spec, on_end)
+            spawned = self._spawner.run(warm, prefix, spec, on_end)
         else:  # no spawner: a fresh interpreter, which reads its spec from a file
-            write_atomic(f"{jobdir}/{SPEC}", spec, sync=False)
+            write_atomic(job_file(prefix, SPEC), spec, sync=False)
             try:
-                spawned = fresh_child(Path(jobdir), on_end)
+                spawned = fresh_child(prefix, on_end)
             except OSError as exc:
                 active.ending = (JobState.FAILED, f"failed: cannot start its child: {exc}")
                 self._finish(job_id, active, -1)
@@ -355,7 +367,7 @@ class JobTable:
             else:
                 record.state = JobState.FAILED
                 record.error = (
-                    f"failed ({describe_exit(rc)}): {last_line(self._dir(job_id) / OUTPUT)}"
+                    f"failed ({describe_exit(rc)}): {last_line(self._path(job_id, OUTPUT))}"
                 )
             # A done job's record stays `running`: its result says it is done (`_read`).
             # Failed and cancelled ends are synced: after a machine crash they must not read
@@ -415,7 +427,7 @@ class JobTable:
                 record = self._read(job_id)
                 if record is not None:
                     return record.state
-                self._dir(job_id).mkdir(parents=True, exist_ok=True)
+                os.makedirs(self._root, exist_ok=True)
                 now = time.time()
                 error = "cancelled before it started"
                 self._write(JobRecord(job_id, "", JobState.CANCELLED, 0, now, now, error=error))
@@ -432,14 +444,15 @@ class JobTable:
     def ack(self, job_id: str) -> bool:
         """Forget a finished job (its result was collected); False if there is no record.
 
-        Its directory leaves the table at once; its files are deleted later (`sweeper.py`).
+        Its files leave the table at once, its record last; they are deleted later
+        (`sweeper.py`).
         """
         check_job_id(job_id)
         with self._lock:
             if job_id in self._active:
                 raise JobSpecError(f"job {job_id} is running: kill it before acknowledging it")
-            # Out of the table at once (one rename); deleted off the lock by the sweeper.
-            return self._sweeper.drop(self._path(job_id, ""))
+            # Out of the table at once (a rename each); deleted off the lock by the sweeper.
+            return self._sweeper.drop([self._path(job_id, name) for name in JOB_FILES])
 
     def forget(self, job_ids: Iterable[str]) -> int:
         """`ack` each finished job of `job_ids`; a running or badly named one is skipped.

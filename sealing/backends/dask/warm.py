@@ -3,8 +3,8 @@
 Forked by the spawner's pool (`pool.py`), it makes its own session (a kill of its job
 signals this process group: the job and whatever it started), arms `PR_SET_PDEATHSIG` on
 the spawner and becomes a child subreaper, so a process its job left behind stays visible
-here. For each `SEQ SPEC JOBDIR` line on its socket it points stdout and stderr at
-`JOBDIR/output`, runs `child.main` (which writes the result before returning), puts back
+here. For each `SEQ SPEC PREFIX` line on its socket it points stdout and stderr at
+`PREFIX.output`, runs `child.main` (which writes the result before returning), puts back
 the working directory, environment, umask, `sys.path`, standard streams and signal handlers
 the job may have changed, and answers `RC RETIRE [REASON]`. It retires (exits after
 answering) after `max_jobs` jobs, once its resident memory peaked past `max_rss_mib`, or
@@ -115,14 +115,16 @@ def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def run(jobdir: str, spec: bytes) -> int:
-    """Run one job with stdout and stderr in its output file; its exit code."""
-    out = os.open(os.path.join(jobdir, child.OUTPUT), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+def run(prefix: str, spec: bytes) -> int:
+    """Run one job (its files' path `prefix`) with stdout and stderr in its output file; its
+    exit code."""
+    output = child.job_file(prefix, child.OUTPUT)
+    out = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(out, 1)
     os.dup2(out, 2)
     os.close(out)
     try:
-        return child.main(["child", jobdir], spec)
+        return child.main(["child", prefix], spec)
     finally:
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
@@ -155,8 +157,8 @@ def serve(sock: socket.socket, config: PoolConfig, arm: Callable[[], None] | Non
     reader = sock.makefile("rb")
     done = 0
     while line := reader.readline():
-        _, spec, jobdir = line.decode().rstrip("\n").split(" ", 2)
-        rc = run(jobdir, bytes.fromhex(spec))
+        _, spec, prefix = line.decode().rstrip("\n").split(" ", 2)
+        rc = run(prefix, bytes.fromhex(spec))
         done += 1
         reason = baseline.restore() or leftovers()
         retire = bool(reason) or done >= config.max_jobs or rss_mib() > config.max_rss_mib
