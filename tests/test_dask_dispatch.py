@@ -82,3 +82,21 @@ def test_a_job_costs_the_engine_one_task_of_its_own(spawn: Spawner, tmp_path: Pa
         assert ours == ["DaskWorkerBackend.call.<locals>.result"], made
 
     in_cluster(tmp_path, body)
+
+
+def test_jobs_share_one_dask_task_prefix(spawn: Spawner, tmp_path: Path) -> None:
+    """Dask groups keys by their first word and keeps a prefix for good (scheduler and worker
+    metrics): a word per job (`j17-...`) grew both with every job."""
+
+    async def body(sched: Scheduler, cluster: Cluster, said: list[str]) -> None:
+        start_worker(spawn, cluster.address, "wa", identity("wa", (TaskType.ADD_PIECE,)))
+        await eventually(lambda: sched.find_worker("wa"), "wa registered")
+        (backend,) = cluster.membership.members.values()
+        assert cluster.scheduler is not None
+        before = set(cluster.scheduler.task_prefixes)
+        for n in range(1, 4):
+            assert await backend.submit(n, abs, -n) == n
+        assert set(cluster.scheduler.task_prefixes) - before <= {"job"}
+        assert len(set(cluster.scheduler.task_prefixes) - before) == 1
+
+    in_cluster(tmp_path, body)

@@ -140,8 +140,13 @@ class DaskWorkerBackend:
         return self.identity.name
 
     def job_key(self, job_id: int) -> str:
-        """The Dask key and registry id of the scheduler's job `job_id` on this worker."""
-        return f"j{job_id}-{self.epoch}"
+        """The Dask key and registry id of the scheduler's job `job_id` on this worker.
+
+        Its first word is the same for every job: Dask groups keys by it (`key_split`), and
+        a word per job (`j17-...`) made a task prefix per job in the scheduler and in the
+        worker's metrics, each kept for good and sent on with every heartbeat.
+        """
+        return f"job-{job_id}-{self.epoch}"
 
     def waits_on(self, key: str) -> bool:
         """Whether a call of the engine waits on job `key` here now."""
