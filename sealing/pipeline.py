@@ -26,6 +26,8 @@ from .states import SectorState
 log = logging.getLogger("sectorfsm.sealing")
 
 S = SectorState
+#: Sector handles kept (more than a 100-worker cluster has sectors at work at once).
+_REFS_KEPT = 4096
 
 
 class Sealing:
@@ -56,13 +58,22 @@ class Sealing:
         self.commit_batcher = CommitBatcher(self)
         self.group: StateGroup[SectorInfo] | None = None
         self._seeds: dict[int, tuple[int, Context]] = {}
+        #: One handle per sector while it works: the index, queue and caches keyed by it then
+        #: find it by identity (a new equal one ran the dataclass's `__eq__` at every lookup).
+        self._refs: dict[int, SectorRef] = {}
         chain_reorg = getattr(chain, "on_reorg", None)
         if chain_reorg is not None:
             chain_reorg(self._reorged)
 
     def ref(self, info: SectorInfo) -> SectorRef:
         """The scheduler's handle on a sector."""
-        return SectorRef(self.miner, info.number, info.sector_size or self.sector_size)
+        ref = self._refs.get(info.number)
+        size = info.sector_size or self.sector_size
+        if ref is None or ref.size != size:
+            if len(self._refs) >= _REFS_KEPT:  # (the oldest: sectors done, or left behind)
+                del self._refs[next(iter(self._refs))]
+            ref = self._refs[info.number] = SectorRef(self.miner, info.number, size)
+        return ref
 
     # -- seeds ------------------------------------------------------------------------------------
 
@@ -91,6 +102,7 @@ class Sealing:
     def forget(self, number: int) -> None:
         """Drop in-memory helpers of a sector that has nothing more to do."""
         self._seeds.pop(number, None)
+        self._refs.pop(number, None)
         self.input.close_sector(number)
 
     def close(self) -> None:

@@ -69,3 +69,22 @@ def test_the_step_is_the_handlers_coroutine_unless_a_retry_is_pending(tmp_path: 
             assert ran == [5, 6]
 
     run(main)
+
+
+def test_a_sector_keeps_one_handle_while_it_works(tmp_path: Path) -> None:
+    # The index, the queue and their caches are keyed by it: the same object is found by
+    # identity, where a new equal one ran the dataclass's `__eq__` at every lookup.
+    async def main() -> None:
+        async with miner(tmp_path) as m:
+            info = SectorInfo(number=5, state=SectorState.Packing)
+            ref = m.sealing.ref(info)
+            assert ref == SectorRef(m.miner_id, 5, m.sector_size)
+            assert m.sealing.ref(info) is ref
+            info.sector_size = m.sector_size * 2  # (another size: another handle)
+            assert m.sealing.ref(info).size == m.sector_size * 2
+            m.sealing.forget(5)
+            info.sector_size = 0
+            again = m.sealing.ref(info)
+            assert again == ref and again is not ref
+
+    run(main)
