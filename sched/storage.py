@@ -80,14 +80,16 @@ class StorageIndex:
     """Sector files per path, and space reservations per task."""
 
     paths: dict[str, StoragePath] = field(default_factory=dict)
-    #: Path ids holding each file: a tuple, mostly of one (a set per file of every sector ever
-    #: sealed was a fifth of the engine's memory per finished sector).
-    _files: dict[tuple[SectorRef, FileType], tuple[str, ...]] = field(default_factory=dict)
+    #: Per sector, per single file type, `(path id, bytes counted there)` for each path that
+    #: holds it: a tuple, mostly of one (a set per file of every sector ever sealed was a
+    #: fifth of the engine's memory per finished sector). Keyed by sector first, so a task's
+    #: questions about its sector hash the sector once, not once per file type.
+    _sectors: dict[SectorRef, dict[FileType, tuple[tuple[str, int], ...]]] = field(
+        default_factory=dict
+    )
     _by_path: dict[str, set[tuple[SectorRef, FileType]]] = field(
         default_factory=lambda: defaultdict(set)
     )
-    #: Bytes counted for each recorded file, per path.
-    _bytes: dict[tuple[SectorRef, FileType, str], int] = field(default_factory=dict)
     _reservations: dict[int, list[_Reservation]] = field(default_factory=dict)
     #: Path ids per worker, so per-worker lookups do not scan every path.
     _of_worker: dict[str | None, list[str]] = field(default_factory=lambda: defaultdict(list))
@@ -135,86 +137,113 @@ class StorageIndex:
         A file's bytes are `sizes[file]` when given (what is really on disk), else Lotus's
         overhead for its type (while sealing, or `finalized`).
         """
-        if path_id not in self.paths:
+        path = self.paths.get(path_id)
+        if path is None:
             raise KeyError(f"unknown storage path {path_id!r}")
         self._held_by.pop(sector, None)
+        held = self._sectors.get(sector)
+        if held is None:
+            held = self._sectors[sector] = {}
+        by_path = self._by_path[path_id]
         for f in files.each():
             nbytes = sizes[f] if sizes is not None and f in sizes else None
             if nbytes is None:
                 nbytes = space_needed(f, sector.size, finalized=finalized)
-            key = (sector, f)
-            holders = self._files.get(key, ())
-            if path_id not in holders:
-                self._files[key] = (*holders, path_id)
-            self._by_path[path_id].add(key)
-            self._files_rev[self.paths[path_id].worker] += 1
-            self._count(sector, f, path_id, nbytes)
+            holders = held.get(f, ())
+            old = 0
+            for i, (pid, counted) in enumerate(holders):
+                if pid == path_id:
+                    old = counted
+                    held[f] = (*holders[:i], (path_id, nbytes), *holders[i + 1 :])
+                    break
+            else:
+                held[f] = (*holders, (path_id, nbytes))
+            path.stored += nbytes - old
+            by_path.add((sector, f))
+        if files:
+            self._files_rev[path.worker] += 1
 
     def remove_sector(self, sector: SectorRef, files: FileType, path_id: str | None = None) -> None:
         """Forget `files` of `sector` on one path (or on every path); their bytes are freed."""
         self._held_by.pop(sector, None)
+        held = self._sectors.get(sector)
+        if held is None:
+            return
+        paths = self.paths
         for f in files.each():
-            key = (sector, f)
-            holders = self._files.get(key)
+            holders = held.get(f)
             if not holders:
                 continue
-            gone = holders if path_id is None else (path_id,) if path_id in holders else ()
-            for pid in gone:
-                self._by_path[pid].discard(key)
-                if pid in self.paths:
-                    self._files_rev[self.paths[pid].worker] += 1
-                self._count(sector, f, pid, 0)
-            left = tuple(pid for pid in holders if pid not in gone)
+            left = []
+            for pid, counted in holders:
+                if path_id is not None and pid != path_id:
+                    left.append((pid, counted))
+                    continue
+                self._by_path[pid].discard((sector, f))
+                path = paths.get(pid)
+                if path is not None:
+                    self._files_rev[path.worker] += 1
+                    path.stored -= counted
             if left:
-                self._files[key] = left
+                held[f] = tuple(left)
             else:
-                del self._files[key]
+                del held[f]
+        if not held:
+            del self._sectors[sector]
 
     def move_sector(self, sector: SectorRef, files: FileType, path_id: str) -> None:
         """`files` moved to `path_id` from wherever they were; their bytes go with them."""
         sizes: dict[FileType, int] = {}
-        for f in files.each():
-            for pid in self._files.get((sector, f), ()):
-                sizes[f] = max(sizes.get(f, 0), self._bytes.get((sector, f, pid), 0))
+        held = self._sectors.get(sector)
+        if held is not None:
+            for f in files.each():
+                for _, counted in held.get(f, ()):
+                    sizes[f] = max(sizes.get(f, 0), counted)
         self.remove_sector(sector, files)
         self.add_sector(sector, files, path_id, sizes)
 
     def finalize_sector(self, sector: SectorRef, files: FileType) -> None:
         """Finalize shrank `files` of `sector`: count them at Lotus's finalized size."""
+        held = self._sectors.get(sector)
+        if held is None:
+            return
+        paths = self.paths
         for f in files.each():
-            for pid in self._files.get((sector, f), ()):
-                self._count(sector, f, pid, space_needed(f, sector.size, finalized=True))
+            holders = held.get(f)
+            if not holders:
+                continue
+            nbytes = space_needed(f, sector.size, finalized=True)
+            for pid, counted in holders:
+                path = paths.get(pid)
+                if path is not None:
+                    path.stored += nbytes - counted
+            held[f] = tuple((pid, nbytes) for pid, _ in holders)
 
     def sector_bytes(self, sector: SectorRef) -> dict[str, dict[FileType, int]]:
         """Path id -> the bytes counted for each of the sector's files there."""
         out: dict[str, dict[FileType, int]] = {}
-        for (_, f), holders in self._sector_files(sector):
-            for pid in holders:
-                out.setdefault(pid, {})[f] = self._bytes.get((sector, f, pid), 0)
+        held = self._sectors.get(sector)
+        if held:
+            for f in _EVERY_FILE:
+                for pid, counted in held.get(f, ()):
+                    out.setdefault(pid, {})[f] = counted
         return out
-
-    def _count(self, sector: SectorRef, f: FileType, path_id: str, nbytes: int) -> None:
-        key = (sector, f, path_id)
-        old = self._bytes.pop(key, 0)
-        if nbytes:
-            self._bytes[key] = nbytes
-        path = self.paths.get(path_id)
-        if path is not None:
-            path.stored += nbytes - old
 
     def find_sector(self, sector: SectorRef, files: FileType) -> dict[str, FileType]:
         """Which of `files` each path holds."""
         bits: dict[str, int] = {}
-        for f in files.each():
-            for pid in self._files.get((sector, f), ()):
-                bits[pid] = bits.get(pid, 0) | f.value
+        held = self._sectors.get(sector)
+        if held:
+            for f in files.each():
+                for pid, _ in held.get(f, ()):
+                    bits[pid] = bits.get(pid, 0) | f.value
         # One enum conversion per path: flag arithmetic makes a new member at every `|`.
         return {pid: FileType(b) for pid, b in bits.items()}
 
     def has_any(self, sector: SectorRef, files: FileType) -> bool:
         """True if any path holds any of `files` of `sector` (`find_sector`, without a dict)."""
-        table = self._files
-        return any((sector, f) in table for f in files.each())
+        held = self._sectors.get(sector)
+        return held is not None and any(f in held for f in files.each())
 
     def holders(self, sector: SectorRef, files: FileType) -> frozenset[str]:
         """Workers that hold *all* of `files` of `sector` on their local paths."""
@@ -234,10 +263,13 @@ class StorageIndex:
 
     def _holders(self, sector: SectorRef, files: FileType) -> set[str]:
         # One set per file type, intersected.
-        paths, table = self.paths, self._files
+        held = self._sectors.get(sector)
+        if held is None:
+            return set()
+        paths = self.paths
         out: set[str] | None = None
         for f in files.each():
-            ws = {w for pid in table.get((sector, f), ()) if (w := paths[pid].worker) is not None}
+            ws = {w for pid, _ in held.get(f, ()) if (w := paths[pid].worker) is not None}
             out = ws if out is None else out & ws
             if not out:
                 return set()
@@ -249,27 +281,24 @@ class StorageIndex:
         found = known.locations
         if found is None:
             per: dict[str | None, int] = {}
-            for (_, f), holders in self._sector_files(sector):
-                for pid in holders:
-                    w = self.paths[pid].worker
-                    per[w] = per.get(w, 0) | int(f)
+            held = self._sectors.get(sector)
+            if held:
+                paths = self.paths
+                for f in _EVERY_FILE:
+                    for pid, _ in held.get(f, ()):
+                        w = paths[pid].worker
+                        per[w] = per.get(w, 0) | int(f)
             found = known.locations = frozenset(per.items())
         return found
 
-    def _sector_files(
-        self, sector: SectorRef
-    ) -> Iterator[tuple[tuple[SectorRef, FileType], tuple[str, ...]]]:
-        files = self._files
-        for f in _EVERY_FILE:
-            holders = files.get((sector, f))
-            if holders:
-                yield (sector, f), holders
-
     def worker_holds(self, worker: str, sector: SectorRef, files: FileType) -> bool:
         """True if `worker` has all of `files` of `sector` locally."""
-        paths, table = self.paths, self._files
+        held = self._sectors.get(sector)
+        if held is None:
+            return False
+        paths = self.paths
         for f in files.each():
-            for pid in table.get((sector, f), ()):
+            for pid, _ in held.get(f, ()):
                 if paths[pid].worker == worker:
                     break
             else:
