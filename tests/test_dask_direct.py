@@ -124,17 +124,22 @@ def test_the_sweeper_deletes_dropped_jobs_in_batches(tmp_path: Path) -> None:
     """Drops within `delay` of the first wait for one batch: one wake-up of its thread."""
     trash = tmp_path / "jobs+trash"
     sweeper = Sweeper(str(trash), delay=0.5)
-    (tmp_path / "jobs").mkdir()
-    files = [tmp_path / "jobs" / f"AP-s{n}-a1.{name}" for n in range(5) for name in ("a", "b")]
-    for path in files:
-        path.write_bytes(b"x")
-    for n in range(5):
-        paths = [str(tmp_path / "jobs" / f"AP-s{n}-a1.{name}") for name in ("a", "b", "c")]
-        assert sweeper.drop(paths) is True
-    assert sweeper.drop([str(tmp_path / "jobs" / "AP-s9-a1.a")]) is False  # none there
-    assert not any(p.exists() for p in files)  # out of the table at once
+    root = tmp_path / "jobs"
+    root.mkdir()
+    for n in range(10):
+        for name in ("record", "result"):
+            (root / f"AP-s{n}-a1.{name}").write_bytes(b"x")
+    for n in range(10):
+        job = f"AP-s{n}-a1"
+        assert sweeper.drop(job, f"{root}/{job}.record", [f"{root}/{job}.result"]) is True
+    assert sweeper.drop("AP-s9-a2", f"{root}/AP-s9-a2.record") is False  # no such job
+    assert not list(root.glob("*.record"))  # out of the table at once
     assert len(list(trash.iterdir())) == 10  # none deleted yet: the batch is still open
+    assert len(list(root.glob("*.result"))) == 10
+    sweeper.settle("AP-s3-a1")  # the id is taken again: what is left of it goes now
+    assert not (root / "AP-s3-a1.result").exists()
     until(lambda: not any(trash.iterdir()) or None, "the batch deleted")
+    until(lambda: not any(root.iterdir()) or None, "the jobs' files deleted")
 
 
 def test_a_job_makes_no_directory_and_an_ack_leaves_none_of_its_files(tmp_path: Path) -> None:
@@ -151,8 +156,10 @@ def test_a_job_makes_no_directory_and_an_ack_leaves_none_of_its_files(tmp_path: 
         assert names == [f"AP-s1-a1{x}.{n}" for x in ("", ".x") for n in kinds]
         assert [r.job_id for r in table.records()] == ["AP-s1-a1", "AP-s1-a1.x"]
         assert table.ack("AP-s1-a1") is True
-        assert sorted(p.name for p in root.iterdir()) == names[3:]  # the other job's only
+        assert [r.job_id for r in table.records()] == ["AP-s1-a1.x"]  # forgotten at once
         assert table.ack("AP-s1-a1") is False
+        left = lambda: sorted(p.name for p in root.iterdir()) == names[3:] or None  # noqa: E731
+        until(left, "the acknowledged job's files deleted")
         assert table.run("AP-s1-a1", "builtins:abs", [-3]) == 3  # the id is free again
     finally:
         table.close()
@@ -173,6 +180,7 @@ def test_jobs_of_a_worker_from_before_the_flat_layout_are_kept(tmp_path: Path) -
         os.rename(root / f"AP-s1-a1.{name}", root / "AP-s1-a1" / name)
     (root / "PC1-s2-a1" / "record").write_bytes(running.encode())
     (root / "stray.record.tmp").write_bytes(b"half")
+    (root / "AP-s7-a1.result").write_bytes(b"acked")  # its record went, then the worker died
     again = JobTable(root)
     try:
         again.recover()
@@ -181,5 +189,6 @@ def test_jobs_of_a_worker_from_before_the_flat_layout_are_kept(tmp_path: Path) -
         assert states == {"AP-s1-a1": JobState.DONE, "PC1-s2-a1": JobState.FAILED}
         assert again.run("AP-s1-a1", "builtins:abs", [-5]) == 5  # its result, not a re-run
         assert not (root / "stray.record.tmp").exists()
+        assert not (root / "AP-s7-a1.result").exists()
     finally:
         again.close()

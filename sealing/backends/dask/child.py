@@ -31,8 +31,7 @@ RECORD = "record"
 RESULT = "result"
 #: The job's stdout and stderr (the worker keeps its last line for a failure).
 OUTPUT = "output"
-#: Every file a job may have, its record last: deleted in this order, the job stays known
-#: (by its record) until the last of them is gone.
+#: Every file a job may have.
 JOB_FILES = (RESULT, OUTPUT, SPEC, RECORD)
 
 

@@ -3,10 +3,13 @@
 An acknowledged job's files (result, output, record) are deleted. On a busy disk an unlink
 waits for milliseconds (journal commits of other processes), and done under the table's
 lock that wait held up every job of the worker, the ends of running ones included. So
-`Sweeper.drop` only renames the files into the trash beside the table's root (microseconds:
-the id is free again at once), and a daemon thread deletes what is there. Whatever a killed
-worker left in the trash is deleted by the next table on the same root (`resume`). The
-trash is never read: a job in it is forgotten.
+`Sweeper.drop` only renames the job's record into the trash beside the table's root
+(microseconds: the job is forgotten at once, and so after a kill of the worker), and a
+daemon thread deletes it there and the job's other files in place (a rename each cost more
+CPU than their deletion). Until it did, `settle` deletes them for a job that takes the same
+id again. Whatever a killed worker left in the trash is deleted by the next table on the
+same root (`resume`); files it left beside no record, by the table (`JobTable.recover`).
+The trash is never read: a job in it is forgotten.
 
 The thread deletes in batches, woken at most once per `SWEEP_DELAY`: woken for every job,
 its wake-up and its turn at the interpreter lock cost the worker's event loop more than
@@ -30,37 +33,47 @@ SWEEP_DELAY = 0.2
 
 
 class Sweeper:
-    """Moves job directories into `trash` and deletes them on a thread of its own."""
+    """Moves job records into `trash` and deletes jobs' files on a thread of its own."""
 
     def __init__(self, trash: str, delay: float = SWEEP_DELAY) -> None:
         self.trash = trash
         self.delay = delay
         self._names = itertools.count()
-        self._pending: list[str] = []
+        #: What to delete, by job (a trash entry: by its path).
+        self._pending: dict[str, list[str]] = {}
+        #: Jobs whose files the thread deletes now.
+        self._busy: set[str] = set()
         self._wake = threading.Event()
         self._lock = threading.Lock()
+        self._swept = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
 
-    def drop(self, paths: Iterable[str]) -> bool:
-        """Take the files `paths` out of their table now, in order (deleted soon); False if
-        none of them was there."""
-        moved = []
-        for path in paths:
-            gone = f"{self.trash}/{os.path.basename(path)}.{os.getpid()}.{next(self._names)}"
-            try:
-                os.rename(path, gone)
-            except FileNotFoundError:
-                if os.path.lexists(path):  # no trash directory yet
-                    os.makedirs(self.trash, exist_ok=True)
-                    gone = self._move(path, gone)
-                else:
-                    continue
-            except OSError:  # a stale name in the trash, or no room for it there
-                gone = self._move(path, gone)
-            moved.append(gone)
-        for gone in moved:
-            self._later(gone)
-        return bool(moved)
+    def drop(self, key: str, record: str, files: Iterable[str] = ()) -> bool:
+        """Forget job `key` now (its `record` renamed into the trash) and delete it and its
+        other `files` soon; False if it had no record (then nothing changes)."""
+        gone = f"{self.trash}/{os.path.basename(record)}.{os.getpid()}.{next(self._names)}"
+        try:
+            os.rename(record, gone)
+        except FileNotFoundError:
+            if not os.path.lexists(record):
+                return False
+            os.makedirs(self.trash, exist_ok=True)  # no trash directory yet
+            gone = self._move(record, gone)
+        except OSError:  # a stale name in the trash, or no room for it there
+            gone = self._move(record, gone)
+        self._later(gone)
+        self._later(key, list(files))
+        return True
+
+    def settle(self, key: str) -> None:
+        """Delete now what `drop` left of job `key` (or wait until the thread has): a new
+        job under the same id must find none of its files, nor lose its own to the thread."""
+        with self._swept:
+            files = self._pending.pop(key, ())
+            while key in self._busy:
+                self._swept.wait()
+        for path in files:
+            delete(path)
 
     @staticmethod
     def _move(path: str, gone: str) -> str:
@@ -78,9 +91,10 @@ class Sweeper:
             for name in os.listdir(self.trash):
                 self._later(f"{self.trash}/{name}")
 
-    def _later(self, path: str) -> None:
+    def _later(self, key: str, paths: list[str] | None = None) -> None:
+        """Delete `paths` (default: `key` itself) on the thread, in its next batch."""
         with self._lock:
-            self._pending.append(path)
+            self._pending.setdefault(key, []).extend([key] if paths is None else paths)
             first = len(self._pending) == 1  # else the thread is woken already
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="job-sweeper", daemon=True)
@@ -94,10 +108,15 @@ class Sweeper:
             self._wake.wait()
             time.sleep(self.delay)  # what other jobs drop meanwhile joins this batch
             with self._lock:
-                batch, self._pending = self._pending, []
+                batch, self._pending = self._pending, {}
+                self._busy.update(batch)
                 self._wake.clear()
-            for path in batch:
-                delete(path)
+            for key, paths in batch.items():
+                for path in paths:
+                    delete(path)
+                with self._swept:
+                    self._busy.discard(key)
+                    self._swept.notify_all()
 
 
 def delete(path: str) -> None:

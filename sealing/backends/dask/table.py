@@ -193,7 +193,14 @@ class JobTable:
                     with contextlib.suppress(OSError):
                         if not os.path.lexists(self._path(entry.name, name)):
                             os.rename(f"{entry.path}/{name}", self._path(entry.name, name))
-                self._sweeper.drop([entry.path])
+                self._sweeper.drop(entry.path, entry.path)
+            elif (
+                (job := entry.name.rpartition("."))[2] in JOB_FILES
+                and job[2] != RECORD
+                and not os.path.lexists(self._path(job[0], RECORD))
+            ):  # a job's file beside no record: left by a worker killed mid-ack
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
 
     # ------------------------------------------------------------------ running
 
@@ -304,9 +311,10 @@ class JobTable:
             os.makedirs(self._root, exist_ok=True)
             self._made = True
         record = self._read(job_id)
-        if record is None:  # a result without a record is no result of this job
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._path(job_id, RESULT))
+        if record is None:
+            self._sweeper.settle(job_id)  # an acknowledged job's files, if any are left
+            with contextlib.suppress(FileNotFoundError):  # a result without a record is no
+                os.unlink(self._path(job_id, RESULT))  # result of this job
         return record
 
     def _start(
@@ -444,15 +452,15 @@ class JobTable:
     def ack(self, job_id: str) -> bool:
         """Forget a finished job (its result was collected); False if there is no record.
 
-        Its files leave the table at once, its record last; they are deleted later
-        (`sweeper.py`).
+        Its record leaves the table at once; its files are deleted later (`sweeper.py`).
         """
         check_job_id(job_id)
         with self._lock:
             if job_id in self._active:
                 raise JobSpecError(f"job {job_id} is running: kill it before acknowledging it")
-            # Out of the table at once (a rename each); deleted off the lock by the sweeper.
-            return self._sweeper.drop([self._path(job_id, name) for name in JOB_FILES])
+            # Out of the table at once (one rename); deleted off the lock by the sweeper.
+            files = [self._path(job_id, name) for name in JOB_FILES if name != RECORD]
+            return self._sweeper.drop(job_id, self._path(job_id, RECORD), files)
 
     def forget(self, job_ids: Iterable[str]) -> int:
         """`ack` each finished job of `job_ids`; a running or badly named one is skipped.
