@@ -508,3 +508,33 @@ def test_acks_carried_by_a_job_are_forgotten_while_it_runs(
     finally:
         go.touch()
         table.close()
+
+
+def test_a_table_recovered_again_while_a_job_runs_keeps_the_files_of_running_jobs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under `hold_jobs` each new Worker recovers the same table while its jobs run: only the
+    first recovery, before any job, drops temporary files and files beside no record."""
+    monkeypatch.setenv("PYTHONPATH", child_env()["PYTHONPATH"])
+    root = tmp_path / "jobs"
+    table = JobTable(root)
+    count, go = tmp_path / "count", tmp_path / "go"
+    done: list[object] = []
+    try:
+        table.recover()
+        gated = threading.Thread(
+            target=lambda: done.append(table.run("PC1-s1-a1", GATE, [str(count), str(go), 7]))
+        )
+        gated.start()
+        until(lambda: lines(count) or None, "the job running")
+        writing = [root / "PC1-s1-a1.result.tmp", root / "other.result"]
+        for path in writing:
+            path.write_bytes(b"being written")
+        table.recover()  # a new Worker of the same process
+        assert all(path.exists() for path in writing)
+        go.touch()
+        gated.join(HANG_GUARD)
+        assert done == [7]
+    finally:
+        go.touch()
+        table.close()

@@ -95,6 +95,7 @@ class JobTable:
         self.root = root
         self._root = str(root)  # the hot paths join strings: pathlib was a tenth of their CPU
         self._made = False  # whether `root` is known to exist
+        self._tidied = False  # whether `_tidy` ran (once: before this table's first job)
         self._lock = threading.Lock()
         self._active: dict[str, _Active] = {}
         self._spawner = Spawner(pool if pool is not None else pool_config())
@@ -165,7 +166,9 @@ class JobTable:
         self._made = True
         self._sweeper.resume()  # acknowledged jobs the last process left undeleted
         with self._lock:
-            self._tidy()
+            if not self._tidied and not self._active:
+                self._tidy()
+            self._tidied = True
             for record in self.records(settle=False):
                 if record.state is not JobState.RUNNING or record.job_id in self._active:
                     continue
@@ -182,8 +185,13 @@ class JobTable:
                 self._write(record)
 
     def _tidy(self) -> None:
-        """Before any job runs here: drop half-written temporary files, and move the jobs of
-        a worker from before the flat layout (a directory per job) to files of the root."""
+        """Before any job runs here: drop half-written temporary files and files beside no
+        record, and move the jobs of a worker from before the flat layout (a directory per
+        job) to files of the root.
+
+        Never again later: under `hold_jobs` each new Worker of the process recovers the same
+        table while its jobs run, and their children write such files.
+        """
         for entry in os.scandir(self._root):
             if entry.name.endswith(".tmp") and entry.is_file(follow_symlinks=False):
                 with contextlib.suppress(OSError):
