@@ -18,11 +18,11 @@ from .rules import (
     PolicyView,
     delay_blocks,
     delay_refusal,
-    disk_units,
     files_block,
     local_files_required,
     policy_blocks,
     policy_refusal,
+    units_of_counts,
 )
 from .storage import SectorRef, StorageIndex
 from .tasks import TaskType
@@ -75,7 +75,7 @@ class PolicyGate:
             units = cached[1]
         else:
             # The index records a cache once PC1 wrote it, so its SDR layers exist: 14 units.
-            units = disk_units((f, True) for _, f in self.index.local_files(w.name))
+            units = units_of_counts(self.index.file_counts(w.name))
             self._units[w.name] = (version, units)
         return PolicyView(w, self.index, units, sector_size)
 

@@ -7,7 +7,7 @@ parsing, hot reload) lives in `policy.py`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Protocol
 
 from .filetypes import FileType, space_needed
@@ -279,6 +279,13 @@ def disk_units(files: Iterable[tuple[FileType, bool]]) -> tuple[int, int]:
             elif ft is FileType.SEALED:
                 used += 1
     return used, ap_used
+
+
+def units_of_counts(counts: Mapping[FileType, int]) -> tuple[int, int]:
+    """`disk_units` of files counted by type (`StorageIndex.file_counts`), caches layered."""
+    unsealed = counts.get(FileType.UNSEALED, 0)
+    used = counts.get(FileType.CACHE, 0) * CACHE_UNITS + unsealed
+    return used + counts.get(FileType.SEALED, 0), unsealed
 
 
 #: The files a new PC1 writes: a worker without room for them is out of space.

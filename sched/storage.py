@@ -90,6 +90,10 @@ class StorageIndex:
     _by_path: dict[str, set[tuple[SectorRef, FileType]]] = field(
         default_factory=lambda: defaultdict(set)
     )
+    #: Per path, how many files of each type `_by_path` holds (`file_counts`).
+    _counts: dict[str, dict[FileType, int]] = field(
+        default_factory=lambda: defaultdict(dict), compare=False, repr=False
+    )
     _reservations: dict[int, list[_Reservation]] = field(default_factory=dict)
     #: Path ids per worker, so per-worker lookups do not scan every path.
     _of_worker: dict[str | None, list[str]] = field(default_factory=lambda: defaultdict(list))
@@ -144,7 +148,7 @@ class StorageIndex:
         held = self._sectors.get(sector)
         if held is None:
             held = self._sectors[sector] = {}
-        by_path = self._by_path[path_id]
+        by_path, counts = self._by_path[path_id], self._counts[path_id]
         for f in files.each():
             nbytes = sizes[f] if sizes is not None and f in sizes else None
             if nbytes is None:
@@ -159,7 +163,10 @@ class StorageIndex:
             else:
                 held[f] = (*holders, (path_id, nbytes))
             path.stored += nbytes - old
+            n = len(by_path)
             by_path.add((sector, f))
+            if len(by_path) != n:
+                counts[f] = counts.get(f, 0) + 1
         if files:
             self._files_rev[path.worker] += 1
 
@@ -179,7 +186,11 @@ class StorageIndex:
                 if path_id is not None and pid != path_id:
                     left.append((pid, counted))
                     continue
-                self._by_path[pid].discard((sector, f))
+                by_path = self._by_path[pid]
+                n = len(by_path)
+                by_path.discard((sector, f))
+                if len(by_path) != n:
+                    self._counts[pid][f] -= 1
                 path = paths.get(pid)
                 if path is not None:
                     self._files_rev[path.worker] += 1
@@ -308,6 +319,15 @@ class StorageIndex:
     def files_version(self, worker: str) -> int:
         """A number that changes whenever the files on `worker`'s paths, or its paths, do."""
         return self._files_rev[worker]
+
+    def file_counts(self, worker: str) -> dict[FileType, int]:
+        """How many files of each type `local_files` lists, kept as files come and go."""
+        out: dict[FileType, int] = {}
+        for p in self.worker_paths(worker):
+            if not p.can_store:
+                for f, n in self._counts.get(p.id, {}).items():
+                    out[f] = out.get(f, 0) + n
+        return out
 
     def local_files(self, worker: str) -> Iterator[tuple[SectorRef, FileType]]:
         """Every sector file on `worker`'s sealing (non-long-term) paths."""

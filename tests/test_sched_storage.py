@@ -1,5 +1,8 @@
 """The storage index keeps its files per sector: a task's questions hash its sector once.
 
+It also counts each path's files by type as they come and go, so the policy's disk units
+of a worker whose files changed are a sum of a few counts, not a walk of all its files.
+
 Every answer is checked against a plain model of the same operations (files per path with
 their bytes), through random adds, removals, moves, finalizes and path changes; and the
 questions a task asks at every step (`sector_bytes`, `find_sector`, `has_any`,
@@ -9,9 +12,16 @@ questions a task asks at every step (`sector_bytes`, `find_sector`, `has_any`,
 from __future__ import annotations
 
 import random
+from collections import Counter
+
+import pytest
 
 from sectorfsm.sched.filetypes import FileType, space_needed
+from sectorfsm.sched.gate import PolicyGate
+from sectorfsm.sched.ledger import Ledger, WorkerResources
+from sectorfsm.sched.rules import disk_units
 from sectorfsm.sched.storage import SectorRef, StorageIndex, StoragePath
+from sectorfsm.sched.workers import Worker, WorkerSpec
 
 GIB = 1 << 30
 TIB = 1 << 40
@@ -78,6 +88,10 @@ def test_the_index_answers_as_a_plain_model_of_its_files() -> None:
         for p in paths:
             want = sum(b.get(p, 0) for b in model.files.values())
             assert index.paths[p].stored == want, step
+        for name in "abc":
+            listed = Counter(f for _, f in index.local_files(name))
+            counted = {f: n for f, n in index.file_counts(name).items() if n}
+            assert counted == listed, step
         for t in sectors:
             per: dict[str, dict[FileType, int]] = {}
             for f in EVERY:
@@ -129,3 +143,25 @@ def test_a_tasks_questions_hash_its_sector_once() -> None:
         _Counted.hashes = 0
         ask()
         assert _Counted.hashes == 1  # one lookup of the sector, then its own small table
+
+
+def test_the_policys_disk_units_come_from_the_counts_not_a_walk_of_the_files(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    index = StorageIndex()
+    index.declare(StoragePath("a-1", "a", 40 * TIB))
+    index.declare(StoragePath("a-store", "a", 40 * TIB, can_seal=False, can_store=True))
+    res = WorkerResources(cpus=8, mem_physical=64 * GIB)
+    w = Worker(WorkerSpec("a", res), None, Ledger(res), 0.0)  # type: ignore[arg-type]
+    for n in range(30):
+        s = SectorRef(1000, n, S32)
+        index.add_sector(s, U | C | S if n % 3 else U, "a-1" if n % 5 else "a-store")
+    want = disk_units((f, True) for _, f in index.local_files("a"))
+    assert want[0] > 0
+
+    def walked(*args: object) -> None:
+        raise AssertionError("the gate walked the worker's files")
+
+    monkeypatch.setattr(StorageIndex, "local_files", walked)
+    view = PolicyGate(index).view(w, S32)
+    assert (view.disk_used, view.ap_disk_used) == want
