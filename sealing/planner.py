@@ -38,7 +38,7 @@ from .events import (
 )
 from .graph import FAILED_STATES, EdgeKind, Handler, PlannerKind
 from .info import MESSAGE_LIMIT, LogEntry, SectorInfo, log_append
-from .notify import StateChange, StateChanges
+from .notify import StateChanges, state_change
 from .states import SectorState
 
 if TYPE_CHECKING:
@@ -119,7 +119,7 @@ class Planner:
         changes = self.changes
         if changes is not None and changes.active and info.state is not before and processed:
             changes.staged(
-                StateChange(info.number, before, info.state, _name(events[processed - 1]))
+                state_change(info.number, before, info.state, _name(events[processed - 1]))
             )
         step = self.step(info)
         if (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import pytest
 from sealtools import miner, run
 
 from sectorfsm.sealing import Gap, SectorState, StateChange
-from sectorfsm.sealing.notify import StateChanges
+from sectorfsm.sealing.notify import StateChanges, state_change
 
 S = SectorState
 
@@ -126,3 +127,12 @@ def test_no_subscriber_costs_no_callback(tmp_path: Path) -> None:
                 m.subscribe(maxsize=0)
 
     run(body)
+
+
+def test_the_planners_state_change_is_the_dataclass_as_its_constructor_builds_it() -> None:
+    made = state_change(7, SectorState.Packing, SectorState.PreCommit1, "SectorPacked")
+    want = StateChange(7, SectorState.Packing, SectorState.PreCommit1, "SectorPacked")
+    assert type(made) is StateChange and made == want and hash(made) == hash(want)
+    assert repr(made) == repr(want) and dataclasses.astuple(made) == dataclasses.astuple(want)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.sector = 8  # type: ignore[misc]
