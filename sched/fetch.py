@@ -54,16 +54,13 @@ def fetch_prepare(
     async def prepare(job: Job) -> None:
         if not job.placement.fetch_bytes or job.placement.path is None:
             return  # already local
-        holders = sorted(sched.index.holders(job.sector, files))
-        source = holders[0] if holders else None
+        index, path = sched.index, job.placement.path
+        source = min(index.holders(job.sector, files), default=None)  # the first by name
         async with _fetch_slots(sched, job.worker.name):
             await move(job, source, job.placement.fetch_bytes)
-        sched.index.move_sector(job.sector, files, job.placement.path)
-        here = sched.index.sector_bytes(job.sector).get(job.placement.path, {})
+        index.move_sector(job.sector, files, path)
         # The moved files now count as stored there: the reservation made for them ends.
-        sched.index.consume(
-            job.sched_id, job.placement.path, sum(here[f] for f in files.each() if f in here)
-        )
+        index.consume(job.sched_id, path, index.bytes_at(job.sector, files, path))
         sched.files_changed(job.sector)
 
     return prepare

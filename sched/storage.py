@@ -240,6 +240,17 @@ class StorageIndex:
                     out.setdefault(pid, {})[f] = counted
         return out
 
+    def bytes_at(self, sector: SectorRef, files: FileType, path_id: str) -> int:
+        """The bytes counted for `files` of `sector` on `path_id` (`sector_bytes`, summed)."""
+        held = self._sectors.get(sector)
+        total = 0
+        if held:
+            for f in files.each():
+                for pid, counted in held.get(f, ()):
+                    if pid == path_id:
+                        total += counted
+        return total
+
     def find_sector(self, sector: SectorRef, files: FileType) -> dict[str, FileType]:
         """Which of `files` each path holds."""
         bits: dict[str, int] = {}

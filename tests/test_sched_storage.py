@@ -98,6 +98,11 @@ def test_the_index_answers_as_a_plain_model_of_its_files() -> None:
                 for p, n in model.files.get((t, f), {}).items():
                     per.setdefault(p, {})[f] = n
             assert index.sector_bytes(t) == per, step
+            for p in paths:
+                for files in sets:
+                    here = per.get(p, {})
+                    want = sum(here[f] for f in files.each() if f in here)
+                    assert index.bytes_at(t, files, p) == want
             for files in sets:
                 bits = {
                     p: FileType(sum(f for f in files.each() if f in got)) for p, got in per.items()
