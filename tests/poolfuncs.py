@@ -15,14 +15,23 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgpack
+
 #: Seconds a gated job or a leftover waits before giving up (a hang guard only).
 GUARD = 120.0
 
 
 def own_record() -> list[Any]:
-    """The pid, and the bytes of this job's record as the job starts (next to its output)."""
-    output = os.readlink("/proc/self/fd/1")  # the job's `PREFIX.output`
-    return [os.getpid(), Path(output.removesuffix(".output") + ".record").read_bytes()]
+    """The pid, and the bytes of this job's record as the job starts (beside its output): the
+    latest record naming this process."""
+    root = Path(os.readlink("/proc/self/fd/1")).parent  # this child's output file's
+    mine = []
+    for path in root.glob("*.record"):
+        raw = path.read_bytes()
+        fields = msgpack.unpackb(raw)
+        if fields["pid"] == os.getpid():
+            mine.append((fields["started"], raw))
+    return [os.getpid(), max(mine)[1]]
 
 
 def dirty() -> int:

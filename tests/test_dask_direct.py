@@ -19,7 +19,7 @@ import pytest
 from conftest import HANG_GUARD, until
 
 from sectorfsm.sealing.backends.dask import sweeper
-from sectorfsm.sealing.backends.dask.jobrecord import JobRecord, JobState
+from sectorfsm.sealing.backends.dask.jobrecord import JobFailed, JobRecord, JobState
 from sectorfsm.sealing.backends.dask.pool import PoolConfig
 from sectorfsm.sealing.backends.dask.sweeper import Sweeper
 from sectorfsm.sealing.backends.dask.table import JobTable
@@ -151,14 +151,13 @@ def test_a_job_makes_no_directory_and_an_ack_leaves_none_of_its_files(tmp_path: 
         assert table.run("AP-s1-a1", "builtins:abs", [-1]) == 1
         assert table.run("AP-s1-a1.x", "builtins:abs", [-2]) == 2  # dotted ids stay apart
         assert not [p for p in root.iterdir() if p.is_dir()]
-        names = sorted(p.name for p in root.iterdir())
-        kinds = ("output", "record", "result")
-        assert names == [f"AP-s1-a1{x}.{n}" for x in ("", ".x") for n in kinds]
+        names = sorted(p.name for p in root.iterdir() if not p.name.startswith("+child-"))
+        assert names == [f"AP-s1-a1{x}.{n}" for x in ("", ".x") for n in ("record", "result")]
         assert [r.job_id for r in table.records()] == ["AP-s1-a1", "AP-s1-a1.x"]
         assert table.ack("AP-s1-a1") is True
         assert [r.job_id for r in table.records()] == ["AP-s1-a1.x"]  # forgotten at once
         assert table.ack("AP-s1-a1") is False
-        left = lambda: sorted(p.name for p in root.iterdir()) == names[3:] or None  # noqa: E731
+        left = lambda: sorted(p.name for p in root.glob("AP-*")) == names[2:] or None  # noqa: E731
         until(left, "the acknowledged job's files deleted")
         assert table.run("AP-s1-a1", "builtins:abs", [-3]) == 3  # the id is free again
     finally:
@@ -176,8 +175,9 @@ def test_jobs_of_a_worker_from_before_the_flat_layout_are_kept(tmp_path: Path) -
     root = tmp_path / "jobs"
     for job_id in ("AP-s1-a1", "PC1-s2-a1"):
         (root / job_id).mkdir()
-    for name in ("record", "result", "output"):
+    for name in ("record", "result"):
         os.rename(root / f"AP-s1-a1.{name}", root / "AP-s1-a1" / name)
+    (root / "AP-s1-a1" / "output").write_bytes(b"")
     (root / "PC1-s2-a1" / "record").write_bytes(running.encode())
     (root / "stray.record.tmp").write_bytes(b"half")
     (root / "AP-s7-a1.result").write_bytes(b"acked")  # its record went, then the worker died
@@ -192,3 +192,23 @@ def test_jobs_of_a_worker_from_before_the_flat_layout_are_kept(tmp_path: Path) -
         assert not (root / "AP-s7-a1.result").exists()
     finally:
         again.close()
+
+
+def test_a_warm_child_writes_one_output_file_a_failed_job_keeps_its_own(tmp_path: Path) -> None:
+    """A new output file per job was a tenth of a trivial job's CPU: a warm child empties its
+    own for each job, and hands it to a job that fails (its last line is the job's error)."""
+    root = tmp_path / "jobs"
+    table = JobTable(root, PoolConfig(size=1))
+    try:
+        for n in range(1, 4):
+            assert table.run(f"AP-s{n}-a1", "builtins:abs", [-n]) == n
+        (output,) = root.glob("+child-*.output")
+        assert not list(root.glob("AP-*.output"))
+        with pytest.raises(JobFailed, match=r"failed \(exit code 1\): ValueError: invalid"):
+            table.run("AP-s4-a1", "builtins:int", ["bad"])
+        assert "ValueError" in (root / "AP-s4-a1.output").read_text()
+        assert table.run("AP-s5-a1", "builtins:abs", [-5]) == 5  # the same child, a new file
+        assert [p.name for p in root.glob("+child-*.output")] == [output.name]
+        assert output.read_bytes() == b""
+    finally:
+        table.close()

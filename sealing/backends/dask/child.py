@@ -35,6 +35,16 @@ OUTPUT = "output"
 JOB_FILES = (RESULT, OUTPUT, SPEC, RECORD)
 
 
+def child_output(root: str, pid: int) -> str:
+    """The stdout and stderr of warm child `pid` serving the table at `root`.
+
+    One file per child, emptied at each job, instead of a new file per job (its creation was
+    a tenth of a trivial job's CPU): a job that fails gets it as its own output file. A `+`
+    is never in a job id, so no job's file has this name.
+    """
+    return f"{root}/+child-{pid}.{OUTPUT}"
+
+
 def job_file(prefix: str, name: str) -> str:
     """The path of the job's file `name` (`RECORD`, `RESULT`, ...) for its path `prefix`.
 

@@ -11,7 +11,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from .child import OUTPUT, job_file
+from .child import OUTPUT, child_output, job_file
 from .spawner import SpawnedChild
 
 #: Bytes of the child's output kept for its error message.
@@ -45,7 +45,8 @@ def kill_stray(pid: int, prefix: str) -> None:
         stdout = os.readlink(f"/proc/{pid}/fd/1")
     except OSError:
         return  # gone (or no /proc: nothing to check it against)
-    if prefix.encode() in cmdline.split(b"\0") or stdout == job_file(prefix, OUTPUT):
+    outputs = (job_file(prefix, OUTPUT), child_output(os.path.dirname(prefix), pid))
+    if prefix.encode() in cmdline.split(b"\0") or stdout in outputs:
         signal_group(pid, signal.SIGKILL)
 
 

@@ -22,7 +22,17 @@ from typing import Any, Protocol
 
 import dask.config
 
-from .child import JOB_FILES, OUTPUT, RECORD, RESULT, SPEC, job_file, open_result, write_atomic
+from .child import (
+    JOB_FILES,
+    OUTPUT,
+    RECORD,
+    RESULT,
+    SPEC,
+    child_output,
+    job_file,
+    open_result,
+    write_atomic,
+)
 from .jobrecord import (
     JobCancelled,
     JobDetached,
@@ -382,9 +392,10 @@ class JobTable:
                 record.state, record.error = active.ending
             else:
                 record.state = JobState.FAILED
-                record.error = (
-                    f"failed ({describe_exit(rc)}): {last_line(self._path(job_id, OUTPUT))}"
-                )
+                record.error = f"failed ({describe_exit(rc)}): {self._last_words(job_id, record)}"
+            if rc < 0 and active.proc is not None:  # its warm child died: so goes its output
+                with contextlib.suppress(OSError):
+                    os.unlink(child_output(self._root, record.pid))
             # A done job's record stays `running`: its result says it is done (`_read`).
             # Failed and cancelled ends are synced: after a machine crash they must not read
             # as a job that never ran (a done one is its checksummed result, see jobrecord).
@@ -396,6 +407,14 @@ class JobTable:
             for wake in active.waiters:
                 wake.set()
             active.waiters.clear()
+
+    def _last_words(self, job_id: str, record: JobRecord) -> str:
+        """The last line a failed job printed: in its output file, or else (its warm child
+        died mid-job) in that child's."""
+        path = self._path(job_id, OUTPUT)
+        if record.pid > 0 and not os.path.exists(path):
+            path = child_output(self._root, record.pid)
+        return last_line(path)
 
     def outcome(self, job_id: str, record: JobRecord | None = None) -> Any:
         """A finished job's result, or its error raised; `JobError` if it is unknown.

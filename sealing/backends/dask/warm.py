@@ -3,8 +3,9 @@
 Forked by the spawner's pool (`pool.py`), it makes its own session (a kill of its job
 signals this process group: the job and whatever it started), arms `PR_SET_PDEATHSIG` on
 the spawner and becomes a child subreaper, so a process its job left behind stays visible
-here. For each `SEQ SPEC PREFIX` line on its socket it points stdout and stderr at
-`PREFIX.output`, runs `child.main` (which writes the result before returning), puts back
+here. For each `SEQ SPEC PREFIX` line on its socket it points stdout and stderr at its own
+output file (`child.child_output`, emptied; renamed to the job's `PREFIX.output` if the job
+fails), runs `child.main` (which writes the result before returning), puts back
 the working directory, environment, umask, `sys.path`, standard streams and signal handlers
 the job may have changed, and answers `RC RETIRE [REASON]`. It retires (exits after
 answering) after `max_jobs` jobs, once its resident memory peaked past `max_rss_mib`, or
@@ -115,16 +116,48 @@ def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def run(prefix: str, spec: bytes) -> int:
-    """Run one job (its files' path `prefix`) with stdout and stderr in its output file; its
-    exit code."""
-    output = child.job_file(prefix, child.OUTPUT)
-    out = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(out, 1)
-    os.dup2(out, 2)
-    os.close(out)
+class Output:
+    """This child's output file, kept open across its jobs and emptied for each."""
+
+    __slots__ = ("fd", "path")
+
+    def __init__(self) -> None:
+        self.fd = -1
+        self.path = ""
+
+    def start(self, prefix: str) -> None:
+        """Point stdout and stderr at an empty output file for the job at `prefix`."""
+        path = child.child_output(os.path.dirname(prefix), os.getpid())
+        if self.fd >= 0 and path == self.path:
+            os.ftruncate(self.fd, 0)
+            os.lseek(self.fd, 0, os.SEEK_SET)
+        else:
+            self.close()
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self.path = path
+        os.dup2(self.fd, 1)
+        os.dup2(self.fd, 2)
+
+    def keep(self, prefix: str) -> None:
+        """The job failed: its output becomes its own file (the next job gets a new one)."""
+        with contextlib.suppress(OSError):
+            os.rename(self.path, child.job_file(prefix, child.OUTPUT))
+        self.close()
+
+    def close(self) -> None:
+        """Close the file (it stays on disk)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.fd = -1
+
+
+def run(prefix: str, spec: bytes, output: Output | None = None) -> int:
+    """Run one job (its files' path `prefix`) with stdout and stderr in `output`; its exit
+    code."""
+    output = output or Output()
+    output.start(prefix)
     try:
-        return child.main(["child", prefix], spec)
+        rc = child.main(["child", prefix], spec)
     finally:
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
@@ -133,6 +166,9 @@ def run(prefix: str, spec: bytes) -> int:
         os.dup2(null, 1)
         os.dup2(null, 2)
         os.close(null)
+    if rc != 0:
+        output.keep(prefix)
+    return rc
 
 
 def _subreaper() -> None:
@@ -155,14 +191,18 @@ def serve(sock: socket.socket, config: PoolConfig, arm: Callable[[], None] | Non
     _subreaper()
     baseline = Baseline.now()
     reader = sock.makefile("rb")
+    output = Output()
     done = 0
     while line := reader.readline():
         _, spec, prefix = line.decode().rstrip("\n").split(" ", 2)
-        rc = run(prefix, bytes.fromhex(spec))
+        rc = run(prefix, bytes.fromhex(spec), output)
         done += 1
         reason = baseline.restore() or leftovers()
         retire = bool(reason) or done >= config.max_jobs or rss_mib() > config.max_rss_mib
         sock.sendall(f"{rc} {int(retire)} {reason}\n".encode())
         if retire:
             break
+    if output.path:  # its last job ended well: nobody reads it
+        with contextlib.suppress(OSError):
+            os.unlink(output.path)
     os._exit(0)
