@@ -108,3 +108,22 @@ def test_a_job_that_ends_well_writes_its_record_once(
     finally:
         again.close()
     assert len(count.read_text().splitlines()) == 1
+
+
+def test_a_new_jobs_record_is_written_in_place_and_an_empty_one_fails_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first record needs no temporary file and rename: a kill can only leave it empty
+    (no child has the job yet), and an empty record is a failed job, never one run again."""
+    renames: list[str] = []
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: renames.append(str(b)) or real(a, b))
+    table = JobTable(tmp_path / "jobs")
+    try:
+        assert table.run("AP-s1-a1", "builtins:abs", [-1]) == 1
+        assert renames == []  # the result's rename is the child's, in its own process
+        (tmp_path / "jobs" / "AP-s2-a1.record").write_bytes(b"")  # as a kill may leave it
+        with pytest.raises(JobFailed, match="record on the worker is unreadable"):
+            table.run("AP-s2-a1", "builtins:abs", [-2])
+    finally:
+        table.close()

@@ -155,6 +155,26 @@ class JobTable:
     def _write(self, record: JobRecord, sync: bool = True) -> None:
         write_atomic(self._path(record.job_id, RECORD), record.encode(), sync)
 
+    def _write_first(self, record: JobRecord) -> None:
+        """Write a new job's first record in place, unsynced: one file, no rename.
+
+        A kill can leave it empty (between the open and the one write of these few hundred
+        bytes), which reads as an unreadable record: a failed job, never one run twice,
+        since no child has the job yet.
+        """
+        path = self._path(record.job_id, RECORD)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:  # not new after all (a kill's record): replace it whole
+            write_atomic(path, record.encode(), sync=False)
+            return
+        try:
+            view = memoryview(record.encode())
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+
     def records(self, settle: bool = True) -> list[JobRecord]:
         """Every job this worker has a record of, oldest first (`settle`: see `_read`)."""
         try:
@@ -351,7 +371,7 @@ class JobTable:
         active.record = record
         # Written (with the child's pid) before the child has the job: a restarted worker
         # then never runs it again.
-        self._write(record, sync=False)
+        self._write_first(record)
         with self._lock:
             ending = active.ending is not None
         if ending:  # killed or closed before it started: it never runs
