@@ -26,6 +26,7 @@ from .codegen import (
     Encoder,
     generated_decoder,
     generated_encoder,
+    generated_pairs,
     identity,
     list_encoder,
     optional_encoder,
@@ -327,8 +328,9 @@ APPEND_ONLY: Mapping[str, bool] = types.MappingProxyType({"sectorfsm.append_only
 def append_only_tail(cls: type) -> tuple[str, Encoder | None, Encoder] | None:
     """`(name, item encoder, head encoder)` if `cls`'s last field is marked `APPEND_ONLY`.
 
-    The item encoder is None if items are packed as they are; the head encoder is the state
-    encoder with that field written as an empty array, last.
+    The item encoder is None if items are packed as they are; the head encoder gives the
+    state's other fields as one flat tuple `(name, value, ..., name of that field)`: the items
+    of the state's map in order, that field's value left out (fsm/tail.py packs it).
     """
     fields = dataclasses.fields(cls)
     if not fields or not fields[-1].metadata.get("sectorfsm.append_only"):
@@ -340,17 +342,19 @@ def append_only_tail(cls: type) -> tuple[str, Encoder | None, Encoder] | None:
     (item_type,) = typing.get_args(hints[tail]) or (Any,)
     names = tuple(f.name for f in fields)
     if all(plain_name(n) for n in names):
-        convs = {n: _CODECS.encoder(hints[n]) for n in names}
+        convs = {n: _CODECS.encoder(hints[n]) for n in names[:-1]}
         convs = {n: e for n, e in convs.items() if e is not identity}
-        head = generated_encoder(cls, names, convs, empty=tail)
+        head = generated_pairs(cls, names[:-1], convs, last=tail)
     else:
         full = _CODECS.encoder(cls)
 
-        def head(obj: Any) -> dict[str, Any]:
-            payload = dict(full(obj))  # (a copy: a plain state's payload is its own dict)
-            del payload[tail]
-            payload[tail] = ()
-            return payload
+        def head(obj: Any) -> tuple[Any, ...]:
+            pairs: list[Any] = []
+            for name, value in full(obj).items():
+                if name != tail:
+                    pairs += (name, value)
+            pairs.append(tail)
+            return tuple(pairs)
 
     item = _CODECS.encoder(item_type)
     return tail, None if item is identity else item, head

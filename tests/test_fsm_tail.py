@@ -232,3 +232,85 @@ def test_many_entries_appended_in_one_round_are_the_whole_encoding(shared: bool)
         m.record = record
         if shared:  # (the machine keeps only the entries' bytes, as during a shared step)
             TailEncoder.let_go(m, True)
+
+
+@dataclass(slots=True)
+class Wide:
+    """Enough fields for a 16-bit map header and pairs array, some of them converted."""
+
+    a0: int = 0
+    a1: str = "x"
+    a2: bytes = b"\x00\x01"
+    a3: float = 0.5
+    a4: bool = False
+    a5: str | None = None
+    a6: Entry | None = None
+    a7: list[Entry] = field(default_factory=list)
+    a8: set[int] = field(default_factory=set)
+    a9: int = -1
+    b0: int = 2**40
+    b1: str = "y" * 40
+    b2: int = 0
+    b3: int = 0
+    b4: int = 0
+    b5: int = 0
+    b6: int = 0
+    log: list[Entry] = field(default_factory=list, metadata=APPEND_ONLY)
+
+
+def _whole(schema: int, final: Any, error: str | None, payload: dict[str, Any]) -> bytes:
+    return bytes(
+        msgpack.Packer(use_bin_type=True, default=list).pack([schema, final, error, payload])
+    )
+
+
+@pytest.mark.parametrize("plain", [True, False])
+def test_the_fields_before_the_log_are_packed_as_the_whole_map_would_be(
+    plain: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through any finality and error, narrow and wide states, the prefixes kept or not."""
+    if not plain:  # (the fallback for field names that cannot be written in generated source)
+        monkeypatch.setattr("sectorfsm.fsm.codec.plain_name", lambda name: False)
+    cases: list[tuple[Any, Any]] = []
+    for cls in (Logged, Wide):
+        found = append_only_tail(cls)
+        assert found is not None
+        encoder = TailEncoder(7, found)
+        st: Any = cls()
+        m = Machine(1, b"k", st, None)
+        for final, error in [
+            (False, None), (True, None), (False, "boom"), (1, None), (0, None), (True, "x" * 40),
+            (False, None), (True, None),
+        ]:  # fmt: skip
+            st.log.append(Entry(len(st.log), "e"))
+            if cls is Wide:
+                st.a0 += 1
+                st.a6 = Entry(st.a0, "six")
+                st.a7.append(Entry(st.a0, "seven"))
+                st.a8.add(st.a0)
+            record = encoder.encode(m, st, final, error)
+            assert record == _whole(7, final, error, _plain(st)), (cls, final, error)
+            m.record = record
+            cases.append((final, error))
+    assert len(cases) == 16
+
+
+def test_the_head_is_the_maps_items_as_one_flat_tuple() -> None:
+    """Names and values in field order, ending with the append-only field's name alone."""
+    found = append_only_tail(Logged)
+    assert found is not None
+    st = Logged("busy", 3, [Entry(1, "a")])
+    assert found[2](st) == ("phase", "busy", "rounds", 3, "log")
+
+
+def _plain(st: Any) -> dict[str, Any]:
+    """The state as the codec's whole encoding sees it (dataclasses as maps, sets as arrays)."""
+
+    def conv(v: Any) -> Any:
+        if isinstance(v, Entry):
+            return {"at": v.at, "text": v.text}
+        if isinstance(v, (list, set)):
+            return [conv(x) for x in v]
+        return v
+
+    return {name: conv(getattr(st, name)) for name in st.__dataclass_fields__}
