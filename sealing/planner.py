@@ -339,4 +339,11 @@ def _log_event(info: SectorInfo, ev: Any, now: float) -> None:
     message, trace = ev.describe() if isinstance(ev, SectorEvent) else (repr(ev), "")
     if len(message) > MESSAGE_LIMIT:
         message = message[:MESSAGE_LIMIT] + "... truncated"
-    log_append(info, LogEntry(int(now), f"event;{_name(ev)}", message, trace))
+    kind = _KINDS.get(type(ev))
+    if kind is None:
+        kind = _KINDS[type(ev)] = f"event;{_name(ev)}"
+    log_append(info, LogEntry(int(now), kind, message, trace))
+
+
+#: A log entry's kind per event class (one string shared by every entry of that event).
+_KINDS: dict[type, str] = {}
