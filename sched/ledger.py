@@ -93,15 +93,16 @@ class Ledger:
         return self._refusal(
             task_type,
             need,
-            self.counts[task_type],
+            self.counts.get(task_type, 0),
             self.cpu_used + self.claimed_cpu,
             self.gpu_used + self.claimed_gpu,
         )
 
     def claim_refusal(self, task_type: TaskType, need: Resources) -> str | None:
         """Why this task cannot be placed here to fetch and wait for compute; None if it can."""
+        # `.get`: a Counter's missing key goes through its Python `__missing__` (hot path).
         why = self._refusal(
-            task_type, need, self.claimed[task_type], self.claimed_cpu, self.claimed_gpu
+            task_type, need, self.claimed.get(task_type, 0), self.claimed_cpu, self.claimed_gpu
         )
         if why is None or "RAM" in why:
             return why
@@ -109,7 +110,7 @@ class Ledger:
 
     def compute_refusal(self, task_type: TaskType, need: Resources) -> str | None:
         """Why a claim of this task cannot start computing now; None if it can."""
-        running = self.counts[task_type] - self.claimed[task_type]
+        running = self.counts.get(task_type, 0) - self.claimed.get(task_type, 0)
         return self._refusal(task_type, need, running, self.cpu_used, self.gpu_used, mem=False)
 
     def start_refusal(self, task_type: TaskType, need: Resources) -> str | None:
@@ -120,9 +121,10 @@ class Ledger:
         """
         # Kept per type by `_claim`: a walk of the entries here was O(tasks held) per start,
         # quadratic on a worker holding thousands (bench_scale's one simulated worker).
-        cpu = self.cpu_used + self.claimed_threads[task_type]
+        cpu = self.cpu_used + self.claimed_threads.get(task_type, 0)
         gpu = self.gpu_used + self.claimed_gpus.get(task_type, 0.0)
-        return self._refusal(task_type, need, self.counts[task_type], cpu, gpu, mem=False)
+        count = self.counts.get(task_type, 0)
+        return self._refusal(task_type, need, count, cpu, gpu, mem=False)
 
     def _refusal(
         self,
@@ -140,7 +142,7 @@ class Ledger:
         if res.ignore_resources:
             return None
         if mem:
-            base = self._base(task_type, need)
+            base = need.base_min_memory if not self.counts.get(task_type) else 0  # `_base`
             mem_need = need.min_memory + base
             mem_free = res.mem_physical - self.mem_min_used
             if mem_need > mem_free:
