@@ -99,8 +99,12 @@ class TailEncoder:
             return b"".join((prefix, head, array_header(n), kept))
         # The new entries packed as one array (one call however many), less its header.
         item = self._item
-        fresh = items[count:] if item is None else [item(x) for x in items[count:]]
-        new = memoryview(pack(fresh))[_header_size(n - count) :]
+        if n - count == 1:  # (most rounds: the entry alone, its bytes are the same)
+            last = items[count]
+            new: Any = pack(last if item is None else item(last))
+        else:
+            fresh = items[count:] if item is None else [item(x) for x in items[count:]]
+            new = memoryview(pack(fresh))[_header_size(n - count) :]
         m.tail, m.tail_count, m.tail_bytes = items, n, None
         m.tail_size = size + len(new)
         return b"".join((prefix, head, array_header(n), kept, new))

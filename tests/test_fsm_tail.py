@@ -314,3 +314,25 @@ def _plain(st: Any) -> dict[str, Any]:
         return v
 
     return {name: conv(getattr(st, name)) for name in st.__dataclass_fields__}
+
+
+@dataclass(slots=True)
+class Counted:
+    rounds: int = 0
+    log: list[Any] = field(default_factory=list, metadata=APPEND_ONLY)
+
+
+@pytest.mark.parametrize("cls", [Logged, Counted])
+def test_one_entry_appended_per_round_is_packed_alone(cls: type) -> None:
+    """An entry packed alone is its bytes in the array, converted or packed as it is."""
+    found = append_only_tail(cls)
+    assert found is not None
+    assert (found[1] is None) is (cls is Counted)
+    encoder = TailEncoder(1, found)
+    st: Any = cls()
+    m = Machine(1, b"k", st, None)
+    for i in range(40):  # (past 15 entries: the array's header grows to 3 bytes)
+        st.log.append(Entry(i, "e") if cls is Logged else [i, {i}, "x" * i])
+        record = encoder.encode(m, st, False, None)
+        assert record == _whole(1, False, None, _plain(st)), i
+        m.record = record
