@@ -3,19 +3,15 @@
 `Scheduler.fit` answers for a worker and a kind (task type, sector size) several times per
 scheduling cycle, and the answer's static half (`resources.resource_spec` and
 `assigners.slots_for`) reads only the worker's spec and its policy's stage cap: it is kept
-per worker and kind until one of those changes (a heartbeat replaces the resources). The
-whole answer (`fit`) is kept beside it while the worker's ledger also holds: the ledger's
-refusals read only its own totals (bumped with its `version` by every add, acquire and free)
-and its frozen `WorkerResources` (replaced, never changed in place), so a cycle asks a worker
-that nothing touched since the last one for a lookup, not two admission checks.
+per worker and kind until one of those changes (a heartbeat replaces the resources).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .assigners import Fit, slots_for
-from .ledger import Ledger, WorkerResources
+from .assigners import slots_for
+from .ledger import WorkerResources
 from .resources import ResourceOverrides, Resources, resource_spec
 from .tasks import TaskType
 from .workers import Worker, WorkerSpec
@@ -31,11 +27,6 @@ class Needs:
     cap: int | None
     need: Resources
     slots: int
-    #: The last `NeedsMemo.fit` answer, and the ledger, its version and resources it read.
-    answer: Fit | str | None = None
-    ledger: Ledger | None = None
-    version: int = -1
-    ledger_resources: WorkerResources | None = None
 
 
 class NeedsMemo:
@@ -61,26 +52,3 @@ class NeedsMemo:
             kept.slots = slots_for(w, need, cap)
             self._kept[key] = kept
         return kept
-
-    def fit(self, w: Worker, task_type: TaskType, size: int, cap: int | None) -> Fit | str:
-        """`w`'s room for the kind under `cap` (`Scheduler.fit`), kept while its ledger holds."""
-        kept = self.get(w, task_type, size, cap)
-        led = w.ledger
-        answer = kept.answer
-        if (
-            answer is not None
-            and kept.version == led.version
-            and kept.ledger is led
-            and kept.ledger_resources is led.resources
-        ):
-            return answer
-        need = kept.need
-        refusal = led.claim_refusal(task_type, need)
-        answer = (
-            refusal
-            if refusal is not None
-            else Fit(need, led.start_refusal(task_type, need), kept.slots)
-        )
-        kept.answer, kept.ledger, kept.version = answer, led, led.version
-        kept.ledger_resources = led.resources
-        return answer

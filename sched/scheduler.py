@@ -439,7 +439,11 @@ class Scheduler:
     def fit(self, w: Worker, task_type: TaskType, sector_size: int) -> Fit | str:
         """`w`'s room for `task_type` tasks of this size, or its ledger's refusal in words."""
         cap = stage_cap(w.watcher.policy, task_type) if w.watcher is not None else None
-        return self._needs.fit(w, task_type, sector_size, cap)
+        kept = self._needs.get(w, task_type, sector_size, cap)
+        refusal = w.ledger.claim_refusal(task_type, kept.need)
+        if refusal is not None:
+            return refusal
+        return Fit(kept.need, w.ledger.start_refusal(task_type, kept.need), kept.slots)
 
     def verdict(self, req: Request, w: Worker, fit: Fit | None = None) -> Candidate | str:
         """Whether `w` can take `req` now: a candidate, or the reason it cannot, in words.
