@@ -57,17 +57,25 @@ def _inline(name: str, conv: str, shape: tuple[str, Encoder] | None) -> str:
     return f"([] if not (v := obj.{name}) and type(v) is list else [{conv}(x) for x in v])"
 
 
-def generated_encoder(cls: type, fields: tuple[str, ...], convs: dict[str, Encoder]) -> Encoder:
-    """`{field: converted value}` as one dict display: no per-field loop or call in Python."""
-    env: dict[str, Any] = {}
-    items = []
+def _values(
+    fields: tuple[str, ...], convs: dict[str, Encoder], env: dict[str, Any]
+) -> list[tuple[str, str]]:
+    """Each field's name and the expression of its converted value (converters go in `env`)."""
+    out = []
     for i, name in enumerate(fields):
         if name in convs:
             shape = _SHAPES.get(convs[name])
             env[f"c{i}"] = convs[name] if shape is None else shape[1]
-            items.append(f"{name!r}: {_inline(name, f'c{i}', shape)}")
+            out.append((name, _inline(name, f"c{i}", shape)))
         else:
-            items.append(f"{name!r}: obj.{name}")
+            out.append((name, f"obj.{name}"))
+    return out
+
+
+def generated_encoder(cls: type, fields: tuple[str, ...], convs: dict[str, Encoder]) -> Encoder:
+    """`{field: converted value}` as one dict display: no per-field loop or call in Python."""
+    env: dict[str, Any] = {}
+    items = [f"{name!r}: {value}" for name, value in _values(fields, convs, env)]
     src = f"def enc(obj):\n    return {{{', '.join(items)}}}\n"
     return _compile_source(src, env, "enc", cls)
 
@@ -82,14 +90,7 @@ def generated_pairs(
     to build and to pack than a dict (no hashing, no insertions, no dict to walk).
     """
     env: dict[str, Any] = {}
-    items = []
-    for i, name in enumerate(fields):
-        if name in convs:
-            shape = _SHAPES.get(convs[name])
-            env[f"c{i}"] = convs[name] if shape is None else shape[1]
-            items.append(f"{name!r}, {_inline(name, f'c{i}', shape)}")
-        else:
-            items.append(f"{name!r}, obj.{name}")
+    items = [f"{name!r}, {value}" for name, value in _values(fields, convs, env)]
     items.append(repr(last))
     src = f"def enc(obj):\n    return ({', '.join(items)},)\n"
     return _compile_source(src, env, "enc", cls)
