@@ -239,7 +239,7 @@ class AutoPledger:
         store: LmdbStore,
         *,
         enabled: bool,
-        changes: StateChanges | None = None,
+        changes: StateChanges,
     ) -> None:
         self.sched = sched
         self.input = sector_input
@@ -247,8 +247,8 @@ class AutoPledger:
         self.enabled = enabled
         #: CC sectors pledged here, until they are seen past PC1: number -> worker.
         self._pending: dict[int, str] = {}
-        #: The engine's durable state changes: with them a pledged sector leaves `_pending`
-        #: as its change past PC1 lands, and no evaluation reads a sector's state.
+        #: The engine's durable state changes: a pledged sector leaves `_pending` as its
+        #: change past PC1 lands, so no evaluation reads a sector's state.
         self._changes = changes
         self._listening = False
         #: Pledged here, first event not durable yet (not in the per-state counts).
@@ -282,7 +282,7 @@ class AutoPledger:
         """Stop pledging (the scheduler keeps the listener, which then does nothing)."""
         self._running = False
         self.store.committer.remove_listener(self._committed)
-        if self._changes is not None and self._listening:
+        if self._listening:
             self._changes.remove_listener(self._changed)
             self._listening = False
 
@@ -381,7 +381,7 @@ class AutoPledger:
                 want = headroom
             if want <= 0:
                 continue
-            if self._changes is not None and not self._listening:
+            if not self._listening:
                 # From the first pledge on (until then, no listener costs the planner a thing).
                 self._changes.add_listener(self._changed)
                 self._listening = True
@@ -408,21 +408,19 @@ class AutoPledger:
         # Run after every scheduling cycle over every AP and PC1 task: counted in C (Counter of
         # a map, set difference), with Python only for the unpinned and those between tasks.
         tasks = self.sched.tasks_of(_AP_PC1)
-        if self._changes is not None:
-            # The count is a function of the tasks (compared in C: the same sector objects),
-            # `_pending` and, if one was asked, the index's holders: reused while they hold.
-            if (
-                self._flight is not None
-                and self._flight_version == self._pending_version
-                and not self._asked_holders
-                and tasks == self._flight_tasks
-            ):
-                return self._flight
-            self._asked_holders = False
-            self._flight_tasks, self._flight_version = tasks, self._pending_version
-            self._flight = flight = self._count(tasks)
-            return flight
-        return self._count(tasks)
+        # The count is a function of the tasks (compared in C: the same sector objects),
+        # `_pending` and, if one was asked, the index's holders: reused while they hold.
+        if (
+            self._flight is not None
+            and self._flight_version == self._pending_version
+            and not self._asked_holders
+            and tasks == self._flight_tasks
+        ):
+            return self._flight
+        self._asked_holders = False
+        self._flight_tasks, self._flight_version = tasks, self._pending_version
+        self._flight = flight = self._count(tasks)
+        return flight
 
     def _count(self, tasks: list[tuple[SectorRef, TaskType, str | None, bool]]) -> Counter[str]:
         """`_in_flight` of these AP and PC1 tasks (see there)."""
@@ -446,17 +444,7 @@ class AutoPledger:
         # Between tasks (before AP, or AP done and PC1 to come). Those past PC1, failed or
         # removed are no longer this rule's: the state changes drop them (`_changed`).
         between = pending.keys() - set(map(_NUMBER, map(_SECTOR, tasks)))
-        if self._changes is not None:
-            flight.update(pending[n] for n in between)
-            return flight
-        # Without them, each one's state is read (its first event staged: nothing to read yet).
-        staged = self._staged
-        for n in between:
-            info = None if n in staged else self.input.group.peek(n)
-            if info is not None and info.state not in _FEEDING:
-                del pending[n]
-            else:
-                flight[pending[n]] += 1
+        flight.update(pending[n] for n in between)
         return flight
 
     def _holder(self, sector: SectorRef) -> str | None:
