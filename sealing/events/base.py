@@ -65,23 +65,8 @@ class SectorEvent:
         if not keys:
             return _NO_FIELDS, trace
         # The bytes `_JSON.encode({"User": {field: _jsonable(value)}})` writes (keys sorted),
-        # with the common scalar fields written directly: every event is described once.
-        parts = []
-        for name, key in keys:
-            value = getattr(self, name)
-            kind = type(value)
-            if kind is str:
-                parts.append(key + _json_str(value))
-            elif kind is int:
-                parts.append(key + int.__repr__(value))
-            elif kind is bool:
-                parts.append(key + ("true" if value else "false"))
-            elif value is None:
-                parts.append(key + "null")
-            elif kind is bytes:
-                parts.append(key + '"' + value.hex() + '"')
-            else:
-                parts.append(key + _json_of(value))
+        # common values written directly: every event is described once.
+        parts = [key + _json_of(getattr(self, name)) for name, key in keys]
         return '{"User":{' + ",".join(parts) + "}}", trace
 
 
