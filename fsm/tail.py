@@ -93,7 +93,7 @@ class TailEncoder:
         else:
             prefix = self._prefix(final, last_error, k)
         # The map's items: the pairs' bytes less their array's header.
-        head = memoryview(pack(pairs))[1 if k < 16 else 3 if k < 0x10000 else 5 :]
+        head = memoryview(pack(pairs))[_header_size(k) :]
         if count == n:
             m.tail, m.tail_count, m.tail_bytes, m.tail_size = items, n, None, size
             return b"".join((prefix, head, array_header(n), kept))
