@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..fsm.codec import packb, unpackb
 from ..sched import FileType, Scheduler, SectorRef, TaskType, resource_spec
-from ..sched.rules import disk_units
+from ..sched.rules import units_of_counts
 from .states import SectorState
 from .stats import sector_counts, sector_stats
 
@@ -102,8 +102,8 @@ def _refusal(w: Worker, index: Any) -> str:
     if policy.add_piece_max == 0:
         return "AP disabled (AddPieceMax = 0)"
     if policy.disk_hold_max <= 0 and policy.ap_disk_hold_max <= 0:
-        return ""  # no quota: counting the worker's files (a walk of all of them) buys nothing
-    used, ap_used = disk_units((f, True) for _, f in index.local_files(w.name))
+        return ""  # no quota: nothing to count
+    used, ap_used = units_of_counts(index.file_counts(w.name))
     if policy.disk_hold_max > 0 and used + 1 > policy.disk_hold_max:
         return f"over disk quota: {used}+1 > {policy.disk_hold_max} units (DiskHoldMax)"
     if policy.ap_disk_hold_max > 0 and ap_used + 1 > policy.ap_disk_hold_max:

@@ -318,7 +318,7 @@ def test_an_evaluation_reading_what_the_last_quiet_one_read_does_nothing(
     assert ap.evaluate() == 0 and asked == ["a", "a"]
     assert ap.state()["a"]["note"] == "AP disabled (AddPieceMax = 0)" and len(puts) == 2
     a.policy = dataclasses.replace(full, disk_hold_max=5)  # a quota: the index is read
-    sched.index.local_files = lambda name: iter(())  # type: ignore[attr-defined]
+    sched.index.file_counts = lambda name: {}  # type: ignore[attr-defined]
     assert ap.evaluate() == 0 and ap.evaluate() == 0 and asked == ["a"] * 4
     a.policy = full
     ap.evaluate()
