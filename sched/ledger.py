@@ -142,7 +142,7 @@ class Ledger:
         if res.ignore_resources:
             return None
         if mem:
-            base = need.base_min_memory if not self.counts.get(task_type) else 0  # `_base`
+            base = self._base(task_type, need)
             mem_need = need.min_memory + base
             mem_free = res.mem_physical - self.mem_min_used
             if mem_need > mem_free:
@@ -265,4 +265,5 @@ class Ledger:
     def _base(self, task_type: TaskType, need: Resources) -> int:
         # BaseMinMemory (proof parameters) is shared by all tasks of one type on a worker:
         # count it once per type present (Lotus's "dedupe" TODO), not once per task.
-        return need.base_min_memory if self.counts[task_type] == 0 else 0
+        # (`.get`: a Counter's missing key goes through its Python `__missing__`; hot path.)
+        return need.base_min_memory if not self.counts.get(task_type) else 0
