@@ -149,7 +149,10 @@ class JobTable:
         if settle and record.state is JobState.RUNNING and job_id not in self._active:
             record.state, record.exit_code = JobState.DONE, 0
             with contextlib.suppress(OSError):
-                record.finished = os.stat(self._path(job_id, RESULT)).st_mtime
+                # File times come from the kernel's coarse clock, which can lag
+                # `time.time()` (the start) by a tick: a job never ends before it starts.
+                mtime = os.stat(self._path(job_id, RESULT)).st_mtime
+                record.finished = max(mtime, record.started)
         return record
 
     def _write(self, record: JobRecord, sync: bool = True) -> None:
