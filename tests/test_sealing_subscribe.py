@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import HANG_GUARD, eventually
 from sealtools import miner, run
 
 from sectorfsm.sealing import Gap, SectorState, StateChange
@@ -42,6 +43,11 @@ def test_changes_arrive_in_order_and_only_once_durable(tmp_path: Path) -> None:
             n = await m.pledge()
             await m.wait(n, "Proving")
             await m.idle()
+            # The consumer is a task of its own: it reads the last change when next scheduled.
+            await eventually(
+                lambda: any(c.sector == n and c.after is S.Proving for c in seen),
+                "the consumer reading the change to Proving",
+            )
             chain = _chain(seen, n)
             assert chain[0] == StateChange(n, S.UndefinedSectorState, S.Packing, "SectorStartCC")
             assert chain[-1].after is S.Proving
@@ -106,7 +112,7 @@ def test_iteration_ends_when_the_engine_stops(tmp_path: Path) -> None:
             sub = m.subscribe()
             reader = asyncio.get_running_loop().create_task(_drain(sub))
             await m.pledge()
-        assert (await asyncio.wait_for(reader, 10)) >= 1  # it ended: the engine stopped
+        assert (await asyncio.wait_for(reader, HANG_GUARD)) >= 1  # it ended: the engine stopped
 
     run(body)
 
