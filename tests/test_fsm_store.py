@@ -15,6 +15,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import HANG_GUARD, Spawner
 from fsmtoy import Add, Counter, make_group
 
 from sectorfsm.fsm import (
@@ -74,7 +75,7 @@ def test_unwritable_directory_is_a_clear_error() -> None:
     )
     try:
         out = subprocess.run(
-            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=HANG_GUARD
         )
     finally:
         repo.chmod(0o755)
@@ -157,7 +158,7 @@ def test_full_disk_is_a_clear_error_and_loses_nothing(tmp_path: Path) -> None:
         """
     )
     out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=HANG_GUARD
     )
     assert "FULL" in out.stdout and "disk is full" in out.stdout, out.stdout + out.stderr
     assert "STATE0 [0]" in out.stdout, out.stdout + out.stderr
@@ -288,7 +289,7 @@ def test_second_engine_in_process_is_refused(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
-def test_second_engine_process_is_refused(tmp_path: Path) -> None:
+def test_second_engine_process_is_refused(tmp_path: Path, spawn: Spawner) -> None:
     script = textwrap.dedent(
         f"""
         import asyncio, sys
@@ -306,34 +307,24 @@ def test_second_engine_process_is_refused(tmp_path: Path) -> None:
         asyncio.run(main())
         """
     )
-    child = subprocess.Popen(
-        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert child.stdout is not None
-        assert child.stdout.readline().strip() == "STARTED"
+    child = spawn.python("-c", script, stdin=True)
+    child.wait_for_line("^STARTED$")
 
-        async def attempt() -> None:
-            async with LmdbStore(tmp_path) as store:
-                assert store.engine_locked_elsewhere()
-                g = make_group(store)
-                with pytest.raises(StoreLockedError, match=f"pid {child.pid}"):
-                    await g.start()
-                # Reading and appending still work while the other engine runs.
-                assert g.get(1) is None
+    async def attempt() -> None:
+        async with LmdbStore(tmp_path) as store:
+            assert store.engine_locked_elsewhere()
+            g = make_group(store)
+            with pytest.raises(StoreLockedError, match=f"pid {child.pid}"):
+                await g.start()
+            # Reading and appending still work while the other engine runs.
+            assert g.get(1) is None
 
-        asyncio.run(attempt())
-    finally:
-        assert child.stdin is not None
-        child.stdin.write("\n")
-        child.stdin.flush()
-        try:
-            child.wait(timeout=120)
-        finally:
-            if child.poll() is None:  # a hung child must not outlive the test
-                child.kill()
-                child.wait()
-    assert child.returncode == 0
+    asyncio.run(attempt())
+    stdin = child.popen.stdin
+    assert stdin is not None
+    stdin.write(b"\n")
+    stdin.flush()
+    assert child.finish() == 0, child.describe()
 
 
 def test_sync_facade(tmp_path: Path) -> None:
