@@ -15,7 +15,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from conftest import Spawner, until
+from conftest import HANG_GUARD, Spawner, until
 from sealtools import miner, run
 
 from sectorfsm.sched import SectorRef, TaskType, WorkerPolicy
@@ -63,7 +63,7 @@ async def pledged(m: Miner, count: int) -> None:
         for _ in range(10_000):  # hang guard, in state changes
             if len(auto_sectors(m)) >= count:
                 return
-            await asyncio.wait_for(anext(sub), timeout=60)
+            await asyncio.wait_for(anext(sub), timeout=HANG_GUARD)
         raise AssertionError(f"auto-pledge made {m.autopledge.pledged}, not {count}")
     finally:
         sub.close()
@@ -136,7 +136,7 @@ def test_pc1_queued_behind_a_full_box_counts_in_flight(tmp_path: Path) -> None:
                     feeding = [i for i in auto_sectors(m) if i.state in FEEDING]
                     most = max(most, len(feeding))
                     assert len(feeding) <= 4, [(i.number, i.state) for i in feeding]
-                    await asyncio.wait_for(anext(sub), timeout=60)
+                    await asyncio.wait_for(anext(sub), timeout=HANG_GUARD)
                 assert most == 4
             finally:
                 sub.close()

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import run, settle
+from conftest import HANG_GUARD, run, settle
 from fsmtoy import Go, Hop, InboxSpy, Note, Rec, make_rec_group, pending_on_disk, state
 
 from sectorfsm.fsm import Context, LmdbStore
@@ -53,7 +53,7 @@ def test_event_for_a_busy_machine_is_on_disk_while_its_step_runs(
             assert pending_on_disk(g, 1) == 1
             assert 7 not in state(g, 1).seen
             release.set()
-            await asyncio.wait_for(g.idle(), 5)
+            await asyncio.wait_for(g.idle(), HANG_GUARD)
             assert state(g, 1).seen == [7]
             assert pending_on_disk(g, 1) == 0
             await g.stop()
@@ -93,7 +93,7 @@ def test_pending_event_of_a_busy_machine_is_redelivered_once_after_restart(
         async with LmdbStore(path, durability) as store:
             g = make_rec_group(store, {}, sightings=sightings)
             await g.start()
-            await asyncio.wait_for(g.idle(), 5)
+            await asyncio.wait_for(g.idle(), HANG_GUARD)
             st = state(g, 1)
             assert st.seen == expected and st.restarts == restarts
             assert pending_on_disk(g, 1) == 0
@@ -176,7 +176,7 @@ def test_stats_count_events_queued_behind_a_running_step(tmp_path: Path) -> None
             await asyncio.gather(*futures)
             assert pending_on_disk(g, 1) == 5
             release.set()
-            await asyncio.wait_for(g.idle(), 5)
+            await asyncio.wait_for(g.idle(), HANG_GUARD)
             stats = g.stats()
             assert stats["pending_events"] == 0 and stats["steps"] == 0
             assert state(g, 1).seen == [1, 2, 3, 4, 5]
@@ -219,24 +219,24 @@ def test_failed_commit_keeps_events_sent_while_it_was_in_flight(tmp_path: Path, 
                 if armed[0]:
                     armed[0] = False
                     entered.set()
-                    fail.wait(5)
+                    fail.wait(HANG_GUARD)
                     raise OSError("injected commit failure")
                 return real_write(fn)
 
             store.write = failing_write  # type: ignore[method-assign]
             lost = asyncio.ensure_future(g.send(1, Note(1)))
-            await asyncio.to_thread(entered.wait, 5)  # that commit is in flight now
+            await asyncio.to_thread(entered.wait, HANG_GUARD)  # that commit is in flight now
             kept = [asyncio.ensure_future(g.send(1, Note(n))) for n in (2, 3)]
-            await asyncio.sleep(0.01)
+            await settle()  # the sends have gone as far as they can while the commit hangs
             assert not any(t.done() for t in kept), "sent during the commit: not durable yet"
             fail.set()
             with pytest.raises(OSError, match="injected"):
                 await lost
-            await asyncio.wait_for(asyncio.gather(*kept), 5)
+            await asyncio.wait_for(asyncio.gather(*kept), HANG_GUARD)
             if busy:
                 # The step was reloaded from disk and re-run (Restart): release it too.
                 release.set()
-            await asyncio.wait_for(g.idle(), 5)
+            await asyncio.wait_for(g.idle(), HANG_GUARD)
             assert state(g, 1).seen == [2, 3]
             assert pending_on_disk(g, 1) == 0
             await g.stop()
@@ -245,7 +245,7 @@ def test_failed_commit_keeps_events_sent_while_it_was_in_flight(tmp_path: Path, 
             g = make_rec_group(store, {"hold": hold}, sightings=sightings)
             await g.start()
             release.set()
-            await asyncio.wait_for(g.idle(), 5)
+            await asyncio.wait_for(g.idle(), HANG_GUARD)
             assert state(g, 1).seen == [2, 3]
             await g.stop()
         assert sightings.count(2) == 1 and sightings.count(3) == 1

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import run, settle
+from conftest import HANG_GUARD, run, settle
 from fsmtoy import (
     Add,
     Bad,
@@ -245,7 +245,7 @@ def test_cancelling_event_cancels_running_step(tmp_path: Path) -> None:
             await g.send(1, Work(seconds=3600))
             await probe.started(1)
             await g.send(1, Cancel())
-            await asyncio.wait_for(g.idle(), 5)
+            await asyncio.wait_for(g.idle(), HANG_GUARD)
             st = g.get(1)
             assert st is not None and st.state == "Cancelled"
             await g.stop()

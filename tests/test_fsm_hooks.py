@@ -12,7 +12,7 @@ import datetime
 from pathlib import Path
 from typing import Any
 
-from conftest import run
+from conftest import HANG_GUARD, run
 from fsmtoy import Go, Note, Rec, make_rec_group, pending_on_disk, state
 
 from sectorfsm.fsm import Context, LmdbStore, StateGroup
@@ -41,10 +41,10 @@ def test_post_from_another_groups_planner_is_durable_when_its_future_resolves(
             await gb.begin(1, Rec())
             await ga.send(1, Go("hold"))  # A1 is busy: the posted Note waits in its queue
             await gb.send(1, Go("fwd"))
-            await asyncio.wait_for(posted[0], 5)  # the post reports the Note durable...
+            await asyncio.wait_for(posted[0], HANG_GUARD)  # the post reports the Note durable...
             assert pending_on_disk(ga, 1) == 1  # ...so it must be in A1's inbox
             release.set()
-            await asyncio.wait_for(ga.idle(), 5)
+            await asyncio.wait_for(ga.idle(), HANG_GUARD)
             assert ga.get(1) == Rec(phase="hold", seen=[7])
             await ga.stop()
             await gb.stop()
@@ -81,7 +81,7 @@ def test_a_round_that_cannot_be_stored_costs_no_other_machine_its_durability(
             assert info is not None and info.state == Rec()
             assert info.last_error is not None and "date" in info.last_error
             release.set()
-            await asyncio.wait_for(g.idle(), 5)
+            await asyncio.wait_for(g.idle(), HANG_GUARD)
             assert g.get(1) == Rec(phase="hold", seen=[5])
             await g.stop()
 
@@ -100,12 +100,12 @@ def test_a_final_predicate_that_raises_is_a_planner_error(tmp_path: Path) -> Non
             await g.start()
             await g.begin(1, Rec())
             await g.send(1, Go("boom"))
-            await asyncio.wait_for(g.idle(), 5)
+            await asyncio.wait_for(g.idle(), HANG_GUARD)
             info = g.info(1)
             assert info is not None and info.state.phase == "idle"
             assert info.last_error is not None and "cannot tell" in info.last_error
             await g.send(1, Go("done"))
-            await asyncio.wait_for(g.idle(), 5)
+            await asyncio.wait_for(g.idle(), HANG_GUARD)
             info = g.info(1)
             assert info is not None and info.final and info.state.phase == "done"
             await g.stop()
@@ -130,7 +130,7 @@ def test_planner_post_to_an_idle_machine_of_its_own_group_gets_planned(tmp_path:
             await g.begin(1, Rec())
             await g.begin(2, Rec())
             await g.send(1, Go("fwd"))
-            await asyncio.wait_for(g.idle(), 2)
+            await asyncio.wait_for(g.idle(), HANG_GUARD)
             assert g.get(2) == Rec(seen=[9])
             await g.stop()
 
@@ -163,7 +163,7 @@ def test_sync_mode_a_failed_send_is_not_applied_by_the_round_after_it(tmp_path: 
             else:
                 raise AssertionError("the send whose put failed must raise")
             await g.send(1, Note(2))
-            await asyncio.wait_for(g.idle(), 5)
+            await asyncio.wait_for(g.idle(), HANG_GUARD)
             # (The failed commit reloaded the machine, as after a crash: it saw a Restart.)
             assert state(g, 1).seen == [2]
             assert pending_on_disk(g, 1) == 0

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import HANG_GUARD, eventually
 from fsmtoy import Add, Counter, Open, make_group
 
 from sectorfsm.fsm import (
@@ -58,18 +59,16 @@ def test_running_engine_picks_up_client_writes(tmp_path: Path) -> None:
             client = make_group(store)  # same name, never started: writes to the mailbox
             await engine.start()
             await engine.begin(1, Counter())
-            t0 = time.monotonic()
             for uid in range(10):
                 await client.send(1, Add(uid=uid))
-            while True:
+
+            def applied() -> list[int] | None:
                 st = engine.get(1)
                 assert st is not None
-                if len(st.applied) == 10:
-                    break
-                # A hang guard: the engine polls every 0.1 s, but a loaded machine may lag.
-                assert time.monotonic() - t0 < 60, "engine did not pick the events up"
-                await asyncio.sleep(0.02)
-            assert st.applied == list(range(10)), "mailbox order must be kept"
+                return st.applied if len(st.applied) == 10 else None
+
+            got = await eventually(applied, "the engine applying the client's 10 events")
+            assert got == list(range(10)), "mailbox order must be kept"
             await engine.stop()
 
     asyncio.run(main())
@@ -154,9 +153,10 @@ def test_virtual_sleep_of_no_time_only_yields(seconds: float) -> None:
     clock = VirtualClock(start=1_600_000_000.0, auto_advance=False)
 
     async def main() -> None:
-        await asyncio.wait_for(clock.sleep(seconds), 5)  # (no advance(): a timer never fires)
+        # (no advance(): a timer never fires)
+        await asyncio.wait_for(clock.sleep(seconds), HANG_GUARD)
         if seconds == seconds:  # (`sleep_until(nan)` waits for a timer that never fires)
-            await asyncio.wait_for(clock.sleep_until(clock.now() + seconds), 5)
+            await asyncio.wait_for(clock.sleep_until(clock.now() + seconds), HANG_GUARD)
 
     asyncio.run(main())
     assert clock.now() == 1_600_000_000.0 and clock.pending_timers == 0
@@ -180,7 +180,7 @@ def test_two_virtual_clocks_on_one_loop_both_advance() -> None:
     async def main() -> None:
         a, b = VirtualClock(start=0.0), VirtualClock(start=0.0)
         # (wait_for is a hang guard only: both sleeps end at once in real time)
-        await asyncio.wait_for(asyncio.gather(a.sleep(3600), b.sleep(7200)), 60)
+        await asyncio.wait_for(asyncio.gather(a.sleep(3600), b.sleep(7200)), HANG_GUARD)
         assert (a.now(), b.now()) == (3600.0, 7200.0)
 
     asyncio.run(main())

@@ -14,7 +14,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from conftest import run
+from conftest import HANG_GUARD, run, settle
 from fsmtoy import (
     Go,
     Halt,
@@ -115,13 +115,13 @@ def test_step_that_waits_resumes_in_one_task_and_its_events_apply(
             # The synchronous part ran inline, before `send` even returned.
             assert trail == ["sync part"]
             if wait != "sleep0":
-                await asyncio.sleep(0.02)
+                await settle()  # the step stays suspended until it is let go
                 assert trail == ["sync part"] and g.stats()["steps"] == 1
                 if wait == "event":
                     gate.set()
                 else:
                     fut.set_result(3)
-            await asyncio.wait_for(g.idle(), 5)
+            await asyncio.wait_for(g.idle(), HANG_GUARD)
             assert trail == ["sync part", "resumed"]
             st = state(g, 1)
             assert st.seen == [{"sleep0": 1, "event": 2, "future": 3}[wait]]
@@ -156,7 +156,7 @@ def test_step_exception_becomes_step_failed_and_machine_stays_usable(
             await g.begin(1, Rec())
             counter.install()
             await g.send(1, Go("x"))
-            await asyncio.wait_for(g.idle(), 5)
+            await asyncio.wait_for(g.idle(), HANG_GUARD)
             info = g.info(1)
             assert info is not None
             assert info.state.errors == [f"RuntimeError: boom {where}"]
@@ -216,9 +216,9 @@ def test_cancelling_event_cancels_an_eagerly_started_step_where_it_waits(
                 await g.begin(1, Rec())
                 await g.send(1, Go("s"))
                 if when == "suspended":
-                    await asyncio.wait_for(suspended.wait(), 5)
+                    await asyncio.wait_for(suspended.wait(), HANG_GUARD)
                 await g.send(1, Halt())
-                await asyncio.wait_for(g.idle(), 1.0)  # normally done in milliseconds
+                await asyncio.wait_for(g.idle(), HANG_GUARD)  # (the step never ends by itself)
                 info = g.info(1)
                 assert info is not None
                 assert info.state.phase == "halted" and info.state.errors == []
@@ -267,11 +267,11 @@ def test_stop_cancels_a_suspended_step_and_runs_its_finally(tmp_path: Path, when
             await g.begin(1, Rec())
             await g.send(1, Go("s"))
             if when == "suspended":
-                await asyncio.wait_for(suspended.wait(), 5)
+                await asyncio.wait_for(suspended.wait(), HANG_GUARD)
             # "right-after-start": stop() awaits the mailbox poller before it cancels steps, so
             # the step's Task has usually run by then; the cancelling-event test above covers
             # the window where it has not.
-            await asyncio.wait_for(g.stop(), 5)
+            await asyncio.wait_for(g.stop(), HANG_GUARD)
             assert not g.started and g.is_idle()
             # Stopped mid-step: the machine is still live on disk, in the step's state.
             assert state(g, 1).phase == "s"

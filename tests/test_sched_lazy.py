@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import run
+from conftest import HANG_GUARD, run
 
 import sectorfsm.sched.balanced as balanced
 from sectorfsm.fsm.clock import VirtualClock
@@ -148,7 +148,7 @@ async def _pipeline(sched: Scheduler, clock: VirtualClock, n: int) -> list[tuple
 
             await sched.schedule(s, task, sel, None, work)
 
-    async with asyncio.timeout(60):
+    async with asyncio.timeout(HANG_GUARD):
         await asyncio.gather(*(sector(SectorRef(1000, k, S32)) for k in range(n)))
     return log
 

@@ -6,6 +6,7 @@ import asyncio
 import random
 from collections import Counter
 
+from conftest import HANG_GUARD
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -181,7 +182,7 @@ def test_scheduler_never_overcommits_any_worker(
         calls = [
             asyncio.wait_for(
                 sched.schedule(SectorRef(1000, n, size), task, TaskSelector(), None, work),
-                timeout=30,
+                timeout=HANG_GUARD,
             )
             for n, (task, size) in enumerate(tasks)
             if fits_somewhere(task, size)

@@ -6,7 +6,7 @@ import asyncio
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
-from conftest import settle
+from conftest import HANG_GUARD, settle
 
 from sectorfsm.sched.filetypes import FileType
 from sectorfsm.sched.ledger import WorkerResources
@@ -78,7 +78,7 @@ def test_lotus_completes_a_mixed_workload_on_several_workers() -> None:
         for n in range(90):
             t = (TaskType.PRE_COMMIT1, TaskType.PRE_COMMIT2, TaskType.COMMIT2)[n % 3]
             calls.append(sched.schedule(SectorRef(1, n, S32), t, TaskSelector(), None, work))
-        await asyncio.wait_for(asyncio.gather(*calls), 20)
+        await asyncio.wait_for(asyncio.gather(*calls), HANG_GUARD)
         return done
 
     done = asyncio.run(main())
@@ -140,7 +140,7 @@ def test_lotus_runs_one_gpu_task_at_a_time_and_prepares_the_next_beside_it() -> 
         await settle()
         assert log[-2:] == ["end C2", "work PC2"], log
         release["PC2"].set()
-        await asyncio.wait_for(asyncio.gather(c2, pc2), 20)
+        await asyncio.wait_for(asyncio.gather(c2, pc2), HANG_GUARD)
         return log, most
 
     log, most = asyncio.run(main())

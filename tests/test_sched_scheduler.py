@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import run, settle
+from conftest import HANG_GUARD, run, settle
 
 from sectorfsm.fsm import VirtualClock
 from sectorfsm.sched.filetypes import FileType, space_needed
@@ -121,7 +121,7 @@ def test_locality_wins_and_fetch_is_costed() -> None:
         diag = sched.diag()
         assert diag[0].reasons == {"a": "sector cache is on b", "b": "maintenance"}
         sched.enable("b")
-        await asyncio.wait_for(task, 2)
+        await asyncio.wait_for(task, HANG_GUARD)
         # With fetch allowed and b busy, a takes it and pays the transfer.
         sched.disable("b", "maintenance")
         await sched.schedule(s, TaskType.PRE_COMMIT2, sel, None, work)
@@ -235,7 +235,7 @@ def test_heartbeat_grace_disables_then_reenables() -> None:
         assert not task.done()
         assert sched.diag()[0].reasons["a"] == "no heartbeat for 31 s"
         sched.heartbeat("a")
-        assert await asyncio.wait_for(task, 1) == "a"
+        assert await asyncio.wait_for(task, HANG_GUARD) == "a"
 
     run(main)
 
@@ -268,7 +268,8 @@ def test_started_monitor_disables_silent_remote_workers_but_not_in_process_ones(
         try:
             clock.advance(31)
             checked.clear()
-            await asyncio.wait_for(checked.wait(), 10)  # a check after the jump, in background
+            # A check after the jump, in background.
+            await asyncio.wait_for(checked.wait(), HANG_GUARD)
             assert not sched.worker("remote").enabled
             assert sched.worker("local").enabled
         finally:
@@ -295,7 +296,7 @@ def test_assigned_but_unstarted_task_is_requeued_when_its_worker_goes() -> None:
         await asyncio.sleep(0)
         sched.disable("a", "lost")
         sched.enable("b")
-        assert await asyncio.wait_for(task, 1) == "b"
+        assert await asyncio.wait_for(task, HANG_GUARD) == "b"
         assert not sched.worker("a").ledger.entries
 
     run(main)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import HANG_GUARD
 from sealtools import HAPPY, count, kinds, miner, run
 
 from sectorfsm.fsm import VirtualClock
@@ -52,7 +53,7 @@ def test_pledge_reaches_proving_on_real_clock(tmp_path: Path) -> None:
     async def body() -> None:
         async with miner(tmp_path, clock="real", chain=ChainParams.devnet(block_time=0.02)) as m:
             n = await m.pledge()
-            info = await m.wait(n, "Proving", timeout=30)
+            info = await m.wait(n, "Proving", timeout=HANG_GUARD)  # (real clock)
             assert info.state is SectorState.Proving
 
     run(body)
@@ -65,7 +66,7 @@ def test_deal_piece_reaches_proving_on_real_clock(tmp_path: Path) -> None:
             tmp_path, clock="real", chain=ChainParams.devnet(block_time=0.02), config=cfg
         ) as m:
             n = await m.add_piece(commp.piece_cid(b"real time deal" * 5), 128)
-            info = await m.wait(n, "Proving", timeout=30)
+            info = await m.wait(n, "Proving", timeout=HANG_GUARD)  # (real clock)
             assert info.pieces[0].deal is not None
 
     run(body)
