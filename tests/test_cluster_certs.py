@@ -13,7 +13,7 @@ from cryptography.x509.oid import NameOID
 from typer.testing import CliRunner
 
 from sectorfsm.cli.app import app
-from sectorfsm.sealing.backends.dask.certs import CertError, make_certs
+from sectorfsm.sealing.backends.dask.certs import CA_DAYS, CertError, make_certs
 from sectorfsm.sealing.backends.dask.security import (
     AddressError,
     check_address,
@@ -142,9 +142,10 @@ def test_an_inconsistent_directory_is_refused_untouched(tmp_path: Path) -> None:
     # Half a pair: its other half is not guessed, nor regenerated.
     refused(d, "has w2.key but no w2.pem", "--worker", "w2")
     (d / "w2.key").unlink()
-    refused(
-        d, f"--days 4000 outlives the CA (valid until {dt.date.today().year + 10}", "--days", "4000"
-    )
+    # The CA's own end date (CA_DAYS days on, which is not always "this year + 10").
+    until = cert(d / "ca.pem").not_valid_after_utc
+    assert until > dt.datetime.now(dt.UTC) + dt.timedelta(days=CA_DAYS - 1)
+    refused(d, f"--days 4000 outlives the CA (valid until {until:%Y-%m-%d})", "--days", "4000")
     (other / "ca.key").unlink()
     refused(other, "has ca.pem but no ca.key")
     (other / "ca.pem").unlink()
