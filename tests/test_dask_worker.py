@@ -91,8 +91,12 @@ def free_port() -> int:
         return port
 
 
-def scheduler(spawn: Spawner, port: int, certs: Path | None = None) -> tuple[Child, str]:
-    """A scheduler process on `port`, and its address once it listens."""
+def scheduler(spawn: Spawner, port: int = 0, certs: Path | None = None) -> tuple[Child, str]:
+    """A scheduler process on `port` (0: one the kernel picks), and its address once it listens.
+
+    A port picked before the child binds it could be taken meanwhile (by any connection's
+    local end: they come from the same range), so a first start lets the scheduler pick.
+    """
     args = ["-c", SCHEDULER, str(port), *([str(certs)] if certs else [])]
     child = spawn.python(*args, name="scheduler", env=child_env())
     return child, child.wait_for_line(r"^listening (\S+)").group(1)
@@ -158,7 +162,7 @@ def test_worker_joins_over_tls_declares_itself_and_reloads_its_policy(
 ) -> None:
     certs = make_certs(tmp_path / "certs", "pc1-box")
     box = setup_files(tmp_path)
-    sched, address = scheduler(spawn, free_port(), certs)
+    sched, address = scheduler(spawn, certs=certs)
     assert address.startswith("tls://")
     args = ["--scheduler", address, "--name", "pc1-box", "--config", "worker.toml"]
     proc = worker(spawn, *args, "--tasks", "AP,PC1", "--certs", certs, cwd=box)
@@ -213,8 +217,8 @@ def test_scheduler_lost_the_worker_rejoins_and_its_job_runs_exactly_once(
 ) -> None:
     box = setup_files(tmp_path)
     count, release = tmp_path / "count", tmp_path / "release"
-    port = free_port()
-    sched, address = scheduler(spawn, port)
+    sched, address = scheduler(spawn)
+    port = int(address.rsplit(":", 1)[1])
     proc = worker(spawn, "--scheduler", address, "--config", "worker.toml", cwd=box)
     first, _ = joined(sched, "from-file")
     args = [str(count), str(release), 42]
