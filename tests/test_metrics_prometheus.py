@@ -3,6 +3,8 @@
 Needs Debian's `prometheus` package (`prometheus` and `promtool`; `.ci/run` installs it); the
 tests that use the server skip without it. Every wait polls something observable (a printed
 line, Prometheus's HTTP API) with a deadline, and the spawn fixture kills every process.
+Prometheus listens on a port the kernel picks (and logs): a port chosen beforehand could be
+taken by another process before Prometheus binds it.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import Spawner, until
+from conftest import HANG_GUARD, Spawner, until
 
 SIM = '[miner]\nsealer = "sim"\nblock_time = 0.1\n'
 SECTORS = 3
 METRICS_LINE = r"metrics: http://(127\.0\.0\.1:\d+)/metrics"
+#: Prometheus's log line with the address it really listens on (the port it was given is 0).
+LISTENING = r'msg="Listening on" address=(127\.0\.0\.1:\d+)'
 
 
 def _env(repo: Path) -> dict[str, str]:
@@ -30,14 +34,8 @@ def _env(repo: Path) -> dict[str, str]:
 
 
 def _get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=10) as resp:
+    with urllib.request.urlopen(url, timeout=HANG_GUARD) as resp:
         return str(resp.read().decode())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _query(api: str, promql: str) -> list[dict[str, object]] | None:
@@ -80,27 +78,28 @@ def test_prometheus_reads_the_engine_s_proving_count(spawn: Spawner, tmp_path: P
     # The live exposition is valid, lint included.
     exposition = _get(f"http://{target}/metrics").encode()
     checked = subprocess.run(
-        [promtool, "check", "metrics"], input=exposition, capture_output=True, timeout=60
+        [promtool, "check", "metrics"], input=exposition, capture_output=True, timeout=HANG_GUARD
     )
     assert checked.returncode == 0 and not checked.stdout.strip(), checked.stdout.decode()
 
-    port = _free_port()
     (tmp_path / "prometheus.yml").write_text(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
         "scrape_configs:\n  - job_name: sectorfsm\n"
         f"    static_configs:\n      - targets: ['{target}']\n"
     )
-    spawn(
+    server = spawn(
         [
             prometheus,
             f"--config.file={tmp_path / 'prometheus.yml'}",
             f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{port}",
+            "--web.listen-address=127.0.0.1:0",
         ],
         name="prometheus",
         cwd=tmp_path,
-    ).wait_for_line("Server is ready to receive web requests")
-    api = f"http://127.0.0.1:{port}"
+    )
+    api = f"http://{server.wait_for_line(LISTENING).group(1)}"
+    # (Two goroutines log these lines: either may come first.)
+    server.wait_for_line("Server is ready to receive web requests", anywhere=True)
 
     def proving() -> float | None:
         result = _query(api, 'sectorfsm_sectors{job="sectorfsm",state="Proving"}')
@@ -116,7 +115,7 @@ def test_prometheus_reads_the_engine_s_proving_count(spawn: Spawner, tmp_path: P
         env=_env(repo),
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HANG_GUARD,
     )
     assert listed.returncode == 0, listed.stderr
     in_list = sum(1 for s in json.loads(listed.stdout) if s["state"] == "Proving")
