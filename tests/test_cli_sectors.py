@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import HANG_GUARD
 from sealtools import kinds, miner, run
 from typer.testing import CliRunner
 
@@ -285,7 +286,7 @@ def test_until_proving_stops_when_nothing_can_move(tmp_path: Path) -> None:
             await m.wait(b, "TerminateFailed", timeout=DAY)
             await m.idle()
             with pytest.raises(runmod._Outcome, match=f"{b} in TerminateFailed"):
-                await asyncio.wait_for(runmod._supervise(m, asyncio.Event(), True), 10)
+                await asyncio.wait_for(runmod._supervise(m, asyncio.Event(), True), HANG_GUARD)
 
     run(body)
 
@@ -460,7 +461,9 @@ def test_run_counts_every_sector_it_waits_for_and_logs_only_real_edges(tmp_path:
                 await m.wait(n, "Proving", timeout=DAY)
             late = await m.pledge()  # Proving before the run: counted, not re-read
             with contextlib.redirect_stdout(io.StringIO()) as buf:
-                code = await asyncio.wait_for(runmod._supervise(m, asyncio.Event(), True), 60)
+                code = await asyncio.wait_for(
+                    runmod._supervise(m, asyncio.Event(), True), HANG_GUARD
+                )
             assert code == 0
             return buf.getvalue(), [*early, late]
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import HANG_GUARD
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -374,12 +375,12 @@ def test_a_step_cancelled_before_it_ever_ran_releases_its_machine(tmp_path: Path
         await group.send(1, Begin())
         await group.send(1, Abort())
         try:
-            await asyncio.wait_for(group.idle(), 60)  # a hang guard: idle comes in ms
+            await asyncio.wait_for(group.idle(), HANG_GUARD)  # idle comes in ms
             idle = True
         except TimeoutError:
             idle = False
         result = group.get(1), group.stats(), idle
-        await asyncio.wait_for(group.stop(), 5)
+        await asyncio.wait_for(group.stop(), HANG_GUARD)
         store.close()
         return result
 

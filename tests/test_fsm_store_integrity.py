@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import HANG_GUARD
 from fsmtoy import Add, Counter, make_group
 
 from sectorfsm.fsm import (
@@ -170,8 +171,8 @@ def test_cli_writer_is_not_an_engine_and_an_engine_waits_for_it(tmp_path: Path) 
                 store.lock_engine(wait=0.2)
             writer.stdin.write("\n")
             writer.stdin.flush()
-            store.lock_engine(wait=30)  # returns once the writer is done
-            assert writer.wait(timeout=30) == 0
+            store.lock_engine(wait=HANG_GUARD)  # returns once the writer is done
+            assert writer.wait(timeout=HANG_GUARD) == 0
             assert not store.lock_writer()  # an engine runs (here): writers queue instead
             store.unlock_engine()
     finally:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import HANG_GUARD
 from fsmtoy import Add, Finish, Open, make_group
 from sealtools import miner, run
 
@@ -28,7 +29,7 @@ def test_watch_wakes_on_its_own_machine_only(tmp_path: Path) -> None:
             await group.idle()
             assert not watched.done()
             await group.send("a", Add(100))
-            await asyncio.wait_for(watched, 5)  # (a's own commit resolves it)
+            await asyncio.wait_for(watched, HANG_GUARD)  # (a's own commit resolves it)
             state = group.get("a")
             assert state is not None and state.applied == [100]
         finally:
@@ -47,7 +48,7 @@ def test_watch_tells_the_count_key_of_the_state_its_commit_wrote(tmp_path: Path)
             await counted.send("a", Open())
             watched = counted.watch("a")
             await counted.send("a", Finish())
-            assert await asyncio.wait_for(watched, 5) == "Closed"
+            assert await asyncio.wait_for(watched, HANG_GUARD) == "Closed"
         finally:
             await counted.stop()
         plain = make_group(store)  # (no counts: the wake-up only says "re-read")
@@ -56,7 +57,7 @@ def test_watch_tells_the_count_key_of_the_state_its_commit_wrote(tmp_path: Path)
             await plain.send("b", Open())
             watched = plain.watch("b")
             await plain.send("b", Add(1))
-            assert await asyncio.wait_for(watched, 5) is None
+            assert await asyncio.wait_for(watched, HANG_GUARD) is None
         finally:
             await plain.stop()
             store.close()
@@ -115,7 +116,7 @@ def test_miner_wait_reads_its_sector_only_when_it_changes(tmp_path: Path) -> Non
             # One read when the wait began; B's commits woke no one on A.
             assert reads.get(a) == 1, (reads, commits)
             await m.remove(a)
-            info = await asyncio.wait_for(waiter, 30)
+            info = await asyncio.wait_for(waiter, HANG_GUARD)
             assert info.state is SectorState.Removed
             # A's own rounds (Removing, then Removed) each woke its waiter once.
             assert reads[a] <= 4, reads
@@ -153,6 +154,6 @@ def test_a_waiting_miner_wait_holds_no_sector_info(tmp_path: Path) -> None:
             assert not waiter.done() and frame is not None
             assert "info" not in frame.f_locals, sorted(frame.f_locals)
             await m.remove(a)
-            assert (await asyncio.wait_for(waiter, 30)).state is SectorState.Removed
+            assert (await asyncio.wait_for(waiter, HANG_GUARD)).state is SectorState.Removed
 
     run(body)

@@ -15,6 +15,8 @@ import sys
 import threading
 from pathlib import Path
 
+from conftest import HANG_GUARD
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -37,7 +39,10 @@ def test_quickstart_commands_are_the_documented_ones() -> None:
 
 def test_python_m_and_version() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "sectorfsm", "--version"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "sectorfsm", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD,
     )
     assert out.returncode == 0 and out.stdout.startswith("sectorfsm ")
 
@@ -45,11 +50,13 @@ def test_python_m_and_version() -> None:
 def test_demo_resumes_from_its_repo(tmp_path: Path) -> None:
     env = {**os.environ, "COLUMNS": "120"}
     cmd = [sys.executable, "-m", "sectorfsm", "demo", "--repo", str(tmp_path / "r")]
-    first = subprocess.run([*cmd, "-n", "30"], capture_output=True, text=True, env=env, timeout=120)
+    first = subprocess.run(
+        [*cmd, "-n", "30"], capture_output=True, text=True, env=env, timeout=HANG_GUARD
+    )
     assert first.returncode == 0, first.stderr
     assert re.search(r"Proving\s*│\s*30", first.stdout), first.stdout
     second = subprocess.run(
-        [*cmd, "-n", "45"], capture_output=True, text=True, env=env, timeout=120
+        [*cmd, "-n", "45"], capture_output=True, text=True, env=env, timeout=HANG_GUARD
     )
     assert second.returncode == 0, second.stderr
     assert re.search(r"Proving\s*│\s*45", second.stdout), second.stdout
@@ -60,7 +67,7 @@ def test_demo_bad_input_is_a_clear_error() -> None:
         [sys.executable, "-m", "sectorfsm", "demo", "--machines", "zero"],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=HANG_GUARD,
     )
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "--machines" in out.stderr
@@ -96,14 +103,14 @@ def test_until_proving_with_nothing_to_wait_for_exits_at_once(tmp_path: Path) ->
     config.write_text('[miner]\nsealer = "sim"\n')
     proc = _sectors("run", "--config", str(config), "--until-proving", repo=tmp_path / "repo")
     try:
-        out, _ = proc.communicate(timeout=60)
+        out, _ = proc.communicate(timeout=HANG_GUARD)
     finally:
         proc.kill()
     assert proc.returncode == 1, out
     assert "--until-proving has nothing to wait for: this repo has no sectors" in out
 
 
-def _read_until(proc: subprocess.Popen[str], wanted: str, timeout: float = 60) -> str:
+def _read_until(proc: subprocess.Popen[str], wanted: str, timeout: float = HANG_GUARD) -> str:
     """stdout of `proc` up to the first line containing `wanted` (the process keeps running)."""
     lines: queue.Queue[str | None] = queue.Queue()
 
@@ -140,7 +147,7 @@ def test_run_prints_a_refusal_that_holds_every_sector(tmp_path: Path) -> None:
         assert "scheduler: no worker can run PC1: box: PC1 disabled on this worker" in seen
         assert "(2 task(s) waiting)" in seen
         proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=30)
+        rest, _ = proc.communicate(timeout=HANG_GUARD)
     finally:
         proc.kill()
     assert proc.returncode == 0

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import HANG_GUARD
 from sealtools import kinds, miner, run
 
 from sectorfsm.fsm import VirtualClock
@@ -244,7 +245,7 @@ def test_cancelling_threaded_file_work_waits_for_the_thread_to_stop() -> None:
     async def body() -> None:
         clock = VirtualClock()
         task = asyncio.ensure_future(files.run_in_thread(clock, work))
-        await asyncio.to_thread(started.wait, 10)
+        assert await asyncio.to_thread(started.wait, HANG_GUARD), "the work never started"
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
