@@ -340,7 +340,7 @@ class Spawner:
                 self._forking = max(0, self._forking - 1)
                 self._children[warm.pid] = warm
                 selector.register(sock, selectors.EVENT_READ, warm)
-                self._hand_over(warm)
+                self._hand_over(warm, fresh=True)
         elif kind == "died":
             self._died(int(first), int(rest), selector)
         elif kind == "error":
@@ -351,12 +351,19 @@ class Spawner:
                     reply.append(f"{first} {rest}".strip() or "the job spawner cannot fork")
                     answered.set()
 
-    def _hand_over(self, warm: WarmChild) -> None:
-        """An idle child to the first job waiting for one, else to the idle list (`_lock` held)."""
+    def _hand_over(self, warm: WarmChild, fresh: bool = False) -> None:
+        """An idle child to the first job waiting for one, else to the idle list (`_lock` held).
+
+        Jobs take the idle child put back last. A `fresh` one (never ran a job) goes under
+        the others: a child that ran a job has its modules loaded, and which child the next
+        job gets must not depend on when a fork happened to come back.
+        """
         if self._waiting:
             answered, reply = self._waiting.popleft()
             reply.append(warm)
             answered.set()
+        elif fresh:
+            self._idle.insert(0, warm)
         else:
             self._idle.append(warm)
 
