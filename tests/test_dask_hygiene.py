@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import socket
 import threading
 import urllib.error
 import urllib.request
@@ -76,14 +75,6 @@ def off_loopback(pairs: set[tuple[str, int]]) -> set[int]:
 def port_of(address: str) -> int:
     """The port of a Dask address such as `tls://0.0.0.0:8786`."""
     return int(address.rsplit(":", 1)[1])
-
-
-def free_port() -> int:
-    """A port nothing listens on now (the scheduler binds it next)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def http_status(port: int, path: str) -> int:
@@ -280,14 +271,16 @@ def test_a_worker_rejoining_a_restarted_engine_loses_its_stale_jobs_only(
     spawn: Spawner, tmp_path: Path
 ) -> None:
     count, never = tmp_path / "count", tmp_path / "never"
-    port = free_port()
-    listen = f"tcp://127.0.0.1:{port}"
 
     async def main() -> None:
         sched = Scheduler()
         await sched.start()
         try:
-            async with open_cluster(sched, listen=listen, say=print, beat=0.1) as cluster:
+            # The kernel picks the port (one picked by the test could be taken before the
+            # bind); the restarted engine listens on the same one.
+            first = open_cluster(sched, listen="tcp://127.0.0.1:0", say=print, beat=0.1)
+            async with first as cluster:
+                listen = cluster.address
                 proc = sectors_worker(spawn, tmp_path, cluster.address)
                 members = cluster.membership.members
                 await eventually(lambda: members, "the worker joined")
