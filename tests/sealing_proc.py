@@ -14,8 +14,6 @@ sector is Proving. The parent SIGKILLs it at random moments and starts it again 
 Everything it prints (one line each, flushed at once; the parent reads the file stdout is
 redirected to):
 
-* `start <time>`: the process is up; nothing of the engine runs yet (a lower bound for
-  the start of any work of this process: opening the miner may already start steps).
 * `ready <time>`: the engine runs (the miner is open).
 * `pledged <n> <time>`: the pledge (or piece) that created sector `n` is durable.
 * `allpledged <time>`: every sector of the first run exists.
@@ -74,7 +72,6 @@ async def pledge(m: Miner, args: Any) -> None:
 
 
 async def main(args: Any) -> int:
-    say("start", f"{time.monotonic():.4f}")
     chain = ChainParams.devnet(block_time=args.block_time)
     config = {"wait_deals_delay": args.wait_deals}
     async with Miner.open(
