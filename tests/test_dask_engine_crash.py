@@ -30,7 +30,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -116,12 +115,6 @@ capacity = "1GiB"
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _engine_config(port: int) -> str:
     return (
         '[miner]\nsealer = "dask"\nsector_size = "2KiB"\nblock_time = 0.1\n'
@@ -152,7 +145,9 @@ class _Engine:
     def __init__(self, spawn: Spawner, tmp: Path) -> None:
         self.spawn = spawn
         self.config = tmp / "sectors.toml"
-        self.config.write_text(_engine_config(_free_port()))
+        # The kernel picks the first engine's port (one the test picked could be taken before
+        # the engine binds it); the config then names it, for the workers and the restarts.
+        self.config.write_text(_engine_config(0))
         self.env = {**os.environ, "SECTORFSM_REPO": str(tmp / "repo"), "COLUMNS": "200"}
 
     def start(self, *args: str, name: str) -> Child:
@@ -160,7 +155,8 @@ class _Engine:
         daemon = self.spawn.python(
             *("-m", "sectorfsm", "run", "--config", self.config, *args), env=self.env, name=name
         )
-        daemon.wait_for_line(r"cluster: Dask scheduler running tcp://127\.0\.0\.1:\d+")
+        port = daemon.wait_for_line(r"cluster: Dask scheduler running tcp://127\.0\.0\.1:(\d+)")[1]
+        self.config.write_text(_engine_config(int(port)))
         return daemon
 
     def cli(self, *args: str) -> Any:
