@@ -199,17 +199,14 @@ def test_worker_joins_over_tls_declares_itself_and_reloads_its_policy(
 
         # A bad edit keeps the last good policy; the error goes out and into the worker's log.
         (box / "myscheduler.json").write_text('{"PreCommit1Max": "many"}')
+
         # The write is not atomic: a poll between its truncate and its bytes may report the
         # empty file's error first, so wait for the error of what was written.
-        bad = until(
-            lambda: (
-                (b := heartbeat(client, "pc1-box"))
-                and b.policy.error
-                and "PreCommit1Max" in b.policy.error
-                and b
-            ),
-            "the policy error in the metrics",
-        )
+        def refused() -> WorkerHeartbeat | None:
+            b = heartbeat(client, "pc1-box")
+            return b if b and b.policy.error and "PreCommit1Max" in b.policy.error else None
+
+        bad = until(refused, "the policy error in the metrics")
         assert bad.policy.fields is not None and bad.policy.fields["PreCommit1Max"] == 5
         proc.wait_for_line(r"policy: .*PreCommit1Max.*keeping the last good policy")
 
