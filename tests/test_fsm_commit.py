@@ -225,11 +225,13 @@ def test_failed_commit_keeps_events_sent_while_it_was_in_flight(tmp_path: Path, 
 
             store.write = failing_write  # type: ignore[method-assign]
             lost = asyncio.ensure_future(g.send(1, Note(1)))
-            await asyncio.to_thread(entered.wait, HANG_GUARD)  # that commit is in flight now
-            kept = [asyncio.ensure_future(g.send(1, Note(n))) for n in (2, 3)]
-            await settle()  # the sends have gone as far as they can while the commit hangs
-            assert not any(t.done() for t in kept), "sent during the commit: not durable yet"
-            fail.set()
+            try:
+                await asyncio.to_thread(entered.wait, HANG_GUARD)  # that commit is in flight now
+                kept = [asyncio.ensure_future(g.send(1, Note(n))) for n in (2, 3)]
+                await settle()  # the sends have gone as far as they can while the commit hangs
+                assert not any(t.done() for t in kept), "sent during the commit: not durable yet"
+            finally:
+                fail.set()  # (a failed check must not leave the writer thread waiting)
             with pytest.raises(OSError, match="injected"):
                 await lost
             await asyncio.wait_for(asyncio.gather(*kept), HANG_GUARD)
