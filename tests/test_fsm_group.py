@@ -275,13 +275,15 @@ def test_a_cancel_that_finds_no_step_does_not_cancel_a_later_one(tmp_path: Path)
                 return write(fn)
 
             store.write = held  # type: ignore[method-assign]
-            added = asyncio.ensure_future(g.send(1, Add(uid=1)))  # its round plans no step
-            await settle()  # the round is planned; its commit waits on the gate
-            assert not g.is_idle() and g.stats()["pending_events"] == 0
-            cancel = asyncio.ensure_future(g.send(1, Cancel()))
-            await settle()
-            assert g.stats()["pending_events"] == 1  # queued behind the committing round
-            gate.set()
+            try:
+                added = asyncio.ensure_future(g.send(1, Add(uid=1)))  # its round plans no step
+                await settle()  # the round is planned; its commit waits on the gate
+                assert not g.is_idle() and g.stats()["pending_events"] == 0
+                cancel = asyncio.ensure_future(g.send(1, Cancel()))
+                await settle()
+                assert g.stats()["pending_events"] == 1  # queued behind the committing round
+            finally:
+                gate.set()  # (a failed check must not leave the writer thread waiting)
             await asyncio.gather(added, cancel)
             await g.idle()
             await g.send(1, Work(seconds=0))
