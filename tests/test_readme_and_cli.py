@@ -110,25 +110,41 @@ def test_until_proving_with_nothing_to_wait_for_exits_at_once(tmp_path: Path) ->
     assert "--until-proving has nothing to wait for: this repo has no sectors" in out
 
 
-def _read_until(proc: subprocess.Popen[str], wanted: str, timeout: float = HANG_GUARD) -> str:
-    """stdout of `proc` up to the first line containing `wanted` (the process keeps running)."""
-    lines: queue.Queue[str | None] = queue.Queue()
+class _Output:
+    """A process's stdout, read line by line by one thread, the only reader of the pipe.
 
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
+    (A second reader, such as `communicate()`, would get an arbitrary share of the lines.)
+    """
 
-    threading.Thread(target=pump, daemon=True).start()
-    seen = ""
-    while True:
-        line = lines.get(timeout=timeout)  # a failsafe only: the line normally comes at once
-        if line is None:
-            raise AssertionError(f"exited ({proc.wait()}) without printing {wanted!r}:\n{seen}")
-        seen += line
-        if wanted in line:
-            return seen
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def until(self, wanted: str, timeout: float = HANG_GUARD) -> str:
+        """Output up to the first line containing `wanted` (the process keeps running)."""
+        seen = ""
+        while True:
+            line = self.lines.get(timeout=timeout)  # a hang guard: the line normally comes soon
+            if line is None:
+                code = self.proc.wait()
+                raise AssertionError(f"exited ({code}) without printing {wanted!r}:\n{seen}")
+            seen += line
+            if wanted in line:
+                return seen
+
+    def rest(self, timeout: float = HANG_GUARD) -> str:
+        """Everything else it prints, once its output ends."""
+        text = ""
+        while (line := self.lines.get(timeout=timeout)) is not None:
+            text += line
+        return text
 
 
 def test_run_prints_a_refusal_that_holds_every_sector(tmp_path: Path) -> None:
@@ -143,14 +159,15 @@ def test_run_prints_a_refusal_that_holds_every_sector(tmp_path: Path) -> None:
     )
     proc = _sectors("run", "--config", str(config), "--pledge", "2", repo=tmp_path / "repo")
     try:
-        seen = _read_until(proc, "no worker can run PC1")
+        out = _Output(proc)
+        seen = out.until("no worker can run PC1")
         assert "scheduler: no worker can run PC1: box: PC1 disabled on this worker" in seen
         assert "(2 task(s) waiting)" in seen
         proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=HANG_GUARD)
+        rest = out.rest()
+        assert proc.wait(timeout=HANG_GUARD) == 0
     finally:
         proc.kill()
-    assert proc.returncode == 0
     assert (seen + rest).count("no worker can run PC1") == 1  # said once, not every tick
 
 
