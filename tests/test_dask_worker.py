@@ -55,7 +55,9 @@ async def main(port, certs):
         from sectorfsm.sealing.backends.dask.security import engine_security
         security = engine_security(Path(certs))
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        # Its HTTP server starts even without a dashboard: any free loopback port, not 8787.
         async with Scheduler(host="127.0.0.1", port=port, dashboard=False, security=security,
+                             dashboard_address="127.0.0.1:0",
                              protocol="tls" if certs else "tcp") as s:
             s.add_plugin(Joins())
             print("listening", s.address, flush=True)
