@@ -404,6 +404,45 @@ def test_a_kill_of_an_ended_job_never_reaches_the_next_job_of_its_child(tmp_path
         spawn.close()
 
 
+def children_of(pid: int) -> set[int]:
+    """The processes whose parent is `pid`."""
+    return {
+        int(entry.name)
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit() and parent_of(int(entry.name)) == pid
+    }
+
+
+@pytest.mark.usefixtures("on_path")
+def test_the_next_job_takes_the_child_that_ran_one_not_a_fork_that_came_back_later(
+    tmp_path: Path,
+) -> None:
+    """A fork that comes back while a child that ran a job is idle goes under it: which child
+    the next job gets does not depend on when a fork came back."""
+    spawn = spawner.Spawner(PoolConfig(size=2))
+    count, go, never = tmp_path / "count", tmp_path / "go", str(tmp_path / "never")
+    try:
+        gated = [str(count), str(go), 1]
+        ran = spawn.start(str(tmp_path / "a"), encode_spec("jobfuncs:gate", gated))
+        gated = [str(count), never, 2]
+        killed = spawn.start(str(tmp_path / "b"), encode_spec("jobfuncs:gate", gated))
+        until(lambda: len(lines(count)) == 2 or None, "both jobs running")
+        go.touch()
+        assert ran.wait() == 0  # its child is idle again
+        killed.signal(signal.SIGKILL)
+        assert killed.wait() == -signal.SIGKILL  # its child is let go; a fresh one is forked
+        forked = until(
+            lambda: children_of(spawn.pid or 0) - {ran.pid, killed.pid} or None,
+            "the replacement forked",
+        )
+        again = spawn.start(str(tmp_path / "c"), encode_spec("builtins:abs", [-3]))
+        assert again.wait() == 0
+        assert again.pid == ran.pid and again.pid not in forked
+    finally:
+        go.touch()
+        spawn.close()
+
+
 def test_bad_pool_settings_are_one_line_and_start_nothing(tmp_path: Path) -> None:
     bad = [
         ({"size": -1}, r"^bad sectors.child-pool.size -1: give a whole number >= 0$"),
