@@ -272,6 +272,8 @@ def _key_line(text: str, key: str, *, toml: bool) -> int | None:
 def _parse_text(path: str, text: str, *, toml: bool) -> WorkerPolicy:
     data: object
     kind = "TOML" if toml else "JSON"
+    if not toml and not text.strip():
+        raise PolicyError(path, "invalid JSON: the file is empty (`{}` is the default policy)")
     try:
         if toml:
             data = tomllib.loads(text)
@@ -490,7 +492,14 @@ class PolicyWatcher:
         sig = _signature(after)
         # A write in progress: leave the signature unrecorded so the next poll reads again.
         self._sig = sig if _signature(before) == sig else None
-        self._racy = after.st_mtime_ns >= time.time_ns() - _RACY_NS
+        age_ns = time.time_ns() - after.st_mtime_ns
+        self._racy = age_ns <= _RACY_NS
+        if self._had_good and not raw.strip() and -_RACY_NS < age_ns <= _RACY_NS:
+            # Emptied a moment ago: an editor that truncates before it writes is mid-save.
+            # Keep the last good policy without an error and read again on the next poll;
+            # a file left empty is reported once its mtime is old enough to trust.
+            self._sig = None
+            return False
         if raw == self._raw:
             return False
         self._raw = raw

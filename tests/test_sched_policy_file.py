@@ -234,7 +234,8 @@ def test_load_bad_value_points_at_its_line(tmp_path: Path) -> None:
     ("name", "content", "match"),
     [
         ("a.json", "[1, 2]", "expected a JSON object"),
-        ("a.json", "", "invalid JSON"),
+        ("a.json", "", r"invalid JSON: the file is empty \(`\{\}` is the default policy\)"),
+        ("a.json", " \n", "invalid JSON: the file is empty"),
         ("a.json", '{"PreCommit1Max": 1, "PreCommit1Max": 2}', "duplicate key PreCommit1Max"),
         ("a.json", '{"PreCommit1Max": NaN}', "PreCommit1Max = NaN"),
         ("a.toml", "[worker]\npre_commit1_max = 1\n", "unknown key worker"),
@@ -467,3 +468,33 @@ def test_deeply_nested_file_is_a_policy_error_and_the_last_good_policy_stays(
     watcher.poll()
     assert watcher.policy.pre_commit1_max == 2
     assert watcher.error is not None and "nested too deeply; keeping the last good" in watcher.error
+
+
+def test_a_file_emptied_a_moment_ago_is_a_save_in_progress_not_an_error(tmp_path: Path) -> None:
+    """Editors that truncate before writing leave an empty file for an instant: no error then."""
+    p = tmp_path / "myscheduler.json"
+    put(p, '{"PreCommit1Max": 4}', T0)
+    w = PolicyWatcher(p)
+    good = w.policy
+    put(p, "", time.time_ns())  # emptied just now: the new content has not been written yet
+    assert w.poll() is False
+    assert (w.policy, w.error) == (good, None)
+    put(p, '{"PreCommit1Max": 5}', time.time_ns())  # the editor's write lands
+    assert w.poll() is True
+    assert (w.policy.pre_commit1_max, w.error) == (5, None)
+    # A file that stays empty past the mtime's trust window is a bad edit, and said.
+    put(p, "", T0 + 1)
+    assert w.poll() is False
+    assert w.policy.pre_commit1_max == 5
+    assert w.error == (
+        f"{p}: invalid JSON: the file is empty (`{{}}` is the default policy); "
+        "keeping the last good policy"
+    )
+
+
+def test_an_empty_file_before_any_good_one_still_fails_closed(tmp_path: Path) -> None:
+    p = tmp_path / "myscheduler.json"
+    put(p, "", time.time_ns())
+    w = PolicyWatcher(p)
+    assert w.policy == MYSCHEDULER_DEFAULTS
+    assert w.error is not None and "every stage is disabled" in w.error
