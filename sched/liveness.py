@@ -22,6 +22,11 @@ task that started: withdrawing it could run it twice. Its fate is Dask's:
 * Dask drops the worker at `worker-ttl` first: the job fails at once (`allowed-failures: 0`,
   the backend's `RemoteWorkerLost`) and the sector's state machine retries it elsewhere under
   a new attempt, as for a worker that died.
+
+Silence is only the workers' fault while the engine listens. If the engine's own loop stalls
+(a swap storm, a long collection, the process stopped), the heartbeats wait unread in its
+sockets, and the first check after it would disable every worker. So a monitor round that
+wakes `STALL` seconds or more late restarts every worker's grace from that moment.
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ log = logging.getLogger("sectorfsm.sched")
 
 #: The longest `start_window`: a heartbeat older than this holds back new work.
 MAX_START_WINDOW = 5.0
+
+#: A monitor round this many seconds late means the engine itself stalled.
+STALL = 1.0
 
 
 def start_window(w: Worker) -> float | None:
@@ -59,11 +67,13 @@ def is_late_reason(reason: str) -> bool:
 class Liveness:
     """Applies the heartbeat grace to the scheduler's workers and holds back unstarted work."""
 
-    __slots__ = ("_clock", "_disable", "_waiters")
+    __slots__ = ("_clock", "_disable", "_resumed", "_waiters")
 
     def __init__(self, clock: Clock, disable: Callable[[str, str], None]) -> None:
         self._clock = clock
         self._disable = disable
+        #: `clock.now()` when the engine last came back from a stall of its own.
+        self._resumed = float("-inf")
         #: Worker name -> futures of the tasks waiting in `ready` for it.
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
 
@@ -74,12 +84,17 @@ class Liveness:
             if isinstance(w.backend, InProcessBackend):
                 w.last_heartbeat = now
 
+    def resumed(self) -> None:
+        """The engine's own loop stalled: every worker's grace starts again now."""
+        self._resumed = self._clock.now()
+
     def check(self, workers: Iterable[Worker]) -> None:
         """Disable every worker past its heartbeat grace."""
         now = self._clock.now()
         for w in workers:
             late = now - w.last_heartbeat
-            if w.spec.needs_heartbeats and w.enabled and late > w.spec.heartbeat_grace:
+            silent = min(late, now - self._resumed)  # silent while the engine listened
+            if w.spec.needs_heartbeats and w.enabled and silent > w.spec.heartbeat_grace:
                 log.warning("worker %s: no heartbeat for %.0f s: disabled", w.name, late)
                 self._disable(w.name, late_reason(late))
 

@@ -23,7 +23,7 @@ from .assigners import Assigner, Candidate, Fit, make_assigner
 from .balanced import BalancedCycle
 from .gate import PolicyGate
 from .ledger import Ledger, Phase, WorkerResources
-from .liveness import Liveness, is_late_reason
+from .liveness import STALL, Liveness, is_late_reason
 from .lotus import LotusMode
 from .needs import NeedsMemo
 from .policy import PolicyWatcher
@@ -500,8 +500,13 @@ class Scheduler:
     # -- monitoring -------------------------------------------------------------------------
 
     async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
+            due = loop.time() + self.policy_poll_interval
             await asyncio.sleep(self.policy_poll_interval)
+            if (stalled := loop.time() - due) >= STALL:
+                log.warning("engine stalled %.1f s: heartbeat graces start again", stalled)
+                self.liveness.resumed()
             self.liveness.refresh_local(self._workers.values())
             self.check_workers()
 

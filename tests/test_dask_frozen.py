@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import signal
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from sectorfsm.fsm.codec import packb
 from sectorfsm.fsm.store import LmdbStore
 from sectorfsm.sched import Scheduler
 from sectorfsm.sched.ledger import Phase, WorkerResources
-from sectorfsm.sched.liveness import start_window
+from sectorfsm.sched.liveness import STALL, start_window
 from sectorfsm.sched.scheduler import Job
 from sectorfsm.sched.selectors import TaskSelector
 from sectorfsm.sched.storage import SectorRef
@@ -132,6 +133,53 @@ def test_work_waits_for_a_fresh_heartbeat_and_goes_elsewhere_when_the_worker_is_
         # Its next heartbeat enables it again.
         sched.heartbeat("a")
         assert a.enabled and a.disabled_reason == ""
+
+    run(main)
+
+
+class _Silent:
+    """A backend of a worker in another process: the monitor cannot vouch for it."""
+
+    async def submit(self, job_id: int, fn: Any, *args: Any) -> Any:
+        raise AssertionError("no job is sent in this test")
+
+    async def kill(self, job_id: int) -> None:
+        raise AssertionError("no job is killed in this test")
+
+
+def test_an_engine_that_stalled_gives_its_workers_a_fresh_grace() -> None:
+    """Heartbeats wait unread while the engine's loop is blocked: that silence is not theirs."""
+    clock = VirtualClock(start=0.0, auto_advance=False)
+
+    async def main() -> None:
+        sched = Scheduler(clock=clock, policy_poll_interval=0.01)
+        sched.remote_grace = 4.0
+        a = sched.add_worker(_remote("a"), _Silent())  # heartbeats only from `heartbeat`
+        sched.heartbeat("a")
+        rounds: list[float] = []
+        check = sched.check_workers
+
+        def counted() -> None:
+            rounds.append(clock.now())
+            check()
+
+        sched.check_workers = counted  # type: ignore[method-assign]
+        await sched.start()
+        try:
+            await eventually(lambda: rounds, "the monitor's first round")
+            seen = len(rounds)
+            clock.advance(10)
+            time.sleep(STALL + 0.2)  # noqa: ASYNC251 (the stall itself: the loop blocked)
+            await eventually(lambda: len(rounds) > seen, "the monitor's round after the stall")
+            assert a.enabled  # 10 s silent, but not while the engine listened
+        finally:
+            await sched.stop()
+        clock.advance(3)
+        sched.check_workers()
+        assert a.enabled
+        clock.advance(2)  # past the grace since the engine came back
+        sched.check_workers()
+        assert not a.enabled and a.disabled_reason == "no heartbeat for 15 s"
 
     run(main)
 
