@@ -64,6 +64,10 @@ def is_late_reason(reason: str) -> bool:
     return reason.startswith("no heartbeat for ")
 
 
+def _heartbeats(w: Worker) -> bool:
+    return w.spec.needs_heartbeats and not isinstance(w.backend, InProcessBackend)
+
+
 class Liveness:
     """Applies the heartbeat grace to the scheduler's workers and holds back unstarted work."""
 
@@ -84,9 +88,12 @@ class Liveness:
             if isinstance(w.backend, InProcessBackend):
                 w.last_heartbeat = now
 
-    def resumed(self) -> None:
-        """The engine's own loop stalled: every worker's grace starts again now."""
+    def resumed(self, stalled: float, workers: Iterable[Worker]) -> None:
+        """The engine's loop stalled `stalled` s: every worker's grace starts again now."""
         self._resumed = self._clock.now()
+        # Said only where it matters: a busy simulation has no worker that heartbeats.
+        if any(_heartbeats(w) for w in workers):
+            log.warning("engine stalled %.1f s: heartbeat graces start again", stalled)
 
     def check(self, workers: Iterable[Worker]) -> None:
         """Disable every worker past its heartbeat grace."""

@@ -505,8 +505,7 @@ class Scheduler:
             due = loop.time() + self.policy_poll_interval
             await asyncio.sleep(self.policy_poll_interval)
             if (stalled := loop.time() - due) >= STALL:
-                log.warning("engine stalled %.1f s: heartbeat graces start again", stalled)
-                self.liveness.resumed()
+                self.liveness.resumed(stalled, self._workers.values())
             self.liveness.refresh_local(self._workers.values())
             self.check_workers()
 

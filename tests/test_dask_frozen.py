@@ -147,7 +147,9 @@ class _Silent:
         raise AssertionError("no job is killed in this test")
 
 
-def test_an_engine_that_stalled_gives_its_workers_a_fresh_grace() -> None:
+def test_an_engine_that_stalled_gives_its_workers_a_fresh_grace(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """Heartbeats wait unread while the engine's loop is blocked: that silence is not theirs."""
     clock = VirtualClock(start=0.0, auto_advance=False)
 
@@ -172,6 +174,8 @@ def test_an_engine_that_stalled_gives_its_workers_a_fresh_grace() -> None:
             time.sleep(STALL + 0.2)  # noqa: ASYNC251 (the stall itself: the loop blocked)
             await eventually(lambda: len(rounds) > seen, "the monitor's round after the stall")
             assert a.enabled  # 10 s silent, but not while the engine listened
+            said = [r.getMessage() for r in caplog.records]
+            assert any(m.startswith("engine stalled ") for m in said), said
         finally:
             await sched.stop()
         clock.advance(3)
