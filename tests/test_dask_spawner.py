@@ -70,32 +70,40 @@ def test_children_are_forked_by_one_warm_spawner_in_their_own_session(tmp_path: 
     until(lambda: not alive(first) or None, "the spawner ending with its table")
 
 
-def spawners_of(pid: int) -> list[int]:
+def children_of(pid: int) -> set[int]:
+    """The processes whose parent is `pid`."""
+    return {
+        int(entry.name)
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit() and parent_of(int(entry.name)) == pid
+    }
+
+
+def spawners_of(pid: int) -> set[int]:
     """The job spawner processes whose parent is `pid`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and parent_of(int(entry.name)) == pid:
-            try:
-                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if SPAWNER in cmdline:
-                found.append(int(entry.name))
+    found = set()
+    for child in children_of(pid):
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if SPAWNER in cmdline:
+            found.add(child)
     return found
 
 
 def test_a_table_opened_on_a_worker_has_its_spawner_before_any_job(tmp_path: Path) -> None:
     # The spawner of an earlier test's table may still be on its way out (a closed table
     # does not wait for it): only spawners started here count.
-    before = set(spawners_of(os.getpid()))
+    before = spawners_of(os.getpid())
     with jobs.hold_jobs():
         table = jobs.open_table(tmp_path, "box/1")
         assert table.root == tmp_path / "box_1"
         warm = table.spawner_pid()
         assert warm is not None
-        assert set(spawners_of(os.getpid())) - before == {warm}  # started with the table
+        assert spawners_of(os.getpid()) - before == {warm}  # started with the table
         assert jobs.open_table(tmp_path, "box/1") is table  # the same table, no second spawner
-        assert set(spawners_of(os.getpid())) - before == {warm}
+        assert spawners_of(os.getpid()) - before == {warm}
         assert table.run("AP-s1-a1", "os:getppid", []) == warm  # the first job is a fork
     until(lambda: not alive(warm) or None, "the spawner ending with hold_jobs")
 
@@ -402,15 +410,6 @@ def test_a_kill_of_an_ended_job_never_reaches_the_next_job_of_its_child(tmp_path
     finally:
         go.touch()
         spawn.close()
-
-
-def children_of(pid: int) -> set[int]:
-    """The processes whose parent is `pid`."""
-    return {
-        int(entry.name)
-        for entry in Path("/proc").iterdir()
-        if entry.name.isdigit() and parent_of(int(entry.name)) == pid
-    }
 
 
 @pytest.mark.usefixtures("on_path")
