@@ -24,6 +24,7 @@ from typing import Any
 import jobfuncs
 import pytest
 from conftest import HANG_GUARD, Spawner, child_env, eventually, run, settle
+from test_sched_workers import RecordingBackend
 from typer.testing import CliRunner
 
 from sectorfsm.cli.app import app
@@ -137,16 +138,6 @@ def test_work_waits_for_a_fresh_heartbeat_and_goes_elsewhere_when_the_worker_is_
     run(main)
 
 
-class _Silent:
-    """A backend of a worker in another process: the monitor cannot vouch for it."""
-
-    async def submit(self, job_id: int, fn: Any, *args: Any) -> Any:
-        raise AssertionError("no job is sent in this test")
-
-    async def kill(self, job_id: int) -> None:
-        raise AssertionError("no job is killed in this test")
-
-
 def test_an_engine_that_stalled_gives_its_workers_a_fresh_grace(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -156,7 +147,7 @@ def test_an_engine_that_stalled_gives_its_workers_a_fresh_grace(
     async def main() -> None:
         sched = Scheduler(clock=clock, policy_poll_interval=0.01)
         sched.remote_grace = 4.0
-        a = sched.add_worker(_remote("a"), _Silent())  # heartbeats only from `heartbeat`
+        a = sched.add_worker(_remote("a"), RecordingBackend())  # heartbeats: `heartbeat` only
         sched.heartbeat("a")
         rounds: list[float] = []
         check = sched.check_workers
