@@ -494,7 +494,7 @@ class PolicyWatcher:
         self._sig = sig if _signature(before) == sig else None
         age_ns = time.time_ns() - after.st_mtime_ns
         self._racy = age_ns <= _RACY_NS
-        if self._had_good and not raw.strip() and -_RACY_NS < age_ns <= _RACY_NS:
+        if self._had_good and self._racy and age_ns > -_RACY_NS and not raw.strip():
             # Emptied a moment ago: an editor that truncates before it writes is mid-save.
             # Keep the last good policy without an error and read again on the next poll;
             # a file left empty is reported once its mtime is old enough to trust.
